@@ -1,0 +1,43 @@
+"""The `mtl` command: a thin shell over the library; one small module per command."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from mtlcli import __version__
+from mtlcli.cli import evaluate, export, preprocess, recipe_cmd, train
+
+app = typer.Typer(
+    name="mtl",
+    help="Multi-task learning for recommender systems: one YAML recipe, every sharing scheme and loss weighting.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+app.add_typer(recipe_cmd.app, name="recipe")
+app.command("preprocess")(preprocess.command)
+app.command("train")(train.command)
+app.command("eval")(evaluate.command)
+app.command("export")(export.command)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mtl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Multi-task learning for recommender systems."""
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,69 @@
+"""`mtl recipe check` and `mtl recipe show`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from mtlcli.cli.common import JsonOption, SetOption, err_console, handle_errors, print_json, report
+from mtlcli.errors import MtlError
+from mtlcli.models import SCHEMES
+from mtlcli.recipe import load_recipe, recipe_to_yaml
+from mtlcli.weighting import WEIGHTINGS
+
+app = typer.Typer(help="Validate and inspect recipes.", no_args_is_help=True)
+
+
+@app.command("check")
+def check(
+    files: Annotated[list[str], typer.Argument(help="Recipe files ('-' for stdin).")],
+    overrides: SetOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Validate recipes; report every problem of every file. Exit 2 if any is invalid."""
+    results = {}
+    for file in files:
+        try:
+            load_recipe(file, overrides or [])
+            results[file] = {"valid": True}
+            if not as_json:
+                err_console.print(f"[green]ok[/] {file}")
+        except MtlError as exc:
+            results[file] = {"valid": False, "error": exc.message}
+            report(exc)
+    if as_json:
+        print_json(results)
+    if not all(r["valid"] for r in results.values()):
+        raise typer.Exit(2)
+
+
+@app.command("show")
+@handle_errors
+def show(
+    file: Annotated[str, typer.Argument(help="Recipe file ('-' for stdin).")],
+    overrides: SetOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Print the resolved recipe (overrides applied, every default filled in) on stdout."""
+    recipe = load_recipe(file, overrides or [])
+    if as_json:
+        print_json(recipe.to_dict())
+    else:
+        typer.echo(recipe_to_yaml(recipe), nl=False)
+
+
+@app.command("components")
+def components(as_json: JsonOption = False) -> None:
+    """List the sharing schemes and weighting strategies recipes can name."""
+    listing = {
+        "schemes": {name: SCHEMES.get(name).summary for name in SCHEMES.names()},
+        "weightings": {name: WEIGHTINGS.get(name).summary for name in WEIGHTINGS.names()},
+    }
+    if as_json:
+        print_json(listing)
+        return
+    for title, items in (("model.scheme", listing["schemes"]), ("loss.weighting", listing["weightings"])):
+        err_console.print(f"[bold]{title}[/]")
+        for name, summary in items.items():
+            err_console.print(f"  {name:<16} {summary}")

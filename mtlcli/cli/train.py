@@ -1,0 +1,108 @@
+"""`mtl train`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from torch import nn
+
+from mtlcli.cli.common import JsonOption, QuietOption, SetOption, err_console, fmt, handle_errors, print_json
+from mtlcli.data.preprocess import prepare
+from mtlcli.recipe import load_recipe
+from mtlcli.train.run import train_run
+
+
+class ConsoleReporter:
+    """Progress bar per epoch and one line per epoch on stderr."""
+
+    def __init__(self, tasks: list[str], types: list[str]) -> None:
+        self.tasks, self.types = tasks, types
+        self.progress = Progress(
+            TextColumn("epoch {task.fields[epoch]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=True,
+        )
+        self.bar: Any = None
+        self.steps = 0
+
+    def on_start(self, epochs: int, steps_per_epoch: int) -> None:
+        self.steps = steps_per_epoch
+        self.progress.start()
+        self.bar = self.progress.add_task("train", total=steps_per_epoch, epoch=1)
+
+    def on_step(self, epoch: int, step: int) -> None:
+        self.progress.update(self.bar, completed=step, epoch=epoch)
+
+    def on_epoch(self, record: dict[str, Any], model: nn.Module, improved: bool) -> None:
+        parts = [f"epoch {record['epoch']:>3}"]
+        parts.append("loss " + " ".join(f"{t} {record['train_loss'][t]:.4f}" for t in self.tasks))
+        valid = record["valid"]
+        metric = {
+            t: ("auc", valid[t]["auc"]) if k == "binary" else ("rmse", valid[t]["rmse"])
+            for t, k in zip(self.tasks, self.types, strict=True)
+        }
+        parts.append("valid " + " ".join(f"{t} {m} {fmt(v)}" for t, (m, v) in metric.items()))
+        parts.append(f"{record['samples_per_second']:,.0f} samples/s")
+        self.progress.console.print("  ".join(parts) + ("  [green]*[/]" if improved else ""), highlight=False)
+        self.progress.reset(self.bar, total=self.steps, epoch=record["epoch"] + 1)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    table = Table(title=f"best epoch {summary['best_epoch']} of {summary['epochs_run']} (valid)", title_justify="left")
+    table.add_column("task")
+    metrics = sorted({m for v in summary["valid"].values() for m in v if m not in ("n",)})
+    for metric in metrics:
+        table.add_column(metric, justify="right")
+    for task, values in summary["valid"].items():
+        table.add_row(task, *(fmt(values.get(m)) for m in metrics))
+    return table
+
+
+@handle_errors
+def command(
+    recipe: Annotated[str, typer.Argument(help="Recipe file ('-' for stdin).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to create.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing non-empty run directory.")] = False,
+    overrides: SetOption = None,
+    as_json: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Train the recipe's model (preprocessing first if needed) into a run directory.
+
+    The run directory gets recipe.yaml, schema.json, model.safetensors (best epoch), metrics.jsonl
+    and summary.json. Progress goes to stderr; --json prints the summary on stdout.
+    """
+    loaded = load_recipe(recipe, overrides or [])
+    with err_console.status("preprocessing", spinner="dots") if not quiet else _null():
+        prepared = prepare(loaded)
+    if not quiet:
+        err_console.print(f"data: {prepared.directory} ({'cached' if prepared.reused else 'preprocessed'})")
+    reporter = None if quiet else ConsoleReporter(prepared.schema.task_names, [t.type for t in prepared.schema.tasks])
+    try:
+        summary = train_run(loaded, out, force=force, observer=reporter, prepared=prepared)
+    finally:
+        if reporter is not None:
+            reporter.close()
+    if not quiet:
+        err_console.print(summary_table(summary))
+        err_console.print(
+            f"{summary['train_samples_per_second']:,.0f} train samples/s; model in [bold]{out}[/]", highlight=False
+        )
+    if as_json:
+        print_json(summary)
+
+
+def _null() -> Any:
+    from contextlib import nullcontext
+
+    return nullcontext()

@@ -1,0 +1,1 @@
+"""Data: schema.json, preprocessing with polars, and tensors batched by index."""

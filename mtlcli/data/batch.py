@@ -1,0 +1,58 @@
+"""The typed batch every model takes, and a split held as contiguous tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The only model input.
+
+    categorical: int64 [B, F_cat], per-feature ids (0 = out of vocabulary, 1 = missing)
+    numeric:     float32 [B, F_num], already filled and transformed
+    labels:      float32 [B, T], one column per task in recipe order
+    label_mask:  bool [B, T], True where the row counts for that task's loss and metrics
+    """
+
+    categorical: Tensor
+    numeric: Tensor
+    labels: Tensor
+    label_mask: Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass(frozen=True)
+class SplitTensors:
+    """One encoded split (train, valid or test), each part one contiguous tensor.
+
+    Batches are views (slices) of a once-per-epoch shuffled copy: no per-row Python anywhere.
+    """
+
+    categorical: Tensor
+    numeric: Tensor
+    labels: Tensor
+    label_mask: Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def batches(
+        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[Batch]:
+        parts = (self.categorical, self.numeric, self.labels, self.label_mask)
+        if shuffle:
+            order = torch.randperm(len(self), generator=generator)
+            parts = tuple(part[order] for part in parts)
+        for start in range(0, len(self), batch_size):
+            stop = start + batch_size
+            yield Batch(*(part[start:stop] for part in parts))
+
+    def all(self) -> Batch:
+        return Batch(self.categorical, self.numeric, self.labels, self.label_mask)

@@ -1,0 +1,509 @@
+"""Raw CSV/Parquet (or the synthetic generator) -> labels, split, train-fitted encoding -> Parquet.
+
+``prepare(recipe)`` is what commands call: it returns the encoded data for a recipe, running
+``preprocess`` only when the cache entry for the recipe's data part and source files is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from mtlcli.data.batch import SplitTensors
+from mtlcli.data.schema import (
+    FIRST_ID,
+    MISSING_ID,
+    OOV_ID,
+    CategoricalFeature,
+    DataSchema,
+    NumericFeature,
+    SplitInfo,
+    TaskInfo,
+)
+from mtlcli.data.synthetic import generate
+from mtlcli.errors import ArtifactError, DataError
+from mtlcli.fileio import atomic_dir, sha256_file, sha256_json
+from mtlcli.recipe.schema import (
+    ColumnSplit,
+    FilesSplit,
+    ModuloSplit,
+    NumericOptions,
+    RandomSplit,
+    Recipe,
+)
+from mtlcli.registry import did_you_mean
+
+SPLITS = ("train", "valid", "test")
+SPLIT_COLUMN = "__split"
+ROW_COLUMN = "__row"
+LABEL_PREFIX = "label:"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Encoded data on disk: ``directory`` holds schema.json and {train,valid,test}.parquet."""
+
+    directory: Path
+    schema: DataSchema
+    reused: bool
+
+    def load(self, split: str) -> SplitTensors:
+        return load_split(self.directory, split, self.schema)
+
+
+# --- locating and reading the source ------------------------------------------------------------
+
+
+def resolve_file(path: str, field: str) -> Path:
+    """A data path from the recipe; relative paths resolve from the working directory."""
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise DataError(
+            f"{field}: data file not found: {path} (relative paths resolve from {Path.cwd()})",
+            "check the path, or run the command from the directory the recipe's paths are relative to",
+        )
+    if not file.is_file():
+        raise DataError(f"{field}: {path} is not a file")
+    return file
+
+
+def source_files(recipe: Recipe) -> list[tuple[str, Path]]:
+    """(split or '', file) for every input file the recipe reads."""
+    split = recipe.data.split
+    if isinstance(split, FilesSplit):
+        return [
+            (name, resolve_file(p, f"data.split.{name}[{i}]"))
+            for name in SPLITS
+            for i, p in enumerate(getattr(split, name))
+        ]
+    return [("", resolve_file(p, f"data.source[{i}]")) for i, p in enumerate(recipe.data.source)]
+
+
+def data_key(recipe: Recipe) -> tuple[str, dict[str, Any]]:
+    """The cache key: the data, features and tasks sections plus the source files' sha256."""
+    files = [{"split": s, "path": str(f), "sha256": sha256_file(f)} for s, f in source_files(recipe)]
+    source = {"files": files, "synthetic": recipe.data.synthetic.model_dump() if recipe.data.synthetic else None}
+    spec = recipe.to_dict()
+    data_part = {k: v for k, v in spec["data"].items() if k != "cache_dir"}
+    key_input = {
+        "data": data_part,
+        "features": spec["features"],
+        "tasks": spec["tasks"],
+        "files": [f["sha256"] for f in files],
+        "format": 1,
+    }
+    return sha256_json(key_input)[:20], source
+
+
+def _read_one(path: Path, recipe: Recipe) -> pl.DataFrame:
+    data = recipe.data
+    fmt = data.format
+    if fmt == "auto":
+        fmt = "parquet" if path.name.endswith((".parquet", ".pq")) else "csv"
+    try:
+        if fmt == "parquet":
+            frame = pl.read_parquet(path)
+        else:
+            frame = pl.read_csv(
+                path,
+                has_header=data.header,
+                separator=data.separator.strip() or data.separator,
+                infer_schema=False,
+                quote_char='"',
+            )
+    except pl.exceptions.NoDataError:
+        raise DataError(f"{path}: the file is empty", "give a file with at least one data row") from None
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"{path}: cannot read it as {fmt.upper()}: {first}", "check data.format, data.separator and data.header"
+        ) from None
+    if data.columns is not None:
+        if len(data.columns) != frame.width:
+            raise DataError(
+                f"{path}: the file has {frame.width} columns but data.columns names {len(data.columns)}",
+                "list exactly one name per column, in file order",
+            )
+        frame = frame.rename(dict(zip(frame.columns, data.columns, strict=True)))
+    if frame.height == 0:
+        raise DataError(f"{path}: the file has no data rows", "give a file with at least one data row")
+    strings = [c for c, t in frame.schema.items() if t == pl.String]
+    if strings:
+        exprs = []
+        for name in strings:
+            col = pl.col(name).str.strip_chars() if data.strip else pl.col(name)
+            exprs.append(pl.when(col.is_in(data.missing)).then(None).otherwise(col).alias(name))
+        frame = frame.with_columns(exprs)
+    return frame
+
+
+def read_source(recipe: Recipe) -> pl.DataFrame:
+    """The raw rows with a ``__split`` column (0 train, 1 valid, 2 test) and a ``__row`` index."""
+    split = recipe.data.split
+    if recipe.data.synthetic is not None:
+        frame = generate(recipe.data.synthetic)
+    elif isinstance(split, FilesSplit):
+        parts = []
+        for name, path in source_files(recipe):
+            parts.append(_read_one(path, recipe).with_columns(pl.lit(SPLITS.index(name), pl.Int8).alias(SPLIT_COLUMN)))
+        frame = _concat(parts)
+    else:
+        frame = _concat([_read_one(path, recipe) for _, path in source_files(recipe)])
+    frame = frame.with_row_index(ROW_COLUMN)
+    n = frame.height
+    if isinstance(split, ModuloSplit):
+        residue = pl.col(ROW_COLUMN) % split.modulus
+        frame = frame.with_columns(
+            pl.when(residue.is_in(split.test))
+            .then(2)
+            .when(residue.is_in(split.valid))
+            .then(1)
+            .otherwise(0)
+            .cast(pl.Int8)
+            .alias(SPLIT_COLUMN)
+        )
+    elif isinstance(split, RandomSplit):
+        draw = np.random.default_rng(split.seed).random(n)
+        which = np.where(draw < split.test, 2, np.where(draw < split.test + split.valid, 1, 0)).astype(np.int8)
+        frame = frame.with_columns(pl.Series(SPLIT_COLUMN, which))
+    elif isinstance(split, ColumnSplit):
+        _require_columns(frame, [split.column], "data.split.column")
+        value = pl.col(split.column).cast(pl.String)
+        frame = frame.with_columns(
+            pl.when(value.is_in(split.test))
+            .then(2)
+            .when(value.is_in(split.valid))
+            .then(1)
+            .when(value.is_in(split.train))
+            .then(0)
+            .otherwise(None)
+            .cast(pl.Int8)
+            .alias(SPLIT_COLUMN)
+        ).filter(pl.col(SPLIT_COLUMN).is_not_null())
+    counts = frame.get_column(SPLIT_COLUMN).value_counts()
+    present = {int(row[0]) for row in counts.iter_rows()}
+    for index, name in enumerate(SPLITS[:2]):
+        if index not in present:
+            raise DataError(f"data.split: the {name} split is empty", "check the split settings against the data")
+    return frame
+
+
+def _concat(parts: list[pl.DataFrame]) -> pl.DataFrame:
+    if len(parts) == 1:
+        return parts[0]
+    columns = parts[0].columns
+    for part in parts[1:]:
+        if part.columns != columns:
+            raise DataError("the data files do not have the same columns", "give files with one layout")
+    return pl.concat(parts, how="vertical_relaxed")
+
+
+def _require_columns(frame: pl.DataFrame, names: list[str], field: str) -> None:
+    for name in names:
+        if name not in frame.columns:
+            hint = did_you_mean(name, frame.columns)
+            raise DataError(
+                f"{field}: column {name!r} is not in the data{hint}",
+                f"the data has {frame.width} columns: {', '.join(frame.columns[:12])}{' ...' if frame.width > 12 else ''}",
+            )
+
+
+# --- labels ------------------------------------------------------------------------------------
+
+
+def _numeric(frame: pl.DataFrame, name: str, field: str) -> pl.Series:
+    """Column ``name`` as float64; a value that is not a number is a DataError naming its row."""
+    column = frame.get_column(name)
+    if column.dtype == pl.Boolean:
+        return column.cast(pl.Float64)
+    if column.dtype.is_numeric():
+        return column.cast(pl.Float64)
+    text = column.cast(pl.String)
+    lowered = text.str.to_lowercase()
+    values = pl.select(
+        pl.when(lowered == "true")
+        .then(pl.lit("1"))
+        .when(lowered == "false")
+        .then(pl.lit("0"))
+        .otherwise(text)
+        .cast(pl.Float64, strict=False)
+    ).to_series()
+    bad = values.is_null() & text.is_not_null()
+    if bad.any():
+        index = int(bad.arg_true()[0])
+        row = int(frame.get_column(ROW_COLUMN)[index])
+        raise DataError(
+            f"{field}: column {name!r} has a value that is not a number: {text[index]!r} (data row {row + 1})",
+            "fix the data, or make this column categorical",
+        )
+    return values
+
+
+def make_labels(frame: pl.DataFrame, recipe: Recipe) -> pl.DataFrame:
+    """One float32 column ``label:<task>`` per task, made from the raw rows as the recipe says."""
+    _require_columns(frame, [t.label.column for t in recipe.tasks.values()], "tasks")
+    out = {}
+    for name, task in recipe.tasks.items():
+        spec = task.label
+        field = f"tasks.{name}.label"
+        raw = frame.get_column(spec.column)
+        missing = raw.is_null()
+        if missing.any():
+            row = int(frame.get_column(ROW_COLUMN)[int(missing.arg_true()[0])])
+            raise DataError(
+                f"{field}: column {spec.column!r} is empty in {int(missing.sum())} rows (first: data row {row + 1})",
+                "every row needs a label: drop or fill those rows",
+            )
+        if task.type == "binary" and spec.positive is not None:
+            text = raw.cast(pl.String)
+            label = text.is_in(spec.positive)
+            if not label.any():
+                seen = text.unique().sort().head(8).to_list()
+                raise DataError(
+                    f"{field}.positive: no row has {spec.column!r} in {spec.positive}",
+                    f"values seen include: {seen}",
+                )
+            values = label.cast(pl.Float64)
+        else:
+            values = _numeric(frame, spec.column, field)
+            bad = ~values.is_finite()
+            if bad.any():
+                index = int(bad.arg_true()[0])
+                row = int(frame.get_column(ROW_COLUMN)[index])
+                raise DataError(
+                    f"{field}: column {spec.column!r} is NaN or infinite at data row {row + 1}", "fix or drop that row"
+                )
+            if task.type == "binary" and spec.threshold is not None:
+                values = (values > spec.threshold).cast(pl.Float64)
+            elif task.type == "binary":
+                bad = ~values.is_in([0.0, 1.0])
+                if bad.any():
+                    index = int(bad.arg_true()[0])
+                    row = int(frame.get_column(ROW_COLUMN)[index])
+                    raise DataError(
+                        f"{field}: binary label column {spec.column!r} holds {raw[index]!r} at data row {row + 1}, not 0/1",
+                        "say which values are positive with 'positive: [...]' or use 'threshold'",
+                    )
+        out[LABEL_PREFIX + name] = values.cast(pl.Float32)
+    return pl.DataFrame(out)
+
+
+# --- fitting and encoding ----------------------------------------------------------------------
+
+
+def choose_features(frame: pl.DataFrame, recipe: Recipe) -> tuple[list[str], list[str]]:
+    """(categorical, numeric) input columns: never labels, the split column or excluded columns."""
+    feats = recipe.features
+    reserved = {t.label.column for t in recipe.tasks.values()} | {SPLIT_COLUMN, ROW_COLUMN}
+    if isinstance(recipe.data.split, ColumnSplit):
+        reserved.add(recipe.data.split.column)
+    _require_columns(frame, feats.exclude, "features.exclude")
+    _require_columns(frame, list(feats.numeric), "features.numeric")
+    numeric = list(feats.numeric)
+    if isinstance(feats.categorical, dict):
+        _require_columns(frame, list(feats.categorical), "features.categorical")
+        categorical = list(feats.categorical)
+    else:
+        skip = reserved | set(feats.exclude) | set(numeric)
+        categorical = [c for c in frame.columns if c not in skip]
+    for name in numeric:
+        if name in feats.exclude:
+            raise DataError(f"features.numeric: {name!r} is also in features.exclude", "remove it from one of them")
+    if not categorical and not numeric:
+        raise DataError("features: no input columns are left", "list numeric/categorical features or shorten 'exclude'")
+    return categorical, numeric
+
+
+def _bucket(value: str, buckets: int) -> int:
+    digest = hashlib.blake2b(value.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % buckets
+
+
+def encode_categorical(column: pl.Series, feature: CategoricalFeature) -> pl.Series:
+    """Raw values -> int32 ids (see CategoricalFeature). Python runs once per distinct value."""
+    text = column.cast(pl.String)
+    if feature.hash_buckets:
+        distinct = text.drop_nulls().unique().to_list()
+        ids = [FIRST_ID + _bucket(v, feature.hash_buckets) for v in distinct]
+        mapped = text.replace_strict(distinct, ids, default=OOV_ID, return_dtype=pl.Int32)
+    else:
+        ids = list(range(FIRST_ID, FIRST_ID + len(feature.vocab)))
+        mapped = text.replace_strict(feature.vocab, ids, default=OOV_ID, return_dtype=pl.Int32)
+    return (
+        pl.select(pl.when(text.is_null()).then(MISSING_ID).otherwise(mapped).cast(pl.Int32))
+        .to_series()
+        .rename(feature.name)
+    )
+
+
+def encode_numeric(values: pl.Series, feature: NumericFeature) -> pl.Series:
+    x = values.fill_null(feature.fill_value).fill_nan(feature.fill_value)
+    if feature.log1p:
+        x = x.sign() * x.abs().log1p()
+    return ((x - feature.center) / feature.scale).cast(pl.Float32).rename(feature.name)
+
+
+def fit_numeric(name: str, values: pl.Series, options: NumericOptions) -> NumericFeature:
+    """Fill value and scaling statistics, from the train rows given."""
+    present = values.drop_nulls().drop_nans()
+    if isinstance(options.fill, float | int):
+        fill = float(options.fill)
+    elif options.fill == "zero" or present.is_empty():
+        fill = 0.0
+    elif options.fill == "median":
+        fill = float(present.median() or 0.0)
+    else:
+        fill = float(present.mean() or 0.0)  # type: ignore[arg-type]
+    steps = [t for t in options.transform if t != "none"]
+    log1p = "log1p" in steps
+    x = values.fill_null(fill).fill_nan(fill)
+    if log1p:
+        x = x.sign() * x.abs().log1p()
+    center, scale = 0.0, 1.0
+    if "standardize" in steps:
+        center = float(x.mean() or 0.0)  # type: ignore[arg-type]
+        scale = float(x.std(ddof=0) or 0.0) or 1.0  # type: ignore[arg-type]
+    elif "minmax" in steps:
+        low, high = float(x.min() or 0.0), float(x.max() or 0.0)  # type: ignore[arg-type]
+        center, scale = low, (high - low) or 1.0
+    return NumericFeature(name, fill, log1p, center, scale, steps)
+
+
+def fit_categorical(name: str, train_values: pl.Series, min_count: int, hash_buckets: int | None) -> CategoricalFeature:
+    if hash_buckets:
+        return CategoricalFeature(name, [], min_count, hash_buckets)
+    counts = (
+        train_values.cast(pl.String)
+        .drop_nulls()
+        .value_counts(name="count")
+        .filter(pl.col("count") >= min_count)
+        .sort(["count", train_values.name], descending=[True, False])
+    )
+    return CategoricalFeature(name, counts.get_column(train_values.name).to_list(), min_count, None)
+
+
+def preprocess(recipe: Recipe, out_dir: Path) -> DataSchema:
+    """Read, label, split, fit on train, encode and write ``out_dir`` atomically."""
+    key, source = data_key(recipe)
+    frame = read_source(recipe)
+    labels = make_labels(frame, recipe)
+    categorical, numeric = choose_features(frame, recipe)
+    is_train = frame.get_column(SPLIT_COLUMN) == 0
+    defaults = recipe.features.defaults
+    cat_specs = []
+    for name in categorical:
+        options = (
+            recipe.features.categorical.get(name) if isinstance(recipe.features.categorical, dict) else None
+        ) or defaults.categorical
+        cat_specs.append(
+            fit_categorical(name, frame.get_column(name).filter(is_train), options.min_count, options.hash_buckets)
+        )
+    num_specs = []
+    num_values = {}
+    for name in numeric:
+        values = _numeric(frame, name, f"features.numeric.{name}")
+        num_values[name] = values
+        num_specs.append(
+            fit_numeric(name, values.filter(is_train), recipe.features.numeric.get(name) or defaults.numeric)
+        )
+    encoded = pl.DataFrame(
+        [encode_categorical(frame.get_column(f.name), f) for f in cat_specs]
+        + [encode_numeric(num_values[f.name], f) for f in num_specs]
+        + list(labels.iter_columns())
+        + [frame.get_column(SPLIT_COLUMN)]
+    )
+    tasks = [
+        TaskInfo(name, spec.type, spec.label.column, spec.label.positive, spec.label.threshold)
+        for name, spec in recipe.tasks.items()
+    ]
+    splits = {}
+    parts = {}
+    for index, split in enumerate(SPLITS):
+        part = encoded.filter(pl.col(SPLIT_COLUMN) == index).drop(SPLIT_COLUMN)
+        parts[split] = part
+        splits[split] = _split_info(part, cat_specs, tasks)
+    schema = DataSchema(cat_specs, num_specs, tasks, splits, source, key)
+    with atomic_dir(out_dir) as tmp:
+        for split, part in parts.items():
+            part.write_parquet(tmp / f"{split}.parquet")
+        schema.save(tmp / "schema.json")
+    return schema
+
+
+def _split_info(part: pl.DataFrame, cats: list[CategoricalFeature], tasks: list[TaskInfo]) -> SplitInfo:
+    rows = part.height
+    means, positives = {}, {}
+    for task in tasks:
+        column = part.get_column(LABEL_PREFIX + task.name)
+        means[task.name] = float(column.mean() or 0.0) if rows else 0.0  # type: ignore[arg-type]
+        if task.type == "binary":
+            positives[task.name] = int(column.sum()) if rows else 0
+    oov = {}
+    for feature in cats:
+        ids = part.get_column(feature.name)
+        present = int((ids != MISSING_ID).sum())
+        oov[feature.name] = float((ids == OOV_ID).sum() / present) if present else 0.0
+    return SplitInfo(rows, means, positives, oov)
+
+
+def cache_dir_for(recipe: Recipe, key: str) -> Path:
+    return Path(recipe.data.cache_dir).expanduser() / key
+
+
+def prepare(recipe: Recipe, out: Path | None = None, force: bool = False) -> Prepared:
+    """The encoded data for ``recipe``: reused from the cache when its key matches, else built."""
+    key, _ = data_key(recipe)
+    directory = out if out is not None else cache_dir_for(recipe, key)
+    schema_file = directory / "schema.json"
+    if not force and schema_file.is_file():
+        try:
+            schema = DataSchema.load(schema_file)
+            if schema.data_key == key and all((directory / f"{s}.parquet").is_file() for s in SPLITS):
+                return Prepared(directory, schema, reused=True)
+        except ArtifactError:
+            pass
+    return Prepared(directory, preprocess(recipe, directory), reused=False)
+
+
+def load_split(directory: Path, split: str, schema: DataSchema) -> SplitTensors:
+    """An encoded split as contiguous tensors (see Batch for the layout)."""
+    path = directory / f"{split}.parquet"
+    try:
+        frame = pl.read_parquet(path)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: encoded split not found", "re-run `mtl preprocess`") from None
+    except pl.exceptions.PolarsError as exc:
+        raise ArtifactError(f"{path}: unreadable ({exc})", "re-run `mtl preprocess`") from None
+    return tensors_from_frame(frame, schema)
+
+
+def tensors_from_frame(frame: pl.DataFrame, schema: DataSchema) -> SplitTensors:
+    cat_names = [f.name for f in schema.categorical]
+    num_names = [f.name for f in schema.numeric]
+    label_names = [LABEL_PREFIX + t for t in schema.task_names]
+    missing = [c for c in [*cat_names, *num_names, *label_names] if c not in frame.columns]
+    if missing:
+        raise ArtifactError(
+            f"encoded data does not match its schema (missing {missing[:5]})", "re-run `mtl preprocess`"
+        )
+    n = frame.height
+
+    def block(names: list[str], dtype: Any, torch_dtype: torch.dtype) -> torch.Tensor:
+        if not names:
+            return torch.zeros((n, 0), dtype=torch_dtype)
+        array = np.ascontiguousarray(frame.select(names).to_numpy().astype(dtype, copy=False))
+        return torch.from_numpy(array)
+
+    labels = block(label_names, np.float32, torch.float32)
+    return SplitTensors(
+        categorical=block(cat_names, np.int64, torch.int64),
+        numeric=block(num_names, np.float32, torch.float32),
+        labels=labels,
+        label_mask=torch.ones_like(labels, dtype=torch.bool),
+    )

@@ -1,0 +1,122 @@
+"""``schema.json``: what preprocessing learnt on train (vocabularies, statistics) and the tasks.
+
+Training, evaluation and export all read it; a model is only ever fed data encoded with the
+schema it was trained with.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mtlcli.errors import ArtifactError
+from mtlcli.fileio import write_json
+
+SCHEMA_VERSION = 1
+OOV_ID = 0
+MISSING_ID = 1
+FIRST_ID = 2
+
+
+@dataclass(frozen=True)
+class CategoricalFeature:
+    """Ids: 0 = out of vocabulary (unseen on train or rarer than min_count), 1 = missing,
+    2.. = the vocabulary in order (most frequent first). With ``hash_buckets`` there is no
+    vocabulary and id = 2 + bucket."""
+
+    name: str
+    vocab: list[str]
+    min_count: int = 1
+    hash_buckets: int | None = None
+
+    @property
+    def cardinality(self) -> int:
+        return FIRST_ID + (self.hash_buckets if self.hash_buckets else len(self.vocab))
+
+
+@dataclass(frozen=True)
+class NumericFeature:
+    """x -> fill nulls with ``fill_value`` -> signed log1p if ``log1p`` -> (x - center) / scale."""
+
+    name: str
+    fill_value: float
+    log1p: bool
+    center: float
+    scale: float
+    transforms: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    name: str
+    type: str
+    column: str
+    positive: list[str] | None = None
+    threshold: float | None = None
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    rows: int
+    label_mean: dict[str, float]
+    positives: dict[str, int]
+    oov_rate: dict[str, float]
+
+
+@dataclass(frozen=True)
+class DataSchema:
+    categorical: list[CategoricalFeature]
+    numeric: list[NumericFeature]
+    tasks: list[TaskInfo]
+    splits: dict[str, SplitInfo]
+    source: dict[str, Any]
+    data_key: str
+    version: int = SCHEMA_VERSION
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def cardinalities(self) -> list[int]:
+        return [f.cardinality for f in self.categorical]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: Path) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "schema") -> DataSchema:
+        try:
+            if data.get("version") != SCHEMA_VERSION:
+                raise ArtifactError(
+                    f"{where}: schema version {data.get('version')!r} is not {SCHEMA_VERSION}",
+                    "re-run `mtl preprocess` with this version of mtl",
+                )
+            return cls(
+                categorical=[CategoricalFeature(**f) for f in data["categorical"]],
+                numeric=[NumericFeature(**f) for f in data["numeric"]],
+                tasks=[TaskInfo(**t) for t in data["tasks"]],
+                splits={k: SplitInfo(**v) for k, v in data["splits"].items()},
+                source=dict(data["source"]),
+                data_key=str(data["data_key"]),
+                version=int(data["version"]),
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ArtifactError(f"{where}: not a valid mtl schema ({exc!r})", "re-run `mtl preprocess`") from None
+
+    @classmethod
+    def load(cls, path: Path) -> DataSchema:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ArtifactError(f"{path}: no schema.json here", "run `mtl preprocess RECIPE` first") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ArtifactError(f"{path}: not valid JSON ({exc})", "re-run `mtl preprocess`") from None
+        if not isinstance(data, dict):
+            raise ArtifactError(f"{path}: not a valid mtl schema", "re-run `mtl preprocess`")
+        return cls.from_dict(data, str(path))

@@ -1,0 +1,1 @@
+"""Export bundles for serving."""

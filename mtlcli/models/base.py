@@ -1,0 +1,79 @@
+"""The sharing-scheme contract, the scheme registry and the parameters every scheme shares."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, PositiveInt
+from torch import Tensor, nn
+
+from mtlcli.data.batch import Batch
+from mtlcli.registry import Component, Registry
+
+SCHEMES: Registry[Component] = Registry("sharing scheme")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a scheme needs to know about its inputs and outputs, taken from schema.json."""
+
+    cardinalities: list[int]
+    n_numeric: int
+    tasks: list[str]
+    task_types: list[str]
+
+
+class ModelParams(BaseModel):
+    """Parameters every scheme accepts; each scheme's params class adds its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    embedding_dim: PositiveInt = 8
+
+
+@runtime_checkable
+class MultiTaskModel(Protocol):
+    """What a sharing scheme builds: an nn.Module mapping a Batch to per-task logits [B, T].
+
+    ``parameter_groups`` says which parameters are shared by all tasks and which belong to one
+    task; together they must cover every parameter exactly once. Weighting strategies that work
+    on gradients use the shared group; reports use both.
+    """
+
+    tasks: list[str]
+
+    def __call__(self, batch: Batch) -> Tensor: ...
+
+    def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]: ...
+
+
+P = TypeVar("P", bound=BaseModel)
+
+
+def register_scheme(
+    name: str, params: type[P], summary: str
+) -> Callable[[Callable[[P, InputSpec], nn.Module]], Callable[[P, InputSpec], nn.Module]]:
+    """Decorator for a scheme's ``build(params, inputs) -> nn.Module`` function."""
+
+    def decorate(build: Callable[[P, InputSpec], nn.Module]) -> Callable[[P, InputSpec], nn.Module]:
+        SCHEMES.add(name, Component(name, params, build, summary))
+        return build
+
+    return decorate
+
+
+def build_model(scheme: str, params: Any, inputs: InputSpec) -> nn.Module:
+    return SCHEMES.get(scheme).build(params, inputs)  # type: ignore[no-any-return]
+
+
+def group_by_prefix(module: nn.Module, task_prefixes: dict[str, list[str]]) -> dict[str, dict[str, nn.Parameter]]:
+    """Parameter groups from name prefixes: ``{task: [prefix, ...]}``; the rest is shared."""
+    groups: dict[str, dict[str, nn.Parameter]] = {"shared": {}, **{task: {} for task in task_prefixes}}
+    for name, param in module.named_parameters():
+        owner = next(
+            (task for task, prefixes in task_prefixes.items() if any(name.startswith(p) for p in prefixes)),
+            "shared",
+        )
+        groups[owner][name] = param
+    return groups

@@ -1,0 +1,60 @@
+"""Multi-gate Mixture-of-Experts (MMoE).
+
+Ma, Zhao, Yi, Chen, Hong, Chi, "Modeling Task Relationships in Multi-task Learning with
+Multi-gate Mixture-of-Experts", KDD 2018. Shared experts f_i; for task k a softmax gate
+g^k(x) = softmax(W_gk x) weighs them: f^k(x) = sum_i g^k(x)_i f_i(x); tower h^k gives y_k.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field, NonNegativeFloat, PositiveInt
+from torch import Tensor, nn
+
+from mtlcli.data.batch import Batch
+from mtlcli.models.base import InputSpec, ModelParams, group_by_prefix, register_scheme
+from mtlcli.models.blocks import ExpertPool, FeatureEmbedding, Towers
+
+
+class MMoEParams(ModelParams):
+    n_experts: PositiveInt = 8
+    expert_units: list[PositiveInt] = Field(default=[16], min_length=1)
+    tower_units: list[PositiveInt] = [8]
+    dropout: NonNegativeFloat = 0.0
+
+
+class MMoE(nn.Module):
+    """embedding -> experts [B, E, H] -> per-task softmax gate [B, E] -> mixture [B, H] -> tower."""
+
+    def __init__(
+        self,
+        inputs: InputSpec,
+        embedding_dim: int,
+        n_experts: int,
+        expert_units: list[PositiveInt],
+        tower_units: list[PositiveInt],
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        self.tasks = list(inputs.tasks)
+        self.embedding = FeatureEmbedding(inputs.cardinalities, inputs.n_numeric, embedding_dim)
+        self.experts = ExpertPool(self.embedding.out_dim, n_experts, expert_units, dropout)
+        self.gates = nn.ModuleDict({t: nn.Linear(self.embedding.out_dim, n_experts) for t in self.tasks})
+        self.towers = Towers(self.tasks, self.experts.out_dim, tower_units, dropout)
+
+    def gate_weights(self, x: Tensor) -> Tensor:
+        """Softmax gate weights per task for embedded inputs x: [B, T, E], each row sums to 1."""
+        return torch.stack([torch.softmax(self.gates[t](x), dim=-1) for t in self.tasks], dim=1)
+
+    def forward(self, batch: Batch) -> Tensor:
+        x = self.embedding(batch)
+        mixed = torch.bmm(self.gate_weights(x), self.experts(x))  # [B, T, H]
+        return self.towers(mixed)
+
+    def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
+        return group_by_prefix(self, {t: [f"towers.nets.{t}.", f"gates.{t}."] for t in self.tasks})
+
+
+@register_scheme("mmoe", MMoEParams, "expert sharing: shared experts, one softmax gate per task (KDD 2018)")
+def build(params: MMoEParams, inputs: InputSpec) -> MMoE:
+    return MMoE(inputs, params.embedding_dim, params.n_experts, params.expert_units, params.tower_units, params.dropout)

@@ -1,0 +1,48 @@
+"""Hard parameter sharing (shared-bottom): one bottom network for all tasks, one tower per task.
+
+Caruana, "Multitask Learning", Machine Learning 28, 1997; the MMoE paper's Shared-Bottom baseline.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, NonNegativeFloat, PositiveInt
+from torch import Tensor, nn
+
+from mtlcli.data.batch import Batch
+from mtlcli.models.base import InputSpec, ModelParams, group_by_prefix, register_scheme
+from mtlcli.models.blocks import FeatureEmbedding, Towers, mlp
+
+
+class SharedBottomParams(ModelParams):
+    bottom_units: list[PositiveInt] = Field(default=[128, 64], min_length=1)
+    tower_units: list[PositiveInt] = [32]
+    dropout: NonNegativeFloat = 0.0
+
+
+class SharedBottom(nn.Module):
+    """embedding -> bottom MLP (shared) -> per-task tower -> logit. Output [B, T]."""
+
+    def __init__(
+        self,
+        inputs: InputSpec,
+        embedding_dim: int,
+        bottom_units: list[PositiveInt],
+        tower_units: list[PositiveInt],
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        self.tasks = list(inputs.tasks)
+        self.embedding = FeatureEmbedding(inputs.cardinalities, inputs.n_numeric, embedding_dim)
+        self.bottom = mlp(self.embedding.out_dim, bottom_units, dropout)
+        self.towers = Towers(self.tasks, bottom_units[-1], tower_units, dropout)
+
+    def forward(self, batch: Batch) -> Tensor:
+        return self.towers(self.bottom(self.embedding(batch)))
+
+    def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
+        return group_by_prefix(self, {t: [f"towers.nets.{t}."] for t in self.tasks})
+
+
+@register_scheme("shared_bottom", SharedBottomParams, "hard sharing: one bottom MLP, one tower per task")
+def build(params: SharedBottomParams, inputs: InputSpec) -> SharedBottom:
+    return SharedBottom(inputs, params.embedding_dim, params.bottom_units, params.tower_units, params.dropout)

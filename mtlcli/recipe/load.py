@@ -1,0 +1,335 @@
+"""Reading, overriding and validating recipes; every problem is reported at once with its path."""
+
+from __future__ import annotations
+
+import re
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from mtlcli.errors import RecipeError, RecipeIssue
+from mtlcli.recipe.schema import Recipe
+from mtlcli.registry import Component, Registry, did_you_mean
+
+Loc = tuple[str | int, ...]
+
+
+def read_recipe_text(path: str | Path) -> tuple[str, str]:
+    """The recipe's text and a display name for messages; ``-`` reads standard input."""
+    if str(path) == "-":
+        return sys.stdin.read(), "<stdin>"
+    file = Path(path)
+    if not file.is_file():
+        raise RecipeError(str(path), [RecipeIssue("", "file not found" if not file.exists() else "not a file")])
+    try:
+        return file.read_text(encoding="utf-8"), str(path)
+    except UnicodeDecodeError as exc:
+        raise RecipeError(str(path), [RecipeIssue("", f"not UTF-8 text ({exc.reason} at byte {exc.start})")]) from None
+
+
+def parse_yaml(text: str, source: str) -> tuple[dict[str, Any], dict[Loc, int]]:
+    """Parse YAML into plain data plus a map from key path to 1-based line number."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        line = mark.line + 1 if mark is not None else None
+        raise RecipeError(source, [RecipeIssue("", f"YAML syntax error: {problem}", line)]) from None
+    if data is None:
+        raise RecipeError(source, [RecipeIssue("", "the recipe is empty")])
+    if not isinstance(data, dict):
+        raise RecipeError(source, [RecipeIssue("", f"a recipe is a mapping of sections, got {type(data).__name__}")])
+    lines: dict[Loc, int] = {}
+    _index_lines(node, (), lines)
+    return data, lines
+
+
+def _index_lines(node: Any, path: Loc, lines: dict[Loc, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            child = (*path, key.value)
+            lines[child] = key.start_mark.line + 1
+            _index_lines(value, child, lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            lines[(*path, index)] = item.start_mark.line + 1
+            _index_lines(item, (*path, index), lines)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> list[Loc]:
+    """Apply ``key.path=value`` overrides in place (value parsed as YAML); returns the paths set."""
+    paths: list[Loc] = []
+    for item in overrides:
+        key, sep, value_text = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError("--set", [RecipeIssue(item, "expected KEY.PATH=VALUE, e.g. train.lr=0.01")])
+        parts: list[str | int] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
+        try:
+            value = yaml.safe_load(value_text) if value_text.strip() else ""
+        except yaml.YAMLError:
+            value = value_text
+        node: Any = data
+        for depth, part in enumerate(parts[:-1]):
+            nxt = _child(node, part)
+            if nxt is None:
+                if not isinstance(node, dict):
+                    where = ".".join(map(str, parts[: depth + 1]))
+                    raise RecipeError("--set", [RecipeIssue(key, f"cannot set inside {where!r}: it is not a mapping")])
+                nxt = node[part] = {}
+            node = nxt
+        last = parts[-1]
+        if (isinstance(node, list) and isinstance(last, int) and last < len(node)) or isinstance(node, dict):
+            node[last] = value
+        else:
+            raise RecipeError("--set", [RecipeIssue(key, "this path does not lead to a mapping or list item")])
+        paths.append(tuple(parts))
+    return paths
+
+
+def _child(node: Any, part: str | int) -> Any:
+    if isinstance(node, dict):
+        return node.get(part) if isinstance(node.get(part), dict | list) else None
+    if isinstance(node, list) and isinstance(part, int) and part < len(node):
+        return node[part]
+    return None
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read, override and validate a recipe file (``-`` for stdin). Raises RecipeError."""
+    text, source = read_recipe_text(path)
+    return recipe_from_text(text, source, overrides)
+
+
+def recipe_from_text(text: str, source: str = "<recipe>", overrides: Sequence[str] = ()) -> Recipe:
+    data, lines = parse_yaml(text, source)
+    set_paths = apply_overrides(data, overrides)
+    return validate_recipe(data, source, lines, set_paths)
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    """Validate plain data (for example a run directory's resolved recipe)."""
+    return validate_recipe(data, source, {}, [])
+
+
+def validate_recipe(data: dict[str, Any], source: str, lines: dict[Loc, int], set_paths: Sequence[Loc] = ()) -> Recipe:
+    """Validate the whole recipe: sections, then component parameters, then cross-section rules."""
+    from mtlcli.models import SCHEMES
+    from mtlcli.weighting import WEIGHTINGS
+
+    issues: list[RecipeIssue] = []
+
+    def issue(loc: Loc, message: str) -> None:
+        line = _line_for(loc, lines)
+        if any(loc[: len(p)] == p or p[: len(loc)] == loc for p in set_paths):
+            message += " (set with --set)"
+            line = None
+        issues.append(RecipeIssue(_render_loc(loc), message, line))
+
+    recipe: Recipe | None = None
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc, message = _explain(err, data, Recipe)
+            issue(loc, message)
+
+    raw_model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    raw_loss = data.get("loss") if isinstance(data.get("loss"), dict) else {}
+    model_params = _component_params(raw_model, "scheme", "mmoe", "model", SCHEMES, issue)
+    loss_params = _component_params(raw_loss, "weighting", "equal", "loss", WEIGHTINGS, issue)
+
+    if recipe is not None and model_params is not None and loss_params is not None:
+        recipe = recipe.model_copy(
+            update={
+                "model": recipe.model.model_copy(update={"params": model_params}),
+                "loss": recipe.loss.model_copy(update={"params": loss_params}),
+            }
+        )
+        for loc, message in _cross_checks(recipe):
+            issue(loc, message)
+        for section, entry, params in (
+            ("model", SCHEMES.get(recipe.model.scheme), model_params),
+            ("loss", WEIGHTINGS.get(recipe.loss.weighting), loss_params),
+        ):
+            if entry.check is not None:
+                for key, message in entry.check(params, recipe):
+                    issue((section, *key.split(".")), message)
+    if issues:
+        raise RecipeError(source, issues)
+    assert recipe is not None
+    return recipe
+
+
+def _component_params(
+    raw: dict[str, Any], key: str, default: str, section: str, registry: Registry[Component], issue: Any
+) -> BaseModel | None:
+    name = raw.get(key, default)
+    if not isinstance(name, str) or name not in registry:
+        known = ", ".join(registry.names())
+        hint = did_you_mean(str(name), registry.names())
+        issue((section, key), f"unknown {registry.kind} {name!r}{hint}; known: {known}")
+        return None
+    entry = registry.get(name)
+    rest = {k: v for k, v in raw.items() if k != key}
+    try:
+        return entry.params.model_validate(rest)
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc, message = _explain(err, rest, entry.params)
+            issue((section, *loc), message)
+        return None
+
+
+def _cross_checks(recipe: Recipe) -> list[tuple[Loc, str]]:
+    out: list[tuple[Loc, str]] = []
+    tasks = recipe.tasks
+    label_columns = {spec.label.column for spec in tasks.values()}
+    for where, names in (
+        ("numeric", list(recipe.features.numeric)),
+        ("categorical", list(recipe.features.categorical) if isinstance(recipe.features.categorical, dict) else []),
+    ):
+        for name in names:
+            if name in label_columns:
+                out.append((("features", where, name), "is a task's label column; labels are never model inputs"))
+    stop = recipe.train.early_stopping
+    if stop is not None:
+        if stop.task != "mean" and stop.task not in tasks:
+            hint = did_you_mean(stop.task, list(tasks))
+            out.append(
+                (("train", "early_stopping", "task"), f"unknown task {stop.task!r}{hint}; use a task name or 'mean'")
+            )
+        chosen = [tasks[stop.task]] if stop.task in tasks else list(tasks.values())
+        kinds = {spec.type for spec in chosen}
+        if stop.metric in ("auc", "logloss") and "regression" in kinds:
+            out.append(
+                (("train", "early_stopping", "metric"), f"{stop.metric} needs binary tasks; use rmse, mae or loss")
+            )
+        if stop.metric in ("rmse", "mae") and "binary" in kinds:
+            out.append(
+                (
+                    ("train", "early_stopping", "metric"),
+                    f"{stop.metric} needs regression tasks; use auc, logloss or loss",
+                )
+            )
+    data = recipe.data
+    if data.synthetic is None and data.format != "parquet" and not data.header and not data.columns:
+        if not any(str(s).endswith(".parquet") for s in data.source):
+            out.append(
+                (("data", "columns"), "the CSV has no header (header: false): list its column names in 'columns'")
+            )
+    return out
+
+
+def _render_loc(loc: Loc) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            name = str(part)
+            name = name if re.fullmatch(r"[\w-]+", name) else repr(name)
+            text += f".{name}" if text else name
+    return text
+
+
+def _line_for(loc: Loc, lines: dict[Loc, int]) -> int | None:
+    for end in range(len(loc), 0, -1):
+        if loc[:end] in lines:
+            return lines[loc[:end]]
+    return None
+
+
+def _clean_loc(data: Any, loc: Loc) -> Loc:
+    """Drop the parts of a pydantic error location that are not in the YAML (union tags)."""
+    out: list[str | int] = []
+    node = data
+    for index, part in enumerate(loc):
+        last = index == len(loc) - 1
+        if (isinstance(node, dict) and part in node) or (
+            isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        ):
+            out.append(part)
+            node = node[part]
+        elif last and isinstance(node, dict | type(None)):
+            out.append(part)
+        elif isinstance(part, str) and (part in ("function-after", "function-before") or "[" in part or part.islower()):
+            continue
+        else:
+            out.append(part)
+    return tuple(out)
+
+
+def _explain(err: Any, data: Any, root: type[BaseModel]) -> tuple[Loc, str]:
+    loc = _clean_loc(data, tuple(err["loc"]))
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    got = err.get("input")
+    if kind == "extra_forbidden":
+        allowed = _keys_at(root, loc[:-1])
+        hint = did_you_mean(str(loc[-1]), allowed)
+        listing = f"; allowed here: {', '.join(allowed)}" if allowed and not hint else ""
+        return loc, f"unknown key{hint}{listing}"
+    if kind == "missing":
+        return loc, "missing required key"
+    if kind == "literal_error":
+        expected = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+        return loc, f"{got!r} is not one of: {', '.join(expected)}{did_you_mean(str(got), expected)}"
+    if kind == "union_tag_invalid":
+        tags = re.findall(r"'([^']*)'", str(ctx.get("expected_tags", "")))
+        return (
+            loc,
+            f"unknown {ctx.get('discriminator', 'kind')} {ctx.get('tag')!r}{did_you_mean(str(ctx.get('tag')), tags)}; choose one of: {', '.join(tags)}",
+        )
+    if kind == "union_tag_not_found":
+        return (*loc, "by"), "missing required key (the split method: modulo, random, column or files)"
+    message = str(err["msg"])
+    message = message.removeprefix("Value error, ")
+    if kind != "value_error" and not isinstance(got, dict):
+        message += f" (got {got!r})"
+    return loc, message
+
+
+def _keys_at(root: type[BaseModel], loc: Loc) -> list[str]:
+    """The keys allowed at ``loc`` under the pydantic model ``root`` (for 'did you mean')."""
+    types_: list[Any] = [root]
+    for part in loc:
+        nxt: list[Any] = []
+        for tp in types_:
+            for inner in _expand(tp):
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    if isinstance(part, str) and part in inner.model_fields:
+                        nxt.append(inner.model_fields[part].annotation)
+                elif typing.get_origin(inner) is dict:
+                    nxt.append(typing.get_args(inner)[1])
+                elif typing.get_origin(inner) is list and isinstance(part, int):
+                    nxt.append(typing.get_args(inner)[0])
+        types_ = nxt
+    keys: set[str] = set()
+    for tp in types_:
+        for inner in _expand(tp):
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                keys.update(inner.model_fields)
+    return sorted(keys)
+
+
+def _expand(tp: Any) -> list[Any]:
+    """Unwrap Annotated / Optional / unions into their member types."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return _expand(typing.get_args(tp)[0])
+    if origin is typing.Union or origin is types.UnionType:
+        return [t for arg in typing.get_args(tp) for t in _expand(arg)]
+    return [tp]
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe (every default filled in) as YAML."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True, default_flow_style=None, width=100)

@@ -1,0 +1,322 @@
+"""The recipe format: one YAML document with sections data, features, tasks, model, loss, train.
+
+Every section is a pydantic model that refuses unknown keys. The ``model`` and ``loss`` sections
+name a component (a sharing scheme, a weighting strategy); their remaining keys are validated
+by that component's own parameter schema (see ``mtlcli.recipe.load``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    model_validator,
+)
+
+
+class Strict(BaseModel):
+    """Base of every recipe section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str | int | float) else value
+
+
+StrList = Annotated[list[str], BeforeValidator(_as_list)]
+
+# --- data -------------------------------------------------------------------------------------
+
+
+class ModuloSplit(Strict):
+    """Row i goes to test if i % modulus is in ``test``, to valid if in ``valid``, else to train."""
+
+    by: Literal["modulo"]
+    modulus: Annotated[int, Field(ge=2)] = 5
+    test: list[NonNegativeInt] = [0]
+    valid: list[NonNegativeInt] = [1]
+
+    @model_validator(mode="after")
+    def _check(self) -> ModuloSplit:
+        for residue in [*self.test, *self.valid]:
+            if residue >= self.modulus:
+                raise ValueError(f"residue {residue} is not below modulus {self.modulus}")
+        if set(self.test) & set(self.valid):
+            raise ValueError("test and valid residues overlap")
+        if len(set(self.test) | set(self.valid)) >= self.modulus:
+            raise ValueError("no residue is left for the train split")
+        return self
+
+
+class RandomSplit(Strict):
+    """Each row goes to valid / test with the given probabilities, from a seeded generator."""
+
+    by: Literal["random"]
+    valid: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    test: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> RandomSplit:
+        if self.valid + self.test >= 1.0:
+            raise ValueError("valid + test must leave rows for train (their sum is >= 1)")
+        return self
+
+
+class ColumnSplit(Strict):
+    """The value of ``column`` says the split; rows with other values are dropped."""
+
+    by: Literal["column"]
+    column: str
+    train: StrList = ["train"]
+    valid: StrList = ["valid"]
+    test: StrList = ["test"]
+
+
+class FilesSplit(Strict):
+    """Each split is its own file (or files); ``data.source`` is not used."""
+
+    by: Literal["files"]
+    train: StrList
+    valid: StrList
+    test: StrList = []
+
+
+Split = Annotated[ModuloSplit | RandomSplit | ColumnSplit | FilesSplit, Field(discriminator="by")]
+
+
+class SyntheticSource(Strict):
+    """The MMoE paper's synthetic two-task regression data (Ma et al., KDD 2018, section 3.2)."""
+
+    rows: PositiveInt = 20000
+    dim: PositiveInt = 100
+    correlation: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.5
+    scale: PositiveFloat = 1.0
+    sin_terms: NonNegativeInt = 10
+    noise: NonNegativeFloat = 0.1
+    seed: int = 0
+
+
+class DataSection(Strict):
+    source: StrList = []
+    synthetic: SyntheticSource | None = None
+    format: Literal["auto", "csv", "parquet"] = "auto"
+    header: bool = True
+    columns: list[str] | None = None
+    separator: str = ","
+    strip: bool = True
+    missing: StrList = ["", "?", "NA", "NaN", "null"]
+    split: Split = RandomSplit(by="random")
+    cache_dir: str = ".mtl-cache"
+
+    @model_validator(mode="after")
+    def _check(self) -> DataSection:
+        files = isinstance(self.split, FilesSplit)
+        if self.synthetic is not None and (self.source or files):
+            raise ValueError("give either 'synthetic' or data files ('source' / split by files), not both")
+        if self.synthetic is None and not self.source and not files:
+            raise ValueError("no data: set 'source' to a CSV/Parquet file, or 'synthetic', or split by files")
+        if files and self.source:
+            raise ValueError("split by files takes its files from split.train/valid/test; remove 'source'")
+        if len(self.separator.strip() or self.separator) != 1:
+            raise ValueError(f"separator {self.separator!r} must be one character (spaces around it are stripped)")
+        if self.columns is not None and len(set(self.columns)) != len(self.columns):
+            raise ValueError("'columns' has duplicate names")
+        return self
+
+
+# --- features ---------------------------------------------------------------------------------
+
+Transform = Literal["none", "log1p", "standardize", "minmax"]
+
+
+class NumericOptions(Strict):
+    """How a numeric column is cleaned: the missing-value fill, then the transforms in order."""
+
+    fill: Literal["mean", "median", "zero"] | float = "mean"
+    transform: Annotated[list[Transform], BeforeValidator(_as_list)] = ["standardize"]
+
+    @model_validator(mode="after")
+    def _check(self) -> NumericOptions:
+        steps = [t for t in self.transform if t != "none"]
+        scalers = [t for t in steps if t in ("standardize", "minmax")]
+        if len(scalers) > 1:
+            raise ValueError("choose one of standardize and minmax, not both")
+        if steps.count("log1p") > 1:
+            raise ValueError("log1p is given twice")
+        if scalers and steps[-1] not in ("standardize", "minmax"):
+            raise ValueError("log1p must come before the scaling transform")
+        return self
+
+
+class CategoricalOptions(Strict):
+    """Vocabulary fitted on train: values seen fewer than ``min_count`` times map to the OOV id.
+    With ``hash_buckets`` the value is hashed into that many buckets instead (no vocabulary)."""
+
+    min_count: PositiveInt = 1
+    hash_buckets: PositiveInt | None = None
+
+
+class FeatureDefaults(Strict):
+    numeric: NumericOptions = NumericOptions()
+    categorical: CategoricalOptions = CategoricalOptions()
+
+
+def _as_mapping(value: Any) -> Any:
+    if isinstance(value, str) and value != "auto":
+        value = [value]
+    if isinstance(value, list):
+        return {name: None for name in value}
+    return value
+
+
+class FeaturesSection(Strict):
+    numeric: Annotated[dict[str, NumericOptions | None], BeforeValidator(_as_mapping)] = {}
+    categorical: Annotated[Literal["auto"] | dict[str, CategoricalOptions | None], BeforeValidator(_as_mapping)] = (
+        "auto"
+    )
+    exclude: StrList = []
+    defaults: FeatureDefaults = FeatureDefaults()
+
+    @model_validator(mode="after")
+    def _check(self) -> FeaturesSection:
+        if isinstance(self.categorical, dict):
+            both = sorted(set(self.categorical) & set(self.numeric))
+            if both:
+                raise ValueError(f"columns listed as both numeric and categorical: {both}")
+        return self
+
+
+# --- tasks ------------------------------------------------------------------------------------
+
+
+class LabelSpec(Strict):
+    """How a task's label is made from one raw column.
+
+    binary: ``positive`` lists the raw values that mean 1; or ``threshold`` (label = value > threshold);
+    or neither, and the column must hold 0/1 (or true/false). regression: the numeric column as is.
+    """
+
+    column: str
+    positive: Annotated[list[str], BeforeValidator(lambda v: [str(x) for x in _as_list(v)])] | None = None
+    threshold: float | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> LabelSpec:
+        if self.positive is not None and self.threshold is not None:
+            raise ValueError("give 'positive' or 'threshold', not both")
+        if self.positive is not None and not self.positive:
+            raise ValueError("'positive' is empty: list the raw values that make the label 1")
+        return self
+
+
+class TaskSpec(Strict):
+    type: Literal["binary", "regression"] = "binary"
+    label: Annotated[LabelSpec, BeforeValidator(lambda v: {"column": v} if isinstance(v, str) else v)]
+
+    @model_validator(mode="after")
+    def _check(self) -> TaskSpec:
+        if self.type == "regression" and (self.label.positive is not None or self.label.threshold is not None):
+            raise ValueError("a regression label is the numeric column as is: remove 'positive'/'threshold'")
+        return self
+
+
+# --- model and loss (validated further by the named component) --------------------------------
+
+
+def _split_component(key: str, default: str) -> Any:
+    def split(value: Any) -> Any:
+        if value is None:
+            value = {}
+        if isinstance(value, str):
+            value = {key: value}
+        if isinstance(value, dict) and "params" not in value:
+            return {key: value.get(key, default), "params": {k: v for k, v in value.items() if k != key}}
+        return value
+
+    return split
+
+
+class ModelConfig(Strict):
+    """``scheme`` names a registered sharing scheme; ``params`` is that scheme's validated params."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    scheme: str = "mmoe"
+    params: Any = {}
+
+    _split = model_validator(mode="before")(_split_component("scheme", "mmoe"))
+
+
+class LossConfig(Strict):
+    """``weighting`` names a registered loss-weighting strategy; ``params`` are its validated params."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    weighting: str = "equal"
+    params: Any = {}
+
+    _split = model_validator(mode="before")(_split_component("weighting", "equal"))
+
+
+# --- train ------------------------------------------------------------------------------------
+
+Metric = Literal["auc", "logloss", "rmse", "mae", "loss"]
+
+
+class EarlyStopping(Strict):
+    """Stop when ``metric`` on valid (one task, or the mean over tasks) has not improved for
+    ``patience`` epochs, then restore the best epoch's weights."""
+
+    metric: Metric = "auc"
+    task: str = "mean"
+    patience: NonNegativeInt = 3
+    min_delta: NonNegativeFloat = 0.0
+
+
+class TrainSection(Strict):
+    optimizer: Literal["adam", "adamw", "sgd", "adagrad"] = "adam"
+    lr: PositiveFloat = 1e-3
+    weight_decay: NonNegativeFloat = 0.0
+    batch_size: PositiveInt = 1024
+    eval_batch_size: PositiveInt = 65536
+    epochs: PositiveInt = 10
+    early_stopping: EarlyStopping | None = EarlyStopping()
+    seed: int = 0
+    threads: PositiveInt | None = None
+
+
+class Recipe(Strict):
+    """A whole recipe. Build it with ``mtlcli.recipe.load_recipe``, which also validates the
+    component parameters and the checks that span sections."""
+
+    data: DataSection
+    features: FeaturesSection = FeaturesSection()
+    tasks: Annotated[dict[str, TaskSpec], Field(min_length=1)]
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainSection = TrainSection()
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe as plain data, in the YAML layout (component params flattened)."""
+        out = self.model_dump(mode="json", exclude={"model", "loss"})
+        out["model"] = {"scheme": self.model.scheme, **_dump(self.model.params)}
+        out["loss"] = {"weighting": self.loss.weighting, **_dump(self.loss.params)}
+        return {key: out[key] for key in ("data", "features", "tasks", "model", "loss", "train")}
+
+
+def _dump(params: Any) -> dict[str, Any]:
+    if isinstance(params, BaseModel):
+        return params.model_dump(mode="json")
+    return dict(params)
