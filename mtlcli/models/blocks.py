@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -63,7 +64,7 @@ class ExpertPool(nn.Module):
         self.first = nn.Linear(in_dim, n * units[0])
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
-        for h_in, h_out in zip(units[:-1], units[1:], strict=True):
+        for h_in, h_out in itertools.pairwise(units):
             bound = 1.0 / math.sqrt(h_in)
             self.weights.append(nn.Parameter(torch.empty(n, h_in, h_out).uniform_(-bound, bound)))
             self.biases.append(nn.Parameter(torch.empty(n, 1, h_out).uniform_(-bound, bound)))

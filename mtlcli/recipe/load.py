@@ -220,11 +220,9 @@ def _cross_checks(recipe: Recipe) -> list[tuple[Loc, str]]:
                 )
             )
     data = recipe.data
-    if data.synthetic is None and data.format != "parquet" and not data.header and not data.columns:
-        if not any(str(s).endswith(".parquet") for s in data.source):
-            out.append(
-                (("data", "columns"), "the CSV has no header (header: false): list its column names in 'columns'")
-            )
+    csv_sources = not any(str(s).endswith(".parquet") for s in data.source)
+    if data.synthetic is None and data.format != "parquet" and not data.header and not data.columns and csv_sources:
+        out.append((("data", "columns"), "the CSV has no header (header: false): list its column names in 'columns'"))
     return out
 
 
