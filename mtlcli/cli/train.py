@@ -50,7 +50,9 @@ class ConsoleReporter:
         }
         parts.append("valid " + " ".join(f"{t} {m} {fmt(v)}" for t, (m, v) in metric.items()))
         parts.append(f"{record['samples_per_second']:,.0f} samples/s")
-        self.progress.console.print("  ".join(parts) + ("  [green]*[/]" if improved else ""), highlight=False)
+        self.progress.console.print(
+            "  ".join(parts) + ("  [green]*[/]" if improved else ""), highlight=False, soft_wrap=True
+        )
         self.progress.reset(self.bar, total=self.steps, epoch=record["epoch"] + 1)
 
     def close(self) -> None:

@@ -298,26 +298,39 @@ def make_labels(frame: pl.DataFrame, recipe: Recipe) -> pl.DataFrame:
 
 
 def choose_features(frame: pl.DataFrame, recipe: Recipe) -> tuple[list[str], list[str]]:
-    """(categorical, numeric) input columns: never labels, the split column or excluded columns."""
+    """(categorical, numeric) input columns: never labels, the split column or excluded columns.
+
+    ``auto`` numeric means every remaining column whose values are all numbers; ``auto``
+    categorical means every remaining column not taken as numeric.
+    """
     feats = recipe.features
     reserved = {t.label.column for t in recipe.tasks.values()} | {SPLIT_COLUMN, ROW_COLUMN}
     if isinstance(recipe.data.split, ColumnSplit):
         reserved.add(recipe.data.split.column)
     _require_columns(frame, feats.exclude, "features.exclude")
-    _require_columns(frame, list(feats.numeric), "features.numeric")
-    numeric = list(feats.numeric)
-    if isinstance(feats.categorical, dict):
-        _require_columns(frame, list(feats.categorical), "features.categorical")
-        categorical = list(feats.categorical)
+    listed_cat = list(feats.categorical) if isinstance(feats.categorical, dict) else []
+    _require_columns(frame, listed_cat, "features.categorical")
+    free = [c for c in frame.columns if c not in reserved and c not in feats.exclude and c not in listed_cat]
+    if isinstance(feats.numeric, dict):
+        _require_columns(frame, list(feats.numeric), "features.numeric")
+        numeric = list(feats.numeric)
+        for name in numeric:
+            if name in feats.exclude:
+                raise DataError(f"features.numeric: {name!r} is also in features.exclude", "remove it from one of them")
     else:
-        skip = reserved | set(feats.exclude) | set(numeric)
-        categorical = [c for c in frame.columns if c not in skip]
-    for name in numeric:
-        if name in feats.exclude:
-            raise DataError(f"features.numeric: {name!r} is also in features.exclude", "remove it from one of them")
+        numeric = [c for c in free if _all_numbers(frame.get_column(c))]
+    categorical = listed_cat if isinstance(feats.categorical, dict) else [c for c in free if c not in numeric]
     if not categorical and not numeric:
         raise DataError("features: no input columns are left", "list numeric/categorical features or shorten 'exclude'")
     return categorical, numeric
+
+
+def _all_numbers(column: pl.Series) -> bool:
+    if column.dtype.is_numeric() or column.dtype == pl.Boolean:
+        return True
+    if column.dtype != pl.String:
+        return False
+    return int(column.cast(pl.Float64, strict=False).null_count()) == int(column.null_count())
 
 
 def _bucket(value: str, buckets: int) -> int:
@@ -409,9 +422,8 @@ def preprocess(recipe: Recipe, out_dir: Path) -> DataSchema:
     for name in numeric:
         values = _numeric(frame, name, f"features.numeric.{name}")
         num_values[name] = values
-        num_specs.append(
-            fit_numeric(name, values.filter(is_train), recipe.features.numeric.get(name) or defaults.numeric)
-        )
+        listed = recipe.features.numeric.get(name) if isinstance(recipe.features.numeric, dict) else None
+        num_specs.append(fit_numeric(name, values.filter(is_train), listed or defaults.numeric))
     encoded = pl.DataFrame(
         [encode_categorical(frame.get_column(f.name), f) for f in cat_specs]
         + [encode_numeric(num_values[f.name], f) for f in num_specs]

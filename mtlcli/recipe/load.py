@@ -193,7 +193,7 @@ def _cross_checks(recipe: Recipe) -> list[tuple[Loc, str]]:
     tasks = recipe.tasks
     label_columns = {spec.label.column for spec in tasks.values()}
     for where, names in (
-        ("numeric", list(recipe.features.numeric)),
+        ("numeric", list(recipe.features.numeric) if isinstance(recipe.features.numeric, dict) else []),
         ("categorical", list(recipe.features.categorical) if isinstance(recipe.features.categorical, dict) else []),
     ):
         for name in names:

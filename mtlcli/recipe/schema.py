@@ -180,7 +180,7 @@ def _as_mapping(value: Any) -> Any:
 
 
 class FeaturesSection(Strict):
-    numeric: Annotated[dict[str, NumericOptions | None], BeforeValidator(_as_mapping)] = {}
+    numeric: Annotated[Literal["auto"] | dict[str, NumericOptions | None], BeforeValidator(_as_mapping)] = {}
     categorical: Annotated[Literal["auto"] | dict[str, CategoricalOptions | None], BeforeValidator(_as_mapping)] = (
         "auto"
     )
@@ -189,7 +189,7 @@ class FeaturesSection(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> FeaturesSection:
-        if isinstance(self.categorical, dict):
+        if isinstance(self.categorical, dict) and isinstance(self.numeric, dict):
             both = sorted(set(self.categorical) & set(self.numeric))
             if both:
                 raise ValueError(f"columns listed as both numeric and categorical: {both}")
