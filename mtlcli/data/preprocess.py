@@ -207,10 +207,11 @@ def _concat(parts: list[pl.DataFrame]) -> pl.DataFrame:
 def _require_columns(frame: pl.DataFrame, names: list[str], field: str) -> None:
     for name in names:
         if name not in frame.columns:
-            hint = did_you_mean(name, frame.columns)
+            columns = [c for c in frame.columns if c not in (SPLIT_COLUMN, ROW_COLUMN)]
+            hint = did_you_mean(name, columns)
             raise DataError(
                 f"{field}: column {name!r} is not in the data{hint}",
-                f"the data has {frame.width} columns: {', '.join(frame.columns[:12])}{' ...' if frame.width > 12 else ''}",
+                f"the data has {len(columns)} columns: {', '.join(columns[:12])}{' ...' if len(columns) > 12 else ''}",
             )
 
 
@@ -263,11 +264,13 @@ def make_labels(frame: pl.DataFrame, recipe: Recipe) -> pl.DataFrame:
         if task.type == "binary" and spec.positive is not None:
             text = raw.cast(pl.String)
             label = text.is_in(spec.positive)
-            if not label.any():
-                seen = text.unique().sort().head(8).to_list()
+            seen = set(text.unique().to_list())
+            absent = [v for v in spec.positive if v not in seen]
+            if absent:
                 raise DataError(
-                    f"{field}.positive: no row has {spec.column!r} in {spec.positive}",
-                    f"values seen include: {seen}",
+                    f"{field}.positive: {absent[0]!r} never occurs in column {spec.column!r}"
+                    f"{did_you_mean(absent[0], sorted(str(v) for v in seen if v is not None))}",
+                    f"values seen include: {sorted(str(v) for v in seen if v is not None)[:8]}",
                 )
             values = label.cast(pl.Float64)
         else:
@@ -509,7 +512,7 @@ def tensors_from_frame(frame: pl.DataFrame, schema: DataSchema) -> SplitTensors:
     def block(names: list[str], dtype: Any, torch_dtype: torch.dtype) -> torch.Tensor:
         if not names:
             return torch.zeros((n, 0), dtype=torch_dtype)
-        array = np.ascontiguousarray(frame.select(names).to_numpy().astype(dtype, copy=False))
+        array = np.require(frame.select(names).to_numpy(), dtype=dtype, requirements=["C", "W"])
         return torch.from_numpy(array)
 
     labels = block(label_names, np.float32, torch.float32)

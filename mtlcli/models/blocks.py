@@ -4,11 +4,34 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
+
+
+class _Lookup(torch.autograd.Function):
+    """Embedding lookup whose backward is one ``index_add_`` into a dense gradient.
+
+    Same result as ``F.embedding``; on CPU its backward is several times faster than the
+    default dense embedding backward for the small tables of tabular data.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, ids: Tensor) -> Tensor:
+        flat = ids.reshape(-1)
+        ctx.save_for_backward(flat)
+        ctx.rows = weight.shape[0]
+        return weight.index_select(0, flat).view(*ids.shape, weight.shape[1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (flat,) = ctx.saved_tensors
+        dim = grad.shape[-1]
+        weight_grad = grad.new_zeros(ctx.rows, dim).index_add_(0, flat, grad.reshape(-1, dim))
+        return weight_grad, None
 
 
 class FeatureEmbedding(nn.Module):
@@ -31,7 +54,7 @@ class FeatureEmbedding(nn.Module):
     def forward(self, batch: Batch) -> Tensor:
         if self.n_categorical == 0:
             return batch.numeric
-        embedded = self.table(batch.categorical + self.offsets).flatten(1)
+        embedded = _Lookup.apply(self.table.weight, batch.categorical + self.offsets).flatten(1)
         return torch.cat([embedded, batch.numeric], dim=1)
 
 

@@ -48,7 +48,9 @@ class MMoE(nn.Module):
 
     def forward(self, batch: Batch) -> Tensor:
         x = self.embedding(batch)
-        mixed = torch.bmm(self.gate_weights(x), self.experts(x))  # [B, T, H]
+        gates = self.gate_weights(x)  # [B, T, E]
+        experts = self.experts(x)  # [B, E, H]
+        mixed = (gates.unsqueeze(-1) * experts.unsqueeze(1)).sum(2)  # [B, T, H]
         return self.towers(mixed)
 
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:

@@ -105,13 +105,50 @@ def _child(node: Any, part: str | int) -> Any:
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read, override and validate a recipe file (``-`` for stdin). Raises RecipeError."""
     text, source = read_recipe_text(path)
-    return recipe_from_text(text, source, overrides)
+    base_dir = Path.cwd() if str(path) == "-" else Path(path).parent
+    return recipe_from_text(text, source, overrides, base_dir)
 
 
-def recipe_from_text(text: str, source: str = "<recipe>", overrides: Sequence[str] = ()) -> Recipe:
+def recipe_from_text(
+    text: str, source: str = "<recipe>", overrides: Sequence[str] = (), base_dir: Path | None = None
+) -> Recipe:
     data, lines = parse_yaml(text, source)
+    data = _resolve_extends(data, source, base_dir or Path.cwd(), [source])
     set_paths = apply_overrides(data, overrides)
     return validate_recipe(data, source, lines, set_paths)
+
+
+REPLACED_WHOLE = ("model", "loss")
+
+
+def _resolve_extends(data: dict[str, Any], source: str, base_dir: Path, chain: list[str]) -> dict[str, Any]:
+    """``extends: other.yaml`` (relative to this recipe's directory): start from that recipe and
+    overlay this one. Mappings merge key by key; lists and scalars replace; the ``model`` and
+    ``loss`` sections replace the parent's whole (a scheme's parameters never mix with another's)."""
+    parent_ref = data.pop("extends", None)
+    if parent_ref is None:
+        return data
+    if not isinstance(parent_ref, str):
+        raise RecipeError(source, [RecipeIssue("extends", "expected the path of another recipe file")])
+    parent_path = (base_dir / parent_ref).resolve()
+    if str(parent_path) in chain:
+        raise RecipeError(source, [RecipeIssue("extends", f"recipes extend each other in a loop: {parent_ref}")])
+    if not parent_path.is_file():
+        raise RecipeError(source, [RecipeIssue("extends", f"recipe not found: {parent_ref} (relative to {base_dir})")])
+    parent_text, parent_source = read_recipe_text(parent_path)
+    parent, _ = parse_yaml(parent_text, parent_source)
+    parent = _resolve_extends(parent, parent_source, parent_path.parent, [*chain, str(parent_path)])
+    for section in REPLACED_WHOLE:
+        if section in data:
+            parent.pop(section, None)
+    return _merge(parent, data)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
@@ -137,7 +174,7 @@ def validate_recipe(data: dict[str, Any], source: str, lines: dict[Loc, int], se
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        for err in exc.errors():
+        for err in _useful_errors(exc):
             loc, message = _explain(err, data, Recipe)
             issue(loc, message)
 
@@ -182,7 +219,7 @@ def _component_params(
     try:
         return entry.params.model_validate(rest)
     except ValidationError as exc:
-        for err in exc.errors():
+        for err in _useful_errors(exc):
             loc, message = _explain(err, rest, entry.params)
             issue((section, *loc), message)
         return None
@@ -265,13 +302,34 @@ def _clean_loc(data: Any, loc: Loc) -> Loc:
     return tuple(out)
 
 
+def _useful_errors(exc: ValidationError) -> list[Any]:
+    """The errors worth reporting: drop a union's ``Literal`` branch (for example ``'auto'``) when
+    the value given is a mapping or list and another branch of the same union explains the problem."""
+    errors = exc.errors()
+    keep = []
+    for err in errors:
+        loc = tuple(err["loc"])
+        tag = next((i for i, p in enumerate(loc) if isinstance(p, str) and p.startswith("literal[")), None)
+        if (
+            tag is not None
+            and isinstance(err.get("input"), dict | list)
+            and any(
+                other is not err and tuple(other["loc"])[:tag] == loc[:tag] and tuple(other["loc"])[tag:] != loc[tag:]
+                for other in errors
+            )
+        ):
+            continue
+        keep.append(err)
+    return keep
+
+
 def _explain(err: Any, data: Any, root: type[BaseModel]) -> tuple[Loc, str]:
     loc = _clean_loc(data, tuple(err["loc"]))
     kind = err["type"]
     ctx = err.get("ctx") or {}
     got = err.get("input")
     if kind == "extra_forbidden":
-        allowed = _keys_at(root, loc[:-1])
+        allowed = _keys_at(root, loc[:-1], data)
         hint = did_you_mean(str(loc[-1]), allowed)
         listing = f"; allowed here: {', '.join(allowed)}" if allowed and not hint else ""
         return loc, f"unknown key{hint}{listing}"
@@ -295,8 +353,11 @@ def _explain(err: Any, data: Any, root: type[BaseModel]) -> tuple[Loc, str]:
     return loc, message
 
 
-def _keys_at(root: type[BaseModel], loc: Loc) -> list[str]:
-    """The keys allowed at ``loc`` under the pydantic model ``root`` (for 'did you mean')."""
+def _keys_at(root: type[BaseModel], loc: Loc, data: Any = None) -> list[str]:
+    """The keys allowed at ``loc`` under the pydantic model ``root`` (for 'did you mean').
+
+    Where ``loc`` leads to a union of models (the split methods), only the members whose
+    ``Literal`` fields accept the values given in ``data`` there (``by: random``) count."""
     types_: list[Any] = [root]
     for part in loc:
         nxt: list[Any] = []
@@ -310,12 +371,28 @@ def _keys_at(root: type[BaseModel], loc: Loc) -> list[str]:
                 elif typing.get_origin(inner) is list and isinstance(part, int):
                     nxt.append(typing.get_args(inner)[0])
         types_ = nxt
+    node = data
+    for part in loc:
+        node = node.get(part) if isinstance(node, dict) else None
+    models = [
+        inner for tp in types_ for inner in _expand(tp) if isinstance(inner, type) and issubclass(inner, BaseModel)
+    ]
+    chosen = [model for model in models if _tags_match(model, node)]
     keys: set[str] = set()
-    for tp in types_:
-        for inner in _expand(tp):
-            if isinstance(inner, type) and issubclass(inner, BaseModel):
-                keys.update(inner.model_fields)
+    for model in chosen or models:
+        keys.update(model.model_fields)
     return sorted(keys)
+
+
+def _tags_match(model: type[BaseModel], node: Any) -> bool:
+    """False when ``node`` gives a value that one of ``model``'s ``Literal`` fields refuses."""
+    if not isinstance(node, dict):
+        return True
+    return all(
+        node[name] in typing.get_args(field.annotation)
+        for name, field in model.model_fields.items()
+        if name in node and typing.get_origin(field.annotation) is typing.Literal
+    )
 
 
 def _expand(tp: Any) -> list[Any]:

@@ -1,0 +1,132 @@
+"""Contract tests over every registered sharing scheme, plus checks of each scheme's definition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mtlcli.data.batch import Batch
+from mtlcli.models import SCHEMES, InputSpec, build_model
+from mtlcli.models.blocks import ExpertPool, FeatureEmbedding
+from mtlcli.models.mmoe import MMoE
+from mtlcli.train.loop import task_losses
+
+TASKS = ["click", "like", "watch"]
+TYPES = ["binary", "binary", "regression"]
+INPUTS = InputSpec(cardinalities=[6, 9, 4], n_numeric=3, tasks=TASKS, task_types=TYPES)
+
+
+def make_batch(n: int = 64, seed: int = 0) -> Batch:
+    gen = torch.Generator().manual_seed(seed)
+    cats = torch.stack([torch.randint(0, c, (n,), generator=gen) for c in INPUTS.cardinalities], dim=1)
+    numeric = torch.randn(n, INPUTS.n_numeric, generator=gen)
+    labels = torch.stack(
+        [
+            (torch.rand(n, generator=gen) < 0.4).float(),
+            (torch.rand(n, generator=gen) < 0.2).float(),
+            torch.randn(n, generator=gen),
+        ],
+        dim=1,
+    )
+    return Batch(cats, numeric, labels, torch.ones_like(labels, dtype=torch.bool))
+
+
+def build(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    params = SCHEMES.get(name).params()
+    return build_model(name, params, INPUTS)
+
+
+BINARY = torch.tensor([t == "binary" for t in TYPES])
+
+
+@pytest.mark.parametrize("scheme", SCHEMES.names())
+def test_one_output_per_task(scheme: str) -> None:
+    model = build(scheme)
+    out = model(make_batch(17))
+    assert out.shape == (17, len(TASKS))
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("scheme", SCHEMES.names())
+def test_parameter_groups_cover_every_parameter_once(scheme: str) -> None:
+    model = build(scheme)
+    groups = model.parameter_groups()  # type: ignore[operator]
+    assert set(groups) == {"shared", *TASKS}
+    named = [name for group in groups.values() for name in group]
+    assert sorted(named) == sorted(name for name, _ in model.named_parameters())
+    assert groups["shared"], "a multi-task scheme shares something"
+
+
+@pytest.mark.parametrize("scheme", SCHEMES.names())
+def test_gradients_reach_every_parameter(scheme: str) -> None:
+    model = build(scheme)
+    losses = task_losses(model(make_batch(256)), make_batch(256), BINARY)
+    losses.sum().backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, f"{name} gets no gradient"
+        assert param.grad.abs().sum() > 0, f"{name} gets an all-zero gradient"
+
+
+@pytest.mark.parametrize("scheme", SCHEMES.names())
+def test_task_parameters_get_no_gradient_from_other_tasks(scheme: str) -> None:
+    model = build(scheme)
+    groups = model.parameter_groups()  # type: ignore[operator]
+    batch = make_batch(128)
+    for k, task in enumerate(TASKS):
+        model.zero_grad(set_to_none=True)
+        losses = task_losses(model(batch), batch, BINARY)
+        (losses.sum() - losses[k]).backward()  # every loss but task k's
+        for name, param in groups[task].items():
+            assert param.grad is None or param.grad.abs().sum() == 0, f"{name} ({task}) moved by other tasks"
+
+
+@pytest.mark.parametrize("scheme", SCHEMES.names())
+def test_same_seed_same_model(scheme: str) -> None:
+    batch = make_batch(8)
+    assert torch.equal(build(scheme)(batch), build(scheme)(batch))
+
+
+def test_embedding_matches_plain_lookup_and_its_gradient() -> None:
+    torch.manual_seed(0)
+    emb = FeatureEmbedding([6, 9, 4], 3, dim=5)
+    batch = make_batch(32)
+    out = emb(batch)
+    ids = batch.categorical + torch.tensor([0, 6, 15])
+    expected = torch.cat([nn.functional.embedding(ids, emb.table.weight).flatten(1), batch.numeric], 1)
+    assert torch.equal(out, expected)
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    fast_grad = emb.table.weight.grad.clone()
+    emb.table.weight.grad = None
+    (expected * weights).sum().backward()
+    assert torch.allclose(fast_grad, emb.table.weight.grad, atol=1e-6)
+
+
+def test_expert_pool_equals_separate_mlps() -> None:
+    torch.manual_seed(0)
+    pool = ExpertPool(in_dim=7, n=4, units=[5, 3])
+    x = torch.randn(10, 7)
+    out = pool(x)
+    assert out.shape == (10, 4, 3)
+    for e in range(4):
+        w1 = pool.first.weight[e * 5 : (e + 1) * 5]
+        b1 = pool.first.bias[e * 5 : (e + 1) * 5]
+        h = torch.relu(x @ w1.T + b1)
+        h = torch.relu(h @ pool.weights[0][e] + pool.biases[0][e])
+        assert torch.allclose(out[:, e], h, atol=1e-6)
+
+
+def test_mmoe_is_a_per_task_softmax_mixture_of_experts() -> None:
+    torch.manual_seed(0)
+    model = MMoE(INPUTS, embedding_dim=4, n_experts=3, expert_units=[6], tower_units=[4], dropout=0.0)
+    batch = make_batch(20)
+    x = model.embedding(batch)
+    gates = model.gate_weights(x)
+    assert gates.shape == (20, len(TASKS), 3)
+    assert torch.allclose(gates.sum(-1), torch.ones(20, len(TASKS)))
+    experts = model.experts(x)
+    for k, task in enumerate(TASKS):
+        mixture = sum(gates[:, k, e : e + 1] * experts[:, e] for e in range(3))
+        assert torch.allclose(model(batch)[:, k], model.towers.nets[task](mixture).squeeze(1), atol=1e-6)
