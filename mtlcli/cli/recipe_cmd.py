@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -22,7 +22,7 @@ def check(
     as_json: JsonOption = False,
 ) -> None:
     """Validate recipes; report every problem of every file. Exit 2 if any is invalid."""
-    results = {}
+    results: dict[str, dict[str, Any]] = {}
     for file in files:
         try:
             load_recipe(file, overrides or [])

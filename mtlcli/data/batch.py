@@ -46,7 +46,7 @@ class SplitTensors:
     def batches(
         self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
     ) -> Iterator[Batch]:
-        parts = (self.categorical, self.numeric, self.labels, self.label_mask)
+        parts: tuple[Tensor, ...] = (self.categorical, self.numeric, self.labels, self.label_mask)
         if shuffle:
             order = torch.randperm(len(self), generator=generator)
             parts = tuple(part[order] for part in parts)

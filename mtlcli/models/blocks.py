@@ -40,6 +40,8 @@ class FeatureEmbedding(nn.Module):
     Input: a Batch. Output: float32 [B, F_cat * dim + F_num].
     """
 
+    offsets: Tensor
+
     def __init__(self, cardinalities: list[int], n_numeric: int, dim: int) -> None:
         super().__init__()
         self.table = nn.Embedding(max(sum(cardinalities), 1), dim)
