@@ -248,7 +248,8 @@ def _numeric(frame: pl.DataFrame, name: str, field: str) -> pl.Series:
 
 def make_labels(frame: pl.DataFrame, recipe: Recipe) -> pl.DataFrame:
     """One float32 column ``label:<task>`` per task, made from the raw rows as the recipe says."""
-    _require_columns(frame, [t.label.column for t in recipe.tasks.values()], "tasks")
+    for name, task in recipe.tasks.items():
+        _require_columns(frame, [task.label.column], f"tasks.{name}.label.column")
     out = {}
     for name, task in recipe.tasks.items():
         spec = task.label
@@ -373,7 +374,7 @@ def fit_numeric(name: str, values: pl.Series, options: NumericOptions) -> Numeri
     elif options.fill == "zero" or present.is_empty():
         fill = 0.0
     elif options.fill == "median":
-        fill = float(present.median() or 0.0)
+        fill = float(present.median() or 0.0)  # type: ignore[arg-type]
     else:
         fill = float(present.mean() or 0.0)  # type: ignore[arg-type]
     steps = [t for t in options.transform if t != "none"]
@@ -388,7 +389,7 @@ def fit_numeric(name: str, values: pl.Series, options: NumericOptions) -> Numeri
     elif "minmax" in steps:
         low, high = float(x.min() or 0.0), float(x.max() or 0.0)  # type: ignore[arg-type]
         center, scale = low, (high - low) or 1.0
-    return NumericFeature(name, fill, log1p, center, scale, steps)
+    return NumericFeature(name, fill, log1p, center, scale, [str(t) for t in steps])
 
 
 def fit_categorical(name: str, train_values: pl.Series, min_count: int, hash_buckets: int | None) -> CategoricalFeature:

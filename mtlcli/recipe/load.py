@@ -86,7 +86,9 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> list[Loc]
                 nxt = node[part] = {}
             node = nxt
         last = parts[-1]
-        if (isinstance(node, list) and isinstance(last, int) and last < len(node)) or isinstance(node, dict):
+        if isinstance(node, list) and isinstance(last, int) and last < len(node):
+            node[last] = value
+        elif isinstance(node, dict):
             node[last] = value
         else:
             raise RecipeError("--set", [RecipeIssue(key, "this path does not lead to a mapping or list item")])
@@ -178,11 +180,13 @@ def validate_recipe(data: dict[str, Any], source: str, lines: dict[Loc, int], se
             loc, message = _explain(err, data, Recipe)
             issue(loc, message)
 
-    raw_model = data.get("model") if isinstance(data.get("model"), dict) else {}
-    raw_loss = data.get("loss") if isinstance(data.get("loss"), dict) else {}
+    raw_model: dict[str, Any] = data["model"] if isinstance(data.get("model"), dict) else {}
+    raw_loss: dict[str, Any] = data["loss"] if isinstance(data.get("loss"), dict) else {}
     model_params = _component_params(raw_model, "scheme", "mmoe", "model", SCHEMES, issue)
     loss_params = _component_params(raw_loss, "weighting", "equal", "loss", WEIGHTINGS, issue)
 
+    for loc, message in _cross_checks(data):
+        issue(loc, message)
     if recipe is not None and model_params is not None and loss_params is not None:
         recipe = recipe.model_copy(
             update={
@@ -190,8 +194,6 @@ def validate_recipe(data: dict[str, Any], source: str, lines: dict[Loc, int], se
                 "loss": recipe.loss.model_copy(update={"params": loss_params}),
             }
         )
-        for loc, message in _cross_checks(recipe):
-            issue(loc, message)
         for section, entry, params in (
             ("model", SCHEMES.get(recipe.model.scheme), model_params),
             ("loss", WEIGHTINGS.get(recipe.loss.weighting), loss_params),
@@ -200,6 +202,7 @@ def validate_recipe(data: dict[str, Any], source: str, lines: dict[Loc, int], se
                 for key, message in entry.check(params, recipe):
                     issue((section, *key.split(".")), message)
     if issues:
+        issues.sort(key=lambda i: (i.line is None, i.line or 0))
         raise RecipeError(source, issues)
     assert recipe is not None
     return recipe
@@ -225,40 +228,46 @@ def _component_params(
         return None
 
 
-def _cross_checks(recipe: Recipe) -> list[tuple[Loc, str]]:
+def _cross_checks(data: dict[str, Any]) -> list[tuple[Loc, str]]:
+    """Rules that span sections, checked on the raw data so that they are reported even when
+    other parts of the recipe are invalid (each rule skips what it cannot read)."""
+
+    def section(name: str) -> dict[str, Any]:
+        value = data.get(name)
+        return value if isinstance(value, dict) else {}
+
     out: list[tuple[Loc, str]] = []
-    tasks = recipe.tasks
-    label_columns = {spec.label.column for spec in tasks.values()}
-    for where, names in (
-        ("numeric", list(recipe.features.numeric) if isinstance(recipe.features.numeric, dict) else []),
-        ("categorical", list(recipe.features.categorical) if isinstance(recipe.features.categorical, dict) else []),
-    ):
+    tasks = {name: spec for name, spec in section("tasks").items() if isinstance(spec, dict)}
+    label_columns = set()
+    for spec in tasks.values():
+        label = spec.get("label")
+        column = label.get("column") if isinstance(label, dict) else label
+        if isinstance(column, str):
+            label_columns.add(column)
+    features = section("features")
+    for where in ("numeric", "categorical"):
+        listed = features.get(where)
+        names = list(listed) if isinstance(listed, dict | list) else []
         for name in names:
             if name in label_columns:
                 out.append((("features", where, name), "is a task's label column; labels are never model inputs"))
-    stop = recipe.train.early_stopping
-    if stop is not None:
-        if stop.task != "mean" and stop.task not in tasks:
-            hint = did_you_mean(stop.task, list(tasks))
-            out.append(
-                (("train", "early_stopping", "task"), f"unknown task {stop.task!r}{hint}; use a task name or 'mean'")
-            )
-        chosen = [tasks[stop.task]] if stop.task in tasks else list(tasks.values())
-        kinds = {spec.type for spec in chosen}
-        if stop.metric in ("auc", "logloss") and "regression" in kinds:
-            out.append(
-                (("train", "early_stopping", "metric"), f"{stop.metric} needs binary tasks; use rmse, mae or loss")
-            )
-        if stop.metric in ("rmse", "mae") and "binary" in kinds:
-            out.append(
-                (
-                    ("train", "early_stopping", "metric"),
-                    f"{stop.metric} needs regression tasks; use auc, logloss or loss",
-                )
-            )
-    data = recipe.data
-    csv_sources = not any(str(s).endswith(".parquet") for s in data.source)
-    if data.synthetic is None and data.format != "parquet" and not data.header and not data.columns and csv_sources:
+    stop = section("train").get("early_stopping")
+    if isinstance(stop, dict):
+        task, metric = stop.get("task", "mean"), stop.get("metric", "auc")
+        if isinstance(task, str) and task != "mean" and task not in tasks:
+            hint = did_you_mean(task, list(tasks))
+            out.append((("train", "early_stopping", "task"), f"unknown task {task!r}{hint}; use a task name or 'mean'"))
+        chosen = [tasks[task]] if task in tasks else list(tasks.values())
+        kinds = {spec.get("type", "binary") for spec in chosen}
+        if metric in ("auc", "logloss") and "regression" in kinds:
+            out.append((("train", "early_stopping", "metric"), f"{metric} needs binary tasks; use rmse, mae or loss"))
+        if metric in ("rmse", "mae") and "binary" in kinds:
+            out.append((("train", "early_stopping", "metric"), f"{metric} needs regression tasks; use auc, logloss or loss"))
+    raw = section("data")
+    sources = raw.get("source", [])
+    sources = [sources] if isinstance(sources, str) else sources if isinstance(sources, list) else []
+    csv_only = bool(sources) and not any(str(s).endswith((".parquet", ".pq")) for s in sources)
+    if csv_only and raw.get("format", "auto") != "parquet" and raw.get("header") is False and not raw.get("columns"):
         out.append((("data", "columns"), "the CSV has no header (header: false): list its column names in 'columns'"))
     return out
 
@@ -282,8 +291,9 @@ def _line_for(loc: Loc, lines: dict[Loc, int]) -> int | None:
     return None
 
 
-def _clean_loc(data: Any, loc: Loc) -> Loc:
-    """Drop the parts of a pydantic error location that are not in the YAML (union tags)."""
+def _clean_loc(data: Any, loc: Loc, missing: bool = False) -> Loc:
+    """Drop the parts of a pydantic error location that are not in the YAML (union tags such as
+    ``modulo`` in ``data.split.modulo``); only a ``missing`` error keeps a last part that is absent."""
     out: list[str | int] = []
     node = data
     for index, part in enumerate(loc):
@@ -292,8 +302,8 @@ def _clean_loc(data: Any, loc: Loc) -> Loc:
             isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
         ):
             out.append(part)
-            node = node[part]
-        elif last and isinstance(node, dict | type(None)):
+            node = node[part]  # type: ignore[index]
+        elif last and missing and isinstance(node, dict | type(None)):
             out.append(part)
         elif isinstance(part, str) and (part in ("function-after", "function-before") or "[" in part or part.islower()):
             continue
@@ -324,7 +334,7 @@ def _useful_errors(exc: ValidationError) -> list[Any]:
 
 
 def _explain(err: Any, data: Any, root: type[BaseModel]) -> tuple[Loc, str]:
-    loc = _clean_loc(data, tuple(err["loc"]))
+    loc = _clean_loc(data, tuple(err["loc"]), err["type"] == "missing")
     kind = err["type"]
     ctx = err.get("ctx") or {}
     got = err.get("input")

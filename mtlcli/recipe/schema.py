@@ -98,7 +98,7 @@ class SyntheticSource(Strict):
     """The MMoE paper's synthetic two-task regression data (Ma et al., KDD 2018, section 3.2)."""
 
     rows: PositiveInt = 20000
-    dim: PositiveInt = 100
+    dim: Annotated[int, Field(ge=2)] = 100
     correlation: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.5
     scale: PositiveFloat = 1.0
     sin_terms: NonNegativeInt = 10

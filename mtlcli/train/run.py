@@ -115,9 +115,8 @@ def load_run(run_dir: Path) -> LoadedModel:
     if not run_dir.is_dir():
         raise ArtifactError(f"{run_dir}: not a directory", "give the --out directory of `mtl train`")
     if not (run_dir / "model.safetensors").is_file():
-        present = sorted(p.name for p in run_dir.iterdir())[:8]
         raise ArtifactError(
-            f"{run_dir}: not an mtl run directory (no model.safetensors; it holds {present or 'nothing'})",
+            f"{run_dir}: not an mtl run directory (no model.safetensors in it)",
             "give the --out directory of a finished `mtl train`",
         )
     return load_model(run_dir / "model.safetensors")
