@@ -20,7 +20,7 @@ from mtlcli.data.schema import DataSchema
 from mtlcli.errors import ArtifactError
 from mtlcli.fileio import append_line, write_json, write_text
 from mtlcli.models import build_model
-from mtlcli.recipe import Recipe, load_recipe, recipe_to_yaml
+from mtlcli.recipe import Recipe, recipe_to_yaml
 from mtlcli.train.checkpoint import LoadedModel, input_spec, load_model, save_model
 from mtlcli.train.loop import NullObserver, Observer, evaluate, fit
 from mtlcli.weighting import build_weighting
@@ -103,7 +103,7 @@ def train_run(
         "train_seconds": result.train_seconds,
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_rows": len(train_data),
-        "data_dir": str(prepared.directory),
+        "data_dir": str(prepared.directory.resolve()),
         "data_reused": prepared.reused,
     }
     write_json(run_dir / "summary.json", summary)
@@ -122,12 +122,24 @@ def load_run(run_dir: Path) -> LoadedModel:
     return load_model(run_dir / "model.safetensors")
 
 
+def _encoded_data(run_dir: Path, loaded: LoadedModel) -> Prepared:
+    """The run's encoded data: the directory it was trained from if it is still there and
+    matches, else the recipe's data prepared again (from the working directory)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        directory = Path(summary["data_dir"])
+        schema = DataSchema.load(directory / "schema.json")
+        if schema.to_dict() == loaded.schema.to_dict():
+            return Prepared(directory, schema, reused=True)
+    except (OSError, ValueError, KeyError, TypeError, ArtifactError):
+        pass
+    return prepare(loaded.recipe)
+
+
 def evaluate_run(run_dir: Path, split: str = "test", batch_size: int = 65536) -> dict[str, Any]:
     """Per-task metrics of a run's model on one split of its data (re-encoded if the cache is gone)."""
     loaded = load_run(run_dir)
-    recipe_file = run_dir / "recipe.yaml"
-    recipe = load_recipe(recipe_file) if recipe_file.is_file() else loaded.recipe
-    prepared = prepare(recipe)
+    prepared = _encoded_data(run_dir, loaded)
     if prepared.schema.to_dict() != loaded.schema.to_dict():
         raise ArtifactError(
             f"{run_dir}: the data no longer matches the schema the model was trained with",
