@@ -131,6 +131,10 @@ def _read_one(path: Path, recipe: Recipe) -> pl.DataFrame:
                 "list exactly one name per column, in file order",
             )
         frame = frame.rename(dict(zip(frame.columns, data.columns, strict=True)))
+    elif data.strip and fmt == "csv":
+        names = [c.strip() for c in frame.columns]
+        if len(set(names)) == len(names):  # a header "a, b" names columns a and b, as values are stripped
+            frame = frame.rename(dict(zip(frame.columns, names, strict=True)))
     if frame.height == 0:
         raise DataError(f"{path}: the file has no data rows", "give a file with at least one data row")
     strings = [c for c, t in frame.schema.items() if t == pl.String]

@@ -1,0 +1,475 @@
+"""Recipe validation: every problem reported at once, each with its YAML path, line and a
+'did you mean' where a name is misspelt; --set overrides; YAML round trip; shipped recipes."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mtlcli.errors import RecipeError, RecipeIssue
+from mtlcli.recipe import load_recipe, recipe_from_text, recipe_to_yaml
+from mtlcli.recipe.load import apply_overrides
+from mtlcli.recipe.schema import ModuloSplit
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+VALID = """\
+data:
+  source: data.csv
+  split: {by: modulo, modulus: 5, test: [0], valid: [1]}
+features:
+  numeric:
+    price: {transform: [log1p, standardize]}
+  categorical: [user, item]
+tasks:
+  click:
+    label: click
+  buy:
+    label: {column: purchase, positive: ["1"]}
+model:
+  scheme: mmoe
+  n_experts: 4
+  expert_units: [8]
+loss:
+  weighting: static
+  weights: {click: 1.0, buy: 2.0}
+train:
+  lr: 0.01
+  epochs: 3
+  batch_size: 32
+  early_stopping: {metric: auc, task: click, patience: 1}
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def replaced(old: str, new: str) -> str:
+    assert old in VALID, old
+    return VALID.replace(old, new)
+
+
+def issues_of(text: str, overrides: list[str] | None = None) -> list[RecipeIssue]:
+    with pytest.raises(RecipeError) as caught:
+        recipe_from_text(text, "r.yaml", overrides or [])
+    return caught.value.issues
+
+
+def only_issue(text: str) -> RecipeIssue:
+    found = issues_of(text)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def line_of(text: str, needle: str) -> int:
+    """1-based number of the first line of ``text`` that contains ``needle``."""
+    return next(i for i, line in enumerate(text.splitlines(), start=1) if needle in line)
+
+
+def test_valid_recipe_loads(tmp_path: Path) -> None:
+    recipe = load_recipe(write(tmp_path, VALID))
+    assert recipe.task_names == ["click", "buy"]
+    assert recipe.tasks["click"].label.column == "click"
+    assert recipe.tasks["buy"].label.positive == ["1"]
+    assert isinstance(recipe.data.split, ModuloSplit)
+    assert recipe.data.split.test == [0]
+    assert recipe.model.scheme == "mmoe"
+    assert recipe.model.params.n_experts == 4
+    assert recipe.model.params.expert_units == [8]
+    assert recipe.loss.weighting == "static"
+    assert recipe.loss.params.weights == {"click": 1.0, "buy": 2.0}
+    assert recipe.train.lr == 0.01
+    assert recipe.train.early_stopping is not None
+    assert recipe.train.early_stopping.task == "click"
+    assert isinstance(recipe.features.numeric, dict)
+    assert recipe.features.numeric["price"] is not None
+    assert recipe.features.numeric["price"].transform == ["log1p", "standardize"]
+
+
+def test_defaults_are_filled_in() -> None:
+    recipe = recipe_from_text("data: {source: d.csv}\ntasks: {y: {label: y}}\n")
+    assert recipe.model.scheme == "mmoe"
+    assert recipe.loss.weighting == "equal"
+    assert recipe.train.batch_size == 1024
+    assert recipe.train.early_stopping is not None
+    assert recipe.train.early_stopping.task == "mean"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "path", "suggestion"),
+    [
+        ("train:\n", "trian:\n", "trian", "train"),
+        ("train:\n", "zzz: 1\ntrain:\n", "zzz", None),
+        ("train:\n  lr: 0.01\n", "train:\n  lr: 0.01\n  epoch: 3\n", "train.epoch", "epochs"),
+        ("n_experts: 4", "n_expert: 4", "model.n_expert", "n_experts"),
+        ("  categorical: [user, item]\n", "  categoricals: [user, item]\n", "features.categoricals", "categorical"),
+        ("batch_size: 32", "batch_sise: 32", "train.batch_sise", "batch_size"),
+        ("{transform: [log1p, standardize]}", "{transfrom: log1p}", "features.numeric.price.transfrom", "transform"),
+        ("split: {by: modulo,", "split: {by: modulo, modulos: 5, ", "data.split.modulos", "modulus"),
+        ("{column: purchase,", "{colum: purchase,", "tasks.buy.label.colum", "column"),
+        ("weights: {", "weigths: {", "loss.weigths", "weights"),
+    ],
+)
+def test_misspelt_key_is_reported_with_path_line_and_suggestion(
+    old: str, new: str, path: str, suggestion: str | None
+) -> None:
+    text = replaced(old, new)
+    found = issues_of(text)
+    issue = next((i for i in found if i.path == path), None)
+    assert issue is not None, f"no issue at {path}: {found}"
+    assert issue.message.startswith("unknown key")
+    key = path.split(".")[-1]
+    assert issue.line == line_of(text, f"{key}:")
+    if suggestion is not None:
+        assert f"did you mean {suggestion!r}" in issue.message
+    else:
+        assert "did you mean" not in issue.message
+        assert "allowed here: data, features, loss, model, tasks, train" in issue.message
+
+
+def test_unknown_top_level_key_is_the_only_issue() -> None:
+    text = VALID + "bogus: 1\n"
+    issue = only_issue(text)
+    assert issue.path == "bogus"
+    assert issue.line == line_of(text, "bogus")
+    assert "unknown key" in issue.message
+
+
+def test_suggestion_follows_the_split_method_given() -> None:
+    """'seed' belongs to random splits: under 'by: files' it is unknown, and it must not
+    be suggested as a correction of itself."""
+    text = replaced("split: {by: modulo, modulus: 5, test: [0], valid: [1]}", "split: {by: random, modulus: 5}")
+    issue = only_issue(text)
+    assert issue.path == "data.split.modulus"
+    assert "did you mean" not in issue.message
+    assert "allowed here: by, seed, test, valid" in issue.message
+
+
+def test_misspelt_scheme_name() -> None:
+    text = replaced("scheme: mmoe", "scheme: mmoee")
+    issue = only_issue(text)
+    assert issue.path == "model.scheme"
+    assert issue.line == line_of(text, "scheme:")
+    assert "unknown sharing scheme 'mmoee'" in issue.message
+    assert "did you mean 'mmoe'?" in issue.message
+    assert "shared_bottom" in issue.message  # the known names are listed
+
+
+def test_misspelt_weighting_name() -> None:
+    text = replaced("weighting: static", "weighting: statik")
+    issue = only_issue(text)
+    assert issue.path == "loss.weighting"
+    assert issue.line == line_of(text, "weighting:")
+    assert "did you mean 'static'?" in issue.message
+
+
+def test_misspelt_split_method() -> None:
+    text = replaced("by: modulo,", "by: modullo,")
+    issue = only_issue(text)
+    assert issue.path == "data.split"
+    assert issue.line == line_of(text, "split:")
+    assert "did you mean 'modulo'?" in issue.message
+
+
+def test_unknown_split_method() -> None:
+    text = replaced("split: {by: modulo, modulus: 5, test: [0], valid: [1]}", "split: {by: stratified}")
+    issue = only_issue(text)
+    assert issue.path == "data.split"
+    assert "'stratified'" in issue.message
+    assert "modulo, random, column, files" in issue.message
+
+
+def test_wrong_type() -> None:
+    text = replaced("lr: 0.01", "lr: fast")
+    issue = only_issue(text)
+    assert issue.path == "train.lr"
+    assert issue.line == line_of(text, "lr: fast")
+    assert "valid number" in issue.message
+    assert "'fast'" in issue.message
+
+
+def test_bad_value() -> None:
+    text = replaced("batch_size: 32", "batch_size: 0")
+    issue = only_issue(text)
+    assert issue.path == "train.batch_size"
+    assert issue.line == line_of(text, "batch_size")
+    assert "greater than 0" in issue.message
+
+
+def test_bad_optimizer_choice_lists_the_choices() -> None:
+    text = replaced("lr: 0.01", "lr: 0.01\n  optimizer: adamm")
+    issue = only_issue(text)
+    assert issue.path == "train.optimizer"
+    assert "adam, adamw, sgd, adagrad" in issue.message
+    assert "did you mean 'adam'?" in issue.message
+
+
+def test_standardize_and_minmax_contradict() -> None:
+    text = replaced("[log1p, standardize]", "[standardize, minmax]")
+    issue = only_issue(text)  # and no noise from the union's 'auto' branch
+    assert issue.path == "features.numeric.price"
+    assert issue.line == line_of(text, "price:")
+    assert "standardize and minmax" in issue.message
+
+
+def test_log1p_after_scaling_is_refused() -> None:
+    issue = only_issue(replaced("[log1p, standardize]", "[standardize, log1p]"))
+    assert issue.path == "features.numeric.price"
+    assert "log1p must come before" in issue.message
+
+
+def test_positive_and_threshold_contradict() -> None:
+    text = replaced('positive: ["1"]', 'positive: ["1"], threshold: 0.5')
+    issue = only_issue(text)
+    assert issue.path == "tasks.buy.label"
+    assert issue.line == line_of(text, "threshold")
+    assert "'positive' or 'threshold', not both" in issue.message
+
+
+def test_regression_label_with_positive_is_refused() -> None:
+    issue = only_issue(replaced("  buy:\n", "  buy:\n    type: regression\n"))
+    assert issue.path == "tasks.buy"
+    assert "regression" in issue.message
+
+
+def test_modulo_residue_out_of_range() -> None:
+    issue = only_issue(replaced("test: [0]", "test: [7]"))
+    assert issue.path == "data.split"
+    assert "residue 7 is not below modulus 5" in issue.message
+
+
+def test_early_stopping_task_must_be_a_task() -> None:
+    text = replaced("task: click", "task: clik")
+    issue = only_issue(text)
+    assert issue.path == "train.early_stopping.task"
+    assert issue.line == line_of(text, "early_stopping")
+    assert "unknown task 'clik'" in issue.message
+    assert "did you mean 'click'?" in issue.message
+
+
+def test_early_stopping_metric_must_fit_the_task_type() -> None:
+    issue = only_issue(replaced("metric: auc", "metric: rmse"))
+    assert issue.path == "train.early_stopping.metric"
+    assert "regression" in issue.message
+
+
+def test_static_weights_must_name_tasks() -> None:
+    text = replaced("buy: 2.0}", "biy: 2.0, nope: 1.0}")
+    found = issues_of(text)
+    assert [i.path for i in found] == ["loss.weights.biy", "loss.weights.nope"]
+    assert all(i.line == line_of(text, "weights:") for i in found)
+    assert "did you mean 'buy'?" in found[0].message
+    assert "did you mean" not in found[1].message
+    assert "tasks: click, buy" in found[1].message
+
+
+@pytest.mark.parametrize("section", ["numeric", "categorical"])
+def test_label_column_listed_as_a_feature(section: str) -> None:
+    if section == "categorical":
+        text = replaced("categorical: [user, item]", "categorical: [user, item, purchase]")
+    else:
+        text = replaced("  categorical:", "    click: {}\n  categorical:")
+    issue = only_issue(text)
+    column = "purchase" if section == "categorical" else "click"
+    assert issue.path == f"features.{section}.{column}"
+    assert "label column" in issue.message
+
+
+def test_synthetic_data_needs_two_dimensions() -> None:
+    issue = only_issue(
+        "data: {synthetic: {rows: 50, dim: 1}}\ntasks: {y1: {type: regression, label: y1}}\n"
+        "train: {early_stopping: {metric: rmse}}\n"
+    )
+    assert issue.path == "data.synthetic.dim"
+    assert issue.line == 1
+    assert "greater than or equal to 2" in issue.message
+
+
+def test_csv_without_header_needs_columns() -> None:
+    issue = only_issue(replaced("source: data.csv", "source: data.csv\n  header: false"))
+    assert issue.path == "data.columns"
+
+
+def test_missing_sections_are_reported() -> None:
+    found = issues_of("train: {lr: 0.1}\n")
+    assert {i.path for i in found} == {"data", "tasks"}
+    assert all(i.message == "missing required key" for i in found)
+
+
+def test_several_errors_are_all_reported_at_once(tmp_path: Path) -> None:
+    text = (
+        VALID.replace("lr: 0.01", "lr: fast")
+        .replace("batch_size: 32", "batch_size: 0")
+        .replace("n_experts: 4", "n_expert: 4")
+        .replace("modulus: 5", "modulus: 1")
+        .replace("weighting: static", "weighting: statik")
+        .replace("task: click", "task: clik")
+        .replace("categorical: [user, item]", "categorical: [user, item, purchase]")
+        + "bogus: 1\n"
+    )
+    path = write(tmp_path, text)
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    error = caught.value
+    assert {i.path for i in error.issues} == {
+        "train.lr",
+        "train.batch_size",
+        "model.n_expert",
+        "data.split.modulus",
+        "loss.weighting",
+        "bogus",
+        "train.early_stopping.task",  # checks that span sections run too
+        "features.categorical.purchase",
+    }
+    assert error.source == str(path)
+    assert f"({len(error.issues)} problems)" in error.message
+    for issue in error.issues:
+        assert issue.line is not None
+        assert f"{path}:{issue.line}: {issue.path}: " in error.message
+
+
+def test_yaml_syntax_error_reports_its_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "data:\n  source: d.csv\ntasks: {y: {label: y}\ntrain: {lr: 1}\n")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    (issue,) = caught.value.issues
+    assert issue.message.startswith("YAML syntax error")
+    assert issue.line == 4
+    assert f"{path}:4:" in caught.value.message
+
+
+def test_bad_indentation_reports_its_line() -> None:
+    issue = only_issue("data:\n  source: d.csv\n split: {by: modulo}\ntasks: {y: {label: y}}\n")
+    assert issue.message.startswith("YAML syntax error")
+    assert issue.line == 3
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", "# only a comment\n"])
+def test_empty_file(tmp_path: Path, content: str) -> None:
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(write(tmp_path, content))
+    (issue,) = caught.value.issues
+    assert issue.message == "the recipe is empty"
+
+
+@pytest.mark.parametrize(("content", "kind"), [("- data\n- tasks\n", "list"), ("just words\n", "str"), ("42\n", "int")])
+def test_non_mapping_document(tmp_path: Path, content: str, kind: str) -> None:
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(write(tmp_path, content))
+    (issue,) = caught.value.issues
+    assert "mapping" in issue.message
+    assert f"got {kind}" in issue.message
+
+
+def test_missing_file_and_non_utf8(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"data: \xff\xfe\n")
+    with pytest.raises(RecipeError, match="not UTF-8"):
+        load_recipe(binary)
+
+
+# --- --set overrides ------------------------------------------------------------------------------
+
+
+def test_apply_overrides_sets_parsed_yaml_values() -> None:
+    data = yaml.safe_load(VALID)
+    paths = apply_overrides(
+        data,
+        ["train.lr=0.5", "model.expert_units=[4, 2]", "train.early_stopping=null", "data.split.test.0=2", "new.k=v"],
+    )
+    assert paths == [
+        ("train", "lr"),
+        ("model", "expert_units"),
+        ("train", "early_stopping"),
+        ("data", "split", "test", 0),
+        ("new", "k"),
+    ]
+    assert data["train"]["lr"] == 0.5
+    assert data["model"]["expert_units"] == [4, 2]
+    assert data["train"]["early_stopping"] is None
+    assert data["data"]["split"]["test"] == [2]
+    assert data["new"] == {"k": "v"}
+
+
+def test_load_recipe_with_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID)
+    recipe = load_recipe(path, ["train.lr=0.25", "model.n_experts=2", "loss.weights.buy=5"])
+    assert recipe.train.lr == 0.25
+    assert recipe.model.params.n_experts == 2
+    assert recipe.loss.params.weights == {"click": 1.0, "buy": 5.0}
+    assert load_recipe(path).train.lr == 0.01  # the file is untouched
+
+
+def test_override_can_fix_an_invalid_value() -> None:
+    recipe = recipe_from_text(replaced("lr: 0.01", "lr: fast"), "r.yaml", ["train.lr=0.1"])
+    assert recipe.train.lr == 0.1
+
+
+@pytest.mark.parametrize(
+    ("override", "path", "suggestion"),
+    [("train.epoch=3", "train.epoch", "epochs"), ("nosuch.key=1", "nosuch", None)],
+)
+def test_unknown_set_key_says_it_came_from_set(
+    tmp_path: Path, override: str, path: str, suggestion: str | None
+) -> None:
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(write(tmp_path, VALID), [override])
+    (issue,) = caught.value.issues
+    assert issue.path == path
+    assert issue.line is None  # not a line of the file
+    assert "(set with --set)" in issue.message
+    if suggestion:
+        assert f"did you mean {suggestion!r}" in issue.message
+
+
+def test_bad_value_from_set_says_so() -> None:
+    issue = issues_of(VALID, ["train.batch_size=-1"])[0]
+    assert issue.path == "train.batch_size"
+    assert "(set with --set)" in issue.message
+
+
+@pytest.mark.parametrize("override", ["train.lr", "=3", "  =x"])
+def test_malformed_set(override: str) -> None:
+    with pytest.raises(RecipeError) as caught:
+        recipe_from_text(VALID, "r.yaml", [override])
+    assert caught.value.source == "--set"
+    assert "KEY.PATH=VALUE" in caught.value.issues[0].message
+
+
+def test_set_inside_a_list_item_out_of_range() -> None:
+    with pytest.raises(RecipeError) as caught:
+        recipe_from_text(VALID, "r.yaml", ["data.split.test.5=1"])
+    assert caught.value.source == "--set"
+
+
+# --- round trip and shipped recipes -------------------------------------------------------------
+
+
+def test_recipe_to_yaml_round_trips() -> None:
+    recipe = recipe_from_text(VALID)
+    text = recipe_to_yaml(recipe)
+    again = recipe_from_text(text)
+    assert again.to_dict() == recipe.to_dict()
+    assert again == recipe
+    assert yaml.safe_load(text) == recipe.to_dict()
+    assert text.index("data:") < text.index("tasks:") < text.index("train:")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_shipped_recipe_validates_and_round_trips(path: Path) -> None:
+    recipe = load_recipe(path)
+    assert recipe.tasks
+    assert recipe_from_text(recipe_to_yaml(recipe)).to_dict() == recipe.to_dict()
+
+
+def test_there_are_shipped_recipes() -> None:
+    names = {p.name for p in RECIPES}
+    assert {"census-mmoe.yaml", "quickstart.yaml"} <= names
