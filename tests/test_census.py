@@ -21,4 +21,6 @@ def test_census_recipe_reaches_the_auc_bar(recipe: str, census_file: Path, in_re
     result = evaluate_run(tmp_path / "run", "test")
     assert result["tasks"]["income"]["n"] == 19_953
     for task, bar in BAR.items():
-        assert result["tasks"][task]["auc"] >= bar, f"{recipe}: test AUC {task} {result['tasks'][task]['auc']:.4f} < {bar}"
+        assert result["tasks"][task]["auc"] >= bar, (
+            f"{recipe}: test AUC {task} {result['tasks'][task]['auc']:.4f} < {bar}"
+        )

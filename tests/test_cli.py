@@ -177,7 +177,7 @@ def test_preprocess_json(recipe: Path, tmp_path: Path) -> None:
     first = json.loads(succeeded(invoke("preprocess", recipe, "--out", out, "--json", "--quiet")).stdout)
     assert first["directory"] == str(out)
     assert first["reused"] is False
-    assert {name: split["rows"] for name, split in first["schema"].items()} == {"train": 180, "valid": 60, "test": 60}
+    assert {name: split["rows"] for name, split in first["splits"].items()} == {"train": 180, "valid": 60, "test": 60}
     assert {p.name for p in out.iterdir()} == {"schema.json", "train.parquet", "valid.parquet", "test.parquet"}
     again = json.loads(succeeded(invoke("preprocess", recipe, "--out", out, "--json")).stdout)
     assert again["reused"] is True
@@ -257,12 +257,11 @@ def test_eval_re_encodes_when_the_cache_is_gone(recipe: Path, tmp_path: Path) ->
     shutil.rmtree(tmp_path / "cache")
     after = json.loads(succeeded(invoke("eval", run, "--json")).stdout)
     assert after == before
-    # the encoded data the run was trained on is used while it is there...
+    # source data that changed since training is refused, cached encoding or not
     Path(source).write_text(Path(source).read_text().replace("u1,", "u99,"))
-    assert json.loads(succeeded(invoke("eval", run, "--json")).stdout) == before
-    # ...and source data that no longer gives the schema the model was trained with is refused
+    failed(invoke("eval", run), "source data changed since this model was trained")
     shutil.rmtree(tmp_path / "cache")
-    failed(invoke("eval", run), "no longer matches the schema")
+    failed(invoke("eval", run), "source data changed since this model was trained")
 
 
 def test_export_bundle(trained: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
@@ -289,6 +288,12 @@ def test_train_refuses_a_non_empty_directory_unless_forced(recipe: Path, tmp_pat
     (out / "notes.txt").write_text("mine")
     failed(invoke("train", recipe, "--out", out, "--quiet"), "exists and is not empty", "--force")
     assert (out / "notes.txt").read_text() == "mine"
+    # --force replaces runs only: a directory holding anything else is never deleted
+    failed(invoke("train", recipe, "--out", out, "--quiet", "--force"), "only replaces an mtl run directory")
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    succeeded(invoke("train", recipe, "--out", out, "--quiet"))
+    failed(invoke("train", recipe, "--out", out, "--quiet"), "exists and is not empty")
     succeeded(invoke("train", recipe, "--out", out, "--quiet", "--force"))
     assert {p.name for p in out.iterdir()} == RUN_FILES
 

@@ -74,6 +74,6 @@ def command(
             {
                 "directory": str(prepared.directory),
                 "reused": prepared.reused,
-                "schema": prepared.schema.to_dict()["splits"],
+                "splits": prepared.schema.to_dict()["splits"],
             }
         )

@@ -13,7 +13,7 @@ from torch import nn
 from mtlcli.cli.common import JsonOption, QuietOption, SetOption, err_console, fmt, handle_errors, print_json
 from mtlcli.data.preprocess import prepare
 from mtlcli.recipe import load_recipe
-from mtlcli.train.run import train_run
+from mtlcli.train.run import check_run_dir, train_run
 
 
 class ConsoleReporter:
@@ -85,6 +85,7 @@ def command(
     and summary.json. Progress goes to stderr; --json prints the summary on stdout.
     """
     loaded = load_recipe(recipe, overrides or [])
+    check_run_dir(out, force)
     with err_console.status("preprocessing", spinner="dots") if not quiet else _null():
         prepared = prepare(loaded)
     if not quiet:

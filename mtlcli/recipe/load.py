@@ -48,20 +48,25 @@ def parse_yaml(text: str, source: str) -> tuple[dict[str, Any], dict[Loc, int]]:
     if not isinstance(data, dict):
         raise RecipeError(source, [RecipeIssue("", f"a recipe is a mapping of sections, got {type(data).__name__}")])
     lines: dict[Loc, int] = {}
-    _index_lines(node, (), lines)
+    _index_lines(node, (), lines, source)
     return data, lines
 
 
-def _index_lines(node: Any, path: Loc, lines: dict[Loc, int]) -> None:
+def _index_lines(node: Any, path: Loc, lines: dict[Loc, int], source: str = "<recipe>") -> None:
     if isinstance(node, yaml.MappingNode):
+        seen: set[Any] = set()
         for key, value in node.value:
             child = (*path, key.value)
+            if key.value in seen:
+                issue = RecipeIssue(_render_loc(child), "key given twice in one mapping", key.start_mark.line + 1)
+                raise RecipeError(source, [issue])
+            seen.add(key.value)
             lines[child] = key.start_mark.line + 1
-            _index_lines(value, child, lines)
+            _index_lines(value, child, lines, source)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             lines[(*path, index)] = item.start_mark.line + 1
-            _index_lines(item, (*path, index), lines)
+            _index_lines(item, (*path, index), lines, source)
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> list[Loc]:
@@ -262,7 +267,9 @@ def _cross_checks(data: dict[str, Any]) -> list[tuple[Loc, str]]:
         if metric in ("auc", "logloss") and "regression" in kinds:
             out.append((("train", "early_stopping", "metric"), f"{metric} needs binary tasks; use rmse, mae or loss"))
         if metric in ("rmse", "mae") and "binary" in kinds:
-            out.append((("train", "early_stopping", "metric"), f"{metric} needs regression tasks; use auc, logloss or loss"))
+            out.append(
+                (("train", "early_stopping", "metric"), f"{metric} needs regression tasks; use auc, logloss or loss")
+            )
     raw = section("data")
     sources = raw.get("source", [])
     sources = [sources] if isinstance(sources, str) else sources if isinstance(sources, list) else []

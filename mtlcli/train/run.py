@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtlcli.data.preprocess import Prepared, prepare
+from mtlcli.data.preprocess import Prepared, data_key, prepare
 from mtlcli.data.schema import DataSchema
-from mtlcli.errors import ArtifactError
+from mtlcli.errors import ArtifactError, DataError
 from mtlcli.fileio import append_line, write_json, write_text
 from mtlcli.models import build_model
 from mtlcli.recipe import Recipe, recipe_to_yaml
@@ -47,7 +47,9 @@ class RunWriter:
         self.inner.on_epoch(record, model, improved)
 
 
-def _claim_run_dir(run_dir: Path, force: bool) -> None:
+def check_run_dir(run_dir: Path, force: bool) -> None:
+    """Refuse a run directory that holds anything, unless ``force`` and it is an mtl run
+    (``--force`` never deletes a directory that is not a run, such as the working directory)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ArtifactError(f"{run_dir}: exists and is not a directory", "choose another --out")
     if run_dir.is_dir() and any(run_dir.iterdir()):
@@ -56,6 +58,18 @@ def _claim_run_dir(run_dir: Path, force: bool) -> None:
                 f"{run_dir}: the run directory exists and is not empty",
                 "choose another --out, or pass --force to replace it",
             )
+        entries = {p.name for p in run_dir.iterdir()}
+        looks_like_run = bool(entries & set(RUN_FILES)) and all(n in RUN_FILES or n.startswith(".") for n in entries)
+        if not looks_like_run:
+            raise ArtifactError(
+                f"{run_dir}: --force only replaces an mtl run directory, and this one holds other files",
+                "choose another --out",
+            )
+
+
+def _claim_run_dir(run_dir: Path, force: bool) -> None:
+    check_run_dir(run_dir, force)
+    if run_dir.is_dir():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -68,6 +82,7 @@ def train_run(
     prepared: Prepared | None = None,
 ) -> dict[str, Any]:
     """Preprocess if needed, train, and write the run directory. Returns the summary."""
+    check_run_dir(run_dir, force)
     prepared = prepared or prepare(recipe)
     schema = prepared.schema
     train_data, valid_data = prepared.load("train"), prepared.load("valid")
@@ -125,6 +140,15 @@ def load_run(run_dir: Path) -> LoadedModel:
 def _encoded_data(run_dir: Path, loaded: LoadedModel) -> Prepared:
     """The run's encoded data: the directory it was trained from if it is still there and
     matches, else the recipe's data prepared again (from the working directory)."""
+    try:
+        current_key: str | None = data_key(loaded.recipe)[0]
+    except DataError:
+        current_key = None  # the source files are gone; the encoded copy is all there is
+    if current_key is not None and current_key != loaded.schema.data_key:
+        raise ArtifactError(
+            f"{run_dir}: the source data changed since this model was trained",
+            "retrain on the new data, or restore the files the run was trained on",
+        )
     try:
         summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
         directory = Path(summary["data_dir"])
