@@ -9,7 +9,6 @@ import typer
 from rich.table import Table
 
 from mtlcli.cli.common import JsonOption, err_console, fmt, handle_errors, print_json
-from mtlcli.train.run import evaluate_run
 
 
 @handle_errors
@@ -20,6 +19,8 @@ def command(
 ) -> None:
     """Per-task metrics of a trained run on one split: AUC and logloss (binary), RMSE and MAE
     (regression), row count and positive rate."""
+    from mtlcli.train.run import evaluate_run
+
     if split not in ("train", "valid", "test"):
         raise typer.BadParameter(f"{split!r} is not one of train, valid, test", param_hint="--split")
     result = evaluate_run(run_dir, split)

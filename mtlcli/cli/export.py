@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from mtlcli.cli.common import JsonOption, err_console, handle_errors, print_json
-from mtlcli.export.bundle import export_bundle
 
 
 @handle_errors
@@ -20,6 +19,8 @@ def command(
 ) -> None:
     """Write a self-contained bundle: model.safetensors (recipe and schema embedded), recipe.yaml,
     schema.json and manifest.json with sha256 of every file."""
+    from mtlcli.export.bundle import export_bundle
+
     manifest = export_bundle(run_dir, out, force=force)
     if as_json:
         print_json({"bundle": str(out), **manifest})

@@ -10,8 +10,7 @@ import typer
 from rich.table import Table
 
 from mtlcli.cli.common import JsonOption, QuietOption, SetOption, err_console, fmt, handle_errors, print_json
-from mtlcli.data.preprocess import SPLITS, prepare
-from mtlcli.data.schema import DataSchema
+from mtlcli.data.schema import SPLIT_NAMES, DataSchema
 from mtlcli.recipe import load_recipe
 
 
@@ -22,7 +21,7 @@ def schema_tables(schema: DataSchema) -> list[Table]:
     splits.add_column("rows", justify="right")
     for task in schema.tasks:
         splits.add_column(f"{task.name} {'positives' if task.type == 'binary' else 'mean'}", justify="right")
-    for name in SPLITS:
+    for name in SPLIT_NAMES:
         info = schema.splits[name]
         cells = [name, f"{info.rows:,}"]
         for task in schema.tasks:
@@ -61,6 +60,8 @@ def command(
 
     Writes {train,valid,test}.parquet and schema.json; reuses a matching cache entry.
     """
+    from mtlcli.data.preprocess import prepare
+
     loaded = load_recipe(recipe, overrides or [])
     with err_console.status("preprocessing", spinner="dots") if not quiet else nullcontext():
         prepared = prepare(loaded, out=out, force=force)

@@ -8,9 +8,7 @@ import typer
 
 from mtlcli.cli.common import JsonOption, SetOption, err_console, handle_errors, print_json, report
 from mtlcli.errors import MtlError
-from mtlcli.models import SCHEMES
 from mtlcli.recipe import load_recipe, recipe_to_yaml
-from mtlcli.weighting import WEIGHTINGS
 
 app = typer.Typer(help="Validate and inspect recipes.", no_args_is_help=True)
 
@@ -56,6 +54,9 @@ def show(
 @app.command("components")
 def components(as_json: JsonOption = False) -> None:
     """List the sharing schemes and weighting strategies recipes can name."""
+    from mtlcli.models import SCHEMES
+    from mtlcli.weighting import WEIGHTINGS
+
     listing = {
         "schemes": {name: SCHEMES.get(name).summary for name in SCHEMES.names()},
         "weightings": {name: WEIGHTINGS.get(name).summary for name in WEIGHTINGS.names()},

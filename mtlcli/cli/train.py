@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from torch import nn
 
 from mtlcli.cli.common import JsonOption, QuietOption, SetOption, err_console, fmt, handle_errors, print_json
-from mtlcli.data.preprocess import prepare
 from mtlcli.recipe import load_recipe
-from mtlcli.train.run import check_run_dir, train_run
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class ConsoleReporter:
@@ -84,6 +84,9 @@ def command(
     The run directory gets recipe.yaml, schema.json, model.safetensors (best epoch), metrics.jsonl
     and summary.json. Progress goes to stderr; --json prints the summary on stdout.
     """
+    from mtlcli.data.preprocess import prepare  # heavy imports (torch) only when a command runs
+    from mtlcli.train.run import check_run_dir, train_run
+
     loaded = load_recipe(recipe, overrides or [])
     check_run_dir(out, force)
     with err_console.status("preprocessing", spinner="dots") if not quiet else _null():

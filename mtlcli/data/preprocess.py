@@ -20,6 +20,7 @@ from mtlcli.data.schema import (
     FIRST_ID,
     MISSING_ID,
     OOV_ID,
+    SPLIT_NAMES,
     CategoricalFeature,
     DataSchema,
     NumericFeature,
@@ -39,7 +40,7 @@ from mtlcli.recipe.schema import (
 )
 from mtlcli.registry import did_you_mean
 
-SPLITS = ("train", "valid", "test")
+SPLITS = SPLIT_NAMES
 SPLIT_COLUMN = "__split"
 ROW_COLUMN = "__row"
 LABEL_PREFIX = "label:"

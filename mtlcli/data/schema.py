@@ -18,6 +18,7 @@ SCHEMA_VERSION = 1
 OOV_ID = 0
 MISSING_ID = 1
 FIRST_ID = 2
+SPLIT_NAMES = ("train", "valid", "test")
 
 
 @dataclass(frozen=True)
