@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.*` when run as a script
+
 from mtlcli.data.preprocess import prepare
 from mtlcli.recipe import load_recipe
 from mtlcli.train.run import train_run
@@ -71,13 +73,19 @@ def main() -> None:
     started = time.perf_counter()
     ours = measure_mtl(args.recipe, args.epochs, args.threads, args.set)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"mtl      train samples/s {ours['samples_per_second']:>10,.0f}  (median epoch {ours['median_epoch_samples_per_second']:,.0f})", file=sys.stderr)
+    print(
+        f"mtl      train samples/s {ours['samples_per_second']:>10,.0f}  (median epoch {ours['median_epoch_samples_per_second']:,.0f})",
+        file=sys.stderr,
+    )
     print(f"mtl      peak memory {peak_mib:,.0f} MiB; wall {time.perf_counter() - started:.1f} s", file=sys.stderr)
     result = {"mtl": ours, "peak_memory_mib": peak_mib, "threads": args.threads, "epochs": args.epochs}
     if args.baseline == "rechub":
         theirs = measure_rechub(args.recipe, args.epochs, args.threads)
         ratio = ours["median_epoch_samples_per_second"] / theirs["median_epoch_samples_per_second"]
-        print(f"rechub   train samples/s {theirs['samples_per_second']:>10,.0f}  (median epoch {theirs['median_epoch_samples_per_second']:,.0f})", file=sys.stderr)
+        print(
+            f"rechub   train samples/s {theirs['samples_per_second']:>10,.0f}  (median epoch {theirs['median_epoch_samples_per_second']:,.0f})",
+            file=sys.stderr,
+        )
         print(f"speed-up mtl / torch-rechub: {ratio:.1f}x", file=sys.stderr)
         result |= {"rechub": theirs, "speedup": ratio}
     print(json.dumps(result, indent=2))
