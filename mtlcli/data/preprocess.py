@@ -319,6 +319,9 @@ def choose_features(frame: pl.DataFrame, recipe: Recipe) -> tuple[list[str], lis
     _require_columns(frame, feats.exclude, "features.exclude")
     listed_cat = list(feats.categorical) if isinstance(feats.categorical, dict) else []
     _require_columns(frame, listed_cat, "features.categorical")
+    for name in listed_cat:
+        if name in feats.exclude:
+            raise DataError(f"features.categorical: {name!r} is also in features.exclude", "remove it from one of them")
     free = [c for c in frame.columns if c not in reserved and c not in feats.exclude and c not in listed_cat]
     if isinstance(feats.numeric, dict):
         _require_columns(frame, list(feats.numeric), "features.numeric")

@@ -24,8 +24,13 @@ BUNDLE_FILES = ("model.safetensors", "recipe.yaml", "schema.json")
 def export_bundle(run_dir: Path, out: Path, force: bool = False) -> dict[str, Any]:
     """Write the bundle for a run into ``out`` (atomically). Returns the manifest."""
     loaded = load_run(run_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise ArtifactError(f"{out}: exists and is not empty", "choose another --out, or pass --force")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not force:
+            raise ArtifactError(f"{out}: exists and is not empty", "choose another --out, or pass --force")
+        if not (out / "manifest.json").is_file():
+            raise ArtifactError(
+                f"{out}: --force only replaces an mtl bundle, and this is not one", "choose another --out"
+            )
     with atomic_dir(out) as tmp:
         save_model(loaded.model, tmp / "model.safetensors", loaded.recipe, loaded.schema)
         write_text(tmp / "recipe.yaml", recipe_to_yaml(loaded.recipe))

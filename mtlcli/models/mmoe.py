@@ -7,8 +7,10 @@ g^k(x) = softmax(W_gk x) weighs them: f^k(x) = sum_i g^k(x)_i f_i(x); tower h^k 
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
-from pydantic import Field, NonNegativeFloat, PositiveInt
+from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
@@ -20,7 +22,7 @@ class MMoEParams(ModelParams):
     n_experts: PositiveInt = 8
     expert_units: list[PositiveInt] = Field(default=[16], min_length=1)
     tower_units: list[PositiveInt] = [8]
-    dropout: NonNegativeFloat = 0.0
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
 
 
 class MMoE(nn.Module):

@@ -5,7 +5,9 @@ Caruana, "Multitask Learning", Machine Learning 28, 1997; the MMoE paper's Share
 
 from __future__ import annotations
 
-from pydantic import Field, NonNegativeFloat, PositiveInt
+from typing import Annotated
+
+from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
@@ -16,7 +18,7 @@ from mtlcli.models.blocks import FeatureEmbedding, Towers, mlp
 class SharedBottomParams(ModelParams):
     bottom_units: list[PositiveInt] = Field(default=[128, 64], min_length=1)
     tower_units: list[PositiveInt] = [32]
-    dropout: NonNegativeFloat = 0.0
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
 
 
 class SharedBottom(nn.Module):

@@ -84,9 +84,19 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> list[Loc]
         node: Any = data
         for depth, part in enumerate(parts[:-1]):
             nxt = _child(node, part)
+            where = ".".join(map(str, parts[: depth + 1]))
+            if nxt is None and isinstance(node, dict) and node.get(part) is not None:
+                raise RecipeError(
+                    "--set",
+                    [
+                        RecipeIssue(
+                            key,
+                            f"cannot set inside {where!r}: it holds {node[part]!r}, not a mapping; set {where} itself",
+                        )
+                    ],
+                )
             if nxt is None:
                 if not isinstance(node, dict):
-                    where = ".".join(map(str, parts[: depth + 1]))
                     raise RecipeError("--set", [RecipeIssue(key, f"cannot set inside {where!r}: it is not a mapping")])
                 nxt = node[part] = {}
             node = nxt
@@ -185,8 +195,8 @@ def validate_recipe(data: dict[str, Any], source: str, lines: dict[Loc, int], se
             loc, message = _explain(err, data, Recipe)
             issue(loc, message)
 
-    raw_model: dict[str, Any] = data["model"] if isinstance(data.get("model"), dict) else {}
-    raw_loss: dict[str, Any] = data["loss"] if isinstance(data.get("loss"), dict) else {}
+    raw_model = _component_mapping(data.get("model"), "scheme")
+    raw_loss = _component_mapping(data.get("loss"), "weighting")
     model_params = _component_params(raw_model, "scheme", "mmoe", "model", SCHEMES, issue)
     loss_params = _component_params(raw_loss, "weighting", "equal", "loss", WEIGHTINGS, issue)
 
@@ -211,6 +221,13 @@ def validate_recipe(data: dict[str, Any], source: str, lines: dict[Loc, int], se
         raise RecipeError(source, issues)
     assert recipe is not None
     return recipe
+
+
+def _component_mapping(value: Any, key: str) -> dict[str, Any]:
+    """A model/loss section as a mapping: a bare name is short for ``{key: name}``."""
+    if isinstance(value, str):
+        return {key: value}
+    return value if isinstance(value, dict) else {}
 
 
 def _component_params(

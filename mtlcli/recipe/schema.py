@@ -277,7 +277,7 @@ class EarlyStopping(Strict):
 
     metric: Metric = "auc"
     task: str = "mean"
-    patience: NonNegativeInt = 3
+    patience: PositiveInt = 3
     min_delta: NonNegativeFloat = 0.0
 
 

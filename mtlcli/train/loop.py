@@ -124,7 +124,7 @@ class EarlyStopper:
             self.best_state = copy.deepcopy(model.state_dict())
         else:
             self.bad_epochs += 1
-        stop = self.settings is not None and self.bad_epochs > self.settings.patience
+        stop = self.settings is not None and self.bad_epochs >= self.settings.patience
         return improved, stop
 
 
@@ -177,6 +177,7 @@ def fit(
         strategy.end_epoch(epoch, loss_sum / steps_per_epoch)
         valid_metrics = evaluate(model, valid, tasks, types, settings.eval_batch_size)
         improved, stopped = stopper.update(epoch, valid_metrics, model)
+        stopped = stopped and epoch < settings.epochs
         record = {
             "epoch": epoch,
             "train_loss": dict(zip(tasks, (loss_sum / steps_per_epoch).tolist(), strict=True)),

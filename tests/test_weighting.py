@@ -1,0 +1,86 @@
+"""Contract tests over every registered weighting strategy, and each strategy's definition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtlcli.data.batch import SplitTensors
+from mtlcli.models import SCHEMES, InputSpec, build_model
+from mtlcli.recipe import recipe_from_text
+from mtlcli.recipe.schema import TrainSection
+from mtlcli.train.loop import NullObserver, fit
+from mtlcli.weighting import WEIGHTINGS, build_weighting
+from mtlcli.weighting.static import StaticParams
+
+TASKS = ["click", "buy"]
+INPUTS = InputSpec(cardinalities=[5, 8], n_numeric=2, tasks=TASKS, task_types=["binary", "binary"])
+
+
+def tiny_split(n: int, seed: int) -> SplitTensors:
+    gen = torch.Generator().manual_seed(seed)
+    cats = torch.stack([torch.randint(0, c, (n,), generator=gen) for c in INPUTS.cardinalities], 1)
+    numeric = torch.randn(n, 2, generator=gen)
+    click = ((cats[:, 0] % 2 == 0) ^ (torch.rand(n, generator=gen) < 0.1)).float()
+    buy = (click * (numeric[:, 0] > 0).float()).float()
+    labels = torch.stack([click, buy], 1)
+    return SplitTensors(cats, numeric, labels, torch.ones_like(labels, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("weighting", WEIGHTINGS.names())
+def test_strategy_gives_gradients_and_finite_weights(weighting: str) -> None:
+    torch.manual_seed(0)
+    model = build_model("mmoe", SCHEMES.get("mmoe").params(), INPUTS)
+    strategy = build_weighting(weighting, WEIGHTINGS.get(weighting).params(), TASKS)
+    losses = torch.stack([model(tiny_split(32, 0).all())[:, k].pow(2).mean() for k in range(2)])
+    weights = strategy.backward(losses, model)
+    assert weights.shape == (2,)
+    assert torch.isfinite(weights).all()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("scheme", SCHEMES.names())
+@pytest.mark.parametrize("weighting", WEIGHTINGS.names())
+def test_every_scheme_trains_with_every_strategy(scheme: str, weighting: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(scheme, SCHEMES.get(scheme).params(), INPUTS)
+    strategy = build_weighting(weighting, WEIGHTINGS.get(weighting).params(), TASKS)
+    settings = TrainSection(epochs=2, batch_size=64, early_stopping=None)
+    result = fit(
+        model, strategy, tiny_split(256, 1), tiny_split(128, 2), settings, TASKS, ["binary"] * 2, NullObserver()
+    )
+    assert len(result.history) == 2
+    for record in result.history:
+        assert all(torch.isfinite(torch.tensor(v)) for v in record["train_loss"].values())
+        assert set(record["weights"]) == set(TASKS)
+
+
+def test_equal_is_the_plain_sum() -> None:
+    model = torch.nn.Linear(1, 1)
+    strategy = build_weighting("equal", WEIGHTINGS.get("equal").params(), TASKS)
+    x = torch.tensor([[2.0]])
+    losses = torch.stack([model(x).sum(), 3 * model(x).sum()])
+    assert torch.equal(strategy.backward(losses, model), torch.ones(2))
+    assert model.weight.grad is not None
+    assert model.weight.grad.item() == pytest.approx(2.0 + 6.0)
+
+
+def test_static_weights_scale_each_task_and_default_to_one() -> None:
+    model = torch.nn.Linear(1, 1)
+    strategy = build_weighting("static", StaticParams(weights={"buy": 0.25}), TASKS)
+    x = torch.tensor([[2.0]])
+    losses = torch.stack([model(x).sum(), model(x).sum()])
+    assert strategy.backward(losses, model).tolist() == [1.0, 0.25]
+    assert model.weight.grad is not None
+    assert model.weight.grad.item() == pytest.approx(2.0 * 1.0 + 2.0 * 0.25)
+
+
+def test_static_weights_must_name_tasks() -> None:
+    text = """
+data: {synthetic: {rows: 100}}
+tasks: {y1: {type: regression, label: y1}, y2: {type: regression, label: y2}}
+loss: {weighting: static, weights: {y3: 2.0}}
+train: {early_stopping: {metric: rmse}}
+"""
+    with pytest.raises(Exception, match=r"loss\.weights\.y3: unknown task 'y3'"):
+        recipe_from_text(text)
