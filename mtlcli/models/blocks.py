@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -97,7 +98,12 @@ class ExpertPool(nn.Module):
         self.out_dim = units[-1]
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.dropout(torch.relu(self.first(x))).view(x.shape[0], self.n, -1)
+        return self.from_first_layer(self.first(x))
+
+    def from_first_layer(self, pre: Tensor) -> Tensor:
+        """The experts' outputs [B, n, h] from their first layer's pre-activations [B, n * units[0]]
+        (lets a caller compute that layer inside a larger matmul)."""
+        h = self.dropout(torch.relu(pre)).view(pre.shape[0], self.n, -1)
         if len(self.weights):
             h = h.transpose(0, 1)  # [n, B, h]
             for weight, bias in zip(self.weights, self.biases, strict=True):
@@ -107,14 +113,17 @@ class ExpertPool(nn.Module):
 
 
 class Towers(nn.Module):
-    """One MLP tower per task, each ending in a single output. Input [B, T, d] or [B, d]; output [B, T]."""
+    """One MLP tower per task, each ending in a single output.
+
+    Input: [B, d] shared by all towers, [B, T, d], or a sequence of T tensors [B, d]. Output [B, T].
+    """
 
     def __init__(self, tasks: list[str], in_dim: int, units: list[int], dropout: float = 0.0) -> None:
         super().__init__()
         self.tasks = list(tasks)
         self.nets = nn.ModuleDict({task: mlp(in_dim, units, dropout, out_dim=1) for task in tasks})
 
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 2:
+    def forward(self, x: Tensor | Sequence[Tensor]) -> Tensor:
+        if isinstance(x, Tensor) and x.dim() == 2:
             return torch.cat([self.nets[task](x) for task in self.tasks], dim=1)
-        return torch.cat([self.nets[task](x[:, k]) for k, task in enumerate(self.tasks)], dim=1)
+        return torch.cat([self.nets[task](x[k]) for k, task in enumerate(self.tasks)], dim=1)

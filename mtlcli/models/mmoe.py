@@ -7,9 +7,10 @@ g^k(x) = softmax(W_gk x) weighs them: f^k(x) = sum_i g^k(x)_i f_i(x); tower h^k 
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, cast
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
@@ -50,9 +51,17 @@ class MMoE(nn.Module):
 
     def forward(self, batch: Batch) -> Tensor:
         x = self.embedding(batch)
-        gates = self.gate_weights(x)  # [B, T, E]
-        experts = self.experts(x)  # [B, E, H]
-        mixed = (gates.unsqueeze(-1) * experts.unsqueeze(1)).sum(2)  # [B, T, H]
+        # The experts' first layer and every gate read the same x: one matmul computes them all.
+        first = self.experts.first
+        layers: list[nn.Linear] = [first, *(cast(nn.Linear, self.gates[t]) for t in self.tasks)]
+        weight = torch.cat([layer.weight for layer in layers])
+        bias = torch.cat([layer.bias for layer in layers])
+        expert_pre, gate_pre = F.linear(x, weight, bias).split(
+            [first.out_features, weight.shape[0] - first.out_features], 1
+        )
+        experts = self.experts.from_first_layer(expert_pre)  # [B, E, H]
+        gates = torch.softmax(gate_pre.view(x.shape[0], len(self.tasks), -1), dim=-1)  # [B, T, E]
+        mixed = [(gate.unsqueeze(-1) * experts).sum(1) for gate in gates.unbind(1)]  # T x [B, H]
         return self.towers(mixed)
 
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:

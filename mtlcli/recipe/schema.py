@@ -290,7 +290,7 @@ class TrainSection(Strict):
     epochs: PositiveInt = 10
     early_stopping: EarlyStopping | None = EarlyStopping()
     seed: int = 0
-    threads: PositiveInt | None = None
+    threads: PositiveInt | Literal["auto"] = "auto"
 
 
 class Recipe(Strict):

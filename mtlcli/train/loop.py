@@ -130,9 +130,9 @@ class EarlyStopper:
 
 def make_optimizer(settings: TrainSection, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     if settings.optimizer == "adam":
-        return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay, foreach=True)
+        return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay, fused=True)
     if settings.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, foreach=True)
+        return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, fused=True)
     if settings.optimizer == "adagrad":
         return torch.optim.Adagrad(params, lr=settings.lr, weight_decay=settings.weight_decay, foreach=True)
     return torch.optim.SGD(params, lr=settings.lr, weight_decay=settings.weight_decay, momentum=0.9, foreach=True)

@@ -8,6 +8,7 @@ finished run). Every file is written atomically.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,18 @@ class RunWriter:
         if improved:
             save_model(model, self.run_dir / "model.safetensors", self.recipe, self.schema)
         self.inner.on_epoch(record, model, improved)
+
+
+SMALL_MODEL = 1_000_000  # parameters
+
+
+def choose_threads(setting: int | str, model: nn.Module) -> int:
+    """``auto``: one thread for small models, whose small matrix products gain nothing from more
+    threads and slow down many times over when the cores are busy; all cores for large ones."""
+    if setting != "auto":
+        return int(setting)
+    params = sum(p.numel() for p in model.parameters())
+    return 1 if params < SMALL_MODEL else (os.cpu_count() or 1)
 
 
 def check_run_dir(run_dir: Path, force: bool) -> None:
@@ -87,12 +100,11 @@ def train_run(
     schema = prepared.schema
     train_data, valid_data = prepared.load("train"), prepared.load("valid")
     settings = recipe.train
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     tasks = schema.task_names
     types = [t.type for t in schema.tasks]
     model = build_model(recipe.model.scheme, recipe.model.params, input_spec(schema))
+    torch.set_num_threads(choose_threads(settings.threads, model))
     strategy = build_weighting(recipe.loss.weighting, recipe.loss.params, tasks)
     _claim_run_dir(run_dir, force)
     try:
