@@ -25,7 +25,14 @@ from mtlcli.train.run import load_run
 
 ROWS = 300
 EPOCHS = 2
-RUN_FILES = {"recipe.yaml", "schema.json", "model.safetensors", "metrics.jsonl", "summary.json"}
+RUN_FILES = {
+    "recipe.yaml",
+    "schema.json",
+    "model.safetensors",
+    "metrics.jsonl",
+    "summary.json",
+    "checkpoint.safetensors",
+}
 BUNDLE_FILES = {"model.safetensors", "recipe.yaml", "schema.json", "manifest.json"}
 
 runner = CliRunner()

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import shlex
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -55,6 +60,9 @@ class ConsoleReporter:
         )
         self.progress.reset(self.bar, total=self.steps, epoch=record["epoch"] + 1)
 
+    def on_checkpoint(self, state: Any, model: nn.Module, optimizer: Any, strategy: Any) -> None:
+        return None
+
     def close(self) -> None:
         self.progress.stop()
 
@@ -74,7 +82,10 @@ def summary_table(summary: dict[str, Any]) -> Table:
 def command(
     recipe: Annotated[str, typer.Argument(help="Recipe file ('-' for stdin).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to create.")],
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing non-empty run directory.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing run directory.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the interrupted run in --out from its last checkpoint.")
+    ] = False,
     overrides: SetOption = None,
     as_json: JsonOption = False,
     quiet: QuietOption = False,
@@ -85,17 +96,33 @@ def command(
     and summary.json. Progress goes to stderr; --json prints the summary on stdout.
     """
     from mtlcli.data.preprocess import prepare  # heavy imports (torch) only when a command runs
+    from mtlcli.train.loop import TrainingInterrupted
     from mtlcli.train.run import check_run_dir, train_run
 
+    if resume and force:
+        raise typer.BadParameter("--resume continues a run and --force replaces it: give one of them")
     loaded = load_recipe(recipe, overrides or [])
-    check_run_dir(out, force)
+    if not resume:
+        check_run_dir(out, force)
     with err_console.status("preprocessing", spinner="dots") if not quiet else _null():
         prepared = prepare(loaded)
     if not quiet:
         err_console.print(f"data: {prepared.directory} ({'cached' if prepared.reused else 'preprocessed'})")
     reporter = None if quiet else ConsoleReporter(prepared.schema.task_names, [t.type for t in prepared.schema.tasks])
+    stop = StopFlag()
     try:
-        summary = train_run(loaded, out, force=force, observer=reporter, prepared=prepared)
+        with stop.installed():
+            summary = train_run(
+                loaded, out, force=force, observer=reporter, prepared=prepared, resume=resume, stop_requested=stop
+            )
+    except TrainingInterrupted as exc:
+        if reporter is not None:
+            reporter.close()
+        again = " ".join(
+            shlex.quote(a) for a in ["mtl", "train", recipe, "--out", str(out), "--resume", *_set_args(overrides)]
+        )
+        err_console.print(f"[yellow]{escape(exc.message)}[/]\n  resume with: {escape(again)}", soft_wrap=True)
+        raise typer.Exit(130) from None
     finally:
         if reporter is not None:
             reporter.close()
@@ -106,6 +133,35 @@ def command(
         )
     if as_json:
         print_json(summary)
+
+
+class StopFlag:
+    """Set by SIGINT / SIGTERM while training: the loop finishes its step, checkpoints and stops.
+    A second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _set_args(overrides: list[str] | None) -> list[str]:
+    return [part for item in overrides or [] for part in ("--set", item)]
 
 
 def _null() -> Any:

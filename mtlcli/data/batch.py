@@ -44,13 +44,15 @@ class SplitTensors:
         return int(self.labels.shape[0])
 
     def batches(
-        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None, skip: int = 0
     ) -> Iterator[Batch]:
+        """Batches in order, or in a fresh random order when ``shuffle``; ``skip`` leaves out the
+        first batches (to finish an interrupted epoch)."""
         parts: tuple[Tensor, ...] = (self.categorical, self.numeric, self.labels, self.label_mask)
         if shuffle:
             order = torch.randperm(len(self), generator=generator)
             parts = tuple(part[order] for part in parts)
-        for start in range(0, len(self), batch_size):
+        for start in range(skip * batch_size, len(self), batch_size):
             stop = start + batch_size
             yield Batch(*(part[start:stop] for part in parts))
 

@@ -291,6 +291,7 @@ class TrainSection(Strict):
     early_stopping: EarlyStopping | None = EarlyStopping()
     seed: int = 0
     threads: PositiveInt | Literal["auto"] = "auto"
+    checkpoint_every: PositiveInt | None = None
 
 
 class Recipe(Strict):

@@ -6,8 +6,10 @@ Never pickle: loading a model file cannot execute code.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -20,6 +22,8 @@ from mtlcli.errors import ArtifactError, MtlError
 from mtlcli.fileio import atomic_path
 from mtlcli.models import InputSpec, build_model
 from mtlcli.recipe import Recipe, recipe_from_dict
+from mtlcli.train.loop import LoopState
+from mtlcli.weighting.base import WeightingStrategy
 
 
 def input_spec(schema: DataSchema) -> InputSpec:
@@ -78,3 +82,132 @@ def load_model(path: Path) -> LoadedModel:
         raise ArtifactError(f"{path}: weights do not fit the model its recipe describes ({first})") from None
     model.eval()
     return LoadedModel(recipe, schema, model)
+
+
+# --- training checkpoints (resume) ---------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "mtlcli-checkpoint"
+
+
+def save_checkpoint(
+    path: Path,
+    state: LoopState,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    strategy: WeightingStrategy,
+    identity: dict[str, str],
+) -> None:
+    """Everything needed to continue training exactly, as one safetensors file, written atomically.
+
+    Tensors: the model, the optimizer state, the strategy's parameters and state (when it has
+    ``state_dict``), the best weights so far and the RNG states. Plain values go in the metadata
+    as JSON. ``identity`` (recipe and data hashes) lets ``--resume`` refuse a changed run.
+    """
+    tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in model.state_dict().items()}
+    optim = optimizer.state_dict()
+    for index, slots in optim["state"].items():
+        for name, value in slots.items():
+            tensors[f"optim.{index}.{name}"] = torch.as_tensor(value)
+    for index, param in enumerate(strategy.parameters()):
+        tensors[f"strategy_param.{index}"] = param.detach()
+    strategy_state = getattr(strategy, "state_dict", None)
+    if callable(strategy_state):
+        for name, value in strategy_state().items():
+            tensors[f"strategy.{name}"] = torch.as_tensor(value)
+    for name, value in (state.best_state or {}).items():
+        tensors[f"best.{name}"] = value
+    for name in ("shuffle_state", "torch_rng", "loss_sum", "weight_sum"):
+        value = getattr(state, name)
+        if value is not None:
+            tensors[f"loop.{name}"] = value
+    loop: dict[str, Any] = {
+        k: getattr(state, k)
+        for k in (
+            "epoch",
+            "step",
+            "epoch_seconds",
+            "samples",
+            "seconds",
+            "history",
+            "best_epoch",
+            "bad_epochs",
+            "stopped_early",
+        )
+    }
+    loop["best_score"] = state.best_score if math.isfinite(state.best_score) else None
+    metadata = {
+        "format": CHECKPOINT_FORMAT,
+        "loop": json.dumps(loop),
+        "param_groups": json.dumps(optim["param_groups"]),
+        **identity,
+    }
+    tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def read_checkpoint_identity(path: Path) -> dict[str, str]:
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: not a readable checkpoint ({exc})", "start the run again with --force") from None
+    if metadata.get("format") != CHECKPOINT_FORMAT:
+        raise ArtifactError(f"{path}: not an mtl training checkpoint", "start the run again with --force")
+    return metadata
+
+
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, strategy: WeightingStrategy
+) -> LoopState:
+    """Restore model, optimizer and strategy in place from a checkpoint; return the loop state."""
+    metadata = read_checkpoint_identity(path)
+    try:
+        tensors = load_file(str(path))
+        loop = json.loads(metadata["loop"])
+        param_groups = json.loads(metadata["param_groups"])
+    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+        raise ArtifactError(f"{path}: damaged checkpoint ({exc!r})", "start the run again with --force") from None
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    try:
+        model.load_state_dict(part("model."), strict=True)
+        slots: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in part("optim.").items():
+            index, name = key.split(".", 1)
+            slots.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": slots, "param_groups": param_groups})
+        with torch.no_grad():
+            for position, param in enumerate(strategy.parameters()):
+                param.copy_(tensors[f"strategy_param.{position}"])
+        load_state = getattr(strategy, "load_state_dict", None)
+        if callable(load_state):
+            load_state(part("strategy."))
+    except (RuntimeError, KeyError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        raise ArtifactError(
+            f"{path}: the checkpoint does not fit this run's model ({first})", "start the run again with --force"
+        ) from None
+    loop_tensors = part("loop.")
+    best = part("best.")
+    return LoopState(
+        epoch=int(loop["epoch"]),
+        step=int(loop["step"]),
+        shuffle_state=loop_tensors.get("shuffle_state"),
+        torch_rng=loop_tensors.get("torch_rng"),
+        loss_sum=loop_tensors.get("loss_sum"),
+        weight_sum=loop_tensors.get("weight_sum"),
+        epoch_seconds=float(loop["epoch_seconds"]),
+        samples=int(loop["samples"]),
+        seconds=float(loop["seconds"]),
+        history=list(loop["history"]),
+        best_score=-math.inf if loop["best_score"] is None else float(loop["best_score"]),
+        best_epoch=int(loop["best_epoch"]),
+        bad_epochs=int(loop["bad_epochs"]),
+        best_state=best or None,
+        stopped_early=bool(loop["stopped_early"]),
+    )

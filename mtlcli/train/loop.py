@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch, SplitTensors
+from mtlcli.errors import MtlError
 from mtlcli.recipe.schema import EarlyStopping, TrainSection
 from mtlcli.train.metrics import task_metrics
 from mtlcli.weighting.base import WeightingStrategy
@@ -30,6 +32,10 @@ class Observer(Protocol):
 
     def on_epoch(self, record: dict[str, Any], model: nn.Module, improved: bool) -> None: ...
 
+    def on_checkpoint(
+        self, state: LoopState, model: nn.Module, optimizer: torch.optim.Optimizer, strategy: WeightingStrategy
+    ) -> None: ...
+
 
 class NullObserver:
     def on_start(self, epochs: int, steps_per_epoch: int) -> None:
@@ -39,6 +45,11 @@ class NullObserver:
         return None
 
     def on_epoch(self, record: dict[str, Any], model: nn.Module, improved: bool) -> None:
+        return None
+
+    def on_checkpoint(
+        self, state: LoopState, model: nn.Module, optimizer: torch.optim.Optimizer, strategy: WeightingStrategy
+    ) -> None:
         return None
 
 
@@ -93,16 +104,40 @@ def evaluate(
     return metrics
 
 
-class EarlyStopper:
-    """Tracks the validation score and the best weights; says when patience has run out."""
+@dataclass
+class LoopState:
+    """Everything besides the model, optimizer and strategy that training needs to go on exactly
+    where it stopped: checkpoints save it, ``--resume`` restores it.
 
-    def __init__(self, settings: EarlyStopping | None, tasks: list[str]) -> None:
+    ``epoch`` is the epoch in progress (1-based) and ``step`` the batches of it already done;
+    ``shuffle_state`` is the shuffling generator's state at the start of that epoch, so an
+    interrupted epoch replays the same order and skips the done batches.
+    """
+
+    epoch: int = 1
+    step: int = 0
+    shuffle_state: Tensor | None = None
+    torch_rng: Tensor | None = None
+    loss_sum: Tensor | None = None
+    weight_sum: Tensor | None = None
+    epoch_seconds: float = 0.0
+    samples: int = 0
+    seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    best_state: dict[str, Tensor] | None = None
+    stopped_early: bool = False
+
+
+class EarlyStopper:
+    """Tracks the validation score and the best weights (in ``state``); says when patience has run out."""
+
+    def __init__(self, settings: EarlyStopping | None, tasks: list[str], state: LoopState) -> None:
         self.settings = settings
         self.tasks = tasks
-        self.best_score = -math.inf
-        self.best_epoch = 0
-        self.best_state: dict[str, Tensor] | None = None
-        self.bad_epochs = 0
+        self.state = state
 
     def score(self, metrics: dict[str, Any]) -> float:
         if self.settings is None:
@@ -116,15 +151,16 @@ class EarlyStopper:
 
     def update(self, epoch: int, metrics: dict[str, Any], model: nn.Module) -> tuple[bool, bool]:
         """Record an epoch; returns (improved, stop)."""
+        state = self.state
         score = self.score(metrics)
         margin = self.settings.min_delta if self.settings else 0.0
-        improved = self.settings is None or self.best_state is None or score > self.best_score + margin
+        improved = self.settings is None or state.best_state is None or score > state.best_score + margin
         if improved:
-            self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
-            self.best_state = copy.deepcopy(model.state_dict())
+            state.best_score, state.best_epoch, state.bad_epochs = score, epoch, 0
+            state.best_state = copy.deepcopy(model.state_dict())
         else:
-            self.bad_epochs += 1
-        stop = self.settings is not None and self.bad_epochs >= self.settings.patience
+            state.bad_epochs += 1
+        stop = self.settings is not None and state.bad_epochs >= self.settings.patience
         return improved, stop
 
 
@@ -138,6 +174,14 @@ def make_optimizer(settings: TrainSection, params: list[nn.Parameter]) -> torch.
     return torch.optim.SGD(params, lr=settings.lr, weight_decay=settings.weight_decay, momentum=0.9, foreach=True)
 
 
+class TrainingDiverged(MtlError):
+    """A task's loss became NaN or infinite."""
+
+
+class TrainingInterrupted(MtlError):
+    """Training stopped on request (SIGINT / SIGTERM) after saving a checkpoint."""
+
+
 def fit(
     model: nn.Module,
     strategy: WeightingStrategy,
@@ -147,51 +191,88 @@ def fit(
     tasks: list[str],
     types: list[str],
     observer: Observer,
+    optimizer: torch.optim.Optimizer | None = None,
+    state: LoopState | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
 ) -> FitResult:
-    """Train ``model`` with ``strategy``; afterwards the model holds the best epoch's weights."""
-    optimizer = make_optimizer(settings, [*model.parameters(), *strategy.parameters()])
+    """Train ``model`` with ``strategy``; afterwards the model holds the best epoch's weights.
+
+    Pass the ``optimizer`` and ``state`` of a checkpoint to continue an interrupted run. When
+    ``stop_requested()`` turns true, the current step finishes, ``observer.on_checkpoint`` saves
+    the state and TrainingInterrupted is raised.
+    """
+    optimizer = optimizer or make_optimizer(settings, [*model.parameters(), *strategy.parameters()])
+    state = state or LoopState()
     shuffle = torch.Generator().manual_seed(settings.seed)
-    stopper = EarlyStopper(settings.early_stopping, tasks)
+    if state.torch_rng is not None:
+        torch.set_rng_state(state.torch_rng)
+    stopper = EarlyStopper(settings.early_stopping, tasks, state)
     binary = torch.tensor([t == "binary" for t in types])
     steps_per_epoch = math.ceil(len(train) / settings.batch_size)
     observer.on_start(settings.epochs, steps_per_epoch)
-    history: list[dict[str, Any]] = []
-    samples, seconds, stopped = 0, 0.0, False
-    for epoch in range(1, settings.epochs + 1):
+    every = settings.checkpoint_every
+    while state.epoch <= settings.epochs and not state.stopped_early:
+        epoch = state.epoch
+        if state.shuffle_state is not None:
+            shuffle.set_state(state.shuffle_state)
+        state.shuffle_state = shuffle.get_state()
+        if state.step == 0:
+            state.loss_sum, state.weight_sum = torch.zeros(len(tasks)), torch.zeros(len(tasks))
+            state.epoch_seconds = 0.0
+        assert state.loss_sum is not None and state.weight_sum is not None
         model.train()
-        loss_sum = torch.zeros(len(tasks))
-        weight_sum = torch.zeros(len(tasks))
         started = time.perf_counter()
-        for step, batch in enumerate(train.batches(settings.batch_size, True, shuffle), start=1):
+        for batch in train.batches(settings.batch_size, True, shuffle, skip=state.step):
             optimizer.zero_grad(set_to_none=True)
             losses = task_losses(model(batch), batch, binary)
+            if not bool(torch.isfinite(losses).all()):
+                bad = [t for t, ok in zip(tasks, torch.isfinite(losses).tolist(), strict=True) if not ok]
+                raise TrainingDiverged(
+                    f"the loss of task {', '.join(bad)} became NaN or infinite at epoch {epoch}, step {state.step + 1}",
+                    "lower train.lr, check the labels and numeric transforms; the last checkpoint is kept",
+                )
             weights = strategy.backward(losses, model)
             optimizer.step()
-            loss_sum += losses.detach()
-            weight_sum += weights.detach()
-            if step % REPORT_EVERY == 0:
-                observer.on_step(epoch, step)
-        elapsed = time.perf_counter() - started
-        samples += len(train)
-        seconds += elapsed
-        strategy.end_epoch(epoch, loss_sum / steps_per_epoch)
+            state.loss_sum += losses.detach()
+            state.weight_sum += weights.detach()
+            state.step += 1
+            if state.step % REPORT_EVERY == 0:
+                observer.on_step(epoch, state.step)
+            interrupted = stop_requested()
+            if interrupted or (every and state.step % every == 0 and state.step < steps_per_epoch):
+                now = time.perf_counter()
+                state.epoch_seconds += now - started
+                started = now
+                state.torch_rng = torch.get_rng_state()
+                observer.on_checkpoint(state, model, optimizer, strategy)
+                if interrupted:
+                    raise TrainingInterrupted(
+                        f"training interrupted at epoch {epoch}, step {state.step}; checkpoint saved"
+                    )
+        elapsed = state.epoch_seconds + time.perf_counter() - started
+        state.samples += len(train)
+        state.seconds += elapsed
+        mean_losses = state.loss_sum / steps_per_epoch
+        strategy.end_epoch(epoch, mean_losses)
         valid_metrics = evaluate(model, valid, tasks, types, settings.eval_batch_size)
-        improved, stopped = stopper.update(epoch, valid_metrics, model)
-        stopped = stopped and epoch < settings.epochs
+        improved, stop = stopper.update(epoch, valid_metrics, model)
+        state.stopped_early = stop and epoch < settings.epochs
         record = {
             "epoch": epoch,
-            "train_loss": dict(zip(tasks, (loss_sum / steps_per_epoch).tolist(), strict=True)),
-            "weights": dict(zip(tasks, (weight_sum / steps_per_epoch).tolist(), strict=True)),
+            "train_loss": dict(zip(tasks, mean_losses.tolist(), strict=True)),
+            "weights": dict(zip(tasks, (state.weight_sum / steps_per_epoch).tolist(), strict=True)),
             "valid": valid_metrics,
             "seconds": elapsed,
             "samples_per_second": len(train) / elapsed if elapsed > 0 else 0.0,
-            "best_epoch": stopper.best_epoch,
+            "best_epoch": state.best_epoch,
         }
-        history.append(record)
+        state.history.append(record)
         observer.on_epoch(record, model, improved)
-        if stopped:
-            break
-    if stopper.best_state is not None:
-        model.load_state_dict(stopper.best_state)
-    best = history[stopper.best_epoch - 1]["valid"] if history else {}
-    return FitResult(history, stopper.best_epoch, stopped, samples, seconds, best)
+        state.epoch, state.step = epoch + 1, 0
+        state.shuffle_state = shuffle.get_state()
+        state.torch_rng = torch.get_rng_state()
+        observer.on_checkpoint(state, model, optimizer, strategy)
+    if state.best_state is not None:
+        model.load_state_dict(state.best_state)
+    best = state.history[state.best_epoch - 1]["valid"] if state.history else {}
+    return FitResult(state.history, state.best_epoch, state.stopped_early, state.samples, state.seconds, best)

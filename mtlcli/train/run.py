@@ -1,15 +1,19 @@
 """Run directories: ``train_run`` writes one, ``load_run`` and ``evaluate_run`` read one.
 
 A run directory holds recipe.yaml (resolved), schema.json, model.safetensors (best epoch),
-metrics.jsonl (one line per epoch) and summary.json (written last: its presence marks a
-finished run). Every file is written atomically.
+metrics.jsonl (one line per epoch), checkpoint.safetensors (everything needed to resume, saved at
+every epoch end and on interrupt) and summary.json (written last: its presence marks a finished
+run). Every file is written atomically.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +23,33 @@ from torch import nn
 from mtlcli.data.preprocess import Prepared, data_key, prepare
 from mtlcli.data.schema import DataSchema
 from mtlcli.errors import ArtifactError, DataError
-from mtlcli.fileio import append_line, write_json, write_text
+from mtlcli.fileio import append_line, sha256_json, write_json, write_text
 from mtlcli.models import build_model
 from mtlcli.recipe import Recipe, recipe_to_yaml
-from mtlcli.train.checkpoint import LoadedModel, input_spec, load_model, save_model
-from mtlcli.train.loop import NullObserver, Observer, evaluate, fit
-from mtlcli.weighting import build_weighting
+from mtlcli.train.checkpoint import (
+    LoadedModel,
+    input_spec,
+    load_checkpoint,
+    load_model,
+    read_checkpoint_identity,
+    save_checkpoint,
+    save_model,
+)
+from mtlcli.train.loop import LoopState, NullObserver, Observer, evaluate, fit, make_optimizer
+from mtlcli.weighting import WeightingStrategy, build_weighting
 
-RUN_FILES = ("recipe.yaml", "schema.json", "model.safetensors", "metrics.jsonl", "summary.json")
+CHECKPOINT = "checkpoint.safetensors"
+RUN_FILES = ("recipe.yaml", "schema.json", "model.safetensors", "metrics.jsonl", "summary.json", CHECKPOINT)
 
 
 class RunWriter:
     """Observes the loop: appends metrics.jsonl, saves the best model; forwards to ``inner``."""
 
-    def __init__(self, run_dir: Path, recipe: Recipe, schema: DataSchema, inner: Observer) -> None:
+    def __init__(
+        self, run_dir: Path, recipe: Recipe, schema: DataSchema, inner: Observer, identity: dict[str, str]
+    ) -> None:
         self.run_dir, self.recipe, self.schema, self.inner = run_dir, recipe, schema, inner
+        self.identity = identity
 
     def on_start(self, epochs: int, steps_per_epoch: int) -> None:
         self.inner.on_start(epochs, steps_per_epoch)
@@ -46,6 +62,12 @@ class RunWriter:
         if improved:
             save_model(model, self.run_dir / "model.safetensors", self.recipe, self.schema)
         self.inner.on_epoch(record, model, improved)
+
+    def on_checkpoint(
+        self, state: LoopState, model: nn.Module, optimizer: torch.optim.Optimizer, strategy: WeightingStrategy
+    ) -> None:
+        save_checkpoint(self.run_dir / CHECKPOINT, state, model, optimizer, strategy, self.identity)
+        self.inner.on_checkpoint(state, model, optimizer, strategy)
 
 
 SMALL_MODEL = 1_000_000  # parameters
@@ -93,9 +115,19 @@ def train_run(
     force: bool = False,
     observer: Observer | None = None,
     prepared: Prepared | None = None,
+    resume: bool = False,
+    stop_requested: Callable[[], bool] = lambda: False,
 ) -> dict[str, Any]:
-    """Preprocess if needed, train, and write the run directory. Returns the summary."""
-    check_run_dir(run_dir, force)
+    """Preprocess if needed, train, and write the run directory. Returns the summary.
+
+    With ``resume``, continue the run in ``run_dir`` from its last checkpoint (refused when the
+    recipe, apart from train.epochs, or the data changed since). Only one process at a time may
+    train into a run directory.
+    """
+    if not resume:
+        check_run_dir(run_dir, force)
+    elif not (run_dir / CHECKPOINT).is_file():
+        raise ArtifactError(f"{run_dir}: no checkpoint to resume from", "train it without --resume")
     prepared = prepared or prepare(recipe)
     schema = prepared.schema
     train_data, valid_data = prepared.load("train"), prepared.load("valid")
@@ -106,35 +138,110 @@ def train_run(
     model = build_model(recipe.model.scheme, recipe.model.params, input_spec(schema))
     torch.set_num_threads(choose_threads(settings.threads, model))
     strategy = build_weighting(recipe.loss.weighting, recipe.loss.params, tasks)
-    _claim_run_dir(run_dir, force)
-    try:
-        write_text(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
-        schema.save(run_dir / "schema.json")
-        writer = RunWriter(run_dir, recipe, schema, observer or NullObserver())
-        result = fit(model, strategy, train_data, valid_data, settings, tasks, types, writer)
-    except BaseException:
-        if not (run_dir / "model.safetensors").exists():
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    save_model(model, run_dir / "model.safetensors", recipe, schema)
-    summary = {
-        "run_dir": str(run_dir),
-        "scheme": recipe.model.scheme,
-        "weighting": recipe.loss.weighting,
-        "tasks": tasks,
-        "epochs_run": len(result.history),
-        "best_epoch": result.best_epoch,
-        "stopped_early": result.stopped_early,
-        "valid": result.best_metrics,
-        "train_samples_per_second": result.samples_per_second,
-        "train_seconds": result.train_seconds,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "train_rows": len(train_data),
-        "data_dir": str(prepared.directory.resolve()),
-        "data_reused": prepared.reused,
-    }
-    write_json(run_dir / "summary.json", summary)
+    optimizer = make_optimizer(settings, [*model.parameters(), *strategy.parameters()])
+    identity = run_identity(recipe, schema)
+    with run_lock(run_dir):
+        if resume:
+            state = _resume_state(run_dir, identity, model, optimizer, strategy)
+        else:
+            _claim_run_dir(run_dir, force)
+            state = None
+        try:
+            write_text(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
+            schema.save(run_dir / "schema.json")
+            writer = RunWriter(run_dir, recipe, schema, observer or NullObserver(), identity)
+            result = fit(
+                model,
+                strategy,
+                train_data,
+                valid_data,
+                settings,
+                tasks,
+                types,
+                writer,
+                optimizer,
+                state,
+                stop_requested,
+            )
+        except BaseException:
+            if not resume and not (run_dir / CHECKPOINT).exists():
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        save_model(model, run_dir / "model.safetensors", recipe, schema)
+        summary = {
+            "run_dir": str(run_dir),
+            "scheme": recipe.model.scheme,
+            "weighting": recipe.loss.weighting,
+            "tasks": tasks,
+            "epochs_run": len(result.history),
+            "best_epoch": result.best_epoch,
+            "stopped_early": result.stopped_early,
+            "valid": result.best_metrics,
+            "train_samples_per_second": result.samples_per_second,
+            "train_seconds": result.train_seconds,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "train_rows": len(train_data),
+            "data_dir": str(prepared.directory.resolve()),
+            "data_reused": prepared.reused,
+            "resumed": resume,
+        }
+        write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def run_identity(recipe: Recipe, schema: DataSchema) -> dict[str, str]:
+    """What a checkpoint must match to be resumed: the recipe (train.epochs may change) and the data."""
+    spec = recipe.to_dict()
+    spec["train"] = {k: v for k, v in spec["train"].items() if k != "epochs"}
+    return {"recipe_sha256": sha256_json(spec), "data_key": schema.data_key}
+
+
+def _resume_state(
+    run_dir: Path, identity: dict[str, str], model: nn.Module, optimizer: torch.optim.Optimizer, strategy: Any
+) -> LoopState:
+    saved = read_checkpoint_identity(run_dir / CHECKPOINT)
+    if saved.get("data_key") != identity["data_key"]:
+        raise ArtifactError(
+            f"{run_dir}: cannot resume: the data changed since the run started",
+            "train into a new --out, or restore the original data",
+        )
+    if saved.get("recipe_sha256") != identity["recipe_sha256"]:
+        raise ArtifactError(
+            f"{run_dir}: cannot resume: the recipe differs from the run's recipe.yaml (only train.epochs may change)",
+            f"compare with `mtl recipe show {run_dir / 'recipe.yaml'}`, or train into a new --out",
+        )
+    state = load_checkpoint(run_dir / CHECKPOINT, model, optimizer, strategy)
+    write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
+    (run_dir / "summary.json").unlink(missing_ok=True)
+    return state
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """An exclusive lock on a run directory (a sibling ``.NAME.lock`` file holding the owner's pid)."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = run_dir.parent / f".{run_dir.name}.lock"
+    handle = lock_path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise ArtifactError(
+            f"{run_dir}: another mtl process (pid {owner}) is training into this run directory",
+            "wait for it to finish, or choose another --out",
+        ) from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        handle.truncate(0)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def load_run(run_dir: Path) -> LoadedModel:

@@ -1,0 +1,135 @@
+"""Nothing lost: interrupted census trainings resume to exactly the uninterrupted result."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mtlcli.data.batch import SplitTensors
+from mtlcli.models import SCHEMES, InputSpec, build_model
+from mtlcli.recipe.schema import TrainSection
+from mtlcli.train.loop import NullObserver, TrainingDiverged, fit
+from mtlcli.weighting import WEIGHTINGS, build_weighting
+
+SETTINGS = ["train.epochs=4", "train.early_stopping=null", "train.threads=1"]
+
+
+def mtl(*args: str | Path, cwd: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mtlcli", *map(str, args)],
+        cwd=cwd,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def train_args(run: Path, cache: Path) -> list[str | Path]:
+    sets = [part for item in [*SETTINGS, f"data.cache_dir={cache}"] for part in ("--set", item)]
+    return ["train", "recipes/census-mmoe.yaml", "--out", run, "--quiet", *sets]
+
+
+def wait_for_epochs(run: Path, count: int, process: subprocess.Popen[str]) -> None:
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= count:
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.02)
+    raise AssertionError("training made no progress")
+
+
+def records(run: Path) -> list[dict[str, object]]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: r[k] for k in ("epoch", "train_loss", "weights", "valid", "best_epoch")} for r in lines]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from tests.conftest import CENSUS, REPO
+
+    if not CENSUS.is_file():
+        pytest.skip(f"census data not found at {CENSUS}")
+    base = tmp_path_factory.mktemp("reference")
+    process = mtl(*train_args(base / "run", base / "cache"), cwd=REPO)
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    return base / "run", base / "cache"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_census_run_resumes_to_the_same_result(
+    how: int, reference: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from tests.conftest import REPO
+
+    done, cache = reference
+    run = tmp_path / "run"
+    process = mtl(*train_args(run, cache), cwd=REPO)
+    wait_for_epochs(run, 1, process)
+    time.sleep(0.15)  # into the second epoch
+    os.kill(process.pid, how)
+    _, err = process.communicate(timeout=120)
+    if how == signal.SIGINT:
+        assert process.returncode == 130, err
+        assert "--resume" in err and "Traceback" not in err
+    else:
+        assert process.returncode == -signal.SIGKILL
+    assert not (run / "summary.json").exists()
+    assert len(records(run)) < 4, "the run finished before it was interrupted"
+    resumed = mtl(*train_args(run, cache), "--resume", cwd=REPO)
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    assert records(run) == records(done)
+    ours, theirs = load_file(str(run / "model.safetensors")), load_file(str(done / "model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_changed_recipe(reference: tuple[Path, Path], tmp_path: Path) -> None:
+    from tests.conftest import REPO
+
+    done, cache = reference
+    process = mtl(*train_args(done, cache), "--resume", "--set", "train.lr=0.5", cwd=REPO)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 2
+    assert "recipe differs" in err and "Traceback" not in err
+
+
+def test_nan_loss_stops_with_the_task_epoch_and_step() -> None:
+    inputs = InputSpec(cardinalities=[3], n_numeric=1, tasks=["ok", "huge"], task_types=["regression"] * 2)
+    n = 64
+    labels = torch.stack([torch.zeros(n), torch.full((n,), 1e30)], 1)
+    data = SplitTensors(
+        torch.zeros(n, 1, dtype=torch.long), torch.zeros(n, 1), labels, torch.ones(n, 2, dtype=torch.bool)
+    )
+    model = build_model("shared_bottom", SCHEMES.get("shared_bottom").params(), inputs)
+    strategy = build_weighting("equal", WEIGHTINGS.get("equal").params(), inputs.tasks)
+    settings = TrainSection(epochs=1, batch_size=32, early_stopping=None)
+    with pytest.raises(TrainingDiverged, match=r"task huge became NaN or infinite at epoch 1, step 1"):
+        fit(model, strategy, data, data, settings, inputs.tasks, inputs.task_types, NullObserver())
+
+
+def test_a_locked_run_directory_is_refused_naming_the_owner(tmp_path: Path) -> None:
+    from mtlcli.errors import ArtifactError
+    from mtlcli.train.run import run_lock
+
+    with (
+        run_lock(tmp_path / "run"),
+        pytest.raises(ArtifactError, match=rf"pid {os.getpid()}"),
+        run_lock(tmp_path / "run"),
+    ):
+        pass
