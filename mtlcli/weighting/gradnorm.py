@@ -1,0 +1,97 @@
+"""GradNorm: learned weights that balance the tasks' gradient norms.
+
+Chen, Badrinarayanan, Lee, Rabinovich, "GradNorm: Gradient Normalization for Adaptive Loss
+Balancing in Deep Multitask Networks", ICML 2018, section 3. The model follows Σ_k w_k L_k with
+learnable weights w_k (initially 1). W is the last shared layer; per step
+
+    G_k = ||∇_W w_k L_k||,   L̃_k = L_k(t) / L_k(0),   r_k = L̃_k / mean_j L̃_j
+
+and the weights (only they) get the gradient of
+
+    L_grad = Σ_k | G_k − mean_j(G_j) · r_k^α |
+
+with the target mean(G) · r_k^α held constant; ``alpha`` is the asymmetry α. After every update
+the weights are renormalised to sum to K (and kept above a small positive floor). L_k(0) is the
+loss of the first step.
+
+"The last shared layer" is, here, the last parameter tensor of the model's shared group with at
+least two dimensions (a weight matrix, or a stack of them): in ``mmoe`` the experts' last layer,
+in ``shared_bottom`` the bottom's last Linear. The logged weights are w_k.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import NonNegativeFloat
+from torch import Tensor, nn
+
+from mtlcli.weighting.base import WeightingParams, register_weighting
+from mtlcli.weighting.gradients import split_parameters
+
+FLOOR = 1e-3
+
+
+class GradNormParams(WeightingParams):
+    alpha: NonNegativeFloat = 1.5
+
+
+def last_shared_weight(model: nn.Module) -> nn.Parameter | None:
+    """The last shared parameter with at least two dimensions (None if there is none)."""
+    shared, _ = split_parameters(model)
+    return next((p for p in reversed(shared) if p.dim() >= 2), None)
+
+
+def gradnorm_weight_gradient(weights: Tensor, norms: Tensor, ratios: Tensor, alpha: float) -> Tensor:
+    """∂L_grad/∂w [T] given w [T], ||∇_W L_k|| [T] and the inverse training rates L_k(t)/L_k(0) [T]."""
+    g = weights * norms
+    r = ratios / ratios.mean().clamp_min(1e-12)
+    target = g.mean() * r**alpha
+    return torch.sign(g - target) * norms
+
+
+class GradNorm:
+    def __init__(self, n_tasks: int, alpha: float) -> None:
+        self.alpha = alpha
+        self.weights = nn.Parameter(torch.ones(n_tasks))
+        self.initial: Tensor | None = None
+
+    def backward(self, losses: Tensor, model: nn.Module) -> Tensor:
+        with torch.no_grad():  # renormalise after the previous optimiser step
+            self.weights.clamp_(min=FLOOR)
+            self.weights.mul_(len(self.weights) / self.weights.sum())
+        weights = self.weights.detach().clone()
+        detached = losses.detach()
+        if self.initial is None:
+            self.initial = detached.clone()
+        layer = last_shared_weight(model)
+        if layer is not None:
+            norms = torch.stack(
+                [
+                    g.norm() if g is not None else torch.zeros(())
+                    for loss in losses
+                    for g in torch.autograd.grad(loss, [layer], retain_graph=True, allow_unused=True)
+                ]
+            )
+            ratios = detached / self.initial.clamp_min(1e-12)
+            grad = gradnorm_weight_gradient(weights, norms, ratios, self.alpha)
+            self.weights.grad = grad if self.weights.grad is None else self.weights.grad + grad
+        (weights * losses).sum().backward()
+        return weights
+
+    def end_epoch(self, epoch: int, mean_losses: Tensor) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The first step's losses L_k(0) (empty before the first step); the weights are parameters."""
+        return {"initial": self.initial if self.initial is not None else torch.zeros(0)}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.initial = state["initial"].clone() if state["initial"].numel() else None
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.weights]
+
+
+@register_weighting("gradnorm", GradNormParams, "weights learned to balance gradient norms (ICML 2018)")
+def build(params: GradNormParams, tasks: list[str]) -> GradNorm:
+    return GradNorm(len(tasks), params.alpha)
