@@ -56,7 +56,21 @@ def test_parameter_groups_cover_every_parameter_once(scheme: str) -> None:
     assert set(groups) == {"shared", *TASKS}
     named = [name for group in groups.values() for name in group]
     assert sorted(named) == sorted(name for name, _ in model.named_parameters())
-    assert groups["shared"], "a multi-task scheme shares something"
+    if scheme != "single_task":  # the no-sharing baseline is the one scheme with nothing shared
+        assert groups["shared"], "a multi-task scheme shares something"
+
+
+@pytest.mark.parametrize("scheme", SCHEMES.names())
+def test_introspection_gives_gates_that_sum_to_one_and_square_alphas(scheme: str) -> None:
+    model = build(scheme)
+    shown = model.introspect(make_batch(11))  # type: ignore[operator]
+    for name, value in shown.items():
+        assert torch.isfinite(value).all(), name
+        if name.split(".")[-2] == "gate":
+            assert value.shape[0] == 11 and value.dim() == 2, name
+            assert torch.allclose(value.sum(-1), torch.ones(11)), name
+        else:
+            assert name.startswith("alpha.") and value.shape == (len(TASKS), len(TASKS)), name
 
 
 @pytest.mark.parametrize("scheme", SCHEMES.names())

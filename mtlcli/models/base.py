@@ -37,8 +37,14 @@ class MultiTaskModel(Protocol):
     """What a sharing scheme builds: an nn.Module mapping a Batch to per-task logits [B, T].
 
     ``parameter_groups`` says which parameters are shared by all tasks and which belong to one
-    task; together they must cover every parameter exactly once. Weighting strategies that work
-    on gradients use the shared group; reports use both.
+    task; together they must cover every parameter exactly once. A parameter belongs to task k
+    only if no other task's loss can reach it. Weighting strategies that work on gradients use the
+    shared group; reports use both.
+
+    ``introspect`` returns what the reports show about how the tasks share, as named tensors:
+    ``...gate.<task or shared>`` softmax gate weights [B, n] (rows sum to 1; the scheme's
+    docstring says which experts the columns are) and ``alpha.layer<l>`` cross-stitch matrices
+    [T, T]. Schemes with nothing to show return an empty dict.
     """
 
     tasks: list[str]
@@ -46,6 +52,8 @@ class MultiTaskModel(Protocol):
     def __call__(self, batch: Batch) -> Tensor: ...
 
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]: ...
+
+    def introspect(self, batch: Batch) -> dict[str, Tensor]: ...
 
 
 P = TypeVar("P", bound=BaseModel)

@@ -1,11 +1,12 @@
-"""Building blocks shared by the sharing schemes: embeddings, MLPs, expert pools, towers."""
+"""Building blocks shared by the sharing schemes: embeddings, MLPs, expert pools, towers, gates."""
 
 from __future__ import annotations
 
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +36,15 @@ class _Lookup(torch.autograd.Function):
         return weight_grad, None
 
 
+@dataclass(frozen=True)
+class FieldLayout:
+    """How FeatureEmbedding lays out its output: F_cat embeddings of ``dim``, then F_num values."""
+
+    n_categorical: int
+    dim: int
+    n_numeric: int
+
+
 class FeatureEmbedding(nn.Module):
     """All categorical features in one embedding table (per-feature offsets), plus numerics.
 
@@ -53,6 +63,7 @@ class FeatureEmbedding(nn.Module):
         self.register_buffer("offsets", torch.tensor(starts, dtype=torch.long), persistent=False)
         self.n_categorical = len(cardinalities)
         self.out_dim = len(cardinalities) * dim + n_numeric
+        self.fields = FieldLayout(len(cardinalities), dim, n_numeric)
 
     def forward(self, batch: Batch) -> Tensor:
         if self.n_categorical == 0:
@@ -127,3 +138,116 @@ class Towers(nn.Module):
         if isinstance(x, Tensor) and x.dim() == 2:
             return torch.cat([self.nets[task](x) for task in self.tasks], dim=1)
         return torch.cat([self.nets[task](x[k]) for k, task in enumerate(self.tasks)], dim=1)
+
+
+ExpertKind = Literal["mlp", "fm", "cross"]
+
+
+def check_expert_kinds(kinds: list[ExpertKind] | None, count: int, count_key: str) -> list[ExpertKind] | None:
+    """Validator helper: an ``expert_kinds``-style list names exactly one kind per expert."""
+    if kinds is not None and len(kinds) != count:
+        raise ValueError(f"names {len(kinds)} kinds for {count} experts ({count_key}); give one kind per expert")
+    return kinds
+
+
+class FMExpert(nn.Module):
+    """Factorisation-machine expert: the pairwise inner products <v_i, v_j> (i < j) of the field
+    embeddings, projected to the expert width by Linear -> ReLU.
+
+    Categorical fields use their embeddings; numeric field j contributes x_j * v_j with a learned
+    v_j, as in Rendle's FM. Input: FeatureEmbedding output [B, F_cat * dim + F_num]. Output [B, out].
+    """
+
+    pairs: Tensor
+
+    def __init__(self, fields: FieldLayout, out_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fields = fields
+        n_fields = fields.n_categorical + fields.n_numeric
+        if n_fields < 2:
+            raise ValueError("a factorisation-machine expert needs at least two input fields")
+        self.numeric_vectors = (
+            nn.Parameter(torch.randn(fields.n_numeric, fields.dim) * 0.05) if fields.n_numeric else None
+        )
+        rows, cols = torch.triu_indices(n_fields, n_fields, offset=1)
+        self.register_buffer("pairs", rows * n_fields + cols, persistent=False)
+        self.project = nn.Linear(len(rows), out_dim)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        f = self.fields
+        split = f.n_categorical * f.dim
+        vectors = x[:, :split].view(-1, f.n_categorical, f.dim)
+        if self.numeric_vectors is not None:
+            vectors = torch.cat([vectors, x[:, split:].unsqueeze(-1) * self.numeric_vectors], dim=1)  # [B, N, dim]
+        inner = torch.bmm(vectors, vectors.transpose(1, 2)).flatten(1)[:, self.pairs]  # [B, N(N-1)/2]
+        return self.dropout(torch.relu(self.project(inner)))
+
+
+class CrossExpert(nn.Module):
+    """Cross-network expert (DCN): x_{l+1} = x_0 * (w_l^T x_l) + b_l + x_l for ``layers`` layers,
+    then Linear -> ReLU to the expert width. Input [B, in]; output [B, out].
+
+    Wang, Fu, Fu, Wang, "Deep & Cross Network for Ad Click Predictions", ADKDD 2017.
+    """
+
+    def __init__(self, in_dim: int, layers: int, out_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)
+        self.w = nn.Parameter(torch.empty(layers, in_dim).uniform_(-bound, bound))
+        self.b = nn.Parameter(torch.zeros(layers, in_dim))
+        self.project = nn.Linear(in_dim, out_dim)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x0: Tensor) -> Tensor:
+        x = x0
+        for w, b in zip(self.w, self.b, strict=True):
+            x = x0 * (x @ w).unsqueeze(1) + b + x
+        return self.dropout(torch.relu(self.project(x)))
+
+
+class Experts(nn.Module):
+    """Experts of the given kinds over one input (heterogeneous experts, as in DEPHN, Kong et al., IJCNN 2023).
+
+    ``mlp`` experts run together in one ExpertPool (batched matmuls); ``fm`` experts need the
+    field layout of a FeatureEmbedding input; ``cross`` experts work on any input. Every expert
+    ends in a ReLU layer of width ``units[-1]``. Input [B, in]; output [B, n, units[-1]] in the
+    order of ``kinds``.
+    """
+
+    order: Tensor
+
+    def __init__(
+        self,
+        in_dim: int,
+        kinds: Sequence[ExpertKind],
+        units: list[int],
+        dropout: float = 0.0,
+        fields: FieldLayout | None = None,
+        cross_layers: int = 2,
+    ) -> None:
+        super().__init__()
+        n_mlp = sum(kind == "mlp" for kind in kinds)
+        self.n = len(kinds)
+        self.out_dim = units[-1]
+        self.pool = ExpertPool(in_dim, n_mlp, units, dropout) if n_mlp else None
+        others: list[nn.Module] = []
+        for kind in kinds:
+            if kind == "fm":
+                if fields is None:
+                    raise ValueError("fm experts read field embeddings: they need the embedding layer's layout")
+                others.append(FMExpert(fields, self.out_dim, dropout))
+            elif kind == "cross":
+                others.append(CrossExpert(in_dim, cross_layers, self.out_dim, dropout))
+        self.others = nn.ModuleList(others)
+        # The pool's outputs come first, then the others; ``order`` puts them back in kind order.
+        computed = [i for i, k in enumerate(kinds) if k == "mlp"] + [i for i, k in enumerate(kinds) if k != "mlp"]
+        self.register_buffer("order", torch.tensor(computed).argsort(), persistent=False)
+        self.all_mlp = n_mlp == self.n
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pool is not None and self.all_mlp:
+            return self.pool(x)
+        outs = [self.pool(x)] if self.pool is not None else []
+        outs += [expert(x).unsqueeze(1) for expert in self.others]
+        return torch.cat(outs, dim=1).index_select(1, self.order)

@@ -3,6 +3,10 @@
 Ma, Zhao, Yi, Chen, Hong, Chi, "Modeling Task Relationships in Multi-task Learning with
 Multi-gate Mixture-of-Experts", KDD 2018. Shared experts f_i; for task k a softmax gate
 g^k(x) = softmax(W_gk x) weighs them: f^k(x) = sum_i g^k(x)_i f_i(x); tower h^k gives y_k.
+
+With ``expert_kinds`` the experts are heterogeneous (MLP, factorisation machine, cross network), as in
+DEPHN: Kong, Su, Zhao, Hou, "DEPHN: Different Expression Parallel Heterogeneous Network using Virtual
+Gradient Optimization for Multi-task Learning", IJCNN 2023 (arXiv:2307.12519).
 """
 
 from __future__ import annotations
@@ -11,12 +15,12 @@ from typing import Annotated, cast
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, ValidationInfo, field_validator
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
 from mtlcli.models.base import InputSpec, ModelParams, group_by_prefix, register_scheme
-from mtlcli.models.blocks import ExpertPool, FeatureEmbedding, Towers
+from mtlcli.models.blocks import ExpertKind, Experts, FeatureEmbedding, Towers, check_expert_kinds
 
 
 class MMoEParams(ModelParams):
@@ -24,6 +28,13 @@ class MMoEParams(ModelParams):
     expert_units: list[PositiveInt] = Field(default=[16], min_length=1)
     tower_units: list[PositiveInt] = [8]
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    expert_kinds: list[ExpertKind] | None = None
+    cross_layers: PositiveInt = 2
+
+    @field_validator("expert_kinds")
+    @classmethod
+    def _one_kind_per_expert(cls, kinds: list[ExpertKind] | None, info: ValidationInfo) -> list[ExpertKind] | None:
+        return check_expert_kinds(kinds, info.data.get("n_experts", 0), "n_experts")
 
 
 class MMoE(nn.Module):
@@ -37,11 +48,15 @@ class MMoE(nn.Module):
         expert_units: list[PositiveInt],
         tower_units: list[PositiveInt],
         dropout: float,
+        expert_kinds: list[ExpertKind] | None = None,
+        cross_layers: int = 2,
     ) -> None:
         super().__init__()
         self.tasks = list(inputs.tasks)
         self.embedding = FeatureEmbedding(inputs.cardinalities, inputs.n_numeric, embedding_dim)
-        self.experts = ExpertPool(self.embedding.out_dim, n_experts, expert_units, dropout)
+        kinds = expert_kinds or ["mlp"] * n_experts
+        x_dim = self.embedding.out_dim
+        self.experts = Experts(x_dim, kinds, expert_units, dropout, self.embedding.fields, cross_layers)
         self.gates = nn.ModuleDict({t: nn.Linear(self.embedding.out_dim, n_experts) for t in self.tasks})
         self.towers = Towers(self.tasks, self.experts.out_dim, tower_units, dropout)
 
@@ -49,17 +64,27 @@ class MMoE(nn.Module):
         """Softmax gate weights per task for embedded inputs x: [B, T, E], each row sums to 1."""
         return torch.stack([torch.softmax(self.gates[t](x), dim=-1) for t in self.tasks], dim=1)
 
+    def introspect(self, batch: Batch) -> dict[str, Tensor]:
+        """``gate.<task>``: task k's softmax weights over the experts, [B, E]."""
+        gates = self.gate_weights(self.embedding(batch))
+        return {f"gate.{t}": gates[:, k] for k, t in enumerate(self.tasks)}
+
     def forward(self, batch: Batch) -> Tensor:
         x = self.embedding(batch)
+        if self.experts.pool is None or not self.experts.all_mlp:
+            experts = self.experts(x)
+            mixed = [(gate.unsqueeze(-1) * experts).sum(1) for gate in self.gate_weights(x).unbind(1)]
+            return self.towers(mixed)
         # The experts' first layer and every gate read the same x: one matmul computes them all.
-        first = self.experts.first
+        pool = self.experts.pool
+        first = pool.first
         layers: list[nn.Linear] = [first, *(cast(nn.Linear, self.gates[t]) for t in self.tasks)]
         weight = torch.cat([layer.weight for layer in layers])
         bias = torch.cat([layer.bias for layer in layers])
         expert_pre, gate_pre = F.linear(x, weight, bias).split(
             [first.out_features, weight.shape[0] - first.out_features], 1
         )
-        experts = self.experts.from_first_layer(expert_pre)  # [B, E, H]
+        experts = pool.from_first_layer(expert_pre)  # [B, E, H]
         gates = torch.softmax(gate_pre.view(x.shape[0], len(self.tasks), -1), dim=-1)  # [B, T, E]
         mixed = [(gate.unsqueeze(-1) * experts).sum(1) for gate in gates.unbind(1)]  # T x [B, H]
         return self.towers(mixed)
@@ -70,4 +95,13 @@ class MMoE(nn.Module):
 
 @register_scheme("mmoe", MMoEParams, "expert sharing: shared experts, one softmax gate per task (KDD 2018)")
 def build(params: MMoEParams, inputs: InputSpec) -> MMoE:
-    return MMoE(inputs, params.embedding_dim, params.n_experts, params.expert_units, params.tower_units, params.dropout)
+    return MMoE(
+        inputs,
+        params.embedding_dim,
+        params.n_experts,
+        params.expert_units,
+        params.tower_units,
+        params.dropout,
+        params.expert_kinds,
+        params.cross_layers,
+    )

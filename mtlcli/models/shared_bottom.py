@@ -38,6 +38,10 @@ class SharedBottom(nn.Module):
         self.bottom = mlp(self.embedding.out_dim, bottom_units, dropout)
         self.towers = Towers(self.tasks, bottom_units[-1], tower_units, dropout)
 
+    def introspect(self, batch: Batch) -> dict[str, Tensor]:
+        """Nothing to show: no gates, no mixing."""
+        return {}
+
     def forward(self, batch: Batch) -> Tensor:
         return self.towers(self.bottom(self.embedding(batch)))
 

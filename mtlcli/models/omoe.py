@@ -1,0 +1,87 @@
+"""One-gate Mixture-of-Experts (OMoE): shared experts, one softmax gate shared by all tasks.
+
+The OMoE baseline of Ma, Zhao, Yi, Chen, Hong, Chi, "Modeling Task Relationships in Multi-task
+Learning with Multi-gate Mixture-of-Experts", KDD 2018 (after Jacobs, Jordan, Nowlan, Hinton,
+"Adaptive Mixtures of Local Experts", Neural Computation 1991): f(x) = sum_i g(x)_i f_i(x) with
+g(x) = softmax(W_g x); every tower h^k reads the same mixture, y_k = h^k(f(x)).
+
+With ``expert_kinds`` the experts are heterogeneous (MLP, factorisation machine, cross network), as in
+DEPHN: Kong, Su, Zhao, Hou, "DEPHN: Different Expression Parallel Heterogeneous Network using Virtual
+Gradient Optimization for Multi-task Learning", IJCNN 2023 (arXiv:2307.12519).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import torch
+from pydantic import Field, PositiveInt, ValidationInfo, field_validator
+from torch import Tensor, nn
+
+from mtlcli.data.batch import Batch
+from mtlcli.models.base import InputSpec, ModelParams, group_by_prefix, register_scheme
+from mtlcli.models.blocks import ExpertKind, Experts, FeatureEmbedding, Towers, check_expert_kinds
+
+
+class OMoEParams(ModelParams):
+    n_experts: PositiveInt = 8
+    expert_units: list[PositiveInt] = Field(default=[16], min_length=1)
+    tower_units: list[PositiveInt] = [8]
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    expert_kinds: list[ExpertKind] | None = None
+    cross_layers: PositiveInt = 2
+
+    @field_validator("expert_kinds")
+    @classmethod
+    def _one_kind_per_expert(cls, kinds: list[ExpertKind] | None, info: ValidationInfo) -> list[ExpertKind] | None:
+        return check_expert_kinds(kinds, info.data.get("n_experts", 0), "n_experts")
+
+
+class OMoE(nn.Module):
+    """embedding -> experts [B, E, H] -> one softmax gate [B, E] -> mixture [B, H] -> every tower."""
+
+    def __init__(
+        self,
+        inputs: InputSpec,
+        embedding_dim: int,
+        n_experts: int,
+        expert_units: list[PositiveInt],
+        tower_units: list[PositiveInt],
+        dropout: float,
+        expert_kinds: list[ExpertKind] | None = None,
+        cross_layers: int = 2,
+    ) -> None:
+        super().__init__()
+        self.tasks = list(inputs.tasks)
+        self.embedding = FeatureEmbedding(inputs.cardinalities, inputs.n_numeric, embedding_dim)
+        kinds = expert_kinds or ["mlp"] * n_experts
+        x_dim = self.embedding.out_dim
+        self.experts = Experts(x_dim, kinds, expert_units, dropout, self.embedding.fields, cross_layers)
+        self.gate = nn.Linear(x_dim, n_experts)
+        self.towers = Towers(self.tasks, self.experts.out_dim, tower_units, dropout)
+
+    def introspect(self, batch: Batch) -> dict[str, Tensor]:
+        """``gate.shared``: the one gate's softmax weights over the experts, [B, E]."""
+        return {"gate.shared": torch.softmax(self.gate(self.embedding(batch)), dim=-1)}
+
+    def forward(self, batch: Batch) -> Tensor:
+        x = self.embedding(batch)
+        gate = torch.softmax(self.gate(x), dim=-1)  # [B, E]
+        return self.towers((gate.unsqueeze(-1) * self.experts(x)).sum(1))
+
+    def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
+        return group_by_prefix(self, {t: [f"towers.nets.{t}."] for t in self.tasks})
+
+
+@register_scheme("omoe", OMoEParams, "expert sharing: shared experts, one softmax gate for all tasks (KDD 2018)")
+def build(params: OMoEParams, inputs: InputSpec) -> OMoE:
+    return OMoE(
+        inputs,
+        params.embedding_dim,
+        params.n_experts,
+        params.expert_units,
+        params.tower_units,
+        params.dropout,
+        params.expert_kinds,
+        params.cross_layers,
+    )

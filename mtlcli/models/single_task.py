@@ -1,0 +1,62 @@
+"""Single-task baseline: one independent network per task (its own embeddings, bottom and tower).
+
+Nothing is shared, so each task trains exactly as if alone; with the same ``bottom_units`` and
+``tower_units`` each task gets the budget of one shared_bottom path. It is the single-task (STL)
+baseline against which multi-task gain is measured, e.g. in Caruana, "Multitask Learning",
+Machine Learning 28, 1997, and in the MMoE and PLE papers.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import torch
+from pydantic import Field, PositiveInt
+from torch import Tensor, nn
+
+from mtlcli.data.batch import Batch
+from mtlcli.models.base import InputSpec, ModelParams, group_by_prefix, register_scheme
+from mtlcli.models.blocks import FeatureEmbedding, mlp
+
+
+class SingleTaskParams(ModelParams):
+    bottom_units: list[PositiveInt] = Field(default=[128, 64], min_length=1)
+    tower_units: list[PositiveInt] = [32]
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+
+
+class SingleTask(nn.Module):
+    """Per task: embedding -> bottom MLP -> tower MLP -> logit. Output [B, T]."""
+
+    def __init__(
+        self,
+        inputs: InputSpec,
+        embedding_dim: int,
+        bottom_units: list[PositiveInt],
+        tower_units: list[PositiveInt],
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        self.tasks = list(inputs.tasks)
+        self.embeddings = nn.ModuleDict(
+            {t: FeatureEmbedding(inputs.cardinalities, inputs.n_numeric, embedding_dim) for t in self.tasks}
+        )
+        in_dim = len(inputs.cardinalities) * embedding_dim + inputs.n_numeric
+        self.nets = nn.ModuleDict(
+            {t: mlp(in_dim, [*bottom_units, *tower_units], dropout, out_dim=1) for t in self.tasks}
+        )
+
+    def introspect(self, batch: Batch) -> dict[str, Tensor]:
+        """Nothing to show: no gates, no mixing."""
+        return {}
+
+    def forward(self, batch: Batch) -> Tensor:
+        return torch.cat([self.nets[t](self.embeddings[t](batch)) for t in self.tasks], dim=1)
+
+    def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
+        return group_by_prefix(self, {t: [f"embeddings.{t}.", f"nets.{t}."] for t in self.tasks})
+
+
+@register_scheme("single_task", SingleTaskParams, "no sharing: one independent network per task (the STL baseline)")
+def build(params: SingleTaskParams, inputs: InputSpec) -> SingleTask:
+    return SingleTask(inputs, params.embedding_dim, params.bottom_units, params.tower_units, params.dropout)
