@@ -13,7 +13,7 @@ BAR = {"income": 0.940, "marital": 0.994}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["census-mmoe", "census-shared-bottom"])
+@pytest.mark.parametrize("recipe", ["census-mmoe", "census-shared-bottom", "census-ple"])
 def test_census_recipe_reaches_the_auc_bar(recipe: str, census_file: Path, in_repo: Path, tmp_path: Path) -> None:
     loaded = load_recipe(f"recipes/{recipe}.yaml", [f"data.cache_dir={tmp_path / 'cache'}", "train.threads=1"])
     summary = train_run(loaded, tmp_path / "run")

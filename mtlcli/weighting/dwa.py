@@ -1,6 +1,6 @@
 """Dynamic Weight Average (DWA).
 
-Liu, Johns, Davison, "End-to-End Multi-Task Learning with Attention", CVPR 2019, eq. (7):
+Liu, Johns, Davison, "End-to-End Multi-Task Learning with Attention", CVPR 2019:
 
     w_k(t) = K · exp(r_k(t-1) / τ) / Σ_i exp(r_i(t-1) / τ),   r_k(t-1) = L_k(t-1) / L_k(t-2)
 

@@ -1,6 +1,6 @@
 """MetaBalance: rescale auxiliary gradients toward the target task's gradient magnitude.
 
-He, Feng, Ding, Chen, Sun, Caverlee, "MetaBalance: Improving Multi-Task Recommendations via
+He, Feng, Cheng, Ji, Guo, Caverlee, "MetaBalance: Improving Multi-Task Recommendations via
 Adapting Gradient Magnitudes of Auxiliary Tasks", WWW 2022, Algorithm 1. On the shared parameters,
 with g_k the gradient of task k and moving averages of the gradient norms
 

@@ -1,7 +1,7 @@
 """PLE's dynamic loss weights: each task's weight decays geometrically.
 
 Tang, Liu, Zhao, Gong, "Progressive Layered Extraction (PLE): A Novel Multi-Task Learning (MTL)
-Model for Personalized Recommendations", RecSys 2020, section 4.4 (joint loss optimisation):
+Model for Personalized Recommendations", RecSys 2020 (joint loss optimisation):
 
     ω_k(t) = ω_k,0 · γ_k^t
 

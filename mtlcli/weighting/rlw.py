@@ -1,6 +1,6 @@
 """Random loss weighting (RLW).
 
-Lin, Ye, Xu, Shi, Zhang, Kwok, "Reasonable Effectiveness of Random Weighting: A Litmus Test for
+Lin, Ye, Zhang, Tsang, "Reasonable Effectiveness of Random Weighting: A Litmus Test for
 Multi-Task Learning", TMLR 2022. Every step draws λ̃ ~ N(0, I_K) and uses λ = softmax(λ̃):
 
     L = Σ_k λ_k · L_k

@@ -6,8 +6,8 @@ follows
 
     L = Σ_k exp(-s_k) · L_k + s_k
 
-which is twice the paper's regression form (eq. 7, 1/(2σ²)·L + log σ), used here for every task as
-in most implementations (the classification form, eq. 10, halves only the s_k term). The s_k are
+which is twice the paper's regression form, 1/(2σ²)·L + log σ, used here for every task as in most
+implementations (the paper's classification form halves only the s_k term). The s_k are
 returned by ``parameters()`` so the optimiser trains them with the model; they start at
 ``init_log_variance``. The weights logged are exp(-s_k).
 """
