@@ -36,3 +36,8 @@ def command(
     for task, metrics in result["tasks"].items():
         table.add_row(task, *(fmt(metrics.get(c)) for c in used))
     err_console.print(table)
+    for task, metrics in result["tasks"].items():
+        if "space" in metrics:
+            err_console.print(
+                f"{task}: only the {metrics['n']:,} rows where {metrics['space']} count (its sample space)"
+            )

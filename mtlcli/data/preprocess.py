@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from mtlcli.recipe.schema import (
     NumericOptions,
     RandomSplit,
     Recipe,
+    TaskSpec,
 )
 from mtlcli.registry import did_you_mean
 
@@ -44,6 +46,7 @@ SPLITS = SPLIT_NAMES
 SPLIT_COLUMN = "__split"
 ROW_COLUMN = "__row"
 LABEL_PREFIX = "label:"
+MASK_PREFIX = "mask:"
 
 
 @dataclass(frozen=True)
@@ -252,55 +255,86 @@ def _numeric(frame: pl.DataFrame, name: str, field: str) -> pl.Series:
 
 
 def make_labels(frame: pl.DataFrame, recipe: Recipe) -> pl.DataFrame:
-    """One float32 column ``label:<task>`` per task, made from the raw rows as the recipe says."""
+    """One float32 column ``label:<task>`` per task, made from the raw rows as the recipe says,
+    and a boolean ``mask:<task>`` for each task with a sample space (True: the row is in it).
+
+    A label may be empty only outside its task's space (it is then stored as 0 and masked).
+    """
     for name, task in recipe.tasks.items():
         _require_columns(frame, [task.label.column], f"tasks.{name}.label.column")
+        if task.space is not None and task.space.column is not None:
+            _require_columns(frame, [task.space.column], f"tasks.{name}.space.column")
+    labels = {name: _label_values(frame, name, task) for name, task in recipe.tasks.items()}
+    masks: dict[str, pl.Series] = {}
+    for name, task in recipe.tasks.items():
+        if task.space is None:
+            continue
+        if task.space.task is not None:
+            masks[name] = (labels[task.space.task] == 1.0).fill_null(False)
+        else:
+            assert task.space.column is not None
+            truth = _numeric(frame, task.space.column, f"tasks.{name}.space.column")
+            masks[name] = (truth.fill_null(0.0) != 0.0).fill_null(False)
     out = {}
     for name, task in recipe.tasks.items():
-        spec = task.label
-        field = f"tasks.{name}.label"
-        raw = frame.get_column(spec.column)
-        missing = raw.is_null()
+        values = labels[name]
+        inside = masks.get(name, pl.Series([True] * frame.height))
+        missing = values.is_null() & inside
         if missing.any():
             row = int(frame.get_column(ROW_COLUMN)[int(missing.arg_true()[0])])
+            where = " inside its sample space" if name in masks else ""
             raise DataError(
-                f"{field}: column {spec.column!r} is empty in {int(missing.sum())} rows (first: data row {row + 1})",
-                "every row needs a label: drop or fill those rows",
+                f"tasks.{name}.label: column {task.label.column!r} is empty in {int(missing.sum())} rows{where} "
+                f"(first: data row {row + 1})",
+                "every row needs a label: drop or fill those rows"
+                + ("" if name in masks else ", or give the task a 'space' outside which labels may be empty"),
             )
-        if task.type == "binary" and spec.positive is not None:
-            text = raw.cast(pl.String)
-            label = text.is_in(spec.positive)
-            seen = set(text.unique().to_list())
-            absent = [v for v in spec.positive if v not in seen]
-            if absent:
-                raise DataError(
-                    f"{field}.positive: {absent[0]!r} never occurs in column {spec.column!r}"
-                    f"{did_you_mean(absent[0], sorted(str(v) for v in seen if v is not None))}",
-                    f"values seen include: {sorted(str(v) for v in seen if v is not None)[:8]}",
-                )
-            values = label.cast(pl.Float64)
-        else:
-            values = _numeric(frame, spec.column, field)
-            bad = ~values.is_finite()
-            if bad.any():
-                index = int(bad.arg_true()[0])
-                row = int(frame.get_column(ROW_COLUMN)[index])
-                raise DataError(
-                    f"{field}: column {spec.column!r} is NaN or infinite at data row {row + 1}", "fix or drop that row"
-                )
-            if task.type == "binary" and spec.threshold is not None:
-                values = (values > spec.threshold).cast(pl.Float64)
-            elif task.type == "binary":
-                bad = ~values.is_in([0.0, 1.0])
-                if bad.any():
-                    index = int(bad.arg_true()[0])
-                    row = int(frame.get_column(ROW_COLUMN)[index])
-                    raise DataError(
-                        f"{field}: binary label column {spec.column!r} holds {raw[index]!r} at data row {row + 1}, not 0/1",
-                        "say which values are positive with 'positive: [...]' or use 'threshold'",
-                    )
-        out[LABEL_PREFIX + name] = values.cast(pl.Float32)
+        out[LABEL_PREFIX + name] = values.fill_null(0.0).cast(pl.Float32)
+    for name, mask in masks.items():
+        out[MASK_PREFIX + name] = mask.rename(MASK_PREFIX + name)
     return pl.DataFrame(out)
+
+
+def _label_values(frame: pl.DataFrame, name: str, task: TaskSpec) -> pl.Series:
+    """A task's label per row as float64; null where the raw label is empty."""
+    spec = task.label
+    field = f"tasks.{name}.label"
+    raw = frame.get_column(spec.column)
+    if task.type == "binary" and spec.positive is not None:
+        text = raw.cast(pl.String)
+        seen = {v for v in text.unique().to_list() if v is not None}
+        absent = [v for v in spec.positive if v not in seen]
+        if absent:
+            raise DataError(
+                f"{field}.positive: {absent[0]!r} never occurs in column {spec.column!r}"
+                f"{did_you_mean(absent[0], sorted(str(v) for v in seen))}",
+                f"values seen include: {sorted(str(v) for v in seen)[:8]}",
+            )
+        return pl.select(
+            pl.when(text.is_null()).then(None).otherwise(text.is_in(spec.positive).cast(pl.Float64))
+        ).to_series()
+    values = _numeric(frame, spec.column, field)
+    bad = values.is_not_null() & ~values.is_finite()
+    if bad.any():
+        index = int(bad.arg_true()[0])
+        row = int(frame.get_column(ROW_COLUMN)[index])
+        raise DataError(
+            f"{field}: column {spec.column!r} is NaN or infinite at data row {row + 1}", "fix or drop that row"
+        )
+    if task.type == "binary" and spec.threshold is not None:
+        return pl.select(
+            pl.when(values.is_null()).then(None).otherwise((values > spec.threshold).cast(pl.Float64))
+        ).to_series()
+    if task.type == "binary":
+        bad = values.is_not_null() & ~values.is_in([0.0, 1.0])
+        if bad.any():
+            index = int(bad.arg_true()[0])
+            row = int(frame.get_column(ROW_COLUMN)[index])
+            raise DataError(
+                f"{field}: binary label column {spec.column!r} holds {raw[index]!r} at data row {row + 1}, not 0/1",
+                "say which values are positive with 'positive: [...]' or use 'threshold'",
+            )
+    return values
 
 
 # --- fitting and encoding ----------------------------------------------------------------------
@@ -309,32 +343,55 @@ def make_labels(frame: pl.DataFrame, recipe: Recipe) -> pl.DataFrame:
 def choose_features(frame: pl.DataFrame, recipe: Recipe) -> tuple[list[str], list[str]]:
     """(categorical, numeric) input columns: never labels, the split column or excluded columns.
 
+    Names in ``numeric``, ``categorical`` and ``exclude`` may be glob patterns (``numerical_*``).
     ``auto`` numeric means every remaining column whose values are all numbers; ``auto``
     categorical means every remaining column not taken as numeric.
     """
     feats = recipe.features
     reserved = {t.label.column for t in recipe.tasks.values()} | {SPLIT_COLUMN, ROW_COLUMN}
+    reserved |= {t.space.column for t in recipe.tasks.values() if t.space is not None and t.space.column}
     if isinstance(recipe.data.split, ColumnSplit):
         reserved.add(recipe.data.split.column)
-    _require_columns(frame, feats.exclude, "features.exclude")
-    listed_cat = list(feats.categorical) if isinstance(feats.categorical, dict) else []
-    _require_columns(frame, listed_cat, "features.categorical")
+    excluded = set(expand_columns(frame, feats.exclude, "features.exclude"))
+    listed_cat = []
+    if isinstance(feats.categorical, dict):
+        chosen = expand_columns(frame, list(feats.categorical), "features.categorical")
+        listed_cat = [c for c, src in chosen.items() if c == src or c not in reserved]  # patterns skip labels
     for name in listed_cat:
-        if name in feats.exclude:
+        if name in excluded:
             raise DataError(f"features.categorical: {name!r} is also in features.exclude", "remove it from one of them")
-    free = [c for c in frame.columns if c not in reserved and c not in feats.exclude and c not in listed_cat]
+    free = [c for c in frame.columns if c not in reserved and c not in excluded and c not in listed_cat]
     if isinstance(feats.numeric, dict):
-        _require_columns(frame, list(feats.numeric), "features.numeric")
-        numeric = list(feats.numeric)
+        chosen = expand_columns(frame, list(feats.numeric), "features.numeric")
+        numeric = [c for c, src in chosen.items() if c == src or c not in reserved]  # patterns skip labels
         for name in numeric:
-            if name in feats.exclude:
+            if name in excluded:
                 raise DataError(f"features.numeric: {name!r} is also in features.exclude", "remove it from one of them")
+            if name in listed_cat:
+                raise DataError(f"features: {name!r} is listed as both numeric and categorical", "keep it in one")
     else:
         numeric = [c for c in free if _all_numbers(frame.get_column(c))]
     categorical = listed_cat if isinstance(feats.categorical, dict) else [c for c in free if c not in numeric]
     if not categorical and not numeric:
         raise DataError("features: no input columns are left", "list numeric/categorical features or shorten 'exclude'")
     return categorical, numeric
+
+
+def expand_columns(frame: pl.DataFrame, names: list[str], field: str) -> dict[str, str]:
+    """Column -> the recipe name (a column or a glob pattern) that selected it, in data order for
+    patterns. A plain name must exist; a pattern must match at least one column."""
+    out: dict[str, str] = {}
+    for name in names:
+        if any(ch in name for ch in "*?["):
+            matches = [c for c in frame.columns if fnmatch.fnmatchcase(c, name) and not c.startswith("__")]
+            if not matches:
+                raise DataError(f"{field}: pattern {name!r} matches no column", "check the pattern against the header")
+            for column in matches:
+                out.setdefault(column, name)
+        else:
+            _require_columns(frame, [name], field)
+            out.setdefault(name, name)
+    return out
 
 
 def _all_numbers(column: pl.Series) -> bool:
@@ -423,9 +480,10 @@ def preprocess(recipe: Recipe, out_dir: Path) -> DataSchema:
     defaults = recipe.features.defaults
     cat_specs = []
     for name in categorical:
-        options = (
-            recipe.features.categorical.get(name) if isinstance(recipe.features.categorical, dict) else None
-        ) or defaults.categorical
+        options = defaults.categorical
+        if isinstance(recipe.features.categorical, dict):
+            chosen = expand_columns(frame, list(recipe.features.categorical), "features.categorical")[name]
+            options = recipe.features.categorical[chosen] or defaults.categorical
         cat_specs.append(
             fit_categorical(name, frame.get_column(name).filter(is_train), options.min_count, options.hash_buckets)
         )
@@ -434,7 +492,11 @@ def preprocess(recipe: Recipe, out_dir: Path) -> DataSchema:
     for name in numeric:
         values = _numeric(frame, name, f"features.numeric.{name}")
         num_values[name] = values
-        listed = recipe.features.numeric.get(name) if isinstance(recipe.features.numeric, dict) else None
+        listed = None
+        if isinstance(recipe.features.numeric, dict):
+            listed = recipe.features.numeric[
+                expand_columns(frame, list(recipe.features.numeric), "features.numeric")[name]
+            ]
         num_specs.append(fit_numeric(name, values.filter(is_train), listed or defaults.numeric))
     encoded = pl.DataFrame(
         [encode_categorical(frame.get_column(f.name), f) for f in cat_specs]
@@ -443,7 +505,15 @@ def preprocess(recipe: Recipe, out_dir: Path) -> DataSchema:
         + [frame.get_column(SPLIT_COLUMN)]
     )
     tasks = [
-        TaskInfo(name, spec.type, spec.label.column, spec.label.positive, spec.label.threshold)
+        TaskInfo(
+            name,
+            spec.type,
+            spec.label.column,
+            spec.label.positive,
+            spec.label.threshold,
+            spec.space.task if spec.space else None,
+            spec.space.column if spec.space else None,
+        )
         for name, spec in recipe.tasks.items()
     ]
     splits = {}
@@ -462,18 +532,21 @@ def preprocess(recipe: Recipe, out_dir: Path) -> DataSchema:
 
 def _split_info(part: pl.DataFrame, cats: list[CategoricalFeature], tasks: list[TaskInfo]) -> SplitInfo:
     rows = part.height
-    means, positives = {}, {}
+    means, positives, space_rows = {}, {}, {}
     for task in tasks:
         column = part.get_column(LABEL_PREFIX + task.name)
-        means[task.name] = float(column.mean() or 0.0) if rows else 0.0  # type: ignore[arg-type]
+        if task.has_space:
+            column = column.filter(part.get_column(MASK_PREFIX + task.name))
+            space_rows[task.name] = column.len()
+        means[task.name] = float(column.mean() or 0.0) if column.len() else 0.0  # type: ignore[arg-type]
         if task.type == "binary":
-            positives[task.name] = int(column.sum()) if rows else 0
+            positives[task.name] = int(column.sum()) if column.len() else 0
     oov = {}
     for feature in cats:
         ids = part.get_column(feature.name)
         present = int((ids != MISSING_ID).sum())
         oov[feature.name] = float((ids == OOV_ID).sum() / present) if present else 0.0
-    return SplitInfo(rows, means, positives, oov)
+    return SplitInfo(rows, means, positives, oov, space_rows)
 
 
 def cache_dir_for(recipe: Recipe, key: str) -> Path:
@@ -507,6 +580,18 @@ def load_split(directory: Path, split: str, schema: DataSchema) -> SplitTensors:
     return tensors_from_frame(frame, schema)
 
 
+def _label_mask(frame: pl.DataFrame, schema: DataSchema, labels: torch.Tensor) -> torch.Tensor:
+    """bool [N, T]: True where the row is in the task's sample space (everywhere for most tasks)."""
+    mask = torch.ones_like(labels, dtype=torch.bool)
+    for k, task in enumerate(schema.tasks):
+        if task.has_space:
+            column = MASK_PREFIX + task.name
+            if column not in frame.columns:
+                raise ArtifactError(f"encoded data has no {column!r} column", "re-run `mtl preprocess`")
+            mask[:, k] = torch.from_numpy(frame.get_column(column).to_numpy().astype(bool))
+    return mask
+
+
 def tensors_from_frame(frame: pl.DataFrame, schema: DataSchema) -> SplitTensors:
     cat_names = [f.name for f in schema.categorical]
     num_names = [f.name for f in schema.numeric]
@@ -529,5 +614,5 @@ def tensors_from_frame(frame: pl.DataFrame, schema: DataSchema) -> SplitTensors:
         categorical=block(cat_names, np.int64, torch.int64),
         numeric=block(num_names, np.float32, torch.float32),
         labels=labels,
-        label_mask=torch.ones_like(labels, dtype=torch.bool),
+        label_mask=_label_mask(frame, schema, labels),
     )

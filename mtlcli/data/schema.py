@@ -56,6 +56,21 @@ class TaskInfo:
     column: str
     positive: list[str] | None = None
     threshold: float | None = None
+    space_task: str | None = None
+    space_column: str | None = None
+
+    @property
+    def has_space(self) -> bool:
+        return self.space_task is not None or self.space_column is not None
+
+    @property
+    def space(self) -> str | None:
+        """A human description of the task's sample space, or None."""
+        if self.space_task is not None:
+            return f"{self.space_task} = 1"
+        if self.space_column is not None:
+            return f"{self.space_column} is true"
+        return None
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,7 @@ class SplitInfo:
     label_mean: dict[str, float]
     positives: dict[str, int]
     oov_rate: dict[str, float]
+    space_rows: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

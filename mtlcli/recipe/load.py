@@ -273,6 +273,22 @@ def _cross_checks(data: dict[str, Any]) -> list[tuple[Loc, str]]:
         for name in names:
             if name in label_columns:
                 out.append((("features", where, name), "is a task's label column; labels are never model inputs"))
+    for name, spec in tasks.items():
+        space = spec.get("space")
+        parent = space if isinstance(space, str) else space.get("task") if isinstance(space, dict) else None
+        if not isinstance(parent, str):
+            continue
+        if parent == name:
+            out.append((("tasks", name, "space"), "a task cannot live in its own sample space"))
+        elif parent not in tasks:
+            hint = did_you_mean(parent, list(tasks))
+            out.append(
+                (("tasks", name, "space"), f"unknown task {parent!r}{hint}; name a binary task or use {{column: ...}}")
+            )
+        elif tasks[parent].get("type", "binary") != "binary":
+            out.append(
+                (("tasks", name, "space"), f"task {parent!r} is not binary; a space is where a binary task is positive")
+            )
     stop = section("train").get("early_stopping")
     if isinstance(stop, dict):
         task, metric = stop.get("task", "mean"), stop.get("metric", "auc")

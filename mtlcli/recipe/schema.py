@@ -219,9 +219,25 @@ class LabelSpec(Strict):
         return self
 
 
+class SpaceSpec(Strict):
+    """The rows a task lives in (PLE paper's sample spaces; ESMM): where binary task ``task`` is
+    positive, or where ``column`` is true (1 / true). Other rows count for neither the task's loss
+    nor its metrics."""
+
+    task: str | None = None
+    column: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SpaceSpec:
+        if (self.task is None) == (self.column is None):
+            raise ValueError("give exactly one of 'task' and 'column'")
+        return self
+
+
 class TaskSpec(Strict):
     type: Literal["binary", "regression"] = "binary"
     label: Annotated[LabelSpec, BeforeValidator(lambda v: {"column": v} if isinstance(v, str) else v)]
+    space: Annotated[SpaceSpec | None, BeforeValidator(lambda v: {"task": v} if isinstance(v, str) else v)] = None
 
     @model_validator(mode="after")
     def _check(self) -> TaskSpec:

@@ -291,4 +291,7 @@ def evaluate_run(run_dir: Path, split: str = "test", batch_size: int = 65536) ->
     data = prepared.load(split)
     types = [t.type for t in loaded.schema.tasks]
     metrics = evaluate(loaded.model, data, loaded.schema.task_names, types, batch_size)
+    for task in loaded.schema.tasks:
+        if task.space is not None:
+            metrics[task.name]["space"] = task.space  # its metrics count only the rows in its space
     return {"split": split, "run_dir": str(run_dir), "tasks": metrics}
