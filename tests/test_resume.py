@@ -133,3 +133,69 @@ def test_a_locked_run_directory_is_refused_naming_the_owner(tmp_path: Path) -> N
         run_lock(tmp_path / "run"),
     ):
         pass
+
+
+class CheckpointTo:
+    """An observer that saves every checkpoint to one file, as the run directory does."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_start(self, epochs: int, steps_per_epoch: int) -> None: ...
+
+    def on_step(self, epoch: int, step: int) -> None: ...
+
+    def on_epoch(self, record: dict[str, object], model: torch.nn.Module, improved: bool) -> None: ...
+
+    def on_checkpoint(self, state: object, model: torch.nn.Module, optimizer: object, strategy: object) -> None:
+        from mtlcli.train.checkpoint import save_checkpoint
+
+        save_checkpoint(self.path, state, model, optimizer, strategy, {})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("weighting", WEIGHTINGS.names())
+def test_every_strategy_resumes_mid_epoch_to_the_same_weights(weighting: str, tmp_path: Path) -> None:
+    from mtlcli.train.checkpoint import load_checkpoint
+    from mtlcli.train.loop import TrainingInterrupted, make_optimizer
+
+    inputs = InputSpec(cardinalities=[4, 6], n_numeric=2, tasks=["a", "b"], task_types=["binary", "binary"])
+    gen = torch.Generator().manual_seed(0)
+    n = 300
+    cats = torch.stack([torch.randint(0, 4, (n,), generator=gen), torch.randint(0, 6, (n,), generator=gen)], 1)
+    numeric = torch.randn(n, 2, generator=gen)
+    labels = torch.stack([(cats[:, 0] < 2).float(), (numeric[:, 0] > 0).float()], 1)
+    data = SplitTensors(cats, numeric, labels, torch.ones(n, 2, dtype=torch.bool))
+    settings = TrainSection(epochs=3, batch_size=32, early_stopping=None, lr=0.01)
+
+    def fresh() -> tuple[torch.nn.Module, object, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = build_model("mmoe", SCHEMES.get("mmoe").params(n_experts=3, expert_units=[8], tower_units=[4]), inputs)
+        strategy = build_weighting(weighting, WEIGHTINGS.get(weighting).params(), inputs.tasks)
+        return model, strategy, make_optimizer(settings, [*model.parameters(), *strategy.parameters()])  # type: ignore[attr-defined]
+
+    model, strategy, optimizer = fresh()
+    fit(model, strategy, data, data, settings, inputs.tasks, inputs.task_types, NullObserver(), optimizer)  # type: ignore[arg-type]
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+
+    path = tmp_path / "checkpoint.safetensors"
+    steps = iter(range(10_000))
+    model, strategy, optimizer = fresh()
+    with pytest.raises(TrainingInterrupted):
+        fit(
+            model,
+            strategy,
+            data,
+            data,
+            settings,
+            inputs.tasks,
+            inputs.task_types,
+            CheckpointTo(path),
+            optimizer,  # type: ignore[arg-type]
+            stop_requested=lambda: next(steps) == 14,
+        )  # mid second epoch (10 steps per epoch)
+    model, strategy, optimizer = fresh()
+    state = load_checkpoint(path, model, optimizer, strategy)  # type: ignore[arg-type]
+    assert (state.epoch, state.step) == (2, 5)
+    fit(model, strategy, data, data, settings, inputs.tasks, inputs.task_types, NullObserver(), optimizer, state)  # type: ignore[arg-type]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, reference[name]), f"{weighting}: {name} differs after resume"
