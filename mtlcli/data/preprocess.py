@@ -125,9 +125,14 @@ def _read_one(path: Path, recipe: Recipe) -> pl.DataFrame:
         raise DataError(f"{path}: the file is empty", "give a file with at least one data row") from None
     except (pl.exceptions.PolarsError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(
-            f"{path}: cannot read it as {fmt.upper()}: {first}", "check data.format, data.separator and data.header"
-        ) from None
+        hint = "check data.format, data.separator and data.header"
+        if "utf-8" in first.lower() or "utf8" in first.lower():
+            first, hint = "it is not UTF-8 text", "convert it to UTF-8 first, e.g. iconv -f latin1 -t utf-8"
+        elif "more fields than" in first:
+            first, hint = "a row has more fields than the header (ragged rows)", "fix the rows, or check data.separator"
+        raise DataError(f"{path}: cannot read it as {fmt.upper()}: {first}", hint) from None
+    if fmt == "csv" and frame.width > 1 and frame.height and frame.get_column(frame.columns[-1]).null_count():
+        _check_short_rows(path, frame.width, data.separator.strip() or data.separator, data.header)
     if data.columns is not None:
         if len(data.columns) != frame.width:
             raise DataError(
@@ -149,6 +154,25 @@ def _read_one(path: Path, recipe: Recipe) -> pl.DataFrame:
             exprs.append(pl.when(col.is_in(data.missing)).then(None).otherwise(col).alias(name))
         frame = frame.with_columns(exprs)
     return frame
+
+
+def _check_short_rows(path: Path, width: int, separator: str, header: bool) -> None:
+    """polars pads rows with too few fields with nulls; refuse them instead (ragged CSV).
+
+    Lines holding a quote are not judged (a quoted field may contain the separator)."""
+    lines = pl.read_csv(
+        path, has_header=False, separator="\x1f", quote_char=None, infer_schema=False, new_columns=["line"]
+    ).get_column("line")
+    if header:
+        lines = lines.slice(1)
+    fields = lines.str.count_matches(separator, literal=True) + 1
+    short = (fields < width) & ~lines.str.contains('"', literal=True) & lines.is_not_null()
+    if short.any():
+        index = int(short.arg_true()[0])
+        raise DataError(
+            f"{path}: line {index + 1 + int(header)} has {int(fields[index])} fields, not {width} (ragged rows)",
+            "fix or drop the short rows",
+        )
 
 
 def read_source(recipe: Recipe) -> pl.DataFrame:

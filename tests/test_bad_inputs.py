@@ -1,0 +1,550 @@
+"""The bad-input corpus: every case ends in exit code 2 and one message naming what is wrong and
+where, never a traceback, and leaves no partial output behind. docs/errors.md lists the cases
+(regenerate it with `python tests/test_bad_inputs.py > docs/errors.md`)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from mtlcli.cli.app import app
+
+
+def good_data() -> str:
+    rng = random.Random(1)
+    lines = ["user,item,age,click,buy"]
+    for _ in range(80):
+        item = rng.randrange(5)
+        click = int(rng.random() < 0.2 + 0.12 * item)
+        lines.append(f"u{rng.randrange(8)},i{item},{rng.gauss(35, 8):.1f},{click},{int(click and rng.random() < 0.5)}")
+    return "\n".join(lines) + "\n"
+
+
+GOOD: dict[str, Any] = {
+    "data": {
+        "source": "data.csv",
+        "split": {"by": "modulo", "modulus": 4, "test": [0], "valid": [1]},
+        "cache_dir": "cache",
+    },
+    "features": {"numeric": ["age"], "categorical": "auto"},
+    "tasks": {"click": {"label": "click"}, "buy": {"label": "buy", "space": "click"}},
+    "model": {"scheme": "mmoe", "embedding_dim": 2, "n_experts": 2, "expert_units": [4], "tower_units": [2]},
+    "train": {"epochs": 1, "batch_size": 32, "threads": 1, "early_stopping": None},
+}
+
+
+def patched(change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    recipe = copy.deepcopy(GOOD)
+    change(recipe)
+    return recipe
+
+
+def setting(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def change(recipe: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        node = recipe
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+
+    return change
+
+
+def dropping(path: str) -> Callable[[dict[str, Any]], None]:
+    def change(recipe: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        node = recipe
+        for part in parents:
+            node = node[part]
+        del node[last]
+
+    return change
+
+
+@dataclass
+class Case:
+    name: str
+    expect: str
+    kind: str = "recipe"  # recipe | data | artifact
+    recipe: dict[str, Any] | str | bytes | None = None  # None: the good recipe
+    data: str | bytes | None = None  # None: the good data
+    command: str = "train"  # check | train | eval | export | resume | predict-free
+    args: list[str] = field(default_factory=list)
+    damage: Callable[[Path], None] | None = None  # applied to a copy of a good run (artifact cases)
+
+
+def rows(text: str) -> str:
+    return "user,item,age,click,buy\n" + text
+
+
+CASES = [
+    # --- recipes ---
+    Case("YAML syntax error", "YAML syntax error", recipe="data: {source: [data.csv\ntasks: {}\n"),
+    Case("tab indentation", "YAML syntax error", recipe="data:\n\tsource: data.csv\n"),
+    Case("empty recipe", "the recipe is empty", recipe=""),
+    Case("recipe is a list", "a recipe is a mapping of sections", recipe="- data\n- tasks\n"),
+    Case("recipe is not UTF-8", "not UTF-8 text", recipe=b"data: {source: \xff\xfe}\n"),
+    Case("recipe file missing", "file not found", recipe="MISSING"),
+    Case(
+        "misspelt section",
+        "modle: unknown key (did you mean 'model'?)",
+        recipe=patched(lambda r: r.update(modle=r.pop("model"))),
+    ),
+    Case(
+        "misspelt train key",
+        "train.epoch: unknown key (did you mean 'epochs'?)",
+        recipe=patched(lambda r: r["train"].update(epoch=r["train"].pop("epochs"))),
+    ),
+    Case(
+        "misspelt scheme",
+        "unknown sharing scheme 'mmoee' (did you mean 'mmoe'?)",
+        recipe=patched(setting("model.scheme", "mmoee")),
+    ),
+    Case(
+        "misspelt weighting",
+        "unknown weighting strategy 'equl' (did you mean 'equal'?)",
+        recipe=patched(setting("loss", {"weighting": "equl"})),
+    ),
+    Case(
+        "scheme parameter of another scheme",
+        "model.bottom_units: unknown key",
+        recipe=patched(setting("model.bottom_units", [8])),
+    ),
+    Case("wrong type", "train.lr: Input should be a valid number", recipe=patched(setting("train.lr", "fast"))),
+    Case(
+        "out-of-range value",
+        "train.batch_size: Input should be greater than 0",
+        recipe=patched(setting("train.batch_size", 0)),
+    ),
+    Case("dropout of 1", "model.dropout: Input should be less than 1", recipe=patched(setting("model.dropout", 1.0))),
+    Case(
+        "unknown split method",
+        "unknown 'by' 'modulus' (did you mean 'modulo'?)",
+        recipe=patched(setting("data.split", {"by": "modulus"})),
+    ),
+    Case(
+        "residue not below modulus", "residue 7 is not below modulus 4", recipe=patched(setting("data.split.test", [7]))
+    ),
+    Case(
+        "random split leaves no train rows",
+        "valid + test must leave rows for train",
+        recipe=patched(setting("data.split", {"by": "random", "valid": 0.6, "test": 0.5})),
+    ),
+    Case(
+        "positive and threshold",
+        "give 'positive' or 'threshold', not both",
+        recipe=patched(setting("tasks.click.label", {"column": "click", "positive": ["1"], "threshold": 0.5})),
+    ),
+    Case(
+        "standardize and minmax",
+        "choose one of standardize and minmax",
+        recipe=patched(setting("features.numeric", {"age": {"transform": ["standardize", "minmax"]}})),
+    ),
+    Case(
+        "early stopping on an unknown task",
+        "unknown task 'clik' (did you mean 'click'?)",
+        recipe=patched(setting("train.early_stopping", {"task": "clik"})),
+    ),
+    Case(
+        "AUC on a regression task",
+        "auc needs binary tasks",
+        recipe=patched(
+            lambda r: (
+                r["tasks"].update(age={"type": "regression", "label": "age"}),
+                r["features"].update(numeric=[]),
+                r["train"].update(early_stopping={"metric": "auc", "task": "age"}),
+            )
+        ),
+    ),
+    Case(
+        "label column as a feature",
+        "is a task's label column; labels are never model inputs",
+        recipe=patched(setting("features.numeric", ["age", "click"])),
+    ),
+    Case(
+        "static weight for an unknown task",
+        "loss.weights.clik: unknown task 'clik'",
+        recipe=patched(setting("loss", {"weighting": "static", "weights": {"clik": 2.0}})),
+    ),
+    Case(
+        "duplicate key",
+        "key given twice in one mapping",
+        recipe="data: {source: data.csv}\ntasks: {click: {label: click}}\ntrain: {lr: 1, lr: 2}\n",
+    ),
+    Case(
+        "space is the task itself",
+        "a task cannot live in its own sample space",
+        recipe=patched(setting("tasks.buy.space", "buy")),
+    ),
+    Case(
+        "CSV without header or columns",
+        "list its column names in 'columns'",
+        recipe=patched(setting("data.header", False)),
+    ),
+    Case("no tasks", "tasks: Dictionary should have at least 1 item", recipe=patched(setting("tasks", {}))),
+    Case("extends a missing recipe", "extends: recipe not found: nowhere.yaml", recipe="extends: nowhere.yaml\n"),
+    Case("extends itself", "recipes extend each other in a loop", recipe="extends: recipe.yaml\n"),
+    Case("--set without =", "expected KEY.PATH=VALUE", args=["--set", "train.lr"]),
+    Case(
+        "--set unknown key",
+        "train.epoch: unknown key (did you mean 'epochs'?) (set with --set)",
+        args=["--set", "train.epoch=3"],
+    ),
+    Case(
+        "--set into a plain value",
+        "cannot set inside 'features.categorical'",
+        args=["--set", "features.categorical.user.min_count=2"],
+    ),
+    Case(
+        "recipe check reports every error",
+        "(3 problems)",
+        command="check",
+        recipe=patched(
+            lambda r: (setting("train.lr", "x")(r), setting("train.epochs", -1)(r), setting("model.n_expert", 2)(r))
+        ),
+    ),
+    # --- data ---
+    Case(
+        "data file missing",
+        "data file not found: nowhere.csv",
+        kind="data",
+        recipe=patched(setting("data.source", "nowhere.csv")),
+    ),
+    Case("empty data file", "the file is empty", kind="data", data=""),
+    Case("header only", "the file has no data rows", kind="data", data="user,item,age,click,buy\n"),
+    Case(
+        "label column absent",
+        "tasks.click.label.column: column 'clik' is not in the data (did you mean 'click'?)",
+        kind="data",
+        recipe=patched(setting("tasks.click.label", "clik")),
+    ),
+    Case(
+        "feature column absent",
+        "features.numeric: column 'agee' is not in the data (did you mean 'age'?)",
+        kind="data",
+        recipe=patched(setting("features.numeric", ["agee"])),
+    ),
+    Case(
+        "excluded column absent",
+        "features.exclude: column 'zip' is not in the data",
+        kind="data",
+        recipe=patched(setting("features.exclude", ["zip"])),
+    ),
+    Case(
+        "pattern matches nothing",
+        "pattern 'num_*' matches no column",
+        kind="data",
+        recipe=patched(setting("features.numeric", ["num_*"])),
+    ),
+    Case(
+        "text in a numeric column",
+        "column 'age' has a value that is not a number: 'old'",
+        kind="data",
+        data=good_data() + "u1,i1,old,1,0\n",
+    ),
+    Case(
+        "binary label not 0/1",
+        "binary label column 'click' holds '2'",
+        kind="data",
+        data=good_data() + "u1,i1,30,2,0\n",
+    ),
+    Case("NaN label", "column 'click' is NaN or infinite", kind="data", data=good_data() + "u1,i1,30,nan,0\n"),
+    Case("empty label", "column 'click' is empty in 1 rows", kind="data", data=good_data() + "u1,i1,30,,0\n"),
+    Case(
+        "empty label inside the space",
+        "empty in 1 rows inside its sample space",
+        kind="data",
+        data=good_data() + "u1,i1,30,1,\n",
+    ),
+    Case(
+        "positive value that never occurs",
+        "'yes' never occurs in column 'click'",
+        kind="data",
+        recipe=patched(setting("tasks.click.label", {"column": "click", "positive": ["yes"]})),
+    ),
+    Case(
+        "wrong number of columns",
+        "the file has 5 columns but data.columns names 3",
+        kind="data",
+        recipe=patched(lambda r: r["data"].update(header=False, columns=["a", "b", "c"])),
+    ),
+    Case(
+        "not UTF-8 data",
+        "it is not UTF-8 text",
+        kind="data",
+        data=good_data().encode() + "u1,\xe9t\xe9,30,1,0\n".encode("latin-1"),
+    ),
+    Case("row with too many fields", "more fields than the header", kind="data", data=good_data() + "u1,i1,30,1,0,9\n"),
+    Case(
+        "row with too few fields", "has 4 fields, not 5 (ragged rows)", kind="data", data=good_data() + "u1,i1,30,1\n"
+    ),
+    Case(
+        "split column absent",
+        "data.split.column: column 'fold' is not in the data",
+        kind="data",
+        recipe=patched(setting("data.split", {"by": "column", "column": "fold"})),
+    ),
+    Case(
+        "empty valid split",
+        "the valid split is empty",
+        kind="data",
+        recipe=patched(
+            setting("data.split", {"by": "column", "column": "user", "train": ["u1", "u2"], "valid": ["nobody"]})
+        ),
+    ),
+    # --- artifacts ---
+    Case(
+        "eval on a directory that is not a run",
+        "not an mtl run directory",
+        kind="artifact",
+        command="eval",
+        damage=lambda run: (run / "model.safetensors").unlink(),
+    ),
+    Case(
+        "eval on a missing directory",
+        "not a directory",
+        kind="artifact",
+        command="eval",
+        damage=lambda run: shutil.rmtree(run),
+    ),
+    Case(
+        "truncated model file",
+        "not a readable safetensors file",
+        kind="artifact",
+        command="eval",
+        damage=lambda run: (run / "model.safetensors").write_bytes((run / "model.safetensors").read_bytes()[:200]),
+    ),
+    Case(
+        "garbage model file",
+        "not a readable safetensors file",
+        kind="artifact",
+        command="eval",
+        damage=lambda run: (run / "model.safetensors").write_bytes(b"\x00" * 64),
+    ),
+    Case(
+        "model file from another tool",
+        "not an mtl model",
+        kind="artifact",
+        command="eval",
+        damage=lambda run: _foreign_safetensors(run / "model.safetensors"),
+    ),
+    Case(
+        "source data changed since training",
+        "the source data changed since this model was trained",
+        kind="artifact",
+        command="eval",
+        damage=lambda run: _append(run.parent / "data.csv", "u1,i1,30,1,0\n"),
+    ),
+    Case(
+        "export onto a directory that is not a bundle",
+        "--force only replaces an mtl bundle",
+        kind="artifact",
+        command="export",
+        args=["--force"],
+        damage=lambda run: _occupy(run.parent / "elsewhere"),
+    ),
+    Case(
+        "train --force onto a directory that is not a run",
+        "--force only replaces an mtl run directory",
+        kind="artifact",
+        command="train-into",
+        args=["--force"],
+        damage=lambda run: _occupy(run.parent / "other"),
+    ),
+    Case(
+        "resume without a checkpoint",
+        "no checkpoint to resume from",
+        kind="artifact",
+        command="resume",
+        damage=lambda run: (run / "checkpoint.safetensors").unlink(),
+    ),
+    Case(
+        "resume with another recipe",
+        "the recipe differs from the run's recipe.yaml",
+        kind="artifact",
+        command="resume",
+        args=["--set", "train.lr=0.5"],
+    ),
+    Case(
+        "resume a run of another data file",
+        "the data changed since the run started",
+        kind="artifact",
+        command="resume",
+        damage=lambda run: _append(run.parent / "data.csv", "u2,i2,31,0,0\n"),
+    ),
+    Case(
+        "corrupt checkpoint",
+        "not a readable checkpoint",
+        kind="artifact",
+        command="resume",
+        damage=lambda run: (run / "checkpoint.safetensors").write_bytes(b"{}"),
+    ),
+    Case(
+        "tampered bundle",
+        "sha256 does not match the manifest",
+        kind="artifact",
+        command="load-bundle",
+        damage=lambda run: None,
+    ),
+]
+
+
+def _append(path: Path, text: str) -> None:
+    path.write_text(path.read_text() + text)
+
+
+def _occupy(directory: Path) -> None:
+    directory.mkdir()
+    (directory / "notes.txt").write_text("mine")
+
+
+def _foreign_safetensors(path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(path))
+
+
+runner = CliRunner()
+
+
+def write_inputs(work: Path, case: Case) -> Path:
+    data = good_data() if case.data is None else case.data
+    (work / "data.csv").write_bytes(data if isinstance(data, bytes) else data.encode())
+    recipe = work / "recipe.yaml"
+    if case.recipe == "MISSING":
+        return work / "missing.yaml"
+    body = GOOD if case.recipe is None else case.recipe
+    if isinstance(body, dict):
+        body = yaml.safe_dump(body, sort_keys=False)
+    recipe.write_bytes(body if isinstance(body, bytes) else body.encode())
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("good")
+    make_good_run(work)
+    return work
+
+
+def make_good_run(work: Path) -> None:
+    recipe = write_inputs(work, Case("good", ""))
+    previous = Path.cwd()
+    os.chdir(work)
+    try:
+        result = runner.invoke(app, ["train", str(recipe), "--out", "run", "--quiet"])
+        assert result.exit_code == 0, result.output
+        result = runner.invoke(app, ["export", "run", "--out", "bundle"])
+        assert result.exit_code == 0, result.output
+    finally:
+        os.chdir(previous)
+
+
+def run_case(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, good: Path | None) -> tuple[int, str, Path]:
+    if case.kind == "artifact":
+        assert good is not None
+        work = tmp_path / "work"
+        shutil.copytree(good, work)
+        shutil.rmtree(work / "cache")  # re-encoded from data.csv where needed
+        monkeypatch.chdir(work)
+        if case.damage is not None:
+            case.damage(work / "run")
+        recipe = work / "recipe.yaml"
+        if case.command == "eval":
+            argv = ["eval", "run"]
+        elif case.command == "export":
+            argv = ["export", "run", "--out", "elsewhere"]
+        elif case.command == "train-into":
+            argv = ["train", str(recipe), "--out", "other", "--quiet"]
+        elif case.command == "load-bundle":
+            model = work / "bundle" / "model.safetensors"
+            raw = bytearray(model.read_bytes())
+            raw[-1] ^= 0xFF
+            model.write_bytes(bytes(raw))
+            from mtlcli.errors import MtlError
+            from mtlcli.export.bundle import load_bundle
+
+            with pytest.raises(MtlError) as caught:
+                load_bundle(work / "bundle")
+            return 2, str(caught.value), work
+        else:
+            argv = ["train", str(recipe), "--out", "run", "--resume", "--quiet"]
+        result = runner.invoke(app, argv + case.args)
+        return result.exit_code, result.output, work
+    monkeypatch.chdir(tmp_path)
+    recipe = write_inputs(tmp_path, case)
+    if case.command == "check":
+        argv = ["recipe", "check", str(recipe)]
+    else:
+        argv = ["train", str(recipe), "--out", str(tmp_path / "run"), "--quiet"]
+    result = runner.invoke(app, argv + case.args)
+    return result.exit_code, result.output, tmp_path
+
+
+def test_the_corpus_is_large_enough() -> None:
+    assert len(CASES) >= 40
+    assert len({c.name for c in CASES}) == len(CASES)
+    assert {c.kind for c in CASES} == {"recipe", "data", "artifact"}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_gives_one_clear_message_and_exit_2(
+    case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    good = request.getfixturevalue("good_run") if case.kind == "artifact" else None
+    code, output, work = run_case(case, tmp_path, monkeypatch, good)
+    assert code == 2, output
+    assert "Traceback" not in output
+    assert case.expect in " ".join(output.split()), output
+    if case.kind != "artifact":
+        assert not (work / "run").exists(), "a failed run left a run directory behind"
+        leftovers = [p for p in (work / "cache").rglob("*")] if (work / "cache").exists() else []
+        assert not [p for p in leftovers if p.name.endswith(".tmp")], "partial cache entry left behind"
+
+
+def render_markdown() -> str:  # pragma: no cover - documentation helper
+    import tempfile
+
+    out = [
+        "# Errors: the bad-input corpus",
+        "",
+        "Every case below is a test in `tests/test_bad_inputs.py`: the command exits with code 2 and",
+        "prints one message naming what is wrong and where (file, line, YAML path, column or row), with",
+        "a hint, never a traceback, and leaves no partial output behind. Messages as printed:",
+        "",
+    ]
+    section = ""
+    titles = {"recipe": "Recipes", "data": "Data", "artifact": "Artifacts (runs, checkpoints, bundles)"}
+    good: Path | None = None
+    for case in CASES:
+        if case.kind != section:
+            section = case.kind
+            out += ["", f"## {titles[section]}", "", "| case | message |", "|---|---|"]
+        with tempfile.TemporaryDirectory() as tmp:
+            if case.kind == "artifact" and good is None:
+                good = Path(tempfile.mkdtemp())
+                make_good_run(good)
+            patcher = pytest.MonkeyPatch()
+            try:
+                _, output, _ = run_case(case, Path(tmp), patcher, good)
+            finally:
+                patcher.undo()
+        message = " ".join(output.replace(tmp, "…").split()).replace("|", "\\|")
+        out.append(f"| {case.name} | `{message}` |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.stdout.write(render_markdown())
