@@ -44,7 +44,7 @@ GOOD: dict[str, Any] = {
 }
 
 
-def patched(change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+def patched(change: Callable[[dict[str, Any]], object]) -> dict[str, Any]:
     recipe = copy.deepcopy(GOOD)
     change(recipe)
     return recipe
@@ -81,7 +81,7 @@ class Case:
     data: str | bytes | None = None  # None: the good data
     command: str = "train"  # check | train | eval | export | resume | predict-free
     args: list[str] = field(default_factory=list)
-    damage: Callable[[Path], None] | None = None  # applied to a copy of a good run (artifact cases)
+    damage: Callable[[Path], object] | None = None  # applied to a copy of a good run (artifact cases)
 
 
 def rows(text: str) -> str:
