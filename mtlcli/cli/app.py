@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from mtlcli import __version__
-from mtlcli.cli import evaluate, export, preprocess, recipe_cmd, train
+from mtlcli.cli import evaluate, export, predict, preprocess, recipe_cmd, train
 
 app = typer.Typer(
     name="mtl",
@@ -22,6 +22,7 @@ app.command("preprocess")(preprocess.command)
 app.command("train")(train.command)
 app.command("eval")(evaluate.command)
 app.command("export")(export.command)
+app.command("predict")(predict.command)
 
 
 def _version(value: bool) -> None:

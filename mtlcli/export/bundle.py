@@ -12,18 +12,30 @@ from typing import Any
 import torch
 
 from mtlcli import __version__
-from mtlcli.errors import ArtifactError
+from mtlcli.errors import ArtifactError, MtlError
 from mtlcli.fileio import atomic_dir, sha256_file, write_json, write_text
 from mtlcli.recipe import recipe_to_yaml
 from mtlcli.train.checkpoint import LoadedModel, load_model, save_model
 from mtlcli.train.run import load_run
 
 BUNDLE_FILES = ("model.safetensors", "recipe.yaml", "schema.json")
+ONNX_FILE = "model.onnx"
+ONNX_OPSET = 17
+ONNX_TOLERANCE = 1e-5
+FORMATS = ("safetensors", "onnx")
 
 
-def export_bundle(run_dir: Path, out: Path, force: bool = False) -> dict[str, Any]:
-    """Write the bundle for a run into ``out`` (atomically). Returns the manifest."""
+def export_bundle(run_dir: Path, out: Path, force: bool = False, fmt: str = "safetensors") -> dict[str, Any]:
+    """Write the bundle for a run into ``out`` (atomically). Returns the manifest.
+
+    ``fmt="onnx"`` adds model.onnx, exported from the same weights and checked against PyTorch;
+    the bundle is not written when the two disagree.
+    """
+    if fmt not in FORMATS:
+        raise MtlError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
     loaded = load_run(run_dir)
+    if fmt == "onnx":
+        _require_onnx()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not force:
             raise ArtifactError(f"{out}: exists and is not empty", "choose another --out, or pass --force")
@@ -35,6 +47,11 @@ def export_bundle(run_dir: Path, out: Path, force: bool = False) -> dict[str, An
         save_model(loaded.model, tmp / "model.safetensors", loaded.recipe, loaded.schema)
         write_text(tmp / "recipe.yaml", recipe_to_yaml(loaded.recipe))
         loaded.schema.save(tmp / "schema.json")
+        names = list(BUNDLE_FILES)
+        onnx_info: dict[str, Any] = {}
+        if fmt == "onnx":
+            onnx_info = export_onnx(loaded.model, loaded.schema, tmp / ONNX_FILE)
+            names.append(ONNX_FILE)
         manifest = {
             "format": "mtlcli-bundle",
             "version": 1,
@@ -44,9 +61,11 @@ def export_bundle(run_dir: Path, out: Path, force: bool = False) -> dict[str, An
             "scheme": loaded.recipe.model.scheme,
             "tasks": loaded.schema.task_names,
             "files": {
-                name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size} for name in BUNDLE_FILES
+                name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size} for name in names
             },
         }
+        if onnx_info:
+            manifest["onnx"] = onnx_info
         write_json(tmp / "manifest.json", manifest)
     return manifest
 
@@ -63,12 +82,113 @@ def load_bundle(bundle: Path) -> LoadedModel:
         files = manifest["files"]
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{manifest_file}: damaged manifest ({exc!r})", "re-export the bundle") from None
-    for name in BUNDLE_FILES:
+    if not isinstance(files, dict):
+        raise ArtifactError(f"{manifest_file}: damaged manifest (no file list)", "re-export the bundle")
+    for name in dict.fromkeys([*BUNDLE_FILES, *files]):
         path = bundle / name
+        if Path(name).name != name:
+            raise ArtifactError(f"{manifest_file}: damaged manifest (file name {name!r})", "re-export the bundle")
         if not path.is_file():
             raise ArtifactError(f"{bundle}: {name} is missing", "re-export the bundle")
-        if name not in files or sha256_file(path) != files[name].get("sha256"):
+        entry = files.get(name)
+        if not isinstance(entry, dict) or sha256_file(path) != entry.get("sha256"):
             raise ArtifactError(
                 f"{path}: sha256 does not match the manifest (changed or truncated)", "re-export the bundle"
             )
     return load_model(bundle / "model.safetensors")
+
+
+def is_bundle(path: Path) -> bool:
+    return (path / "manifest.json").is_file()
+
+
+# --- ONNX ---------------------------------------------------------------------------------------
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise MtlError(
+            f"ONNX needs the optional packages onnx and onnxruntime ({exc.name} is not installed)",
+            "pip install 'mtlcli[onnx]'",
+        ) from None
+
+
+def _onnx_samples(schema: Any, rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoded inputs covering every id of every categorical feature, and normal numeric values."""
+    generator = torch.Generator().manual_seed(seed)
+    cards = torch.tensor(schema.cardinalities, dtype=torch.float64)
+    uniform = torch.rand((rows, len(schema.categorical)), generator=generator, dtype=torch.float64)
+    categorical = (uniform * cards).long()
+    numeric = torch.randn((rows, len(schema.numeric)), generator=generator)
+    return categorical, numeric
+
+
+def export_onnx(model: torch.nn.Module, schema: Any, path: Path, check_rows: int = 4096) -> dict[str, Any]:
+    """Export ``model`` to ONNX with inputs (categorical int64 [B, F_cat], numeric float32 [B, F_num])
+    and output logits float32 [B, T], B dynamic; then run onnxruntime against PyTorch on sample rows
+    (several batch sizes) and raise if any output differs by more than ONNX_TOLERANCE.
+
+    Uses the TorchScript exporter (``dynamo=False``): the torch.export one needs onnxscript and
+    takes seconds where this takes well under one.
+    """
+    import warnings
+
+    import onnxruntime
+
+    from mtlcli.export.predict import BatchInputs
+
+    wrapped = BatchInputs(model, len(schema.tasks)).eval()
+    example = _onnx_samples(schema, 8)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapped,
+            example,
+            str(path),
+            dynamo=False,
+            input_names=["categorical", "numeric"],
+            output_names=["logits"],
+            dynamic_axes={"categorical": {0: "batch"}, "numeric": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=ONNX_OPSET,
+        )
+    session = onnx_session(path)
+    worst = 0.0
+    for rows in (1, 7, check_rows):
+        categorical, numeric = _onnx_samples(schema, rows, seed=rows)
+        with torch.no_grad():
+            expected = wrapped(categorical, numeric)
+        got = session.run(None, {"categorical": categorical.numpy(), "numeric": numeric.numpy()})[0]
+        worst = max(worst, float((torch.from_numpy(got) - expected).abs().max()))
+    if not worst <= ONNX_TOLERANCE:
+        raise ArtifactError(
+            f"the ONNX model's outputs differ from PyTorch's by up to {worst:.3g} (> {ONNX_TOLERANCE})",
+            "the bundle was not written; export without --format onnx, or report the model's scheme",
+        )
+    return {"opset": ONNX_OPSET, "onnxruntime_version": onnxruntime.__version__, "max_abs_diff": worst}
+
+
+def onnx_session(path: Path) -> Any:
+    """An onnxruntime session (CPU) for a model.onnx."""
+    _require_onnx()
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ArtifactError(f"{path}: onnxruntime cannot load it ({exc})", "re-export the bundle") from None
+
+
+def bundle_onnx_session(bundle: Path) -> Any:
+    """The onnxruntime session of a bundle exported with --format onnx (call load_bundle first: it checks sha256)."""
+    try:
+        listed = ONNX_FILE in json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = False
+    if not listed or not (bundle / ONNX_FILE).is_file():
+        raise ArtifactError(f"{bundle}: has no {ONNX_FILE}", "export it with `mtl export RUN --out B --format onnx`")
+    return onnx_session(bundle / ONNX_FILE)

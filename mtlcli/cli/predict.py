@@ -1,0 +1,105 @@
+"""`mtl predict`."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mtlcli.cli.common import handle_errors
+
+
+@handle_errors
+def command(
+    bundle: Annotated[Path, typer.Argument(help="A bundle directory written by `mtl export`.")],
+    input: Annotated[
+        str,
+        typer.Option("--input", "-i", help="Raw rows in the recipe's source format; '-' for stdin (gzip is read too)."),
+    ] = "-",
+    output: Annotated[str, typer.Option("--output", "-o", help="Where to write; '-' for stdout.")] = "-",
+    fmt: Annotated[str, typer.Option("--format", "-f", help="Output format: csv, jsonl or parquet.")] = "csv",
+    keep: Annotated[
+        str | None, typer.Option("--keep", help="Input columns to pass through, comma-separated (e.g. id,item).")
+    ] = None,
+    score: Annotated[
+        str | None,
+        typer.Option("--score", help='Add a fused ranking column: product of task^power, e.g. "click^1 * like^0.5".'),
+    ] = None,
+    score_factor: Annotated[
+        str | None, typer.Option("--score-factor", help="Numeric input column that multiplies the score.")
+    ] = None,
+    header: Annotated[
+        bool | None,
+        typer.Option(
+            "--header/--no-header",
+            help="Whether the input's first line names its columns (default: as the recipe says). "
+            "With a header, columns are matched by name and may come in any order.",
+        ),
+    ] = None,
+    engine: Annotated[
+        str, typer.Option("--engine", help="torch, or onnxruntime (bundles exported with --format onnx).")
+    ] = "torch",
+    chunk_rows: Annotated[int, typer.Option("--chunk-rows", help="Rows read, scored and written at a time.")] = 50_000,
+) -> None:
+    """Score raw rows with a bundle: one probability column per binary task (a value per
+    regression task), the --keep columns first and an optional fused score last.
+
+    Rows are read, encoded with the bundle's schema (unseen categories get the out-of-vocabulary
+    id) and written chunk by chunk, so memory stays flat and it works in pipes:
+    zcat rows.gz | mtl predict BUNDLE | head. Label columns may be absent.
+    """
+    import tempfile
+
+    from mtlcli.errors import MtlError
+    from mtlcli.export.bundle import bundle_onnx_session, load_bundle
+    from mtlcli.export.predict import (
+        InputFormat,
+        OnnxScorer,
+        Scorer,
+        ScoreSpec,
+        TorchScorer,
+        check_output_names,
+        open_input,
+        parse_score,
+        predict_chunks,
+        read_chunks,
+        write_chunks,
+    )
+    from mtlcli.fileio import atomic_path
+
+    if fmt not in ("csv", "jsonl", "parquet"):
+        raise typer.BadParameter(f"{fmt!r} is not one of csv, jsonl, parquet", param_hint="--format")
+    if engine not in ("torch", "onnxruntime"):
+        raise typer.BadParameter(f"{engine!r} is not one of torch, onnxruntime", param_hint="--engine")
+    if score_factor and not score:
+        raise MtlError("--score-factor needs --score")
+    loaded = load_bundle(bundle)
+    schema = loaded.schema
+    keep_columns = [c.strip() for c in keep.split(",") if c.strip()] if keep else []
+    spec = ScoreSpec(parse_score(score, schema.task_names), score_factor) if score else None
+    check_output_names(schema, keep_columns, spec is not None)
+    scorer: Scorer = (
+        OnnxScorer(bundle_onnx_session(bundle))
+        if engine == "onnxruntime"
+        else TorchScorer(loaded.model, len(schema.tasks))
+    )
+    name = "standard input" if input == "-" else input
+    layout = InputFormat.from_recipe(loaded.recipe, schema, input, header)
+    stream = open_input(input, sys.stdin.buffer)
+    frames = predict_chunks(read_chunks(stream, layout, name, chunk_rows), schema, scorer, keep_columns, spec)
+    with tempfile.TemporaryDirectory(prefix="mtl-predict-") as spool:
+        if output == "-":
+            try:
+                write_chunks(frames, fmt, sys.stdout.buffer, Path(spool))
+                sys.stdout.buffer.flush()
+            except BrokenPipeError:
+                # The reader went away (`| head`): stop quietly, and keep Python's exit flush from failing too.
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                raise typer.Exit(0) from None
+        else:
+            with atomic_path(Path(output)) as tmp, tmp.open("wb") as sink:
+                write_chunks(frames, fmt, sink, Path(spool))

@@ -1,0 +1,399 @@
+"""Scoring raw rows with a bundle: read in chunks, encode with the bundle's schema, predict, fuse.
+
+Everything here is a pure function or a generator; nothing prints. ``predict_chunks`` yields one
+output frame per input chunk, so memory stays flat however long the input is.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import itertools
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Literal, Protocol
+
+import numpy as np
+import polars as pl
+import torch
+from torch import Tensor, nn
+
+from mtlcli.data.batch import Batch, SplitTensors
+from mtlcli.data.preprocess import (
+    LABEL_PREFIX,
+    ROW_COLUMN,
+    _numeric,
+    _require_columns,
+    encode_categorical,
+    encode_numeric,
+    make_labels,
+)
+from mtlcli.data.schema import DataSchema
+from mtlcli.errors import DataError, MtlError
+from mtlcli.recipe.schema import Recipe
+from mtlcli.registry import did_you_mean
+
+DEFAULT_CHUNK_ROWS = 50_000
+Engine = Literal["torch", "onnxruntime"]
+
+
+# --- reading raw rows in chunks -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputFormat:
+    """How raw rows are laid out: the recipe's data section, with ``header`` overridable."""
+
+    fmt: Literal["csv", "parquet"]
+    header: bool
+    columns: list[str] | None
+    separator: str
+    strip: bool
+    missing: list[str]
+    labels: tuple[str, ...] = ()  # columns that header-less rows may leave out
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, schema: DataSchema, name: str, header: bool | None = None) -> InputFormat:
+        data = recipe.data
+        fmt: Literal["csv", "parquet"]
+        fmt = ("parquet" if name.endswith((".parquet", ".pq")) else "csv") if data.format == "auto" else data.format
+        use_header = data.header if header is None else header
+        # A file with its own header names its columns; the recipe's list is for header-less files.
+        columns = None if (header and not data.header) else data.columns
+        labels = tuple(t.column for t in schema.tasks)
+        separator = data.separator.strip() or data.separator
+        return cls(fmt, use_header, columns, separator, data.strip, list(data.missing), labels)
+
+
+def open_input(source: str | Path, stdin: IO[bytes] | None = None) -> IO[bytes]:
+    """A binary stream for a path or ``-`` (stdin); gzip is recognised by its magic bytes."""
+    if str(source) == "-":
+        if stdin is None:
+            raise DataError("--input -: no standard input")
+        stream: Any = stdin if hasattr(stdin, "peek") else io.BufferedReader(stdin)  # type: ignore[type-var]
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise DataError(f"{source}: input file not found", "give a CSV/Parquet file, or - for standard input")
+        stream = path.open("rb")
+    if stream.peek(2)[:2] == b"\x1f\x8b":
+        return io.BufferedReader(gzip.GzipFile(fileobj=stream))
+    return stream  # type: ignore[no-any-return]
+
+
+def read_chunks(stream: IO[bytes], layout: InputFormat, name: str, chunk_rows: int) -> Iterator[pl.DataFrame]:
+    """Raw rows as frames of at most ``chunk_rows`` rows, cleaned like preprocessing does (names
+    from the header or the recipe, values stripped, missing markers -> null) with a ``__row`` index.
+
+    CSV is split at line ends, so a quoted value must not contain a newline. Parquet needs the
+    whole stream (it is read from the end), then is sliced.
+    """
+    if chunk_rows < 1:
+        raise DataError(f"--chunk-rows must be at least 1, not {chunk_rows}")
+    offset = 0
+    if layout.fmt == "parquet":
+        try:
+            frame = pl.read_parquet(stream)
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise DataError(f"{name}: cannot read it as Parquet: {_first_line(exc)}") from None
+        if frame.height == 0:
+            raise DataError(f"{name}: the input has no data rows", "give at least one row to score")
+        for start in range(0, frame.height, chunk_rows):
+            yield _clean(frame.slice(start, chunk_rows), layout, offset=start)
+        return
+    names = layout.columns
+    if layout.header:
+        first = stream.readline()
+        if not first.strip():
+            raise DataError(f"{name}: the input is empty (no header line)", "give at least one row to score")
+        header = _parse_csv(first, layout, name, None, has_header=True).columns
+        if layout.columns is None:
+            names = [c.strip() for c in header] if layout.strip else header
+        elif len(header) != len(layout.columns):
+            raise DataError(
+                f"{name}: the header has {len(header)} columns but data.columns names {len(layout.columns)}",
+                "list exactly one name per column, in file order",
+            )
+    lines = iter(stream)
+    while True:
+        block = list(itertools.islice(lines, chunk_rows))
+        if not block:
+            break
+        raw = _parse_csv(b"".join(block), layout, name, names)
+        yield _clean(raw, layout, offset)
+        offset += raw.height
+    if offset == 0:
+        raise DataError(f"{name}: the input has no data rows", "give at least one row to score")
+
+
+def _parse_csv(
+    data: bytes, layout: InputFormat, name: str, names: list[str] | None, has_header: bool = False
+) -> pl.DataFrame:
+    try:
+        frame = pl.read_csv(data, has_header=has_header, separator=layout.separator, infer_schema=False, quote_char='"')
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise DataError(
+            f"{name}: cannot read it as CSV: {_first_line(exc)}", "check the separator and the header option"
+        ) from None
+    if names is not None:
+        short = [c for c in names if c not in layout.labels]
+        if frame.width == len(short) and frame.width != len(names):
+            names = short  # rows without the label columns
+        if frame.width != len(names):
+            raise DataError(
+                f"{name}: a row has {frame.width} columns but {len(names)} are expected ({', '.join(names[:6])}, ...)",
+                "give rows in the recipe's column order, or a file with a header (--header)",
+            )
+        frame.columns = names
+    return frame
+
+
+def _clean(frame: pl.DataFrame, layout: InputFormat, offset: int) -> pl.DataFrame:
+    strings = [c for c, t in frame.schema.items() if t == pl.String]
+    exprs = []
+    for column in strings:
+        col = pl.col(column).str.strip_chars() if layout.strip else pl.col(column)
+        exprs.append(pl.when(col.is_in(layout.missing)).then(None).otherwise(col).alias(column))
+    return frame.with_columns(exprs).with_row_index(ROW_COLUMN, offset=offset)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# --- encoding -------------------------------------------------------------------------------------
+
+
+def encode_inputs(frame: pl.DataFrame, schema: DataSchema) -> tuple[Tensor, Tensor]:
+    """Raw rows -> (categorical int64 [N, F_cat], numeric float32 [N, F_num]), exactly as
+    preprocessing encoded the training data (unseen values -> id 0, missing -> id 1)."""
+    needed = [f.name for f in schema.categorical] + [f.name for f in schema.numeric]
+    _require_columns(frame, needed, "input")
+    n = frame.height
+    cats = [encode_categorical(frame.get_column(f.name), f) for f in schema.categorical]
+    nums = [encode_numeric(_numeric(frame, f.name, f"input column {f.name!r}"), f) for f in schema.numeric]
+    categorical = (
+        torch.from_numpy(np.require(pl.DataFrame(cats).to_numpy(), np.int64, ["C", "W"]))
+        if cats
+        else torch.zeros((n, 0), dtype=torch.int64)
+    )
+    numeric = (
+        torch.from_numpy(np.require(pl.DataFrame(nums).to_numpy(), np.float32, ["C", "W"]))
+        if nums
+        else torch.zeros((n, 0), dtype=torch.float32)
+    )
+    return categorical, numeric
+
+
+# --- running the model ------------------------------------------------------------------------------
+
+
+class Scorer(Protocol):
+    def __call__(self, categorical: Tensor, numeric: Tensor) -> Tensor:
+        """Encoded inputs -> logits [N, T]."""
+        ...
+
+
+class TorchScorer:
+    def __init__(self, model: nn.Module, n_tasks: int, batch_size: int = 65536) -> None:
+        self.model = model.eval()
+        self.n_tasks = n_tasks
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, categorical: Tensor, numeric: Tensor) -> Tensor:
+        n = categorical.shape[0]
+        labels = torch.zeros((n, self.n_tasks))
+        data = SplitTensors(categorical, numeric, labels, torch.ones_like(labels, dtype=torch.bool))
+        outs = [self.model(batch) for batch in data.batches(self.batch_size)]
+        return torch.cat(outs) if outs else labels
+
+
+class OnnxScorer:
+    def __init__(self, session: Any) -> None:
+        self.session = session
+
+    def __call__(self, categorical: Tensor, numeric: Tensor) -> Tensor:
+        out = self.session.run(None, {"categorical": categorical.numpy(), "numeric": numeric.numpy()})[0]
+        return torch.from_numpy(out)
+
+
+class BatchInputs(nn.Module):
+    """The model as a function of the two encoded tensors (what ONNX export traces)."""
+
+    def __init__(self, model: nn.Module, n_tasks: int) -> None:
+        super().__init__()
+        self.model = model
+        self.n_tasks = n_tasks
+
+    def forward(self, categorical: Tensor, numeric: Tensor) -> Tensor:
+        n = categorical.shape[0]
+        labels = torch.zeros((n, self.n_tasks), dtype=numeric.dtype)
+        return self.model(Batch(categorical, numeric, labels, torch.ones_like(labels, dtype=torch.bool)))
+
+
+def task_outputs(logits: Tensor, schema: DataSchema) -> dict[str, np.ndarray]:
+    """Per task: the probability (float64 sigmoid of the logit) for binary tasks, the value otherwise."""
+    z = logits.double().numpy()
+    out = {}
+    for k, task in enumerate(schema.tasks):
+        out[task.name] = 1.0 / (1.0 + np.exp(-z[:, k])) if task.type == "binary" else z[:, k].copy()
+    return out
+
+
+# --- score fusion ------------------------------------------------------------------------------------
+
+_TOKEN = re.compile(
+    r"\s*(?:(?P<number>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)|(?P<name>[A-Za-z_][\w.\-]*)|(?P<op>[*^]))"
+)
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """score = Π_k p_k^{w_k} (× factor column): the PLE paper's ranking fusion."""
+
+    weights: dict[str, float]
+    factor: str | None = None
+
+    def apply(self, outputs: dict[str, np.ndarray], factor: np.ndarray | None) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            score = np.ones_like(next(iter(outputs.values())))
+            for task, weight in self.weights.items():
+                score = score * np.power(outputs[task], weight)
+            if factor is not None:
+                score = score * factor
+        return score
+
+
+def parse_score(expression: str, tasks: list[str]) -> dict[str, float]:
+    """Parse ``"click^1 * like^0.5"`` into {task: power}. A bare name has power 1. Never evaluates code."""
+    tokens: list[tuple[str, str]] = []
+    position = 0
+    text = expression.rstrip()
+    while position < len(text):
+        match = _TOKEN.match(text, position)
+        if match is None or match.end() == position:
+            raise MtlError(
+                f"--score: cannot read {text[position:].strip()!r} in {expression!r}",
+                'write task^power terms joined by *, e.g. "click^1 * like^0.5"',
+            )
+        kind = match.lastgroup or ""
+        tokens.append((kind, match.group(kind)))
+        position = match.end()
+    weights: dict[str, float] = {}
+    index = 0
+
+    def fail(why: str) -> MtlError:
+        return MtlError(
+            f"--score: {why} in {expression!r}", 'write task^power terms joined by *, e.g. "click^1 * like^0.5"'
+        )
+
+    while True:
+        if index >= len(tokens) or tokens[index][0] != "name":
+            raise fail("expected a task name")
+        name = tokens[index][1]
+        if name not in tasks:
+            raise MtlError(
+                f"--score: {name!r} is not a task of this model{did_you_mean(name, tasks)}",
+                f"tasks: {', '.join(tasks)}",
+            )
+        if name in weights:
+            raise fail(f"{name!r} appears twice")
+        index += 1
+        power = 1.0
+        if index < len(tokens) and tokens[index] == ("op", "^"):
+            if index + 1 >= len(tokens) or tokens[index + 1][0] != "number":
+                raise fail(f"expected a number after {name}^")
+            power = float(tokens[index + 1][1])
+            if not math.isfinite(power):
+                raise fail(f"the power of {name} is not finite")
+            index += 2
+        weights[name] = power
+        if index == len(tokens):
+            return weights
+        if tokens[index] != ("op", "*"):
+            raise fail(f"expected * after {name}")
+        index += 1
+
+
+# --- the whole pipeline ----------------------------------------------------------------------------
+
+
+def predict_chunks(
+    chunks: Iterator[pl.DataFrame],
+    schema: DataSchema,
+    scorer: Scorer,
+    keep: list[str] | None = None,
+    score: ScoreSpec | None = None,
+) -> Iterator[pl.DataFrame]:
+    """For each raw chunk: the ``keep`` columns (as read), one column per task, then ``score``."""
+    keep = keep or []
+    for chunk in chunks:
+        extra = keep + ([score.factor] if score and score.factor else [])
+        _require_columns(chunk, extra, "--keep/--score-factor")
+        categorical, numeric = encode_inputs(chunk, schema)
+        outputs = task_outputs(scorer(categorical, numeric), schema)
+        columns = [chunk.get_column(c) for c in keep]
+        columns += [pl.Series(name, values) for name, values in outputs.items()]
+        if score is not None:
+            factor = None
+            if score.factor:
+                factor = _numeric(chunk, score.factor, "--score-factor").to_numpy()
+            columns.append(pl.Series("score", score.apply(outputs, factor), nan_to_null=True))
+        yield pl.DataFrame(columns)
+
+
+def labelled_tensors(frame: pl.DataFrame, recipe: Recipe, schema: DataSchema) -> SplitTensors:
+    """A labelled raw frame -> encoded tensors with labels (for evaluating a bundle)."""
+    categorical, numeric = encode_inputs(frame, schema)
+    labels_frame = make_labels(frame, recipe)
+    names = [LABEL_PREFIX + t for t in schema.task_names]
+    labels = torch.from_numpy(np.require(labels_frame.select(names).to_numpy(), np.float32, ["C", "W"]))
+    return SplitTensors(categorical, numeric, labels, torch.ones_like(labels, dtype=torch.bool))
+
+
+def output_columns(schema: DataSchema, keep: list[str] | None, score: bool) -> list[str]:
+    return [*(keep or []), *schema.task_names, *(["score"] if score else [])]
+
+
+def check_output_names(schema: DataSchema, keep: list[str], score: bool) -> None:
+    taken = set(schema.task_names) | ({"score"} if score else set())
+    clash = [c for c in keep if c in taken]
+    if clash:
+        raise MtlError(f"--keep: {clash[0]!r} is also an output column name", "keep other columns, or rename the input")
+    if len(set(keep)) != len(keep):
+        raise MtlError("--keep: a column is listed twice")
+
+
+def write_chunks(frames: Iterator[pl.DataFrame], fmt: str, sink: IO[bytes], spool: Path | None = None) -> int:
+    """Write frames as CSV (one header), JSON lines or Parquet; returns the rows written.
+
+    Parquet cannot be appended to: each chunk goes to a part file under ``spool`` (a scratch
+    directory), and the parts are streamed into one file at the end.
+    """
+    rows = 0
+    if fmt == "parquet":
+        if spool is None:
+            raise ValueError("parquet output needs a spool directory")
+        parts = []
+        for index, frame in enumerate(frames):
+            part = spool / f"part-{index:06d}.parquet"
+            frame.write_parquet(part)
+            parts.append(part)
+            rows += frame.height
+        if parts:
+            pl.scan_parquet(parts).sink_parquet(sink)
+        return rows
+    for index, frame in enumerate(frames):
+        buffer = io.BytesIO()
+        if fmt == "csv":
+            frame.write_csv(buffer, include_header=index == 0)
+        else:
+            frame.write_ndjson(buffer)
+        sink.write(buffer.getvalue())
+        rows += frame.height
+    return rows
