@@ -9,7 +9,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from mtlcli.data.batch import SplitTensors
+from mtlcli.models import SCHEMES, InputSpec, build_model
 from mtlcli.recipe import recipe_from_text
+from mtlcli.recipe.schema import EarlyStopping, TrainSection
+from mtlcli.train.loop import NullObserver, fit
 from mtlcli.weighting import WEIGHTINGS, build_weighting
 from mtlcli.weighting.cagrad import cagrad_coefficients
 from mtlcli.weighting.gradients import backward_with_shared
@@ -325,3 +329,25 @@ def test_state_dict_round_trip_continues_identically(name: str) -> None:
     second = build(name, per="step") if name == "ple_decay" else build(name)
     second.load_state_dict({k: v.clone() for k, v in first.state_dict().items()})
     assert run(first, 3) == run(second, 3)
+
+
+# --- early stopping -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", WEIGHTINGS.names())
+def test_strategy_keeps_finite_weights_through_early_stopping(name: str) -> None:
+    def split(n: int, seed: int) -> SplitTensors:
+        gen = torch.Generator().manual_seed(seed)
+        cats = torch.randint(0, 4, (n, 1), generator=gen)
+        labels = torch.rand(n, 2, generator=gen).lt(0.5).float()  # noise: valid AUC soon stops improving
+        return SplitTensors(cats, torch.randn(n, 1, generator=gen), labels, torch.ones_like(labels, dtype=torch.bool))
+
+    torch.manual_seed(0)
+    inputs = InputSpec(cardinalities=[4], n_numeric=1, tasks=TASKS, task_types=["binary", "binary"])
+    model = build_model("mmoe", SCHEMES.get("mmoe").params(), inputs)
+    strategy = build(name)
+    settings = TrainSection(epochs=8, batch_size=32, early_stopping=EarlyStopping(patience=1), lr=0.05)
+    result = fit(model, strategy, split(128, 1), split(64, 2), settings, TASKS, ["binary"] * 2, NullObserver())
+    assert result.stopped_early
+    for record in result.history:
+        assert all(math.isfinite(v) for v in record["weights"].values())

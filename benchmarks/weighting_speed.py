@@ -1,0 +1,82 @@
+"""Training throughput of every loss-weighting strategy relative to `equal`, on census MMoE.
+
+Run by hand from the repository root (not part of the tests):
+
+    python benchmarks/weighting_speed.py [--rounds 3] [--epochs 2] [NAME ...]
+
+Each round trains every strategy for a few epochs in turn (interleaved, so that a busy machine
+slows them alike); the figure per strategy is its fastest epoch over all rounds, the least
+disturbed one, and the ratio to `equal`'s. Prints a JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.*` when run as a script
+
+from benchmarks.train_speed import REFERENCE
+from mtlcli.data.preprocess import prepare
+from mtlcli.models import build_model
+from mtlcli.recipe import load_recipe
+from mtlcli.train.checkpoint import input_spec
+from mtlcli.train.loop import NullObserver, fit
+from mtlcli.weighting import WEIGHTINGS, build_weighting
+
+
+def epoch_speeds(recipe_file: str, name: str, epochs: int) -> list[float]:
+    recipe = load_recipe(
+        recipe_file, [*REFERENCE, f"train.epochs={epochs}", "train.threads=1", f"loss.weighting={name}"]
+    )
+    prepared = prepare(recipe)
+    torch.manual_seed(recipe.train.seed)
+    torch.set_num_threads(1)
+    schema = prepared.schema
+    model = build_model(recipe.model.scheme, recipe.model.params, input_spec(schema))
+    strategy = build_weighting(name, recipe.loss.params, schema.task_names)
+    types = [t.type for t in schema.tasks]
+    result = fit(
+        model,
+        strategy,
+        prepared.load("train"),
+        prepared.load("valid"),
+        recipe.train,
+        schema.task_names,
+        types,
+        NullObserver(),
+    )
+    return [record["samples_per_second"] for record in result.history]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", default=None)
+    parser.add_argument("--recipe", default="recipes/census-mmoe.yaml")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=2)
+    args = parser.parse_args()
+    names = args.names or ["equal", *(n for n in WEIGHTINGS.names() if n != "equal")]
+    speeds: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(args.rounds):
+        for name in names:
+            speeds[name] += epoch_speeds(args.recipe, name, args.epochs)
+    base = max(speeds["equal"]) if "equal" in speeds else float("nan")
+    report = {
+        name: {
+            "best_samples_per_second": max(values),
+            "median_samples_per_second": statistics.median(values),
+            "relative_to_equal": max(values) / base,
+        }
+        for name, values in speeds.items()
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
