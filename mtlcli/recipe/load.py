@@ -271,7 +271,7 @@ def _cross_checks(data: dict[str, Any]) -> list[tuple[Loc, str]]:
         listed = features.get(where)
         names = list(listed) if isinstance(listed, dict | list) else []
         for name in names:
-            if name in label_columns:
+            if isinstance(name, str) and name in label_columns:
                 out.append((("features", where, name), "is a task's label column; labels are never model inputs"))
     for name, spec in tasks.items():
         space = spec.get("space")
@@ -296,7 +296,7 @@ def _cross_checks(data: dict[str, Any]) -> list[tuple[Loc, str]]:
             hint = did_you_mean(task, list(tasks))
             out.append((("train", "early_stopping", "task"), f"unknown task {task!r}{hint}; use a task name or 'mean'"))
         chosen = [tasks[task]] if task in tasks else list(tasks.values())
-        kinds = {spec.get("type", "binary") for spec in chosen}
+        kinds = [spec.get("type", "binary") for spec in chosen]
         if metric in ("auc", "logloss") and "regression" in kinds:
             out.append((("train", "early_stopping", "metric"), f"{metric} needs binary tasks; use rmse, mae or loss"))
         if metric in ("rmse", "mae") and "binary" in kinds:

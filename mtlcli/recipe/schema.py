@@ -174,8 +174,8 @@ class FeatureDefaults(Strict):
 def _as_mapping(value: Any) -> Any:
     if isinstance(value, str) and value != "auto":
         value = [value]
-    if isinstance(value, list):
-        return {name: None for name in value}
+    if isinstance(value, list) and all(isinstance(name, str) for name in value):
+        return dict.fromkeys(value)
     return value
 
 
