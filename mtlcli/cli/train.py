@@ -48,6 +48,7 @@ class ConsoleReporter:
     def on_epoch(self, record: dict[str, Any], model: nn.Module, improved: bool) -> None:
         parts = [f"epoch {record['epoch']:>3}"]
         parts.append("loss " + " ".join(f"{t} {record['train_loss'][t]:.4f}" for t in self.tasks))
+        parts.append("weights " + " ".join(f"{t} {record['weights'][t]:.3g}" for t in self.tasks))
         valid = record["valid"]
         metric = {
             t: ("auc", valid[t]["auc"]) if k == "binary" else ("rmse", valid[t]["rmse"])
