@@ -224,3 +224,21 @@ def test_score_expression_parsing() -> None:
             parse_score(bad, ["click", "like"])
     with pytest.raises(MtlError, match="did you mean 'click'"):
         parse_score("clik^1", ["click", "like"])
+
+
+def test_output_into_a_fifo_is_written_not_replaced(census: dict[str, Path], tmp_path: Path) -> None:
+    """Devices and named pipes (/dev/null, a FIFO) are written into, never renamed over."""
+    import os
+    import threading
+
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()
+    rows = "".join(census["test"].read_text(encoding="utf-8").splitlines(keepends=True)[:5])
+    result = invoke("predict", census["bundle"], "-o", fifo, input=rows)
+    reader.join(timeout=30)
+    assert result.exit_code == 0, result.output
+    assert fifo.exists() and not fifo.is_file()
+    assert received[0].decode().splitlines()[0] == "income,marital"

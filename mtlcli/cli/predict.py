@@ -15,10 +15,17 @@ from mtlcli.cli.common import handle_errors
 @handle_errors
 def command(
     bundle: Annotated[Path, typer.Argument(help="A bundle directory written by `mtl export`.")],
+    source: Annotated[
+        str | None, typer.Argument(help="Input file, or '-' for stdin: the same as --input.", show_default=False)
+    ] = None,
     input: Annotated[
-        str,
-        typer.Option("--input", "-i", help="Raw rows in the recipe's source format; '-' for stdin (gzip is read too)."),
-    ] = "-",
+        str | None,
+        typer.Option(
+            "--input",
+            "-i",
+            help="Raw rows in the recipe's source format; '-' for stdin (the default; gzip is read too).",
+        ),
+    ] = None,
     output: Annotated[str, typer.Option("--output", "-o", help="Where to write; '-' for stdout.")] = "-",
     fmt: Annotated[str, typer.Option("--format", "-f", help="Output format: csv, jsonl or parquet.")] = "csv",
     keep: Annotated[
@@ -62,6 +69,7 @@ def command(
         ScoreSpec,
         TorchScorer,
         check_output_names,
+        needed_columns,
         open_input,
         parse_score,
         predict_chunks,
@@ -74,6 +82,9 @@ def command(
         raise typer.BadParameter(f"{fmt!r} is not one of csv, jsonl, parquet", param_hint="--format")
     if engine not in ("torch", "onnxruntime"):
         raise typer.BadParameter(f"{engine!r} is not one of torch, onnxruntime", param_hint="--engine")
+    if source is not None and input is not None and source != input:
+        raise MtlError(f"two inputs given ({source} and --input {input})", "give one")
+    input = input or source or "-"
     if score_factor and not score:
         raise MtlError("--score-factor needs --score")
     loaded = load_bundle(bundle)
@@ -89,7 +100,13 @@ def command(
     name = "standard input" if input == "-" else input
     layout = InputFormat.from_recipe(loaded.recipe, schema, input, header)
     stream = open_input(input, sys.stdin.buffer)
-    frames = predict_chunks(read_chunks(stream, layout, name, chunk_rows), schema, scorer, keep_columns, spec)
+    frames = predict_chunks(
+        read_chunks(stream, layout, name, chunk_rows, needed_columns(schema, keep_columns, spec)),
+        schema,
+        scorer,
+        keep_columns,
+        spec,
+    )
     with tempfile.TemporaryDirectory(prefix="mtl-predict-") as spool:
         if output == "-":
             try:
@@ -100,6 +117,10 @@ def command(
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(devnull, sys.stdout.fileno())
                 raise typer.Exit(0) from None
+        elif Path(output).exists() and not Path(output).is_file():
+            # A device or a FIFO (/dev/null, a named pipe): write into it, never rename over it.
+            with Path(output).open("wb") as sink:
+                write_chunks(frames, fmt, sink, Path(spool))
         else:
             with atomic_path(Path(output)) as tmp, tmp.open("wb") as sink:
                 write_chunks(frames, fmt, sink, Path(spool))

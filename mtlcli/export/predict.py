@@ -84,12 +84,15 @@ def open_input(source: str | Path, stdin: IO[bytes] | None = None) -> IO[bytes]:
     return stream  # type: ignore[no-any-return]
 
 
-def read_chunks(stream: IO[bytes], layout: InputFormat, name: str, chunk_rows: int) -> Iterator[pl.DataFrame]:
+def read_chunks(
+    stream: IO[bytes], layout: InputFormat, name: str, chunk_rows: int, only: list[str] | None = None
+) -> Iterator[pl.DataFrame]:
     """Raw rows as frames of at most ``chunk_rows`` rows, cleaned like preprocessing does (names
     from the header or the recipe, values stripped, missing markers -> null) with a ``__row`` index.
 
     CSV is split at line ends, so a quoted value must not contain a newline. Parquet needs the
-    whole stream (it is read from the end), then is sliced.
+    whole stream (it is read from the end), then is sliced. ``only`` keeps just those columns
+    (the ones present; the caller reports missing ones), which saves cleaning the rest.
     """
     if chunk_rows < 1:
         raise DataError(f"--chunk-rows must be at least 1, not {chunk_rows}")
@@ -102,7 +105,7 @@ def read_chunks(stream: IO[bytes], layout: InputFormat, name: str, chunk_rows: i
         if frame.height == 0:
             raise DataError(f"{name}: the input has no data rows", "give at least one row to score")
         for start in range(0, frame.height, chunk_rows):
-            yield _clean(frame.slice(start, chunk_rows), layout, offset=start)
+            yield _clean(frame.slice(start, chunk_rows), layout, start, only)
         return
     names = layout.columns
     if layout.header:
@@ -123,7 +126,7 @@ def read_chunks(stream: IO[bytes], layout: InputFormat, name: str, chunk_rows: i
         if not block:
             break
         raw = _parse_csv(b"".join(block), layout, name, names)
-        yield _clean(raw, layout, offset)
+        yield _clean(raw, layout, offset, only)
         offset += raw.height
     if offset == 0:
         raise DataError(f"{name}: the input has no data rows", "give at least one row to score")
@@ -151,7 +154,9 @@ def _parse_csv(
     return frame
 
 
-def _clean(frame: pl.DataFrame, layout: InputFormat, offset: int) -> pl.DataFrame:
+def _clean(frame: pl.DataFrame, layout: InputFormat, offset: int, only: list[str] | None) -> pl.DataFrame:
+    if only is not None:
+        frame = frame.select([c for c in dict.fromkeys(only) if c in frame.columns])
     strings = [c for c, t in frame.schema.items() if t == pl.String]
     exprs = []
     for column in strings:
@@ -345,6 +350,12 @@ def predict_chunks(
                 factor = _numeric(chunk, score.factor, "--score-factor").to_numpy()
             columns.append(pl.Series("score", score.apply(outputs, factor), nan_to_null=True))
         yield pl.DataFrame(columns)
+
+
+def needed_columns(schema: DataSchema, keep: list[str] | None = None, score: ScoreSpec | None = None) -> list[str]:
+    """The input columns prediction reads: the features, then ``--keep`` and the score factor."""
+    features = [f.name for f in schema.categorical] + [f.name for f in schema.numeric]
+    return [*features, *(keep or []), *([score.factor] if score and score.factor else [])]
 
 
 def labelled_tensors(frame: pl.DataFrame, recipe: Recipe, schema: DataSchema) -> SplitTensors:
