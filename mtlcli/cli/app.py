@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from mtlcli import __version__
-from mtlcli.cli import evaluate, export, predict, preprocess, recipe_cmd, train
+from mtlcli.cli import compare, evaluate, explain, export, predict, preprocess, recipe_cmd, train
 
 app = typer.Typer(
     name="mtl",
@@ -23,6 +23,8 @@ app.command("train")(train.command)
 app.command("eval")(evaluate.command)
 app.command("export")(export.command)
 app.command("predict")(predict.command)
+app.command("explain")(explain.command)
+app.command("compare")(compare.command)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,183 @@
+"""`mtl explain`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from mtlcli.cli.common import JsonOption, err_console, handle_errors, print_json
+
+
+def heat(value: float | None, low: float, high: float, diverging: bool = False, digits: int = 3) -> Text:
+    """A cell coloured by value: white -> red on [low, high], or blue <- white -> red around 0."""
+    if value is None:
+        return Text("-", style="dim")
+    if diverging:
+        t = max(-1.0, min(1.0, value / max(abs(low), abs(high), 1e-12)))
+        r, g, b = (
+            (255, int(255 * (1 - t)), int(255 * (1 - t))) if t >= 0 else (int(255 * (1 + t)), int(255 * (1 + t)), 255)
+        )
+    else:
+        t = max(0.0, min(1.0, (value - low) / (high - low) if high > low else 0.0))
+        r, g, b = 255, int(255 * (1 - 0.75 * t)), int(255 * (1 - t))
+    return Text(f"{value:.{digits}f}", style=f"black on rgb({r},{g},{b})")
+
+
+def matrix_table(title: str, matrix: dict[str, dict[str, float | None]], diverging: bool = True) -> Table:
+    table = Table(title=title, title_justify="left")
+    columns = list(next(iter(matrix.values())).keys()) if matrix else []
+    table.add_column("", no_wrap=True)
+    for column in columns:
+        table.add_column(column, justify="right")
+    for row, values in matrix.items():
+        table.add_row(row, *(heat(values[c], -1.0, 1.0, diverging) for c in columns))
+    return table
+
+
+def gate_table(name: str, report: dict[str, Any]) -> Table:
+    table = Table(title=f"{name}: mean weight per gate and expert (± spread across rows)", title_justify="left")
+    table.add_column("gate", no_wrap=True)
+    for expert in report["experts"]:
+        table.add_column(expert, justify="right")
+    table.add_column("entropy", justify="right")
+    high = max((w for ws in report["weights"].values() for w in ws if w is not None), default=1.0)
+    for row, weights in report["weights"].items():
+        table.add_row(
+            row,
+            *(heat(w, 0.0, high, digits=2) for w in weights),
+            Text(f"{report['entropy'][row] or 0.0:.2f}", style="dim"),
+        )
+    return table
+
+
+def by_table(group: str, feature: str, experts: list[str], values: list[dict[str, Any]]) -> Table:
+    table = Table(title=f"{group} by {feature}: mean weight per value", title_justify="left")
+    table.add_column(feature, no_wrap=True)
+    table.add_column("rows", justify="right", no_wrap=True)
+    table.add_column("gate", no_wrap=True)
+    for expert in experts:
+        table.add_column(expert, justify="right")
+    for entry in values:
+        for i, (row, weights) in enumerate(entry["weights"].items()):
+            table.add_row(
+                entry["value"] if i == 0 else "",
+                f"{entry['rows']:,}" if i == 0 else "",
+                row,
+                *(heat(w, 0.0, 1.0, digits=2) for w in weights),
+            )
+    return table
+
+
+def render(report: dict[str, Any]) -> None:
+    readings = report["readings"]
+    say = err_console.print
+    say(
+        f"[bold]{report['run_dir']}[/] ({report['scheme']}, {report['weighting']}) on {report['split']}: {report['rows']:,} rows"
+    )
+    for name, group in report["gates"].items():
+        say(gate_table(name, group))
+    for line in readings["gates"]:
+        say(f"  {line}", soft_wrap=True, markup=False)
+    if report["gates_by"]:
+        for name, values in report["gates_by"]["gates"].items():
+            say(by_table(name, report["gates_by"]["feature"], report["gates"][name]["experts"], values))
+        for line in readings["gates_by"]:
+            say(f"  {line}", soft_wrap=True, markup=False)
+    for layer, matrix in report["alpha"].items():
+        say(matrix_table(f"cross-stitch alpha, {layer} (row k mixes into task k's column)", matrix))
+    for line in readings["alpha"]:
+        say(f"  {line}", soft_wrap=True, markup=False)
+    say(matrix_table("label correlation (Pearson; phi for binary pairs)", report["label_correlation"]))
+    if report["conditional_positive_rate"]:
+        say(matrix_table("P(column = 1 | row = 1)", report["conditional_positive_rate"], diverging=False))
+    say(f"  {readings['label_correlation']}", soft_wrap=True, markup=False)
+    say(matrix_table("prediction correlation", report["prediction_correlation"]))
+    say(f"  {readings['prediction_correlation']}", soft_wrap=True, markup=False)
+    if report["gradient_cosine"]:
+        say(
+            matrix_table(
+                f"gradient cosine on shared parameters ({report['gradient_batches']} batches)",
+                report["gradient_cosine"],
+            )
+        )
+        say(
+            matrix_table(
+                "share of batches with negative cosine (conflict)", report["gradient_conflict"], diverging=False
+            )
+        )
+        if len(report["gradient_cosine_by_layer"]) > 1:
+            say(layer_table(report))
+    say(f"  {readings['gradient_cosine']}", soft_wrap=True, markup=False)
+    if readings.get("history"):
+        say(f"  {readings['history']}", soft_wrap=True, markup=False)
+    for warning in report["warnings"]:
+        say(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+
+
+def layer_table(report: dict[str, Any]) -> Table:
+    tasks = report["tasks"]
+    pairs = [(a, b) for i, a in enumerate(tasks) for b in tasks[i + 1 :]]
+    table = Table(title="gradient cosine per shared layer (negative share)", title_justify="left")
+    table.add_column("layer")
+    for a, b in pairs:
+        table.add_column(f"{a}~{b}", justify="right")
+    for layer, matrix in report["gradient_cosine_by_layer"].items():
+        conflict = report["gradient_conflict_by_layer"][layer]
+        cells = []
+        for a, b in pairs:
+            cell = heat(matrix[a][b], -1.0, 1.0, diverging=True)
+            if conflict[a][b] is not None:
+                cell.append(f" ({conflict[a][b]:.0%})")
+            cells.append(cell)
+        table.add_row(layer, *cells)
+    return table
+
+
+@handle_errors
+def command(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `mtl train`.")],
+    split: Annotated[str, typer.Option("--split", help="Which split: valid, test or train.")] = "valid",
+    max_rows: Annotated[
+        int | None, typer.Option("--max-rows", min=1, help="Sample at most N rows of the split (seeded).")
+    ] = None,
+    by: Annotated[
+        str | None, typer.Option("--by", help="A categorical feature: mean gate weights per value (top values).")
+    ] = None,
+    dead_below: Annotated[
+        float, typer.Option("--dead-below", help="An expert below this mean weight in every gate is dead.")
+    ] = 0.02,
+    collapsed_above: Annotated[
+        float, typer.Option("--collapsed-above", help="A gate with this mean weight on one expert has collapsed.")
+    ] = 0.9,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Write PNG heatmaps into this directory (needs mtlcli[plot]).")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Why the model behaves as it does: gate weights per task and expert (dead experts, collapsed
+    gates), cross-stitch alphas, label and prediction correlation between the tasks, the cosine of
+    their gradients on the shared parameters, and the training history. See docs/explain.md."""
+    from mtlcli.explain import ExplainOptions, explain_run
+
+    if split not in ("train", "valid", "test"):
+        raise typer.BadParameter(f"{split!r} is not one of train, valid, test", param_hint="--split")
+    if plot is not None:
+        from mtlcli.explain.plot import require_matplotlib
+
+        require_matplotlib()
+    options = ExplainOptions(max_rows=max_rows, by=by, dead_below=dead_below, collapsed_above=collapsed_above)
+    with err_console.status("explaining", spinner="dots"):
+        report = explain_run(run_dir, split, options)
+    if plot is not None:
+        from mtlcli.explain.plot import write_plots
+
+        written = write_plots(report, plot)
+        err_console.print(f"wrote {len(written)} plot{'s' if len(written) != 1 else ''} to {plot}")
+    if as_json:
+        print_json(report)
+        return
+    render(report)

@@ -1,0 +1,234 @@
+"""Gate reports: which experts each task's gate uses, how sharply, and which experts nobody uses.
+
+A scheme's ``introspect`` names its gates ``[<prefix>.]gate.<task or shared>`` with softmax weights
+[B, n]. Gates with the same prefix form one *gate group* (``gate`` for MMoE, ``level1.gate`` for a
+PLE level); its rows are the tasks (and ``shared``) and its columns the union of the experts any of
+its gates can choose, so task gates over different expert sets (CGC, PLE) line up in one table.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+GATE_KEY = re.compile(r"^(?P<group>(?:.+\.)?gate)\.(?P<row>[^.]+)$")
+ALPHA_KEY = re.compile(r"^alpha\.(?P<layer>.+)$")
+
+
+@dataclass(frozen=True)
+class GateRow:
+    """One gate: the union index of each of its columns, and its weights [N, n] on its rows."""
+
+    columns: list[int]
+    weights: Tensor
+    rows: Tensor  # bool [N]: the rows this gate is judged on (its task's sample space)
+
+
+def split_introspection(outputs: dict[str, Tensor]) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
+    """``introspect`` output -> ({group: {row: weights}}, {alpha layer: [T, T]}); other keys are dropped."""
+    gates: dict[str, dict[str, Tensor]] = {}
+    alphas: dict[str, Tensor] = {}
+    for key, value in outputs.items():
+        if match := GATE_KEY.match(key):
+            gates.setdefault(match["group"], {})[match["row"]] = value
+        elif match := ALPHA_KEY.match(key):
+            alphas[match["layer"]] = value
+    return gates, alphas
+
+
+def expert_labels(model: nn.Module, group: str, row: str, width: int) -> list[str]:
+    """The names of the experts a gate's columns weigh.
+
+    A scheme may say so itself with ``gate_experts(gate_name) -> list[str]``. Otherwise the stacked
+    extraction layout of CGC and PLE (``levels[j].task_experts[task]``, ``levels[j].shared_experts``)
+    gives ``<task>.<i>`` and ``shared.<i>``, in the order the scheme's introspect docstring states;
+    every other gate weighs one pool of experts numbered 0..n-1.
+    """
+    named = getattr(model, "gate_experts", None)
+    if callable(named):
+        return list(named(f"{group}.{row}"))
+    level = re.fullmatch(r"level(\d+)\.gate", group)
+    levels = getattr(model, "levels", None)
+    if level and levels is not None and int(level[1]) <= len(levels):
+        layer = levels[int(level[1]) - 1]
+        shared = [f"shared.{i}" for i in range(layer.shared_experts.n)]
+        owners = list(layer.task_experts) if row == "shared" else [row]
+        own = [f"{t}.{i}" for t in owners for i in range(layer.task_experts[t].n)]
+        if len(own) + len(shared) == width:
+            return own + shared
+    return [str(i) for i in range(width)]
+
+
+def union_of_experts(labels: list[list[str]], tasks: list[str]) -> list[str]:
+    """Every expert any gate of a group can choose: task experts in task order, then the rest."""
+    seen = list(dict.fromkeys(label for row in labels for label in row))
+
+    def key(label: str) -> tuple[int, int]:
+        owner, _, index = label.rpartition(".")
+        rank = tasks.index(owner) if owner in tasks else len(tasks)
+        return rank, int(index) if index.isdigit() else 0
+
+    return sorted(seen, key=key) if any("." in label for label in seen) else seen
+
+
+def normalised_entropy(weights: Tensor) -> Tensor:
+    """Entropy of each row of ``weights`` [N, n] divided by log n: 0 = one expert, 1 = uniform. [N]."""
+    n = weights.shape[-1]
+    if n < 2:
+        return torch.zeros(weights.shape[:-1])
+    w = weights.double().clamp_min(1e-12)
+    return (-(w * w.log()).sum(-1) / math.log(n)).float()
+
+
+def gate_group_report(
+    rows: dict[str, GateRow], experts: list[str], dead_below: float, collapsed_above: float
+) -> dict[str, Any]:
+    """Statistics of one gate group; weights of experts a gate cannot choose are None."""
+    report: dict[str, Any] = {
+        "experts": experts,
+        "weights": {},
+        "spread": {},
+        "entropy": {},
+        "usage_entropy": {},
+        "collapsed": {},
+        "rows": {},
+    }
+    best = torch.zeros(len(experts))
+    max_error = 0.0
+    for name, row in rows.items():
+        w = row.weights[row.rows].double()
+        count = int(w.shape[0])
+        mean = w.mean(0) if count else torch.full((w.shape[1],), math.nan, dtype=torch.float64)
+        std = w.std(0, correction=0) if count else torch.full_like(mean, math.nan)
+        full_mean: list[float | None] = [None] * len(experts)
+        full_std: list[float | None] = [None] * len(experts)
+        for column, index in enumerate(row.columns):
+            full_mean[index] = float(mean[column])
+            full_std[index] = float(std[column])
+            best[index] = max(float(best[index]), float(mean[column]) if count else 0.0)
+        report["weights"][name] = full_mean
+        report["spread"][name] = full_std
+        report["entropy"][name] = float(normalised_entropy(w).mean()) if count else None
+        report["usage_entropy"][name] = float(normalised_entropy(mean.unsqueeze(0))[0]) if count else None
+        top = int(mean.argmax()) if count else 0
+        collapsed = count > 0 and len(row.columns) > 1 and float(mean[top]) >= collapsed_above
+        report["collapsed"][name] = experts[row.columns[top]] if collapsed else None
+        report["rows"][name] = count
+        if count:
+            max_error = max(max_error, float((w.sum(1) - 1.0).abs().max()))
+    report["dead_experts"] = [e for e, b in zip(experts, best.tolist(), strict=True) if b < dead_below]
+    report["max_sum_error"] = max_error
+    return report
+
+
+def main_experts(weights: list[float | None], experts: list[str], share: float = 0.5, limit: int = 3) -> list[str]:
+    """The fewest experts (at most ``limit``) that together take ``share`` of a gate's mean weight."""
+    ranked = sorted(((w, e) for w, e in zip(weights, experts, strict=True) if w is not None), reverse=True)
+    chosen, total = [], 0.0
+    for w, e in ranked[:limit]:
+        chosen.append(e)
+        total += w
+        if total >= share:
+            break
+    return chosen
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def read_gate_group(name: str, report: dict[str, Any]) -> str:
+    """One line: each gate's main experts, the experts two tasks share, dead experts, collapsed gates."""
+    experts = report["experts"]
+    mains = {row: main_experts(w, experts) for row, w in report["weights"].items() if report["rows"][row]}
+    parts = []
+    for row, chosen in mains.items():
+        weights = report["weights"][row]
+        total = sum(weights[experts.index(e)] for e in chosen)
+        parts.append(f"{row} leans on expert{'s' if len(chosen) > 1 else ''} {_join(chosen)} ({total:.0%})")
+    line = f"{name}: " + "; ".join(parts)
+    task_rows = [r for r in mains if r != "shared"]
+    for i, a in enumerate(task_rows):
+        for b in task_rows[i + 1 :]:
+            common = [e for e in mains[a] if e in mains[b]]
+            if common:
+                line += f"; {a} and {b} share expert{'s' if len(common) > 1 else ''} {_join(common)}"
+            elif len(task_rows) == 2:
+                line += f"; {a} and {b} use different experts"
+    dead = report["dead_experts"]
+    if dead:
+        line += f"; expert{'s' if len(dead) > 1 else ''} {_join(dead)} {'are' if len(dead) > 1 else 'is'} dead"
+    for row, expert in report["collapsed"].items():
+        if expert is not None:
+            line += f"; {row}'s gate has collapsed onto expert {expert}"
+    return line
+
+
+def gates_by_value(
+    rows: dict[str, GateRow], experts: list[str], values: Tensor, names: list[str], top: int
+) -> list[dict[str, Any]]:
+    """Mean gate weights per value of a categorical feature (ids [N]), for the ``top`` most frequent values."""
+    ids, counts = values.unique(return_counts=True)
+    order = counts.argsort(descending=True, stable=True)[:top]
+    result = []
+    for i in order.tolist():
+        value = int(ids[i])
+        selected = values == value
+        means: dict[str, list[float | None]] = {}
+        for name, row in rows.items():
+            w = row.weights[selected & row.rows].double()
+            full: list[float | None] = [None] * len(experts)
+            if w.shape[0]:
+                for column, index in enumerate(row.columns):
+                    full[index] = float(w[:, column].mean())
+            means[name] = full
+        result.append(
+            {"value": names[value] if value < len(names) else str(value), "rows": int(counts[i]), "weights": means}
+        )
+    return result
+
+
+def read_by_value(group: str, feature: str, overall: dict[str, Any], by_value: list[dict[str, Any]]) -> str:
+    """One line: for each gate, the feature value whose routing differs most from the overall mean."""
+    experts = overall["experts"]
+    parts = []
+    for row, mean in overall["weights"].items():
+        best: tuple[float, str, int, float, float] | None = None
+        for entry in by_value:
+            w = entry["weights"][row]
+            pairs = [(i, a, b) for i, (a, b) in enumerate(zip(w, mean, strict=True)) if a is not None and b is not None]
+            if not pairs:
+                continue
+            distance = 0.5 * sum(abs(a - b) for _, a, b in pairs)
+            i, a, b = max(pairs, key=lambda p: abs(p[1] - p[2]))
+            if best is None or distance > best[0]:
+                best = (distance, entry["value"], i, a, b)
+        if best is not None:
+            distance, value, i, a, b = best
+            parts.append(
+                f"{row}'s gate moves most for {value!r} (by {distance:.0%}: expert {experts[i]} {a:.2f} vs {b:.2f})"
+            )
+    return f"{group} by {feature}: " + "; ".join(parts)
+
+
+def alpha_report(alphas: dict[str, Tensor], tasks: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """Cross-stitch matrices as {layer: {task: {task: alpha}}}; row k mixes into task k's column."""
+    return {
+        layer: {a: {b: float(alpha[i, j]) for j, b in enumerate(tasks)} for i, a in enumerate(tasks)}
+        for layer, alpha in alphas.items()
+    }
+
+
+def read_alpha(layer: str, matrix: dict[str, dict[str, float]]) -> str:
+    """How much of each column's input comes from the other tasks' columns (by absolute alpha)."""
+    parts = []
+    for task, row in matrix.items():
+        total = sum(abs(v) for v in row.values())
+        other = sum(abs(v) for b, v in row.items() if b != task)
+        parts.append(f"{task} takes {other / total if total else 0.0:.0%} from the others")
+    return f"{layer}: " + "; ".join(parts)

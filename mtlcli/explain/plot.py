@@ -1,0 +1,142 @@
+"""PNG heatmaps of an explain report (matplotlib, an optional extra: ``pip install mtlcli[plot]``)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from mtlcli.errors import MtlError
+
+
+class PlotUnavailable(MtlError):
+    """--plot was asked for but matplotlib is not installed."""
+
+
+def require_matplotlib() -> Any:
+    """The pyplot module on the non-interactive Agg backend, or PlotUnavailable."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise PlotUnavailable(
+            "--plot needs matplotlib, which is not installed", "pip install 'mtlcli[plot]' (or pip install matplotlib)"
+        ) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def heatmap(
+    path: Path,
+    title: str,
+    rows: list[str],
+    columns: list[str],
+    values: list[list[float | None]],
+    diverging: bool,
+) -> Path:
+    plt = require_matplotlib()
+    import numpy as np
+
+    grid = np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float)
+    width = max(3.5, 0.7 * len(columns) + 2.0)
+    height = max(2.2, 0.5 * len(rows) + 1.4)
+    fig, ax = plt.subplots(figsize=(width, height), dpi=80)
+    if diverging:
+        image = ax.imshow(grid, cmap="RdBu_r", vmin=-1.0, vmax=1.0)
+    else:
+        image = ax.imshow(grid, cmap="Reds", vmin=0.0, vmax=max(float(np.nanmax(grid)) if grid.size else 1.0, 1e-6))
+    ax.set_xticks(
+        range(len(columns)),
+        columns,
+        rotation=45 if len(columns) > 4 else 0,
+        ha="right" if len(columns) > 4 else "center",
+    )
+    ax.set_yticks(range(len(rows)), rows)
+    low, high = image.get_clim()
+    for i in range(len(rows)):
+        for j in range(len(columns)):
+            if not np.isnan(grid[i, j]):
+                strong = abs(grid[i, j]) > 0.6 * high if diverging else grid[i, j] > low + 0.6 * (high - low)
+                colour = "white" if strong else "black"
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color=colour)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
+def matrix_plot(path: Path, title: str, matrix: dict[str, dict[str, float | None]]) -> Path:
+    rows = list(matrix)
+    columns = list(next(iter(matrix.values()))) if matrix else []
+    return heatmap(path, title, rows, columns, [[matrix[r][c] for c in columns] for r in rows], diverging=True)
+
+
+def history_plot(path: Path, history: dict[str, Any]) -> Path:
+    plt = require_matplotlib()
+    gradients = history.get("gradients")
+    panels = 2 if gradients else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3), dpi=80, squeeze=False)
+    ax = axes[0][0]
+    if gradients:
+        for task, values in gradients["loss_weights"].items():
+            ax.plot(gradients["steps"], values, label=task)
+        ax.set_xlabel("step")
+    else:
+        for task, values in history["loss_weights"].items():
+            ax.plot(history["epochs"], values, marker="o", label=task)
+        ax.set_xlabel("epoch")
+    ax.set_title("loss weights", fontsize=9)
+    ax.legend(fontsize=7)
+    if gradients:
+        ax = axes[0][1]
+        for pair, values in gradients["cosine"].items():
+            ax.plot(gradients["steps"], [float("nan") if v is None else v for v in values], label=pair)
+        ax.axhline(0.0, color="grey", linewidth=0.5)
+        ax.set_xlabel("step")
+        ax.set_title("gradient cosine on shared parameters", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
+def write_plots(report: dict[str, Any], directory: Path) -> list[Path]:
+    """One PNG per gate group, alpha layer and task matrix, and the training history; returns the paths."""
+    require_matplotlib()
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, group in report["gates"].items():
+        rows = list(group["weights"])
+        written.append(
+            heatmap(
+                directory / f"gates_{_safe(name)}.png",
+                f"{name}: mean weight per expert",
+                rows,
+                group["experts"],
+                [group["weights"][r] for r in rows],
+                diverging=False,
+            )
+        )
+    for layer, matrix in report["alpha"].items():
+        written.append(matrix_plot(directory / f"alpha_{_safe(layer)}.png", f"cross-stitch alpha, {layer}", matrix))
+    written.append(matrix_plot(directory / "label_correlation.png", "label correlation", report["label_correlation"]))
+    written.append(
+        matrix_plot(
+            directory / "prediction_correlation.png", "prediction correlation", report["prediction_correlation"]
+        )
+    )
+    if report["gradient_cosine"]:
+        written.append(
+            matrix_plot(directory / "gradient_cosine.png", "gradient cosine (shared params)", report["gradient_cosine"])
+        )
+    if report.get("history"):
+        written.append(history_plot(directory / "history.png", report["history"]))
+    return written

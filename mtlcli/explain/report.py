@@ -1,0 +1,207 @@
+"""``explain_run``: every report on one split of a run's data, as one JSON-ready dict (docs/explain.md)."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mtlcli.data.batch import SplitTensors
+from mtlcli.data.schema import FIRST_ID, MISSING_ID, OOV_ID, DataSchema
+from mtlcli.errors import ArtifactError, MtlError
+from mtlcli.explain.correlation import correlation_report
+from mtlcli.explain.gates import (
+    GATE_KEY,
+    GateRow,
+    alpha_report,
+    expert_labels,
+    gate_group_report,
+    gates_by_value,
+    read_alpha,
+    read_by_value,
+    read_gate_group,
+    split_introspection,
+    union_of_experts,
+)
+from mtlcli.explain.gradients import gradient_report, read_gradients
+from mtlcli.explain.history import history_report
+
+
+@dataclass(frozen=True)
+class ExplainOptions:
+    """``max_rows``: sample at most this many rows of the split (seeded); ``dead_below``: an expert
+    whose mean weight is below this for every gate that can choose it is dead; ``collapsed_above``: a
+    gate whose mean weight on one expert reaches this has collapsed; ``by``: a categorical feature to
+    split the gate weights by, keeping its ``top_values`` most frequent values; ``grad_batches`` of
+    ``grad_batch_size`` rows go into the gradient cosines."""
+
+    max_rows: int | None = None
+    dead_below: float = 0.02
+    collapsed_above: float = 0.9
+    by: str | None = None
+    top_values: int = 8
+    grad_batches: int = 32
+    grad_batch_size: int = 1024
+    batch_size: int = 8192
+    seed: int = 0
+
+
+class UnknownFeature(MtlError):
+    """``--by`` names no categorical feature of the run."""
+
+
+def sample_rows(data: SplitTensors, max_rows: int | None, seed: int) -> SplitTensors:
+    if max_rows is None or len(data) <= max_rows:
+        return data
+    keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:max_rows].sort().values
+    return SplitTensors(data.categorical[keep], data.numeric[keep], data.labels[keep], data.label_mask[keep])
+
+
+def value_names(schema: DataSchema, feature: str) -> tuple[int, list[str]]:
+    """(column index, name of every id) of a categorical feature."""
+    names = [f.name for f in schema.categorical]
+    if feature not in names:
+        close = difflib.get_close_matches(feature, names, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"one of: {', '.join(names) or '(no categorical features)'}"
+        raise UnknownFeature(f"--by {feature!r}: not a categorical feature of this run", hint)
+    spec = schema.categorical[names.index(feature)]
+    labels = [""] * spec.cardinality
+    labels[OOV_ID], labels[MISSING_ID] = "<out of vocabulary>", "<missing>"
+    for i in range(FIRST_ID, spec.cardinality):
+        labels[i] = f"bucket {i - FIRST_ID}" if spec.hash_buckets else spec.vocab[i - FIRST_ID]
+    return names.index(feature), labels
+
+
+@torch.no_grad()
+def collect(model: nn.Module, data: SplitTensors, batch_size: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """Logits [N, T] and every introspected tensor: gate weights concatenated over the batches
+    ([N, n]), anything else (cross-stitch alphas) as the first batch gave it."""
+    was_training = model.training
+    model.eval()
+    logits: list[Tensor] = []
+    parts: dict[str, list[Tensor]] = {}
+    for batch in data.batches(batch_size):
+        logits.append(model(batch))
+        for key, value in model.introspect(batch).items():  # type: ignore[operator]
+            parts.setdefault(key, []).append(value)
+    model.train(was_training)
+    tensors = {key: torch.cat(values) if GATE_KEY.match(key) else values[0] for key, values in parts.items()}
+    out = torch.cat(logits) if logits else torch.zeros((0, data.labels.shape[1]))
+    return out, tensors
+
+
+def explain_model(
+    model: nn.Module,
+    data: SplitTensors,
+    tasks: list[str],
+    types: list[str],
+    options: ExplainOptions = ExplainOptions(),
+    by: tuple[str, int, list[str]] | None = None,
+) -> dict[str, Any]:
+    """Every report for ``model`` on ``data``; ``by`` = (feature, column, value names) splits the gates."""
+    logits, introspected = collect(model, data, options.batch_size)
+    gate_tensors, alphas = split_introspection(introspected)
+    mask = data.label_mask
+    readings: dict[str, Any] = {"gates": [], "gates_by": [], "alpha": []}
+    gates: dict[str, Any] = {}
+    by_report: dict[str, Any] | None = None
+    if by is not None:
+        by_report = {"feature": by[0], "gates": {}}
+    for group, rows in gate_tensors.items():
+        labels = {row: expert_labels(model, group, row, w.shape[1]) for row, w in rows.items()}
+        experts = union_of_experts(list(labels.values()), tasks)
+        gate_rows = {
+            row: GateRow(
+                [experts.index(label) for label in labels[row]],
+                w,
+                mask[:, tasks.index(row)] if row in tasks else torch.ones(len(w), dtype=torch.bool),
+            )
+            for row, w in rows.items()
+        }
+        gates[group] = gate_group_report(gate_rows, experts, options.dead_below, options.collapsed_above)
+        readings["gates"].append(read_gate_group(group, gates[group]))
+        if by is not None and by_report is not None:
+            values = gates_by_value(gate_rows, experts, data.categorical[:, by[1]], by[2], options.top_values)
+            by_report["gates"][group] = values
+            readings["gates_by"].append(read_by_value(group, by[0], gates[group], values))
+    alpha = alpha_report(alphas, tasks)
+    readings["alpha"] = [read_alpha(layer, matrix) for layer, matrix in alpha.items()]
+    correlations = correlation_report(data.labels, mask, logits, tasks, types)
+    readings.update(correlations.pop("readings"))
+    gradients = gradient_report(model, data, tasks, types, options.grad_batch_size, options.grad_batches, options.seed)
+    readings["gradient_cosine"] = read_gradients(gradients, tasks)
+    warnings = [
+        f"{group}: expert {expert} is dead (mean weight below {options.dead_below} for every gate)"
+        for group, report in gates.items()
+        for expert in report["dead_experts"]
+    ] + [
+        f"{group}: the {row} gate has collapsed onto expert {expert} (mean weight >= {options.collapsed_above})"
+        for group, report in gates.items()
+        for row, expert in report["collapsed"].items()
+        if expert is not None
+    ]
+    return {
+        "rows": len(data),
+        "tasks": tasks,
+        "task_types": types,
+        "gates": gates,
+        "gates_by": by_report,
+        "alpha": alpha,
+        **correlations,
+        **gradients,
+        "warnings": warnings,
+        "readings": readings,
+        "options": asdict(options),
+    }
+
+
+def explain_run(run_dir: Path, split: str = "valid", options: ExplainOptions = ExplainOptions()) -> dict[str, Any]:
+    """Every report on one split of a run's data (re-encoded if the run's cache is gone), plus the
+    training history from its metrics.jsonl."""
+    from mtlcli.train.run import _encoded_data, load_run
+
+    loaded = load_run(run_dir)
+    by = None
+    if options.by is not None:
+        column, names = value_names(loaded.schema, options.by)
+        by = (options.by, column, names)
+    prepared = _encoded_data(run_dir, loaded)
+    if prepared.schema.to_dict() != loaded.schema.to_dict():
+        raise ArtifactError(
+            f"{run_dir}: the data no longer matches the schema the model was trained with",
+            "the source files or the recipe's data part changed since training; retrain",
+        )
+    data = sample_rows(prepared.load(split), options.max_rows, options.seed)
+    tasks = loaded.schema.task_names
+    types = [t.type for t in loaded.schema.tasks]
+    report = explain_model(loaded.model, data, tasks, types, options, by)
+    history = history_report(read_metrics(run_dir / "metrics.jsonl"), tasks)
+    report["readings"]["history"] = history.pop("reading") if history else None
+    return {
+        "run_dir": str(run_dir),
+        "split": split,
+        "scheme": loaded.recipe.model.scheme,
+        "weighting": loaded.recipe.loss.weighting,
+        **report,
+        "history": history,
+    }
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl (none if it is missing); damaged lines are skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records

@@ -1,0 +1,239 @@
+"""`mtl explain` and `mtl compare`: the reports checked against direct computations, models routed
+by construction, every registered scheme, the PNG plots and the comparison's seesaw mark."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mtlcli.cli.app import app
+from mtlcli.data.batch import SplitTensors
+from mtlcli.explain import ExplainOptions, explain_model, explain_run
+from mtlcli.explain.compare import compare_results
+from mtlcli.explain.correlation import pearson
+from mtlcli.models import SCHEMES
+from mtlcli.models.mmoe import MMoE
+from mtlcli.train.run import _encoded_data, load_run
+from tests.test_models import INPUTS, TASKS, TYPES, build, make_batch
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+FAST = ExplainOptions(grad_batches=4, grad_batch_size=64)
+runner = CliRunner()
+
+
+def split_of(n: int = 256, seed: int = 0) -> SplitTensors:
+    batch = make_batch(n, seed)
+    return SplitTensors(batch.categorical, batch.numeric, batch.labels, batch.label_mask)
+
+
+@pytest.fixture(scope="module")
+def census_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.conftest import CENSUS, REPO
+
+    if not CENSUS.is_file():
+        pytest.skip(f"census data not found at {CENSUS}")
+    work = tmp_path_factory.mktemp("explain")
+    run = work / "mmoe"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(REPO)
+        result = runner.invoke(
+            app,
+            [
+                "train",
+                "recipes/census-mmoe.yaml",
+                "--out",
+                str(run),
+                "--set",
+                "train.epochs=2",
+                "--set",
+                "train.threads=1",
+                "--set",
+                f"data.cache_dir={work / 'cache'}",
+                "--quiet",
+            ],
+        )
+    assert result.exit_code == 0, result.output
+    return run
+
+
+@pytest.fixture(scope="module")
+def census_report(census_run: Path) -> dict[str, Any]:
+    return explain_run(census_run, "valid", ExplainOptions(grad_batches=8))
+
+
+# --- census MMoE -----------------------------------------------------------------------------------
+
+
+def test_label_correlation_matches_a_direct_computation(census_run: Path, census_report: dict[str, Any]) -> None:
+    loaded = load_run(census_run)
+    labels = _encoded_data(census_run, loaded).load("valid").labels
+    direct = float(torch.corrcoef(labels.double().T)[0, 1])
+    reported = census_report["label_correlation"]["income"]["marital"]
+    assert reported == pytest.approx(direct, abs=1e-9)
+    assert reported == pytest.approx(-0.18, abs=0.02)  # -0.179 on the whole file
+    assert census_report["label_correlation"]["marital"]["income"] == reported
+    income, marital = labels[:, 0] > 0.5, labels[:, 1] > 0.5
+    given = census_report["conditional_positive_rate"]["income"]["marital"]
+    assert given == pytest.approx(float(marital[income].double().mean()))
+
+
+def test_census_gates_are_softmax_rows_and_the_report_says_which_experts(
+    census_run: Path, census_report: dict[str, Any]
+) -> None:
+    loaded = load_run(census_run)
+    data = _encoded_data(census_run, loaded).load("valid")
+    for name, weights in loaded.model.introspect(data.all()).items():
+        assert torch.allclose(weights.sum(1), torch.ones(len(data)), atol=1e-5), name
+    gate = census_report["gates"]["gate"]
+    assert gate["experts"] == [str(i) for i in range(8)]
+    assert set(gate["weights"]) == {"income", "marital"}
+    for task in ("income", "marital"):
+        assert sum(gate["weights"][task]) == pytest.approx(1.0, abs=1e-5)
+        assert 0.0 <= gate["entropy"][task] <= 1.0
+    assert gate["max_sum_error"] < 1e-5
+    assert census_report["readings"]["gates"][0].startswith("gate: income leans on expert")
+
+
+def test_census_gradient_cosine_of_a_task_with_itself_is_one(census_report: dict[str, Any]) -> None:
+    cosine = census_report["gradient_cosine"]
+    for task in ("income", "marital"):
+        assert cosine[task][task] == pytest.approx(1.0, abs=1e-6)
+        assert census_report["gradient_conflict"][task][task] == 0.0
+    assert -1.0 <= cosine["income"]["marital"] <= 1.0
+    assert cosine["income"]["marital"] == cosine["marital"]["income"]
+    assert set(census_report["gradient_cosine_by_layer"]) == {"embedding.table", "experts.pool.first"}
+    assert census_report["gradient_batches"] == 8
+
+
+def test_explain_cli_json_and_plots(census_run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    plots = tmp_path / "plots"
+    args = ["explain", str(census_run), "--max-rows", "2000", "--by", "sex", "--plot", str(plots), "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["rows"] == 2000
+    assert {"gates", "label_correlation", "gradient_cosine"} <= set(report)
+    assert {v["value"] for v in report["gates_by"]["gates"]["gate"]} == {"Female", "Male"}
+    names = {p.name for p in plots.iterdir()}
+    assert {"gates_gate.png", "label_correlation.png", "gradient_cosine.png", "history.png"} <= names
+    for png in plots.iterdir():
+        assert png.read_bytes()[:8] == PNG_SIGNATURE, png
+
+
+def test_explain_cli_tables_and_a_misspelt_feature(census_run: Path) -> None:
+    result = runner.invoke(app, ["explain", str(census_run), "--max-rows", "1000"])
+    assert result.exit_code == 0, result.output
+    assert "label correlation" in result.stderr and "income~marital" in result.stderr
+    assert result.stdout == ""
+    bad = runner.invoke(app, ["explain", str(census_run), "--by", "sexx"])
+    assert bad.exit_code == 2
+    assert "did you mean 'sex'" in bad.stderr
+
+
+def test_compare_cli_json_shape(census_run: Path) -> None:
+    result = runner.invoke(app, ["compare", str(census_run), "--baseline", str(census_run), "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["tasks"] == ["income", "marital"]
+    assert out["baseline"]["scheme"] == "mmoe"
+    (run,) = out["runs"]
+    assert run["gain"]["income"]["metric"] == "auc"
+    assert run["gain"]["income"]["gain"] == 0.0
+    assert run["seesaw"] is False
+
+
+# --- models routed by construction -------------------------------------------------------------------
+
+
+def test_a_forced_gate_is_collapsed_and_a_switched_off_expert_is_dead() -> None:
+    torch.manual_seed(0)
+    model = MMoE(INPUTS, embedding_dim=4, n_experts=4, expert_units=[8], tower_units=[4], dropout=0.0)
+    with torch.no_grad():
+        # Expert 3 is switched off for every task: zero output, and every gate routes away from it.
+        model.experts.pool.first.weight[3 * 8 :] = 0.0
+        model.experts.pool.first.bias[3 * 8 :] = 0.0
+        for gate in model.gates.values():
+            gate.bias[3] = -30.0
+        # The click gate always picks expert 1.
+        model.gates["click"].weight.zero_()
+        model.gates["click"].bias.copy_(torch.tensor([0.0, 30.0, 0.0, -30.0]))
+    report = explain_model(model, split_of(), TASKS, TYPES, FAST)
+    gate = report["gates"]["gate"]
+    assert gate["collapsed"] == {"click": "1", "like": None, "watch": None}
+    assert gate["dead_experts"] == ["3"]
+    assert gate["entropy"]["click"] == pytest.approx(0.0, abs=1e-6)
+    assert any("collapsed onto expert 1" in w for w in report["warnings"])
+    assert "expert 3 is dead" in report["readings"]["gates"][0]
+
+
+# --- every registered scheme -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", SCHEMES.names())
+def test_every_scheme_is_explained(scheme: str) -> None:
+    model = build(scheme)
+    data = split_of()
+    report = explain_model(model, data, TASKS, TYPES, FAST)
+    introspected = model.introspect(make_batch(8))
+    has_gates = any(".gate." in k or k.startswith("gate.") for k in introspected)
+    assert bool(report["gates"]) == has_gates
+    for name, group in report["gates"].items():
+        for row, weights in group["weights"].items():
+            assert sum(w for w in weights if w is not None) == pytest.approx(1.0, abs=1e-5), (name, row)
+            assert len(weights) == len(group["experts"])
+    assert bool(report["alpha"]) == (scheme == "cross_stitch")
+    assert report["label_correlation"]["click"]["like"] == pytest.approx(
+        pearson(data.labels[:, 0], data.labels[:, 1]), abs=1e-12
+    )
+    if report["shared_parameters"]:
+        for task in TASKS:
+            assert report["gradient_cosine"][task][task] == pytest.approx(1.0, abs=1e-6)
+    else:
+        assert scheme == "single_task"
+        assert report["gradient_cosine"] == {}
+    json.dumps(report, allow_nan=False, default=lambda v: None)
+
+
+def test_cgc_gates_line_up_task_and_shared_experts() -> None:
+    report = explain_model(build("ple"), split_of(), TASKS, TYPES, FAST)
+    level1, level2 = report["gates"]["level1.gate"], report["gates"]["level2.gate"]
+    assert set(level1["weights"]) == {*TASKS, "shared"}
+    assert level1["experts"][:2] == ["click.0", "click.1"] and level1["experts"][-1].startswith("shared.")
+    click = level2["weights"]["click"]
+    reachable = [e for e, w in zip(level2["experts"], click, strict=True) if w is not None]
+    assert all(e.startswith(("click.", "shared.")) for e in reachable)
+
+
+def test_masked_task_correlations_use_only_its_rows() -> None:
+    data = split_of(300)
+    mask = data.label_mask.clone()
+    mask[::3, 1] = False  # "like" is observed on two rows in three
+    data = SplitTensors(data.categorical, data.numeric, data.labels, mask)
+    report = explain_model(build("mmoe"), data, TASKS, TYPES, FAST)
+    both = mask[:, 0] & mask[:, 1]
+    expected = pearson(data.labels[both, 0], data.labels[both, 1])
+    assert report["label_correlation"]["click"]["like"] == pytest.approx(expected, abs=1e-12)
+    assert report["gates"]["gate"]["rows"]["like"] == int(mask[:, 1].sum())
+
+
+# --- compare ---------------------------------------------------------------------------------------------
+
+
+def test_compare_marks_seesaw() -> None:
+    def result(name: str, scheme: str, a: float, b: float) -> dict[str, Any]:
+        return {"run_dir": name, "scheme": scheme, "tasks": {"income": {"auc": a}, "marital": {"auc": b}}}
+
+    baseline = result("stl", "single_task", 0.930, 0.990)
+    runs = [result("mmoe", "mmoe", 0.940, 0.985), result("ple", "ple", 0.935, 0.991)]
+    out = compare_results(runs, baseline, tolerance=0.001)
+    mmoe, ple = out["runs"]
+    assert mmoe["seesaw"] is True and mmoe["improved"] == ["income"] and mmoe["worsened"] == ["marital"]
+    assert mmoe["gain"]["income"]["gain"] == pytest.approx(0.010)
+    assert ple["seesaw"] is False and ple["worsened"] == []
+    assert out["best"] == {"income": "mmoe", "marital": "ple"}
