@@ -14,7 +14,9 @@ from mtlcli.cli.common import JsonOption, err_console, fmt, handle_errors, print
 
 @handle_errors
 def command(
-    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories written by `mtl train`.")],
+    run_dirs: Annotated[
+        list[Path], typer.Argument(help="Run directories written by `mtl train`.", metavar="RUN_DIR...")
+    ],
     baseline: Annotated[
         Path | None,
         typer.Option("--baseline", help="A single_task run: each run's gain per task is measured against it."),
