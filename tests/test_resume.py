@@ -152,6 +152,8 @@ class CheckpointTo:
 
         save_checkpoint(self.path, state, model, optimizer, strategy, {})  # type: ignore[arg-type]
 
+    def on_gradients(self, record: dict[str, object]) -> None: ...
+
 
 @pytest.mark.parametrize("weighting", WEIGHTINGS.names())
 def test_every_strategy_resumes_mid_epoch_to_the_same_weights(weighting: str, tmp_path: Path) -> None:

@@ -64,6 +64,9 @@ class ConsoleReporter:
     def on_checkpoint(self, state: Any, model: nn.Module, optimizer: Any, strategy: Any) -> None:
         return None
 
+    def on_gradients(self, record: dict[str, Any]) -> None:
+        return None
+
     def close(self) -> None:
         self.progress.stop()
 

@@ -180,7 +180,7 @@ def explain_run(run_dir: Path, split: str = "valid", options: ExplainOptions = E
     tasks = loaded.schema.task_names
     types = [t.type for t in loaded.schema.tasks]
     report = explain_model(loaded.model, data, tasks, types, options, by)
-    history = history_report(read_metrics(run_dir / "metrics.jsonl"), tasks)
+    history = history_report(read_metrics(run_dir / "metrics.jsonl") + read_metrics(run_dir / "gradients.jsonl"), tasks)
     report["readings"]["history"] = history.pop("reading") if history else None
     return {
         "run_dir": str(run_dir),

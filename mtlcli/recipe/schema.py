@@ -308,6 +308,7 @@ class TrainSection(Strict):
     seed: int = 0
     threads: PositiveInt | Literal["auto"] = "auto"
     checkpoint_every: PositiveInt | None = None
+    track_gradients: PositiveInt | None = None
 
 
 class Recipe(Strict):

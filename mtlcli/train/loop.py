@@ -21,6 +21,7 @@ from mtlcli.errors import MtlError
 from mtlcli.recipe.schema import EarlyStopping, TrainSection
 from mtlcli.train.metrics import task_metrics
 from mtlcli.weighting.base import WeightingStrategy
+from mtlcli.weighting.gradients import shared_task_gradients
 
 REPORT_EVERY = 25  # steps between progress callbacks
 
@@ -36,6 +37,8 @@ class Observer(Protocol):
         self, state: LoopState, model: nn.Module, optimizer: torch.optim.Optimizer, strategy: WeightingStrategy
     ) -> None: ...
 
+    def on_gradients(self, record: dict[str, Any]) -> None: ...
+
 
 class NullObserver:
     def on_start(self, epochs: int, steps_per_epoch: int) -> None:
@@ -50,6 +53,9 @@ class NullObserver:
     def on_checkpoint(
         self, state: LoopState, model: nn.Module, optimizer: torch.optim.Optimizer, strategy: WeightingStrategy
     ) -> None:
+        return None
+
+    def on_gradients(self, record: dict[str, Any]) -> None:
         return None
 
 
@@ -174,6 +180,25 @@ def make_optimizer(settings: TrainSection, params: list[nn.Parameter]) -> torch.
     return torch.optim.SGD(params, lr=settings.lr, weight_decay=settings.weight_decay, momentum=0.9, foreach=True)
 
 
+def gradient_record(
+    grads: Tensor, weights: Tensor, tasks: list[str], epoch: int, step_in_epoch: int, step: int
+) -> dict[str, Any]:
+    """One ``train.track_gradients`` sample: cosine between the tasks' gradients on the shared
+    parameters (grads [T, P]), their norms, and the loss weights of the step."""
+    norms = grads.norm(dim=1)
+    unit = grads / norms.clamp_min(1e-12).unsqueeze(1)
+    cosine = (unit @ unit.T).tolist()
+    return {
+        "kind": "gradients",
+        "epoch": epoch,
+        "step_in_epoch": step_in_epoch,
+        "step": step,
+        "gradient_cosine": {a: {b: cosine[i][j] for j, b in enumerate(tasks)} for i, a in enumerate(tasks)},
+        "gradient_norm": dict(zip(tasks, norms.tolist(), strict=True)),
+        "weights": dict(zip(tasks, weights.detach().tolist(), strict=True)),
+    }
+
+
 class TrainingDiverged(MtlError):
     """A task's loss became NaN or infinite."""
 
@@ -211,6 +236,8 @@ def fit(
     steps_per_epoch = math.ceil(len(train) / settings.batch_size)
     observer.on_start(settings.epochs, steps_per_epoch)
     every = settings.checkpoint_every
+    track = settings.track_gradients
+    shared = list(model.parameter_groups()["shared"].values()) if track else []  # type: ignore[operator]
     while state.epoch <= settings.epochs and not state.stopped_early:
         epoch = state.epoch
         if state.shuffle_state is not None:
@@ -231,11 +258,15 @@ def fit(
                     f"the loss of task {', '.join(bad)} became NaN or infinite at epoch {epoch}, step {state.step + 1}",
                     "lower train.lr, check the labels and numeric transforms; the last checkpoint is kept",
                 )
+            global_step = (epoch - 1) * steps_per_epoch + state.step + 1
+            grads = shared_task_gradients(losses, shared) if shared and global_step % track == 0 else None  # type: ignore[operator]
             weights = strategy.backward(losses, model)
             optimizer.step()
             state.loss_sum += losses.detach()
             state.weight_sum += weights.detach()
             state.step += 1
+            if grads is not None:
+                observer.on_gradients(gradient_record(grads, weights, tasks, epoch, state.step, global_step))
             if state.step % REPORT_EVERY == 0:
                 observer.on_step(epoch, state.step)
             interrupted = stop_requested()

@@ -39,7 +39,8 @@ from mtlcli.train.loop import LoopState, NullObserver, Observer, evaluate, fit, 
 from mtlcli.weighting import WeightingStrategy, build_weighting
 
 CHECKPOINT = "checkpoint.safetensors"
-RUN_FILES = ("recipe.yaml", "schema.json", "model.safetensors", "metrics.jsonl", "summary.json", CHECKPOINT)
+GRADIENTS = "gradients.jsonl"  # train.track_gradients samples
+RUN_FILES = ("recipe.yaml", "schema.json", "model.safetensors", "metrics.jsonl", "summary.json", CHECKPOINT, GRADIENTS)
 
 
 class RunWriter:
@@ -68,6 +69,10 @@ class RunWriter:
     ) -> None:
         save_checkpoint(self.run_dir / CHECKPOINT, state, model, optimizer, strategy, self.identity)
         self.inner.on_checkpoint(state, model, optimizer, strategy)
+
+    def on_gradients(self, record: dict[str, Any]) -> None:
+        append_line(self.run_dir / GRADIENTS, json.dumps(record))
+        self.inner.on_gradients(record)
 
 
 SMALL_MODEL = 1_000_000  # parameters
@@ -212,8 +217,18 @@ def _resume_state(
         )
     state = load_checkpoint(run_dir / CHECKPOINT, model, optimizer, strategy)
     write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
+    tracked = run_dir / GRADIENTS
+    if tracked.is_file():  # drop samples taken after the checkpoint: the resumed run takes them again
+        keep = [line for line in tracked.read_text().splitlines() if _before(json.loads(line), state)]
+        write_text(tracked, "".join(line + "\n" for line in keep))
     (run_dir / "summary.json").unlink(missing_ok=True)
     return state
+
+
+def _before(record: dict[str, Any], state: LoopState) -> bool:
+    """Was this gradients sample taken before the checkpoint of ``state`` (epoch, step in epoch)?"""
+    epoch = int(record.get("epoch", 0))
+    return epoch < state.epoch or (epoch == state.epoch and int(record.get("step_in_epoch", 0)) <= state.step)
 
 
 @contextmanager

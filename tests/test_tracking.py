@@ -1,0 +1,56 @@
+"""train.track_gradients: gradient cosines and loss weights sampled every N steps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from mtlcli.data.batch import SplitTensors
+from mtlcli.models import SCHEMES, InputSpec, build_model
+from mtlcli.recipe.schema import TrainSection
+from mtlcli.train.loop import NullObserver, fit
+from mtlcli.weighting import WEIGHTINGS, build_weighting
+
+
+class Collect(NullObserver):
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def on_gradients(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+
+
+def test_tracked_samples_hold_cosines_norms_and_weights() -> None:
+    inputs = InputSpec(cardinalities=[4], n_numeric=2, tasks=["a", "b"], task_types=["binary", "binary"])
+    gen = torch.Generator().manual_seed(0)
+    n = 160
+    cats = torch.randint(0, 4, (n, 1), generator=gen)
+    numeric = torch.randn(n, 2, generator=gen)
+    labels = torch.stack([(numeric[:, 0] > 0).float(), (numeric[:, 0] < 0).float()], 1)  # opposed tasks
+    data = SplitTensors(cats, numeric, labels, torch.ones(n, 2, dtype=torch.bool))
+    torch.manual_seed(0)
+    model = build_model("shared_bottom", SCHEMES.get("shared_bottom").params(bottom_units=[8], tower_units=[]), inputs)
+    strategy = build_weighting("static", WEIGHTINGS.get("static").params(weights={"b": 0.5}), inputs.tasks)
+    observer = Collect()
+    settings = TrainSection(epochs=2, batch_size=16, early_stopping=None, track_gradients=3)
+    fit(model, strategy, data, data, settings, inputs.tasks, inputs.task_types, observer)
+    assert [r["step"] for r in observer.records] == list(range(3, 21, 3))  # 10 steps per epoch
+    assert [r["epoch"] for r in observer.records] == [1, 1, 1, 2, 2, 2]
+    for record in observer.records:
+        cosine = record["gradient_cosine"]
+        assert cosine["a"]["a"] == pytest.approx(1.0, abs=1e-5)
+        assert cosine["a"]["b"] == pytest.approx(cosine["b"]["a"])
+        assert -1.0 - 1e-6 <= cosine["a"]["b"] <= 1.0 + 1e-6
+        assert record["weights"] == {"a": 1.0, "b": 0.5}
+        assert record["gradient_norm"]["a"] > 0
+
+
+def test_cosine_matches_a_direct_computation() -> None:
+    from mtlcli.train.loop import gradient_record
+
+    grads = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+    record = gradient_record(grads, torch.ones(2), ["a", "b"], 1, 1, 1)
+    assert record["gradient_cosine"]["a"]["b"] == pytest.approx(0.5)
+    assert record["gradient_norm"]["a"] == pytest.approx(2**0.5)
