@@ -60,12 +60,13 @@ P = TypeVar("P", bound=BaseModel)
 
 
 def register_scheme(
-    name: str, params: type[P], summary: str
+    name: str, params: type[P], summary: str, check: Callable[[Any, Any], list[tuple[str, str]]] | None = None
 ) -> Callable[[Callable[[P, InputSpec], nn.Module]], Callable[[P, InputSpec], nn.Module]]:
-    """Decorator for a scheme's ``build(params, inputs) -> nn.Module`` function."""
+    """Decorator for a scheme's ``build(params, inputs) -> nn.Module`` function; ``check(params,
+    recipe)`` (optional) validates the parameters against the rest of the recipe."""
 
     def decorate(build: Callable[[P, InputSpec], nn.Module]) -> Callable[[P, InputSpec], nn.Module]:
-        SCHEMES.add(name, Component(name, params, build, summary))
+        SCHEMES.add(name, Component(name, params, build, summary, check))
         return build
 
     return decorate
