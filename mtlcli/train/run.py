@@ -149,6 +149,9 @@ def train_run(
         if resume:
             state = _resume_state(run_dir, identity, model, optimizer, strategy)
         else:
+            search = getattr(model, "search_masks", None)  # schemes that find their structure first
+            if callable(search):
+                search(train_data, settings.batch_size, settings.lr, settings.seed)
             _claim_run_dir(run_dir, force)
             state = None
         try:
