@@ -96,3 +96,18 @@ def test_masks_are_saved_with_the_model(tmp_path: Path) -> None:
 def test_density_one_prunes_nothing(density: float) -> None:
     model, _ = searched(density)
     assert all(float(m.mean()) == 1.0 for layers in model.masks().values() for m in layers)
+
+
+def test_explain_reports_mask_density_and_overlap() -> None:
+    from mtlcli.explain.masks import mask_report
+
+    model, _ = searched(0.5)
+    report = mask_report(model)
+    assert report is not None
+    a, b = model.masks()["a"], model.masks()["b"]
+    kept = sum(float(m.sum()) for m in a) / sum(m.numel() for m in a)
+    assert report["density"]["a"] == pytest.approx(kept)
+    inter = sum(float((x * y).sum()) for x, y in zip(a, b, strict=True))
+    union = sum(float(((x + y) > 0).sum()) for x, y in zip(a, b, strict=True))
+    assert report["overlap"]["a"]["b"] == pytest.approx(inter / union)
+    assert report["overlap"]["a"]["a"] == 1.0

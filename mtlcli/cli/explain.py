@@ -91,6 +91,10 @@ def render(report: dict[str, Any]) -> None:
         say(matrix_table(f"cross-stitch alpha, {layer} (row k mixes into task k's column)", matrix))
     for line in readings["alpha"]:
         say(f"  {line}", soft_wrap=True, markup=False)
+    if report.get("masks"):
+        say(matrix_table("sparse-sharing mask overlap (IoU of the kept weights)", report["masks"]["overlap"], diverging=False))
+        for line in readings["masks"]:
+            say(f"  {line}", soft_wrap=True, markup=False)
     say(matrix_table("label correlation (Pearson; phi for binary pairs)", report["label_correlation"]))
     if report["conditional_positive_rate"]:
         say(matrix_table("P(column = 1 | row = 1)", report["conditional_positive_rate"], diverging=False))

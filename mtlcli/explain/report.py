@@ -30,6 +30,7 @@ from mtlcli.explain.gates import (
 )
 from mtlcli.explain.gradients import gradient_report, read_gradients
 from mtlcli.explain.history import history_report
+from mtlcli.explain.masks import mask_report, read_masks
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,8 @@ def explain_model(
             readings["gates_by"].append(read_by_value(group, by[0], gates[group], values))
     alpha = alpha_report(alphas, tasks)
     readings["alpha"] = [read_alpha(layer, matrix) for layer, matrix in alpha.items()]
+    masks = mask_report(model)
+    readings["masks"] = [read_masks(masks)] if masks else []
     correlations = correlation_report(data.labels, mask, logits, tasks, types)
     readings.update(correlations.pop("readings"))
     gradients = gradient_report(model, data, tasks, types, options.grad_batch_size, options.grad_batches, options.seed)
@@ -152,6 +155,7 @@ def explain_model(
         "gates": gates,
         "gates_by": by_report,
         "alpha": alpha,
+        "masks": masks,
         **correlations,
         **gradients,
         "warnings": warnings,

@@ -1,6 +1,6 @@
 """Sparse sharing: each task uses a subnetwork of one shared network, given by a binary mask.
 
-Sun, Qiu, Huang, Zhu, Wang, Huang, "Learning Sparse Sharing Architectures for Multiple Tasks",
+Sun, Shao, Li, Liu, Yan, Qiu, Huang, "Learning Sparse Sharing Architectures for Multiple Tasks",
 AAAI 2020. For each task, iterative magnitude pruning finds a mask over the shared network's
 weights (a lottery-ticket style search): train the network on that task alone for a warm-up,
 prune the smallest-magnitude surviving weights of every layer, rewind the weights to their
