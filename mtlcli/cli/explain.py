@@ -92,7 +92,11 @@ def render(report: dict[str, Any]) -> None:
     for line in readings["alpha"]:
         say(f"  {line}", soft_wrap=True, markup=False)
     if report.get("masks"):
-        say(matrix_table("sparse-sharing mask overlap (IoU of the kept weights)", report["masks"]["overlap"], diverging=False))
+        say(
+            matrix_table(
+                "sparse-sharing mask overlap (IoU of the kept weights)", report["masks"]["overlap"], diverging=False
+            )
+        )
         for line in readings["masks"]:
             say(f"  {line}", soft_wrap=True, markup=False)
     say(matrix_table("label correlation (Pearson; phi for binary pairs)", report["label_correlation"]))
