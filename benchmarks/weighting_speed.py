@@ -2,7 +2,10 @@
 
 Run by hand from the repository root (not part of the tests):
 
-    python benchmarks/weighting_speed.py [--rounds 3] [--epochs 2] [NAME ...]
+    python benchmarks/weighting_speed.py [--rounds 3] [--epochs 2] [NAME[:KEY=VALUE,...] ...]
+
+A name may carry strategy parameters, e.g. ``mgda:upper_bound=true`` (MGDA-UB); with no names it
+runs every registered strategy with its defaults, and MGDA-UB.
 
 Each round trains every strategy for a few epochs in turn (interleaved, so that a busy machine
 slows them alike); the figure per strategy is its fastest epoch over all rounds, the least
@@ -30,16 +33,18 @@ from mtlcli.train.loop import NullObserver, fit
 from mtlcli.weighting import WEIGHTINGS, build_weighting
 
 
-def epoch_speeds(recipe_file: str, name: str, epochs: int) -> list[float]:
+def epoch_speeds(recipe_file: str, spec: str, epochs: int) -> list[float]:
+    name, _, params = spec.partition(":")
+    extra = [f"loss.{pair}" for pair in params.split(",") if pair]
     recipe = load_recipe(
-        recipe_file, [*REFERENCE, f"train.epochs={epochs}", "train.threads=1", f"loss.weighting={name}"]
+        recipe_file, [*REFERENCE, f"train.epochs={epochs}", "train.threads=1", f"loss.weighting={name}", *extra]
     )
     prepared = prepare(recipe)
     torch.manual_seed(recipe.train.seed)
     torch.set_num_threads(1)
     schema = prepared.schema
     model = build_model(recipe.model.scheme, recipe.model.params, input_spec(schema))
-    strategy = build_weighting(name, recipe.loss.params, schema.task_names)
+    strategy = build_weighting(recipe.loss.weighting, recipe.loss.params, schema.task_names)
     types = [t.type for t in schema.tasks]
     result = fit(
         model,
@@ -61,7 +66,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
-    names = args.names or ["equal", *(n for n in WEIGHTINGS.names() if n != "equal")]
+    names = args.names or ["equal", *(n for n in WEIGHTINGS.names() if n != "equal"), "mgda:upper_bound=true"]
     speeds: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.rounds):
         for name in names:

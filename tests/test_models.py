@@ -8,9 +8,11 @@ from torch import nn
 
 from mtlcli.data.batch import Batch
 from mtlcli.models import SCHEMES, InputSpec, build_model
+from mtlcli.models.base import enable_representation
 from mtlcli.models.blocks import ExpertPool, FeatureEmbedding
 from mtlcli.models.mmoe import MMoE
 from mtlcli.train.loop import task_losses
+from mtlcli.weighting.gradients import split_parameters
 
 TASKS = ["click", "like", "watch"]
 TYPES = ["binary", "binary", "regression"]
@@ -144,3 +146,46 @@ def test_mmoe_is_a_per_task_softmax_mixture_of_experts() -> None:
     for k, task in enumerate(TASKS):
         mixture = sum(gates[:, k, e : e + 1] * experts[:, e] for e in range(3))
         assert torch.allclose(model(batch)[:, k], model.towers.nets[task](mixture).squeeze(1), atol=1e-6)
+
+
+def representation_models() -> list[tuple[str, nn.Module]]:
+    """Every registered scheme with its defaults, plus PLE with three levels (a level with
+    nothing task-specific below the cut)."""
+    models = [(name, build(name)) for name in SCHEMES.names()]
+    torch.manual_seed(0)
+    models.append(("ple-3", build_model("ple", SCHEMES.get("ple").params(levels=3), INPUTS)))
+    return models
+
+
+@pytest.mark.parametrize(("scheme", "model"), representation_models(), ids=lambda v: v if isinstance(v, str) else "")
+def test_shared_representation_cuts_shared_from_task_parameters(scheme: str, model: nn.Module) -> None:
+    """MGDA-UB's premise, for every scheme: each task's gradient on the shared parameters equals
+    the backward pass of its gradient on the representation z (the shared parameters reach the
+    losses only through z), and no task-specific parameter lies upstream of z."""
+    batch = make_batch(96)
+    model.eval()
+    plain = model(batch)
+    enable_representation(model)
+    model.train()
+    out = model(batch)
+    assert torch.equal(out, plain), "keeping the representation changes the outputs"
+    z = model.representation
+    shared, own = split_parameters(model)
+    assert bool(z) == bool(shared)
+    if not shared:
+        return  # single_task: nothing shared, nothing to cut
+    losses = task_losses(out, batch, BINARY)
+    for k in range(len(TASKS)):
+        direct = torch.autograd.grad(losses[k], shared, retain_graph=True, allow_unused=True)
+        dz = torch.autograd.grad(losses[k], z, retain_graph=True, allow_unused=True)
+        dz = [g if g is not None else torch.zeros_like(t) for g, t in zip(dz, z, strict=True)]
+        via = torch.autograd.grad(z, shared, grad_outputs=dz, retain_graph=True, allow_unused=True)
+        for d, v, p in zip(direct, via, shared, strict=True):
+            d = d if d is not None else torch.zeros_like(p)
+            v = v if v is not None else torch.zeros_like(p)
+            torch.testing.assert_close(v, d, rtol=1e-5, atol=1e-6)
+    if z and own:
+        upstream = torch.autograd.grad(z, own, grad_outputs=[torch.ones_like(t) for t in z], allow_unused=True)
+        names = {id(p): n for n, p in model.named_parameters()}
+        for g, p in zip(upstream, own, strict=True):
+            assert g is None or g.abs().sum() == 0, f"{names[id(p)]} is task-specific but lies upstream of z"

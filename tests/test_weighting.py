@@ -84,3 +84,17 @@ train: {early_stopping: {metric: rmse}}
 """
     with pytest.raises(Exception, match=r"loss\.weights\.y3: unknown task 'y3'"):
         recipe_from_text(text)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES.names())
+def test_every_scheme_trains_with_mgda_upper_bound(scheme: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(scheme, SCHEMES.get(scheme).params(), INPUTS)
+    strategy = build_weighting("mgda", WEIGHTINGS.get("mgda").params(upper_bound=True), TASKS)
+    settings = TrainSection(epochs=2, batch_size=64, early_stopping=None)
+    result = fit(
+        model, strategy, tiny_split(256, 1), tiny_split(128, 2), settings, TASKS, ["binary"] * 2, NullObserver()
+    )
+    for record in result.history:
+        assert all(torch.isfinite(torch.tensor(v)) for v in record["train_loss"].values())
+        assert sum(record["weights"].values()) == pytest.approx(1.0) or scheme == "single_task"

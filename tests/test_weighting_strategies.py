@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from mtlcli.data.batch import SplitTensors
 from mtlcli.models import SCHEMES, InputSpec, build_model
+from mtlcli.models.base import SharedRepresentation, enable_representation
 from mtlcli.recipe import recipe_from_text
 from mtlcli.recipe.schema import EarlyStopping, TrainSection
 from mtlcli.train.loop import NullObserver, fit
@@ -195,6 +196,40 @@ def test_mgda_min_norm_for_two_gradients() -> None:
 def test_mgda_picks_the_shorter_gradient_when_it_is_the_min_norm_point() -> None:
     weights, _ = step("mgda", [[1.0, 0.0], [3.0, 0.0]])
     assert weights.tolist() == pytest.approx([1.0, 0.0])
+
+
+class Represented(SharedRepresentation, nn.Module):
+    """z = c ⊙ θ (θ shared); L_click = a·z, L_buy = b·z with a, b task-specific."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.theta = nn.Parameter(torch.tensor([1.0, -1.0]))
+        self.a = nn.Parameter(torch.tensor([1.0, 0.0]))
+        self.b = nn.Parameter(torch.tensor([0.0, 2.0]))
+        self.c = torch.tensor([3.0, 0.5])
+
+    def losses(self) -> Tensor:
+        z = self.c * self.theta
+        self.keep(z)
+        return torch.stack([self.a @ z, self.b @ z])
+
+    def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
+        return {"shared": {"theta": self.theta}, "click": {"a": self.a}, "buy": {"b": self.b}}
+
+
+def test_mgda_upper_bound_takes_the_min_norm_weights_of_the_gradients_on_z() -> None:
+    model = Represented()
+    enable_representation(model)
+    weights = build("mgda", upper_bound=True).backward(model.losses(), model)
+    # ∂L/∂z: a = (1, 0), b = (0, 2): the min-norm weights are (0.8, 0.2), as in the case above
+    # (on θ the gradients would be (3, 0) and (0, 1): weights 0.1 / 0.9).
+    assert weights.tolist() == pytest.approx([0.8, 0.2])
+    assert model.theta.grad.tolist() == pytest.approx([0.8 * 1 * 3.0, 0.2 * 2 * 0.5])
+    z = (model.c * model.theta).tolist()
+    assert model.a.grad.tolist() == pytest.approx(z)  # task parameters: the plain sum's gradient
+    assert model.b.grad.tolist() == pytest.approx(z)
+    theta_weights, _ = step("mgda", [[3.0, 0.0], [0.0, 1.0]])
+    assert theta_weights.tolist() == pytest.approx([0.1, 0.9])
 
 
 def test_mgda_frank_wolfe_matches_a_grid_search() -> None:

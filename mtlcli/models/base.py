@@ -56,6 +56,43 @@ class MultiTaskModel(Protocol):
     def introspect(self, batch: Batch) -> dict[str, Tensor]: ...
 
 
+class SharedRepresentation:
+    """Mixin: the scheme can expose its *shared representation* z for MGDA-UB.
+
+    z is a list of tensors that cuts the model's graph in two: every shared parameter lies
+    upstream of z, every task-specific parameter downstream, and the logits depend on the shared
+    parameters only through z. Then each task's gradient on the shared parameters is
+    J_zᵀ ∂L_k/∂z, and the cheap gradients ∂L_k/∂z stand in for it (Sener & Koltun, section 3.3).
+    A tensor that several consumers read but only some of them belong to the cut is passed
+    through ``alias`` so that ∂L/∂alias counts only the consumers downstream of the cut.
+
+    With ``keep_representation`` set (the training loop sets it for strategies that need it) the
+    forward pass in training mode stores z in ``representation``; otherwise it stores nothing.
+    """
+
+    keep_representation: bool = False
+    training: bool
+    representation: list[Tensor]
+
+    def keeping(self) -> bool:
+        return self.keep_representation and self.training
+
+    def keep(self, *tensors: Tensor) -> None:
+        if self.keeping():
+            self.representation = list(tensors)
+
+    def alias(self, x: Tensor) -> Tensor:
+        """A new graph node equal to ``x`` when the representation is kept; ``x`` otherwise."""
+        return x.view_as(x) if self.keeping() else x
+
+
+def enable_representation(model: object) -> None:
+    """Make ``model`` keep its shared representation (for MGDA-UB); a clear error if it cannot."""
+    if not isinstance(model, SharedRepresentation):
+        raise TypeError(f"the scheme {type(model).__name__} does not expose a shared representation")
+    model.keep_representation = True
+
+
 P = TypeVar("P", bound=BaseModel)
 
 

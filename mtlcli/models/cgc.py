@@ -20,7 +20,7 @@ from pydantic import Field, PositiveInt, ValidationInfo, field_validator
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
-from mtlcli.models.base import InputSpec, ModelParams, group_by_prefix, register_scheme
+from mtlcli.models.base import InputSpec, ModelParams, SharedRepresentation, group_by_prefix, register_scheme
 from mtlcli.models.blocks import ExpertKind, Experts, FeatureEmbedding, FieldLayout, Towers, check_expert_kinds
 
 
@@ -80,18 +80,35 @@ class ExtractionLayer(nn.Module):
         self.out_dim = units[-1]
 
     def forward(
-        self, task_inputs: list[Tensor], shared_input: Tensor
+        self, task_inputs: list[Tensor], shared_input: Tensor, cut: list[Tensor] | None = None, role: str = ""
     ) -> tuple[list[Tensor], Tensor, dict[str, Tensor]]:
         """Returns (task outputs, shared output, gate weights by name). Without a shared gate the
-        shared output is the shared input, unused."""
+        shared output is the shared input, unused.
+
+        With ``cut`` (a list) the layer appends its part of the shared representation, by ``role``:
+        ``"own"`` (its task experts and gates are task-specific) the task inputs and the shared
+        experts' outputs; ``"gates"`` (only its task gates are) the task inputs as the gates read
+        them and each task's stacked experts; ``"shared"`` the shared experts' outputs.
+        """
         shared = self.shared_experts(shared_input)  # [B, m_s, H]
+        gate_inputs = task_inputs
+        if cut is not None and role in ("own", "gates"):
+            gate_inputs = [x.view_as(x) for x in task_inputs]
+            cut.extend(gate_inputs)
+            if role == "own":
+                task_inputs = gate_inputs
+        if cut is not None and role in ("own", "shared"):
+            cut.append(shared)
         outputs, gates, own = [], {}, []
-        for t, x in zip(self.tasks, task_inputs, strict=True):
+        for t, x, x_gate in zip(self.tasks, task_inputs, gate_inputs, strict=True):
             experts = torch.cat([self.task_experts[t](x), shared], dim=1)  # [B, m_k + m_s, H]
-            gate = torch.softmax(self.task_gates[t](x), dim=-1)
+            own.append(experts[:, : experts.shape[1] - shared.shape[1]])
+            if cut is not None and role == "gates":
+                experts = experts.view_as(experts)  # as task t's mixture reads them
+                cut.append(experts)
+            gate = torch.softmax(self.task_gates[t](x_gate), dim=-1)
             gates[t] = gate
             outputs.append((gate.unsqueeze(-1) * experts).sum(1))
-            own.append(experts[:, : experts.shape[1] - shared.shape[1]])
         if self.shared_gate is None:
             return outputs, shared_input, gates
         gate = torch.softmax(self.shared_gate(shared_input), dim=-1)
@@ -100,11 +117,16 @@ class ExtractionLayer(nn.Module):
         return outputs, (gate.unsqueeze(-1) * every).sum(1), gates
 
 
-class ExtractionNetwork(nn.Module):
+class ExtractionNetwork(nn.Module, SharedRepresentation):
     """embedding -> ``levels`` extraction layers (all but the last with a shared gate) -> towers.
 
     The first level reads the embedded input everywhere (so it may hold fm experts); deeper
     levels read the previous level's outputs and use MLP experts. Output [B, T].
+
+    Shared representation: with one level (CGC), each task's input as its experts and gate read
+    it and the shared experts' outputs; with more (PLE), each task's input as its gate on the
+    second-to-last level reads it, the experts that gate mixes, and the last level's shared
+    experts' outputs (see ``parameter_groups`` for why those are the boundaries).
     """
 
     def __init__(
@@ -152,9 +174,14 @@ class ExtractionNetwork(nn.Module):
         x = self.embedding(batch)
         task_inputs, shared_input = [x] * len(self.tasks), x
         gates: dict[str, Tensor] = {}
-        for j, layer in enumerate(self.levels, start=1):
-            task_inputs, shared_input, level_gates = layer(task_inputs, shared_input)
-            gates.update({f"level{j}.gate.{name}": g for name, g in level_gates.items()})
+        last = len(self.levels) - 1
+        cut: list[Tensor] | None = [] if self.keeping() else None
+        for j, layer in enumerate(self.levels):
+            role = ("own" if last == 0 else "shared") if j == last else ("gates" if j == last - 1 else "")
+            task_inputs, shared_input, level_gates = layer(task_inputs, shared_input, cut, role)
+            gates.update({f"level{j + 1}.gate.{name}": g for name, g in level_gates.items()})
+        if cut is not None:
+            self.keep(*cut)
         return self.towers(task_inputs), gates
 
     def forward(self, batch: Batch) -> Tensor:

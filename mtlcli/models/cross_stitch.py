@@ -17,7 +17,7 @@ from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
-from mtlcli.models.base import InputSpec, ModelParams, group_by_prefix, register_scheme
+from mtlcli.models.base import InputSpec, ModelParams, SharedRepresentation, group_by_prefix, register_scheme
 from mtlcli.models.blocks import FeatureEmbedding, Towers
 
 
@@ -36,8 +36,10 @@ def initial_alpha(n_tasks: int, offdiag: float) -> Tensor:
     return torch.full((n_tasks, n_tasks), other) + torch.eye(n_tasks) * (1.0 - offdiag - other)
 
 
-class CrossStitch(nn.Module):
-    """embedding (shared) -> per-task columns, alpha-mixed after each hidden layer -> towers."""
+class CrossStitch(nn.Module, SharedRepresentation):
+    """embedding (shared) -> per-task columns, alpha-mixed after each hidden layer -> towers.
+
+    Shared representation: the columns' last mixed outputs, one per task."""
 
     def __init__(
         self,
@@ -77,6 +79,7 @@ class CrossStitch(nn.Module):
                 dim=1,
             )  # [B, T, D]
             h = list(torch.einsum("kj,bjd->bkd", alpha, stacked).unbind(1))
+        self.keep(*h)
         return self.towers(h)
 
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:

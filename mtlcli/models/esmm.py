@@ -22,7 +22,7 @@ from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
-from mtlcli.models.base import InputSpec, ModelParams, group_by_prefix, register_scheme
+from mtlcli.models.base import InputSpec, ModelParams, SharedRepresentation, group_by_prefix, register_scheme
 from mtlcli.models.blocks import FeatureEmbedding, mlp
 from mtlcli.registry import did_you_mean
 
@@ -68,8 +68,11 @@ def _log_sigmoid_pair(a: Tensor, b: Tensor) -> Tensor:
     return log_p - torch.log(-torch.expm1(log_p))
 
 
-class ESMM(nn.Module):
-    """Shared embedding -> CTR tower and CVR tower; outputs logit(pCTR) and logit(pCTR * pCVR)."""
+class ESMM(nn.Module, SharedRepresentation):
+    """Shared embedding -> CTR tower and CVR tower; outputs logit(pCTR) and logit(pCTR * pCVR).
+
+    Shared representation: the embedded input as the task-specific towers read it, and the CTR
+    logit (the CTR tower is shared: both the CTR and the CTCVR loss reach it)."""
 
     def __init__(
         self,
@@ -92,7 +95,10 @@ class ESMM(nn.Module):
 
     def _heads(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         x = self.embedding(batch)
-        return x, self.ctr(x).squeeze(1), self.cvr(x).squeeze(1)
+        ctr = self.ctr(x).squeeze(1)
+        x_own = self.alias(x)  # what the task-specific towers read
+        self.keep(x_own, ctr)
+        return x_own, ctr, self.cvr(x_own).squeeze(1)
 
     def forward(self, batch: Batch) -> Tensor:
         x, ctr, cvr = self._heads(batch)

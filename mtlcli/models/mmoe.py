@@ -19,7 +19,7 @@ from pydantic import Field, PositiveInt, ValidationInfo, field_validator
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
-from mtlcli.models.base import InputSpec, ModelParams, group_by_prefix, register_scheme
+from mtlcli.models.base import InputSpec, ModelParams, SharedRepresentation, group_by_prefix, register_scheme
 from mtlcli.models.blocks import ExpertKind, Experts, FeatureEmbedding, Towers, check_expert_kinds
 
 
@@ -37,8 +37,10 @@ class MMoEParams(ModelParams):
         return check_expert_kinds(kinds, info.data.get("n_experts", 0), "n_experts")
 
 
-class MMoE(nn.Module):
-    """embedding -> experts [B, E, H] -> per-task softmax gate [B, E] -> mixture [B, H] -> tower."""
+class MMoE(nn.Module, SharedRepresentation):
+    """embedding -> experts [B, E, H] -> per-task softmax gate [B, E] -> mixture [B, H] -> tower.
+
+    Shared representation: the embedded input as the gates read it, and the experts' outputs."""
 
     def __init__(
         self,
@@ -71,9 +73,11 @@ class MMoE(nn.Module):
 
     def forward(self, batch: Batch) -> Tensor:
         x = self.embedding(batch)
-        if self.experts.pool is None or not self.experts.all_mlp:
+        if self.experts.pool is None or not self.experts.all_mlp or self.keeping():
             experts = self.experts(x)
-            mixed = [(gate.unsqueeze(-1) * experts).sum(1) for gate in self.gate_weights(x).unbind(1)]
+            x_gates = self.alias(x)
+            self.keep(x_gates, experts)
+            mixed = [(gate.unsqueeze(-1) * experts).sum(1) for gate in self.gate_weights(x_gates).unbind(1)]
             return self.towers(mixed)
         # The experts' first layer and every gate read the same x: one matmul computes them all.
         pool = self.experts.pool

@@ -19,7 +19,7 @@ from pydantic import Field, PositiveInt, ValidationInfo, field_validator
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
-from mtlcli.models.base import InputSpec, ModelParams, group_by_prefix, register_scheme
+from mtlcli.models.base import InputSpec, ModelParams, SharedRepresentation, group_by_prefix, register_scheme
 from mtlcli.models.blocks import ExpertKind, Experts, FeatureEmbedding, Towers, check_expert_kinds
 
 
@@ -37,8 +37,10 @@ class OMoEParams(ModelParams):
         return check_expert_kinds(kinds, info.data.get("n_experts", 0), "n_experts")
 
 
-class OMoE(nn.Module):
-    """embedding -> experts [B, E, H] -> one softmax gate [B, E] -> mixture [B, H] -> every tower."""
+class OMoE(nn.Module, SharedRepresentation):
+    """embedding -> experts [B, E, H] -> one softmax gate [B, E] -> mixture [B, H] -> every tower.
+
+    Shared representation: the mixture (the one gate is shared)."""
 
     def __init__(
         self,
@@ -67,7 +69,9 @@ class OMoE(nn.Module):
     def forward(self, batch: Batch) -> Tensor:
         x = self.embedding(batch)
         gate = torch.softmax(self.gate(x), dim=-1)  # [B, E]
-        return self.towers((gate.unsqueeze(-1) * self.experts(x)).sum(1))
+        mixed = (gate.unsqueeze(-1) * self.experts(x)).sum(1)
+        self.keep(mixed)
+        return self.towers(mixed)
 
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
         return group_by_prefix(self, {t: [f"towers.nets.{t}."] for t in self.tasks})

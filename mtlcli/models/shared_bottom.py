@@ -11,7 +11,7 @@ from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
-from mtlcli.models.base import InputSpec, ModelParams, group_by_prefix, register_scheme
+from mtlcli.models.base import InputSpec, ModelParams, SharedRepresentation, group_by_prefix, register_scheme
 from mtlcli.models.blocks import FeatureEmbedding, Towers, mlp
 
 
@@ -21,8 +21,10 @@ class SharedBottomParams(ModelParams):
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
 
 
-class SharedBottom(nn.Module):
-    """embedding -> bottom MLP (shared) -> per-task tower -> logit. Output [B, T]."""
+class SharedBottom(nn.Module, SharedRepresentation):
+    """embedding -> bottom MLP (shared) -> per-task tower -> logit. Output [B, T].
+
+    Shared representation: the bottom's output."""
 
     def __init__(
         self,
@@ -43,7 +45,9 @@ class SharedBottom(nn.Module):
         return {}
 
     def forward(self, batch: Batch) -> Tensor:
-        return self.towers(self.bottom(self.embedding(batch)))
+        h = self.bottom(self.embedding(batch))
+        self.keep(h)
+        return self.towers(h)
 
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
         return group_by_prefix(self, {t: [f"towers.nets.{t}."] for t in self.tasks})

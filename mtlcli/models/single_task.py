@@ -15,7 +15,7 @@ from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
-from mtlcli.models.base import InputSpec, ModelParams, group_by_prefix, register_scheme
+from mtlcli.models.base import InputSpec, ModelParams, SharedRepresentation, group_by_prefix, register_scheme
 from mtlcli.models.blocks import FeatureEmbedding, mlp
 
 
@@ -25,8 +25,10 @@ class SingleTaskParams(ModelParams):
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
 
 
-class SingleTask(nn.Module):
-    """Per task: embedding -> bottom MLP -> tower MLP -> logit. Output [B, T]."""
+class SingleTask(nn.Module, SharedRepresentation):
+    """Per task: embedding -> bottom MLP -> tower MLP -> logit. Output [B, T].
+
+    Shared representation: empty (nothing is shared)."""
 
     def __init__(
         self,
@@ -51,6 +53,7 @@ class SingleTask(nn.Module):
         return {}
 
     def forward(self, batch: Batch) -> Tensor:
+        self.keep()  # nothing is shared
         return torch.cat([self.nets[t](self.embeddings[t](batch)) for t in self.tasks], dim=1)
 
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:

@@ -25,7 +25,7 @@ from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch, SplitTensors
-from mtlcli.models.base import InputSpec, ModelParams, group_by_prefix, register_scheme
+from mtlcli.models.base import InputSpec, ModelParams, SharedRepresentation, group_by_prefix, register_scheme
 from mtlcli.models.blocks import FeatureEmbedding, mlp
 
 
@@ -38,8 +38,10 @@ class SparseSharingParams(ModelParams):
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
 
 
-class SparseSharing(nn.Module):
-    """embedding -> per task: bottom MLP with weights W ⊙ M_task -> task tower -> logit. Output [B, T]."""
+class SparseSharing(nn.Module, SharedRepresentation):
+    """embedding -> per task: bottom MLP with weights W ⊙ M_task -> task tower -> logit. Output [B, T].
+
+    Shared representation: each task's masked bottom output (its tower's input)."""
 
     def __init__(
         self,
@@ -72,15 +74,21 @@ class SparseSharing(nn.Module):
         mask: Tensor = getattr(self, f"mask_{k}_{layer}")
         return mask
 
-    def task_output(self, x: Tensor, k: int) -> Tensor:
+    def task_hidden(self, x: Tensor, k: int) -> Tensor:
+        """Task k's pass through the shared network under its masks: the input of its tower."""
         h = x
         for layer, linear in enumerate(self.linears()):
             h = self.dropout(torch.relu(F.linear(h, linear.weight * self.mask(k, layer), linear.bias)))
-        return self.towers[self.tasks[k]](h).squeeze(1)
+        return h
+
+    def task_output(self, x: Tensor, k: int) -> Tensor:
+        return self.towers[self.tasks[k]](self.task_hidden(x, k)).squeeze(1)
 
     def forward(self, batch: Batch) -> Tensor:
         x = self.embedding(batch)
-        return torch.stack([self.task_output(x, k) for k in range(len(self.tasks))], dim=1)
+        hidden = [self.task_hidden(x, k) for k in range(len(self.tasks))]
+        self.keep(*hidden)
+        return torch.stack([self.towers[t](h).squeeze(1) for t, h in zip(self.tasks, hidden, strict=True)], dim=1)
 
     def masks(self) -> dict[str, list[Tensor]]:
         """Each task's binary masks over the bottom layers' weights."""

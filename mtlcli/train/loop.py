@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch, SplitTensors
 from mtlcli.errors import MtlError
+from mtlcli.models.base import enable_representation
 from mtlcli.recipe.schema import EarlyStopping, TrainSection
 from mtlcli.train.metrics import task_metrics
 from mtlcli.weighting.base import WeightingStrategy
@@ -227,6 +228,8 @@ def fit(
     the state and TrainingInterrupted is raised.
     """
     optimizer = optimizer or make_optimizer(settings, [*model.parameters(), *strategy.parameters()])
+    if getattr(strategy, "needs_representation", False):
+        enable_representation(model)
     state = state or LoopState()
     shuffle = torch.Generator().manual_seed(settings.seed)
     if state.torch_rng is not None:

@@ -9,7 +9,7 @@ combined gradient into the shared parameters and returns the coefficients for th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -29,10 +29,11 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
     return shared, own
 
 
-def shared_task_gradients(losses: Tensor, shared: list[nn.Parameter]) -> Tensor:
-    """The gradient of each loss [T] on the shared parameters, flattened: [T, P].
+def shared_task_gradients(losses: Tensor, shared: Sequence[Tensor]) -> Tensor:
+    """The gradient of each loss [T] on the shared parameters (or on any tensors of the graph, such
+    as a scheme's shared representation), flattened: [T, P].
 
-    Keeps the graph (``retain_graph``) so that a later backward pass can still use it. A parameter
+    Keeps the graph (``retain_graph``) so that a later backward pass can still use it. A tensor
     that a loss does not reach gets a zero gradient.
     """
     rows = []
@@ -69,6 +70,29 @@ def backward_with_shared(losses: Tensor, model: nn.Module, combine: Callable[[Te
     grads = shared_task_gradients(losses, shared)
     coefficients = combine(grads, losses.detach())
     assign_shared_gradient(coefficients @ grads, shared)
+    if own:
+        torch.autograd.backward(losses.sum(), inputs=own)
+    return coefficients.detach()
+
+
+def backward_with_representation(
+    losses: Tensor, model: nn.Module, combine: Callable[[Tensor, Tensor], Tensor]
+) -> Tensor:
+    """Like ``backward_with_shared``, but the coefficients come from the task gradients on the
+    model's shared representation z (``SharedRepresentation``, kept by the last forward pass)
+    instead of on the shared parameters: one cheap gradient per task on z, then one backward pass
+    of Σ_k c_k L_k into the shared parameters. Returns c [T].
+    """
+    shared, own = split_parameters(model)
+    representation = getattr(model, "representation", None)
+    if representation is None:
+        raise RuntimeError(f"{type(model).__name__} kept no shared representation (keep_representation is off)")
+    if not shared or not representation:
+        losses.sum().backward()
+        return torch.ones_like(losses.detach())
+    grads = shared_task_gradients(losses, representation)
+    coefficients = combine(grads, losses.detach())
+    torch.autograd.backward((coefficients.detach() * losses).sum(), inputs=shared, retain_graph=bool(own))
     if own:
         torch.autograd.backward(losses.sum(), inputs=own)
     return coefficients.detach()

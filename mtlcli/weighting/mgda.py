@@ -11,8 +11,10 @@ Task-specific parameters get their ordinary gradient. ``normalize: l2`` first di
 norm (the paper's implementation offers this); the logged weights are then the coefficients of
 the raw gradients, α_k / ||g_k||.
 
-MGDA-UB (gradients on the shared representation instead of the shared parameters) is not
-implemented: the sharing schemes do not expose that representation yet.
+``upper_bound: true`` is MGDA-UB (section 3.3): the task gradients are taken on the scheme's shared
+representation z instead of the shared parameters (the min-norm problem on ∂L_k/∂z minimises an
+upper bound of the original one), so the per-task passes stop at z and one backward pass of
+Σ_k α_k L_k trains the shared parameters. Every scheme says what its z is (``SharedRepresentation``).
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from pydantic import PositiveInt
 from torch import Tensor, nn
 
 from mtlcli.weighting.base import WeightingParams, register_weighting
-from mtlcli.weighting.gradients import backward_with_shared
+from mtlcli.weighting.gradients import backward_with_representation, backward_with_shared
 
 
 class MGDAParams(WeightingParams):
     normalize: Literal["none", "l2"] = "none"
     max_iter: PositiveInt = 250
+    upper_bound: bool = False
 
 
 def min_norm_pair(aa: float, ab: float, bb: float) -> float:
@@ -64,8 +67,9 @@ def min_norm_weights(gram: Tensor, max_iter: int = 250, tol: float = 1e-10) -> T
 
 
 class MGDA:
-    def __init__(self, normalize: str, max_iter: int) -> None:
-        self.normalize, self.max_iter = normalize, max_iter
+    def __init__(self, normalize: str, max_iter: int, upper_bound: bool = False) -> None:
+        self.normalize, self.max_iter, self.upper_bound = normalize, max_iter, upper_bound
+        self.needs_representation = upper_bound
 
     def combine(self, grads: Tensor, losses: Tensor) -> Tensor:
         scale = torch.ones(grads.shape[0], dtype=torch.float64)
@@ -76,6 +80,8 @@ class MGDA:
         return (alpha * scale).to(grads.dtype)
 
     def backward(self, losses: Tensor, model: nn.Module) -> Tensor:
+        if self.upper_bound:
+            return backward_with_representation(losses, model, self.combine)
         return backward_with_shared(losses, model, self.combine)
 
     def end_epoch(self, epoch: int, mean_losses: Tensor) -> None:
@@ -87,4 +93,4 @@ class MGDA:
 
 @register_weighting("mgda", MGDAParams, "min-norm convex combination of the task gradients (NeurIPS 2018)")
 def build(params: MGDAParams, tasks: list[str]) -> MGDA:
-    return MGDA(params.normalize, params.max_iter)
+    return MGDA(params.normalize, params.max_iter, params.upper_bound)
