@@ -4,6 +4,7 @@ Run by hand from the repository root (not part of the tests):
 
     python benchmarks/weighting_speed.py [--rounds 3] [--epochs 2] [NAME[:KEY=VALUE,...] ...]
 
+``--set model.expert_units=[256,128]`` changes the reference model (MMoE, 8 experts of 16 units).
 A name may carry strategy parameters, e.g. ``mgda:upper_bound=true`` (MGDA-UB); with no names it
 runs every registered strategy with its defaults, and MGDA-UB.
 
@@ -33,11 +34,12 @@ from mtlcli.train.loop import NullObserver, fit
 from mtlcli.weighting import WEIGHTINGS, build_weighting
 
 
-def epoch_speeds(recipe_file: str, spec: str, epochs: int) -> list[float]:
+def epoch_speeds(recipe_file: str, spec: str, epochs: int, overrides: list[str] | None = None) -> list[float]:
     name, _, params = spec.partition(":")
     extra = [f"loss.{pair}" for pair in params.split(",") if pair]
     recipe = load_recipe(
-        recipe_file, [*REFERENCE, f"train.epochs={epochs}", "train.threads=1", f"loss.weighting={name}", *extra]
+        recipe_file,
+        [*REFERENCE, *(overrides or []), f"train.epochs={epochs}", "train.threads=1", f"loss.weighting={name}", *extra],
     )
     prepared = prepare(recipe)
     torch.manual_seed(recipe.train.seed)
@@ -65,12 +67,15 @@ def main() -> None:
     parser.add_argument("--recipe", default="recipes/census-mmoe.yaml")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override after the reference model's"
+    )
     args = parser.parse_args()
     names = args.names or ["equal", *(n for n in WEIGHTINGS.names() if n != "equal"), "mgda:upper_bound=true"]
     speeds: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.rounds):
         for name in names:
-            speeds[name] += epoch_speeds(args.recipe, name, args.epochs)
+            speeds[name] += epoch_speeds(args.recipe, name, args.epochs, args.set)
     base = max(speeds["equal"]) if "equal" in speeds else float("nan")
     report = {
         name: {

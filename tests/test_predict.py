@@ -247,3 +247,38 @@ def test_output_into_a_fifo_is_written_not_replaced(census: dict[str, Path], tmp
     assert result.exit_code == 0, result.output
     assert fifo.exists() and not fifo.is_file()
     assert received[0].decode().splitlines()[0] == "income,marital"
+
+
+def test_parquet_input_from_a_file_and_from_stdin_in_slices(census: dict[str, Path]) -> None:
+    columns = load_recipe(census["run"] / "recipe.yaml").data.columns
+    assert columns is not None
+    rows = pl.read_csv(census["test"], has_header=False, new_columns=columns, n_rows=3000, infer_schema=False)
+    parquet = census["work"] / "in.parquet"
+    rows.write_parquet(parquet, row_group_size=500)
+    expected = pl.read_csv(
+        io.BytesIO(
+            invoke("predict", census["bundle"], "--chunk-rows", "700", "--header", input=rows.write_csv()).stdout_bytes
+        )
+    )
+    from_file = invoke("predict", census["bundle"], parquet, "--chunk-rows", "700")
+    assert from_file.exit_code == 0, from_file.output
+    from_stdin = invoke("predict", census["bundle"], "-", "--chunk-rows", "700", input=parquet.read_bytes())
+    assert from_stdin.exit_code == 0, from_stdin.output
+    for result in (from_file, from_stdin):
+        got = pl.read_csv(io.BytesIO(result.stdout_bytes))
+        assert got.height == 3000
+        assert np.abs(got.to_numpy() - expected.to_numpy()).max() <= 1e-6
+
+
+def test_a_quoted_value_may_hold_a_line_break(census: dict[str, Path]) -> None:
+    lines = census["test"].read_text(encoding="utf-8").splitlines(keepends=True)[:20]
+    fields = lines[3].split(",")
+    fields[1] = '"Private\nbut quoted"'
+    broken = [*lines[:3], ",".join(fields), *lines[4:]]
+    plain = pl.read_csv(io.BytesIO(invoke("predict", census["bundle"], input="".join(lines)).stdout_bytes))
+    result = invoke("predict", census["bundle"], "--chunk-rows", "3", input="".join(broken))
+    assert result.exit_code == 0, result.output
+    got = pl.read_csv(io.BytesIO(result.stdout_bytes))
+    assert got.height == 20  # the line break inside the quotes did not start a row
+    others = [i for i in range(20) if i != 3]
+    assert np.abs(got[others].to_numpy() - plain[others].to_numpy()).max() <= 1e-6

@@ -473,3 +473,17 @@ def test_shipped_recipe_validates_and_round_trips(path: Path) -> None:
 def test_there_are_shipped_recipes() -> None:
     names = {p.name for p in RECIPES}
     assert {"census-mmoe.yaml", "quickstart.yaml"} <= names
+
+
+def test_yes_no_on_off_are_text_not_booleans() -> None:
+    """YAML 1.1 reads yes/no/on/off as booleans, which would silently turn `positive: [yes]` into
+    'True' and match nothing; recipes use YAML 1.2 booleans (true/false only)."""
+    recipe = recipe_from_text(
+        replaced('positive: ["1"]', "positive: [yes, on]").replace("lr: 0.01", "lr: 0.01\n  seed: 3")
+    )
+    assert recipe.tasks["buy"].label.positive == ["yes", "on"]
+    overridden = recipe_from_text(VALID, overrides=["tasks.buy.label.positive=[no]", "data.header=yes"])
+    assert overridden.tasks["buy"].label.positive == ["no"]
+    assert overridden.data.header is True  # a boolean field still takes yes/no
+    again = recipe_from_text(recipe_to_yaml(recipe))
+    assert again.tasks["buy"].label.positive == ["yes", "on"]

@@ -6,11 +6,14 @@ output frame per input chunk, so memory stays flat however long the input is.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import itertools
 import math
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,22 +93,18 @@ def read_chunks(
     """Raw rows as frames of at most ``chunk_rows`` rows, cleaned like preprocessing does (names
     from the header or the recipe, values stripped, missing markers -> null) with a ``__row`` index.
 
-    CSV is split at line ends, so a quoted value must not contain a newline. Parquet needs the
-    whole stream (it is read from the end), then is sliced. ``only`` keeps just those columns
-    (the ones present; the caller reports missing ones), which saves cleaning the rest.
+    CSV is split at line ends, except inside a quoted value (a chunk is extended until its quotes
+    balance). Parquet (the recipe's format, or any input starting with Parquet's magic bytes) is
+    read a slice at a time from the file (a stream, e.g. standard input, is
+    first spooled to a temporary file, since Parquet is read from its end). ``only`` keeps just
+    those columns (the ones present; the caller reports missing ones), which saves cleaning the rest.
     """
     if chunk_rows < 1:
         raise DataError(f"--chunk-rows must be at least 1, not {chunk_rows}")
     offset = 0
-    if layout.fmt == "parquet":
-        try:
-            frame = pl.read_parquet(stream)
-        except (pl.exceptions.PolarsError, OSError) as exc:
-            raise DataError(f"{name}: cannot read it as Parquet: {_first_line(exc)}") from None
-        if frame.height == 0:
-            raise DataError(f"{name}: the input has no data rows", "give at least one row to score")
-        for start in range(0, frame.height, chunk_rows):
-            yield _clean(frame.slice(start, chunk_rows), layout, start, only)
+    peek = getattr(stream, "peek", None)
+    if layout.fmt == "parquet" or (callable(peek) and peek(4)[:4] == b"PAR1"):  # Parquet's magic bytes
+        yield from _parquet_chunks(stream, layout, name, chunk_rows, only)
         return
     names = layout.columns
     if layout.header:
@@ -125,11 +124,58 @@ def read_chunks(
         block = list(itertools.islice(lines, chunk_rows))
         if not block:
             break
-        raw = _parse_csv(b"".join(block), layout, name, names)
+        data = b"".join(block)
+        if data.count(b'"') % 2:  # a quoted value holds a line break: read on to its end
+            more = [data]
+            quotes = data.count(b'"')
+            for line in lines:
+                more.append(line)
+                quotes += line.count(b'"')
+                if quotes % 2 == 0:
+                    break
+            data = b"".join(more)  # still unbalanced at the end of input: the CSV reader says so
+        raw = _parse_csv(data, layout, name, names)
         yield _clean(raw, layout, offset, only)
         offset += raw.height
     if offset == 0:
         raise DataError(f"{name}: the input has no data rows", "give at least one row to score")
+
+
+def _local_file(stream: IO[bytes]) -> str | None:
+    """The path of ``stream`` when it reads a regular file directly (not gzip, not a pipe)."""
+    raw = getattr(stream, "raw", None)
+    path = getattr(raw, "name", None)
+    if isinstance(raw, io.FileIO) and isinstance(path, str) and Path(path).is_file():
+        return path
+    return None
+
+
+def _parquet_chunks(
+    stream: IO[bytes], layout: InputFormat, name: str, chunk_rows: int, only: list[str] | None
+) -> Iterator[pl.DataFrame]:
+    with contextlib.ExitStack() as stack:
+        path = _local_file(stream)
+        if path is None:
+            spool = stack.enter_context(tempfile.NamedTemporaryFile(prefix="mtl-input-", suffix=".parquet"))
+            shutil.copyfileobj(stream, spool, 1 << 20)
+            spool.flush()
+            path = spool.name
+        try:
+            lazy = pl.scan_parquet(path)
+            present = lazy.collect_schema().names()
+            if only is not None:
+                lazy = lazy.select([c for c in dict.fromkeys(only) if c in present])
+            total = int(pl.scan_parquet(path).select(pl.len()).collect().item())
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise DataError(f"{name}: cannot read it as Parquet: {_first_line(exc)}") from None
+        if total == 0:
+            raise DataError(f"{name}: the input has no data rows", "give at least one row to score")
+        for start in range(0, total, chunk_rows):
+            try:
+                frame = lazy.slice(start, chunk_rows).collect()
+            except (pl.exceptions.PolarsError, OSError) as exc:
+                raise DataError(f"{name}: cannot read it as Parquet: {_first_line(exc)}") from None
+            yield _clean(frame, layout, start, only)
 
 
 def _parse_csv(

@@ -33,11 +33,30 @@ def read_recipe_text(path: str | Path) -> tuple[str, str]:
         raise RecipeError(str(path), [RecipeIssue("", f"not UTF-8 text ({exc.reason} at byte {exc.start})")]) from None
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: only true/false are booleans, so ``positive: [yes, no]``
+    or a category called ``on`` stays the string it reads as (YAML 1.1 would turn them into booleans)."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Plain data from YAML text, with the recipe's booleans (``RecipeLoader``)."""
+    return yaml.load(text, Loader=RecipeLoader)  # a SafeLoader subclass: plain data only
+
+
 def parse_yaml(text: str, source: str) -> tuple[dict[str, Any], dict[Loc, int]]:
     """Parse YAML into plain data plus a map from key path to 1-based line number."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=RecipeLoader)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
@@ -78,7 +97,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> list[Loc]
             raise RecipeError("--set", [RecipeIssue(item, "expected KEY.PATH=VALUE, e.g. train.lr=0.01")])
         parts: list[str | int] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
         try:
-            value = yaml.safe_load(value_text) if value_text.strip() else ""
+            value = load_yaml(value_text) if value_text.strip() else ""
         except yaml.YAMLError:
             value = value_text
         node: Any = data

@@ -80,8 +80,12 @@ def backward_with_representation(
 ) -> Tensor:
     """Like ``backward_with_shared``, but the coefficients come from the task gradients on the
     model's shared representation z (``SharedRepresentation``, kept by the last forward pass)
-    instead of on the shared parameters: one cheap gradient per task on z, then one backward pass
-    of Σ_k c_k L_k into the shared parameters. Returns c [T].
+    instead of on the shared parameters. Returns c [T].
+
+    Each task's pass stops at z and also yields its task-specific parameters' gradients (only
+    task k's loss reaches task k's parameters, so their sum over the tasks is the gradient of
+    Σ_k L_k); then one pass from z down, seeded with Σ_k c_k ∂L_k/∂z, trains the shared parameters.
+    The heads are traversed once per task and the shared part once.
     """
     shared, own = split_parameters(model)
     representation = getattr(model, "representation", None)
@@ -90,9 +94,24 @@ def backward_with_representation(
     if not shared or not representation:
         losses.sum().backward()
         return torch.ones_like(losses.detach())
-    grads = shared_task_gradients(losses, representation)
-    coefficients = combine(grads, losses.detach())
-    torch.autograd.backward((coefficients.detach() * losses).sum(), inputs=shared, retain_graph=bool(own))
-    if own:
-        torch.autograd.backward(losses.sum(), inputs=own)
-    return coefficients.detach()
+    inputs = [*representation, *own]
+    n_z = len(representation)
+    rows: list[Tensor] = []
+    z_grads: list[list[Tensor]] = []
+    own_grads: list[Tensor | None] = [None] * len(own)
+    for loss in losses:
+        grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+        per_z = [g if g is not None else torch.zeros_like(z) for g, z in zip(grads[:n_z], representation, strict=True)]
+        z_grads.append(per_z)
+        rows.append(torch.cat([g.reshape(-1) for g in per_z]))
+        for i, g in enumerate(grads[n_z:]):
+            if g is not None:
+                before = own_grads[i]
+                own_grads[i] = g if before is None else before + g
+    coefficients = combine(torch.stack(rows), losses.detach()).detach()
+    seeds = [sum(c * g[i] for c, g in zip(coefficients, z_grads, strict=True)) for i in range(n_z)]
+    torch.autograd.backward(representation, grad_tensors=seeds, inputs=shared)
+    for p, total in zip(own, own_grads, strict=True):
+        if total is not None:
+            p.grad = total if p.grad is None else p.grad + total
+    return coefficients
