@@ -117,6 +117,11 @@ CASES = [
         recipe=patched(setting("loss", {"weighting": "equl"})),
     ),
     Case(
+        "GAUC early stopping without a group",
+        "train.early_stopping.metric: gauc needs data.group",
+        recipe=patched(setting("train.early_stopping", {"metric": "gauc"})),
+    ),
+    Case(
         "scheme parameter of another scheme",
         "model.bottom_units: unknown key",
         recipe=patched(setting("model.bottom_units", [8])),
@@ -294,6 +299,12 @@ CASES = [
         "data.split.column: column 'fold' is not in the data",
         kind="data",
         recipe=patched(setting("data.split", {"by": "column", "column": "fold"})),
+    ),
+    Case(
+        "GAUC group column absent",
+        "data.group: column 'users' is not in the data (did you mean 'user'?)",
+        kind="data",
+        recipe=patched(setting("data.group", "users")),
     ),
     Case(
         "empty valid split",

@@ -24,3 +24,43 @@ def test_census_recipe_reaches_the_auc_bar(recipe: str, census_file: Path, in_re
         assert result["tasks"][task]["auc"] >= bar, (
             f"{recipe}: test AUC {task} {result['tasks'][task]['auc']:.4f} < {bar}"
         )
+
+
+def test_gauc_by_a_column_through_train_eval_and_a_bundle(census_file: Path, in_repo: Path, tmp_path: Path) -> None:
+    """data.group = education: `mtl eval` on the run and on the exported bundle report the GAUC that
+    a direct computation gives from the model's test predictions and the raw education values."""
+    import gzip
+    import json
+
+    import polars as pl
+    import torch
+    from typer.testing import CliRunner
+
+    from mtlcli.cli.app import app
+    from mtlcli.train.loop import predict_logits
+    from mtlcli.train.metrics import gauc
+    from mtlcli.train.run import _encoded_data, load_run
+
+    overrides = [f"data.cache_dir={tmp_path / 'cache'}", "train.threads=1", "train.epochs=2", "data.group=education"]
+    train_run(load_recipe("recipes/census-mmoe.yaml", overrides), tmp_path / "run")
+    result = evaluate_run(tmp_path / "run", "test")["tasks"]
+    loaded = load_run(tmp_path / "run")
+    data = _encoded_data(tmp_path / "run", loaded).load("test")
+    logits = predict_logits(loaded.model, data, 65536)
+    with gzip.open(census_file, "rt", encoding="utf-8") as handle:
+        rows = [line for index, line in enumerate(handle) if index % 5 == 0]
+    education = pl.Series([line.split(",")[4].strip() for line in rows])
+    codes = torch.from_numpy(education.cast(pl.Categorical).to_physical().cast(pl.Int64).to_numpy().copy())
+    for k, task in enumerate(["income", "marital"]):
+        expected, groups = gauc(logits[:, k], data.labels[:, k], codes)
+        assert result[task]["gauc"] == pytest.approx(expected, abs=1e-12)
+        assert result[task]["gauc_groups"] == groups > 5
+        assert result[task]["gauc"] < result[task]["auc"]
+    (tmp_path / "test.csv").write_text("".join(rows), encoding="utf-8")
+    runner = CliRunner()
+    assert runner.invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "bundle")]).exit_code == 0
+    out = runner.invoke(app, ["eval", str(tmp_path / "bundle"), "--data", str(tmp_path / "test.csv"), "--json"])
+    assert out.exit_code == 0, out.output
+    bundle_tasks = json.loads(out.stdout)["tasks"]
+    for task in ("income", "marital"):
+        assert bundle_tasks[task]["gauc"] == pytest.approx(result[task]["gauc"], abs=1e-6)

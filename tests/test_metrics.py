@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mtlcli.train.metrics import auc, logloss, mae, rmse, task_metrics
+from mtlcli.train.metrics import auc, gauc, logloss, mae, rmse, task_metrics
 
 
 def brute_force_auc(scores: list[float], labels: list[int]) -> float:
@@ -55,3 +55,55 @@ def test_task_metrics_respects_mask_and_types() -> None:
     assert out["click"]["positive_rate"] == pytest.approx(0.5)
     assert out["time"]["rmse"] == pytest.approx(math.sqrt((0 + 0 + 1 + 0) / 4))
     assert out["time"]["mae"] == pytest.approx(0.25)
+
+
+def test_gauc_hand_computed() -> None:
+    # group 0: AUC 0.75 over 4 rows; group 1: a tie, AUC 0.5 over 2 rows; group 2: one class, left out.
+    scores = torch.tensor([0.1, 0.4, 0.35, 0.8, 0.2, 0.2, 0.9, 0.3])
+    labels = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    value, counted = gauc(scores, labels, groups)
+    assert counted == 2
+    assert value == pytest.approx((4 * 0.75 + 2 * 0.5) / 6)
+    # the order of the rows and the group ids do not matter
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(0))
+    assert gauc(scores[perm], labels[perm], groups[perm] * 7 + 3)[0] == pytest.approx(value)
+    assert math.isnan(gauc(scores[6:], labels[6:], groups[6:])[0])
+
+
+def test_gauc_equals_the_weighted_mean_of_per_group_aucs_on_census(census_file) -> None:  # type: ignore[no-untyped-def]
+    """On the real census rows: income grouped by education, scored by a coarse function of age and
+    weeks worked (many ties), against a loop over the groups."""
+    import polars as pl
+
+    frame = pl.read_csv(census_file, has_header=False, infer_schema=False)
+    education = frame.get_column(frame.columns[4]).str.strip_chars()
+    income = (frame.get_column(frame.columns[41]).str.strip_chars() == "50000+.").cast(pl.Float64)
+    age = frame.get_column(frame.columns[0]).str.strip_chars().cast(pl.Float64)
+    weeks = frame.get_column(frame.columns[39]).str.strip_chars().cast(pl.Float64)
+    scores = torch.from_numpy((age.to_numpy() // 5) + weeks.to_numpy() / 10)
+    labels = torch.from_numpy(income.to_numpy())
+    codes = torch.from_numpy(education.cast(pl.Categorical).to_physical().cast(pl.Int64).to_numpy().copy())
+    expected_sum, weight, counted = 0.0, 0, 0
+    for g in codes.unique():
+        rows = codes == g
+        value = auc(scores[rows], labels[rows])
+        if not math.isnan(value):
+            expected_sum += value * int(rows.sum())
+            weight += int(rows.sum())
+            counted += 1
+    value, n_groups = gauc(scores, labels, codes)
+    assert n_groups == counted > 10
+    assert value == pytest.approx(expected_sum / weight, abs=1e-12)
+    assert value < auc(scores, labels) - 0.01  # within an education level the score separates less
+
+
+def test_task_metrics_gauc_skips_rows_without_a_group_and_outside_the_space() -> None:
+    logits = torch.tensor([[0.1], [0.9], [0.5], [0.2], [0.8]])
+    labels = torch.tensor([[0.0], [1.0], [0.0], [1.0], [1.0]])
+    mask = torch.tensor([[True], [True], [True], [True], [False]])
+    groups = torch.tensor([0, 0, -1, 1, 1])
+    metrics = task_metrics(logits, labels, mask, ["t"], ["binary"], groups)["t"]
+    assert metrics["gauc"] == pytest.approx(1.0) and metrics["gauc_groups"] == 1
+    assert list(metrics)[:2] == ["auc", "gauc"]
+    assert "gauc" not in task_metrics(logits, labels, mask, ["t"], ["binary"])["t"]

@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 class ConsoleReporter:
     """Progress bar per epoch and one line per epoch on stderr."""
 
-    def __init__(self, tasks: list[str], types: list[str]) -> None:
+    def __init__(self, tasks: list[str], types: list[str], binary_metric: str = "auc") -> None:
         self.tasks, self.types = tasks, types
+        self.binary_metric = binary_metric  # shown per binary task: auc, or gauc when early stopping uses it
         self.progress = Progress(
             TextColumn("epoch {task.fields[epoch]}"),
             BarColumn(),
@@ -51,7 +52,7 @@ class ConsoleReporter:
         parts.append("weights " + " ".join(f"{t} {record['weights'][t]:.3g}" for t in self.tasks))
         valid = record["valid"]
         metric = {
-            t: ("auc", valid[t]["auc"]) if k == "binary" else ("rmse", valid[t]["rmse"])
+            t: (self.binary_metric, valid[t].get(self.binary_metric)) if k == "binary" else ("rmse", valid[t]["rmse"])
             for t, k in zip(self.tasks, self.types, strict=True)
         }
         parts.append("valid " + " ".join(f"{t} {m} {fmt(v)}" for t, (m, v) in metric.items()))
@@ -112,7 +113,11 @@ def command(
         prepared = prepare(loaded)
     if not quiet:
         err_console.print(f"data: {prepared.directory} ({'cached' if prepared.reused else 'preprocessed'})")
-    reporter = None if quiet else ConsoleReporter(prepared.schema.task_names, [t.type for t in prepared.schema.tasks])
+    stopping = loaded.train.early_stopping
+    shown = "gauc" if stopping is not None and stopping.metric == "gauc" else "auc"
+    reporter = (
+        None if quiet else ConsoleReporter(prepared.schema.task_names, [t.type for t in prepared.schema.tasks], shown)
+    )
     stop = StopFlag()
     try:
         with stop.installed():

@@ -39,6 +39,7 @@ class SplitTensors:
     numeric: Tensor
     labels: Tensor
     label_mask: Tensor
+    groups: Tensor | None = None  # int64 [N] group ids for GAUC (data.group), -1 without a group
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

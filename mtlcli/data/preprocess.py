@@ -47,6 +47,7 @@ SPLIT_COLUMN = "__split"
 ROW_COLUMN = "__row"
 LABEL_PREFIX = "label:"
 MASK_PREFIX = "mask:"
+GROUP_COLUMN = "__group"
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,8 @@ def data_key(recipe: Recipe) -> tuple[str, dict[str, Any]]:
     files = [{"split": s, "path": str(f), "sha256": sha256_file(f)} for s, f in source_files(recipe)]
     source = {"files": files, "synthetic": recipe.data.synthetic.model_dump() if recipe.data.synthetic else None}
     spec = recipe.to_dict()
-    data_part = {k: v for k, v in spec["data"].items() if k != "cache_dir"}
+    # data.group is left out while unset, so that recipes written before it keep their cache keys
+    data_part = {k: v for k, v in spec["data"].items() if k != "cache_dir" and not (k == "group" and v is None)}
     key_input = {
         "data": data_part,
         "features": spec["features"],
@@ -522,10 +524,12 @@ def preprocess(recipe: Recipe, out_dir: Path) -> DataSchema:
                 expand_columns(frame, list(recipe.features.numeric), "features.numeric")[name]
             ]
         num_specs.append(fit_numeric(name, values.filter(is_train), listed or defaults.numeric))
+    groups = [group_ids(frame, recipe.data.group)] if recipe.data.group else []
     encoded = pl.DataFrame(
         [encode_categorical(frame.get_column(f.name), f) for f in cat_specs]
         + [encode_numeric(num_values[f.name], f) for f in num_specs]
         + list(labels.iter_columns())
+        + groups
         + [frame.get_column(SPLIT_COLUMN)]
     )
     tasks = [
@@ -546,12 +550,19 @@ def preprocess(recipe: Recipe, out_dir: Path) -> DataSchema:
         part = encoded.filter(pl.col(SPLIT_COLUMN) == index).drop(SPLIT_COLUMN)
         parts[split] = part
         splits[split] = _split_info(part, cat_specs, tasks)
-    schema = DataSchema(cat_specs, num_specs, tasks, splits, source, key)
+    schema = DataSchema(cat_specs, num_specs, tasks, splits, source, key, group=recipe.data.group)
     with atomic_dir(out_dir) as tmp:
         for split, part in parts.items():
             part.write_parquet(tmp / f"{split}.parquet")
         schema.save(tmp / "schema.json")
     return schema
+
+
+def group_ids(frame: pl.DataFrame, column: str) -> pl.Series:
+    """``GROUP_COLUMN``: an int64 id per distinct value of ``column`` (data.group), -1 where missing."""
+    _require_columns(frame, [column], "data.group")
+    values = frame.get_column(column).cast(pl.String)
+    return (values.rank("dense").cast(pl.Int64).fill_null(0) - 1).alias(GROUP_COLUMN)
 
 
 def _split_info(part: pl.DataFrame, cats: list[CategoricalFeature], tasks: list[TaskInfo]) -> SplitInfo:
@@ -634,9 +645,15 @@ def tensors_from_frame(frame: pl.DataFrame, schema: DataSchema) -> SplitTensors:
         return torch.from_numpy(array)
 
     labels = block(label_names, np.float32, torch.float32)
+    groups = None
+    if schema.group is not None:
+        if GROUP_COLUMN not in frame.columns:
+            raise ArtifactError(f"encoded data has no {GROUP_COLUMN!r} column", "re-run `mtl preprocess`")
+        groups = torch.from_numpy(np.require(frame.get_column(GROUP_COLUMN).to_numpy(), np.int64, ["C", "W"]))
     return SplitTensors(
         categorical=block(cat_names, np.int64, torch.int64),
         numeric=block(num_names, np.float32, torch.float32),
         labels=labels,
         label_mask=_label_mask(frame, schema, labels),
+        groups=groups,
     )

@@ -91,6 +91,7 @@ class DataSchema:
     source: dict[str, Any]
     data_key: str
     version: int = SCHEMA_VERSION
+    group: str | None = None  # data.group: the encoded splits carry its ids for GAUC
 
     @property
     def task_names(self) -> list[str]:
@@ -122,6 +123,7 @@ class DataSchema:
                 source=dict(data["source"]),
                 data_key=str(data["data_key"]),
                 version=int(data["version"]),
+                group=data.get("group"),
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise ArtifactError(f"{where}: not a valid mtl schema ({exc!r})", "re-run `mtl preprocess`") from None

@@ -28,10 +28,12 @@ from mtlcli.data.batch import Batch, SplitTensors
 from mtlcli.data.preprocess import (
     LABEL_PREFIX,
     ROW_COLUMN,
+    _label_mask,
     _numeric,
     _require_columns,
     encode_categorical,
     encode_numeric,
+    group_ids,
     make_labels,
 )
 from mtlcli.data.schema import DataSchema
@@ -410,7 +412,10 @@ def labelled_tensors(frame: pl.DataFrame, recipe: Recipe, schema: DataSchema) ->
     labels_frame = make_labels(frame, recipe)
     names = [LABEL_PREFIX + t for t in schema.task_names]
     labels = torch.from_numpy(np.require(labels_frame.select(names).to_numpy(), np.float32, ["C", "W"]))
-    return SplitTensors(categorical, numeric, labels, torch.ones_like(labels, dtype=torch.bool))
+    groups = None
+    if schema.group is not None:
+        groups = torch.from_numpy(np.require(group_ids(frame, schema.group).to_numpy(), np.int64, ["C", "W"]))
+    return SplitTensors(categorical, numeric, labels, _label_mask(labels_frame, schema, labels), groups)
 
 
 def output_columns(schema: DataSchema, keep: list[str] | None, score: bool) -> list[str]:

@@ -316,8 +316,15 @@ def _cross_checks(data: dict[str, Any]) -> list[tuple[Loc, str]]:
             out.append((("train", "early_stopping", "task"), f"unknown task {task!r}{hint}; use a task name or 'mean'"))
         chosen = [tasks[task]] if task in tasks else list(tasks.values())
         kinds = [spec.get("type", "binary") for spec in chosen]
-        if metric in ("auc", "logloss") and "regression" in kinds:
+        if metric in ("auc", "gauc", "logloss") and "regression" in kinds:
             out.append((("train", "early_stopping", "metric"), f"{metric} needs binary tasks; use rmse, mae or loss"))
+        if metric == "gauc" and not section("data").get("group"):
+            out.append(
+                (
+                    ("train", "early_stopping", "metric"),
+                    "gauc needs data.group (the column to group rows by, e.g. a user id)",
+                )
+            )
         if metric in ("rmse", "mae") and "binary" in kinds:
             out.append(
                 (("train", "early_stopping", "metric"), f"{metric} needs regression tasks; use auc, logloss or loss")

@@ -117,6 +117,7 @@ class DataSection(Strict):
     missing: StrList = ["", "?", "NA", "NaN", "null"]
     split: Split = RandomSplit(by="random")
     cache_dir: str = ".mtl-cache"
+    group: str | None = None  # the column that groups rows for GAUC (a user id, a query id)
 
     @model_validator(mode="after")
     def _check(self) -> DataSection:
@@ -284,7 +285,7 @@ class LossConfig(Strict):
 
 # --- train ------------------------------------------------------------------------------------
 
-Metric = Literal["auc", "logloss", "rmse", "mae", "loss"]
+Metric = Literal["auc", "gauc", "logloss", "rmse", "mae", "loss"]
 
 
 class EarlyStopping(Strict):

@@ -103,7 +103,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Per-task metrics on a split, plus each task's mean loss under ``loss``."""
     logits = predict_logits(model, data, batch_size)
-    metrics = task_metrics(logits, data.labels, data.label_mask, tasks, types)
+    metrics = task_metrics(logits, data.labels, data.label_mask, tasks, types, data.groups)
     binary = torch.tensor([t == "binary" for t in types])
     losses = task_losses(logits, data.all(), binary)
     for k, task in enumerate(tasks):
@@ -154,7 +154,7 @@ class EarlyStopper:
         if any(v is None or math.isnan(v) for v in values):
             return -math.inf
         mean = sum(values) / len(values)
-        return mean if self.settings.metric == "auc" else -mean
+        return mean if self.settings.metric in ("auc", "gauc") else -mean
 
     def update(self, epoch: int, metrics: dict[str, Any], model: nn.Module) -> tuple[bool, bool]:
         """Record an epoch; returns (improved, stop)."""

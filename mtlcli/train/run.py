@@ -201,6 +201,8 @@ def run_identity(recipe: Recipe, schema: DataSchema) -> dict[str, str]:
     """What a checkpoint must match to be resumed: the recipe (train.epochs may change) and the data."""
     spec = recipe.to_dict()
     spec["train"] = {k: v for k, v in spec["train"].items() if k != "epochs"}
+    if spec["data"].get("group") is None:  # unset: as in recipes written before data.group existed
+        spec["data"].pop("group", None)
     return {"recipe_sha256": sha256_json(spec), "data_key": schema.data_key}
 
 
