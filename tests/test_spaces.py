@@ -119,3 +119,16 @@ def test_shipped_ecommerce_samples_train_with_conversion_in_the_click_space(
     click, conversion = loaded.task_names
     assert result["tasks"][conversion]["space"] == f"{click} = 1"
     assert result["tasks"][conversion]["n"] < result["tasks"][click]["n"]
+    # The exported bundle, evaluated on the raw test file, counts the same rows for each task.
+    from mtlcli.export.bundle import export_bundle
+    from mtlcli.export.evaluate import evaluate_bundle
+
+    export_bundle(tmp_path / "run", tmp_path / "bundle")
+    split = loaded.data.split
+    test_files = getattr(split, "test", None)
+    assert test_files
+    on_file = evaluate_bundle(tmp_path / "bundle", str(test_files[0]))["tasks"]
+    assert on_file[conversion]["space"] == f"{click} = 1"
+    for task in (click, conversion):
+        assert on_file[task]["n"] == result["tasks"][task]["n"]
+        assert on_file[task]["auc"] == pytest.approx(result["tasks"][task]["auc"], abs=1e-6)

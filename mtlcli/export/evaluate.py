@@ -26,4 +26,7 @@ def evaluate_bundle(bundle: Path, data: str, batch_size: int = 65536) -> dict[st
     tensors = labelled_tensors(frame, loaded.recipe, loaded.schema)
     types = [t.type for t in loaded.schema.tasks]
     metrics = evaluate(loaded.model, tensors, loaded.schema.task_names, types, batch_size)
+    for task in loaded.schema.tasks:
+        if task.space is not None:
+            metrics[task.name]["space"] = task.space  # its metrics count only the rows in its space
     return {"data": data, "tasks": metrics}
