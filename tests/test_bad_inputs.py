@@ -79,7 +79,7 @@ class Case:
     kind: str = "recipe"  # recipe | data | artifact
     recipe: dict[str, Any] | str | bytes | None = None  # None: the good recipe
     data: str | bytes | None = None  # None: the good data
-    command: str = "train"  # check | train | eval | export | resume | predict-free
+    command: str = "train"  # check | train | sweep | eval | export | resume | predict-free
     args: list[str] = field(default_factory=list)
     damage: Callable[[Path], object] | None = None  # applied to a copy of a good run (artifact cases)
 
@@ -120,6 +120,18 @@ CASES = [
         "GAUC early stopping without a group",
         "train.early_stopping.metric: gauc needs data.group",
         recipe=patched(setting("train.early_stopping", {"metric": "gauc"})),
+    ),
+    Case(
+        "sweep axis without values",
+        "--grid 'train.seed': expected KEY=V1,V2,...",
+        command="sweep",
+        args=["--grid", "train.seed"],
+    ),
+    Case(
+        "sweep grid point with a misspelt value",
+        "grid point loss.weighting=pcgrd: invalid recipe",
+        command="sweep",
+        args=["--grid", "loss.weighting=equal,pcgrd"],
     ),
     Case(
         "scheme parameter of another scheme",
@@ -498,6 +510,8 @@ def run_case(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, good: 
     recipe = write_inputs(tmp_path, case)
     if case.command == "check":
         argv = ["recipe", "check", str(recipe)]
+    elif case.command == "sweep":
+        argv = ["sweep", str(recipe), "--out", str(tmp_path / "run"), "--quiet"]
     else:
         argv = ["train", str(recipe), "--out", str(tmp_path / "run"), "--quiet"]
     result = runner.invoke(app, argv + case.args)
