@@ -157,6 +157,26 @@ class CheckpointTo:
 
 @pytest.mark.parametrize("weighting", WEIGHTINGS.names())
 def test_every_strategy_resumes_mid_epoch_to_the_same_weights(weighting: str, tmp_path: Path) -> None:
+    resumes_to_the_same_weights(
+        weighting, TrainSection(epochs=3, batch_size=32, early_stopping=None, lr=0.01), tmp_path
+    )
+
+
+def test_a_scheduled_clipped_run_resumes_mid_epoch_to_the_same_weights(tmp_path: Path) -> None:
+    settings = TrainSection.model_validate(
+        {
+            "epochs": 3,
+            "batch_size": 32,
+            "early_stopping": None,
+            "lr": 0.01,
+            "lr_schedule": {"kind": "cosine", "warmup_steps": 5, "min_ratio": 0.1},
+            "clip_grad_norm": 0.05,
+        }
+    )
+    resumes_to_the_same_weights("uncertainty", settings, tmp_path)
+
+
+def resumes_to_the_same_weights(weighting: str, settings: TrainSection, tmp_path: Path) -> None:
     from mtlcli.train.checkpoint import load_checkpoint
     from mtlcli.train.loop import TrainingInterrupted, make_optimizer
 
@@ -167,7 +187,6 @@ def test_every_strategy_resumes_mid_epoch_to_the_same_weights(weighting: str, tm
     numeric = torch.randn(n, 2, generator=gen)
     labels = torch.stack([(cats[:, 0] < 2).float(), (numeric[:, 0] > 0).float()], 1)
     data = SplitTensors(cats, numeric, labels, torch.ones(n, 2, dtype=torch.bool))
-    settings = TrainSection(epochs=3, batch_size=32, early_stopping=None, lr=0.01)
 
     def fresh() -> tuple[torch.nn.Module, object, torch.optim.Optimizer]:
         torch.manual_seed(0)

@@ -298,9 +298,28 @@ class EarlyStopping(Strict):
     min_delta: NonNegativeFloat = 0.0
 
 
+def _as_kind(value: Any) -> Any:
+    return {"kind": value} if isinstance(value, str) else value
+
+
+class LrSchedule(Strict):
+    """The learning rate over training as a factor of ``train.lr``, a function of the global step
+    (so a resumed run follows the same curve): linear warm-up over ``warmup_steps``, then
+    ``constant``, ``cosine`` or ``linear`` decay to ``min_ratio`` · lr at the last step of the
+    epoch budget, or ``step``: times ``gamma`` every ``every_epochs`` epochs."""
+
+    kind: Literal["constant", "cosine", "linear", "step"] = "constant"
+    warmup_steps: NonNegativeInt = 0
+    min_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    every_epochs: PositiveInt = 10
+    gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+
+
 class TrainSection(Strict):
     optimizer: Literal["adam", "adamw", "sgd", "adagrad"] = "adam"
     lr: PositiveFloat = 1e-3
+    lr_schedule: Annotated[LrSchedule, BeforeValidator(_as_kind)] = LrSchedule()
+    clip_grad_norm: PositiveFloat | None = None
     weight_decay: NonNegativeFloat = 0.0
     batch_size: PositiveInt = 1024
     eval_batch_size: PositiveInt = 65536

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from mtlcli.data.batch import Batch, SplitTensors
 from mtlcli.errors import MtlError
 from mtlcli.models.base import enable_representation
-from mtlcli.recipe.schema import EarlyStopping, TrainSection
+from mtlcli.recipe.schema import EarlyStopping, LrSchedule, TrainSection
 from mtlcli.train.metrics import task_metrics
 from mtlcli.weighting.base import WeightingStrategy
 from mtlcli.weighting.gradients import shared_task_gradients
@@ -171,6 +171,21 @@ class EarlyStopper:
         return improved, stop
 
 
+def lr_factor(schedule: LrSchedule, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """The factor on ``train.lr`` for update number ``step`` (0-based, counted over the run)."""
+    warm = (step + 1) / schedule.warmup_steps if step < schedule.warmup_steps else 1.0
+    if schedule.kind == "step":
+        return warm * schedule.gamma ** ((step // steps_per_epoch) // schedule.every_epochs)
+    if schedule.kind == "constant":
+        return warm
+    span = max(1, total_steps - 1 - schedule.warmup_steps)
+    progress = min(1.0, max(0.0, (step - schedule.warmup_steps) / span))
+    low = schedule.min_ratio
+    if schedule.kind == "cosine":
+        return warm * (low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return warm * (1.0 - (1.0 - low) * progress)
+
+
 def make_optimizer(settings: TrainSection, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     if settings.optimizer == "adam":
         return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay, fused=True)
@@ -240,6 +255,10 @@ def fit(
     observer.on_start(settings.epochs, steps_per_epoch)
     every = settings.checkpoint_every
     track = settings.track_gradients
+    schedule = settings.lr_schedule
+    scheduled = schedule.kind != "constant" or schedule.warmup_steps > 0
+    total_steps = settings.epochs * steps_per_epoch
+    clipped = [p for group in optimizer.param_groups for p in group["params"]]
     shared = list(model.parameter_groups()["shared"].values()) if track else []  # type: ignore[operator]
     while state.epoch <= settings.epochs and not state.stopped_early:
         epoch = state.epoch
@@ -264,6 +283,12 @@ def fit(
             global_step = (epoch - 1) * steps_per_epoch + state.step + 1
             grads = shared_task_gradients(losses, shared) if shared and global_step % track == 0 else None  # type: ignore[operator]
             weights = strategy.backward(losses, model)
+            if scheduled:
+                lr = settings.lr * lr_factor(schedule, global_step - 1, total_steps, steps_per_epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+            if settings.clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(clipped, settings.clip_grad_norm)
             optimizer.step()
             state.loss_sum += losses.detach()
             state.weight_sum += weights.detach()
@@ -298,6 +323,7 @@ def fit(
             "valid": valid_metrics,
             "seconds": elapsed,
             "samples_per_second": len(train) / elapsed if elapsed > 0 else 0.0,
+            "lr": optimizer.param_groups[0]["lr"],
             "best_epoch": state.best_epoch,
         }
         state.history.append(record)
