@@ -80,9 +80,9 @@ def parse_grid(items: Sequence[str]) -> list[Axis]:
             raise MtlError(f"--grid {item!r}: a value is listed twice")
         if any(a.key == key for a in axes):
             raise MtlError(f"--grid: {key!r} is given twice", "list all its values in one --grid KEY=V1,V2")
+        if key == "recipe":
+            raise MtlError("--grid: 'recipe' is not a recipe key", "give several recipe files to sweep over recipes")
         axes.append(Axis(key, values))
-    if not axes:
-        raise MtlError("no --grid given", "e.g. --grid loss.weighting=equal,pcgrad --grid train.seed=0,1,2")
     return axes
 
 
@@ -96,14 +96,33 @@ def run_name(settings: dict[str, str]) -> str:
     return name[:200] or "run"
 
 
-def expand(recipe_file: str, axes: list[Axis], overrides: Sequence[str]) -> list[Point]:
-    """Every combination, its recipe validated up front (an invalid one names its settings)."""
+def recipe_labels(files: Sequence[str]) -> list[str]:
+    """Short labels for several recipe files: their stems (``census-ple``), or paths where stems repeat."""
+    stems = [Path(f).name.removesuffix(".yaml").removesuffix(".yml") for f in files]
+    if len(set(stems)) == len(stems):
+        return stems
+    return [str(f) for f in files]
+
+
+def expand(recipe_files: str | Sequence[str], axes: list[Axis], overrides: Sequence[str]) -> list[Point]:
+    """Every combination, its recipe validated up front (an invalid one names its settings).
+
+    With several recipe files, the recipe is the first axis (setting ``recipe``: the file's stem).
+    """
+    files = [recipe_files] if isinstance(recipe_files, str) else list(recipe_files)
+    if len(set(files)) != len(files):
+        raise MtlError("a recipe file is given twice")
+    labels = recipe_labels(files)
     points = []
-    for combination in itertools.product(*(axis.values for axis in axes)):
+    for (file, label), combination in itertools.product(
+        zip(files, labels, strict=True), itertools.product(*(axis.values for axis in axes))
+    ):
         settings = {axis.key: value for axis, value in zip(axes, combination, strict=True)}
-        sets = [*overrides, *(f"{k}={v}" for k, v in settings.items())]
+        if len(files) > 1:
+            settings = {"recipe": label, **settings}
+        sets = [*overrides, *(f"{k}={v}" for k, v in settings.items() if k != "recipe")]
         try:
-            recipe = load_recipe(recipe_file, sets)
+            recipe = load_recipe(file, sets)
         except RecipeError as exc:
             where = " ".join(f"{k}={v}" for k, v in settings.items())
             raise MtlError(f"grid point {where}: {exc.message}", exc.hint) from None

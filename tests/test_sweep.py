@@ -35,7 +35,7 @@ def test_values_split_at_top_level_commas_only() -> None:
         (["train.seed=0,,1"], "an empty value"),
         (["train.seed=0,0"], "listed twice"),
         (["train.seed=0", "train.seed=1"], "given twice"),
-        ([], "no --grid"),
+        (["recipe=a,b"], "not a recipe key"),
     ],
 )
 def test_malformed_grids_are_refused(grid: list[str], message: str) -> None:
@@ -117,4 +117,31 @@ def test_bad_sweep_options(recipe: Path, tmp_path: Path) -> None:
     failed(invoke("sweep", recipe, "--grid", "train.seed=0,1", "--out", out, "--replicate", "train.lr"), "--grid key")
     failed(invoke("sweep", recipe, "--grid", "train.lrr=0.1", "--out", out), "train.lrr", "did you mean")
     failed(invoke("sweep", "-", "--grid", "train.seed=0", "--out", out), "give a file")
+    failed(invoke("sweep", recipe, "--out", out), "nothing to sweep")
+    failed(invoke("sweep", recipe, recipe, "--out", out), "given twice")
     assert not out.exists()
+
+
+def test_several_recipes_are_an_axis(recipe: Path, tmp_path: Path) -> None:
+    import yaml
+
+    other = tmp_path / "tiny-sb.yaml"
+    spec = yaml.safe_load(recipe.read_text())
+    spec["model"] = {"scheme": "shared_bottom", "embedding_dim": 2, "bottom_units": [4], "tower_units": [2]}
+    other.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    out = tmp_path / "sweep"
+    result = json.loads(
+        succeeded(invoke("sweep", recipe, other, "-g", "train.seed=0,1", "--out", out, "--json")).stdout
+    )
+    assert [r["name"] for r in result["runs"]] == [
+        "recipe=tiny_seed=0",
+        "recipe=tiny_seed=1",
+        "recipe=tiny-sb_seed=0",
+        "recipe=tiny-sb_seed=1",
+    ]
+    assert [row["settings"] for row in result["summary"]] == [{"recipe": "tiny"}, {"recipe": "tiny-sb"}]
+    schemes = {
+        r["name"]: yaml.safe_load((Path(r["run_dir"]) / "recipe.yaml").read_text())["model"]["scheme"]
+        for r in result["runs"]
+    }
+    assert schemes["recipe=tiny_seed=1"] == "mmoe" and schemes["recipe=tiny-sb_seed=0"] == "shared_bottom"

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from mtlcli.cli.train import ConsoleReporter
 
 GridOption = Annotated[
-    list[str],
+    list[str] | None,
     typer.Option(
         "--grid",
         "-g",
@@ -30,11 +30,14 @@ GridOption = Annotated[
 
 @handle_errors
 def command(
-    recipe: Annotated[str, typer.Argument(help="Recipe file.")],
-    grid: GridOption,
+    recipes: Annotated[
+        list[str],
+        typer.Argument(help="Recipe file(s); several make the recipe an axis of the grid.", metavar="RECIPE..."),
+    ],
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Directory for the runs (one per grid point) and sweep.json.")
     ],
+    grid: GridOption = None,
     split: Annotated[
         str, typer.Option("--split", help="Which split the table reports: test, valid or train.")
     ] = "test",
@@ -58,8 +61,9 @@ def command(
 
     Every point gets a run directory under --out named after its settings; finished runs are reused
     and an interrupted one resumes, so running the same command again continues a stopped sweep.
-    Example: mtl sweep recipes/census-mmoe.yaml --grid loss.weighting=equal,pcgrad,mgda
-    --grid train.seed=0,1,2 --out runs/sweep
+    Several recipe files (e.g. one per scheme) add the recipe as an axis. Example: mtl sweep
+    recipes/census-mmoe.yaml --grid loss.weighting=equal,pcgrad,mgda --grid train.seed=0,1,2
+    --out runs/sweep
     """
     from mtlcli.cli.train import ConsoleReporter, StopFlag
     from mtlcli.sweep import expand, parse_grid, run_sweep
@@ -67,11 +71,16 @@ def command(
 
     if split not in ("train", "valid", "test"):
         raise typer.BadParameter(f"{split!r} is not one of train, valid, test", param_hint="--split")
-    if recipe == "-":
+    if "-" in recipes:
         raise typer.BadParameter("a sweep reads its recipe once per grid point: give a file, not -")
-    axes = parse_grid(grid)
-    load_recipe(recipe, overrides or [])  # the base recipe's own errors first, as they are
-    points = expand(recipe, axes, overrides or [])
+    axes = parse_grid(grid or [])
+    if not axes and len(recipes) < 2:
+        raise typer.BadParameter(
+            "nothing to sweep: give --grid KEY=V1,V2 (e.g. train.seed=0,1,2) or several recipes", param_hint="--grid"
+        )
+    for recipe in recipes:
+        load_recipe(recipe, overrides or [])  # each base recipe's own errors first, as they are
+    points = expand(recipes, axes, overrides or [])
     keys = replicate if replicate else ["train.seed"]
     unknown = [k for k in keys if replicate and k not in [a.key for a in axes]]
     if unknown:
@@ -105,7 +114,7 @@ def command(
     except TrainingInterrupted as exc:
         while reporters:
             reporters.pop().close()
-        again = ["mtl", "sweep", recipe, *(f"--grid={g}" for g in grid), "--out", str(out), "--split", split]
+        again = ["mtl", "sweep", *recipes, *(f"--grid={g}" for g in grid or []), "--out", str(out), "--split", split]
         again += [f"--set={s}" for s in overrides or []] + [f"--replicate={r}" for r in replicate or []]
         err_console.print(
             f"[yellow]{escape(exc.message)}[/]\n  continue the sweep with: {escape(shlex.join(again))}", soft_wrap=True
