@@ -389,3 +389,8 @@ def test_version() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"mtl {__version__}"
+
+
+def test_predict_on_a_run_directory_says_to_export_it(trained: tuple[Path, dict[str, Any]]) -> None:
+    run, _ = trained
+    failed(invoke("predict", run, "-", input="u1,i1,30\n"), "a training run, not a bundle", "mtl export")

@@ -74,6 +74,11 @@ def load_bundle(bundle: Path) -> LoadedModel:
     """Rebuild the model of a bundle, after checking every file against the manifest's sha256."""
     manifest_file = bundle / "manifest.json"
     if not manifest_file.is_file():
+        if (bundle / "summary.json").is_file() and (bundle / "model.safetensors").is_file():
+            raise ArtifactError(
+                f"{bundle}: a training run, not a bundle",
+                f"export it first: mtl export {bundle} --out bundles/{bundle.name}",
+            )
         raise ArtifactError(
             f"{bundle}: not an mtl bundle (no manifest.json)", "give a directory written by `mtl export`"
         )
