@@ -39,13 +39,13 @@ def test_gauc_by_a_column_through_train_eval_and_a_bundle(census_file: Path, in_
     from mtlcli.cli.app import app
     from mtlcli.train.loop import predict_logits
     from mtlcli.train.metrics import gauc
-    from mtlcli.train.run import _encoded_data, load_run
+    from mtlcli.train.run import encoded_data, load_run
 
     overrides = [f"data.cache_dir={tmp_path / 'cache'}", "train.threads=1", "train.epochs=2", "data.group=education"]
     train_run(load_recipe("recipes/census-mmoe.yaml", overrides), tmp_path / "run")
     result = evaluate_run(tmp_path / "run", "test")["tasks"]
     loaded = load_run(tmp_path / "run")
-    data = _encoded_data(tmp_path / "run", loaded).load("test")
+    data = encoded_data(tmp_path / "run", loaded).load("test")
     logits = predict_logits(loaded.model, data, 65536)
     with gzip.open(census_file, "rt", encoding="utf-8") as handle:
         rows = [line for index, line in enumerate(handle) if index % 5 == 0]

@@ -18,7 +18,7 @@ from mtlcli.explain.compare import compare_results
 from mtlcli.explain.correlation import pearson
 from mtlcli.models import SCHEMES
 from mtlcli.models.mmoe import MMoE
-from mtlcli.train.run import _encoded_data, load_run
+from mtlcli.train.run import encoded_data, load_run
 from tests.test_models import INPUTS, TASKS, TYPES, build, make_batch
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -71,7 +71,7 @@ def census_report(census_run: Path) -> dict[str, Any]:
 
 def test_label_correlation_matches_a_direct_computation(census_run: Path, census_report: dict[str, Any]) -> None:
     loaded = load_run(census_run)
-    labels = _encoded_data(census_run, loaded).load("valid").labels
+    labels = encoded_data(census_run, loaded).load("valid").labels
     direct = float(torch.corrcoef(labels.double().T)[0, 1])
     reported = census_report["label_correlation"]["income"]["marital"]
     assert reported == pytest.approx(direct, abs=1e-9)
@@ -86,7 +86,7 @@ def test_census_gates_are_softmax_rows_and_the_report_says_which_experts(
     census_run: Path, census_report: dict[str, Any]
 ) -> None:
     loaded = load_run(census_run)
-    data = _encoded_data(census_run, loaded).load("valid")
+    data = encoded_data(census_run, loaded).load("valid")
     for name, weights in loaded.model.introspect(data.all()).items():
         assert torch.allclose(weights.sum(1), torch.ones(len(data)), atol=1e-5), name
     gate = census_report["gates"]["gate"]

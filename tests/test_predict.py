@@ -24,7 +24,7 @@ from mtlcli.export.predict import InputFormat, encode_inputs, parse_score, read_
 from mtlcli.recipe import load_recipe
 from mtlcli.train.loop import predict_logits
 from mtlcli.train.metrics import auc
-from mtlcli.train.run import _encoded_data, load_run, train_run
+from mtlcli.train.run import encoded_data, load_run, train_run
 
 from .conftest import CENSUS, REPO
 
@@ -65,7 +65,7 @@ def census(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def run_test_probabilities(run: Path) -> torch.Tensor:
     loaded = load_run(run)
-    data = _encoded_data(run, loaded).load("test")
+    data = encoded_data(run, loaded).load("test")
     return torch.sigmoid(predict_logits(loaded.model, data, 65536).double())
 
 
@@ -83,7 +83,7 @@ def test_predict_matches_the_run_and_its_auc(census: dict[str, Path]) -> None:
     bundle_eval = invoke("eval", census["bundle"], "--data", census["test"], "--json")
     assert bundle_eval.exit_code == 0, bundle_eval.output
     loaded = load_run(census["run"])
-    labels = _encoded_data(census["run"], loaded).load("test").labels
+    labels = encoded_data(census["run"], loaded).load("test").labels
     for k, task in enumerate(TASKS):
         assert auc(got[:, k], labels[:, k]) == pytest.approx(run_eval["tasks"][task]["auc"], abs=1e-12)
     assert json.loads(bundle_eval.stdout)["tasks"] == run_eval["tasks"]
@@ -95,7 +95,7 @@ def test_onnx_matches_pytorch(census: dict[str, Path]) -> None:
     from mtlcli.export.predict import OnnxScorer, TorchScorer
 
     loaded = load_bundle(census["bundle"])
-    data = _encoded_data(census["run"], load_run(census["run"])).load("test")
+    data = encoded_data(census["run"], load_run(census["run"])).load("test")
     onnx = OnnxScorer(bundle_onnx_session(census["bundle"]))(data.categorical, data.numeric)
     torch_out = TorchScorer(loaded.model, 2)(data.categorical, data.numeric)
     assert float((onnx - torch_out).abs().max()) <= 1e-5

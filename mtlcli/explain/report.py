@@ -167,14 +167,14 @@ def explain_model(
 def explain_run(run_dir: Path, split: str = "valid", options: ExplainOptions = ExplainOptions()) -> dict[str, Any]:
     """Every report on one split of a run's data (re-encoded if the run's cache is gone), plus the
     training history from its metrics.jsonl."""
-    from mtlcli.train.run import _encoded_data, load_run
+    from mtlcli.train.run import encoded_data, load_run
 
     loaded = load_run(run_dir)
     by = None
     if options.by is not None:
         column, names = value_names(loaded.schema, options.by)
         by = (options.by, column, names)
-    prepared = _encoded_data(run_dir, loaded)
+    prepared = encoded_data(run_dir, loaded)
     if prepared.schema.to_dict() != loaded.schema.to_dict():
         raise ArtifactError(
             f"{run_dir}: the data no longer matches the schema the model was trained with",

@@ -276,7 +276,7 @@ def load_run(run_dir: Path) -> LoadedModel:
     return load_model(run_dir / "model.safetensors")
 
 
-def _encoded_data(run_dir: Path, loaded: LoadedModel) -> Prepared:
+def encoded_data(run_dir: Path, loaded: LoadedModel) -> Prepared:
     """The run's encoded data: the directory it was trained from if it is still there and
     matches, else the recipe's data prepared again (from the working directory)."""
     try:
@@ -302,7 +302,7 @@ def _encoded_data(run_dir: Path, loaded: LoadedModel) -> Prepared:
 def evaluate_run(run_dir: Path, split: str = "test", batch_size: int = 65536) -> dict[str, Any]:
     """Per-task metrics of a run's model on one split of its data (re-encoded if the cache is gone)."""
     loaded = load_run(run_dir)
-    prepared = _encoded_data(run_dir, loaded)
+    prepared = encoded_data(run_dir, loaded)
     if prepared.schema.to_dict() != loaded.schema.to_dict():
         raise ArtifactError(
             f"{run_dir}: the data no longer matches the schema the model was trained with",
