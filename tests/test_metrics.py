@@ -107,3 +107,12 @@ def test_task_metrics_gauc_skips_rows_without_a_group_and_outside_the_space() ->
     assert metrics["gauc"] == pytest.approx(1.0) and metrics["gauc_groups"] == 1
     assert list(metrics)[:2] == ["auc", "gauc"]
     assert "gauc" not in task_metrics(logits, labels, mask, ["t"], ["binary"])["t"]
+
+
+def test_pcoc_is_mean_prediction_over_positive_rate() -> None:
+    logits = torch.tensor([0.0, 0.0, math.log(3.0), -math.log(3.0)])  # p = 0.5, 0.5, 0.75, 0.25
+    labels = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    metrics = task_metrics(logits[:, None], labels[:, None], torch.ones(4, 1, dtype=torch.bool), ["t"], ["binary"])
+    assert metrics["t"]["pcoc"] == pytest.approx(2.0 / 1.0)  # predicts 2 positives, 1 observed
+    none = task_metrics(logits[:, None], torch.zeros(4, 1), torch.ones(4, 1, dtype=torch.bool), ["t"], ["binary"])
+    assert none["t"]["pcoc"] is None

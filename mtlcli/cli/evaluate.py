@@ -50,7 +50,7 @@ def command(
         print_json({**key, "tasks": result["tasks"]})
         return
     table = Table(title=where, title_justify="left")
-    columns = ["auc", "gauc", "logloss", "rmse", "mae", "n", "positive_rate", "gauc_groups"]
+    columns = ["auc", "gauc", "logloss", "pcoc", "rmse", "mae", "n", "positive_rate", "gauc_groups"]
     used = [c for c in columns if any(c in m for m in result["tasks"].values())]
     table.add_column("task")
     for column in used:

@@ -1,4 +1,4 @@
-"""Per-task metrics: AUC, GAUC and logloss for binary tasks, RMSE and MAE for regression."""
+"""Per-task metrics: AUC, GAUC, logloss and calibration (PCOC) for binary tasks, RMSE and MAE for regression."""
 
 from __future__ import annotations
 
@@ -73,6 +73,15 @@ def logloss(logits: Tensor, labels: Tensor) -> float:
     return float(torch.nn.functional.binary_cross_entropy_with_logits(logits.double(), labels.double()))
 
 
+def pcoc(logits: Tensor, labels: Tensor) -> float:
+    """Calibration: the mean predicted probability over the observed positive rate ("predicted
+    clicks over clicks"); 1 is calibrated, above 1 over-predicts. NaN without positives."""
+    positives = float(labels.double().sum())
+    if positives == 0:
+        return math.nan
+    return float(torch.sigmoid(logits.double()).sum()) / positives
+
+
 def rmse(pred: Tensor, target: Tensor) -> float:
     return float(torch.sqrt(torch.mean((pred.double() - target.double()) ** 2)))
 
@@ -108,8 +117,10 @@ def task_metrics(
                 grouped = g >= 0
                 value, counted = gauc(z[grouped], y[grouped], g[grouped])
                 entry["gauc"] = None if math.isnan(value) else value
+            calibration = pcoc(z, y) if n else math.nan
             entry |= {
                 "logloss": logloss(z, y) if n else None,
+                "pcoc": None if math.isnan(calibration) else calibration,
                 "n": n,
                 "positive_rate": float(y.mean()) if n else None,
             }
