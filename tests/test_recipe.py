@@ -487,3 +487,13 @@ def test_yes_no_on_off_are_text_not_booleans() -> None:
     assert overridden.data.header is True  # a boolean field still takes yes/no
     again = recipe_from_text(recipe_to_yaml(recipe))
     assert again.tasks["buy"].label.positive == ["yes", "on"]
+
+
+def test_a_component_check_runs_even_when_another_section_is_invalid() -> None:
+    """Every error at once: a misspelt train key does not hide that static weights name a task
+    the recipe does not have."""
+    text = VALID.replace("weights: {click: 1.0, buy: 2.0}", "weights: {click: 1.0, bye: 2.0}").replace(
+        "  lr: 0.01", "  lrr: 0.01"
+    )
+    paths = {issue.path for issue in issues_of(text)}
+    assert paths == {"train.lrr", "loss.weights.bye"}

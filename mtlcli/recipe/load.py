@@ -207,12 +207,14 @@ def validate_recipe(data: dict[str, Any], source: str, lines: dict[Loc, int], se
         issues.append(RecipeIssue(_render_loc(loc), message, line))
 
     recipe: Recipe | None = None
+    failed: set[str] = set()
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         for err in _useful_errors(exc):
             loc, message = _explain(err, data, Recipe)
             issue(loc, message)
+        failed = {str(err["loc"][0]) for err in exc.errors() if err["loc"]}
 
     raw_model = _component_mapping(data.get("model"), "scheme")
     raw_loss = _component_mapping(data.get("loss"), "weighting")
@@ -221,20 +223,31 @@ def validate_recipe(data: dict[str, Any], source: str, lines: dict[Loc, int], se
 
     for loc, message in _cross_checks(data):
         issue(loc, message)
-    if recipe is not None and model_params is not None and loss_params is not None:
-        recipe = recipe.model_copy(
+    # The components' own checks need a whole recipe. When a section failed (already reported),
+    # check against the recipe with that section at its defaults, so that every error still
+    # comes at once; not possible when data or tasks, which have no defaults, failed.
+    checked = recipe
+    if checked is None and not failed & {"data", "tasks", "__root__"}:
+        try:
+            checked = Recipe.model_validate({k: v for k, v in data.items() if k not in failed})
+        except ValidationError:
+            checked = None
+    if checked is not None and model_params is not None and loss_params is not None:
+        checked = checked.model_copy(
             update={
-                "model": recipe.model.model_copy(update={"params": model_params}),
-                "loss": recipe.loss.model_copy(update={"params": loss_params}),
+                "model": checked.model.model_copy(update={"params": model_params}),
+                "loss": checked.loss.model_copy(update={"params": loss_params}),
             }
         )
         for section, entry, params in (
-            ("model", SCHEMES.get(recipe.model.scheme), model_params),
-            ("loss", WEIGHTINGS.get(recipe.loss.weighting), loss_params),
+            ("model", SCHEMES.get(checked.model.scheme), model_params),
+            ("loss", WEIGHTINGS.get(checked.loss.weighting), loss_params),
         ):
-            if entry.check is not None:
-                for key, message in entry.check(params, recipe):
+            if entry.check is not None and section not in failed:
+                for key, message in entry.check(params, checked):
                     issue((section, *key.split(".")), message)
+        if recipe is not None:
+            recipe = checked
     if issues:
         issues.sort(key=lambda i: (i.line is None, i.line or 0))
         raise RecipeError(source, issues)
