@@ -149,16 +149,23 @@ def export_onnx(model: torch.nn.Module, schema: Any, path: Path, check_rows: int
     example = _onnx_samples(schema, 8)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            wrapped,
-            example,
-            str(path),
-            dynamo=False,
-            input_names=["categorical", "numeric"],
-            output_names=["logits"],
-            dynamic_axes={"categorical": {0: "batch"}, "numeric": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=ONNX_OPSET,
-        )
+        try:
+            torch.onnx.export(
+                wrapped,
+                example,
+                str(path),
+                dynamo=False,
+                input_names=["categorical", "numeric"],
+                output_names=["logits"],
+                dynamic_axes={"categorical": {0: "batch"}, "numeric": {0: "batch"}, "logits": {0: "batch"}},
+                opset_version=ONNX_OPSET,
+            )
+        except (torch.onnx.errors.OnnxExporterError, RuntimeError) as exc:  # e.g. an operator ONNX lacks
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ArtifactError(
+                f"cannot export this model to ONNX: {first}",
+                "the bundle was not written; export without --format onnx, or report the model's scheme",
+            ) from None
     session = onnx_session(path)
     worst = 0.0
     for rows in (1, 7, check_rows):

@@ -62,10 +62,12 @@ def check(params: ESMMParams, recipe: Any) -> list[tuple[str, str]]:
 
 
 def _log_sigmoid_pair(a: Tensor, b: Tensor) -> Tensor:
-    """logit(sigmoid(a) * sigmoid(b)), computed in log space for stability."""
-    log_p = F.logsigmoid(a) + F.logsigmoid(b)  # log(pCTR * pCVR) <= 0
-    log_p = log_p.clamp(max=-1e-7)
-    return log_p - torch.log(-torch.expm1(log_p))
+    """logit(sigmoid(a) * sigmoid(b)), in log space: log p − log(1 − p) with p = σ(a)σ(b) and
+    1 − p = σ(−a) + σ(a)σ(−b), so neither term loses precision near 0 or 1 (and every operation
+    exports to ONNX)."""
+    log_p = F.logsigmoid(a) + F.logsigmoid(b)  # log(pCTR * pCVR)
+    log_q = torch.logsumexp(torch.stack([F.logsigmoid(-a), F.logsigmoid(a) + F.logsigmoid(-b)]), dim=0)
+    return log_p - log_q
 
 
 class ESMM(nn.Module, SharedRepresentation):
