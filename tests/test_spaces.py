@@ -11,6 +11,7 @@ import torch
 
 from mtlcli.data.batch import Batch
 from mtlcli.errors import DataError, RecipeError
+from mtlcli.models import SCHEMES
 from mtlcli.recipe import load_recipe, recipe_from_text
 from mtlcli.train.loop import task_losses
 from mtlcli.train.run import evaluate_run, train_run
@@ -132,3 +133,40 @@ def test_shipped_ecommerce_samples_train_with_conversion_in_the_click_space(
     for task in (click, conversion):
         assert on_file[task]["n"] == result["tasks"][task]["n"]
         assert on_file[task]["auc"] == pytest.approx(result["tasks"][task]["auc"], abs=1e-6)
+
+
+@pytest.mark.parametrize("weighting", ["equal", "pcgrad", "uncertainty"])
+@pytest.mark.parametrize("scheme", SCHEMES.names())
+def test_every_scheme_and_strategy_ignores_labels_outside_the_space(scheme: str, weighting: str) -> None:
+    """One update under each scheme and strategy: changing the labels of rows outside task 2's
+    space changes neither the losses nor any gradient."""
+    from mtlcli.models import InputSpec, build_model
+    from mtlcli.weighting import WEIGHTINGS, build_weighting
+
+    tasks = ["click", "like", "buy"]
+    inputs = InputSpec(cardinalities=[5, 7], n_numeric=2, tasks=tasks, task_types=["binary"] * 3)
+    gen = torch.Generator().manual_seed(0)
+    n = 96
+    cats = torch.stack([torch.randint(0, 5, (n,), generator=gen), torch.randint(0, 7, (n,), generator=gen)], 1)
+    numeric = torch.randn(n, 2, generator=gen)
+    click = (torch.rand(n, generator=gen) < 0.5).float()
+    labels = torch.stack([click, (torch.rand(n, generator=gen) < 0.3).float(), click * (numeric[:, 0] > 0)], 1)
+    mask = torch.ones(n, 3, dtype=torch.bool)
+    mask[:, 2] = click.bool()  # buy lives where click = 1
+    flipped = labels.clone()
+    flipped[~mask[:, 2], 2] = 1.0 - flipped[~mask[:, 2], 2]
+    params = {"click_task": "click", "conversion_task": "like"} if scheme == "esmm" else {}
+    binary = torch.ones(3, dtype=torch.bool)
+    results = []
+    for y in (labels, flipped):
+        torch.manual_seed(0)
+        model = build_model(scheme, SCHEMES.get(scheme).params(**params), inputs)
+        strategy = build_weighting(weighting, WEIGHTINGS.get(weighting).params(), tasks)
+        losses = task_losses(model(Batch(cats, numeric, y, mask)), Batch(cats, numeric, y, mask), binary)
+        strategy.backward(losses, model)
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        results.append((losses.detach(), grads))
+    assert torch.equal(results[0][0], results[1][0])
+    assert results[0][1].keys() == results[1][1].keys()
+    for name, grad in results[0][1].items():
+        assert torch.equal(grad, results[1][1][name]), f"{scheme}/{weighting}: {name} saw labels outside the space"
