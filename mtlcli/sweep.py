@@ -91,7 +91,8 @@ def run_name(settings: dict[str, str]) -> str:
     or the whole key where last parts would collide); characters unsafe in file names become '-'."""
     short = [key.rsplit(".", 1)[-1] for key in settings]
     keys = [s if short.count(s) == 1 else k for s, k in zip(short, settings, strict=True)]
-    parts = [f"{k}={v}" for k, v in zip(keys, settings.values(), strict=True)]
+    values = [re.sub(r"[,:\s]+", "-", re.sub(r"[\[\]{}'\"]", "", v)).strip("-") for v in settings.values()]
+    parts = [f"{k}={v}" for k, v in zip(keys, values, strict=True)]
     name = re.sub(r"[^A-Za-z0-9._=+-]+", "-", "_".join(parts)).strip("-")
     return name[:200] or "run"
 

@@ -46,7 +46,8 @@ def test_malformed_grids_are_refused(grid: list[str], message: str) -> None:
 def test_run_names_are_short_unique_and_safe() -> None:
     assert run_name({"loss.weighting": "pcgrad", "train.seed": "1"}) == "weighting=pcgrad_seed=1"
     assert run_name({"train.seed": "1", "data.synthetic.seed": "2"}) == "train.seed=1_data.synthetic.seed=2"
-    assert run_name({"model.expert_units": "[16, 8]"}) == "expert_units=-16-8"
+    assert run_name({"model.expert_units": "[16, 8]"}) == "expert_units=16-8"
+    assert run_name({"loss.weights": "{a: 1, b: 2}"}) == "weights=a-1-b-2"
 
 
 def test_an_invalid_grid_point_names_its_settings(recipe: Path) -> None:
