@@ -450,6 +450,18 @@ def encode_categorical(column: pl.Series, feature: CategoricalFeature) -> pl.Ser
     )
 
 
+def categorical_expr(feature: CategoricalFeature) -> pl.Expr | None:
+    """``encode_categorical`` as one polars expression on the column, so that many features encode
+    in one query; None for a hashed feature (its ids need Python once per distinct value)."""
+    if feature.hash_buckets:
+        return None
+    text = pl.col(feature.name).cast(pl.String)
+    old = pl.Series(feature.vocab, dtype=pl.String)
+    new = pl.Series(range(FIRST_ID, FIRST_ID + len(feature.vocab)), dtype=pl.Int32)
+    mapped = text.replace_strict(old, new, default=OOV_ID, return_dtype=pl.Int32)
+    return pl.when(text.is_null()).then(MISSING_ID).otherwise(mapped).cast(pl.Int32).alias(feature.name)
+
+
 def encode_numeric(values: pl.Series, feature: NumericFeature) -> pl.Series:
     x = values.fill_null(feature.fill_value).fill_nan(feature.fill_value)
     if feature.log1p:

@@ -31,6 +31,7 @@ from mtlcli.data.preprocess import (
     _label_mask,
     _numeric,
     _require_columns,
+    categorical_expr,
     encode_categorical,
     encode_numeric,
     group_ids,
@@ -227,7 +228,12 @@ def encode_inputs(frame: pl.DataFrame, schema: DataSchema) -> tuple[Tensor, Tens
     needed = [f.name for f in schema.categorical] + [f.name for f in schema.numeric]
     _require_columns(frame, needed, "input")
     n = frame.height
-    cats = [encode_categorical(frame.get_column(f.name), f) for f in schema.categorical]
+    exprs = {f.name: categorical_expr(f) for f in schema.categorical}
+    together = frame.select([e for e in exprs.values() if e is not None])  # one query for all features
+    cats = [
+        together.get_column(f.name) if exprs[f.name] is not None else encode_categorical(frame.get_column(f.name), f)
+        for f in schema.categorical
+    ]
     nums = [encode_numeric(_numeric(frame, f.name, f"input column {f.name!r}"), f) for f in schema.numeric]
     categorical = (
         torch.from_numpy(np.require(pl.DataFrame(cats).to_numpy(), np.int64, ["C", "W"]))
