@@ -54,7 +54,7 @@ def run_predict(bundle: Path, data: Path, engine: str, chunk_rows: int) -> tuple
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=2_000_000)
-    parser.add_argument("--chunk-rows", type=int, default=50_000)
+    parser.add_argument("--chunk-rows", type=int, default=25_000)
     args = parser.parse_args()
     if not CENSUS.is_file():
         raise SystemExit(f"census data not found at {CENSUS}")

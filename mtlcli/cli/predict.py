@@ -49,7 +49,7 @@ def command(
     engine: Annotated[
         str, typer.Option("--engine", help="torch, or onnxruntime (bundles exported with --format onnx).")
     ] = "torch",
-    chunk_rows: Annotated[int, typer.Option("--chunk-rows", help="Rows read, scored and written at a time.")] = 50_000,
+    chunk_rows: Annotated[int, typer.Option("--chunk-rows", help="Rows read, scored and written at a time.")] = 25_000,
 ) -> None:
     """Score raw rows with a bundle: one probability column per binary task (a value per
     regression task), the --keep columns first and an optional fused score last.
