@@ -116,3 +116,22 @@ def test_pcoc_is_mean_prediction_over_positive_rate() -> None:
     assert metrics["t"]["pcoc"] == pytest.approx(2.0 / 1.0)  # predicts 2 positives, 1 observed
     none = task_metrics(logits[:, None], torch.zeros(4, 1), torch.ones(4, 1, dtype=torch.bool), ["t"], ["binary"])
     assert none["t"]["pcoc"] is None
+
+
+def test_pos_weight_scales_the_loss_of_positive_rows() -> None:
+    from mtlcli.data.batch import Batch
+    from mtlcli.train.loop import task_losses
+
+    logits = torch.tensor([[0.0, 1.0], [2.0, -1.0], [-1.0, 0.5]])
+    labels = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    batch = Batch(torch.zeros(3, 0, dtype=torch.long), torch.zeros(3, 0), labels, torch.ones(3, 2, dtype=torch.bool))
+    binary = torch.tensor([True, True])
+    plain = task_losses(logits, batch, binary)
+    weighted = task_losses(logits, batch, binary, torch.tensor([3.0, 1.0]))
+
+    def bce(z: float, y: float, w: float = 1.0) -> float:
+        p = 1 / (1 + math.exp(-z))
+        return -(w * y * math.log(p) + (1 - y) * math.log(1 - p))
+
+    assert float(weighted[0]) == pytest.approx((bce(0.0, 1, 3) + bce(2.0, 0, 3) + bce(-1.0, 1, 3)) / 3, rel=1e-6)
+    assert float(weighted[1]) == pytest.approx(float(plain[1]))

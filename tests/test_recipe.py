@@ -497,3 +497,18 @@ def test_a_component_check_runs_even_when_another_section_is_invalid() -> None:
     )
     paths = {issue.path for issue in issues_of(text)}
     assert paths == {"train.lrr", "loss.weights.bye"}
+
+
+def test_pos_weight_is_for_binary_tasks_and_leaves_the_data_cache_alone(tmp_path: Path) -> None:
+    from mtlcli.data.preprocess import data_key
+
+    issue = only_issue(
+        replaced("  buy:\n", "  buy:\n    type: regression\n    pos_weight: 2\n").replace(', positive: ["1"]', "")
+    )
+    assert issue.path == "tasks.buy" and "pos_weight" in issue.message
+    data = tmp_path / "data.csv"
+    data.write_text("user,item,price,click,purchase\nu,i,1,0,1\n")
+    base = recipe_from_text(VALID.replace("data.csv", str(data)))
+    weighted = recipe_from_text(VALID.replace("data.csv", str(data)), overrides=["tasks.click.pos_weight=4"])
+    assert weighted.tasks["click"].pos_weight == 4.0 and base.tasks["click"].pos_weight == 1.0
+    assert data_key(weighted)[0] == data_key(base)[0]

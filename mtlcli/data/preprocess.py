@@ -97,10 +97,12 @@ def data_key(recipe: Recipe) -> tuple[str, dict[str, Any]]:
     spec = recipe.to_dict()
     # data.group is left out while unset, so that recipes written before it keep their cache keys
     data_part = {k: v for k, v in spec["data"].items() if k != "cache_dir" and not (k == "group" and v is None)}
+    # pos_weight shapes the loss, not the data: left out so that changing it reuses the cache
+    tasks = {name: {k: v for k, v in task.items() if k != "pos_weight"} for name, task in spec["tasks"].items()}
     key_input = {
         "data": data_part,
         "features": spec["features"],
-        "tasks": spec["tasks"],
+        "tasks": tasks,
         "files": [f["sha256"] for f in files],
         "format": 1,
     }

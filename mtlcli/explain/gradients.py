@@ -78,6 +78,7 @@ def gradient_report(
     batch_size: int = 1024,
     max_batches: int = 32,
     seed: int = 0,
+    pos_weight: Tensor | None = None,
 ) -> dict[str, Any]:
     """Cosines of the task gradients on the shared parameters, over up to ``max_batches`` batches
     drawn in a seeded random order; the model is in eval mode (no dropout) and left unchanged."""
@@ -110,7 +111,7 @@ def gradient_report(
         for batch in data.batches(batch_size, shuffle=True, generator=generator):
             if batches == max_batches:
                 break
-            losses = task_losses(model(batch), batch, binary)
+            losses = task_losses(model(batch), batch, binary, pos_weight)
             params = [p for _, p in shared]
             grads = shared_task_gradients(losses, params).detach()
             # A task without rows in this batch has no gradient here: leave it out of this batch.

@@ -103,8 +103,10 @@ def explain_model(
     types: list[str],
     options: ExplainOptions = ExplainOptions(),
     by: tuple[str, int, list[str]] | None = None,
+    pos_weight: Tensor | None = None,
 ) -> dict[str, Any]:
-    """Every report for ``model`` on ``data``; ``by`` = (feature, column, value names) splits the gates."""
+    """Every report for ``model`` on ``data``; ``by`` = (feature, column, value names) splits the gates;
+    ``pos_weight`` (the tasks' training loss) shapes the gradients compared."""
     logits, introspected = collect(model, data, options.batch_size)
     gate_tensors, alphas = split_introspection(introspected)
     mask = data.label_mask
@@ -136,7 +138,9 @@ def explain_model(
     readings["masks"] = [read_masks(masks)] if masks else []
     correlations = correlation_report(data.labels, mask, logits, tasks, types)
     readings.update(correlations.pop("readings"))
-    gradients = gradient_report(model, data, tasks, types, options.grad_batch_size, options.grad_batches, options.seed)
+    gradients = gradient_report(
+        model, data, tasks, types, options.grad_batch_size, options.grad_batches, options.seed, pos_weight
+    )
     readings["gradient_cosine"] = read_gradients(gradients, tasks)
     warnings = [
         f"{group}: expert {expert} is dead (mean weight below {options.dead_below} for every gate)"
@@ -167,7 +171,7 @@ def explain_model(
 def explain_run(run_dir: Path, split: str = "valid", options: ExplainOptions = ExplainOptions()) -> dict[str, Any]:
     """Every report on one split of a run's data (re-encoded if the run's cache is gone), plus the
     training history from its metrics.jsonl."""
-    from mtlcli.train.run import encoded_data, load_run
+    from mtlcli.train.run import encoded_data, load_run, pos_weight_tensor
 
     loaded = load_run(run_dir)
     by = None
@@ -183,7 +187,7 @@ def explain_run(run_dir: Path, split: str = "valid", options: ExplainOptions = E
     data = sample_rows(prepared.load(split), options.max_rows, options.seed)
     tasks = loaded.schema.task_names
     types = [t.type for t in loaded.schema.tasks]
-    report = explain_model(loaded.model, data, tasks, types, options, by)
+    report = explain_model(loaded.model, data, tasks, types, options, by, pos_weight_tensor(loaded.recipe))
     history = history_report(read_metrics(run_dir / "metrics.jsonl") + read_metrics(run_dir / "gradients.jsonl"), tasks)
     report["readings"]["history"] = history.pop("reading") if history else None
     return {

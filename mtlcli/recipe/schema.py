@@ -239,11 +239,14 @@ class TaskSpec(Strict):
     type: Literal["binary", "regression"] = "binary"
     label: Annotated[LabelSpec, BeforeValidator(lambda v: {"column": v} if isinstance(v, str) else v)]
     space: Annotated[SpaceSpec | None, BeforeValidator(lambda v: {"task": v} if isinstance(v, str) else v)] = None
+    pos_weight: PositiveFloat = 1.0  # binary: the factor on the loss of positive rows
 
     @model_validator(mode="after")
     def _check(self) -> TaskSpec:
         if self.type == "regression" and (self.label.positive is not None or self.label.threshold is not None):
             raise ValueError("a regression label is the numeric column as is: remove 'positive'/'threshold'")
+        if self.type == "regression" and self.pos_weight != 1.0:
+            raise ValueError("pos_weight weighs positive rows of a binary task; a regression task has none")
         return self
 
 

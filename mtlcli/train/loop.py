@@ -74,15 +74,16 @@ class FitResult:
         return self.train_samples / self.train_seconds if self.train_seconds > 0 else 0.0
 
 
-def task_losses(logits: Tensor, batch: Batch, binary: Tensor) -> Tensor:
-    """Per-task mean loss over each task's masked rows: BCE for binary, MSE for regression. [T]."""
+def task_losses(logits: Tensor, batch: Batch, binary: Tensor, pos_weight: Tensor | None = None) -> Tensor:
+    """Per-task mean loss over each task's masked rows: BCE for binary (positive rows weighted by
+    ``pos_weight`` [T] when given), MSE for regression. [T]."""
     labels = batch.labels
     if bool(binary.all()):
-        per_row = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        per_row = F.binary_cross_entropy_with_logits(logits, labels, reduction="none", pos_weight=pos_weight)
     elif not bool(binary.any()):
         per_row = (logits - labels) ** 2
     else:
-        bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none", pos_weight=pos_weight)
         per_row = torch.where(binary, bce, (logits - labels) ** 2)
     mask = batch.label_mask.to(per_row.dtype)
     return (per_row * mask).sum(0) / mask.sum(0).clamp_min(1.0)
@@ -99,13 +100,19 @@ def predict_logits(model: nn.Module, data: SplitTensors, batch_size: int) -> Ten
 
 
 def evaluate(
-    model: nn.Module, data: SplitTensors, tasks: list[str], types: list[str], batch_size: int
+    model: nn.Module,
+    data: SplitTensors,
+    tasks: list[str],
+    types: list[str],
+    batch_size: int,
+    pos_weight: Tensor | None = None,
 ) -> dict[str, Any]:
-    """Per-task metrics on a split, plus each task's mean loss under ``loss``."""
+    """Per-task metrics on a split, plus each task's mean loss under ``loss`` (the training loss,
+    with ``pos_weight``)."""
     logits = predict_logits(model, data, batch_size)
     metrics = task_metrics(logits, data.labels, data.label_mask, tasks, types, data.groups)
     binary = torch.tensor([t == "binary" for t in types])
-    losses = task_losses(logits, data.all(), binary)
+    losses = task_losses(logits, data.all(), binary, pos_weight)
     for k, task in enumerate(tasks):
         metrics[task]["loss"] = float(losses[k])
     return metrics
@@ -235,6 +242,7 @@ def fit(
     optimizer: torch.optim.Optimizer | None = None,
     state: LoopState | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
+    pos_weight: list[float] | None = None,
 ) -> FitResult:
     """Train ``model`` with ``strategy``; afterwards the model holds the best epoch's weights.
 
@@ -251,6 +259,7 @@ def fit(
         torch.set_rng_state(state.torch_rng)
     stopper = EarlyStopper(settings.early_stopping, tasks, state)
     binary = torch.tensor([t == "binary" for t in types])
+    weights_pos = torch.tensor(pos_weight) if pos_weight is not None and any(w != 1.0 for w in pos_weight) else None
     steps_per_epoch = math.ceil(len(train) / settings.batch_size)
     observer.on_start(settings.epochs, steps_per_epoch)
     every = settings.checkpoint_every
@@ -273,7 +282,7 @@ def fit(
         started = time.perf_counter()
         for batch in train.batches(settings.batch_size, True, shuffle, skip=state.step):
             optimizer.zero_grad(set_to_none=True)
-            losses = task_losses(model(batch), batch, binary)
+            losses = task_losses(model(batch), batch, binary, weights_pos)
             if not bool(torch.isfinite(losses).all()):
                 bad = [t for t, ok in zip(tasks, torch.isfinite(losses).tolist(), strict=True) if not ok]
                 raise TrainingDiverged(
@@ -313,7 +322,7 @@ def fit(
         state.seconds += elapsed
         mean_losses = state.loss_sum / steps_per_epoch
         strategy.end_epoch(epoch, mean_losses)
-        valid_metrics = evaluate(model, valid, tasks, types, settings.eval_batch_size)
+        valid_metrics = evaluate(model, valid, tasks, types, settings.eval_batch_size, weights_pos)
         improved, stop = stopper.update(epoch, valid_metrics, model)
         state.stopped_early = stop and epoch < settings.epochs
         record = {

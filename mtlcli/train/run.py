@@ -170,6 +170,7 @@ def train_run(
                 optimizer,
                 state,
                 stop_requested,
+                pos_weight=pos_weights(recipe),
             )
         except BaseException:
             if not resume and not (run_dir / CHECKPOINT).exists():
@@ -299,6 +300,17 @@ def encoded_data(run_dir: Path, loaded: LoadedModel) -> Prepared:
     return prepare(loaded.recipe)
 
 
+def pos_weights(recipe: Recipe) -> list[float]:
+    """Each task's ``pos_weight``, in task order."""
+    return [spec.pos_weight for spec in recipe.tasks.values()]
+
+
+def pos_weight_tensor(recipe: Recipe) -> torch.Tensor | None:
+    """``pos_weights`` as a tensor for the loss, or None when every weight is 1."""
+    weights = pos_weights(recipe)
+    return torch.tensor(weights) if any(w != 1.0 for w in weights) else None
+
+
 def evaluate_run(run_dir: Path, split: str = "test", batch_size: int = 65536) -> dict[str, Any]:
     """Per-task metrics of a run's model on one split of its data (re-encoded if the cache is gone)."""
     loaded = load_run(run_dir)
@@ -310,7 +322,9 @@ def evaluate_run(run_dir: Path, split: str = "test", batch_size: int = 65536) ->
         )
     data = prepared.load(split)
     types = [t.type for t in loaded.schema.tasks]
-    metrics = evaluate(loaded.model, data, loaded.schema.task_names, types, batch_size)
+    metrics = evaluate(
+        loaded.model, data, loaded.schema.task_names, types, batch_size, pos_weight_tensor(loaded.recipe)
+    )
     for task in loaded.schema.tasks:
         if task.space is not None:
             metrics[task.name]["space"] = task.space  # its metrics count only the rows in its space
