@@ -10,8 +10,7 @@ import polars as pl
 
 from mtlcli.export.bundle import load_bundle
 from mtlcli.export.predict import InputFormat, labelled_tensors, open_input, read_chunks
-from mtlcli.train.loop import evaluate
-from mtlcli.train.run import pos_weight_tensor
+from mtlcli.train.run import evaluate_loaded
 
 
 def evaluate_bundle(bundle: Path, data: str, batch_size: int = 65536) -> dict[str, Any]:
@@ -25,11 +24,4 @@ def evaluate_bundle(bundle: Path, data: str, batch_size: int = 65536) -> dict[st
     with open_input(data, sys.stdin.buffer) as stream:
         frame = pl.concat(list(read_chunks(stream, layout, name, 1 << 40)))
     tensors = labelled_tensors(frame, loaded.recipe, loaded.schema)
-    types = [t.type for t in loaded.schema.tasks]
-    metrics = evaluate(
-        loaded.model, tensors, loaded.schema.task_names, types, batch_size, pos_weight_tensor(loaded.recipe)
-    )
-    for task in loaded.schema.tasks:
-        if task.space is not None:
-            metrics[task.name]["space"] = task.space  # its metrics count only the rows in its space
-    return {"data": data, "tasks": metrics}
+    return {"data": data, "tasks": evaluate_loaded(loaded, tensors, batch_size)}

@@ -242,7 +242,7 @@ def fit(
     optimizer: torch.optim.Optimizer | None = None,
     state: LoopState | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
-    pos_weight: list[float] | None = None,
+    pos_weight: Tensor | None = None,
 ) -> FitResult:
     """Train ``model`` with ``strategy``; afterwards the model holds the best epoch's weights.
 
@@ -259,7 +259,6 @@ def fit(
         torch.set_rng_state(state.torch_rng)
     stopper = EarlyStopper(settings.early_stopping, tasks, state)
     binary = torch.tensor([t == "binary" for t in types])
-    weights_pos = torch.tensor(pos_weight) if pos_weight is not None and any(w != 1.0 for w in pos_weight) else None
     steps_per_epoch = math.ceil(len(train) / settings.batch_size)
     observer.on_start(settings.epochs, steps_per_epoch)
     every = settings.checkpoint_every
@@ -282,7 +281,7 @@ def fit(
         started = time.perf_counter()
         for batch in train.batches(settings.batch_size, True, shuffle, skip=state.step):
             optimizer.zero_grad(set_to_none=True)
-            losses = task_losses(model(batch), batch, binary, weights_pos)
+            losses = task_losses(model(batch), batch, binary, pos_weight)
             if not bool(torch.isfinite(losses).all()):
                 bad = [t for t, ok in zip(tasks, torch.isfinite(losses).tolist(), strict=True) if not ok]
                 raise TrainingDiverged(
@@ -322,7 +321,7 @@ def fit(
         state.seconds += elapsed
         mean_losses = state.loss_sum / steps_per_epoch
         strategy.end_epoch(epoch, mean_losses)
-        valid_metrics = evaluate(model, valid, tasks, types, settings.eval_batch_size, weights_pos)
+        valid_metrics = evaluate(model, valid, tasks, types, settings.eval_batch_size, pos_weight)
         improved, stop = stopper.update(epoch, valid_metrics, model)
         state.stopped_early = stop and epoch < settings.epochs
         record = {

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mtlcli.data.batch import SplitTensors
 from mtlcli.data.preprocess import Prepared, data_key, prepare
 from mtlcli.data.schema import DataSchema
 from mtlcli.errors import ArtifactError, DataError
@@ -170,7 +171,7 @@ def train_run(
                 optimizer,
                 state,
                 stop_requested,
-                pos_weight=pos_weights(recipe),
+                pos_weight=pos_weight_tensor(recipe),
             )
         except BaseException:
             if not resume and not (run_dir / CHECKPOINT).exists():
@@ -202,8 +203,6 @@ def run_identity(recipe: Recipe, schema: DataSchema) -> dict[str, str]:
     """What a checkpoint must match to be resumed: the recipe (train.epochs may change) and the data."""
     spec = recipe.to_dict()
     spec["train"] = {k: v for k, v in spec["train"].items() if k != "epochs"}
-    if spec["data"].get("group") is None:  # unset: as in recipes written before data.group existed
-        spec["data"].pop("group", None)
     return {"recipe_sha256": sha256_json(spec), "data_key": schema.data_key}
 
 
@@ -300,15 +299,23 @@ def encoded_data(run_dir: Path, loaded: LoadedModel) -> Prepared:
     return prepare(loaded.recipe)
 
 
-def pos_weights(recipe: Recipe) -> list[float]:
-    """Each task's ``pos_weight``, in task order."""
-    return [spec.pos_weight for spec in recipe.tasks.values()]
-
-
 def pos_weight_tensor(recipe: Recipe) -> torch.Tensor | None:
-    """``pos_weights`` as a tensor for the loss, or None when every weight is 1."""
-    weights = pos_weights(recipe)
+    """Each task's ``pos_weight`` in task order, for the loss; None when every weight is 1."""
+    weights = [spec.pos_weight for spec in recipe.tasks.values()]
     return torch.tensor(weights) if any(w != 1.0 for w in weights) else None
+
+
+def evaluate_loaded(loaded: LoadedModel, data: SplitTensors, batch_size: int) -> dict[str, Any]:
+    """Per-task metrics of a loaded run or bundle on encoded data: the training loss's
+    ``pos_weight``, and each task with a sample space marked (its metrics count only those rows)."""
+    types = [t.type for t in loaded.schema.tasks]
+    metrics = evaluate(
+        loaded.model, data, loaded.schema.task_names, types, batch_size, pos_weight_tensor(loaded.recipe)
+    )
+    for task in loaded.schema.tasks:
+        if task.space is not None:
+            metrics[task.name]["space"] = task.space
+    return metrics
 
 
 def evaluate_run(run_dir: Path, split: str = "test", batch_size: int = 65536) -> dict[str, Any]:
@@ -320,12 +327,5 @@ def evaluate_run(run_dir: Path, split: str = "test", batch_size: int = 65536) ->
             f"{run_dir}: the data no longer matches the schema the model was trained with",
             "the source files or the recipe's data part changed since training; retrain",
         )
-    data = prepared.load(split)
-    types = [t.type for t in loaded.schema.tasks]
-    metrics = evaluate(
-        loaded.model, data, loaded.schema.task_names, types, batch_size, pos_weight_tensor(loaded.recipe)
-    )
-    for task in loaded.schema.tasks:
-        if task.space is not None:
-            metrics[task.name]["space"] = task.space  # its metrics count only the rows in its space
+    metrics = evaluate_loaded(loaded, prepared.load(split), batch_size)
     return {"split": split, "run_dir": str(run_dir), "tasks": metrics}
