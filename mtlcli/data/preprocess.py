@@ -435,33 +435,25 @@ def _bucket(value: str, buckets: int) -> int:
     return int.from_bytes(digest, "little") % buckets
 
 
-def encode_categorical(column: pl.Series, feature: CategoricalFeature) -> pl.Series:
-    """Raw values -> int32 ids (see CategoricalFeature). Python runs once per distinct value."""
-    text = column.cast(pl.String)
+def categorical_expr(feature: CategoricalFeature, values: pl.Series) -> pl.Expr:
+    """The expression that encodes column ``feature.name`` into int32 ids (see CategoricalFeature),
+    so that many features encode in one query. ``values`` (the column) matters only for a hashed
+    feature: Python hashes each of its distinct values once."""
     if feature.hash_buckets:
-        distinct = text.drop_nulls().unique().to_list()
-        ids = [FIRST_ID + _bucket(v, feature.hash_buckets) for v in distinct]
-        mapped = text.replace_strict(distinct, ids, default=OOV_ID, return_dtype=pl.Int32)
+        old = values.cast(pl.String).drop_nulls().unique().to_list()
+        new = [FIRST_ID + _bucket(v, feature.hash_buckets) for v in old]
     else:
-        ids = list(range(FIRST_ID, FIRST_ID + len(feature.vocab)))
-        mapped = text.replace_strict(feature.vocab, ids, default=OOV_ID, return_dtype=pl.Int32)
-    return (
-        pl.select(pl.when(text.is_null()).then(MISSING_ID).otherwise(mapped).cast(pl.Int32))
-        .to_series()
-        .rename(feature.name)
-    )
-
-
-def categorical_expr(feature: CategoricalFeature) -> pl.Expr | None:
-    """``encode_categorical`` as one polars expression on the column, so that many features encode
-    in one query; None for a hashed feature (its ids need Python once per distinct value)."""
-    if feature.hash_buckets:
-        return None
+        old, new = feature.vocab, list(range(FIRST_ID, FIRST_ID + len(feature.vocab)))
     text = pl.col(feature.name).cast(pl.String)
-    old = pl.Series(feature.vocab, dtype=pl.String)
-    new = pl.Series(range(FIRST_ID, FIRST_ID + len(feature.vocab)), dtype=pl.Int32)
-    mapped = text.replace_strict(old, new, default=OOV_ID, return_dtype=pl.Int32)
+    mapped = text.replace_strict(
+        pl.Series(old, dtype=pl.String), pl.Series(new, dtype=pl.Int32), default=OOV_ID, return_dtype=pl.Int32
+    )
     return pl.when(text.is_null()).then(MISSING_ID).otherwise(mapped).cast(pl.Int32).alias(feature.name)
+
+
+def encode_categorical(column: pl.Series, feature: CategoricalFeature) -> pl.Series:
+    """Raw values -> int32 ids (see CategoricalFeature), one column."""
+    return column.rename(feature.name).to_frame().select(categorical_expr(feature, column)).to_series()
 
 
 def encode_numeric(values: pl.Series, feature: NumericFeature) -> pl.Series:

@@ -32,7 +32,6 @@ from mtlcli.data.preprocess import (
     _numeric,
     _require_columns,
     categorical_expr,
-    encode_categorical,
     encode_numeric,
     group_ids,
     make_labels,
@@ -128,9 +127,9 @@ def read_chunks(
         if not block:
             break
         data = b"".join(block)
-        if data.count(b'"') % 2:  # a quoted value holds a line break: read on to its end
+        quotes = data.count(b'"')
+        if quotes % 2:  # a quoted value holds a line break: read on to its end
             more = [data]
-            quotes = data.count(b'"')
             for line in lines:
                 more.append(line)
                 quotes += line.count(b'"')
@@ -165,10 +164,10 @@ def _parquet_chunks(
             path = spool.name
         try:
             lazy = pl.scan_parquet(path)
-            present = lazy.collect_schema().names()
+            total = int(lazy.select(pl.len()).collect().item())
             if only is not None:
+                present = lazy.collect_schema().names()
                 lazy = lazy.select([c for c in dict.fromkeys(only) if c in present])
-            total = int(pl.scan_parquet(path).select(pl.len()).collect().item())
         except (pl.exceptions.PolarsError, OSError) as exc:
             raise DataError(f"{name}: cannot read it as Parquet: {_first_line(exc)}") from None
         if total == 0:
@@ -228,12 +227,8 @@ def encode_inputs(frame: pl.DataFrame, schema: DataSchema) -> tuple[Tensor, Tens
     needed = [f.name for f in schema.categorical] + [f.name for f in schema.numeric]
     _require_columns(frame, needed, "input")
     n = frame.height
-    exprs = {f.name: categorical_expr(f) for f in schema.categorical}
-    together = frame.select([e for e in exprs.values() if e is not None])  # one query for all features
-    cats = [
-        together.get_column(f.name) if exprs[f.name] is not None else encode_categorical(frame.get_column(f.name), f)
-        for f in schema.categorical
-    ]
+    # every feature in one query
+    cats = frame.select([categorical_expr(f, frame.get_column(f.name)) for f in schema.categorical]).get_columns()
     nums = [encode_numeric(_numeric(frame, f.name, f"input column {f.name!r}"), f) for f in schema.numeric]
     categorical = (
         torch.from_numpy(np.require(pl.DataFrame(cats).to_numpy(), np.int64, ["C", "W"]))
