@@ -96,8 +96,7 @@ def command(
         err_console.print(f"[{index}/{total}] {escape(where)}: {what}", highlight=False)
         if state == "done":
             return None
-        tasks = point.recipe.tasks
-        reporters.append(ConsoleReporter(list(tasks), [t.type for t in tasks.values()]))
+        reporters.append(ConsoleReporter.for_recipe(point.recipe))
         return reporters[-1]
 
     def on_done(index: int, point: Any, record: dict[str, Any]) -> None:

@@ -20,6 +20,8 @@ from mtlcli.recipe import load_recipe
 if TYPE_CHECKING:
     from torch import nn
 
+    from mtlcli.recipe import Recipe
+
 
 class ConsoleReporter:
     """Progress bar per epoch and one line per epoch on stderr."""
@@ -37,6 +39,13 @@ class ConsoleReporter:
         )
         self.bar: Any = None
         self.steps = 0
+
+    @classmethod
+    def for_recipe(cls, recipe: Recipe) -> ConsoleReporter:
+        """The recipe's tasks, showing GAUC for binary tasks when early stopping watches it."""
+        stopping = recipe.train.early_stopping
+        shown = "gauc" if stopping is not None and stopping.metric == "gauc" else "auc"
+        return cls(list(recipe.tasks), [spec.type for spec in recipe.tasks.values()], shown)
 
     def on_start(self, epochs: int, steps_per_epoch: int) -> None:
         self.steps = steps_per_epoch
@@ -113,11 +122,7 @@ def command(
         prepared = prepare(loaded)
     if not quiet:
         err_console.print(f"data: {prepared.directory} ({'cached' if prepared.reused else 'preprocessed'})")
-    stopping = loaded.train.early_stopping
-    shown = "gauc" if stopping is not None and stopping.metric == "gauc" else "auc"
-    reporter = (
-        None if quiet else ConsoleReporter(prepared.schema.task_names, [t.type for t in prepared.schema.tasks], shown)
-    )
+    reporter = None if quiet else ConsoleReporter.for_recipe(loaded)
     stop = StopFlag()
     try:
         with stop.installed():

@@ -9,7 +9,7 @@ combined gradient into the shared parameters and returns the coefficients for th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -29,11 +29,10 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
     return shared, own
 
 
-def shared_task_gradients(losses: Tensor, shared: Sequence[Tensor]) -> Tensor:
-    """The gradient of each loss [T] on the shared parameters (or on any tensors of the graph, such
-    as a scheme's shared representation), flattened: [T, P].
+def shared_task_gradients(losses: Tensor, shared: list[nn.Parameter]) -> Tensor:
+    """The gradient of each loss [T] on the shared parameters, flattened: [T, P].
 
-    Keeps the graph (``retain_graph``) so that a later backward pass can still use it. A tensor
+    Keeps the graph (``retain_graph``) so that a later backward pass can still use it. A parameter
     that a loss does not reach gets a zero gradient.
     """
     rows = []

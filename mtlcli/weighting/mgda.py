@@ -69,7 +69,11 @@ def min_norm_weights(gram: Tensor, max_iter: int = 250, tol: float = 1e-10) -> T
 class MGDA:
     def __init__(self, normalize: str, max_iter: int, upper_bound: bool = False) -> None:
         self.normalize, self.max_iter, self.upper_bound = normalize, max_iter, upper_bound
-        self.needs_representation = upper_bound
+
+    @property
+    def needs_representation(self) -> bool:
+        """MGDA-UB reads the model's shared representation: the loop has it kept."""
+        return self.upper_bound
 
     def combine(self, grads: Tensor, losses: Tensor) -> Tensor:
         scale = torch.ones(grads.shape[0], dtype=torch.float64)
