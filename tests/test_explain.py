@@ -99,10 +99,11 @@ def test_census_gates_are_softmax_rows_and_the_report_says_which_experts(
     assert census_report["readings"]["gates"][0].startswith("gate: income leans on expert")
 
 
+@pytest.mark.numerics  # the cosine matrix from a GEMM: symmetric and 1 on the diagonal on every kernel
 def test_census_gradient_cosine_of_a_task_with_itself_is_one(census_report: dict[str, Any]) -> None:
     cosine = census_report["gradient_cosine"]
     for task in ("income", "marital"):
-        assert cosine[task][task] == pytest.approx(1.0, abs=1e-6)
+        assert cosine[task][task] == pytest.approx(1.0, abs=1e-12)  # float64 over float32 gradients
         assert census_report["gradient_conflict"][task][task] == 0.0
     assert -1.0 <= cosine["income"]["marital"] <= 1.0
     assert cosine["income"]["marital"] == cosine["marital"]["income"]

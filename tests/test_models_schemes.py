@@ -15,7 +15,10 @@ from mtlcli.models.mmoe import MMoEParams
 from mtlcli.models.omoe import OMoE
 from mtlcli.models.single_task import SingleTask
 from mtlcli.train.loop import task_losses
+from tests.numerics import assert_kernel_close
 from tests.test_models import BINARY, INPUTS, TASKS, make_batch
+
+pytestmark = pytest.mark.numerics  # compares each scheme with its definition computed another way
 
 T = len(TASKS)
 
@@ -41,7 +44,7 @@ def test_omoe_is_one_softmax_mixture_read_by_every_tower() -> None:
     experts = model.experts(model.embedding(batch))
     mixture = sum(gate[:, e : e + 1] * experts[:, e] for e in range(3))
     for k, task in enumerate(TASKS):
-        assert torch.allclose(model(batch)[:, k], model.towers.nets[task](mixture).squeeze(1), atol=1e-6)
+        assert_kernel_close(model(batch)[:, k], model.towers.nets[task](mixture).squeeze(1), floor=1.0)
 
 
 def test_cgc_task_gate_mixes_exactly_its_own_and_the_shared_experts() -> None:
@@ -59,11 +62,11 @@ def test_cgc_task_gate_mixes_exactly_its_own_and_the_shared_experts() -> None:
         assert torch.allclose(gate.sum(-1), torch.ones(16))
         experts = torch.cat([layer.task_experts[task](x), shared], dim=1)
         mixture = (gate.unsqueeze(-1) * experts).sum(1)
-        assert torch.allclose(out[:, k], model.towers.nets[task](mixture).squeeze(1), atol=1e-6)
+        assert_kernel_close(out[:, k], model.towers.nets[task](mixture).squeeze(1), floor=1.0)
     # Another task's experts are outside task k's gate: changing them leaves task k alone.
     perturb(layer.task_experts[TASKS[1]])
     after = model(batch)
-    assert torch.equal(after[:, 0], out[:, 0]) and torch.equal(after[:, 2], out[:, 2])
+    assert torch.equal(after[:, 0], out[:, 0]) and torch.equal(after[:, 2], out[:, 2])  # same kernels: bitwise
     assert not torch.allclose(after[:, 1], out[:, 1])
 
 
@@ -79,7 +82,7 @@ def test_ple_shared_gate_mixes_every_expert_of_its_level() -> None:
     x = model.embedding(batch)
     every = torch.cat([*(layer.task_experts[t](x) for t in TASKS), layer.shared_experts(x)], dim=1)
     _, shared_out, _ = layer([x] * T, x)
-    assert torch.allclose(shared_out, (shared_gate.unsqueeze(-1) * every).sum(1), atol=1e-6)
+    assert_kernel_close(shared_out, (shared_gate.unsqueeze(-1) * every).sum(1))
     # Through the shared gate, task 1's level-1 experts reach every task (unlike in CGC).
     out = model(batch)
     perturb(layer.task_experts[TASKS[1]])
@@ -117,7 +120,7 @@ def test_cross_stitch_with_identity_alpha_is_independent_columns() -> None:
         h = x
         for layer in model.columns[task]:
             h = torch.relu(layer(h))
-        assert torch.allclose(out[:, k], model.towers.nets[task](h).squeeze(1), atol=1e-6)
+        assert_kernel_close(out[:, k], model.towers.nets[task](h).squeeze(1), floor=1.0)
 
 
 def test_cross_stitch_mixes_columns_by_alpha() -> None:
@@ -130,7 +133,7 @@ def test_cross_stitch_mixes_columns_by_alpha() -> None:
     out = model(batch)
     for k, task in enumerate(TASKS):
         mixed = sum(alpha[k, j] * h[:, j] for j in range(T))
-        assert torch.allclose(out[:, k], model.towers.nets[task](mixed).squeeze(1), atol=1e-6)
+        assert_kernel_close(out[:, k], model.towers.nets[task](mixed).squeeze(1), floor=1.0)
 
 
 def test_single_task_networks_are_independent() -> None:
@@ -142,7 +145,7 @@ def test_single_task_networks_are_independent() -> None:
     perturb(model.embeddings[TASKS[0]])
     perturb(model.nets[TASKS[0]])
     after = model(batch)
-    assert torch.equal(after[:, 1:], out[:, 1:])
+    assert torch.equal(after[:, 1:], out[:, 1:])  # same kernels: bitwise
     assert not torch.allclose(after[:, 0], out[:, 0])
 
 
@@ -158,7 +161,7 @@ def test_fm_expert_projects_the_pairwise_inner_products_of_the_fields() -> None:
         x[:, 12 + j : 13 + j] * expert.numeric_vectors[j] for j in range(2)
     ]
     pairs = torch.stack([(vectors[i] * vectors[j]).sum(1) for i in range(5) for j in range(i + 1, 5)], dim=1)
-    assert torch.allclose(expert(x), torch.relu(expert.project(pairs)), atol=1e-5)
+    assert_kernel_close(expert(x), torch.relu(expert.project(pairs)))
 
 
 def test_cross_expert_follows_the_dcn_recursion() -> None:
@@ -168,7 +171,7 @@ def test_cross_expert_follows_the_dcn_recursion() -> None:
     x = x0
     for layer in range(2):
         x = x0 * (x @ expert.w[layer]).unsqueeze(1) + expert.b[layer] + x
-    assert torch.allclose(expert(x0), torch.relu(expert.project(x)), atol=1e-6)
+    assert_kernel_close(expert(x0), torch.relu(expert.project(x)))
 
 
 def test_heterogeneous_experts_keep_the_order_of_their_kinds() -> None:
@@ -179,6 +182,7 @@ def test_heterogeneous_experts_keep_the_order_of_their_kinds() -> None:
     assert out.shape == (4, 4, 5)
     assert experts.pool is not None
     pool = experts.pool(x)
+    # the same pool on the same input inside and outside: bitwise
     assert torch.equal(out[:, 1], pool[:, 0]) and torch.equal(out[:, 3], pool[:, 1])
     assert torch.equal(out[:, 0], experts.others[0](x)) and torch.equal(out[:, 2], experts.others[1](x))
 
@@ -215,7 +219,7 @@ def test_mmoe_generic_path_equals_the_fused_one() -> None:
     batch = make_batch(9)
     fused = model(batch)
     model.experts.all_mlp = False  # force the heterogeneous path on all-MLP experts
-    assert torch.allclose(model(batch), fused, atol=1e-6)
+    assert_kernel_close(model(batch), fused, floor=1.0)
 
 
 def test_expert_kinds_need_one_kind_per_expert() -> None:

@@ -1,4 +1,4 @@
-"""Every registered sharing scheme exports to ONNX and the export verifies itself (≤ 1e-5)."""
+"""Every registered sharing scheme exports to ONNX and the export verifies itself (the kernel bound)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mtlcli.export.bundle import ONNX_TOLERANCE, export_onnx
+from mtlcli.export.bundle import export_onnx
 from mtlcli.models import SCHEMES, build_model
+from mtlcli.numerics import EPS32, K_OUTPUTS
 from tests.test_models import INPUTS
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
+pytestmark = pytest.mark.numerics  # onnxruntime's kernels against torch's
 
 
 @pytest.mark.parametrize("scheme", SCHEMES.names())
@@ -30,7 +32,8 @@ def test_every_scheme_exports_to_onnx_within_tolerance(scheme: str, tmp_path: Pa
         tasks=INPUTS.tasks,
     )
     report = export_onnx(model, schema, tmp_path / "model.onnx", check_rows=512)
-    assert report["max_abs_diff"] <= ONNX_TOLERANCE
+    assert 0.0 < report["tolerance"] <= K_OUTPUTS * EPS32 * 100  # logits of these models stay below 100
+    assert report["max_abs_diff"] <= report["tolerance"]
     assert (tmp_path / "model.onnx").stat().st_size > 0
 
 

@@ -27,6 +27,11 @@ from mtlcli.train.metrics import auc
 from mtlcli.train.run import encoded_data, load_run, train_run
 
 from .conftest import CENSUS, REPO
+from .numerics import assert_kernel_close
+
+# Predictions at other chunkings, through ONNX, and from `mtl eval` run other float32 kernels:
+# compared with the kernel bound, and run under other kernel choices too.
+pytestmark = pytest.mark.numerics
 
 runner = CliRunner()
 TASKS = ["income", "marital"]
@@ -77,7 +82,7 @@ def test_predict_matches_the_run_and_its_auc(census: dict[str, Path]) -> None:
     expected = run_test_probabilities(census["run"])
     got = torch.from_numpy(predicted.select(TASKS).to_numpy())
     assert got.shape == expected.shape
-    assert float((got - expected).abs().max()) <= 1e-6
+    assert_kernel_close(got, expected, floor=1.0, what="predict vs the run's test probabilities")
 
     run_eval = json.loads(invoke("eval", census["run"], "--json").stdout)
     bundle_eval = invoke("eval", census["bundle"], "--data", census["test"], "--json")
@@ -85,7 +90,9 @@ def test_predict_matches_the_run_and_its_auc(census: dict[str, Path]) -> None:
     loaded = load_run(census["run"])
     labels = encoded_data(census["run"], loaded).load("test").labels
     for k, task in enumerate(TASKS):
-        assert auc(got[:, k], labels[:, k]) == pytest.approx(run_eval["tasks"][task]["auc"], abs=1e-12)
+        # Scores within the kernel bound of each other may swap places; each swap of a positive and
+        # a negative moves AUC by 1/(P·N) ≈ 5e-8 here, so 1e-6 allows ~20 such pairs and no more.
+        assert auc(got[:, k], labels[:, k]) == pytest.approx(run_eval["tasks"][task]["auc"], abs=1e-6)
     assert json.loads(bundle_eval.stdout)["tasks"] == run_eval["tasks"]
 
 
@@ -98,13 +105,13 @@ def test_onnx_matches_pytorch(census: dict[str, Path]) -> None:
     data = encoded_data(census["run"], load_run(census["run"])).load("test")
     onnx = OnnxScorer(bundle_onnx_session(census["bundle"]))(data.categorical, data.numeric)
     torch_out = TorchScorer(loaded.model, 2)(data.categorical, data.numeric)
-    assert float((onnx - torch_out).abs().max()) <= 1e-5
+    assert_kernel_close(onnx, torch_out, floor=1.0, what="onnxruntime vs torch")
     head = "".join(census["test"].read_text(encoding="utf-8").splitlines(keepends=True)[:50])
     a = invoke("predict", census["bundle"], "--engine", "onnxruntime", input=head)
     b = invoke("predict", census["bundle"], input=head)
     assert a.exit_code == 0, a.output
-    diff = pl.read_csv(io.BytesIO(a.stdout_bytes)).to_numpy() - pl.read_csv(io.BytesIO(b.stdout_bytes)).to_numpy()
-    assert np.abs(diff).max() <= 1e-5
+    by_onnx, by_torch = (pl.read_csv(io.BytesIO(r.stdout_bytes)) for r in (a, b))
+    assert_kernel_close(by_onnx, by_torch, floor=1.0, what="predict --engine onnxruntime vs torch")
 
 
 def test_onnx_export_names_the_extra_when_missing(census: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -145,10 +152,9 @@ def test_stdin_to_stdout_keep_formats_and_score(census: dict[str, Path]) -> None
     same_chunks = ["--chunk-rows", "7"]
     assert invoke("predict", census["bundle"], "-f", "parquet", "-o", parquet, *same_chunks, input=rows).exit_code == 0
     diff = np.abs(pl.read_parquet(parquet).to_numpy() - out.select(TASKS).to_numpy()).max()
-    assert diff <= 1e-15, diff  # the formats carry the same float64 values
-    # Other chunk sizes may run other float32 kernels (seen: 1.2e-8 apart); well within the 1e-6 bar.
+    assert diff <= 1e-15, diff  # same chunking, same kernels: the formats carry the same float64 values
     whole = pl.read_csv(io.BytesIO(invoke("predict", census["bundle"], input=rows).stdout_bytes))
-    assert np.abs(whole.select(TASKS).to_numpy() - out.select(TASKS).to_numpy()).max() <= 1e-6
+    assert_kernel_close(whole.select(TASKS), out.select(TASKS), floor=1.0, what="one chunk vs chunks of 7")
 
 
 def test_gzip_stdin_and_a_closed_pipe(census: dict[str, Path]) -> None:
@@ -267,7 +273,7 @@ def test_parquet_input_from_a_file_and_from_stdin_in_slices(census: dict[str, Pa
     for result in (from_file, from_stdin):
         got = pl.read_csv(io.BytesIO(result.stdout_bytes))
         assert got.height == 3000
-        assert np.abs(got.to_numpy() - expected.to_numpy()).max() <= 1e-6
+        assert_kernel_close(got, expected, floor=1.0, what="Parquet vs CSV input")
 
 
 def test_a_quoted_value_may_hold_a_line_break(census: dict[str, Path]) -> None:
@@ -281,4 +287,4 @@ def test_a_quoted_value_may_hold_a_line_break(census: dict[str, Path]) -> None:
     got = pl.read_csv(io.BytesIO(result.stdout_bytes))
     assert got.height == 20  # the line break inside the quotes did not start a row
     others = [i for i in range(20) if i != 3]
-    assert np.abs(got[others].to_numpy() - plain[others].to_numpy()).max() <= 1e-6
+    assert_kernel_close(got[others], plain[others], floor=1.0, what="chunks of 3 vs one chunk")

@@ -22,6 +22,7 @@ class Collect(NullObserver):
         self.records.append(record)
 
 
+@pytest.mark.numerics  # cosines from a GEMM: symmetric on every kernel
 def test_tracked_samples_hold_cosines_norms_and_weights() -> None:
     inputs = InputSpec(cardinalities=[4], n_numeric=2, tasks=["a", "b"], task_types=["binary", "binary"])
     gen = torch.Generator().manual_seed(0)
@@ -40,8 +41,8 @@ def test_tracked_samples_hold_cosines_norms_and_weights() -> None:
     assert [r["epoch"] for r in observer.records] == [1, 1, 1, 2, 2, 2]
     for record in observer.records:
         cosine = record["gradient_cosine"]
-        assert cosine["a"]["a"] == pytest.approx(1.0, abs=1e-5)
-        assert cosine["a"]["b"] == pytest.approx(cosine["b"]["a"])
+        assert cosine["a"]["a"] == pytest.approx(1.0, abs=1e-12)  # computed in float64
+        assert cosine["a"]["b"] == cosine["b"]["a"]  # symmetric by construction, whatever the GEMM kernel
         assert -1.0 - 1e-6 <= cosine["a"]["b"] <= 1.0 + 1e-6
         assert record["weights"] == {"a": 1.0, "b": 0.5}
         assert record["gradient_norm"]["a"] > 0

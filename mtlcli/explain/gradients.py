@@ -31,10 +31,13 @@ def layer_of(name: str) -> str:
 
 
 def cosine_matrix(grads: Tensor) -> Tensor:
-    """Pairwise cosines of the rows of ``grads`` [T, P]; NaN where a row is zero. [T, T]."""
+    """Pairwise cosines of the rows of ``grads`` [T, P], in float64; NaN where a row is zero. [T, T].
+
+    Symmetric by construction: a GEMM kernel may sum g_i·g_j and g_j·g_i in different orders."""
     g = grads.double()
     norms = g.norm(dim=1)
-    cos = (g @ g.T) / (norms[:, None] * norms[None, :])
+    dots = g @ g.T
+    cos = (dots + dots.T) / 2 / (norms[:, None] * norms[None, :])
     zero = norms == 0
     cos[zero, :] = float("nan")
     cos[:, zero] = float("nan")

@@ -208,9 +208,11 @@ def gradient_record(
 ) -> dict[str, Any]:
     """One ``train.track_gradients`` sample: cosine between the tasks' gradients on the shared
     parameters (grads [T, P]), their norms, and the loss weights of the step."""
-    norms = grads.norm(dim=1)
-    unit = grads / norms.clamp_min(1e-12).unsqueeze(1)
-    cosine = (unit @ unit.T).tolist()
+    g = grads.double()  # float64 and symmetrised, as explain's cosines
+    norms = g.norm(dim=1)
+    unit = g / norms.clamp_min(1e-12).unsqueeze(1)
+    dots = unit @ unit.T
+    cosine = ((dots + dots.T) / 2).tolist()
     return {
         "kind": "gradients",
         "epoch": epoch,
