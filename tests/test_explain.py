@@ -137,16 +137,37 @@ def test_explain_cli_tables_and_a_misspelt_feature(census_run: Path) -> None:
     assert "did you mean 'sex'" in bad.stderr
 
 
-def test_compare_cli_json_shape(census_run: Path) -> None:
-    result = runner.invoke(app, ["compare", str(census_run), "--baseline", str(census_run), "--json"])
+def test_compare_cli_gains_against_a_single_task_baseline(census_run: Path, tmp_path: Path) -> None:
+    """The gain of each task is the run's test AUC minus the baseline's, as `mtl eval` reports them,
+    and the seesaw verdict follows the signs (a run compared with itself would show 0 by construction)."""
+    from tests.conftest import REPO
+
+    baseline = tmp_path / "single-task"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(REPO)
+        settings = ["train.epochs=1", "train.threads=1", f"data.cache_dir={census_run.parent / 'cache'}"]
+        args = ["train", "recipes/census-single-task.yaml", "--out", str(baseline), "--quiet"]
+        trained = runner.invoke(app, [*args, *(part for s in settings for part in ("--set", s))])
+    assert trained.exit_code == 0, trained.output
+    result = runner.invoke(app, ["compare", str(census_run), "--baseline", str(baseline), "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["tasks"] == ["income", "marital"]
-    assert out["baseline"]["scheme"] == "mmoe"
+    assert out["baseline"]["scheme"] == "single_task"
     (run,) = out["runs"]
-    assert run["gain"]["income"]["metric"] == "auc"
-    assert run["gain"]["income"]["gain"] == 0.0
-    assert run["seesaw"] is False
+    assert run["scheme"] == "mmoe"
+    ours, theirs = (
+        json.loads(runner.invoke(app, ["eval", str(r), "--json"]).stdout)["tasks"] for r in (census_run, baseline)
+    )
+    for task in ("income", "marital"):
+        gain = run["gain"][task]
+        assert gain["metric"] == "auc"
+        assert (gain["value"], gain["baseline"]) == (ours[task]["auc"], theirs[task]["auc"])
+        assert gain["gain"] == ours[task]["auc"] - theirs[task]["auc"]
+        assert gain["gain"] != 0.0
+    assert run["improved"] == [t for t in out["tasks"] if run["gain"][t]["gain"] > out["tolerance"]]
+    assert run["worsened"] == [t for t in out["tasks"] if run["gain"][t]["gain"] < -out["tolerance"]]
+    assert run["seesaw"] is bool(run["improved"] and run["worsened"])
 
 
 # --- models routed by construction -------------------------------------------------------------------

@@ -180,13 +180,14 @@ def resumes_to_the_same_weights(weighting: str, settings: TrainSection, tmp_path
     from mtlcli.train.checkpoint import load_checkpoint
     from mtlcli.train.loop import TrainingInterrupted, make_optimizer
 
-    inputs = InputSpec(cardinalities=[4, 6], n_numeric=2, tasks=["a", "b"], task_types=["binary", "binary"])
+    # three tasks, two of them opposed: PCGrad's random order and every balancing weight matter
+    inputs = InputSpec(cardinalities=[4, 6], n_numeric=2, tasks=["a", "b", "c"], task_types=["binary"] * 3)
     gen = torch.Generator().manual_seed(0)
     n = 300
     cats = torch.stack([torch.randint(0, 4, (n,), generator=gen), torch.randint(0, 6, (n,), generator=gen)], 1)
     numeric = torch.randn(n, 2, generator=gen)
-    labels = torch.stack([(cats[:, 0] < 2).float(), (numeric[:, 0] > 0).float()], 1)
-    data = SplitTensors(cats, numeric, labels, torch.ones(n, 2, dtype=torch.bool))
+    labels = torch.stack([(cats[:, 0] < 2).float(), (numeric[:, 0] > 0).float(), (numeric[:, 0] < 0.3).float()], 1)
+    data = SplitTensors(cats, numeric, labels, torch.ones(n, 3, dtype=torch.bool))
 
     def fresh() -> tuple[torch.nn.Module, object, torch.optim.Optimizer]:
         torch.manual_seed(0)

@@ -45,14 +45,24 @@ def test_every_scheme_trains_with_every_strategy(scheme: str, weighting: str) ->
     torch.manual_seed(0)
     model = build_model(scheme, SCHEMES.get(scheme).params(), INPUTS)
     strategy = build_weighting(weighting, WEIGHTINGS.get(weighting).params(), TASKS)
-    settings = TrainSection(epochs=2, batch_size=64, early_stopping=None)
+    settings = TrainSection(epochs=3, batch_size=64, early_stopping=None, lr=0.01)
     result = fit(
-        model, strategy, tiny_split(256, 1), tiny_split(128, 2), settings, TASKS, ["binary"] * 2, NullObserver()
+        model, strategy, tiny_split(1024, 1), tiny_split(128, 2), settings, TASKS, ["binary"] * 2, NullObserver()
     )
-    assert len(result.history) == 2
+    assert len(result.history) == 3
     for record in result.history:
         assert all(torch.isfinite(torch.tensor(v)) for v in record["train_loss"].values())
         assert set(record["weights"]) == set(TASKS)
+    assert_every_task_learns(result.history, f"{scheme} + {weighting}")
+
+
+def assert_every_task_learns(history: list[dict], what: str) -> None:  # type: ignore[type-arg]
+    """Each task's mean training loss in the last epoch is below the first epoch's."""
+    first, last = history[0]["train_loss"], history[-1]["train_loss"]
+    for task in TASKS:
+        assert last[task] < first[task], (
+            f"{what}: {task}'s training loss did not fall ({first[task]:.4f} -> {last[task]:.4f})"
+        )
 
 
 def test_equal_is_the_plain_sum() -> None:
@@ -91,10 +101,11 @@ def test_every_scheme_trains_with_mgda_upper_bound(scheme: str) -> None:
     torch.manual_seed(0)
     model = build_model(scheme, SCHEMES.get(scheme).params(), INPUTS)
     strategy = build_weighting("mgda", WEIGHTINGS.get("mgda").params(upper_bound=True), TASKS)
-    settings = TrainSection(epochs=2, batch_size=64, early_stopping=None)
+    settings = TrainSection(epochs=3, batch_size=64, early_stopping=None, lr=0.01)
     result = fit(
-        model, strategy, tiny_split(256, 1), tiny_split(128, 2), settings, TASKS, ["binary"] * 2, NullObserver()
+        model, strategy, tiny_split(1024, 1), tiny_split(128, 2), settings, TASKS, ["binary"] * 2, NullObserver()
     )
     for record in result.history:
         assert all(torch.isfinite(torch.tensor(v)) for v in record["train_loss"].values())
         assert sum(record["weights"].values()) == pytest.approx(1.0) or scheme == "single_task"
+    assert_every_task_learns(result.history, f"{scheme} + mgda upper_bound")
