@@ -193,3 +193,34 @@ def test_shared_representation_cuts_shared_from_task_parameters(scheme: str, mod
         names = {id(p): n for n, p in model.named_parameters()}
         for g, p in zip(upstream, own, strict=True):
             assert g is None or g.abs().sum() == 0, f"{names[id(p)]} is task-specific but lies upstream of z"
+
+
+def gradnorm_layer_models() -> list[tuple[str, nn.Module]]:
+    """Every scheme, PLE with three levels, heterogeneous experts, and ESMM with only its two tasks."""
+    models = representation_models()
+    torch.manual_seed(0)
+    hetero = SCHEMES.get("mmoe").params(n_experts=3, expert_kinds=["mlp", "fm", "cross"])
+    models.append(("mmoe-hetero", build_model("mmoe", hetero, INPUTS)))
+    two = InputSpec(INPUTS.cardinalities, INPUTS.n_numeric, TASKS[:2], TYPES[:2])
+    models.append(("esmm-2", build_model("esmm", SCHEMES.get("esmm").params(), two)))
+    return models
+
+
+@pytest.mark.parametrize(("scheme", "model"), gradnorm_layer_models(), ids=lambda v: v if isinstance(v, str) else "")
+def test_last_shared_layer_is_shared_and_every_task_reaches_it(scheme: str, model: nn.Module) -> None:
+    """GradNorm's W, as each scheme declares it: shared parameters, and every task's loss has a
+    gradient on them (else that task's G_k would be 0 and its weight would only grow)."""
+    layer = model.last_shared_layer()  # type: ignore[operator]
+    shared = {id(p) for p in model.parameter_groups()["shared"].values()}  # type: ignore[operator]
+    if not shared:
+        assert layer == []  # single_task: nothing to balance on
+        return
+    assert layer, f"{scheme} declares no last shared layer"
+    assert all(id(p) in shared and p.dim() >= 2 for p in layer), "W must be shared weight matrices"
+    tasks = model.tasks  # type: ignore[attr-defined]
+    full = make_batch(128)
+    batch = Batch(full.categorical, full.numeric, full.labels[:, : len(tasks)], full.label_mask[:, : len(tasks)])
+    losses = task_losses(model(batch), batch, BINARY[: len(tasks)])
+    for k, task in enumerate(tasks):
+        grads = torch.autograd.grad(losses[k], layer, retain_graph=True, allow_unused=True)
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), f"{task}'s loss does not reach W"

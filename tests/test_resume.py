@@ -193,7 +193,7 @@ def resumes_to_the_same_weights(weighting: str, settings: TrainSection, tmp_path
         torch.manual_seed(0)
         model = build_model("mmoe", SCHEMES.get("mmoe").params(n_experts=3, expert_units=[8], tower_units=[4]), inputs)
         strategy = build_weighting(weighting, WEIGHTINGS.get(weighting).params(), inputs.tasks)
-        return model, strategy, make_optimizer(settings, [*model.parameters(), *strategy.parameters()])  # type: ignore[attr-defined]
+        return model, strategy, make_optimizer(settings, list(model.parameters()), strategy.parameters())  # type: ignore[attr-defined]
 
     model, strategy, optimizer = fresh()
     fit(model, strategy, data, data, settings, inputs.tasks, inputs.task_types, NullObserver(), optimizer)  # type: ignore[arg-type]

@@ -293,12 +293,22 @@ def test_gradnorm_raises_the_weight_of_the_task_that_trains_slower() -> None:
     assert grad.tolist() == [-1.0, 1.0]
 
 
+class OneLayer(nn.Linear):
+    """A Linear layer that declares its weight as GradNorm's W."""
+
+    def __init__(self) -> None:
+        super().__init__(2, 1, bias=False)
+
+    def last_shared_layer(self) -> list[Tensor]:
+        return [self.weight]
+
+
 def test_gradnorm_step_uses_the_last_shared_layer_and_renormalises() -> None:
     strategy = build("gradnorm")
     (w,) = strategy.parameters()
     with torch.no_grad():
         w.copy_(torch.tensor([3.0, 1.0]))
-    model = nn.Linear(2, 1, bias=False)  # no parameter_groups: all shared; last 2-D tensor = weight
+    model = OneLayer()
     nn.init.constant_(model.weight, 0.5)
     x = torch.tensor([[1.0, 0.0]])
     losses = torch.stack([2 * model(x).sum() + 1, model(x).sum() + 1])
@@ -384,7 +394,7 @@ def test_checkpoint_round_trip_continues_identically(name: str, tmp_path: Path) 
             "shared_bottom", SCHEMES.get("shared_bottom").params(bottom_units=[8], tower_units=[4]), inputs
         )
         strategy = build_weighting(name, WEIGHTINGS.get(name).params(**STATEFUL.get(name, {})), THREE)
-        optimizer = make_optimizer(settings, [*model.parameters(), *strategy.parameters()])
+        optimizer = make_optimizer(settings, list(model.parameters()), strategy.parameters())
         return model, strategy, optimizer
 
     def train(model, strategy, optimizer, batches: list[Batch], epoch_end: int) -> list[list[float]]:  # type: ignore[no-untyped-def]
@@ -440,3 +450,12 @@ def test_strategy_keeps_finite_weights_through_early_stopping(name: str) -> None
     assert result.stopped_early
     for record in result.history:
         assert all(math.isfinite(v) for v in record["weights"].values())
+
+
+def test_gradnorm_norm_spans_every_tensor_of_a_multi_tensor_layer() -> None:
+    from mtlcli.weighting.gradnorm import gradient_norms
+
+    a, b = nn.Parameter(torch.tensor([1.0, 2.0])), nn.Parameter(torch.tensor([[3.0]]))
+    losses = torch.stack([(a * torch.tensor([3.0, 4.0])).sum(), (2 * a).sum() + 12 * b.sum()])
+    # task 0: ∇a = (3, 4), ∇b = 0 -> 5; task 1: ∇a = (2, 2), ∇b = 12 -> √(4 + 4 + 144)
+    assert gradient_norms(losses, [a, b]).tolist() == pytest.approx([5.0, math.sqrt(152.0)])

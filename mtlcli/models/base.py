@@ -45,6 +45,11 @@ class MultiTaskModel(Protocol):
     ``...gate.<task or shared>`` softmax gate weights [B, n] (rows sum to 1; the scheme's
     docstring says which experts the columns are) and ``alpha.layer<l>`` cross-stitch matrices
     [T, T]. Schemes with nothing to show return an empty dict.
+
+    ``last_shared_layer`` names GradNorm's W (Chen et al., ICML 2018): the weights of the last
+    shared layer whose output every task's head depends on, one tensor or a few (a stack of
+    experts, one column per task). Each is in the shared group and every task's loss reaches it.
+    Empty only when nothing is shared.
     """
 
     tasks: list[str]
@@ -54,6 +59,8 @@ class MultiTaskModel(Protocol):
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]: ...
 
     def introspect(self, batch: Batch) -> dict[str, Tensor]: ...
+
+    def last_shared_layer(self) -> list[Tensor]: ...
 
 
 class SharedRepresentation:

@@ -6,7 +6,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -86,6 +86,14 @@ def mlp(in_dim: int, units: list[int], dropout: float = 0.0, out_dim: int | None
     return nn.Sequential(*layers)
 
 
+def last_linear(net: nn.Module) -> nn.Linear:
+    """The last Linear layer of ``net`` (an ``mlp``, a ModuleList of layers)."""
+    layers = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    if not layers:
+        raise ValueError(f"{type(net).__name__} has no Linear layer")
+    return layers[-1]
+
+
 class ExpertPool(nn.Module):
     """``n`` MLP experts over one input, run as batched matrix products rather than a loop.
 
@@ -110,6 +118,10 @@ class ExpertPool(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.from_first_layer(self.first(x))
+
+    def last_layer(self) -> Tensor:
+        """The weights of the experts' output layer: [n, h_in, h] stacked, or the first Linear's."""
+        return self.weights[-1] if len(self.weights) else self.first.weight
 
     def from_first_layer(self, pre: Tensor) -> Tensor:
         """The experts' outputs [B, n, h] from their first layer's pre-activations [B, n * units[0]]
@@ -244,6 +256,11 @@ class Experts(nn.Module):
         computed = [i for i, k in enumerate(kinds) if k == "mlp"] + [i for i, k in enumerate(kinds) if k != "mlp"]
         self.register_buffer("order", torch.tensor(computed).argsort(), persistent=False)
         self.all_mlp = n_mlp == self.n
+
+    def last_layer(self) -> list[Tensor]:
+        """Every expert's output-layer weights: the MLP pool's, then each fm or cross expert's projection."""
+        pool = [self.pool.last_layer()] if self.pool is not None else []
+        return pool + [cast(FMExpert | CrossExpert, expert).project.weight for expert in self.others]
 
     def forward(self, x: Tensor) -> Tensor:
         if self.pool is not None and self.all_mlp:

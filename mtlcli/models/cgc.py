@@ -13,7 +13,7 @@ DEPHN (Kong, Su, Zhao, Hou, IJCNN 2023, arXiv:2307.12519).
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, cast
 
 import torch
 from pydantic import Field, PositiveInt, ValidationInfo, field_validator
@@ -192,6 +192,11 @@ class ExtractionNetwork(nn.Module, SharedRepresentation):
         ``level<j>.gate.shared`` (every level but the last): [B, T * m_k + m_s] over every task's
         experts in task order, then the shared ones. Rows sum to 1."""
         return self.run(batch)[1]
+
+    def last_shared_layer(self) -> list[Tensor]:
+        """The output layer of the last level's shared experts: every task's gate there mixes them
+        (the task experts of that level belong to one task each)."""
+        return cast(ExtractionLayer, self.levels[-1]).shared_experts.last_layer()
 
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
         """Task k owns its tower and every task-k expert and gate that only task k's loss reaches.

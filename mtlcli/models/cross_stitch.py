@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
 from mtlcli.models.base import InputSpec, ModelParams, SharedRepresentation, group_by_prefix, register_scheme
-from mtlcli.models.blocks import FeatureEmbedding, Towers
+from mtlcli.models.blocks import FeatureEmbedding, Towers, last_linear
 
 
 class CrossStitchParams(ModelParams):
@@ -81,6 +81,11 @@ class CrossStitch(nn.Module, SharedRepresentation):
             h = list(torch.einsum("kj,bjd->bkd", alpha, stacked).unbind(1))
         self.keep(*h)
         return self.towers(h)
+
+    def last_shared_layer(self) -> list[Tensor]:
+        """The last Linear of every column: after the alpha mixing every task's tower reads all of
+        them (the alphas themselves are mixing coefficients, not a layer of weights)."""
+        return [last_linear(self.columns[t]).weight for t in self.tasks]
 
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
         """Task k owns its tower. The columns are shared: every alpha-mixing step sends each task's

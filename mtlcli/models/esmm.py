@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
 from mtlcli.models.base import InputSpec, ModelParams, SharedRepresentation, group_by_prefix, register_scheme
-from mtlcli.models.blocks import FeatureEmbedding, mlp
+from mtlcli.models.blocks import FeatureEmbedding, last_linear, mlp
 from mtlcli.registry import did_you_mean
 
 
@@ -121,6 +121,14 @@ class ESMM(nn.Module, SharedRepresentation):
     def introspect(self, batch: Batch) -> dict[str, Tensor]:
         """ESMM has no gates or mixing matrices: nothing to report (pCVR: ``pcvr``)."""
         return {}
+
+    def last_shared_layer(self) -> list[Tensor]:
+        """With only the click and conversion tasks, the CTR tower's output layer: both CTR and
+        CTCVR = pCTR × pCVR read its logit. With further tasks only the embedding table reaches
+        every task's head, so it is W."""
+        if set(self.tasks) == {self.click, self.conversion}:
+            return [last_linear(self.ctr).weight]
+        return [self.embedding.table.weight]
 
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
         # the CTR tower feeds both the CTR and the CTCVR loss, so it is shared

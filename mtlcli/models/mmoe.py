@@ -93,6 +93,10 @@ class MMoE(nn.Module, SharedRepresentation):
         mixed = [(gate.unsqueeze(-1) * experts).sum(1) for gate in gates.unbind(1)]  # T x [B, H]
         return self.towers(mixed)
 
+    def last_shared_layer(self) -> list[Tensor]:
+        """Every expert's output layer: the mixtures the towers read are made of them."""
+        return self.experts.last_layer()
+
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
         return group_by_prefix(self, {t: [f"towers.nets.{t}.", f"gates.{t}."] for t in self.tasks})
 

@@ -73,6 +73,10 @@ class OMoE(nn.Module, SharedRepresentation):
         self.keep(mixed)
         return self.towers(mixed)
 
+    def last_shared_layer(self) -> list[Tensor]:
+        """Every expert's output layer: the mixtures the towers read are made of them."""
+        return self.experts.last_layer()
+
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
         return group_by_prefix(self, {t: [f"towers.nets.{t}."] for t in self.tasks})
 

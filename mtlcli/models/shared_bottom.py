@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
 from mtlcli.models.base import InputSpec, ModelParams, SharedRepresentation, group_by_prefix, register_scheme
-from mtlcli.models.blocks import FeatureEmbedding, Towers, mlp
+from mtlcli.models.blocks import FeatureEmbedding, Towers, last_linear, mlp
 
 
 class SharedBottomParams(ModelParams):
@@ -48,6 +48,10 @@ class SharedBottom(nn.Module, SharedRepresentation):
         h = self.bottom(self.embedding(batch))
         self.keep(h)
         return self.towers(h)
+
+    def last_shared_layer(self) -> list[Tensor]:
+        """The bottom's last Linear: every tower reads its output."""
+        return [last_linear(self.bottom).weight]
 
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
         return group_by_prefix(self, {t: [f"towers.nets.{t}."] for t in self.tasks})

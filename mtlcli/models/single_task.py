@@ -56,6 +56,10 @@ class SingleTask(nn.Module, SharedRepresentation):
         self.keep()  # nothing is shared
         return torch.cat([self.nets[t](self.embeddings[t](batch)) for t in self.tasks], dim=1)
 
+    def last_shared_layer(self) -> list[Tensor]:
+        """Nothing is shared."""
+        return []
+
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
         return group_by_prefix(self, {t: [f"embeddings.{t}.", f"nets.{t}."] for t in self.tasks})
 

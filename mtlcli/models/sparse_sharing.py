@@ -147,6 +147,10 @@ class SparseSharing(nn.Module, SharedRepresentation):
         """No gates or mixing matrices; the task masks are given by ``masks()``."""
         return {}
 
+    def last_shared_layer(self) -> list[Tensor]:
+        """The shared network's last layer (W, which each task uses through its mask)."""
+        return [self.linears()[-1].weight]
+
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
         return group_by_prefix(self, {t: [f"towers.{t}."] for t in self.tasks})
 

@@ -87,6 +87,65 @@ def load_model(path: Path) -> LoadedModel:
 # --- training checkpoints (resume) ---------------------------------------------------------------
 
 CHECKPOINT_FORMAT = "mtlcli-checkpoint"
+# 2: optimizer state keyed by parameter group name ("optim.<group>.<index in group>.<slot>", the
+#    groups' settings in the "optimizer" metadata). 1 (no "checkpoint_version"): one group for the
+#    model and the weighting's parameters, keyed by global index; migrated on load.
+CHECKPOINT_VERSION = "2"
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """The optimizer's state as tensors keyed ``optim.<group name>.<index in group>.<slot>``, and
+    each group's settings (without its parameters, with its ``size``)."""
+    optim = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    groups = []
+    for position, group in enumerate(optim["param_groups"]):
+        name = group.get("name", f"group{position}")
+        for local, index in enumerate(group["params"]):
+            for slot, value in optim["state"].get(index, {}).items():
+                tensors[f"optim.{name}.{local}.{slot}"] = torch.as_tensor(value)
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "name": name, "size": len(group["params"])})
+    return tensors, groups
+
+
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path
+) -> None:
+    """Load the optimizer state of a checkpoint (either version) into ``optimizer``, matched by group name."""
+    current = optimizer.state_dict()["param_groups"]
+    slots: dict[int, dict[str, torch.Tensor]] = {}
+    version = metadata.get("checkpoint_version", "1")
+    if version == "1":  # one group over [model..., strategy...]: the same order as the groups now
+        order = [index for group in current for index in group["params"]]
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                index, slot = key[len("optim.") :].split(".", 1)
+                slots.setdefault(order[int(index)], {})[slot] = value
+        optimizer.load_state_dict({"state": slots, "param_groups": current})
+        return
+    if version != CHECKPOINT_VERSION:
+        raise ArtifactError(
+            f"{path}: checkpoint version {version} was written by a newer mtl",
+            "resume it with that version, or start the run again with --force",
+        )
+    saved = {group["name"]: group for group in json.loads(metadata["optimizer"])["groups"]}
+    names = [group.get("name", f"group{i}") for i, group in enumerate(current)]
+    if sorted(saved) != sorted(names) or any(
+        saved[n]["size"] != len(g["params"]) for n, g in zip(names, current, strict=True)
+    ):
+        raise ArtifactError(
+            f"{path}: the checkpoint's optimizer groups ({', '.join(saved)}) do not fit this run's ({', '.join(names)})",
+            "start the run again with --force",
+        )
+    groups = []
+    for name, group in zip(names, current, strict=True):
+        settings = {k: v for k, v in saved[name].items() if k != "size"}
+        groups.append({**settings, "params": group["params"]})
+        for key, value in tensors.items():
+            if key.startswith(f"optim.{name}."):
+                local, slot = key[len(f"optim.{name}.") :].split(".", 1)
+                slots.setdefault(group["params"][int(local)], {})[slot] = value
+    optimizer.load_state_dict({"state": slots, "param_groups": groups})
 
 
 def save_checkpoint(
@@ -104,10 +163,8 @@ def save_checkpoint(
     as JSON. ``identity`` (recipe and data hashes) lets ``--resume`` refuse a changed run.
     """
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in model.state_dict().items()}
-    optim = optimizer.state_dict()
-    for index, slots in optim["state"].items():
-        for name, value in slots.items():
-            tensors[f"optim.{index}.{name}"] = torch.as_tensor(value)
+    optim, groups = optimizer_tensors(optimizer)
+    tensors.update(optim)
     for index, param in enumerate(strategy.parameters()):
         tensors[f"strategy_param.{index}"] = param.detach()
     strategy_state = getattr(strategy, "state_dict", None)
@@ -137,8 +194,9 @@ def save_checkpoint(
     loop["best_score"] = state.best_score if math.isfinite(state.best_score) else None
     metadata = {
         "format": CHECKPOINT_FORMAT,
+        "checkpoint_version": CHECKPOINT_VERSION,
         "loop": json.dumps(loop),
-        "param_groups": json.dumps(optim["param_groups"]),
+        "optimizer": json.dumps({"class": type(optimizer).__name__, "groups": groups}),
         **identity,
     }
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
@@ -167,7 +225,6 @@ def load_checkpoint(
     try:
         tensors = load_file(str(path))
         loop = json.loads(metadata["loop"])
-        param_groups = json.loads(metadata["param_groups"])
     except (SafetensorError, OSError, ValueError, KeyError) as exc:
         raise ArtifactError(f"{path}: damaged checkpoint ({exc!r})", "start the run again with --force") from None
 
@@ -176,11 +233,7 @@ def load_checkpoint(
 
     try:
         model.load_state_dict(part("model."), strict=True)
-        slots: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in part("optim.").items():
-            index, name = key.split(".", 1)
-            slots.setdefault(int(index), {})[name] = value
-        optimizer.load_state_dict({"state": slots, "param_groups": param_groups})
+        restore_optimizer(optimizer, tensors, metadata, path)
         with torch.no_grad():
             for position, param in enumerate(strategy.parameters()):
                 param.copy_(tensors[f"strategy_param.{position}"])

@@ -193,14 +193,44 @@ def lr_factor(schedule: LrSchedule, step: int, total_steps: int, steps_per_epoch
     return warm * (1.0 - (1.0 - low) * progress)
 
 
-def make_optimizer(settings: TrainSection, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+MODEL_GROUP, STRATEGY_GROUP = "model", "strategy"
+
+
+def make_optimizer(
+    settings: TrainSection,
+    model_params: list[nn.Parameter],
+    strategy_params: list[nn.Parameter],
+    strategy_lr: float | None = None,
+) -> torch.optim.Optimizer:
+    """``train.optimizer`` over named parameter groups, each saying how the loop treats it:
+
+    - ``model``: the model's parameters, at ``train.lr`` under ``train.lr_schedule``, with
+      ``train.weight_decay`` and clipped by ``train.clip_grad_norm``;
+    - ``strategy`` (when the weighting has parameters: uncertainty's log-variances, GradNorm's
+      weights): a constant learning rate of their own (``strategy_lr``, the weighting's ``lr``;
+      default ``train.lr``), no weight decay, no clipping. Weight decay would pull a log-variance
+      toward 0 (σ = 1) and GradNorm's weights toward 0, and neither is a model weight to regularise.
+
+    Each group carries ``name``, ``base_lr``, ``scheduled`` and ``clipped``; checkpoints key the
+    optimizer state by group name (``mtlcli.train.checkpoint``), so further groups can be added.
+    """
+    groups: list[dict[str, Any]] = [
+        {"name": MODEL_GROUP, "params": model_params, "lr": settings.lr, "base_lr": settings.lr,
+         "weight_decay": settings.weight_decay, "scheduled": True, "clipped": True},
+    ]  # fmt: skip
+    if strategy_params:
+        lr = strategy_lr if strategy_lr is not None else settings.lr
+        groups.append(
+            {"name": STRATEGY_GROUP, "params": strategy_params, "lr": lr, "base_lr": lr,
+             "weight_decay": 0.0, "scheduled": False, "clipped": False}
+        )  # fmt: skip
     if settings.optimizer == "adam":
-        return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay, fused=True)
+        return torch.optim.Adam(groups, lr=settings.lr, fused=True)
     if settings.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, fused=True)
+        return torch.optim.AdamW(groups, lr=settings.lr, fused=True)
     if settings.optimizer == "adagrad":
-        return torch.optim.Adagrad(params, lr=settings.lr, weight_decay=settings.weight_decay, foreach=True)
-    return torch.optim.SGD(params, lr=settings.lr, weight_decay=settings.weight_decay, momentum=0.9, foreach=True)
+        return torch.optim.Adagrad(groups, lr=settings.lr, foreach=True)
+    return torch.optim.SGD(groups, lr=settings.lr, momentum=0.9, foreach=True)
 
 
 def gradient_record(
@@ -252,7 +282,7 @@ def fit(
     ``stop_requested()`` turns true, the current step finishes, ``observer.on_checkpoint`` saves
     the state and TrainingInterrupted is raised.
     """
-    optimizer = optimizer or make_optimizer(settings, [*model.parameters(), *strategy.parameters()])
+    optimizer = optimizer or make_optimizer(settings, list(model.parameters()), strategy.parameters())
     if getattr(strategy, "needs_representation", False):
         enable_representation(model)
     state = state or LoopState()
@@ -268,7 +298,7 @@ def fit(
     schedule = settings.lr_schedule
     scheduled = schedule.kind != "constant" or schedule.warmup_steps > 0
     total_steps = settings.epochs * steps_per_epoch
-    clipped = [p for group in optimizer.param_groups for p in group["params"]]
+    clipped = [p for group in optimizer.param_groups if group.get("clipped", True) for p in group["params"]]
     shared = list(model.parameter_groups()["shared"].values()) if track else []  # type: ignore[operator]
     while state.epoch <= settings.epochs and not state.stopped_early:
         epoch = state.epoch
@@ -294,9 +324,10 @@ def fit(
             grads = shared_task_gradients(losses, shared) if shared and global_step % track == 0 else None  # type: ignore[operator]
             weights = strategy.backward(losses, model)
             if scheduled:
-                lr = settings.lr * lr_factor(schedule, global_step - 1, total_steps, steps_per_epoch)
+                factor = lr_factor(schedule, global_step - 1, total_steps, steps_per_epoch)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    if group.get("scheduled", True):
+                        group["lr"] = group.get("base_lr", settings.lr) * factor
             if settings.clip_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(clipped, settings.clip_grad_norm)
             optimizer.step()

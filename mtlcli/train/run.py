@@ -144,7 +144,7 @@ def train_run(
     model = build_model(recipe.model.scheme, recipe.model.params, input_spec(schema))
     torch.set_num_threads(choose_threads(settings.threads, model))
     strategy = build_weighting(recipe.loss.weighting, recipe.loss.params, tasks)
-    optimizer = make_optimizer(settings, [*model.parameters(), *strategy.parameters()])
+    optimizer = make_optimizer(settings, list(model.parameters()), strategy.parameters(), recipe.loss.params.own_lr())
     identity = run_identity(recipe, schema)
     with run_lock(run_dir):
         if resume:

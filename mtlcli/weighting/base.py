@@ -21,6 +21,10 @@ WEIGHTINGS: Registry[Component] = Registry("weighting strategy")
 class WeightingParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def own_lr(self) -> float | None:
+        """The constant learning rate of the strategy's own parameters (None: ``train.lr``)."""
+        return None
+
 
 class WeightingStrategy(Protocol):
     def backward(self, losses: Tensor, model: nn.Module) -> Tensor:

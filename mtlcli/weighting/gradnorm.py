@@ -14,31 +14,48 @@ with the target mean(G) · r_k^α held constant; ``alpha`` is the asymmetry α. 
 the weights are renormalised to sum to K (and kept above a small positive floor). L_k(0) is the
 loss of the first step.
 
-"The last shared layer" is, here, the last parameter tensor of the model's shared group with at
-least two dimensions (a weight matrix, or a stack of them): in ``mmoe`` the experts' last layer,
-in ``shared_bottom`` the bottom's last Linear. The logged weights are w_k.
+W is the paper's "last shared layer of weights", declared by each scheme
+(``MultiTaskModel.last_shared_layer``): the last shared layer whose output every task's head reads,
+e.g. the bottom's last Linear in ``shared_bottom``, every expert's output layer in ``mmoe`` and
+``omoe``, the last level's shared experts in ``cgc`` and ``ple``, every column's last Linear in
+``cross_stitch``. When it is a few tensors, G_k is the norm of the gradient on all of them
+together. The logged weights are w_k.
 """
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
-from pydantic import NonNegativeFloat
+from pydantic import NonNegativeFloat, PositiveFloat
 from torch import Tensor, nn
 
+from mtlcli.models.base import MultiTaskModel
 from mtlcli.weighting.base import WeightingParams, register_weighting
-from mtlcli.weighting.gradients import split_parameters
 
 FLOOR = 1e-3
 
 
 class GradNormParams(WeightingParams):
     alpha: NonNegativeFloat = 1.5
+    lr: PositiveFloat | None = None  # the weights' own constant learning rate (default train.lr)
+
+    def own_lr(self) -> float | None:
+        return self.lr
 
 
-def last_shared_weight(model: nn.Module) -> nn.Parameter | None:
-    """The last shared parameter with at least two dimensions (None if there is none)."""
-    shared, _ = split_parameters(model)
-    return next((p for p in reversed(shared) if p.dim() >= 2), None)
+def balanced_parameters(model: nn.Module) -> list[Tensor]:
+    """W: the scheme's last shared layer (empty when nothing is shared)."""
+    return cast(MultiTaskModel, model).last_shared_layer()
+
+
+def gradient_norms(losses: Tensor, layer: list[Tensor]) -> Tensor:
+    """||∇_W L_k|| over all tensors of W together, per task [T] (0 where a loss does not reach W)."""
+    norms = []
+    for loss in losses:
+        grads = [g for g in torch.autograd.grad(loss, layer, retain_graph=True, allow_unused=True) if g is not None]
+        norms.append(torch.cat([g.reshape(-1) for g in grads]).norm() if grads else torch.zeros(()))
+    return torch.stack(norms)
 
 
 def gradnorm_weight_gradient(weights: Tensor, norms: Tensor, ratios: Tensor, alpha: float) -> Tensor:
@@ -63,15 +80,9 @@ class GradNorm:
         detached = losses.detach()
         if self.initial is None:
             self.initial = detached.clone()
-        layer = last_shared_weight(model)
-        if layer is not None:
-            norms = torch.stack(
-                [
-                    g.norm() if g is not None else torch.zeros(())
-                    for loss in losses
-                    for g in torch.autograd.grad(loss, [layer], retain_graph=True, allow_unused=True)
-                ]
-            )
+        layer = [p for p in balanced_parameters(model) if p.requires_grad]
+        if layer:
+            norms = gradient_norms(losses, layer)
             ratios = detached / self.initial.clamp_min(1e-12)
             grad = gradnorm_weight_gradient(weights, norms, ratios, self.alpha)
             self.weights.grad = grad if self.weights.grad is None else self.weights.grad + grad

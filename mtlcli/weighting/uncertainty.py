@@ -8,13 +8,15 @@ follows
 
 which is twice the paper's regression form, 1/(2σ²)·L + log σ, used here for every task as in most
 implementations (the paper's classification form halves only the s_k term). The s_k are
-returned by ``parameters()`` so the optimiser trains them with the model; they start at
+returned by ``parameters()``, which the optimiser trains in a group of their own (constant
+``lr``, default ``train.lr``; no weight decay, no clipping); they start at
 ``init_log_variance``. The weights logged are exp(-s_k).
 """
 
 from __future__ import annotations
 
 import torch
+from pydantic import PositiveFloat
 from torch import Tensor, nn
 
 from mtlcli.weighting.base import WeightingParams, register_weighting
@@ -22,6 +24,10 @@ from mtlcli.weighting.base import WeightingParams, register_weighting
 
 class UncertaintyParams(WeightingParams):
     init_log_variance: float = 0.0
+    lr: PositiveFloat | None = None  # the log-variances' own constant learning rate (default train.lr)
+
+    def own_lr(self) -> float | None:
+        return self.lr
 
 
 class Uncertainty:
