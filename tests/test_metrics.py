@@ -55,6 +55,15 @@ def test_task_metrics_respects_mask_and_types() -> None:
     assert out["click"]["positive_rate"] == pytest.approx(0.5)
     assert out["time"]["rmse"] == pytest.approx(math.sqrt((0 + 0 + 1 + 0) / 4))
     assert out["time"]["mae"] == pytest.approx(0.25)
+    # a regression row outside the mask (error 100) counts for nothing either
+    logits[3, 1], mask[0, 1] = 100.0, False
+    masked = task_metrics(logits, labels, mask.clone(), ["click", "time"], ["binary", "regression"])
+    mask[3, 1] = False
+    out = task_metrics(logits, labels, mask, ["click", "time"], ["binary", "regression"])
+    assert out["time"]["n"] == 2
+    assert out["time"]["rmse"] == pytest.approx(math.sqrt((0 + 1) / 2))
+    assert out["time"]["mae"] == pytest.approx(0.5)
+    assert masked["time"]["rmse"] > 50  # row 3 counts while it is in the mask
 
 
 def test_gauc_hand_computed() -> None:

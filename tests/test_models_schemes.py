@@ -126,6 +126,8 @@ def test_cross_stitch_with_identity_alpha_is_independent_columns() -> None:
 def test_cross_stitch_mixes_columns_by_alpha() -> None:
     torch.manual_seed(0)
     model = CrossStitch(INPUTS, 4, [6], [], dropout=0.0, alpha_init_offdiag=0.2)
+    with torch.no_grad():  # a non-symmetric alpha: row k mixes into column k, not column k into row k
+        model.alphas[0].copy_(torch.rand(T, T, generator=torch.Generator().manual_seed(1)))
     batch = make_batch(12)
     x = model.embedding(batch)
     h = torch.stack([torch.relu(model.columns[t][0](x)) for t in TASKS], dim=1)  # [B, T, D]

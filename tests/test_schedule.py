@@ -63,24 +63,32 @@ def test_training_follows_the_schedule_and_logs_the_lr() -> None:
 def test_gradient_clipping_bounds_every_update() -> None:
     """With SGD (no momentum effect on the first step) the first update is lr x the clipped
     gradient: its norm is at most lr x clip_grad_norm, and without clipping it is larger."""
-
-    def first_update(clip: float | None) -> float:
-        model, strategy, data = tiny()
-        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
-        one_step = type(data)(data.categorical[:64], data.numeric[:64], data.labels[:64], data.label_mask[:64])  # type: ignore[attr-defined]
-        settings = TrainSection.model_validate(
-            {
-                "epochs": 1,
-                "batch_size": 64,
-                "lr": 0.1,
-                "optimizer": "sgd",
-                "early_stopping": None,
-                "clip_grad_norm": clip,
-            }
-        )
-        fit(model, strategy, one_step, one_step, settings, ["a", "b"], ["binary"] * 2, NullObserver())  # type: ignore[arg-type]
-        after = torch.cat([p.detach().flatten() for p in model.parameters()])
-        return float((after - before).norm())
-
     assert first_update(0.01) == pytest.approx(0.1 * 0.01, rel=1e-4)
     assert first_update(None) > 0.1 * 0.05
+
+
+def test_the_first_update_already_uses_the_scheduled_lr() -> None:
+    """Warm-up over 4 steps: update 1 takes 1/4 of lr (the schedule is applied before the step,
+    not after it); clipping fixes the gradient's norm, so the update's norm is lr/4 x 0.01."""
+    assert first_update(0.01, warmup=4) == pytest.approx(0.1 / 4 * 0.01, rel=1e-4)
+
+
+def first_update(clip: float | None, warmup: int = 0) -> float:
+    """The norm of the first SGD update (no momentum yet) on the tiny data, lr 0.1."""
+    model, strategy, data = tiny()
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    one_step = type(data)(data.categorical[:64], data.numeric[:64], data.labels[:64], data.label_mask[:64])  # type: ignore[attr-defined]
+    settings = TrainSection.model_validate(
+        {
+            "epochs": 1,
+            "batch_size": 64,
+            "lr": 0.1,
+            "optimizer": "sgd",
+            "early_stopping": None,
+            "clip_grad_norm": clip,
+            "lr_schedule": {"kind": "constant", "warmup_steps": warmup},
+        }
+    )
+    fit(model, strategy, one_step, one_step, settings, ["a", "b"], ["binary"] * 2, NullObserver())  # type: ignore[arg-type]
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    return float((after - before).norm())

@@ -12,6 +12,7 @@ from mtlcli.models import SCHEMES, InputSpec, build_model
 from mtlcli.recipe.schema import TrainSection
 from mtlcli.train.loop import NullObserver, fit
 from mtlcli.weighting import WEIGHTINGS, build_weighting
+from tests.numerics import assert_kernel_close
 
 
 class Collect(NullObserver):
@@ -55,3 +56,38 @@ def test_cosine_matches_a_direct_computation() -> None:
     record = gradient_record(grads, torch.ones(2), ["a", "b"], 1, 1, 1)
     assert record["gradient_cosine"]["a"]["b"] == pytest.approx(0.5)
     assert record["gradient_norm"]["a"] == pytest.approx(2**0.5)
+
+
+@pytest.mark.numerics  # the loop's gradients against a direct autograd pass over the same rows
+def test_the_first_sample_is_each_tasks_own_gradient_at_the_initial_weights() -> None:
+    """One step over all rows (track every step): the sample's norms and cosine equal those of
+    ∇L_a and ∇L_b on the shared parameters of the initial model, and opposed tasks conflict."""
+    from mtlcli.train.loop import task_losses
+
+    inputs = InputSpec(cardinalities=[4], n_numeric=2, tasks=["a", "b", "c"], task_types=["binary"] * 3)
+    gen = torch.Generator().manual_seed(0)
+    n = 128
+    numeric = torch.randn(n, 2, generator=gen)
+    labels = torch.stack([(numeric[:, 0] > 0), (numeric[:, 0] < 0), (numeric[:, 1] > 0)], 1).float()
+    data = SplitTensors(torch.randint(0, 4, (n, 1), generator=gen), numeric, labels, torch.ones(n, 3, dtype=torch.bool))
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return build_model(
+            "shared_bottom", SCHEMES.get("shared_bottom").params(bottom_units=[8], tower_units=[4]), inputs
+        )
+
+    observer = Collect()
+    settings = TrainSection(epochs=1, batch_size=n, early_stopping=None, track_gradients=1)
+    fit(model(), build_weighting("equal", WEIGHTINGS.get("equal").params(), inputs.tasks), data, data, settings,
+        inputs.tasks, inputs.task_types, observer)  # fmt: skip
+    (record,) = observer.records
+    fresh = model()
+    shared = list(fresh.parameter_groups()["shared"].values())  # type: ignore[operator]
+    losses = task_losses(fresh(data.all()), data.all(), torch.ones(3, dtype=torch.bool))
+    grads = [torch.cat([g.flatten() for g in torch.autograd.grad(loss, shared, retain_graph=True)]) for loss in losses]
+    norms = [float(g.norm()) for g in grads]
+    assert_kernel_close(list(record["gradient_norm"].values()), norms, what="tracked norms")
+    cosine = float(grads[0] @ grads[1] / (grads[0].norm() * grads[1].norm()))
+    assert_kernel_close(record["gradient_cosine"]["a"]["b"], cosine, floor=1.0, what="tracked cosine")
+    assert record["gradient_cosine"]["a"]["b"] < 0  # a and b are opposite labels: their gradients conflict
