@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,8 @@ def test_extreme_logits_stay_finite() -> None:
     out = _log_sigmoid_pair(a, b)
     assert torch.isfinite(out).all()
     assert torch.sigmoid(out[2]).item() == pytest.approx(0.25)
+    # p = σ(40)² = 1 − 2e⁻⁴⁰ (logit 40 − log 2); σ(−40)² = e⁻⁸⁰; σ(40)σ(−40) = e⁻⁴⁰: no clamping
+    assert out[[0, 1, 3]].tolist() == pytest.approx([40 - math.log(2), -80.0, -40.0], abs=1e-4)
 
 
 @pytest.mark.parametrize(

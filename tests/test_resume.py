@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from mtlcli.data.batch import SplitTensors
 from mtlcli.models import SCHEMES, InputSpec, build_model
-from mtlcli.recipe.schema import TrainSection
-from mtlcli.train.loop import NullObserver, TrainingDiverged, fit
+from mtlcli.recipe.schema import EarlyStopping, TrainSection
+from mtlcli.train.loop import FitResult, NullObserver, TrainingDiverged, fit
 from mtlcli.weighting import WEIGHTINGS, build_weighting
 
 SETTINGS = ["train.epochs=4", "train.early_stopping=null", "train.threads=1"]
@@ -176,7 +176,31 @@ def test_a_scheduled_clipped_run_resumes_mid_epoch_to_the_same_weights(tmp_path:
     resumes_to_the_same_weights("uncertainty", settings, tmp_path)
 
 
-def resumes_to_the_same_weights(weighting: str, settings: TrainSection, tmp_path: Path) -> None:
+def test_the_best_weights_so_far_survive_a_resume(tmp_path: Path) -> None:
+    """With early stopping the checkpoint carries the best weights so far: the run is interrupted
+    in its last epoch, after an earlier best epoch, and must return that epoch's weights."""
+    settings = TrainSection(epochs=4, batch_size=32, lr=0.01, early_stopping=EarlyStopping(patience=4))
+    result = resumes_to_the_same_weights("equal", settings, tmp_path, stop_at=35, noisy_valid=True)
+    assert result.best_epoch < 4, "precondition: the best epoch comes before the interruption"
+
+
+def test_dropout_draws_continue_after_a_resume(tmp_path: Path) -> None:
+    """Dropout draws from torch's global generator, whose state the checkpoint restores; without
+    early stopping the final weights are the last step's, so every draw after the resume counts."""
+    settings = TrainSection(epochs=3, batch_size=32, lr=0.01, early_stopping=None)
+    resumes_to_the_same_weights("equal", settings, tmp_path, dropout=0.3)
+
+
+def resumes_to_the_same_weights(
+    weighting: str,
+    settings: TrainSection,
+    tmp_path: Path,
+    dropout: float = 0.0,
+    stop_at: int = 14,
+    noisy_valid: bool = False,
+) -> FitResult:
+    """Train once uninterrupted, once interrupted after ``stop_at`` steps and resumed from the
+    checkpoint; the final weights must be identical. Returns the uninterrupted run's result."""
     from mtlcli.train.checkpoint import load_checkpoint
     from mtlcli.train.loop import TrainingInterrupted, make_optimizer
 
@@ -188,15 +212,20 @@ def resumes_to_the_same_weights(weighting: str, settings: TrainSection, tmp_path
     numeric = torch.randn(n, 2, generator=gen)
     labels = torch.stack([(cats[:, 0] < 2).float(), (numeric[:, 0] > 0).float(), (numeric[:, 0] < 0.3).float()], 1)
     data = SplitTensors(cats, numeric, labels, torch.ones(n, 3, dtype=torch.bool))
+    valid = data
+    if noisy_valid:  # labels of coin flips: the valid AUC wanders, so the best epoch is not the last
+        noise = torch.rand(n, 3, generator=gen).lt(0.5).float()
+        valid = SplitTensors(cats, numeric, noise, torch.ones(n, 3, dtype=torch.bool))
 
     def fresh() -> tuple[torch.nn.Module, object, torch.optim.Optimizer]:
         torch.manual_seed(0)
-        model = build_model("mmoe", SCHEMES.get("mmoe").params(n_experts=3, expert_units=[8], tower_units=[4]), inputs)
+        params = SCHEMES.get("mmoe").params(n_experts=3, expert_units=[8], tower_units=[4], dropout=dropout)
+        model = build_model("mmoe", params, inputs)
         strategy = build_weighting(weighting, WEIGHTINGS.get(weighting).params(), inputs.tasks)
         return model, strategy, make_optimizer(settings, list(model.parameters()), strategy.parameters())  # type: ignore[attr-defined]
 
     model, strategy, optimizer = fresh()
-    fit(model, strategy, data, data, settings, inputs.tasks, inputs.task_types, NullObserver(), optimizer)  # type: ignore[arg-type]
+    result = fit(model, strategy, data, valid, settings, inputs.tasks, inputs.task_types, NullObserver(), optimizer)  # type: ignore[arg-type]
     reference = {k: v.clone() for k, v in model.state_dict().items()}
 
     path = tmp_path / "checkpoint.safetensors"
@@ -207,17 +236,21 @@ def resumes_to_the_same_weights(weighting: str, settings: TrainSection, tmp_path
             model,
             strategy,
             data,
-            data,
+            valid,
             settings,
             inputs.tasks,
             inputs.task_types,
             CheckpointTo(path),
             optimizer,  # type: ignore[arg-type]
-            stop_requested=lambda: next(steps) == 14,
-        )  # mid second epoch (10 steps per epoch)
+            stop_requested=lambda: next(steps) == stop_at,
+        )  # 10 steps per epoch: 14 is mid second epoch
     model, strategy, optimizer = fresh()
     state = load_checkpoint(path, model, optimizer, strategy)  # type: ignore[arg-type]
-    assert (state.epoch, state.step) == (2, 5)
-    fit(model, strategy, data, data, settings, inputs.tasks, inputs.task_types, NullObserver(), optimizer, state)  # type: ignore[arg-type]
+    assert (state.epoch, state.step) == (stop_at // 10 + 1, stop_at % 10 + 1)
+    resumed = fit(
+        model, strategy, data, valid, settings, inputs.tasks, inputs.task_types, NullObserver(), optimizer, state
+    )  # type: ignore[arg-type]
+    assert resumed.best_epoch == result.best_epoch
     for name, value in model.state_dict().items():  # same machine, batches and kernels: bitwise
         assert torch.equal(value, reference[name]), f"{weighting}: {name} differs after resume"
+    return result

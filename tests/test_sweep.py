@@ -108,6 +108,8 @@ def test_an_interrupted_sweep_continues_where_it_stopped(recipe: Path, tmp_path:
     states: list[str] = []
     resumed = run_sweep(points, tmp_path / "stopped", "test", ["train.seed"], on_start=lambda i, p, s: states.append(s))
     assert states == ["done", "partial"]
+    partial = json.loads((tmp_path / "stopped" / "seed=1" / "summary.json").read_text())
+    assert partial["resumed"] is True  # continued from its checkpoint, not trained again
     for a, b in zip(reference["runs"], resumed["runs"], strict=True):
         assert a["tasks"] == b["tasks"]
 
