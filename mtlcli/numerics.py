@@ -16,7 +16,7 @@ compared with one bound, ``k · eps32 · scale``:
   of inner width up to ~256, with cancellation between them. Measured with ``MTL_NUMERICS_LOG``
   (see tests/numerics.py) over every test marked ``numerics``, each run under six kernel choices
   (this CPU's own; MKL_ENABLE_INSTRUCTIONS=AVX512, AVX2, SSE4_2; and AVX2 / SSE4_2 combined with
-  ONEDNN_MAX_CPU_ISA and ATEN_CPU_CAPABILITY) on an Intel Xeon (Sapphire Rapids), the largest
+  ONEDNN_MAX_CPU_ISA and ATEN_CPU_CAPABILITY) on an Intel Xeon with AVX-512, the largest
   difference was 7.7 eps·scale (census predictions in chunks of 3 vs one chunk); on an AMD EPYC
   the same comparison was 1.07e-6 = 9.0 eps. 64 leaves 7× headroom over the worst seen, and is
   still tight: a real fault (a shifted row, a wrong mask, a dropped feature) moves results by
