@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -12,12 +14,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from safetensors import SafetensorError
+
 
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success rename it over ``target``.
 
-    On any error the temporary file is removed and ``target`` is left as it was.
+    On any error the temporary file is removed and ``target`` is left as it was. An
+    operating-system failure while writing (a full disk) is re-raised as an OSError naming
+    ``target``, also when the writer was safetensors.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -27,6 +34,16 @@ def atomic_path(target: Path) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, target)
+    except OSError as exc:
+        if exc.filename is not None and exc.filename != str(tmp):
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(target)) from None
+    except SafetensorError as exc:
+        first = (str(exc).strip().splitlines() or ["safetensors failed"])[0]
+        full = any(s in first for s in ("StorageFull", "os error 28", "No space left"))
+        if full:
+            raise OSError(errno.ENOSPC, "No space left on device", str(target)) from None
+        raise OSError(None, first, str(target)) from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -37,8 +54,29 @@ def write_text(target: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def finite_or_none(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None (JSON's null), recursively."""
+    if isinstance(obj, np.generic):  # a numpy scalar: its Python value
+        obj = obj.item()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {key: finite_or_none(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_or_none(value) for value in obj]
+    return obj
+
+
+def to_json(obj: Any, indent: int | None = None) -> str:
+    """The one JSON encoder for everything mtl writes: strict JSON, a non-finite number becomes
+    null (never a bare NaN, which JSON does not have)."""
+    return json.dumps(finite_or_none(obj), indent=indent, allow_nan=False)
+
+
 def write_json(target: Path, obj: Any) -> None:
-    write_text(target, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    write_text(target, to_json(obj, indent=2) + "\n")
 
 
 def append_line(target: Path, line: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Annotated
 
 import typer
@@ -43,5 +44,10 @@ def root(
     """Multi-task learning for recommender systems."""
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM (schedulers, `timeout`, Kubernetes) stops a command as Ctrl-C does
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     app()

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from mtlcli.cli.common import handle_errors
+from mtlcli.cli.common import err_console, handle_errors
 
 
 @handle_errors
@@ -117,10 +117,16 @@ def command(
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(devnull, sys.stdout.fileno())
                 raise typer.Exit(0) from None
+        elif Path(output).is_dir():
+            raise MtlError(f"--output {output}: is a directory", "give a file name, or '-' for standard output")
         elif Path(output).exists() and not Path(output).is_file():
             # A device or a FIFO (/dev/null, a named pipe): write into it, never rename over it.
             with Path(output).open("wb") as sink:
                 write_chunks(frames, fmt, sink, Path(spool))
         else:
-            with atomic_path(Path(output)) as tmp, tmp.open("wb") as sink:
-                write_chunks(frames, fmt, sink, Path(spool))
+            try:
+                with atomic_path(Path(output)) as tmp, tmp.open("wb") as sink:
+                    write_chunks(frames, fmt, sink, Path(spool))
+            except KeyboardInterrupt:
+                err_console.print(f"{output} was not written: an interrupted file is never left half-written")
+                raise

@@ -14,6 +14,7 @@ app = typer.Typer(help="Validate and inspect recipes.", no_args_is_help=True)
 
 
 @app.command("check")
+@handle_errors
 def check(
     files: Annotated[list[str], typer.Argument(help="Recipe files ('-' for stdin).")],
     overrides: SetOption = None,
@@ -52,6 +53,7 @@ def show(
 
 
 @app.command("components")
+@handle_errors
 def components(as_json: JsonOption = False) -> None:
     """List the sharing schemes and weighting strategies recipes can name."""
     from mtlcli.models import SCHEMES

@@ -109,6 +109,20 @@ def data_key(recipe: Recipe) -> tuple[str, dict[str, Any]]:
     return sha256_json(key_input)[:20], source
 
 
+def _check_unique_header(path: Path, separator: str, strip: bool) -> None:
+    """Refuse a header that names a column twice (polars would rename the second one silently)."""
+    first = pl.read_csv(path, has_header=False, n_rows=1, separator=separator, infer_schema=False, quote_char='"')
+    names = [str(v).strip() if strip and v is not None else str(v) for v in first.row(0)]
+    seen: dict[str, int] = {}
+    for position, name in enumerate(names, start=1):
+        if name in seen:
+            raise DataError(
+                f"{path}: the header names column {name!r} twice (columns {seen[name]} and {position})",
+                "rename one of them in the file, or name every column in data.columns",
+            )
+        seen[name] = position
+
+
 def _read_one(path: Path, recipe: Recipe) -> pl.DataFrame:
     data = recipe.data
     fmt = data.format
@@ -135,9 +149,14 @@ def _read_one(path: Path, recipe: Recipe) -> pl.DataFrame:
         elif "more fields than" in first:
             first, hint = "a row has more fields than the header (ragged rows)", "fix the rows, or check data.separator"
         raise DataError(f"{path}: cannot read it as {fmt.upper()}: {first}", hint) from None
+    if fmt == "csv" and data.header and data.columns is None:
+        _check_unique_header(path, data.separator.strip() or data.separator, data.strip)
     if fmt == "csv" and frame.width > 1 and frame.height and frame.get_column(frame.columns[-1]).null_count():
         _check_short_rows(path, frame.width, data.separator.strip() or data.separator, data.header)
     if data.columns is not None:
+        twice = sorted({c for c in data.columns if data.columns.count(c) > 1})
+        if twice:
+            raise DataError(f"data.columns names {twice[0]!r} twice", "give each column its own name")
         if len(data.columns) != frame.width:
             raise DataError(
                 f"{path}: the file has {frame.width} columns but data.columns names {len(data.columns)}",
@@ -255,12 +274,13 @@ def _require_columns(frame: pl.DataFrame, names: list[str], field: str) -> None:
 
 
 def _numeric(frame: pl.DataFrame, name: str, field: str) -> pl.Series:
-    """Column ``name`` as float64; a value that is not a number is a DataError naming its row."""
+    """Column ``name`` as float64; a value that is not a number, or an infinite one (``inf``,
+    ``-Infinity``, ``1e400``), is a DataError naming its row. NaN stays NaN (read as missing)."""
     column = frame.get_column(name)
     if column.dtype == pl.Boolean:
         return column.cast(pl.Float64)
     if column.dtype.is_numeric():
-        return column.cast(pl.Float64)
+        return _finite(column.cast(pl.Float64), column, frame, name, field)
     text = column.cast(pl.String)
     lowered = text.str.to_lowercase()
     values = pl.select(
@@ -278,6 +298,19 @@ def _numeric(frame: pl.DataFrame, name: str, field: str) -> pl.Series:
         raise DataError(
             f"{field}: column {name!r} has a value that is not a number: {text[index]!r} (data row {row + 1})",
             "fix the data, or make this column categorical",
+        )
+    return _finite(values, text, frame, name, field)
+
+
+def _finite(values: pl.Series, raw: pl.Series, frame: pl.DataFrame, name: str, field: str) -> pl.Series:
+    """``values`` unchanged if none is infinite; else a DataError naming the first such row."""
+    infinite = values.is_infinite().fill_null(False)
+    if infinite.any():
+        index = int(infinite.arg_true()[0])
+        row = int(frame.get_column(ROW_COLUMN)[index])
+        raise DataError(
+            f"{field}: column {name!r} has an infinite value: {raw[index]!r} (data row {row + 1})",
+            f"fix or drop that row; to read such values as missing, add {str(raw[index])!r} to data.missing",
         )
     return values
 

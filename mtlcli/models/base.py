@@ -28,7 +28,7 @@ class InputSpec:
 class ModelParams(BaseModel):
     """Parameters every scheme accepts; each scheme's params class adds its own."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     embedding_dim: PositiveInt = 8
 
 

@@ -155,6 +155,7 @@ def recipe_from_text(
 
 
 REPLACED_WHOLE = ("model", "loss")
+TASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")  # module keys, output columns, --score terms
 
 
 def _resolve_extends(data: dict[str, Any], source: str, base_dir: Path, chain: list[str]) -> dict[str, Any]:
@@ -291,6 +292,19 @@ def _cross_checks(data: dict[str, Any]) -> list[tuple[Loc, str]]:
         return value if isinstance(value, dict) else {}
 
     out: list[tuple[Loc, str]] = []
+    for name in section("tasks"):
+        if not isinstance(name, str) or not TASK_NAME.fullmatch(name):
+            suggestion = re.sub(r"[^A-Za-z0-9_-]+", "_", str(name)).strip("_") or "task"
+            if not suggestion[0].isalpha():
+                suggestion = f"t_{suggestion}"
+            out.append(
+                (
+                    ("tasks", str(name)),
+                    f"the task name {name!r} cannot be used: task names are ASCII letters, digits, '_' and '-',"
+                    f" starting with a letter or '_' (they name model modules, output columns and --score terms);"
+                    f" e.g. {suggestion!r}",
+                )
+            )
     tasks = {name: spec for name, spec in section("tasks").items() if isinstance(spec, dict)}
     label_columns = set()
     for spec in tasks.values():

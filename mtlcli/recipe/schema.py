@@ -25,7 +25,7 @@ from pydantic import (
 class Strict(BaseModel):
     """Base of every recipe section: unknown keys are errors, values are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _as_list(value: Any) -> Any:
@@ -269,7 +269,7 @@ def _split_component(key: str, default: str) -> Any:
 class ModelConfig(Strict):
     """``scheme`` names a registered sharing scheme; ``params`` is that scheme's validated params."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True, allow_inf_nan=False)
     scheme: str = "mmoe"
     params: Any = {}
 
@@ -279,7 +279,7 @@ class ModelConfig(Strict):
 class LossConfig(Strict):
     """``weighting`` names a registered loss-weighting strategy; ``params`` are its validated params."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True, allow_inf_nan=False)
     weighting: str = "equal"
     params: Any = {}
 

@@ -19,7 +19,7 @@ from torch import nn
 from mtlcli import __version__
 from mtlcli.data.schema import DataSchema
 from mtlcli.errors import ArtifactError, MtlError
-from mtlcli.fileio import atomic_path
+from mtlcli.fileio import atomic_path, to_json
 from mtlcli.models import InputSpec, build_model
 from mtlcli.recipe import Recipe, recipe_from_dict
 from mtlcli.train.loop import LoopState
@@ -37,8 +37,8 @@ def save_model(model: nn.Module, path: Path, recipe: Recipe, schema: DataSchema)
         "format": "mtlcli-model",
         "mtlcli_version": __version__,
         "torch_version": torch.__version__,
-        "recipe": json.dumps(recipe.to_dict()),
-        "schema": json.dumps(schema.to_dict()),
+        "recipe": to_json(recipe.to_dict()),
+        "schema": to_json(schema.to_dict()),
     }
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -195,8 +195,8 @@ def save_checkpoint(
     metadata = {
         "format": CHECKPOINT_FORMAT,
         "checkpoint_version": CHECKPOINT_VERSION,
-        "loop": json.dumps(loop),
-        "optimizer": json.dumps({"class": type(optimizer).__name__, "groups": groups}),
+        "loop": to_json(loop),
+        "optimizer": to_json({"class": type(optimizer).__name__, "groups": groups}),
         **identity,
     }
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}

@@ -24,7 +24,7 @@ from mtlcli.data.batch import SplitTensors
 from mtlcli.data.preprocess import Prepared, data_key, prepare
 from mtlcli.data.schema import DataSchema
 from mtlcli.errors import ArtifactError, DataError
-from mtlcli.fileio import append_line, sha256_json, write_json, write_text
+from mtlcli.fileio import append_line, sha256_json, to_json, write_json, write_text
 from mtlcli.models import build_model
 from mtlcli.recipe import Recipe, recipe_to_yaml
 from mtlcli.train.checkpoint import (
@@ -60,7 +60,7 @@ class RunWriter:
         self.inner.on_step(epoch, step)
 
     def on_epoch(self, record: dict[str, Any], model: nn.Module, improved: bool) -> None:
-        append_line(self.run_dir / "metrics.jsonl", json.dumps(record))
+        append_line(self.run_dir / "metrics.jsonl", to_json(record))
         if improved:
             save_model(model, self.run_dir / "model.safetensors", self.recipe, self.schema)
         self.inner.on_epoch(record, model, improved)
@@ -72,7 +72,7 @@ class RunWriter:
         self.inner.on_checkpoint(state, model, optimizer, strategy)
 
     def on_gradients(self, record: dict[str, Any]) -> None:
-        append_line(self.run_dir / GRADIENTS, json.dumps(record))
+        append_line(self.run_dir / GRADIENTS, to_json(record))
         self.inner.on_gradients(record)
 
 
@@ -221,7 +221,7 @@ def _resume_state(
             f"compare with `mtl recipe show {run_dir / 'recipe.yaml'}`, or train into a new --out",
         )
     state = load_checkpoint(run_dir / CHECKPOINT, model, optimizer, strategy)
-    write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
+    write_text(run_dir / "metrics.jsonl", "".join(to_json(r) + "\n" for r in state.history))
     tracked = run_dir / GRADIENTS
     if tracked.is_file():  # drop samples taken after the checkpoint: the resumed run takes them again
         keep = [line for line in tracked.read_text().splitlines() if _before(json.loads(line), state)]
@@ -238,20 +238,35 @@ def _before(record: dict[str, Any], state: LoopState) -> bool:
 
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
-    """An exclusive lock on a run directory (a sibling ``.NAME.lock`` file holding the owner's pid)."""
+    """An exclusive lock on a run directory: a sibling ``.NAME.lock`` file holding the owner's pid,
+    removed when the lock is released.
+
+    Removing a lock file can let two processes hold "the" lock at once (one locked the old file
+    just before it was unlinked, another creates a new one), so the lock is only taken on a file
+    that is still the one at the path (same inode after ``flock``; else try again), and the owner
+    unlinks it while still holding the lock.
+    """
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     lock_path = run_dir.parent / f".{run_dir.name}.lock"
-    handle = lock_path.open("a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        owner = handle.read().strip() or "another process"
-        handle.close()
-        raise ArtifactError(
-            f"{run_dir}: another mtl process (pid {owner}) is training into this run directory",
-            "wait for it to finish, or choose another --out",
-        ) from None
+    while True:
+        handle = lock_path.open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            raise ArtifactError(
+                f"{run_dir}: another mtl process (pid {owner}) is training into this run directory",
+                "wait for it to finish, or choose another --out",
+            ) from None
+        try:
+            same = os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()  # the previous owner removed this file after we opened it: take the new one
     try:
         handle.seek(0)
         handle.truncate()
@@ -259,7 +274,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         handle.flush()
         yield
     finally:
-        handle.truncate(0)
+        lock_path.unlink(missing_ok=True)
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
 

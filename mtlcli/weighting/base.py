@@ -19,7 +19,7 @@ WEIGHTINGS: Registry[Component] = Registry("weighting strategy")
 
 
 class WeightingParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     def own_lr(self) -> float | None:
         """The constant learning rate of the strategy's own parameters (None: ``train.lr``)."""
