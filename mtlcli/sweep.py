@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from mtlcli.errors import MtlError, RecipeError
 from mtlcli.fileio import write_json
 from mtlcli.recipe import load_recipe, recipe_to_yaml
@@ -65,6 +67,14 @@ def split_values(text: str) -> list[str]:
     return values
 
 
+def _yaml_value(text: str) -> object:
+    """A --grid value as the recipe will read it (YAML), or the text itself when it is not YAML."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
 def parse_grid(items: Sequence[str]) -> list[Axis]:
     """The ``--grid`` options as axes; a clear error for a malformed one or a repeated key."""
     axes: list[Axis] = []
@@ -78,6 +88,14 @@ def parse_grid(items: Sequence[str]) -> list[Axis]:
             raise MtlError(f"--grid {item!r}: an empty value", "separate the values with single commas")
         if len(set(values)) != len(values):
             raise MtlError(f"--grid {item!r}: a value is listed twice")
+        parsed = [_yaml_value(v) for v in values]
+        for i, value in enumerate(parsed):
+            for j in range(i):
+                if value == parsed[j] and type(value) is type(parsed[j]):
+                    raise MtlError(
+                        f"--grid {item!r}: {values[j]!r} and {values[i]!r} are the same value",
+                        "list each value once (a sweep would train it twice and count it as two replicates)",
+                    )
         if any(a.key == key for a in axes):
             raise MtlError(f"--grid: {key!r} is given twice", "list all its values in one --grid KEY=V1,V2")
         if key == "recipe":

@@ -117,6 +117,12 @@ def handle_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def warn(messages: list[str]) -> None:
+    """Warnings on stderr, one line each (shown even with --quiet: they say the result may be meaningless)."""
+    for message in messages:
+        err_console.print(f"[bold yellow]warning:[/] {escape(message)}", soft_wrap=True)
+
+
 def fmt(value: Any, digits: int = 4) -> str:
     if value is None:
         return "-"

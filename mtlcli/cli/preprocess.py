@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mtlcli.cli.common import JsonOption, QuietOption, SetOption, err_console, fmt, handle_errors, print_json
+from mtlcli.cli.common import JsonOption, QuietOption, SetOption, err_console, fmt, handle_errors, print_json, warn
 from mtlcli.data.schema import SPLIT_NAMES, DataSchema
 from mtlcli.recipe import load_recipe
 
@@ -70,11 +70,13 @@ def command(
         err_console.print(f"{verb} [bold]{prepared.directory}[/]")
         for table in schema_tables(prepared.schema):
             err_console.print(table)
+    warn(prepared.schema.warnings)
     if as_json:
         print_json(
             {
                 "directory": str(prepared.directory),
                 "reused": prepared.reused,
                 "splits": prepared.schema.to_dict()["splits"],
+                "warnings": prepared.schema.warnings,
             }
         )

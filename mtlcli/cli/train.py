@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from mtlcli.cli.common import JsonOption, QuietOption, SetOption, err_console, fmt, handle_errors, print_json
+from mtlcli.cli.common import JsonOption, QuietOption, SetOption, err_console, fmt, handle_errors, print_json, warn
 from mtlcli.recipe import load_recipe
 
 if TYPE_CHECKING:
@@ -122,6 +122,7 @@ def command(
         prepared = prepare(loaded)
     if not quiet:
         err_console.print(f"data: {prepared.directory} ({'cached' if prepared.reused else 'preprocessed'})")
+    warn(prepared.schema.warnings)
     reporter = None if quiet else ConsoleReporter.for_recipe(loaded)
     stop = StopFlag()
     try:

@@ -259,6 +259,32 @@ def _concat(parts: list[pl.DataFrame]) -> pl.DataFrame:
     return pl.concat(parts, how="vertical_relaxed")
 
 
+FEW_ROWS = 10  # a split this small gives metrics that are noise
+
+
+def data_warnings(splits: dict[str, SplitInfo], tasks: list[TaskInfo], empty_numeric: list[str]) -> list[str]:
+    """Data that trains without error but cannot give a meaningful model or metric."""
+    out = [
+        f"numeric feature {name!r} has no value in any train row: it carries no information" for name in empty_numeric
+    ]
+    train = splits["train"]
+    for task in tasks:
+        if task.type != "binary":
+            continue
+        rows = train.space_rows.get(task.name, train.rows)
+        positives = train.positives.get(task.name, 0)
+        if positives == 0:
+            out.append(f"task {task.name!r} has no positive rows in train: it cannot learn to predict them")
+        elif positives == rows:
+            out.append(f"task {task.name!r} has no negative rows in train: it cannot learn to tell rows apart")
+    for name, info in splits.items():
+        if 0 < info.rows < FEW_ROWS:
+            out.append(
+                f"the {name} split has only {info.rows} row{'s' if info.rows != 1 else ''}: its metrics are noise"
+            )
+    return out
+
+
 def _require_columns(frame: pl.DataFrame, names: list[str], field: str) -> None:
     for name in names:
         if name not in frame.columns:
@@ -297,7 +323,12 @@ def _numeric(frame: pl.DataFrame, name: str, field: str) -> pl.Series:
         row = int(frame.get_column(ROW_COLUMN)[index])
         raise DataError(
             f"{field}: column {name!r} has a value that is not a number: {text[index]!r} (data row {row + 1})",
-            "fix the data, or make this column categorical",
+            (
+                f"a binary label is 0/1 or true/false; for other values name the positive ones, e.g. "
+                f"label: {{column: {name}, positive: [{text[index]}]}}"
+                if field.startswith("tasks.") and field.endswith(".label")
+                else "fix the data, or make this column categorical"
+            ),
         )
     return _finite(values, text, frame, name, field)
 
@@ -589,7 +620,9 @@ def preprocess(recipe: Recipe, out_dir: Path) -> DataSchema:
         part = encoded.filter(pl.col(SPLIT_COLUMN) == index).drop(SPLIT_COLUMN)
         parts[split] = part
         splits[split] = _split_info(part, cat_specs, tasks)
-    schema = DataSchema(cat_specs, num_specs, tasks, splits, source, key, group=recipe.data.group)
+    empty = [name for name, values in num_values.items() if values.filter(is_train).drop_nulls().drop_nans().is_empty()]
+    warnings = data_warnings(splits, tasks, empty)
+    schema = DataSchema(cat_specs, num_specs, tasks, splits, source, key, group=recipe.data.group, warnings=warnings)
     with atomic_dir(out_dir) as tmp:
         for split, part in parts.items():
             part.write_parquet(tmp / f"{split}.parquet")

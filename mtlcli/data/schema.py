@@ -92,6 +92,7 @@ class DataSchema:
     data_key: str
     version: int = SCHEMA_VERSION
     group: str | None = None  # data.group: the encoded splits carry its ids for GAUC
+    warnings: list[str] = field(default_factory=list)  # degenerate data, found by preprocessing
 
     @property
     def task_names(self) -> list[str]:
@@ -124,6 +125,7 @@ class DataSchema:
                 data_key=str(data["data_key"]),
                 version=int(data["version"]),
                 group=data.get("group"),
+                warnings=[str(w) for w in data.get("warnings", [])],
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise ArtifactError(f"{where}: not a valid mtl schema ({exc!r})", "re-run `mtl preprocess`") from None

@@ -23,6 +23,7 @@ BUNDLE_FILES = ("model.safetensors", "recipe.yaml", "schema.json")
 ONNX_FILE = "model.onnx"
 ONNX_OPSET = 17
 FORMATS = ("safetensors", "onnx")
+BUNDLE_FORMAT, BUNDLE_VERSION = "mtlcli-bundle", 1
 
 
 def export_bundle(run_dir: Path, out: Path, force: bool = False, fmt: str = "safetensors") -> dict[str, Any]:
@@ -53,8 +54,8 @@ def export_bundle(run_dir: Path, out: Path, force: bool = False, fmt: str = "saf
             onnx_info = export_onnx(loaded.model, loaded.schema, tmp / ONNX_FILE)
             names.append(ONNX_FILE)
         manifest = {
-            "format": "mtlcli-bundle",
-            "version": 1,
+            "format": BUNDLE_FORMAT,
+            "version": BUNDLE_VERSION,
             "mtlcli_version": __version__,
             "torch_version": torch.__version__,
             "python_version": platform.python_version(),
@@ -89,6 +90,18 @@ def load_bundle(bundle: Path) -> LoadedModel:
         raise ArtifactError(f"{manifest_file}: damaged manifest ({exc!r})", "re-export the bundle") from None
     if not isinstance(files, dict):
         raise ArtifactError(f"{manifest_file}: damaged manifest (no file list)", "re-export the bundle")
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise ArtifactError(
+            f"{manifest_file}: format {manifest.get('format')!r} is not {BUNDLE_FORMAT!r}",
+            "give a directory written by `mtl export`, or re-export the bundle",
+        )
+    if manifest.get("version") != BUNDLE_VERSION:
+        newer = isinstance(manifest.get("version"), int) and manifest["version"] > BUNDLE_VERSION
+        raise ArtifactError(
+            f"{manifest_file}: bundle version {manifest.get('version')!r} is not {BUNDLE_VERSION}"
+            + (" (written by a newer mtl)" if newer else ""),
+            "use the mtl that wrote it, or re-export the bundle with this one",
+        )
     for name in dict.fromkeys([*BUNDLE_FILES, *files]):
         path = bundle / name
         if Path(name).name != name:

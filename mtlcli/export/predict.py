@@ -89,6 +89,19 @@ def open_input(source: str | Path, stdin: IO[bytes] | None = None) -> IO[bytes]:
     return stream  # type: ignore[no-any-return]
 
 
+def _check_input_columns(names: list[str], only: list[str] | None, source: str) -> None:
+    """The input's column names are unique and hold every column that prediction reads."""
+    twice = [c for i, c in enumerate(names) if c in names[:i]]
+    if twice:
+        raise DataError(f"{source}: the header names column {twice[0]!r} twice", "rename one of them")
+    missing = [c for c in only or [] if c not in names]
+    if missing:
+        raise DataError(
+            f"{source}: column {missing[0]!r} is not in the input{did_you_mean(missing[0], names)}",
+            f"the input has {len(names)} columns: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}",
+        )
+
+
 def read_chunks(
     stream: IO[bytes], layout: InputFormat, name: str, chunk_rows: int, only: list[str] | None = None
 ) -> Iterator[pl.DataFrame]:
@@ -121,6 +134,8 @@ def read_chunks(
                 f"{name}: the header has {len(header)} columns but data.columns names {len(layout.columns)}",
                 "list exactly one name per column, in file order",
             )
+    if names is not None:
+        _check_input_columns(names, only, name)
     lines = iter(stream)
     while True:
         block = list(itertools.islice(lines, chunk_rows))

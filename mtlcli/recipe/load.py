@@ -170,6 +170,8 @@ def _resolve_extends(data: dict[str, Any], source: str, base_dir: Path, chain: l
     parent_path = (base_dir / parent_ref).resolve()
     if str(parent_path) in chain:
         raise RecipeError(source, [RecipeIssue("extends", f"recipes extend each other in a loop: {parent_ref}")])
+    if parent_path.is_dir():
+        raise RecipeError(source, [RecipeIssue("extends", f"{parent_ref} is a directory; name a recipe file in it")])
     if not parent_path.is_file():
         raise RecipeError(source, [RecipeIssue("extends", f"recipe not found: {parent_ref} (relative to {base_dir})")])
     parent_text, parent_source = read_recipe_text(parent_path)
@@ -449,6 +451,8 @@ def _explain(err: Any, data: Any, root: type[BaseModel]) -> tuple[Loc, str]:
         )
     if kind == "union_tag_not_found":
         return (*loc, "by"), "missing required key (the split method: modulo, random, column or files)"
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return loc, f"expected a mapping of keys (got {got!r})"
     message = str(err["msg"])
     message = message.removeprefix("Value error, ")
     if kind != "value_error" and not isinstance(got, dict):

@@ -194,6 +194,7 @@ def train_run(
             "data_dir": str(prepared.directory.resolve()),
             "data_reused": prepared.reused,
             "resumed": resume,
+            "warnings": schema.warnings,
         }
         write_json(run_dir / "summary.json", summary)
     return summary
