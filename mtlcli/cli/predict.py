@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -50,6 +52,14 @@ def command(
         str, typer.Option("--engine", help="torch, or onnxruntime (bundles exported with --format onnx).")
     ] = "torch",
     chunk_rows: Annotated[int, typer.Option("--chunk-rows", help="Rows read, scored and written at a time.")] = 25_000,
+    rejects: Annotated[
+        str | None,
+        typer.Option(
+            "--rejects",
+            help="Skip rows that cannot be scored (a numeric value that is not a finite number) and write them, "
+            "with their row number and the reason, to this CSV file. Without it such a row stops the run (exit 2).",
+        ),
+    ] = None,
 ) -> None:
     """Score raw rows with a bundle: one probability column per binary task (a value per
     regression task), the --keep columns first and an optional fused score last.
@@ -58,8 +68,6 @@ def command(
     id) and written chunk by chunk, so memory stays flat and it works in pipes:
     zcat rows.gz | mtl predict BUNDLE | head. Label columns may be absent.
     """
-    import tempfile
-
     from mtlcli.errors import MtlError
     from mtlcli.export.bundle import bundle_onnx_session, load_bundle
     from mtlcli.export.predict import (
@@ -74,7 +82,6 @@ def command(
         parse_score,
         predict_chunks,
         read_chunks,
-        write_chunks,
     )
     from mtlcli.fileio import atomic_path
 
@@ -100,13 +107,41 @@ def command(
     name = "standard input" if input == "-" else input
     layout = InputFormat.from_recipe(loaded.recipe, schema, input, header)
     stream = open_input(input, sys.stdin.buffer)
-    frames = predict_chunks(
-        read_chunks(stream, layout, name, chunk_rows, needed_columns(schema, keep_columns, spec)),
-        schema,
-        scorer,
-        keep_columns,
-        spec,
-    )
+    if rejects is not None and (rejects == output or Path(rejects).is_dir()):
+        raise MtlError(f"--rejects {rejects}: give a file of its own", "e.g. --rejects rejects.csv")
+    with contextlib.ExitStack() as stack:
+        reject = None
+        rejected = [0]
+        if rejects is not None:
+            sink = stack.enter_context(stack.enter_context(atomic_path(Path(rejects))).open("wb"))
+
+            def reject(frame: Any) -> None:
+                buffer = io.BytesIO()
+                frame.write_csv(buffer, include_header=rejected[0] == 0)
+                sink.write(buffer.getvalue())
+                rejected[0] += frame.height
+
+        frames = predict_chunks(
+            read_chunks(stream, layout, name, chunk_rows, needed_columns(schema, keep_columns, spec)),
+            schema,
+            scorer,
+            keep_columns,
+            spec,
+            reject,
+        )
+        _write(frames, output, fmt)
+    if rejects is not None:
+        err_console.print(f"{rejected[0]} row{'s' if rejected[0] != 1 else ''} could not be scored: see {rejects}")
+
+
+def _write(frames: Any, output: str, fmt: str) -> None:
+    """Write the scored frames to ``output`` ('-': stdout; a file atomically; a device as is)."""
+    import tempfile
+
+    from mtlcli.errors import MtlError
+    from mtlcli.export.predict import write_chunks
+    from mtlcli.fileio import atomic_path
+
     with tempfile.TemporaryDirectory(prefix="mtl-predict-") as spool:
         if output == "-":
             try:

@@ -260,6 +260,7 @@ def _concat(parts: list[pl.DataFrame]) -> pl.DataFrame:
 
 
 FEW_ROWS = 10  # a split this small gives metrics that are noise
+SKIP_HINT = "fix that row, or let `mtl predict --rejects FILE` set such rows aside and score the rest"
 
 
 def data_warnings(splits: dict[str, SplitInfo], tasks: list[TaskInfo], empty_numeric: list[str]) -> list[str]:
@@ -327,6 +328,8 @@ def _numeric(frame: pl.DataFrame, name: str, field: str) -> pl.Series:
                 f"a binary label is 0/1 or true/false; for other values name the positive ones, e.g. "
                 f"label: {{column: {name}, positive: [{text[index]}]}}"
                 if field.startswith("tasks.") and field.endswith(".label")
+                else SKIP_HINT
+                if field.startswith("input column")
                 else "fix the data, or make this column categorical"
             ),
         )
@@ -341,7 +344,9 @@ def _finite(values: pl.Series, raw: pl.Series, frame: pl.DataFrame, name: str, f
         row = int(frame.get_column(ROW_COLUMN)[index])
         raise DataError(
             f"{field}: column {name!r} has an infinite value: {raw[index]!r} (data row {row + 1})",
-            f"fix or drop that row; to read such values as missing, add {str(raw[index])!r} to data.missing",
+            SKIP_HINT
+            if field.startswith("input column")
+            else f"fix or drop that row; to read such values as missing, add {str(raw[index])!r} to data.missing",
         )
     return values
 

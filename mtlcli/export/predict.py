@@ -14,7 +14,7 @@ import math
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal, Protocol
@@ -392,18 +392,61 @@ def parse_score(expression: str, tasks: list[str]) -> dict[str, float]:
 # --- the whole pipeline ----------------------------------------------------------------------------
 
 
+def row_problems(chunk: pl.DataFrame, names: list[str]) -> pl.Series:
+    """Why each row cannot be scored (a numeric column ``names`` holds a value that is not a
+    finite number), or null where it can: [N] strings."""
+    reasons: list[pl.Expr] = []
+    for name in names:
+        column = chunk.get_column(name)
+        if column.dtype.is_numeric():
+            values = column.cast(pl.Float64)
+            text = column.cast(pl.String)
+        else:
+            text = column.cast(pl.String)
+            lowered = text.str.to_lowercase()
+            values = pl.select(
+                pl.when(lowered == "true").then(pl.lit("1")).when(lowered == "false").then(pl.lit("0"))
+                .otherwise(text).cast(pl.Float64, strict=False)
+            ).to_series()  # fmt: skip
+        bad_number = values.is_null() & text.is_not_null()
+        infinite = values.is_infinite().fill_null(False)
+        reasons.append(
+            pl.when(pl.lit(bad_number))
+            .then(pl.format("column {}: not a number: {}", pl.lit(repr(name)), pl.lit(text)))
+            .when(pl.lit(infinite))
+            .then(pl.format("column {}: infinite value: {}", pl.lit(repr(name)), pl.lit(text)))
+        )
+    if not reasons:
+        return pl.Series("reason", [None] * chunk.height, dtype=pl.String)
+    return chunk.select(pl.coalesce(reasons).alias("reason")).to_series()
+
+
 def predict_chunks(
     chunks: Iterator[pl.DataFrame],
     schema: DataSchema,
     scorer: Scorer,
     keep: list[str] | None = None,
     score: ScoreSpec | None = None,
+    reject: Callable[[pl.DataFrame], None] | None = None,
 ) -> Iterator[pl.DataFrame]:
-    """For each raw chunk: the ``keep`` columns (as read), one column per task, then ``score``."""
+    """For each raw chunk: the ``keep`` columns (as read), one column per task, then ``score``.
+
+    With ``reject``, rows that cannot be scored (a numeric value that is not a finite number) are
+    passed to it, with a ``reason`` column, instead of stopping the run; the others are scored."""
     keep = keep or []
     for chunk in chunks:
         extra = keep + ([score.factor] if score and score.factor else [])
         _require_columns(chunk, extra, "--keep/--score-factor")
+        if reject is not None:
+            checked = [f.name for f in schema.numeric] + ([score.factor] if score and score.factor else [])
+            reasons = row_problems(chunk, checked)
+            bad = reasons.is_not_null()
+            if bad.any():
+                rejected = chunk.filter(bad).with_columns(reasons.filter(bad))
+                rows = (rejected.get_column(ROW_COLUMN) + 1).alias("row") if ROW_COLUMN in rejected.columns else None
+                rejected = rejected.drop(ROW_COLUMN, strict=False)
+                reject(rejected.insert_column(0, rows) if rows is not None else rejected)
+                chunk = chunk.filter(~bad)
         categorical, numeric = encode_inputs(chunk, schema)
         outputs = task_outputs(scorer(categorical, numeric), schema)
         columns = [chunk.get_column(c) for c in keep]
