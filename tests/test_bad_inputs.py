@@ -231,6 +231,55 @@ CASES = [
             lambda r: (setting("train.lr", "x")(r), setting("train.epochs", -1)(r), setting("model.n_expert", 2)(r))
         ),
     ),
+    Case(
+        "infinite learning rate",
+        "train.lr: Input should be a finite number",
+        recipe=patched(setting("train.lr", float("inf"))),
+    ),
+    Case(
+        "NaN loss weight",
+        "loss.weights.click: Input should be a finite number",
+        recipe=patched(setting("loss", {"weighting": "static", "weights": {"click": float("nan")}})),
+    ),
+    Case(
+        "task name with a dot and a space",
+        "the task name 'buy.rate now' cannot be used",
+        recipe=patched(lambda r: r["tasks"].update({"buy.rate now": r["tasks"].pop("buy")})),
+    ),
+    Case(
+        "empty task name",
+        "the task name '' cannot be used",
+        recipe=patched(lambda r: r["tasks"].update({"": r["tasks"].pop("buy")})),
+    ),
+    Case(
+        "non-ASCII task name",
+        "the task name 'köp' cannot be used",
+        recipe=patched(lambda r: r["tasks"].update({"köp": r["tasks"].pop("buy")})),
+    ),
+    Case(
+        "task name starting with a digit",
+        "the task name '2nd_click' cannot be used",
+        recipe=patched(lambda r: r["tasks"].update({"2nd_click": r["tasks"].pop("buy")})),
+    ),
+    Case(
+        "NaN label threshold",
+        "tasks.click.label.threshold: Input should be a finite number",
+        recipe=patched(setting("tasks.click.label", {"column": "click", "threshold": float("nan")})),
+    ),
+    Case("--set a list for a section", "data: expected a mapping of keys (got [1, 2])", args=["--set", "data=[1,2]"]),
+    Case("extends a directory", "extends: sub is a directory", recipe="extends: sub\n"),
+    Case(
+        "sweep value spelt twice",
+        "'1' and '01' are the same value",
+        command="sweep",
+        args=["--grid", "train.seed=1,01"],
+    ),
+    Case(
+        "sweep value listed twice",
+        "a value is listed twice",
+        command="sweep",
+        args=["--grid", "train.seed=1,1"],
+    ),
     # --- data ---
     Case(
         "data file missing",
@@ -326,6 +375,48 @@ CASES = [
             setting("data.split", {"by": "column", "column": "user", "train": ["u1", "u2"], "valid": ["nobody"]})
         ),
     ),
+    Case(
+        "infinite number in a train row",
+        "features.numeric.age: column 'age' has an infinite value: 'inf' (data row 83)",
+        kind="data",
+        data=good_data() + "u1,i1,30,1,0\nu1,i1,30,1,0\nu1,i1,inf,1,0\n",
+    ),
+    Case(
+        "-Infinity in a valid row",
+        "column 'age' has an infinite value: '-Infinity' (data row 82)",
+        kind="data",
+        data=good_data() + "u1,i1,30,1,0\nu1,i1,-Infinity,1,0\n",
+    ),
+    Case(
+        "overflowing number in a test row",
+        "column 'age' has an infinite value: '1e400' (data row 81)",
+        kind="data",
+        data=good_data() + "u1,i1,1e400,1,0\n",
+    ),
+    Case("infinite label", "column 'click' has an infinite value", kind="data", data=good_data() + "u1,i1,30,inf,0\n"),
+    Case(
+        "yes/no label without positive",
+        "for other values name the positive ones, e.g. label: {column: click, positive: [yes]}",
+        kind="data",
+        data=good_data() + "u1,i1,30,yes,0\n",
+    ),
+    Case(
+        "duplicate header name",
+        "the header names column 'item' twice (columns 2 and 3)",
+        kind="data",
+        data=good_data().replace("user,item,age", "user,item,item", 1),
+    ),
+    Case(
+        "duplicate name in data.columns",
+        "data: 'columns' has duplicate names",
+        recipe=patched(lambda r: r["data"].update(header=False, columns=["a", "a", "c", "d", "e"])),
+    ),
+    Case(
+        "duplicate label column in the header",
+        "the header names column 'click' twice (columns 4 and 5)",
+        kind="data",
+        data=good_data().replace("click,buy", "click,click", 1),
+    ),
     # --- artifacts ---
     Case(
         "eval on a directory that is not a run",
@@ -420,7 +511,67 @@ CASES = [
         command="load-bundle",
         damage=lambda run: None,
     ),
+    Case(
+        "bundle manifest of a newer version",
+        "bundle version 99 is not 1 (written by a newer mtl)",
+        kind="artifact",
+        command="predict",
+        damage=lambda run: _edit_manifest(run.parent / "bundle", version=99),
+    ),
+    Case(
+        "bundle manifest of another format",
+        "format 'other-tool' is not 'mtlcli-bundle'",
+        kind="artifact",
+        command="predict",
+        damage=lambda run: _edit_manifest(run.parent / "bundle", format="other-tool"),
+    ),
+    Case(
+        "predict an infinite value",
+        "input column 'age': column 'age' has an infinite value: '-inf' (data row 3)",
+        kind="artifact",
+        command="predict",
+        args=["--input", "rows.csv"],
+        damage=lambda run: (run.parent / "rows.csv").write_text(rows("u1,i1,30,1,0\nu2,i2,31,0,0\nu3,i3,-inf,0,0\n")),
+    ),
+    Case(
+        "predict into a directory",
+        "--output outdir: is a directory",
+        kind="artifact",
+        command="predict",
+        args=["--input", "data.csv", "--output", "outdir"],
+        damage=lambda run: (run.parent / "outdir").mkdir(),
+    ),
+    Case(
+        "predict --keep a column that is not there",
+        "column 'nosuch' is not in the input",
+        kind="artifact",
+        command="predict",
+        args=["--input", "data.csv", "--keep", "nosuch"],
+    ),
+    Case(
+        "predict input with a duplicate header name",
+        "the header names column 'age' twice",
+        kind="artifact",
+        command="predict",
+        args=["--input", "rows.csv"],
+        damage=lambda run: (run.parent / "rows.csv").write_text("user,item,age,age,buy\nu1,i1,30,1,0\n"),
+    ),
+    Case(
+        "predict --score with a name that is not a task",
+        "--score: 'clik' is not a task of this model (did you mean 'click'?)",
+        kind="artifact",
+        command="predict",
+        args=["--input", "data.csv", "--score", "clik^2"],
+    ),
 ]
+
+
+def _edit_manifest(bundle: Path, **changes: object) -> None:
+    import json
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest.update(changes)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
 
 
 def _append(path: Path, text: str) -> None:
@@ -489,6 +640,8 @@ def run_case(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, good: 
             argv = ["eval", "run"]
         elif case.command == "export":
             argv = ["export", "run", "--out", "elsewhere"]
+        elif case.command == "predict":
+            argv = ["predict", "bundle"]
         elif case.command == "train-into":
             argv = ["train", str(recipe), "--out", "other", "--quiet"]
         elif case.command == "load-bundle":
@@ -508,6 +661,7 @@ def run_case(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, good: 
         return result.exit_code, result.output, work
     monkeypatch.chdir(tmp_path)
     recipe = write_inputs(tmp_path, case)
+    (tmp_path / "sub").mkdir(exist_ok=True)  # for `extends: sub`
     if case.command == "check":
         argv = ["recipe", "check", str(recipe)]
     elif case.command == "sweep":

@@ -154,9 +154,6 @@ def _read_one(path: Path, recipe: Recipe) -> pl.DataFrame:
     if fmt == "csv" and frame.width > 1 and frame.height and frame.get_column(frame.columns[-1]).null_count():
         _check_short_rows(path, frame.width, data.separator.strip() or data.separator, data.header)
     if data.columns is not None:
-        twice = sorted({c for c in data.columns if data.columns.count(c) > 1})
-        if twice:
-            raise DataError(f"data.columns names {twice[0]!r} twice", "give each column its own name")
         if len(data.columns) != frame.width:
             raise DataError(
                 f"{path}: the file has {frame.width} columns but data.columns names {len(data.columns)}",

@@ -7,6 +7,7 @@ output frame per input chunk, so memory stays flat however long the input is.
 from __future__ import annotations
 
 import contextlib
+import csv
 import gzip
 import io
 import itertools
@@ -127,6 +128,9 @@ def read_chunks(
         if not first.strip():
             raise DataError(f"{name}: the input is empty (no header line)", "give at least one row to score")
         header = _parse_csv(first, layout, name, None, has_header=True).columns
+        cells = next(csv.reader([first.decode("utf-8", "replace")], delimiter=layout.separator.strip() or ","), [])
+        cells = [c.strip() for c in cells] if layout.strip else cells
+        _check_input_columns(cells, None, name)  # polars renames a repeated name: look at the line itself
         if layout.columns is None:
             names = [c.strip() for c in header] if layout.strip else header
         elif len(header) != len(layout.columns):
