@@ -163,5 +163,7 @@ def _write(frames: Any, output: str, fmt: str) -> None:
                 with atomic_path(Path(output)) as tmp, tmp.open("wb") as sink:
                     write_chunks(frames, fmt, sink, Path(spool))
             except KeyboardInterrupt:
-                err_console.print(f"{output} was not written: an interrupted file is never left half-written")
+                err_console.print(
+                    f"{output} was not written: an interrupted file is never left half-written", soft_wrap=True
+                )
                 raise
