@@ -722,7 +722,24 @@ def render_markdown() -> str:  # pragma: no cover - documentation helper
                 patcher.undo()
         message = " ".join(output.replace(tmp, "…").split()).replace("|", "\\|")
         out.append(f"| {case.name} | `{message}` |")
-    return "\n".join(out) + "\n"
+    return "\n".join(out) + "\n" + ENVIRONMENT
+
+
+ENVIRONMENT = """
+## The environment: signals, full disks, closed pipes
+
+Tested in `tests/test_environment.py` (these are not input mistakes, so their exit codes differ):
+
+| case | exit | what happens |
+|---|---|---|
+| SIGTERM or Ctrl-C during any command (`recipe check`, `preprocess`, `train`, `eval`, `predict`, `export`, `sweep`) | 130 | `interrupted` on stderr; temporary files removed. `mtl train` and `mtl sweep` first save a checkpoint and print the command that resumes. |
+| SIGTERM while `mtl predict` writes to stdout | 130 | the rows already scored are flushed to the reader first |
+| SIGTERM while `mtl predict -o FILE` writes | 130 | `FILE was not written: an interrupted file is never left half-written`; no FILE, no temporary file |
+| stdout is a full disk (`mtl eval --json > /dev/full`, `mtl recipe show > /dev/full`, `mtl predict -o /dev/full`, ...) | 3 | `error: cannot write standard output: No space left on device; free some space (or write elsewhere) and run it again` |
+| the disk fills while `mtl train` or `mtl export` writes | 3 | `error: cannot write …/run/model.safetensors: No space left on device; ...`; a run that has no checkpoint yet is removed, nothing half-written is left |
+| permission denied on a path | 3 | `error: cannot write or read PATH: Permission denied; check its permissions, or choose another path` |
+| the reader of stdout goes away (`mtl predict ... \\| head`) | 0 | nothing on stderr |
+"""
 
 
 if __name__ == "__main__":  # pragma: no cover
