@@ -38,24 +38,33 @@ def tiny(n: int = 64) -> SplitTensors:
 
 def test_groups_are_named_and_the_strategy_group_has_no_decay() -> None:
     model, strategy = model_and("uncertainty")
-    optimizer = make_optimizer(TrainSection(weight_decay=0.1), list(model.parameters()), strategy.parameters())
+    optimizer = make_optimizer(
+        TrainSection(weight_decay=0.1), list(model.parameters()), list(strategy.capabilities.parameters)
+    )
     model_group, own = optimizer.param_groups
     assert (model_group["name"], model_group["weight_decay"], model_group["scheduled"], model_group["clipped"]) == (
         "model", 0.1, True, True,
     )  # fmt: skip
     assert (own["name"], own["weight_decay"], own["scheduled"], own["clipped"]) == ("strategy", 0.0, False, False)
-    assert own["params"] == strategy.parameters()
+    assert own["params"] == list(strategy.capabilities.parameters)
     equal_model, equal = model_and("equal")
-    assert len(make_optimizer(TrainSection(), list(equal_model.parameters()), equal.parameters()).param_groups) == 1
+    assert (
+        len(
+            make_optimizer(
+                TrainSection(), list(equal_model.parameters()), list(equal.capabilities.parameters)
+            ).param_groups
+        )
+        == 1
+    )
 
 
 def test_weight_decay_no_longer_pulls_uncertainty_log_variances_toward_zero() -> None:
     """At s = log L the uncertainty loss exp(-s)·L + s is stationary in s, so s must stay put
     however strong the model's weight decay is; the model's weights do decay."""
     model, strategy = model_and("uncertainty", init_log_variance=math.log(2.0))
-    (s,) = strategy.parameters()
+    (s,) = list(strategy.capabilities.parameters)
     settings = TrainSection(weight_decay=0.5, lr=0.1)
-    optimizer = make_optimizer(settings, list(model.parameters()), strategy.parameters())
+    optimizer = make_optimizer(settings, list(model.parameters()), list(strategy.capabilities.parameters))
     weight = model.bottom[0].weight
     before = weight.detach().clone()
     for _ in range(5):
@@ -72,12 +81,14 @@ def test_the_strategy_lr_is_its_own_constant_and_its_gradient_is_not_clipped() -
     """SGD, cosine schedule, clipping at 1e-6: the model group's lr follows the schedule and its
     gradient is clipped; uncertainty's s gets the plain step of its own lr."""
     model, strategy = model_and("uncertainty", lr=0.05)
-    (s,) = strategy.parameters()
+    (s,) = list(strategy.capabilities.parameters)
     settings = TrainSection.model_validate(
         {"optimizer": "sgd", "lr": 0.01, "epochs": 2, "batch_size": 64, "early_stopping": None,
          "lr_schedule": {"kind": "cosine", "min_ratio": 0.1}, "clip_grad_norm": 1e-6}
     )  # fmt: skip
-    optimizer = make_optimizer(settings, list(model.parameters()), strategy.parameters(), strategy_lr=0.05)
+    optimizer = make_optimizer(
+        settings, list(model.parameters()), list(strategy.capabilities.parameters), strategy_lr=0.05
+    )
     data = tiny()
     fit(model, strategy, data, data, settings, INPUTS.tasks, INPUTS.task_types, NullObserver(), optimizer)
     model_group, own = optimizer.param_groups
@@ -101,14 +112,14 @@ def test_gradnorm_and_uncertainty_take_an_lr_and_others_refuse_it() -> None:
 def trained_checkpoint(path: Path, weighting: str) -> None:
     model, strategy = model_and(weighting)
     settings = TrainSection(epochs=1, batch_size=16, early_stopping=None)
-    optimizer = make_optimizer(settings, list(model.parameters()), strategy.parameters())
+    optimizer = make_optimizer(settings, list(model.parameters()), list(strategy.capabilities.parameters))
     fit(model, strategy, tiny(), tiny(), settings, INPUTS.tasks, INPUTS.task_types, NullObserver(), optimizer)
     save_checkpoint(path, LoopState(epoch=2), model, optimizer, strategy, {})
 
 
 def restored(path: Path, weighting: str) -> torch.optim.Optimizer:
     model, strategy = model_and(weighting)
-    optimizer = make_optimizer(TrainSection(), list(model.parameters()), strategy.parameters())
+    optimizer = make_optimizer(TrainSection(), list(model.parameters()), list(strategy.capabilities.parameters))
     load_checkpoint(path, model, optimizer, strategy)
     return optimizer
 

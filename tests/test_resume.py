@@ -222,7 +222,11 @@ def resumes_to_the_same_weights(
         params = SCHEMES.get("mmoe").params(n_experts=3, expert_units=[8], tower_units=[4], dropout=dropout)
         model = build_model("mmoe", params, inputs)
         strategy = build_weighting(weighting, WEIGHTINGS.get(weighting).params(), inputs.tasks)
-        return model, strategy, make_optimizer(settings, list(model.parameters()), strategy.parameters())  # type: ignore[attr-defined]
+        return (
+            model,
+            strategy,
+            make_optimizer(settings, list(model.parameters()), list(strategy.capabilities.parameters)),
+        )  # type: ignore[attr-defined]
 
     model, strategy, optimizer = fresh()
     result = fit(model, strategy, data, valid, settings, inputs.tasks, inputs.task_types, NullObserver(), optimizer)  # type: ignore[arg-type]

@@ -33,6 +33,9 @@ class Linear(nn.Module):
         super().__init__()
         self.theta = nn.Parameter(torch.zeros(dim))
 
+    def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
+        return {"shared": {"theta": self.theta}}
+
 
 def step(name: str, grads: list[list[float]], losses_at: list[float] | None = None, **params: object) -> tuple:
     """One backward of strategy ``name`` on L_k = g_k·θ (+ a constant); returns (weights, θ.grad)."""
@@ -82,7 +85,7 @@ def test_shared_parameters_get_the_combination_and_task_parameters_the_plain_sum
 
 def test_uncertainty_loss_and_gradient_on_log_variances() -> None:
     strategy = build("uncertainty")
-    (s,) = strategy.parameters()
+    (s,) = list(strategy.capabilities.parameters)
     with torch.no_grad():
         s.copy_(torch.tensor([0.0, math.log(2.0)]))
     model = Linear(1)
@@ -102,12 +105,12 @@ def test_uncertainty_loss_and_gradient_on_log_variances() -> None:
 def test_dwa_weights_from_loss_history() -> None:
     strategy = build("dwa", temperature=2.0)
     assert step_weights(strategy) == pytest.approx([1.0, 1.0])
-    strategy.end_epoch(1, torch.tensor([1.0, 2.0]))
+    strategy.capabilities.end_epoch(1, torch.tensor([1.0, 2.0]))
     assert step_weights(strategy) == pytest.approx([1.0, 1.0])
-    strategy.end_epoch(2, torch.tensor([0.5, 2.0]))  # r = [0.5, 1.0]
+    strategy.capabilities.end_epoch(2, torch.tensor([0.5, 2.0]))  # r = [0.5, 1.0]
     e1, e2 = math.exp(0.5 / 2), math.exp(1.0 / 2)
     assert step_weights(strategy) == pytest.approx([2 * e1 / (e1 + e2), 2 * e2 / (e1 + e2)])
-    strategy.end_epoch(3, torch.tensor([0.5, 1.0]))  # r = [1.0, 0.5]
+    strategy.capabilities.end_epoch(3, torch.tensor([0.5, 1.0]))  # r = [1.0, 0.5]
     assert step_weights(strategy) == pytest.approx([2 * e2 / (e1 + e2), 2 * e1 / (e1 + e2)])
 
 
@@ -125,7 +128,7 @@ def test_ple_decay_per_epoch() -> None:
     for epoch in (1, 2, 3):
         seen.append(step_weights(strategy))
         seen.append(step_weights(strategy))  # no change within an epoch
-        strategy.end_epoch(epoch, torch.ones(2))
+        strategy.capabilities.end_epoch(epoch, torch.ones(2))
     expected = [[2.0, 1.0], [2.0, 1.0], [1.0, 0.9], [1.0, 0.9], [0.5, 0.81], [0.5, 0.81]]
     for got, want in zip(seen, expected, strict=True):
         assert got == pytest.approx(want)
@@ -134,7 +137,7 @@ def test_ple_decay_per_epoch() -> None:
 def test_ple_decay_per_step() -> None:
     strategy = build("ple_decay", initial={"buy": 4.0}, rate={"buy": 0.5}, per="step")
     seen = [step_weights(strategy)[1] for _ in range(3)]
-    strategy.end_epoch(1, torch.ones(2))
+    strategy.capabilities.end_epoch(1, torch.ones(2))
     seen.append(step_weights(strategy)[1])
     assert seen == pytest.approx([4.0, 2.0, 1.0, 0.5])
 
@@ -305,7 +308,7 @@ class OneLayer(nn.Linear):
 
 def test_gradnorm_step_uses_the_last_shared_layer_and_renormalises() -> None:
     strategy = build("gradnorm")
-    (w,) = strategy.parameters()
+    (w,) = list(strategy.capabilities.parameters)
     with torch.no_grad():
         w.copy_(torch.tensor([3.0, 1.0]))
     model = OneLayer()
@@ -394,7 +397,7 @@ def test_checkpoint_round_trip_continues_identically(name: str, tmp_path: Path) 
             "shared_bottom", SCHEMES.get("shared_bottom").params(bottom_units=[8], tower_units=[4]), inputs
         )
         strategy = build_weighting(name, WEIGHTINGS.get(name).params(**STATEFUL.get(name, {})), THREE)
-        optimizer = make_optimizer(settings, list(model.parameters()), strategy.parameters())
+        optimizer = make_optimizer(settings, list(model.parameters()), list(strategy.capabilities.parameters))
         return model, strategy, optimizer
 
     def train(model, strategy, optimizer, batches: list[Batch], epoch_end: int) -> list[list[float]]:  # type: ignore[no-untyped-def]
@@ -404,8 +407,9 @@ def test_checkpoint_round_trip_continues_identically(name: str, tmp_path: Path) 
             losses = task_losses(model(batch), batch, binary)
             seen.append(strategy.backward(losses, model).tolist())
             optimizer.step()
-            if i == epoch_end:
-                strategy.end_epoch(1, losses.detach())
+            end_epoch = strategy.capabilities.end_epoch
+            if i == epoch_end and end_epoch is not None:
+                end_epoch(1, losses.detach())
         return seen
 
     batches = conflicting_batches(12)
@@ -416,13 +420,14 @@ def test_checkpoint_round_trip_continues_identically(name: str, tmp_path: Path) 
     load_checkpoint(tmp_path / "c.safetensors", again, restored_optimizer, restored)
     # The state itself comes back (GradNorm's L(0) only moves its weights when a sign flips, which
     # a few steps may not show), and so do the strategy's own parameters.
-    if hasattr(strategy, "state_dict"):
-        saved, loaded = strategy.state_dict(), restored.state_dict()
+    mine, theirs = strategy.capabilities.state, restored.capabilities.state
+    if mine is not None and theirs is not None:
+        saved, loaded = mine.state_dict(), theirs.state_dict()
         assert saved.keys() == loaded.keys()
         for key, value in saved.items():
             assert torch.equal(value, loaded[key]), f"{name}: state {key} not restored"
-    for mine, theirs in zip(strategy.parameters(), restored.parameters(), strict=True):
-        assert torch.equal(mine, theirs), f"{name}: parameters not restored"
+    for ours, restored_param in zip(strategy.capabilities.parameters, restored.capabilities.parameters, strict=True):
+        assert torch.equal(ours, restored_param), f"{name}: parameters not restored"
     expected = train(model, strategy, optimizer, batches[6:], epoch_end=2)
     got = train(again, restored, restored_optimizer, batches[6:], epoch_end=2)
     assert got == expected, f"{name}: the restored strategy weighs the tasks differently"

@@ -30,6 +30,8 @@ def command(
     """Per-task metrics of several runs side by side; with --baseline, each run's multi-task gain per
     task (AUC up, RMSE down) and a seesaw mark when one task gains while another loses."""
     from mtlcli.explain import compare_runs
+    from mtlcli.models.base import scheme
+    from mtlcli.train.run import load_run
 
     if split not in ("train", "valid", "test"):
         raise typer.BadParameter(f"{split!r} is not one of train, valid, test", param_hint="--split")
@@ -64,7 +66,7 @@ def command(
         mark = [Text("seesaw", style="bold yellow") if run.get("seesaw") else Text("")] if baseline else []
         table.add_row(str(run["run_dir"]), str(run["scheme"]), *cells, *mark)
     err_console.print(table)
-    if baseline is not None and result["baseline"]["scheme"] != "single_task":
+    if baseline is not None and not scheme(load_run(baseline).model).capabilities.baseline:
         err_console.print(f"[yellow]note:[/] the baseline is a {result['baseline']['scheme']} run, not single_task")
     for line in result["readings"]:
         err_console.print(f"  {line}", soft_wrap=True, markup=False)

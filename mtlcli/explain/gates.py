@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mtlcli.models.base import scheme
+
 GATE_KEY = re.compile(r"^(?P<group>(?:.+\.)?gate)\.(?P<row>[^.]+)$")
 ALPHA_KEY = re.compile(r"^alpha\.(?P<layer>.+)$")
 
@@ -42,25 +44,14 @@ def split_introspection(outputs: dict[str, Tensor]) -> tuple[dict[str, dict[str,
 
 
 def expert_labels(model: nn.Module, group: str, row: str, width: int) -> list[str]:
-    """The names of the experts a gate's columns weigh.
-
-    A scheme may say so itself with ``gate_experts(gate_name) -> list[str]``. Otherwise the stacked
-    extraction layout of CGC and PLE (``levels[j].task_experts[task]``, ``levels[j].shared_experts``)
-    gives ``<task>.<i>`` and ``shared.<i>``, in the order the scheme's introspect docstring states;
-    every other gate weighs one pool of experts numbered 0..n-1.
-    """
-    named = getattr(model, "gate_experts", None)
-    if callable(named):
-        return list(named(f"{group}.{row}"))
-    level = re.fullmatch(r"level(\d+)\.gate", group)
-    levels = getattr(model, "levels", None)
-    if level and levels is not None and int(level[1]) <= len(levels):
-        layer = levels[int(level[1]) - 1]
-        shared = [f"shared.{i}" for i in range(layer.shared_experts.n)]
-        owners = list(layer.task_experts) if row == "shared" else [row]
-        own = [f"{t}.{i}" for t in owners for i in range(layer.task_experts[t].n)]
-        if len(own) + len(shared) == width:
-            return own + shared
+    """The names of the experts a gate's columns weigh: as the scheme declares them
+    (``Capabilities.expert_names``, e.g. CGC and PLE's ``<task>.<i>`` and ``shared.<i>``), else one
+    pool of experts numbered 0..n-1."""
+    named = scheme(model).capabilities.expert_names
+    if named is not None:
+        names = named(f"{group}.{row}")
+        if len(names) == width:
+            return names
     return [str(i) for i in range(width)]
 
 

@@ -14,13 +14,13 @@ import torch
 from torch import Tensor, nn
 
 from mtlcli.data.batch import SplitTensors
+from mtlcli.models.base import scheme
 from mtlcli.train.loop import task_losses
 from mtlcli.weighting.gradients import shared_task_gradients
 
 
 def shared_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    groups = getattr(model, "parameter_groups", None)
-    named = groups()["shared"] if groups is not None else dict(model.named_parameters())
+    named = scheme(model).parameter_groups()["shared"]
     return [(name, p) for name, p in named.items() if p.requires_grad]
 
 

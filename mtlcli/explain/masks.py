@@ -6,12 +6,14 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from mtlcli.models.base import scheme
+
 
 def mask_report(model: nn.Module) -> dict[str, Any] | None:
     """{"density": {task: fraction kept}, "overlap": {task: {task: IoU}}, "layers": [...]} for a
     model with ``masks()`` (sparse_sharing), else None. Figures pool every masked layer."""
-    masks_of = getattr(model, "masks", None)
-    if not callable(masks_of):
+    masks_of = scheme(model).capabilities.masks
+    if masks_of is None:
         return None
     masks: dict[str, list[Tensor]] = masks_of()
     tasks = list(masks)

@@ -31,6 +31,7 @@ from mtlcli.explain.gates import (
 from mtlcli.explain.gradients import gradient_report, read_gradients
 from mtlcli.explain.history import history_report
 from mtlcli.explain.masks import mask_report, read_masks
+from mtlcli.models.base import scheme
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ def collect(model: nn.Module, data: SplitTensors, batch_size: int) -> tuple[Tens
     parts: dict[str, list[Tensor]] = {}
     for batch in data.batches(batch_size):
         logits.append(model(batch))
-        for key, value in model.introspect(batch).items():  # type: ignore[operator]
+        for key, value in scheme(model).introspect(batch).items():
             parts.setdefault(key, []).append(value)
     model.train(was_training)
     tensors = {key: torch.cat(values) if GATE_KEY.match(key) else values[0] for key, values in parts.items()}

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, PositiveInt
 from torch import Tensor, nn
 
-from mtlcli.data.batch import Batch
+from mtlcli.data.batch import Batch, SplitTensors
 from mtlcli.registry import Component, Registry
 
 SCHEMES: Registry[Component] = Registry("sharing scheme")
@@ -32,7 +32,26 @@ class ModelParams(BaseModel):
     embedding_dim: PositiveInt = 8
 
 
-@runtime_checkable
+@dataclass(frozen=True)
+class Capabilities:
+    """What a scheme can do beyond the contract, declared by the scheme itself (its
+    ``capabilities``). Generic code (training, explain, export, compare) asks here and never
+    probes a model for methods or compares scheme names.
+
+    - ``expert_names(gate)``: the names of the experts the columns of the gate ``gate`` (an
+      ``introspect`` key) weigh, e.g. ``["click.0", "shared.0", ...]``; without it a gate's
+      experts are numbered 0..n-1;
+    - ``masks()``: each task's binary masks over the shared network's weights (sparse sharing);
+    - ``search(train, batch_size, lr, seed)``: finds the scheme's structure before training;
+    - ``baseline``: nothing is shared; the single-task baseline that MTL gain is measured against.
+    """
+
+    expert_names: Callable[[str], list[str]] | None = None
+    masks: Callable[[], dict[str, list[Tensor]]] | None = None
+    search: Callable[[SplitTensors, int, float, int], None] | None = None
+    baseline: bool = False
+
+
 class MultiTaskModel(Protocol):
     """What a sharing scheme builds: an nn.Module mapping a Batch to per-task logits [B, T].
 
@@ -50,9 +69,14 @@ class MultiTaskModel(Protocol):
     shared layer whose output every task's head depends on, one tensor or a few (a stack of
     experts, one column per task). Each is in the shared group and every task's loss reaches it.
     Empty only when nothing is shared.
+
+    ``capabilities`` declares the optional abilities (see ``Capabilities``).
     """
 
     tasks: list[str]
+
+    @property
+    def capabilities(self) -> Capabilities: ...
 
     def __call__(self, batch: Batch) -> Tensor: ...
 
@@ -61,6 +85,15 @@ class MultiTaskModel(Protocol):
     def introspect(self, batch: Batch) -> dict[str, Tensor]: ...
 
     def last_shared_layer(self) -> list[Tensor]: ...
+
+    def parameters(self) -> Iterator[nn.Parameter]: ...
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]: ...
+
+
+def scheme(model: nn.Module) -> MultiTaskModel:
+    """``model`` as the scheme protocol: every module ``build_model`` returns follows it."""
+    return cast(MultiTaskModel, model)
 
 
 class SharedRepresentation:
@@ -103,13 +136,18 @@ def enable_representation(model: object) -> None:
 P = TypeVar("P", bound=BaseModel)
 
 
+Builder = Callable[[P, InputSpec], MultiTaskModel]
+
+
 def register_scheme(
     name: str, params: type[P], summary: str, check: Callable[[Any, Any], list[tuple[str, str]]] | None = None
-) -> Callable[[Callable[[P, InputSpec], nn.Module]], Callable[[P, InputSpec], nn.Module]]:
-    """Decorator for a scheme's ``build(params, inputs) -> nn.Module`` function; ``check(params,
-    recipe)`` (optional) validates the parameters against the rest of the recipe."""
+) -> Callable[[Builder[P]], Builder[P]]:
+    """Decorator for a scheme's ``build(params, inputs)`` function, which returns an nn.Module that
+    follows ``MultiTaskModel`` (the type checker holds every scheme to the protocol, capabilities
+    included); ``check(params, recipe)`` (optional) validates the parameters against the rest of
+    the recipe."""
 
-    def decorate(build: Callable[[P, InputSpec], nn.Module]) -> Callable[[P, InputSpec], nn.Module]:
+    def decorate(build: Builder[P]) -> Builder[P]:
         SCHEMES.add(name, Component(name, params, build, summary, check))
         return build
 

@@ -20,7 +20,14 @@ from pydantic import Field, PositiveInt, ValidationInfo, field_validator
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
-from mtlcli.models.base import InputSpec, ModelParams, SharedRepresentation, group_by_prefix, register_scheme
+from mtlcli.models.base import (
+    Capabilities,
+    InputSpec,
+    ModelParams,
+    SharedRepresentation,
+    group_by_prefix,
+    register_scheme,
+)
 from mtlcli.models.blocks import ExpertKind, Experts, FeatureEmbedding, FieldLayout, Towers, check_expert_kinds
 
 
@@ -186,6 +193,20 @@ class ExtractionNetwork(nn.Module, SharedRepresentation):
 
     def forward(self, batch: Batch) -> Tensor:
         return self.run(batch)[0]
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(expert_names=self.expert_names)
+
+    def expert_names(self, gate: str) -> list[str]:
+        """The experts the columns of ``level<j>.gate.<task or shared>`` weigh: ``<task>.<i>`` for
+        task experts (every task's, in task order, for the shared gate), then ``shared.<i>``."""
+        level, _, row = gate.removeprefix("level").partition(".gate.")
+        layer = cast(ExtractionLayer, self.levels[int(level) - 1])
+        shared = [f"shared.{i}" for i in range(layer.shared_experts.n)]
+        owners = self.tasks if row == "shared" else [row]
+        experts = cast(nn.ModuleDict, layer.task_experts)
+        return [f"{t}.{i}" for t in owners for i in range(cast(Experts, experts[t]).n)] + shared
 
     def introspect(self, batch: Batch) -> dict[str, Tensor]:
         """``level<j>.gate.<task>``: [B, m_k + m_s] over task k's experts then the shared ones;

@@ -17,7 +17,14 @@ from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
-from mtlcli.models.base import InputSpec, ModelParams, SharedRepresentation, group_by_prefix, register_scheme
+from mtlcli.models.base import (
+    Capabilities,
+    InputSpec,
+    ModelParams,
+    SharedRepresentation,
+    group_by_prefix,
+    register_scheme,
+)
 from mtlcli.models.blocks import FeatureEmbedding, Towers, last_linear
 
 
@@ -62,6 +69,8 @@ class CrossStitch(nn.Module, SharedRepresentation):
         )
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.towers = Towers(self.tasks, column_units[-1], tower_units, dropout)
+
+    capabilities = Capabilities()  # nothing optional
 
     def introspect(self, batch: Batch) -> dict[str, Tensor]:
         """``alpha.layer<l>``: the T x T matrix after hidden layer l; row k mixes into column k."""

@@ -22,7 +22,14 @@ from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
-from mtlcli.models.base import InputSpec, ModelParams, SharedRepresentation, group_by_prefix, register_scheme
+from mtlcli.models.base import (
+    Capabilities,
+    InputSpec,
+    ModelParams,
+    SharedRepresentation,
+    group_by_prefix,
+    register_scheme,
+)
 from mtlcli.models.blocks import FeatureEmbedding, last_linear, mlp
 from mtlcli.registry import did_you_mean
 
@@ -117,6 +124,8 @@ class ESMM(nn.Module, SharedRepresentation):
     def pcvr(self, batch: Batch) -> Tensor:
         """pCVR = P(conversion | click) per row [B]: the CVR tower's probability."""
         return torch.sigmoid(self._heads(batch)[2])
+
+    capabilities = Capabilities()  # nothing optional
 
     def introspect(self, batch: Batch) -> dict[str, Tensor]:
         """ESMM has no gates or mixing matrices: nothing to report (pCVR: ``pcvr``)."""

@@ -19,7 +19,14 @@ from pydantic import Field, PositiveInt, ValidationInfo, field_validator
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
-from mtlcli.models.base import InputSpec, ModelParams, SharedRepresentation, group_by_prefix, register_scheme
+from mtlcli.models.base import (
+    Capabilities,
+    InputSpec,
+    ModelParams,
+    SharedRepresentation,
+    group_by_prefix,
+    register_scheme,
+)
 from mtlcli.models.blocks import ExpertKind, Experts, FeatureEmbedding, Towers, check_expert_kinds
 
 
@@ -65,6 +72,8 @@ class MMoE(nn.Module, SharedRepresentation):
     def gate_weights(self, x: Tensor) -> Tensor:
         """Softmax gate weights per task for embedded inputs x: [B, T, E], each row sums to 1."""
         return torch.stack([torch.softmax(self.gates[t](x), dim=-1) for t in self.tasks], dim=1)
+
+    capabilities = Capabilities()  # its gates weigh one pool of experts, numbered 0..n-1
 
     def introspect(self, batch: Batch) -> dict[str, Tensor]:
         """``gate.<task>``: task k's softmax weights over the experts, [B, E]."""

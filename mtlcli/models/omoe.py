@@ -19,7 +19,14 @@ from pydantic import Field, PositiveInt, ValidationInfo, field_validator
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
-from mtlcli.models.base import InputSpec, ModelParams, SharedRepresentation, group_by_prefix, register_scheme
+from mtlcli.models.base import (
+    Capabilities,
+    InputSpec,
+    ModelParams,
+    SharedRepresentation,
+    group_by_prefix,
+    register_scheme,
+)
 from mtlcli.models.blocks import ExpertKind, Experts, FeatureEmbedding, Towers, check_expert_kinds
 
 
@@ -61,6 +68,8 @@ class OMoE(nn.Module, SharedRepresentation):
         self.experts = Experts(x_dim, kinds, expert_units, dropout, self.embedding.fields, cross_layers)
         self.gate = nn.Linear(x_dim, n_experts)
         self.towers = Towers(self.tasks, self.experts.out_dim, tower_units, dropout)
+
+    capabilities = Capabilities()  # its gates weigh one pool of experts, numbered 0..n-1
 
     def introspect(self, batch: Batch) -> dict[str, Tensor]:
         """``gate.shared``: the one gate's softmax weights over the experts, [B, E]."""

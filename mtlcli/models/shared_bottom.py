@@ -11,7 +11,14 @@ from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
-from mtlcli.models.base import InputSpec, ModelParams, SharedRepresentation, group_by_prefix, register_scheme
+from mtlcli.models.base import (
+    Capabilities,
+    InputSpec,
+    ModelParams,
+    SharedRepresentation,
+    group_by_prefix,
+    register_scheme,
+)
 from mtlcli.models.blocks import FeatureEmbedding, Towers, last_linear, mlp
 
 
@@ -39,6 +46,8 @@ class SharedBottom(nn.Module, SharedRepresentation):
         self.embedding = FeatureEmbedding(inputs.cardinalities, inputs.n_numeric, embedding_dim)
         self.bottom = mlp(self.embedding.out_dim, bottom_units, dropout)
         self.towers = Towers(self.tasks, bottom_units[-1], tower_units, dropout)
+
+    capabilities = Capabilities()  # nothing optional
 
     def introspect(self, batch: Batch) -> dict[str, Tensor]:
         """Nothing to show: no gates, no mixing."""

@@ -15,7 +15,14 @@ from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
-from mtlcli.models.base import InputSpec, ModelParams, SharedRepresentation, group_by_prefix, register_scheme
+from mtlcli.models.base import (
+    Capabilities,
+    InputSpec,
+    ModelParams,
+    SharedRepresentation,
+    group_by_prefix,
+    register_scheme,
+)
 from mtlcli.models.blocks import FeatureEmbedding, mlp
 
 
@@ -47,6 +54,8 @@ class SingleTask(nn.Module, SharedRepresentation):
         self.nets = nn.ModuleDict(
             {t: mlp(in_dim, [*bottom_units, *tower_units], dropout, out_dim=1) for t in self.tasks}
         )
+
+    capabilities = Capabilities(baseline=True)  # nothing shared: the STL baseline of MTL gain
 
     def introspect(self, batch: Batch) -> dict[str, Tensor]:
         """Nothing to show: no gates, no mixing."""

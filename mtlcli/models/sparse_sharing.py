@@ -25,7 +25,14 @@ from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch, SplitTensors
-from mtlcli.models.base import InputSpec, ModelParams, SharedRepresentation, group_by_prefix, register_scheme
+from mtlcli.models.base import (
+    Capabilities,
+    InputSpec,
+    ModelParams,
+    SharedRepresentation,
+    group_by_prefix,
+    register_scheme,
+)
 from mtlcli.models.blocks import FeatureEmbedding, mlp
 
 
@@ -89,6 +96,10 @@ class SparseSharing(nn.Module, SharedRepresentation):
         hidden = [self.task_hidden(x, k) for k in range(len(self.tasks))]
         self.keep(*hidden)
         return torch.stack([self.towers[t](h).squeeze(1) for t, h in zip(self.tasks, hidden, strict=True)], dim=1)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(masks=self.masks, search=self.search_masks)
 
     def masks(self) -> dict[str, list[Tensor]]:
         """Each task's binary masks over the bottom layers' weights."""

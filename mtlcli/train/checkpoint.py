@@ -165,11 +165,11 @@ def save_checkpoint(
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in model.state_dict().items()}
     optim, groups = optimizer_tensors(optimizer)
     tensors.update(optim)
-    for index, param in enumerate(strategy.parameters()):
+    abilities = strategy.capabilities
+    for index, param in enumerate(abilities.parameters):
         tensors[f"strategy_param.{index}"] = param.detach()
-    strategy_state = getattr(strategy, "state_dict", None)
-    if callable(strategy_state):
-        for name, value in strategy_state().items():
+    if abilities.state is not None:
+        for name, value in abilities.state.state_dict().items():
             tensors[f"strategy.{name}"] = torch.as_tensor(value)
     for name, value in (state.best_state or {}).items():
         tensors[f"best.{name}"] = value
@@ -235,11 +235,11 @@ def load_checkpoint(
         model.load_state_dict(part("model."), strict=True)
         restore_optimizer(optimizer, tensors, metadata, path)
         with torch.no_grad():
-            for position, param in enumerate(strategy.parameters()):
+            for position, param in enumerate(strategy.capabilities.parameters):
                 param.copy_(tensors[f"strategy_param.{position}"])
-        load_state = getattr(strategy, "load_state_dict", None)
-        if callable(load_state):
-            load_state(part("strategy."))
+        state = strategy.capabilities.state
+        if state is not None:
+            state.load_state_dict(part("strategy."))
     except (RuntimeError, KeyError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else repr(exc)
         raise ArtifactError(

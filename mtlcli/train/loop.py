@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch, SplitTensors
 from mtlcli.errors import MtlError
-from mtlcli.models.base import enable_representation
+from mtlcli.models.base import enable_representation, scheme
 from mtlcli.recipe.schema import EarlyStopping, LrSchedule, TrainSection
 from mtlcli.train.metrics import task_metrics
 from mtlcli.weighting.base import WeightingStrategy
@@ -282,8 +282,9 @@ def fit(
     ``stop_requested()`` turns true, the current step finishes, ``observer.on_checkpoint`` saves
     the state and TrainingInterrupted is raised.
     """
-    optimizer = optimizer or make_optimizer(settings, list(model.parameters()), strategy.parameters())
-    if getattr(strategy, "needs_representation", False):
+    abilities = strategy.capabilities
+    optimizer = optimizer or make_optimizer(settings, list(model.parameters()), list(abilities.parameters))
+    if abilities.needs_representation:
         enable_representation(model)
     state = state or LoopState()
     shuffle = torch.Generator().manual_seed(settings.seed)
@@ -299,7 +300,7 @@ def fit(
     scheduled = schedule.kind != "constant" or schedule.warmup_steps > 0
     total_steps = settings.epochs * steps_per_epoch
     clipped = [p for group in optimizer.param_groups if group.get("clipped", True) for p in group["params"]]
-    shared = list(model.parameter_groups()["shared"].values()) if track else []  # type: ignore[operator]
+    shared = list(scheme(model).parameter_groups()["shared"].values()) if track else []
     while state.epoch <= settings.epochs and not state.stopped_early:
         epoch = state.epoch
         if state.shuffle_state is not None:
@@ -321,7 +322,7 @@ def fit(
                     "lower train.lr, check the labels and numeric transforms; the last checkpoint is kept",
                 )
             global_step = (epoch - 1) * steps_per_epoch + state.step + 1
-            grads = shared_task_gradients(losses, shared) if shared and global_step % track == 0 else None  # type: ignore[operator]
+            grads = shared_task_gradients(losses, shared) if track and shared and global_step % track == 0 else None
             weights = strategy.backward(losses, model)
             if scheduled:
                 factor = lr_factor(schedule, global_step - 1, total_steps, steps_per_epoch)
@@ -353,7 +354,8 @@ def fit(
         state.samples += len(train)
         state.seconds += elapsed
         mean_losses = state.loss_sum / steps_per_epoch
-        strategy.end_epoch(epoch, mean_losses)
+        if abilities.end_epoch is not None:
+            abilities.end_epoch(epoch, mean_losses)
         valid_metrics = evaluate(model, valid, tasks, types, settings.eval_batch_size, pos_weight)
         improved, stop = stopper.update(epoch, valid_metrics, model)
         state.stopped_early = stop and epoch < settings.epochs

@@ -26,6 +26,7 @@ from mtlcli.data.schema import DataSchema
 from mtlcli.errors import ArtifactError, DataError
 from mtlcli.fileio import append_line, sha256_json, to_json, write_json, write_text
 from mtlcli.models import build_model
+from mtlcli.models.base import scheme
 from mtlcli.recipe import Recipe, recipe_to_yaml
 from mtlcli.train.checkpoint import (
     LoadedModel,
@@ -144,14 +145,15 @@ def train_run(
     model = build_model(recipe.model.scheme, recipe.model.params, input_spec(schema))
     torch.set_num_threads(choose_threads(settings.threads, model))
     strategy = build_weighting(recipe.loss.weighting, recipe.loss.params, tasks)
-    optimizer = make_optimizer(settings, list(model.parameters()), strategy.parameters(), recipe.loss.params.own_lr())
+    own = list(strategy.capabilities.parameters)
+    optimizer = make_optimizer(settings, list(model.parameters()), own, recipe.loss.params.own_lr())
     identity = run_identity(recipe, schema)
     with run_lock(run_dir):
         if resume:
             state = _resume_state(run_dir, identity, model, optimizer, strategy)
         else:
-            search = getattr(model, "search_masks", None)  # schemes that find their structure first
-            if callable(search):
+            search = scheme(model).capabilities.search  # schemes that find their structure first
+            if search is not None:
                 search(train_data, settings.batch_size, settings.lr, settings.seed)
             _claim_run_dir(run_dir, force)
             state = None

@@ -8,6 +8,7 @@ returns the per-task weights it applied, for the metrics log.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict
@@ -26,18 +27,40 @@ class WeightingParams(BaseModel):
         return None
 
 
+class Stateful(Protocol):
+    """State a strategy keeps besides its parameters (a step count, loss history, a generator),
+    saved in checkpoints so that a resumed run continues exactly."""
+
+    def state_dict(self) -> dict[str, Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None: ...
+
+
+@dataclass(frozen=True)
+class StrategyCapabilities:
+    """What a strategy does beyond ``backward``, declared by the strategy itself (its
+    ``capabilities``); the training loop and checkpoints ask here and never probe.
+
+    - ``parameters``: learnable parameters of the strategy itself (their own optimizer group);
+    - ``end_epoch(epoch, mean_losses [T])``: called after each training epoch;
+    - ``state``: state to checkpoint (``Stateful``);
+    - ``needs_representation``: ``backward`` reads the scheme's shared representation (MGDA-UB),
+      which the loop then has the model keep.
+    """
+
+    parameters: tuple[nn.Parameter, ...] = ()
+    end_epoch: Callable[[int, Tensor], None] | None = None
+    state: Stateful | None = None
+    needs_representation: bool = False
+
+
 class WeightingStrategy(Protocol):
     def backward(self, losses: Tensor, model: nn.Module) -> Tensor:
         """Accumulate gradients for one step from ``losses`` [T]; return the weights used [T]."""
         ...
 
-    def end_epoch(self, epoch: int, mean_losses: Tensor) -> None:
-        """Called after each training epoch with the epoch's mean loss per task [T]."""
-        ...
-
-    def parameters(self) -> list[nn.Parameter]:
-        """Learnable parameters of the strategy itself (optimised with the model's)."""
-        ...
+    @property
+    def capabilities(self) -> StrategyCapabilities: ...
 
 
 P = TypeVar("P", bound=BaseModel)
@@ -66,12 +89,8 @@ class FixedWeights:
     def __init__(self, weights: Tensor) -> None:
         self.weights = weights
 
+    capabilities = StrategyCapabilities()
+
     def backward(self, losses: Tensor, model: nn.Module) -> Tensor:
         (losses * self.weights).sum().backward()
         return self.weights
-
-    def end_epoch(self, epoch: int, mean_losses: Tensor) -> None:
-        return None
-
-    def parameters(self) -> list[nn.Parameter]:
-        return []

@@ -25,7 +25,7 @@ import torch
 from pydantic import NonNegativeFloat
 from torch import Tensor, nn
 
-from mtlcli.weighting.base import WeightingParams, register_weighting
+from mtlcli.weighting.base import StrategyCapabilities, WeightingParams, register_weighting
 from mtlcli.weighting.gradients import backward_with_shared
 
 EPS = 1e-12
@@ -92,14 +92,10 @@ class CAGrad:
     def combine(self, grads: Tensor, losses: Tensor) -> Tensor:
         return cagrad_coefficients(grads @ grads.T, self.c).to(grads.dtype)
 
+    capabilities = StrategyCapabilities()
+
     def backward(self, losses: Tensor, model: nn.Module) -> Tensor:
         return backward_with_shared(losses, model, self.combine)
-
-    def end_epoch(self, epoch: int, mean_losses: Tensor) -> None:
-        return None
-
-    def parameters(self) -> list[nn.Parameter]:
-        return []
 
 
 @register_weighting("cagrad", CAGradParams, "conflict-averse gradient: best worst-task improvement near the mean")

@@ -14,7 +14,7 @@ import torch
 from pydantic import PositiveFloat
 from torch import Tensor, nn
 
-from mtlcli.weighting.base import WeightingParams, register_weighting
+from mtlcli.weighting.base import StrategyCapabilities, WeightingParams, register_weighting
 
 
 class DWAParams(WeightingParams):
@@ -32,6 +32,10 @@ class DWA:
         self.temperature = temperature
         self.history: list[Tensor] = []
         self.weights = torch.ones(n_tasks)
+
+    @property
+    def capabilities(self) -> StrategyCapabilities:
+        return StrategyCapabilities(end_epoch=self.end_epoch, state=self)  # the last epochs' losses
 
     def backward(self, losses: Tensor, model: nn.Module) -> Tensor:
         (losses * self.weights).sum().backward()
@@ -52,9 +56,6 @@ class DWA:
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.history = list(state["history"].unbind(0))
         self.weights = state["weights"].clone()
-
-    def parameters(self) -> list[nn.Parameter]:
-        return []
 
 
 @register_weighting("dwa", DWAParams, "dynamic weight average from the last two epochs' losses (CVPR 2019)")

@@ -14,16 +14,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from mtlcli.models.base import SharedRepresentation, scheme
+
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(shared, task-specific) trainable parameters, from ``model.parameter_groups()``.
-
-    A module without ``parameter_groups`` (a plain layer in a test) counts as all shared.
-    """
-    groups = getattr(model, "parameter_groups", None)
-    if groups is None:
-        return [p for p in model.parameters() if p.requires_grad], []
-    named = groups()
+    """(shared, task-specific) trainable parameters, from the scheme's ``parameter_groups()``."""
+    named = scheme(model).parameter_groups()
     shared = [p for p in named["shared"].values() if p.requires_grad]
     own = [p for name, group in named.items() if name != "shared" for p in group.values() if p.requires_grad]
     return shared, own
@@ -87,9 +83,9 @@ def backward_with_representation(
     The heads are traversed once per task and the shared part once.
     """
     shared, own = split_parameters(model)
-    representation = getattr(model, "representation", None)
-    if representation is None:
-        raise RuntimeError(f"{type(model).__name__} kept no shared representation (keep_representation is off)")
+    if not isinstance(model, SharedRepresentation) or not model.keep_representation:
+        raise RuntimeError(f"{type(model).__name__} keeps no shared representation (keep_representation is off)")
+    representation = model.representation
     if not shared or not representation:
         losses.sum().backward()
         return torch.ones_like(losses.detach())

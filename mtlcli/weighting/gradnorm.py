@@ -31,7 +31,7 @@ from pydantic import NonNegativeFloat, PositiveFloat
 from torch import Tensor, nn
 
 from mtlcli.models.base import MultiTaskModel
-from mtlcli.weighting.base import WeightingParams, register_weighting
+from mtlcli.weighting.base import StrategyCapabilities, WeightingParams, register_weighting
 
 FLOOR = 1e-3
 
@@ -72,6 +72,10 @@ class GradNorm:
         self.weights = nn.Parameter(torch.ones(n_tasks))
         self.initial: Tensor | None = None
 
+    @property
+    def capabilities(self) -> StrategyCapabilities:
+        return StrategyCapabilities(parameters=(self.weights,), state=self)  # w_k; L_k(0)
+
     def backward(self, losses: Tensor, model: nn.Module) -> Tensor:
         with torch.no_grad():  # renormalise after the previous optimiser step
             self.weights.clamp_(min=FLOOR)
@@ -89,18 +93,12 @@ class GradNorm:
         (weights * losses).sum().backward()
         return weights
 
-    def end_epoch(self, epoch: int, mean_losses: Tensor) -> None:
-        return None
-
     def state_dict(self) -> dict[str, Tensor]:
         """The first step's losses L_k(0) (empty before the first step); the weights are parameters."""
         return {"initial": self.initial if self.initial is not None else torch.zeros(0)}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.initial = state["initial"].clone() if state["initial"].numel() else None
-
-    def parameters(self) -> list[nn.Parameter]:
-        return [self.weights]
 
 
 @register_weighting("gradnorm", GradNormParams, "weights learned to balance gradient norms (ICML 2018)")

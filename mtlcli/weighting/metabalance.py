@@ -29,7 +29,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from mtlcli.registry import did_you_mean
-from mtlcli.weighting.base import WeightingParams, register_weighting
+from mtlcli.weighting.base import StrategyCapabilities, WeightingParams, register_weighting
 from mtlcli.weighting.gradients import backward_with_shared
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -65,20 +65,18 @@ class MetaBalance:
     def combine(self, grads: Tensor, losses: Tensor) -> Tensor:
         return self.rescale(grads.norm(dim=1).detach()).to(grads.dtype)
 
+    @property
+    def capabilities(self) -> StrategyCapabilities:
+        return StrategyCapabilities(state=self)  # the moving averages of the norms
+
     def backward(self, losses: Tensor, model: nn.Module) -> Tensor:
         return backward_with_shared(losses, model, self.combine)
-
-    def end_epoch(self, epoch: int, mean_losses: Tensor) -> None:
-        return None
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"norms": self.norms}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.norms = state["norms"].clone()
-
-    def parameters(self) -> list[nn.Parameter]:
-        return []
 
 
 @register_weighting(

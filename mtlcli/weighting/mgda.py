@@ -25,7 +25,7 @@ import torch
 from pydantic import PositiveInt
 from torch import Tensor, nn
 
-from mtlcli.weighting.base import WeightingParams, register_weighting
+from mtlcli.weighting.base import StrategyCapabilities, WeightingParams, register_weighting
 from mtlcli.weighting.gradients import backward_with_representation, backward_with_shared
 
 
@@ -71,9 +71,9 @@ class MGDA:
         self.normalize, self.max_iter, self.upper_bound = normalize, max_iter, upper_bound
 
     @property
-    def needs_representation(self) -> bool:
+    def capabilities(self) -> StrategyCapabilities:
         """MGDA-UB reads the model's shared representation: the loop has it kept."""
-        return self.upper_bound
+        return StrategyCapabilities(needs_representation=self.upper_bound)
 
     def combine(self, grads: Tensor, losses: Tensor) -> Tensor:
         scale = torch.ones(grads.shape[0], dtype=torch.float64)
@@ -87,12 +87,6 @@ class MGDA:
         if self.upper_bound:
             return backward_with_representation(losses, model, self.combine)
         return backward_with_shared(losses, model, self.combine)
-
-    def end_epoch(self, epoch: int, mean_losses: Tensor) -> None:
-        return None
-
-    def parameters(self) -> list[nn.Parameter]:
-        return []
 
 
 @register_weighting("mgda", MGDAParams, "min-norm convex combination of the task gradients (NeurIPS 2018)")

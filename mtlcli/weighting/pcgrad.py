@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mtlcli.weighting.base import WeightingParams, register_weighting
+from mtlcli.weighting.base import StrategyCapabilities, WeightingParams, register_weighting
 from mtlcli.weighting.gradients import backward_with_shared
 
 
@@ -50,20 +50,18 @@ class PCGrad:
         gram = (grads @ grads.T).double()
         return pcgrad_coefficients(gram, self.generator).sum(0).to(grads.dtype)
 
+    @property
+    def capabilities(self) -> StrategyCapabilities:
+        return StrategyCapabilities(state=self)  # the generator of the projection order
+
     def backward(self, losses: Tensor, model: nn.Module) -> Tensor:
         return backward_with_shared(losses, model, self.combine)
-
-    def end_epoch(self, epoch: int, mean_losses: Tensor) -> None:
-        return None
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.generator.set_state(state["generator"].to(torch.uint8))
-
-    def parameters(self) -> list[nn.Parameter]:
-        return []
 
 
 @register_weighting("pcgrad", PCGradParams, "project conflicting task gradients off each other (NeurIPS 2020)")

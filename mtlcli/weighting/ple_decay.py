@@ -19,7 +19,7 @@ from pydantic import NonNegativeFloat, PositiveFloat
 from torch import Tensor, nn
 
 from mtlcli.registry import did_you_mean
-from mtlcli.weighting.base import WeightingParams, register_weighting
+from mtlcli.weighting.base import StrategyCapabilities, WeightingParams, register_weighting
 
 
 class PLEDecayParams(WeightingParams):
@@ -47,6 +47,10 @@ class PLEDecay:
         """ω(t) [T] for the current t."""
         return self.initial * self.rate**self.t
 
+    @property
+    def capabilities(self) -> StrategyCapabilities:
+        return StrategyCapabilities(end_epoch=self.end_epoch, state=self)  # the step / epoch count
+
     def backward(self, losses: Tensor, model: nn.Module) -> Tensor:
         weights = self.current().to(losses.dtype)
         (losses * weights).sum().backward()
@@ -63,9 +67,6 @@ class PLEDecay:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.t = int(state["t"])
-
-    def parameters(self) -> list[nn.Parameter]:
-        return []
 
 
 @register_weighting("ple_decay", PLEDecayParams, "PLE's decaying weights ω_k,0·γ_k^t per epoch or step", check)

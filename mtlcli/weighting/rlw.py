@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mtlcli.weighting.base import WeightingParams, register_weighting
+from mtlcli.weighting.base import StrategyCapabilities, WeightingParams, register_weighting
 
 
 class RLWParams(WeightingParams):
@@ -26,22 +26,20 @@ class RLW:
         self.n_tasks = n_tasks
         self.generator = torch.Generator().manual_seed(seed)
 
+    @property
+    def capabilities(self) -> StrategyCapabilities:
+        return StrategyCapabilities(state=self)  # the generator of the weights
+
     def backward(self, losses: Tensor, model: nn.Module) -> Tensor:
         weights = torch.softmax(torch.randn(self.n_tasks, generator=self.generator), dim=0)
         (losses * weights).sum().backward()
         return weights
-
-    def end_epoch(self, epoch: int, mean_losses: Tensor) -> None:
-        return None
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.generator.set_state(state["generator"].to(torch.uint8))
-
-    def parameters(self) -> list[nn.Parameter]:
-        return []
 
 
 @register_weighting("rlw", RLWParams, "random weights softmax(N(0, I)) drawn every step (TMLR 2022)")

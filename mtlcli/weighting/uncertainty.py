@@ -19,7 +19,7 @@ import torch
 from pydantic import PositiveFloat
 from torch import Tensor, nn
 
-from mtlcli.weighting.base import WeightingParams, register_weighting
+from mtlcli.weighting.base import StrategyCapabilities, WeightingParams, register_weighting
 
 
 class UncertaintyParams(WeightingParams):
@@ -34,16 +34,14 @@ class Uncertainty:
     def __init__(self, n_tasks: int, init: float) -> None:
         self.log_variance = nn.Parameter(torch.full((n_tasks,), float(init)))
 
+    @property
+    def capabilities(self) -> StrategyCapabilities:
+        return StrategyCapabilities(parameters=(self.log_variance,))
+
     def backward(self, losses: Tensor, model: nn.Module) -> Tensor:
         s = self.log_variance
         (torch.exp(-s) * losses + s).sum().backward()
         return torch.exp(-s.detach())
-
-    def end_epoch(self, epoch: int, mean_losses: Tensor) -> None:
-        return None
-
-    def parameters(self) -> list[nn.Parameter]:
-        return [self.log_variance]
 
 
 @register_weighting("uncertainty", UncertaintyParams, "learned task uncertainty, exp(-s_k)·L_k + s_k (CVPR 2018)")
