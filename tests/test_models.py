@@ -9,6 +9,7 @@ from torch import nn
 from mtlcli.data.batch import Batch
 from mtlcli.models import SCHEMES, InputSpec, build_model
 from mtlcli.models.base import enable_representation
+from mtlcli.models.base import scheme as scheme_of
 from mtlcli.models.blocks import ExpertPool, FeatureEmbedding
 from mtlcli.models.mmoe import MMoE
 from mtlcli.train.loop import task_losses
@@ -61,8 +62,8 @@ def test_parameter_groups_cover_every_parameter_once(scheme: str) -> None:
     assert set(groups) == {"shared", *TASKS}
     named = [name for group in groups.values() for name in group]
     assert sorted(named) == sorted(name for name, _ in model.named_parameters())
-    if scheme != "single_task":  # the no-sharing baseline is the one scheme with nothing shared
-        assert groups["shared"], "a multi-task scheme shares something"
+    # only the declared single-task baseline shares nothing; every multi-task scheme shares something
+    assert bool(groups["shared"]) != scheme_of(model).capabilities.baseline
 
 
 @pytest.mark.parametrize("scheme", SCHEMES.names())
@@ -177,7 +178,7 @@ def test_shared_representation_cuts_shared_from_task_parameters(scheme: str, mod
     shared, own = split_parameters(model)
     assert bool(z) == bool(shared)
     if not shared:
-        return  # single_task: nothing shared, nothing to cut
+        return  # the single-task baseline: nothing shared, nothing to cut
     losses = task_losses(out, batch, BINARY)
     for k in range(len(TASKS)):
         direct = torch.autograd.grad(losses[k], shared, retain_graph=True, allow_unused=True)
@@ -213,7 +214,7 @@ def test_last_shared_layer_is_shared_and_every_task_reaches_it(scheme: str, mode
     layer = model.last_shared_layer()  # type: ignore[operator]
     shared = {id(p) for p in model.parameter_groups()["shared"].values()}  # type: ignore[operator]
     if not shared:
-        assert layer == []  # single_task: nothing to balance on
+        assert layer == []  # the single-task baseline: nothing to balance on
         return
     assert layer, f"{scheme} declares no last shared layer"
     assert all(id(p) in shared and p.dim() >= 2 for p in layer), "W must be shared weight matrices"
