@@ -31,6 +31,10 @@ class Registry(Generic[T]):
         self._items[name] = item
         return item
 
+    def remove(self, name: str) -> T:
+        """Take a component out again (a test's temporary component)."""
+        return self._items.pop(name)
+
     def register(self, name: str) -> Callable[[T], T]:
         def decorate(item: T) -> T:
             return self.add(name, item)
