@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, cast
+from typing import Annotated, Any, Protocol, TypeVar, cast
 
-from pydantic import BaseModel, ConfigDict, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch, SplitTensors
+from mtlcli.models.blocks import ExpertKind, check_expert_kinds
 from mtlcli.registry import Component, Registry
 
 SCHEMES: Registry[Component] = Registry("sharing scheme")
@@ -131,6 +132,34 @@ def enable_representation(model: object) -> None:
     if not isinstance(model, SharedRepresentation):
         raise TypeError(f"the scheme {type(model).__name__} does not expose a shared representation")
     model.keep_representation = True
+
+
+Dropout = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class BottomParams(ModelParams):
+    """A bottom MLP and per-task towers: shared-bottom (shared bottom) and single-task (one per task)."""
+
+    bottom_units: list[PositiveInt] = Field(default=[128, 64], min_length=1)
+    tower_units: list[PositiveInt] = [32]
+    dropout: Dropout = 0.0
+
+
+class ExpertPoolParams(ModelParams):
+    """A pool of experts over the embedded input, towers on top: MMoE (a gate per task) and OMoE
+    (one gate). ``expert_kinds`` makes the experts heterogeneous (one kind per expert)."""
+
+    n_experts: PositiveInt = 8
+    expert_units: list[PositiveInt] = Field(default=[16], min_length=1)
+    tower_units: list[PositiveInt] = [8]
+    dropout: Dropout = 0.0
+    expert_kinds: list[ExpertKind] | None = None
+    cross_layers: PositiveInt = 2
+
+    @field_validator("expert_kinds")
+    @classmethod
+    def _one_kind_per_expert(cls, kinds: list[ExpertKind] | None, info: ValidationInfo) -> list[ExpertKind] | None:
+        return check_expert_kinds(kinds, info.data.get("n_experts", 0), "n_experts")
 
 
 P = TypeVar("P", bound=BaseModel)

@@ -218,6 +218,23 @@ class CrossExpert(nn.Module):
         return self.dropout(torch.relu(self.project(x)))
 
 
+def embedded_experts(
+    cardinalities: list[int],
+    n_numeric: int,
+    embedding_dim: int,
+    n_experts: int,
+    expert_units: list[int],
+    dropout: float,
+    expert_kinds: Sequence[ExpertKind] | None,
+    cross_layers: int,
+) -> tuple[FeatureEmbedding, Experts]:
+    """The feature embedding and a pool of experts over it (MLP experts unless ``expert_kinds``
+    says otherwise), created in that order: the trunk of MMoE and OMoE."""
+    embedding = FeatureEmbedding(cardinalities, n_numeric, embedding_dim)
+    kinds = expert_kinds or ["mlp"] * n_experts
+    return embedding, Experts(embedding.out_dim, kinds, expert_units, dropout, embedding.fields, cross_layers)
+
+
 class Experts(nn.Module):
     """Experts of the given kinds over one input (heterogeneous experts, as in DEPHN, Kong et al., IJCNN 2023).
 

@@ -11,37 +11,27 @@ Gradient Optimization for Multi-task Learning", IJCNN 2023 (arXiv:2307.12519).
 
 from __future__ import annotations
 
-from typing import Annotated, cast
+from typing import cast
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PositiveInt, ValidationInfo, field_validator
+from pydantic import PositiveInt
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
 from mtlcli.models.base import (
     Capabilities,
+    ExpertPoolParams,
     InputSpec,
-    ModelParams,
     SharedRepresentation,
     group_by_prefix,
     register_scheme,
 )
-from mtlcli.models.blocks import ExpertKind, Experts, FeatureEmbedding, Towers, check_expert_kinds
+from mtlcli.models.blocks import ExpertKind, Towers, embedded_experts
 
 
-class MMoEParams(ModelParams):
-    n_experts: PositiveInt = 8
-    expert_units: list[PositiveInt] = Field(default=[16], min_length=1)
-    tower_units: list[PositiveInt] = [8]
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
-    expert_kinds: list[ExpertKind] | None = None
-    cross_layers: PositiveInt = 2
-
-    @field_validator("expert_kinds")
-    @classmethod
-    def _one_kind_per_expert(cls, kinds: list[ExpertKind] | None, info: ValidationInfo) -> list[ExpertKind] | None:
-        return check_expert_kinds(kinds, info.data.get("n_experts", 0), "n_experts")
+class MMoEParams(ExpertPoolParams):
+    pass
 
 
 class MMoE(nn.Module, SharedRepresentation):
@@ -62,10 +52,16 @@ class MMoE(nn.Module, SharedRepresentation):
     ) -> None:
         super().__init__()
         self.tasks = list(inputs.tasks)
-        self.embedding = FeatureEmbedding(inputs.cardinalities, inputs.n_numeric, embedding_dim)
-        kinds = expert_kinds or ["mlp"] * n_experts
-        x_dim = self.embedding.out_dim
-        self.experts = Experts(x_dim, kinds, expert_units, dropout, self.embedding.fields, cross_layers)
+        self.embedding, self.experts = embedded_experts(
+            inputs.cardinalities,
+            inputs.n_numeric,
+            embedding_dim,
+            n_experts,
+            expert_units,
+            dropout,
+            expert_kinds,
+            cross_layers,
+        )
         self.gates = nn.ModuleDict({t: nn.Linear(self.embedding.out_dim, n_experts) for t in self.tasks})
         self.towers = Towers(self.tasks, self.experts.out_dim, tower_units, dropout)
 
@@ -112,13 +108,4 @@ class MMoE(nn.Module, SharedRepresentation):
 
 @register_scheme("mmoe", MMoEParams, "expert sharing: shared experts, one softmax gate per task (KDD 2018)")
 def build(params: MMoEParams, inputs: InputSpec) -> MMoE:
-    return MMoE(
-        inputs,
-        params.embedding_dim,
-        params.n_experts,
-        params.expert_units,
-        params.tower_units,
-        params.dropout,
-        params.expert_kinds,
-        params.cross_layers,
-    )
+    return MMoE(inputs, **params.model_dump())

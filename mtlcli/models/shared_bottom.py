@@ -5,16 +5,14 @@ Caruana, "Multitask Learning", Machine Learning 28, 1997; the MMoE paper's Share
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from pydantic import Field, PositiveInt
+from pydantic import PositiveInt
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
 from mtlcli.models.base import (
+    BottomParams,
     Capabilities,
     InputSpec,
-    ModelParams,
     SharedRepresentation,
     group_by_prefix,
     register_scheme,
@@ -22,10 +20,8 @@ from mtlcli.models.base import (
 from mtlcli.models.blocks import FeatureEmbedding, Towers, last_linear, mlp
 
 
-class SharedBottomParams(ModelParams):
-    bottom_units: list[PositiveInt] = Field(default=[128, 64], min_length=1)
-    tower_units: list[PositiveInt] = [32]
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+class SharedBottomParams(BottomParams):
+    pass
 
 
 class SharedBottom(nn.Module, SharedRepresentation):

@@ -8,17 +8,15 @@ Machine Learning 28, 1997, and in the MMoE and PLE papers.
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import torch
-from pydantic import Field, PositiveInt
+from pydantic import PositiveInt
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
 from mtlcli.models.base import (
+    BottomParams,
     Capabilities,
     InputSpec,
-    ModelParams,
     SharedRepresentation,
     group_by_prefix,
     register_scheme,
@@ -26,10 +24,8 @@ from mtlcli.models.base import (
 from mtlcli.models.blocks import FeatureEmbedding, mlp
 
 
-class SingleTaskParams(ModelParams):
-    bottom_units: list[PositiveInt] = Field(default=[128, 64], min_length=1)
-    tower_units: list[PositiveInt] = [32]
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+class SingleTaskParams(BottomParams):
+    pass
 
 
 class SingleTask(nn.Module, SharedRepresentation):
