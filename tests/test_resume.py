@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from mtlcli.data.batch import SplitTensors
 from mtlcli.models import SCHEMES, InputSpec, build_model
+from mtlcli.models.blocks import use_sparse_rows
 from mtlcli.recipe.schema import EarlyStopping, TrainSection
 from mtlcli.train.loop import FitResult, NullObserver, TrainingDiverged, fit
 from mtlcli.weighting import WEIGHTINGS, build_weighting
@@ -198,6 +199,7 @@ def resumes_to_the_same_weights(
     dropout: float = 0.0,
     stop_at: int = 14,
     noisy_valid: bool = False,
+    sparse: bool = False,
 ) -> FitResult:
     """Train once uninterrupted, once interrupted after ``stop_at`` steps and resumed from the
     checkpoint; the final weights must be identical. Returns the uninterrupted run's result."""
@@ -221,6 +223,8 @@ def resumes_to_the_same_weights(
         torch.manual_seed(0)
         params = SCHEMES.get("mmoe").params(n_experts=3, expert_units=[8], tower_units=[4], dropout=dropout)
         model = build_model("mmoe", params, inputs)
+        if sparse:  # the embedding table trains row-wise: its optimizer state is in the checkpoint too
+            use_sparse_rows(model)
         strategy = build_weighting(weighting, WEIGHTINGS.get(weighting).params(), inputs.tasks)
         return (
             model,

@@ -15,13 +15,14 @@ from torch import Tensor, nn
 
 from mtlcli.data.batch import SplitTensors
 from mtlcli.models.base import scheme
+from mtlcli.models.blocks import trainable_tensors
 from mtlcli.train.loop import task_losses
 from mtlcli.weighting.gradients import shared_task_gradients
 
 
-def shared_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    named = scheme(model).parameter_groups()["shared"]
-    return [(name, p) for name, p in named.items() if p.requires_grad]
+def shared_named_parameters(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """The shared parameters as the last forward pass's gradients reach them (row-wise tables: their rows)."""
+    return list(trainable_tensors(model, scheme(model).parameter_groups()["shared"]).items())
 
 
 def layer_of(name: str) -> str:
@@ -85,7 +86,7 @@ def gradient_report(
 ) -> dict[str, Any]:
     """Cosines of the task gradients on the shared parameters, over up to ``max_batches`` batches
     drawn in a seeded random order; the model is in eval mode (no dropout) and left unchanged."""
-    shared = shared_named_parameters(model)
+    named = scheme(model).parameter_groups()["shared"]
     result: dict[str, Any] = {
         "gradient_cosine": {},
         "gradient_conflict": {},
@@ -93,18 +94,13 @@ def gradient_report(
         "gradient_conflict_by_layer": {},
         "gradient_norm": {},
         "gradient_batches": 0,
-        "shared_parameters": sum(p.numel() for _, p in shared),
+        "shared_parameters": sum(p.numel() for p in named.values()),
     }
-    if not shared or len(data) == 0:
+    if not named or len(data) == 0:
         return result
-    layers: dict[str, list[tuple[int, int]]] = {}
-    offset = 0
-    for name, p in shared:
-        layers.setdefault(layer_of(name), []).append((offset, offset + p.numel()))
-        offset += p.numel()
     binary = torch.tensor([t == "binary" for t in types])
     overall = CosineStats(len(tasks))
-    per_layer = {layer: CosineStats(len(tasks)) for layer in layers}
+    per_layer: dict[str, CosineStats] = {}
     norm_sum = torch.zeros(len(tasks), dtype=torch.float64)
     was_training = model.training
     model.eval()
@@ -115,13 +111,20 @@ def gradient_report(
             if batches == max_batches:
                 break
             losses = task_losses(model(batch), batch, binary, pos_weight)
-            params = [p for _, p in shared]
-            grads = shared_task_gradients(losses, params).detach()
+            shared = shared_named_parameters(model)  # after the pass: a row-wise table's rows of this batch
+            layers: dict[str, list[tuple[int, int]]] = {}
+            offset = 0
+            for name, p in shared:
+                layers.setdefault(layer_of(name), []).append((offset, offset + p.numel()))
+                offset += p.numel()
+            grads = shared_task_gradients(losses, [p for _, p in shared]).detach()
             # A task without rows in this batch has no gradient here: leave it out of this batch.
             grads[~batch.label_mask.any(0)] = 0.0
             overall.add(cosine_matrix(grads))
             for layer, spans in layers.items():
-                per_layer[layer].add(cosine_matrix(torch.cat([grads[:, a:b] for a, b in spans], dim=1)))
+                per_layer.setdefault(layer, CosineStats(len(tasks))).add(
+                    cosine_matrix(torch.cat([grads[:, a:b] for a, b in spans], dim=1))
+                )
             norm_sum += grads.double().norm(dim=1)
             batches += 1
     finally:

@@ -49,9 +49,19 @@ class FeatureEmbedding(nn.Module):
     """All categorical features in one embedding table (per-feature offsets), plus numerics.
 
     Input: a Batch. Output: float32 [B, F_cat * dim + F_num].
+
+    With ``use_sparse_rows()`` the table trains row-wise, so that a step costs O(rows in the
+    batch · dim) whatever the vocabulary: the table is no longer trained by the optimizer; each
+    forward pass with gradients gathers the batch's distinct rows into ``rows`` (a leaf [U, dim]
+    that collects their gradient; ``row_ids`` [U] says which they are), and ``update_rows(lr)``
+    applies lazy Adam to exactly those rows (moments per row, as ``torch.optim.SparseAdam``; rows
+    a batch does not touch do not move).
     """
 
     offsets: Tensor
+    row_m: Tensor
+    row_v: Tensor
+    row_steps: Tensor
 
     def __init__(self, cardinalities: list[int], n_numeric: int, dim: int) -> None:
         super().__init__()
@@ -64,12 +74,89 @@ class FeatureEmbedding(nn.Module):
         self.n_categorical = len(cardinalities)
         self.out_dim = len(cardinalities) * dim + n_numeric
         self.fields = FieldLayout(len(cardinalities), dim, n_numeric)
+        self.sparse = False
+        self.rows: Tensor | None = None
+        self.row_ids: Tensor | None = None
+        self.betas, self.eps = (0.9, 0.999), 1e-8
+
+    def use_sparse_rows(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        """Train the table row-wise with lazy Adam (see the class docstring)."""
+        self.sparse, self.betas, self.eps = True, betas, eps
+        self.table.weight.requires_grad_(False)
+        weight = self.table.weight
+        self.register_buffer("row_m", torch.zeros_like(weight), persistent=False)
+        self.register_buffer("row_v", torch.zeros_like(weight), persistent=False)
+        self.register_buffer("row_steps", torch.zeros((), dtype=torch.long), persistent=False)
 
     def forward(self, batch: Batch) -> Tensor:
         if self.n_categorical == 0:
             return batch.numeric
-        embedded = _Lookup.apply(self.table.weight, batch.categorical + self.offsets).flatten(1)
+        ids = batch.categorical + self.offsets
+        if self.sparse and torch.is_grad_enabled():
+            unique, inverse = torch.unique(ids, return_inverse=True)
+            rows = self.table.weight.index_select(0, unique).requires_grad_()
+            self.rows, self.row_ids = rows, unique
+            embedded = rows.index_select(0, inverse.reshape(-1)).view(ids.shape[0], -1)
+        else:
+            embedded = _Lookup.apply(self.table.weight, ids).flatten(1)
         return torch.cat([embedded, batch.numeric], dim=1)
+
+    @torch.no_grad()
+    def update_rows(self, lr: float) -> None:
+        """One lazy-Adam step on the rows of the last forward pass (nothing if they got no gradient)."""
+        rows, ids = self.rows, self.row_ids
+        self.rows = self.row_ids = None
+        if rows is None or ids is None or rows.grad is None:
+            return
+        grad = rows.grad
+        beta1, beta2 = self.betas
+        self.row_steps += 1
+        step = int(self.row_steps)
+        m = self.row_m.index_select(0, ids).mul_(beta1).add_(grad, alpha=1 - beta1)
+        v = self.row_v.index_select(0, ids).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        self.row_m.index_copy_(0, ids, m)
+        self.row_v.index_copy_(0, ids, v)
+        step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+        self.table.weight.index_add_(0, ids, m.div_(v.sqrt_().add_(self.eps)), alpha=-step_size)
+
+    def row_state(self) -> dict[str, Tensor]:
+        """The row optimizer's state, for checkpoints (empty unless sparse)."""
+        return {"m": self.row_m, "v": self.row_v, "steps": self.row_steps} if self.sparse else {}
+
+    def load_row_state(self, state: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            self.row_m.copy_(state["m"])
+            self.row_v.copy_(state["v"])
+            self.row_steps.copy_(state["steps"])
+
+
+def sparse_embeddings(model: nn.Module) -> list[tuple[str, FeatureEmbedding]]:
+    """The embeddings of ``model`` that train row-wise, with their module names."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, FeatureEmbedding) and m.sparse]
+
+
+def use_sparse_rows(model: nn.Module, min_rows: int = 0) -> list[str]:
+    """Make every embedding table of ``model`` with at least ``min_rows`` rows train row-wise;
+    returns the names of the tables switched."""
+    switched = []
+    for name, module in model.named_modules():
+        if isinstance(module, FeatureEmbedding) and module.table.weight.shape[0] >= min_rows:
+            module.use_sparse_rows()
+            switched.append(name)
+    return switched
+
+
+def trainable_tensors(model: nn.Module, named: dict[str, nn.Parameter]) -> dict[str, Tensor]:
+    """``named`` parameters as the step sees them: a table that trains row-wise stands for the
+    rows of the last forward pass (what its gradient reaches); frozen parameters are left out."""
+    rows = {id(m.table.weight): m.rows for _, m in sparse_embeddings(model) if m.rows is not None}
+    out: dict[str, Tensor] = {}
+    for name, param in named.items():
+        if id(param) in rows:
+            out[name] = cast(Tensor, rows[id(param)])
+        elif param.requires_grad:
+            out[name] = param
+    return out
 
 
 def mlp(in_dim: int, units: list[int], dropout: float = 0.0, out_dim: int | None = None) -> nn.Sequential:

@@ -332,6 +332,7 @@ class TrainSection(Strict):
     threads: PositiveInt | Literal["auto"] = "auto"
     checkpoint_every: PositiveInt | None = None
     track_gradients: PositiveInt | None = None
+    sparse_embeddings: Literal["auto"] | bool = "auto"
 
 
 class Recipe(Strict):

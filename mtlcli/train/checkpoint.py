@@ -21,6 +21,7 @@ from mtlcli.data.schema import DataSchema
 from mtlcli.errors import ArtifactError, MtlError
 from mtlcli.fileio import atomic_path, to_json
 from mtlcli.models import InputSpec, build_model
+from mtlcli.models.blocks import sparse_embeddings
 from mtlcli.recipe import Recipe, recipe_from_dict
 from mtlcli.train.loop import LoopState
 from mtlcli.weighting.base import WeightingStrategy
@@ -165,6 +166,9 @@ def save_checkpoint(
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in model.state_dict().items()}
     optim, groups = optimizer_tensors(optimizer)
     tensors.update(optim)
+    for name, embedding in sparse_embeddings(model):  # the row-wise optimizer of each such table
+        for slot, value in embedding.row_state().items():
+            tensors[f"rows.{name}.{slot}"] = value
     abilities = strategy.capabilities
     for index, param in enumerate(abilities.parameters):
         tensors[f"strategy_param.{index}"] = param.detach()
@@ -234,6 +238,8 @@ def load_checkpoint(
     try:
         model.load_state_dict(part("model."), strict=True)
         restore_optimizer(optimizer, tensors, metadata, path)
+        for name, embedding in sparse_embeddings(model):
+            embedding.load_row_state(part(f"rows.{name}."))
         with torch.no_grad():
             for position, param in enumerate(strategy.capabilities.parameters):
                 param.copy_(tensors[f"strategy_param.{position}"])

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from mtlcli.data.batch import Batch, SplitTensors
 from mtlcli.errors import MtlError
 from mtlcli.models.base import enable_representation, scheme
+from mtlcli.models.blocks import sparse_embeddings, trainable_tensors
 from mtlcli.recipe.schema import EarlyStopping, LrSchedule, TrainSection
 from mtlcli.train.metrics import task_metrics
 from mtlcli.weighting.base import WeightingStrategy
@@ -300,7 +301,8 @@ def fit(
     scheduled = schedule.kind != "constant" or schedule.warmup_steps > 0
     total_steps = settings.epochs * steps_per_epoch
     clipped = [p for group in optimizer.param_groups if group.get("clipped", True) for p in group["params"]]
-    shared = list(scheme(model).parameter_groups()["shared"].values()) if track else []
+    shared_named = scheme(model).parameter_groups()["shared"] if track else {}
+    row_wise = sparse_embeddings(model)
     while state.epoch <= settings.epochs and not state.stopped_early:
         epoch = state.epoch
         if state.shuffle_state is not None:
@@ -322,7 +324,9 @@ def fit(
                     "lower train.lr, check the labels and numeric transforms; the last checkpoint is kept",
                 )
             global_step = (epoch - 1) * steps_per_epoch + state.step + 1
-            grads = shared_task_gradients(losses, shared) if track and shared and global_step % track == 0 else None
+            tracked = track and global_step % track == 0
+            shared = list(trainable_tensors(model, shared_named).values()) if tracked else []
+            grads = shared_task_gradients(losses, shared) if shared else None
             weights = strategy.backward(losses, model)
             if scheduled:
                 factor = lr_factor(schedule, global_step - 1, total_steps, steps_per_epoch)
@@ -330,8 +334,11 @@ def fit(
                     if group.get("scheduled", True):
                         group["lr"] = group.get("base_lr", settings.lr) * factor
             if settings.clip_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(clipped, settings.clip_grad_norm)
+                rows = [m.rows for _, m in row_wise if m.rows is not None]
+                torch.nn.utils.clip_grad_norm_([*clipped, *rows], settings.clip_grad_norm)
             optimizer.step()
+            for _, embedding in row_wise:  # tables that train row-wise, at the model's current lr
+                embedding.update_rows(optimizer.param_groups[0]["lr"])
             state.loss_sum += losses.detach()
             state.weight_sum += weights.detach()
             state.step += 1

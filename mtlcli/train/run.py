@@ -27,6 +27,7 @@ from mtlcli.errors import ArtifactError, DataError
 from mtlcli.fileio import append_line, sha256_json, to_json, write_json, write_text
 from mtlcli.models import build_model
 from mtlcli.models.base import scheme
+from mtlcli.models.blocks import use_sparse_rows
 from mtlcli.recipe import Recipe, recipe_to_yaml
 from mtlcli.train.checkpoint import (
     LoadedModel,
@@ -78,6 +79,10 @@ class RunWriter:
 
 
 SMALL_MODEL = 1_000_000  # parameters
+# train.sparse_embeddings: auto trains tables of at least this many rows row-wise. Below it a dense
+# Adam step over the whole table costs little (census: 520 rows), above it the step would grow
+# with the vocabulary.
+SPARSE_MIN_ROWS = 100_000
 
 
 def choose_threads(setting: int | str, model: nn.Module) -> int:
@@ -143,6 +148,8 @@ def train_run(
     tasks = schema.task_names
     types = [t.type for t in schema.tasks]
     model = build_model(recipe.model.scheme, recipe.model.params, input_spec(schema))
+    if settings.sparse_embeddings is not False:
+        use_sparse_rows(model, SPARSE_MIN_ROWS if settings.sparse_embeddings == "auto" else 0)
     torch.set_num_threads(choose_threads(settings.threads, model))
     strategy = build_weighting(recipe.loss.weighting, recipe.loss.params, tasks)
     own = list(strategy.capabilities.parameters)

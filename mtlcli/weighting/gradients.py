@@ -15,17 +15,19 @@ import torch
 from torch import Tensor, nn
 
 from mtlcli.models.base import SharedRepresentation, scheme
+from mtlcli.models.blocks import trainable_tensors
 
 
-def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(shared, task-specific) trainable parameters, from the scheme's ``parameter_groups()``."""
+def split_parameters(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+    """(shared, task-specific) trainable tensors, from the scheme's ``parameter_groups()``; an
+    embedding table that trains row-wise is represented by the rows of the last forward pass."""
     named = scheme(model).parameter_groups()
-    shared = [p for p in named["shared"].values() if p.requires_grad]
-    own = [p for name, group in named.items() if name != "shared" for p in group.values() if p.requires_grad]
+    shared = list(trainable_tensors(model, named["shared"]).values())
+    own = [p for name, group in named.items() if name != "shared" for p in trainable_tensors(model, group).values()]
     return shared, own
 
 
-def shared_task_gradients(losses: Tensor, shared: list[nn.Parameter]) -> Tensor:
+def shared_task_gradients(losses: Tensor, shared: list[Tensor]) -> Tensor:
     """The gradient of each loss [T] on the shared parameters, flattened: [T, P].
 
     Keeps the graph (``retain_graph``) so that a later backward pass can still use it. A parameter
@@ -42,7 +44,7 @@ def shared_task_gradients(losses: Tensor, shared: list[nn.Parameter]) -> Tensor:
     return torch.stack(rows)
 
 
-def assign_shared_gradient(vector: Tensor, shared: list[nn.Parameter]) -> None:
+def assign_shared_gradient(vector: Tensor, shared: list[Tensor]) -> None:
     """Add the flat gradient ``vector`` [P] to the ``.grad`` of the shared parameters."""
     offset = 0
     for p in shared:
