@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -120,6 +121,52 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+SAMPLE = 1 << 16  # bytes read at each end of a file for its identity
+
+
+def file_identity(path: Path) -> dict[str, Any]:
+    """What identifies a file's content without reading all of it: its resolved path, size,
+    modification time (ns), inode, and a hash of its first and last 64 KiB."""
+    stat = path.stat()
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        digest.update(handle.read(SAMPLE))
+        if stat.st_size > SAMPLE:
+            handle.seek(max(SAMPLE, stat.st_size - SAMPLE))
+            digest.update(handle.read(SAMPLE))
+    return {
+        "path": str(path.resolve()),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "inode": stat.st_ino,
+        "sample": digest.hexdigest(),
+    }
+
+
+def sha256_file_remembered(path: Path, memo: Path) -> str:
+    """``sha256_file(path)``, read from ``memo`` (a JSON file) when the file's identity is the one
+    recorded with it, else computed and recorded. At 10^8 rows hashing every source file on every
+    run would cost more than the run; the identity catches any change of size, modification time
+    or inode (rewrites, appends, copies, `git checkout`) and any change in the first or last
+    64 KiB. It misses only an edit inside the file that keeps its size, its modification time
+    and both ends (e.g. a tool that restores the mtime after changing a byte in the middle)."""
+    identity = file_identity(path)
+    try:
+        entries = json.loads(memo.read_text(encoding="utf-8"))
+        if not isinstance(entries, dict):
+            entries = {}
+    except (OSError, ValueError):
+        entries = {}
+    known = entries.get(identity["path"])
+    if isinstance(known, dict) and known.get("identity") == identity and isinstance(known.get("sha256"), str):
+        return str(known["sha256"])
+    digest = sha256_file(path)
+    entries[identity["path"]] = {"identity": identity, "sha256": digest}
+    with contextlib.suppress(OSError):  # a read-only cache directory: the hash is right, only not remembered
+        write_json(memo, entries)
+    return digest
 
 
 def sha256_json(obj: Any) -> str:

@@ -570,3 +570,31 @@ def test_census_protocol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert len(inputs) == 42 - 4
     assert schema.task_names == ["income", "marital"]
     assert 0.0 < schema.splits["train"].label_mean["income"] < 0.1
+
+
+def test_an_unchanged_source_file_is_not_hashed_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache key remembers each file's sha256 with its identity (size, mtime, inode, both ends):
+    a second run reads only the ends; a change of a byte, same size and mtime, is still caught
+    when it lies in the first or last 64 KiB."""
+    import os
+
+    import mtlcli.fileio as fileio
+    from mtlcli.data.preprocess import data_key
+
+    source = tmp_path / "data.csv"
+    write_csv(source, base_rows())
+    recipe = make_recipe(tmp_path, source=source)
+    first = data_key(recipe)[0]
+    assert (tmp_path / "cache" / "file-hashes.json").is_file()
+
+    def no_full_read(path: Path) -> str:
+        raise AssertionError(f"{path} was hashed in full again")
+
+    monkeypatch.setattr(fileio, "sha256_file", no_full_read)
+    assert data_key(recipe)[0] == first
+    monkeypatch.undo()
+    stat = source.stat()
+    text = source.read_text()
+    source.write_text(text.replace("red", "rex", 1))  # same size
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same mtime
+    assert data_key(recipe)[0] != first

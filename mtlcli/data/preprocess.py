@@ -30,7 +30,7 @@ from mtlcli.data.schema import (
 )
 from mtlcli.data.synthetic import generate
 from mtlcli.errors import ArtifactError, DataError
-from mtlcli.fileio import atomic_dir, sha256_file, sha256_json
+from mtlcli.fileio import atomic_dir, sha256_file_remembered, sha256_json
 from mtlcli.recipe.schema import (
     ColumnSplit,
     FilesSplit,
@@ -90,9 +90,15 @@ def source_files(recipe: Recipe) -> list[tuple[str, Path]]:
     return [("", resolve_file(p, f"data.source[{i}]")) for i, p in enumerate(recipe.data.source)]
 
 
+FILE_HASHES = "file-hashes.json"  # in data.cache_dir: each source file's sha256 with its identity
+
+
 def data_key(recipe: Recipe) -> tuple[str, dict[str, Any]]:
-    """The cache key: the data, features and tasks sections plus the source files' sha256."""
-    files = [{"split": s, "path": str(f), "sha256": sha256_file(f)} for s, f in source_files(recipe)]
+    """The cache key: the data, features and tasks sections plus the source files' sha256 (each
+    remembered with the file's identity, so an unchanged file is not read again; see
+    ``fileio.sha256_file_remembered`` for what the identity catches)."""
+    memo = Path(recipe.data.cache_dir) / FILE_HASHES
+    files = [{"split": s, "path": str(f), "sha256": sha256_file_remembered(f, memo)} for s, f in source_files(recipe)]
     source = {"files": files, "synthetic": recipe.data.synthetic.model_dump() if recipe.data.synthetic else None}
     spec = recipe.to_dict()
     # data.group is left out while unset, so that recipes written before it keep their cache keys
