@@ -114,8 +114,7 @@ def main() -> None:
         index += 1
         print(f"\r{written:,} rows in {index} shards", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
-    shards = [str(args.out / f"part-{i:05d}.parquet") for i in range(index)]
-    write_text(args.out / "recipe.yaml", RECIPE.format(source="[" + ", ".join(shards) + "]"))
+    write_text(args.out / "recipe.yaml", RECIPE.format(source=f'"{args.out / "part-*.parquet"}"'))
     print(f"{args.out}: {written:,} rows in {index} shards; recipe {args.out / 'recipe.yaml'}")
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pytest
+import torch
 import yaml
 
 from mtlcli.data.preprocess import Prepared, prepare
@@ -598,3 +600,48 @@ def test_an_unchanged_source_file_is_not_hashed_again(tmp_path: Path, monkeypatc
     source.write_text(text.replace("red", "rex", 1))  # same size
     os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same mtime
     assert data_key(recipe)[0] != first
+
+
+def test_shards_by_glob_read_as_one_file(tmp_path: Path) -> None:
+    """`data.source: shards/part-*.parquet` reads the shards in sorted order, as one file would."""
+    rows = base_rows()
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for index, start in enumerate(range(0, N, 7)):
+        pl.DataFrame(rows[start : start + 7]).write_parquet(shards / f"part-{index:03d}.parquet")
+    whole = tmp_path / "whole.parquet"
+    pl.DataFrame(rows).write_parquet(whole)
+    from_shards = prepare(make_recipe(tmp_path, source=Path(str(shards / "part-*.parquet"))))
+    from_file = prepare(make_recipe(tmp_path, source=whole))
+    for split in ("train", "valid", "test"):
+        a, b = from_shards.load(split), from_file.load(split)
+        assert torch.equal(a.categorical, b.categorical) and torch.equal(a.numeric, b.numeric)
+        assert torch.equal(a.labels, b.labels)
+
+
+@pytest.mark.parametrize(
+    ("damage", "expect"),
+    [
+        ("nothing matches", "the pattern"),
+        ("a shard lacks a column", "part-001.parquet: lacks column 'buy'"),
+        ("a shard has another column", "part-001.parquet: has column 'extra'"),
+        ("a truncated shard", "part-001.parquet: cannot read it as PARQUET"),
+    ],
+)
+def test_bad_shards_are_named(tmp_path: Path, damage: str, expect: str) -> None:
+    rows = base_rows()
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    pl.DataFrame(rows[:10]).write_parquet(shards / "part-000.parquet")
+    second = pl.DataFrame(rows[10:])
+    if damage == "a shard lacks a column":
+        second = second.drop("buy")
+    elif damage == "a shard has another column":
+        second = second.with_columns(pl.lit(1).alias("extra"))
+    second.write_parquet(shards / "part-001.parquet")
+    if damage == "a truncated shard":
+        raw = (shards / "part-001.parquet").read_bytes()
+        (shards / "part-001.parquet").write_bytes(raw[: len(raw) // 2])
+    pattern = "nothing-*.parquet" if damage == "nothing matches" else "part-*.parquet"
+    with pytest.raises(DataError, match=re.escape(expect)):
+        prepare(make_recipe(tmp_path, source=Path(str(shards / pattern))))

@@ -65,6 +65,22 @@ class Prepared:
 # --- locating and reading the source ------------------------------------------------------------
 
 
+def resolve_files(path: str, field: str) -> list[Path]:
+    """A data path from the recipe, or a glob of shards (``logs/part-*.parquet``, in sorted
+    order); relative paths resolve from the working directory."""
+    if not any(c in path for c in "*?["):
+        return [resolve_file(path, field)]
+    pattern = Path(path).expanduser()
+    anchor = Path(pattern.anchor) if pattern.is_absolute() else Path()
+    matches = sorted(p for p in anchor.glob(str(pattern.relative_to(anchor))) if p.is_file())
+    if not matches:
+        raise DataError(
+            f"{field}: the pattern {path!r} matches no file (relative paths resolve from {Path.cwd()})",
+            "check the pattern, or run the command from the directory the recipe's paths are relative to",
+        )
+    return matches
+
+
 def resolve_file(path: str, field: str) -> Path:
     """A data path from the recipe; relative paths resolve from the working directory."""
     file = Path(path).expanduser()
@@ -83,11 +99,12 @@ def source_files(recipe: Recipe) -> list[tuple[str, Path]]:
     split = recipe.data.split
     if isinstance(split, FilesSplit):
         return [
-            (name, resolve_file(p, f"data.split.{name}[{i}]"))
+            (name, file)
             for name in SPLITS
             for i, p in enumerate(getattr(split, name))
+            for file in resolve_files(p, f"data.split.{name}[{i}]")
         ]
-    return [("", resolve_file(p, f"data.source[{i}]")) for i, p in enumerate(recipe.data.source)]
+    return [("", file) for i, p in enumerate(recipe.data.source) for file in resolve_files(p, f"data.source[{i}]")]
 
 
 FILE_HASHES = "file-hashes.json"  # in data.cache_dir: each source file's sha256 with its identity
@@ -207,12 +224,15 @@ def read_source(recipe: Recipe) -> pl.DataFrame:
     if recipe.data.synthetic is not None:
         frame = generate(recipe.data.synthetic)
     elif isinstance(split, FilesSplit):
-        parts = []
-        for name, path in source_files(recipe):
-            parts.append(_read_one(path, recipe).with_columns(pl.lit(SPLITS.index(name), pl.Int8).alias(SPLIT_COLUMN)))
-        frame = _concat(parts)
+        files = source_files(recipe)
+        parts = [
+            _read_one(path, recipe).with_columns(pl.lit(SPLITS.index(name), pl.Int8).alias(SPLIT_COLUMN))
+            for name, path in files
+        ]
+        frame = _concat(parts, [path for _, path in files])
     else:
-        frame = _concat([_read_one(path, recipe) for _, path in source_files(recipe)])
+        files = source_files(recipe)
+        frame = _concat([_read_one(path, recipe) for _, path in files], [path for _, path in files])
     frame = frame.with_row_index(ROW_COLUMN)
     n = frame.height
     if isinstance(split, ModuloSplit):
@@ -252,13 +272,26 @@ def read_source(recipe: Recipe) -> pl.DataFrame:
     return frame
 
 
-def _concat(parts: list[pl.DataFrame]) -> pl.DataFrame:
+def _concat(parts: list[pl.DataFrame], paths: list[Path]) -> pl.DataFrame:
+    """The files' rows one after the other; every file (shard) must have the first one's columns."""
     if len(parts) == 1:
         return parts[0]
     columns = parts[0].columns
-    for part in parts[1:]:
+    for part, path in zip(parts[1:], paths[1:], strict=True):
         if part.columns != columns:
-            raise DataError("the data files do not have the same columns", "give files with one layout")
+            missing = [c for c in columns if c not in part.columns]
+            extra = [c for c in part.columns if c not in columns]
+            what = (
+                f"lacks column {missing[0]!r}"
+                if missing
+                else f"has column {extra[0]!r} that {paths[0].name} lacks"
+                if extra
+                else "has the same columns in another order"
+            )
+            raise DataError(
+                f"{path}: {what} (the data files must share {paths[0].name}'s columns)",
+                "give files (shards) with one layout",
+            )
     return pl.concat(parts, how="vertical_relaxed")
 
 
