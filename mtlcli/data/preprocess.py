@@ -336,15 +336,12 @@ def _require_columns(frame: pl.DataFrame, names: list[str], field: str) -> None:
 # --- labels ------------------------------------------------------------------------------------
 
 
-def _numeric(frame: pl.DataFrame, name: str, field: str) -> pl.Series:
-    """Column ``name`` as float64; a value that is not a number, or an infinite one (``inf``,
-    ``-Infinity``, ``1e400``), is a DataError naming its row. NaN stays NaN (read as missing)."""
-    column = frame.get_column(name)
-    if column.dtype == pl.Boolean:
-        return column.cast(pl.Float64)
-    if column.dtype.is_numeric():
-        return _finite(column.cast(pl.Float64), column, frame, name, field)
+def parse_numbers(column: pl.Series) -> tuple[pl.Series, pl.Series]:
+    """(float64 values, the raw values as text) of a column: numbers as they are, booleans and the
+    words true/false as 1/0, other text parsed; a value that is not a number becomes null."""
     text = column.cast(pl.String)
+    if column.dtype == pl.Boolean or column.dtype.is_numeric():
+        return column.cast(pl.Float64), text
     lowered = text.str.to_lowercase()
     values = pl.select(
         pl.when(lowered == "true")
@@ -354,6 +351,13 @@ def _numeric(frame: pl.DataFrame, name: str, field: str) -> pl.Series:
         .otherwise(text)
         .cast(pl.Float64, strict=False)
     ).to_series()
+    return values, text
+
+
+def _numeric(frame: pl.DataFrame, name: str, field: str) -> pl.Series:
+    """Column ``name`` as float64; a value that is not a number, or an infinite one (``inf``,
+    ``-Infinity``, ``1e400``), is a DataError naming its row. NaN stays NaN (read as missing)."""
+    values, text = parse_numbers(frame.get_column(name))
     bad = values.is_null() & text.is_not_null()
     if bad.any():
         index = int(bad.arg_true()[0])

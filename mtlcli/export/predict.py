@@ -36,6 +36,7 @@ from mtlcli.data.preprocess import (
     encode_numeric,
     group_ids,
     make_labels,
+    parse_numbers,
 )
 from mtlcli.data.schema import DataSchema
 from mtlcli.errors import DataError, MtlError
@@ -401,17 +402,7 @@ def row_problems(chunk: pl.DataFrame, names: list[str]) -> pl.Series:
     finite number), or null where it can: [N] strings."""
     reasons: list[pl.Expr] = []
     for name in names:
-        column = chunk.get_column(name)
-        if column.dtype.is_numeric():
-            values = column.cast(pl.Float64)
-            text = column.cast(pl.String)
-        else:
-            text = column.cast(pl.String)
-            lowered = text.str.to_lowercase()
-            values = pl.select(
-                pl.when(lowered == "true").then(pl.lit("1")).when(lowered == "false").then(pl.lit("0"))
-                .otherwise(text).cast(pl.Float64, strict=False)
-            ).to_series()  # fmt: skip
+        values, text = parse_numbers(chunk.get_column(name))
         bad_number = values.is_null() & text.is_not_null()
         infinite = values.is_infinite().fill_null(False)
         reasons.append(
