@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -144,14 +143,8 @@ def _write(frames: Any, output: str, fmt: str) -> None:
 
     with tempfile.TemporaryDirectory(prefix="mtl-predict-") as spool:
         if output == "-":
-            try:
-                write_chunks(frames, fmt, sys.stdout.buffer, Path(spool))
-                sys.stdout.buffer.flush()
-            except BrokenPipeError:
-                # The reader went away (`| head`): stop quietly, and keep Python's exit flush from failing too.
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, sys.stdout.fileno())
-                raise typer.Exit(0) from None
+            write_chunks(frames, fmt, sys.stdout.buffer, Path(spool))  # `| head`: handle_errors ends quietly
+            sys.stdout.buffer.flush()
         elif Path(output).is_dir():
             raise MtlError(f"--output {output}: is a directory", "give a file name, or '-' for standard output")
         elif Path(output).exists() and not Path(output).is_file():
