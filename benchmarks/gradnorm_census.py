@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `mtlcli` when run as a script
 
 from benchmarks.scheme_results import CENSUS, CENSUS_TASKS, RECIPES, ResultCache, fmt, run_one
-from mtlcli.data.preprocess import prepare
+from mtlcli.data.store import prepare
 from mtlcli.models import build_model
 from mtlcli.recipe import load_recipe
 from mtlcli.train.checkpoint import input_spec

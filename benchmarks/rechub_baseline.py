@@ -36,7 +36,7 @@ from torch_rechub.trainers import MTLTrainer
 from torch_rechub.utils.data import DataGenerator
 
 from mtlcli.data.batch import SplitTensors
-from mtlcli.data.preprocess import prepare
+from mtlcli.data.store import prepare
 from mtlcli.data.schema import DataSchema
 from mtlcli.recipe import load_recipe
 

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.*` when run as a script
 
-from mtlcli.data.preprocess import prepare
+from mtlcli.data.store import prepare
 from mtlcli.recipe import load_recipe
 from mtlcli.train.run import train_run
 

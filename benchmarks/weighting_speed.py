@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.*` when run as a script
 
 from benchmarks.train_speed import REFERENCE
-from mtlcli.data.preprocess import prepare
+from mtlcli.data.store import prepare
 from mtlcli.models import build_model
 from mtlcli.recipe import load_recipe
 from mtlcli.train.checkpoint import input_spec

@@ -25,7 +25,7 @@ ALLOWED_ATTRIBUTE_CALLS = {
     ("numerics.py", "values", "'to_numpy'"): "any array-like result (tensor, array, frame) for a comparison",
     ("models/sparse_sharing.py", "self", "f'mask_{k}_{layer}'"): "the scheme's own mask buffers, in its own file",
     ("models/esmm.py", "params", "key"): "the scheme's own parameters, in its own file",
-    ("data/preprocess.py", "split", "name"): "the split section of a recipe (train/valid/test lists)",
+    ("data/scan.py", "split", "name"): "the split section of a recipe (train/valid/test lists)",
     ("train/checkpoint.py", "state", "name"): "the fields of the loop's own LoopState dataclass",
     ("train/checkpoint.py", "state", "k"): "the fields of the loop's own LoopState dataclass",
     ("recipe/load.py", "exc", "'problem_mark'"): "a YAML parser error: where in the file it happened",

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from mtlcli.data.preprocess import Prepared, prepare
+from mtlcli.data.store import Prepared, prepare
 from mtlcli.data.schema import FIRST_ID, MISSING_ID, OOV_ID, DataSchema
 from mtlcli.errors import DataError
 from mtlcli.recipe import Recipe, load_recipe, recipe_from_text
@@ -581,7 +581,7 @@ def test_an_unchanged_source_file_is_not_hashed_again(tmp_path: Path, monkeypatc
     import os
 
     import mtlcli.fileio as fileio
-    from mtlcli.data.preprocess import data_key
+    from mtlcli.data.store import data_key
 
     source = tmp_path / "data.csv"
     write_csv(source, base_rows())

@@ -77,7 +77,7 @@ csv_rows = st.lists(st.lists(cells, min_size=1, max_size=5), max_size=6)
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(csv_rows, st.booleans())
 def test_any_csv_preprocesses_or_raises_data_error(table: list[list[str]], header: bool) -> None:
-    from mtlcli.data.preprocess import prepare
+    from mtlcli.data.store import prepare
 
     text = "\n".join(",".join(row) for row in table)
     with tempfile.TemporaryDirectory() as tmp:

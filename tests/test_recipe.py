@@ -500,7 +500,7 @@ def test_a_component_check_runs_even_when_another_section_is_invalid() -> None:
 
 
 def test_pos_weight_is_for_binary_tasks_and_leaves_the_data_cache_alone(tmp_path: Path) -> None:
-    from mtlcli.data.preprocess import data_key
+    from mtlcli.data.store import data_key
 
     issue = only_issue(
         replaced("  buy:\n", "  buy:\n    type: regression\n    pos_weight: 2\n").replace(', positive: ["1"]', "")

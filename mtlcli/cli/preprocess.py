@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
@@ -60,11 +61,17 @@ def command(
 
     Writes {train,valid,test}.parquet and schema.json; reuses a matching cache entry.
     """
-    from mtlcli.data.preprocess import prepare
+    from mtlcli.data.store import prepare
 
     loaded = load_recipe(recipe, overrides or [])
-    with err_console.status("preprocessing", spinner="dots") if not quiet else nullcontext():
-        prepared = prepare(loaded, out=out, force=force)
+    started = time.perf_counter()
+    with err_console.status("preprocessing", spinner="dots") if not quiet else nullcontext() as status:
+
+        def progress(stage: str) -> None:  # the stage in progress and the time so far, on stderr
+            if status is not None:
+                status.update(f"preprocessing: {stage} ({time.perf_counter() - started:.0f} s)")
+
+        prepared = prepare(loaded, out=out, force=force, progress=progress)
     if not quiet:
         verb = "reused" if prepared.reused else "wrote"
         err_console.print(f"{verb} [bold]{prepared.directory}[/]")

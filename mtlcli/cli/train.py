@@ -109,7 +109,7 @@ def command(
     The run directory gets recipe.yaml, schema.json, model.safetensors (best epoch), metrics.jsonl
     and summary.json. Progress goes to stderr; --json prints the summary on stdout.
     """
-    from mtlcli.data.preprocess import prepare  # heavy imports (torch) only when a command runs
+    from mtlcli.data.store import prepare  # heavy imports (torch) only when a command runs
     from mtlcli.train.loop import TrainingInterrupted
     from mtlcli.train.run import check_run_dir, train_run
 

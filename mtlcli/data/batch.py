@@ -17,12 +17,14 @@ class Batch:
     numeric:     float32 [B, F_num], already filled and transformed
     labels:      float32 [B, T], one column per task in recipe order
     label_mask:  bool [B, T], True where the row counts for that task's loss and metrics
+    groups:      int64 [B] group ids for GAUC (data.group), -1 without a group; metrics only
     """
 
     categorical: Tensor
     numeric: Tensor
     labels: Tensor
     label_mask: Tensor
+    groups: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -45,17 +47,29 @@ class SplitTensors:
         return int(self.labels.shape[0])
 
     def batches(
-        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None, skip: int = 0
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        skip: int = 0,
+        rank: int = 0,
+        world: int = 1,
     ) -> Iterator[Batch]:
         """Batches in order, or in a fresh random order when ``shuffle``; ``skip`` leaves out the
-        first batches (to finish an interrupted epoch)."""
+        first batches (to finish an interrupted epoch); process ``rank`` of ``world`` gets its
+        slice of each global batch (see ``mtlcli.data.source``)."""
         parts: tuple[Tensor, ...] = (self.categorical, self.numeric, self.labels, self.label_mask)
+        if self.groups is not None:
+            parts = (*parts, self.groups)
         if shuffle:
             order = torch.randperm(len(self), generator=generator)
             parts = tuple(part[order] for part in parts)
         for start in range(skip * batch_size, len(self), batch_size):
             stop = start + batch_size
-            yield Batch(*(part[start:stop] for part in parts))
+            chunk = tuple(part[start:stop] for part in parts)
+            if world > 1:
+                chunk = tuple(torch.tensor_split(part, world)[rank] for part in chunk)
+            yield Batch(*chunk)
 
     def all(self) -> Batch:
-        return Batch(self.categorical, self.numeric, self.labels, self.label_mask)
+        return Batch(self.categorical, self.numeric, self.labels, self.label_mask, self.groups)

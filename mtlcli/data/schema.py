@@ -31,6 +31,7 @@ class CategoricalFeature:
     vocab: list[str]
     min_count: int = 1
     hash_buckets: int | None = None
+    max_size: int | None = None  # the vocabulary was cut to this many most frequent values
 
     @property
     def cardinality(self) -> int:

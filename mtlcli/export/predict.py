@@ -26,18 +26,11 @@ import torch
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch, SplitTensors
-from mtlcli.data.preprocess import (
-    LABEL_PREFIX,
-    ROW_COLUMN,
-    _label_mask,
-    _numeric,
-    _require_columns,
-    categorical_expr,
-    encode_numeric,
-    group_ids,
-    make_labels,
-    parse_numbers,
-)
+from mtlcli.data.checks import ROW_COLUMN, checked_numbers, number_exprs
+from mtlcli.data.encode import categorical_expr, encode_numeric, group_expr
+from mtlcli.data.labels import LABEL_PREFIX, make_labels
+from mtlcli.data.load import label_mask
+from mtlcli.data.scan import require_columns
 from mtlcli.data.schema import DataSchema
 from mtlcli.errors import DataError, MtlError
 from mtlcli.recipe.schema import Recipe
@@ -245,11 +238,11 @@ def encode_inputs(frame: pl.DataFrame, schema: DataSchema) -> tuple[Tensor, Tens
     """Raw rows -> (categorical int64 [N, F_cat], numeric float32 [N, F_num]), exactly as
     preprocessing encoded the training data (unseen values -> id 0, missing -> id 1)."""
     needed = [f.name for f in schema.categorical] + [f.name for f in schema.numeric]
-    _require_columns(frame, needed, "input")
+    require_columns(frame.columns, needed, "input")
     n = frame.height
     # every feature in one query
     cats = frame.select([categorical_expr(f, frame.get_column(f.name)) for f in schema.categorical]).get_columns()
-    nums = [encode_numeric(_numeric(frame, f.name, f"input column {f.name!r}"), f) for f in schema.numeric]
+    nums = [encode_numeric(checked_numbers(frame, f.name, f"input column {f.name!r}"), f) for f in schema.numeric]
     categorical = (
         torch.from_numpy(np.require(pl.DataFrame(cats).to_numpy(), np.int64, ["C", "W"]))
         if cats
@@ -402,14 +395,12 @@ def row_problems(chunk: pl.DataFrame, names: list[str]) -> pl.Series:
     finite number), or null where it can: [N] strings."""
     reasons: list[pl.Expr] = []
     for name in names:
-        values, text = parse_numbers(chunk.get_column(name))
-        bad_number = values.is_null() & text.is_not_null()
-        infinite = values.is_infinite().fill_null(False)
+        values, text = number_exprs(name, chunk.schema[name])
         reasons.append(
-            pl.when(pl.lit(bad_number))
-            .then(pl.format("column {}: not a number: {}", pl.lit(repr(name)), pl.lit(text)))
-            .when(pl.lit(infinite))
-            .then(pl.format("column {}: infinite value: {}", pl.lit(repr(name)), pl.lit(text)))
+            pl.when(values.is_null() & text.is_not_null())
+            .then(pl.format("column {}: not a number: {}", pl.lit(repr(name)), text))
+            .when(values.is_infinite().fill_null(False))
+            .then(pl.format("column {}: infinite value: {}", pl.lit(repr(name)), text))
         )
     if not reasons:
         return pl.Series("reason", [None] * chunk.height, dtype=pl.String)
@@ -431,7 +422,7 @@ def predict_chunks(
     keep = keep or []
     for chunk in chunks:
         extra = keep + ([score.factor] if score and score.factor else [])
-        _require_columns(chunk, extra, "--keep/--score-factor")
+        require_columns(chunk.columns, extra, "--keep/--score-factor")
         if reject is not None:
             checked = [f.name for f in schema.numeric] + ([score.factor] if score and score.factor else [])
             reasons = row_problems(chunk, checked)
@@ -449,7 +440,7 @@ def predict_chunks(
         if score is not None:
             factor = None
             if score.factor:
-                factor = _numeric(chunk, score.factor, "--score-factor").to_numpy()
+                factor = checked_numbers(chunk, score.factor, "--score-factor").to_numpy()
             columns.append(pl.Series("score", score.apply(outputs, factor), nan_to_null=True))
         yield pl.DataFrame(columns)
 
@@ -468,8 +459,10 @@ def labelled_tensors(frame: pl.DataFrame, recipe: Recipe, schema: DataSchema) ->
     labels = torch.from_numpy(np.require(labels_frame.select(names).to_numpy(), np.float32, ["C", "W"]))
     groups = None
     if schema.group is not None:
-        groups = torch.from_numpy(np.require(group_ids(frame, schema.group).to_numpy(), np.int64, ["C", "W"]))
-    return SplitTensors(categorical, numeric, labels, _label_mask(labels_frame, schema, labels), groups)
+        require_columns(frame.columns, [schema.group], "data.group")
+        ids = frame.select(group_expr(frame.get_column(schema.group), schema.group)).to_series()
+        groups = torch.from_numpy(np.require(ids.to_numpy(), np.int64, ["C", "W"]))
+    return SplitTensors(categorical, numeric, labels, label_mask(labels_frame, schema, labels), groups)
 
 
 def output_columns(schema: DataSchema, keep: list[str] | None, score: bool) -> list[str]:

@@ -9,7 +9,8 @@ from typing import Annotated, Any, Protocol, TypeVar, cast
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator
 from torch import Tensor, nn
 
-from mtlcli.data.batch import Batch, SplitTensors
+from mtlcli.data.batch import Batch
+from mtlcli.data.source import BatchSource
 from mtlcli.models.blocks import ExpertKind, check_expert_kinds
 from mtlcli.registry import Component, Registry
 
@@ -49,7 +50,7 @@ class Capabilities:
 
     expert_names: Callable[[str], list[str]] | None = None
     masks: Callable[[], dict[str, list[Tensor]]] | None = None
-    search: Callable[[SplitTensors, int, float, int], None] | None = None
+    search: Callable[[BatchSource, int, float, int], None] | None = None
     baseline: bool = False
 
 

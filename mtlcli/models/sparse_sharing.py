@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
-from mtlcli.data.batch import Batch, SplitTensors
+from mtlcli.data.batch import Batch
+from mtlcli.data.source import BatchSource
 from mtlcli.models.base import (
     Capabilities,
     InputSpec,
@@ -105,7 +106,7 @@ class SparseSharing(nn.Module, SharedRepresentation):
         """Each task's binary masks over the bottom layers' weights."""
         return {t: [self.mask(k, layer) for layer in range(len(self.bottom))] for k, t in enumerate(self.tasks)}
 
-    def search_masks(self, train: SplitTensors, batch_size: int, lr: float, seed: int) -> None:
+    def search_masks(self, train: BatchSource, batch_size: int, lr: float, seed: int) -> None:
         """Iterative magnitude pruning per task (warm-up on the task alone, prune, rewind), then
         rewind every weight to its initial value and keep the masks."""
         initial = copy.deepcopy({k: v for k, v in self.state_dict().items() if "mask_" not in k})
@@ -119,7 +120,7 @@ class SparseSharing(nn.Module, SharedRepresentation):
         self.load_state_dict(initial, strict=False)
         self.zero_grad(set_to_none=True)
 
-    def _warm_up(self, k: int, train: SplitTensors, batch_size: int, lr: float, generator: torch.Generator) -> None:
+    def _warm_up(self, k: int, train: BatchSource, batch_size: int, lr: float, generator: torch.Generator) -> None:
         optimizer = torch.optim.Adam(self.parameters(), lr=lr)
         binary = self.types[k] == "binary"
         steps = 0

@@ -28,6 +28,23 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+
+
+def _as_bytes(value: Any) -> Any:
+    """A size: bytes as a number, or text such as ``512MiB``, ``2GiB``, ``1.5GB``."""
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(number) :]
+        if unit not in _UNITS or not number:
+            raise ValueError(f"{value!r} is not a size: give bytes, or a number with KiB, MiB, GiB (or KB, MB, GB)")
+        value = float(number) * _UNITS[unit]
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 1:
+        raise ValueError(f"{value!r} is not a size: give bytes, or a number with KiB, MiB, GiB (or KB, MB, GB)")
+    return int(value)
+
+
 def _as_list(value: Any) -> Any:
     return [value] if isinstance(value, str | int | float) else value
 
@@ -118,6 +135,9 @@ class DataSection(Strict):
     split: Split = RandomSplit(by="random")
     cache_dir: str = ".mtl-cache"
     group: str | None = None  # the column that groups rows for GAUC (a user id, a query id)
+    # memory for data: sources smaller than this are read once into memory to preprocess, larger
+    # ones are streamed; an encoded split larger than this trains streamed (train.loading: auto)
+    memory_budget: Annotated[int, BeforeValidator(_as_bytes)] = 1 << 30
 
     @model_validator(mode="after")
     def _check(self) -> DataSection:
@@ -160,11 +180,19 @@ class NumericOptions(Strict):
 
 
 class CategoricalOptions(Strict):
-    """Vocabulary fitted on train: values seen fewer than ``min_count`` times map to the OOV id.
+    """Vocabulary fitted on train: values seen fewer than ``min_count`` times map to the OOV id,
+    and with ``max_size`` only that many of the most frequent values are kept (the rest are OOV).
     With ``hash_buckets`` the value is hashed into that many buckets instead (no vocabulary)."""
 
     min_count: PositiveInt = 1
+    max_size: PositiveInt | None = None
     hash_buckets: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> CategoricalOptions:
+        if self.max_size is not None and self.hash_buckets is not None:
+            raise ValueError("give max_size (a capped vocabulary) or hash_buckets (no vocabulary), not both")
+        return self
 
 
 class FeatureDefaults(Strict):
@@ -333,6 +361,11 @@ class TrainSection(Strict):
     checkpoint_every: PositiveInt | None = None
     track_gradients: PositiveInt | None = None
     sparse_embeddings: Literal["auto"] | bool = "auto"
+    # memory: the whole encoded split as tensors; stream: read in windows of shuffle_buffer rows
+    # from its Parquet file, the next window on a background thread; auto: memory when the split
+    # fits data.memory_budget
+    loading: Literal["auto", "memory", "stream"] = "auto"
+    shuffle_buffer: PositiveInt | Literal["auto"] = "auto"  # rows shuffled together when streaming
 
 
 class Recipe(Strict):

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtlcli.data.batch import Batch, SplitTensors
+from mtlcli.data.batch import Batch
+from mtlcli.data.source import BatchSource
 from mtlcli.errors import MtlError
 from mtlcli.models.base import enable_representation, scheme
 from mtlcli.models.blocks import sparse_embeddings, trainable_tensors
@@ -91,18 +92,34 @@ def task_losses(logits: Tensor, batch: Batch, binary: Tensor, pos_weight: Tensor
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, data: SplitTensors, batch_size: int) -> Tensor:
+def predict_logits(model: nn.Module, data: BatchSource, batch_size: int) -> Tensor:
     """Model outputs for a whole split, in eval mode: [N, T]."""
+    return _predict(model, data, batch_size)[0]
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, data: BatchSource, batch_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Outputs [N, T] for a split, in order, with its labels, masks and groups, gathered batch by
+    batch (a streamed split is never whole in memory: only N x T scores and labels are kept)."""
     was_training = model.training
     model.eval()
-    outs = [model(batch) for batch in data.batches(batch_size)]
+    outs, labels, masks, groups = [], [], [], []
+    for batch in data.batches(batch_size):
+        outs.append(model(batch))
+        labels.append(batch.labels)
+        masks.append(batch.label_mask)
+        if batch.groups is not None:
+            groups.append(batch.groups)
     model.train(was_training)
-    return torch.cat(outs) if outs else torch.zeros((0, data.labels.shape[1]))
+    if not outs:
+        tasks = len(scheme(model).tasks)
+        return torch.zeros((0, tasks)), torch.zeros((0, tasks)), torch.zeros((0, tasks), dtype=torch.bool), None
+    return torch.cat(outs), torch.cat(labels), torch.cat(masks), torch.cat(groups) if groups else None
 
 
 def evaluate(
     model: nn.Module,
-    data: SplitTensors,
+    data: BatchSource,
     tasks: list[str],
     types: list[str],
     batch_size: int,
@@ -110,10 +127,11 @@ def evaluate(
 ) -> dict[str, Any]:
     """Per-task metrics on a split, plus each task's mean loss under ``loss`` (the training loss,
     with ``pos_weight``)."""
-    logits = predict_logits(model, data, batch_size)
-    metrics = task_metrics(logits, data.labels, data.label_mask, tasks, types, data.groups)
+    logits, labels, mask, groups = _predict(model, data, batch_size)
+    metrics = task_metrics(logits, labels, mask, tasks, types, groups)
     binary = torch.tensor([t == "binary" for t in types])
-    losses = task_losses(logits, data.all(), binary, pos_weight)
+    nothing = torch.zeros((len(labels), 0))
+    losses = task_losses(logits, Batch(nothing.long(), nothing, labels, mask), binary, pos_weight)
     for k, task in enumerate(tasks):
         metrics[task]["loss"] = float(losses[k])
     return metrics
@@ -266,8 +284,8 @@ class TrainingInterrupted(MtlError):
 def fit(
     model: nn.Module,
     strategy: WeightingStrategy,
-    train: SplitTensors,
-    valid: SplitTensors,
+    train: BatchSource,
+    valid: BatchSource,
     settings: TrainSection,
     tasks: list[str],
     types: list[str],

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtlcli.data.batch import SplitTensors
-from mtlcli.data.preprocess import Prepared, data_key, prepare
 from mtlcli.data.schema import DataSchema
+from mtlcli.data.source import BatchSource, open_source
+from mtlcli.data.store import Prepared, data_key, prepare
 from mtlcli.errors import ArtifactError, DataError
 from mtlcli.fileio import append_line, sha256_json, to_json, write_json, write_text
 from mtlcli.models import build_model
@@ -142,8 +142,9 @@ def train_run(
         raise ArtifactError(f"{run_dir}: no checkpoint to resume from", "train it without --resume")
     prepared = prepared or prepare(recipe)
     schema = prepared.schema
-    train_data, valid_data = prepared.load("train"), prepared.load("valid")
     settings = recipe.train
+    train_data = split_source(prepared, "train", recipe, settings.batch_size, "train.batch_size")
+    valid_data = split_source(prepared, "valid", recipe, settings.eval_batch_size, "train.eval_batch_size")
     torch.manual_seed(settings.seed)
     tasks = schema.task_names
     types = [t.type for t in schema.tasks]
@@ -207,6 +208,14 @@ def train_run(
         }
         write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def split_source(prepared: Prepared, split: str, recipe: Recipe, batch_size: int, field: str) -> BatchSource:
+    """A split in memory or streamed, as ``train.loading`` and ``data.memory_budget`` say."""
+    settings = recipe.train
+    return open_source(
+        prepared.file(split), settings.loading, recipe.data.memory_budget, settings.shuffle_buffer, batch_size, field
+    )
 
 
 def run_identity(recipe: Recipe, schema: DataSchema) -> dict[str, str]:
@@ -330,7 +339,7 @@ def pos_weight_tensor(recipe: Recipe) -> torch.Tensor | None:
     return torch.tensor(weights) if any(w != 1.0 for w in weights) else None
 
 
-def evaluate_loaded(loaded: LoadedModel, data: SplitTensors, batch_size: int) -> dict[str, Any]:
+def evaluate_loaded(loaded: LoadedModel, data: BatchSource, batch_size: int) -> dict[str, Any]:
     """Per-task metrics of a loaded run or bundle on encoded data: the training loss's
     ``pos_weight``, and each task with a sample space marked (its metrics count only those rows)."""
     types = [t.type for t in loaded.schema.tasks]
@@ -352,5 +361,6 @@ def evaluate_run(run_dir: Path, split: str = "test", batch_size: int = 65536) ->
             f"{run_dir}: the data no longer matches the schema the model was trained with",
             "the source files or the recipe's data part changed since training; retrain",
         )
-    metrics = evaluate_loaded(loaded, prepared.load(split), batch_size)
+    data = split_source(prepared, split, loaded.recipe, batch_size, "--batch-size")
+    metrics = evaluate_loaded(loaded, data, batch_size)
     return {"split": split, "run_dir": str(run_dir), "tasks": metrics}

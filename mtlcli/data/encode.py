@@ -1,0 +1,70 @@
+"""Stage 3 of preprocessing, encode: raw values -> model inputs, as polars expressions, so that
+every feature of a row is encoded in one streaming query (and ``mtl predict`` encodes its input
+with the very same expressions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import polars as pl
+
+from mtlcli.data.checks import number_exprs
+from mtlcli.data.schema import FIRST_ID, MISSING_ID, OOV_ID, CategoricalFeature, NumericFeature
+
+GROUP_COLUMN = "__group"
+
+
+def _bucket(value: str, buckets: int) -> int:
+    digest = hashlib.blake2b(value.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % buckets
+
+
+def categorical_expr(feature: CategoricalFeature, distinct: pl.Series | None = None) -> pl.Expr:
+    """The expression that encodes column ``feature.name`` into int32 ids (see CategoricalFeature).
+
+    A hashed feature needs the column's ``distinct`` values (Python hashes each one once, with
+    blake2b: stable across processes and versions, unlike polars' own hash)."""
+    if feature.hash_buckets:
+        assert distinct is not None, "a hashed feature is encoded from its distinct values"
+        old = distinct.cast(pl.String).drop_nulls().unique().to_list()
+        new = [FIRST_ID + _bucket(v, feature.hash_buckets) for v in old]
+    else:
+        old, new = feature.vocab, list(range(FIRST_ID, FIRST_ID + len(feature.vocab)))
+    text = pl.col(feature.name).cast(pl.String)
+    mapped = text.replace_strict(
+        pl.Series(old, dtype=pl.String), pl.Series(new, dtype=pl.Int32), default=OOV_ID, return_dtype=pl.Int32
+    )
+    return pl.when(text.is_null()).then(MISSING_ID).otherwise(mapped).cast(pl.Int32).alias(feature.name)
+
+
+def numeric_expr(feature: NumericFeature, dtype: pl.DataType) -> pl.Expr:
+    """Column ``feature.name`` (raw, of type ``dtype``) filled, transformed and scaled, float32.
+    The column's ``number_checks`` must have passed."""
+    return encoded_numbers(number_exprs(feature.name, dtype)[0], feature)
+
+
+def encoded_numbers(values: pl.Expr, feature: NumericFeature) -> pl.Expr:
+    x = values.fill_null(feature.fill_value).fill_nan(feature.fill_value)
+    if feature.log1p:
+        x = x.sign() * x.abs().log1p()
+    return ((x - feature.center) / feature.scale).cast(pl.Float32).alias(feature.name)
+
+
+def encode_categorical(column: pl.Series, feature: CategoricalFeature) -> pl.Series:
+    """Raw values -> int32 ids, one in-memory column."""
+    return column.rename(feature.name).to_frame().select(categorical_expr(feature, column)).to_series()
+
+
+def encode_numeric(values: pl.Series, feature: NumericFeature) -> pl.Series:
+    """Float64 values (already checked) -> the model's float32 input, one in-memory column."""
+    return values.to_frame("x").select(encoded_numbers(pl.col("x"), feature)).to_series()
+
+
+def group_expr(vocabulary: pl.Series, column: str) -> pl.Expr:
+    """``GROUP_COLUMN``: an int64 id per distinct value of ``column`` (data.group), in the order of
+    the sorted ``vocabulary`` of its values; -1 where missing."""
+    values = vocabulary.cast(pl.String).drop_nulls().unique().sort()
+    text = pl.col(column).cast(pl.String)
+    ids = pl.Series(range(len(values)), dtype=pl.Int64)
+    return text.replace_strict(values, ids, default=-1, return_dtype=pl.Int64).fill_null(-1).alias(GROUP_COLUMN)

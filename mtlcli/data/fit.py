@@ -1,0 +1,166 @@
+"""Stage 2 of preprocessing, fit: which columns are features, and what is learnt from the train
+rows (vocabularies, fill values, scaling statistics), each by streaming aggregations whose memory
+grows with the vocabulary, never with the number of rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import polars as pl
+
+from mtlcli.data.checks import ROW_COLUMN, number_exprs
+from mtlcli.data.scan import SPLIT_COLUMN, expand_columns
+from mtlcli.data.schema import CategoricalFeature, NumericFeature
+from mtlcli.errors import DataError
+from mtlcli.recipe.schema import CategoricalOptions, ColumnSplit, NumericOptions, Recipe
+
+Collect = Callable[[pl.LazyFrame], pl.DataFrame]
+TRAIN = pl.col(SPLIT_COLUMN) == 0
+
+
+def choose_features(
+    frame: pl.LazyFrame, recipe: Recipe, collect: Collect
+) -> tuple[dict[str, CategoricalOptions], dict[str, NumericOptions]]:
+    """(categorical, numeric) input columns with their options: never labels, the split column or
+    excluded columns.
+
+    Names in ``numeric``, ``categorical`` and ``exclude`` may be glob patterns (``numerical_*``).
+    ``auto`` numeric means every remaining column whose values are all numbers (one streaming
+    pass over the text columns); ``auto`` categorical means every remaining column not taken as
+    numeric.
+    """
+    feats = recipe.features
+    schema = dict(frame.collect_schema().items())
+    columns = list(schema)
+    reserved = {t.label.column for t in recipe.tasks.values()} | {SPLIT_COLUMN, ROW_COLUMN}
+    reserved |= {t.space.column for t in recipe.tasks.values() if t.space is not None and t.space.column}
+    if isinstance(recipe.data.split, ColumnSplit):
+        reserved.add(recipe.data.split.column)
+    excluded = set(expand_columns(columns, feats.exclude, "features.exclude"))
+    listed_cat: dict[str, str] = {}
+    if isinstance(feats.categorical, dict):
+        chosen = expand_columns(columns, list(feats.categorical), "features.categorical")
+        listed_cat = {c: src for c, src in chosen.items() if c == src or c not in reserved}  # patterns skip labels
+    for name in listed_cat:
+        if name in excluded:
+            raise DataError(f"features.categorical: {name!r} is also in features.exclude", "remove it from one of them")
+    free = [c for c in columns if c not in reserved and c not in excluded and c not in listed_cat]
+    defaults = feats.defaults
+    numeric: dict[str, NumericOptions] = {}
+    if isinstance(feats.numeric, dict):
+        chosen = expand_columns(columns, list(feats.numeric), "features.numeric")
+        for name, src in chosen.items():
+            if src != name and name in reserved:
+                continue
+            if name in excluded:
+                raise DataError(f"features.numeric: {name!r} is also in features.exclude", "remove it from one of them")
+            if name in listed_cat:
+                raise DataError(f"features: {name!r} is listed as both numeric and categorical", "keep it in one")
+            numeric[name] = feats.numeric[src] or defaults.numeric
+    else:
+        numeric = {c: defaults.numeric for c in _all_numbers(frame, schema, free, collect)}
+    categorical: dict[str, CategoricalOptions] = {}
+    if isinstance(feats.categorical, dict):
+        categorical = {c: feats.categorical[src] or defaults.categorical for c, src in listed_cat.items()}
+    else:
+        categorical = {c: defaults.categorical for c in free if c not in numeric}
+    if not categorical and not numeric:
+        raise DataError("features: no input columns are left", "list numeric/categorical features or shorten 'exclude'")
+    return categorical, numeric
+
+
+def _all_numbers(frame: pl.LazyFrame, schema: dict[str, pl.DataType], names: list[str], collect: Collect) -> list[str]:
+    """The columns of ``names`` whose every value is a number (text columns: one pass for all)."""
+    typed = {n for n in names if schema[n].is_numeric() or schema[n] == pl.Boolean}
+    text = [n for n in names if schema[n] == pl.String]
+    if text:
+        row = collect(
+            frame.select(
+                [
+                    (pl.col(n).cast(pl.Float64, strict=False).null_count() == pl.col(n).null_count()).alias(n)
+                    for n in text
+                ]
+            )
+        ).row(0, named=True)
+        typed |= {n for n in text if row[n]}
+    return [n for n in names if n in typed]
+
+
+def fit_categorical(
+    frame: pl.LazyFrame, name: str, options: CategoricalOptions, collect: Collect
+) -> CategoricalFeature:
+    """The vocabulary of column ``name`` on the train rows: values seen at least ``min_count``
+    times, most frequent first (ties in value order), at most ``max_size`` of them."""
+    if options.hash_buckets:
+        return CategoricalFeature(name, [], options.min_count, options.hash_buckets)
+    counts = (
+        frame.filter(TRAIN)
+        .select(pl.col(name).cast(pl.String))
+        .drop_nulls()
+        .group_by(name)
+        .len(name="count")
+        .filter(pl.col("count") >= options.min_count)
+        .sort(["count", name], descending=[True, False])
+    )
+    if options.max_size is not None:
+        counts = counts.head(options.max_size)
+    vocab = collect(counts).get_column(name).to_list()
+    return CategoricalFeature(name, vocab, options.min_count, None, options.max_size)
+
+
+def fit_numeric(
+    frame: pl.LazyFrame, schema: dict[str, pl.DataType], options: dict[str, NumericOptions], collect: Collect
+) -> tuple[list[NumericFeature], list[str]]:
+    """Fill value and scaling statistics of each numeric column, from the train rows (two streaming
+    passes for all columns: the fill values, then the statistics of the filled, transformed
+    values); and the columns that have no value on train."""
+    if not options:
+        return [], []
+    train = frame.filter(TRAIN)
+    first = []
+    for name, option in options.items():
+        values = number_exprs(name, schema[name])[0]
+        present = values.filter(values.is_not_null() & ~values.is_nan())
+        first.append(present.len().alias(f"{name}\0count"))
+        if option.fill == "median":
+            first.append(present.median().alias(f"{name}\0fill"))
+        elif option.fill == "mean":
+            first.append(present.mean().alias(f"{name}\0fill"))
+    found = collect(train.select(first)).row(0, named=True)
+    fills: dict[str, float] = {}
+    for name, option in options.items():
+        if isinstance(option.fill, float | int):
+            fills[name] = float(option.fill)
+        elif option.fill == "zero" or not found[f"{name}\0count"]:
+            fills[name] = 0.0
+        else:
+            fills[name] = float(found[f"{name}\0fill"] or 0.0)
+    second = []
+    for name, option in options.items():
+        x = _transformed(name, schema[name], fills[name], "log1p" in option.transform)
+        second += [
+            x.mean().alias(f"{name}\0mean"),
+            x.std(ddof=0).alias(f"{name}\0std"),
+            x.min().alias(f"{name}\0min"),
+            x.max().alias(f"{name}\0max"),
+        ]
+    stats = collect(train.select(second)).row(0, named=True)
+    features = []
+    for name, option in options.items():
+        steps = [t for t in option.transform if t != "none"]
+        center, scale = 0.0, 1.0
+        if "standardize" in steps:
+            center = float(stats[f"{name}\0mean"] or 0.0)
+            scale = float(stats[f"{name}\0std"] or 0.0) or 1.0
+        elif "minmax" in steps:
+            low, high = float(stats[f"{name}\0min"] or 0.0), float(stats[f"{name}\0max"] or 0.0)
+            center, scale = low, (high - low) or 1.0
+        features.append(NumericFeature(name, fills[name], "log1p" in steps, center, scale, [str(t) for t in steps]))
+    empty = [name for name in options if not found[f"{name}\0count"]]
+    return features, empty
+
+
+def _transformed(name: str, dtype: pl.DataType, fill: float, log1p: bool) -> pl.Expr:
+    x = number_exprs(name, dtype)[0].fill_null(fill).fill_nan(fill)
+    return x.sign() * x.abs().log1p() if log1p else x

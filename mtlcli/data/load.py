@@ -1,0 +1,106 @@
+"""Stage 6, load: an encoded split file as contiguous tensors, whole or a window of rows at a time
+(``mtlcli.data.source`` batches them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from mtlcli.data.batch import SplitTensors
+from mtlcli.data.encode import GROUP_COLUMN
+from mtlcli.data.labels import LABEL_PREFIX, MASK_PREFIX
+from mtlcli.data.schema import DataSchema
+from mtlcli.errors import ArtifactError
+
+
+@dataclass(frozen=True)
+class SplitFile:
+    """One encoded split on disk (``train.parquet``): its rows, and reads of all or part of it."""
+
+    path: Path
+    schema: DataSchema
+
+    def _scan(self) -> pl.LazyFrame:
+        if not self.path.is_file():
+            raise ArtifactError(f"{self.path}: encoded split not found", "re-run `mtl preprocess`")
+        return pl.scan_parquet(self.path)
+
+    def _read(self, query: pl.LazyFrame) -> pl.DataFrame:
+        try:
+            return query.collect()
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ArtifactError(f"{self.path}: unreadable ({first})", "re-run `mtl preprocess`") from None
+
+    @property
+    def rows(self) -> int:
+        return int(self._read(self._scan().select(pl.len())).item())
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes one row takes as tensors (int64 ids, float32 numbers and labels, bool masks)."""
+        tasks = len(self.schema.tasks)
+        groups = 8 if self.schema.group is not None else 0
+        return 8 * len(self.schema.categorical) + 4 * len(self.schema.numeric) + 5 * tasks + groups
+
+    def load(self) -> SplitTensors:
+        """The whole split as contiguous tensors (see Batch for the layout)."""
+        return tensors_from_frame(self._read(self._scan()), self.schema)
+
+    def window(self, offset: int, rows: int) -> SplitTensors:
+        """Rows [offset, offset + rows) as tensors; only the row groups holding them are read."""
+        return tensors_from_frame(self._read(self._scan().slice(offset, rows)), self.schema)
+
+
+def load_split(directory: Path, split: str, schema: DataSchema) -> SplitTensors:
+    """An encoded split as contiguous tensors (see Batch for the layout)."""
+    return SplitFile(directory / f"{split}.parquet", schema).load()
+
+
+def label_mask(frame: pl.DataFrame, schema: DataSchema, labels: torch.Tensor) -> torch.Tensor:
+    """bool [N, T]: True where the row is in the task's sample space (everywhere for most tasks)."""
+    mask = torch.ones_like(labels, dtype=torch.bool)
+    for k, task in enumerate(schema.tasks):
+        if task.has_space:
+            column = MASK_PREFIX + task.name
+            if column not in frame.columns:
+                raise ArtifactError(f"encoded data has no {column!r} column", "re-run `mtl preprocess`")
+            mask[:, k] = torch.from_numpy(frame.get_column(column).to_numpy().astype(bool))
+    return mask
+
+
+def tensors_from_frame(frame: pl.DataFrame, schema: DataSchema) -> SplitTensors:
+    cat_names = [f.name for f in schema.categorical]
+    num_names = [f.name for f in schema.numeric]
+    label_names = [LABEL_PREFIX + t for t in schema.task_names]
+    missing = [c for c in [*cat_names, *num_names, *label_names] if c not in frame.columns]
+    if missing:
+        raise ArtifactError(
+            f"encoded data does not match its schema (missing {missing[:5]})", "re-run `mtl preprocess`"
+        )
+    n = frame.height
+
+    def block(names: list[str], dtype: Any, torch_dtype: torch.dtype) -> torch.Tensor:
+        if not names:
+            return torch.zeros((n, 0), dtype=torch_dtype)
+        array = np.require(frame.select(names).to_numpy(), dtype=dtype, requirements=["C", "W"])
+        return torch.from_numpy(array)
+
+    labels = block(label_names, np.float32, torch.float32)
+    groups = None
+    if schema.group is not None:
+        if GROUP_COLUMN not in frame.columns:
+            raise ArtifactError(f"encoded data has no {GROUP_COLUMN!r} column", "re-run `mtl preprocess`")
+        groups = torch.from_numpy(np.require(frame.get_column(GROUP_COLUMN).to_numpy(), np.int64, ["C", "W"]))
+    return SplitTensors(
+        categorical=block(cat_names, np.int64, torch.int64),
+        numeric=block(num_names, np.float32, torch.float32),
+        labels=labels,
+        label_mask=label_mask(frame, schema, labels),
+        groups=groups,
+    )

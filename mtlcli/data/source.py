@@ -1,0 +1,262 @@
+"""Batch sources: where training and evaluation take their batches from.
+
+Two implementations of one protocol (``BatchSource``):
+
+- ``SplitTensors`` (``mtlcli.data.batch``): the whole encoded split in memory, shuffled by one
+  permutation per epoch;
+- ``StreamedSplit``: the split's Parquet file read a window of rows at a time. An epoch visits
+  the file's blocks (``block_rows`` consecutive rows) in a seeded random order; consecutive
+  blocks make a window of at most ``window_rows`` rows, whose rows are shuffled together (the
+  bounded shuffle buffer); the windows, one after the other, are cut into batches. The next
+  window is read and shuffled on a background thread while the current one trains, so a step
+  does not wait on the disk. Memory: about three windows, whatever the split's size.
+
+Both draw an epoch's order from the caller's generator, the same way when one window holds the
+whole split: then the streamed order *is* the in-memory order, batch for batch. Both skip the
+first batches of an epoch cheaply (resume): a stream starts reading at the window that holds the
+first batch to give. Both give process ``rank`` of ``world`` its slice of each global batch, so
+N processes together see the one global order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from mtlcli.data.batch import Batch, SplitTensors
+from mtlcli.data.load import SplitFile
+from mtlcli.errors import DataError
+
+
+class BatchSource(Protocol):
+    """Rows of one split, given as batches in a seeded order."""
+
+    def __len__(self) -> int: ...
+
+    def batches(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        skip: int = 0,
+        rank: int = 0,
+        world: int = 1,
+    ) -> Iterator[Batch]: ...
+
+
+def rank_slice(parts: tuple[Tensor, ...], rank: int, world: int) -> tuple[Tensor, ...]:
+    """Process ``rank``'s share of one global batch: contiguous, as even as the rows allow."""
+    if world == 1:
+        return parts
+    return tuple(torch.tensor_split(part, world)[rank] for part in parts)
+
+
+def _parts(data: SplitTensors) -> tuple[Tensor, ...]:
+    parts = (data.categorical, data.numeric, data.labels, data.label_mask)
+    return parts if data.groups is None else (*parts, data.groups)
+
+
+@dataclass(frozen=True)
+class Window:
+    start: int  # position of its first row in the epoch's stream
+    blocks: list[int]  # block indices, in the order read
+
+
+class StreamedSplit:
+    """An encoded split streamed from its Parquet file (see the module docstring)."""
+
+    def __init__(self, file: SplitFile, window_rows: int, block_rows: int = 65_536, read_ahead: bool = True) -> None:
+        self.file = file
+        self.rows = file.rows
+        self.window_rows = max(1, window_rows)
+        self.block_rows = max(1, min(block_rows, self.window_rows))
+        self.read_ahead = read_ahead
+
+    def __len__(self) -> int:
+        return self.rows
+
+    @property
+    def whole(self) -> bool:
+        """Does one window hold the whole split (then the order equals the in-memory one)?"""
+        return self.window_rows >= self.rows
+
+    def _windows(self, shuffle: bool, generator: torch.Generator | None) -> tuple[list[Window], int | None]:
+        """The epoch's windows and the seed of their row shuffles (None: rows in file order)."""
+        blocks = -(-self.rows // self.block_rows)
+        if self.whole:
+            return [Window(0, list(range(blocks)))], None
+        order = list(range(blocks))
+        seed = None
+        if shuffle:
+            order = torch.randperm(blocks, generator=generator).tolist()
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        per = max(1, self.window_rows // self.block_rows)
+        windows, start = [], 0
+        for i in range(0, blocks, per):
+            chosen = order[i : i + per]
+            windows.append(Window(start, chosen))
+            start += sum(min(self.block_rows, self.rows - b * self.block_rows) for b in chosen)
+        return windows, seed
+
+    def _read(self, window: Window, index: int, seed: int | None, whole_order: Tensor | None) -> tuple[Tensor, ...]:
+        """A window's rows as tensors, shuffled (its blocks are read in runs of adjacent ones)."""
+        pieces, run = [], [window.blocks[0]]
+        for block in window.blocks[1:]:
+            if block == run[-1] + 1:
+                run.append(block)
+                continue
+            pieces.append(self._read_run(run))
+            run = [block]
+        pieces.append(self._read_run(run))
+        parts = tuple(torch.cat(column) for column in zip(*pieces, strict=True)) if len(pieces) > 1 else pieces[0]
+        if whole_order is not None:
+            return tuple(part[whole_order] for part in parts)
+        if seed is not None:
+            g = torch.Generator().manual_seed(seed + index)
+            order = torch.randperm(len(parts[0]), generator=g)
+            return tuple(part[order] for part in parts)
+        return parts
+
+    def _read_run(self, run: list[int]) -> tuple[Tensor, ...]:
+        start = run[0] * self.block_rows
+        stop = min(self.rows, (run[-1] + 1) * self.block_rows)
+        return _parts(self.file.window(start, stop - start))
+
+    def batches(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        skip: int = 0,
+        rank: int = 0,
+        world: int = 1,
+    ) -> Iterator[Batch]:
+        whole_order = torch.randperm(self.rows, generator=generator) if shuffle and self.whole else None
+        windows, seed = self._windows(shuffle, generator)
+        first = skip * batch_size  # the stream position of the first row to give
+        todo = [(i, w) for i, w in enumerate(windows) if i + 1 == len(windows) or windows[i + 1].start > first]
+        if not todo or first >= self.rows:
+            return
+        reader = (
+            _ReadAhead(self, todo, seed, whole_order) if self.read_ahead else _Inline(self, todo, seed, whole_order)
+        )
+        try:
+            position = todo[0][1].start
+            pending: tuple[Tensor, ...] | None = None
+            for parts in reader:
+                if position < first:  # resume inside this window
+                    parts = tuple(part[first - position :] for part in parts)
+                    position = first
+                if pending is not None:
+                    parts = tuple(torch.cat([a, b]) for a, b in zip(pending, parts, strict=True))
+                    pending = None
+                n = len(parts[0])
+                full = n - n % batch_size
+                for start in range(0, full, batch_size):
+                    yield _batch(rank_slice(tuple(p[start : start + batch_size] for p in parts), rank, world))
+                position += n
+                if full < n:
+                    pending = tuple(p[full:] for p in parts)
+            if pending is not None:
+                yield _batch(rank_slice(pending, rank, world))
+        finally:
+            reader.close()
+
+
+def _batch(parts: tuple[Tensor, ...]) -> Batch:
+    return Batch(*parts)
+
+
+class _Inline:
+    """Windows read on the calling thread (for tests and debugging)."""
+
+    def __init__(
+        self, source: StreamedSplit, todo: list[tuple[int, Window]], seed: int | None, whole: Tensor | None
+    ) -> None:
+        self.items = (source._read(w, i, seed, whole) for i, w in todo)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        return iter(self.items)
+
+    def close(self) -> None:
+        return None
+
+
+_DONE = object()
+
+
+class _ReadAhead:
+    """Windows read and shuffled on a background thread, one ahead of the consumer."""
+
+    def __init__(
+        self, source: StreamedSplit, todo: list[tuple[int, Window]], seed: int | None, whole: Tensor | None
+    ) -> None:
+        self.queue: queue.Queue[object] = queue.Queue(maxsize=1)
+        self.stop = threading.Event()
+
+        def work() -> None:
+            try:
+                for i, window in todo:
+                    item = source._read(window, i, seed, whole)
+                    while not self.stop.is_set():
+                        try:
+                            self.queue.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if self.stop.is_set():
+                        return
+                self.queue.put(_DONE)
+            except BaseException as exc:  # handed to the consumer, raised there
+                self.queue.put(exc)
+
+        self.thread = threading.Thread(target=work, name="mtl-read-ahead", daemon=True)
+        self.thread.start()
+
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        while True:
+            item = self.queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+
+    def close(self) -> None:
+        self.stop.set()
+        while self.thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self.queue.get(timeout=0.05)
+        self.thread.join()
+
+
+def open_source(
+    file: SplitFile, loading: str, memory_budget: int, shuffle_buffer: int | str, batch_size: int, field: str
+) -> BatchSource:
+    """The split in memory or streamed (``train.loading``), within ``data.memory_budget``.
+
+    ``auto``: in memory when the split's tensors fit the budget. A stream's window is
+    ``train.shuffle_buffer`` rows, or with ``auto`` a third of the budget (one window trains, one
+    waits, one is being read); a window must hold at least one batch."""
+    row_bytes = file.row_bytes
+    if loading == "memory" or (loading == "auto" and file.rows * row_bytes <= memory_budget):
+        return file.load()
+    window = memory_budget // (3 * row_bytes) if shuffle_buffer == "auto" else int(shuffle_buffer)
+    if window < batch_size:
+        what = (
+            f"train.shuffle_buffer ({window:,} rows)"
+            if shuffle_buffer != "auto"
+            else (f"data.memory_budget ({memory_budget:,} bytes holds windows of {window:,} rows of {row_bytes} bytes)")
+        )
+        raise DataError(
+            f"{what} is too small for one batch of {field} ({batch_size:,} rows)",
+            "raise data.memory_budget or train.shuffle_buffer, or lower the batch size",
+        )
+    return StreamedSplit(file, window)

@@ -1,0 +1,231 @@
+"""Stages 4 and 5 of preprocessing, store: run the pipeline (scan -> checks -> fit -> encode) and
+write the encoded splits and ``schema.json`` atomically into a cache entry keyed by the recipe's
+data part and the source files' identity.
+
+``prepare(recipe)`` is what commands call: it returns the encoded data for a recipe, running
+``preprocess`` only when the cache entry is missing. Each encoded split is one Parquet file in
+row groups of ``ROW_GROUP`` rows, which ``mtlcli.data.load`` reads whole or window by window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from mtlcli.data.checks import enforce, number_checks
+from mtlcli.data.encode import GROUP_COLUMN, categorical_expr, group_expr, numeric_expr
+from mtlcli.data.fit import choose_features, fit_categorical, fit_numeric
+from mtlcli.data.labels import LABEL_PREFIX, MASK_PREFIX, label_exprs
+from mtlcli.data.load import SplitFile
+from mtlcli.data.scan import SPLIT_COLUMN, SPLITS, Scanned, require_columns, scan_source, source_files, split_rows
+from mtlcli.data.schema import MISSING_ID, OOV_ID, CategoricalFeature, DataSchema, SplitInfo, TaskInfo
+from mtlcli.errors import ArtifactError
+from mtlcli.fileio import atomic_dir, sha256_file_remembered, sha256_json
+from mtlcli.recipe.schema import Recipe
+
+ROW_GROUP = 65_536  # rows per Parquet row group of an encoded split: the unit a stream reads
+FILE_HASHES = "file-hashes.json"  # in data.cache_dir: each source file's sha256 with its identity
+FORMAT = 2  # of the encoded data (2: streamed preprocessing, hashed random split)
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Encoded data on disk: ``directory`` holds schema.json and {train,valid,test}.parquet."""
+
+    directory: Path
+    schema: DataSchema
+    reused: bool
+
+    def file(self, split: str) -> SplitFile:
+        return SplitFile(self.directory / f"{split}.parquet", self.schema)
+
+    def load(self, split: str) -> Any:
+        """The split as contiguous tensors (``SplitTensors``)."""
+        return self.file(split).load()
+
+
+def data_key(recipe: Recipe) -> tuple[str, dict[str, Any]]:
+    """The cache key: the data, features and tasks sections plus the source files' sha256 (each
+    remembered with the file's identity, so an unchanged file is not read again; see
+    ``fileio.sha256_file_remembered`` for what the identity catches)."""
+    memo = Path(recipe.data.cache_dir) / FILE_HASHES
+    files = [{"split": s, "path": str(f), "sha256": sha256_file_remembered(f, memo)} for s, f in source_files(recipe)]
+    source = {"files": files, "synthetic": recipe.data.synthetic.model_dump() if recipe.data.synthetic else None}
+    spec = recipe.to_dict()
+    # data.group is left out while unset, so that recipes written before it keep their cache keys;
+    # where the cache lives and how much memory preprocessing may use do not change the data
+    data_part = {
+        k: v
+        for k, v in spec["data"].items()
+        if k not in ("cache_dir", "memory_budget") and not (k == "group" and v is None)
+    }
+    # pos_weight shapes the loss, not the data: left out so that changing it reuses the cache
+    tasks = {name: {k: v for k, v in task.items() if k != "pos_weight"} for name, task in spec["tasks"].items()}
+    key_input = {
+        "data": data_part,
+        "features": spec["features"],
+        "tasks": tasks,
+        "files": [f["sha256"] for f in files],
+        "format": FORMAT,
+    }
+    return sha256_json(key_input)[:20], source
+
+
+FEW_ROWS = 10  # a split this small gives metrics that are noise
+
+
+def data_warnings(splits: dict[str, SplitInfo], tasks: list[TaskInfo], empty_numeric: list[str]) -> list[str]:
+    """Data that trains without error but cannot give a meaningful model or metric."""
+    out = [
+        f"numeric feature {name!r} has no value in any train row: it carries no information" for name in empty_numeric
+    ]
+    train = splits["train"]
+    for task in tasks:
+        if task.type != "binary":
+            continue
+        rows = train.space_rows.get(task.name, train.rows)
+        positives = train.positives.get(task.name, 0)
+        if positives == 0:
+            out.append(f"task {task.name!r} has no positive rows in train: it cannot learn to predict them")
+        elif positives == rows:
+            out.append(f"task {task.name!r} has no negative rows in train: it cannot learn to tell rows apart")
+    for name, info in splits.items():
+        if 0 < info.rows < FEW_ROWS:
+            out.append(
+                f"the {name} split has only {info.rows} row{'s' if info.rows != 1 else ''}: its metrics are noise"
+            )
+    return out
+
+
+def task_infos(recipe: Recipe) -> list[TaskInfo]:
+    return [
+        TaskInfo(
+            name,
+            spec.type,
+            spec.label.column,
+            spec.label.positive,
+            spec.label.threshold,
+            spec.space.task if spec.space else None,
+            spec.space.column if spec.space else None,
+        )
+        for name, spec in recipe.tasks.items()
+    ]
+
+
+def _in_memory(scanned: Scanned, budget: int) -> Scanned:
+    """The source read once into memory when its files are small against ``budget`` (polars holds
+    text in memory at up to ~4x its size on disk), so that the stages' queries do not each read
+    the files again; else the source as it is, each query streaming the files."""
+    size = sum(path.stat().st_size for path in scanned.files)
+    if size * 4 > budget:
+        return scanned
+    return Scanned(scanned.collect(scanned.frame).lazy(), scanned.files, scanned.recipe)
+
+
+def preprocess(recipe: Recipe, out_dir: Path, progress: Progress | None = None) -> DataSchema:
+    """Scan, check, fit on train, encode and write ``out_dir`` atomically; memory bounded by the
+    vocabularies and ``data.memory_budget``, not by the number of rows."""
+    say = progress or (lambda _: None)
+    key, source = data_key(recipe)
+    say("reading the source")
+    scanned = _in_memory(scan_source(recipe), recipe.data.memory_budget)
+    frame, collect = scanned.frame, scanned.collect
+    split_rows(scanned)
+    say("checking every row")
+    labels, checks = label_exprs(frame, recipe, collect)
+    categorical, numeric = choose_features(frame, recipe, collect)
+    raw = scanned.schema
+    for name in numeric:
+        checks += number_checks(name, raw[name], f"features.numeric.{name}")
+    group = recipe.data.group
+    if group is not None:
+        require_columns(list(raw), [group], "data.group")
+    enforce(frame, checks, collect)
+    say("fitting vocabularies and statistics on train")
+    cat_specs = [fit_categorical(frame, name, options, collect) for name, options in categorical.items()]
+    num_specs, empty = fit_numeric(frame, raw, numeric, collect)
+    say("encoding and writing the splits")
+    exprs = [_categorical(scanned, f) for f in cat_specs] + [numeric_expr(f, raw[f.name]) for f in num_specs]
+    exprs += labels
+    if group is not None:
+        exprs.append(group_expr(collect(frame.select(pl.col(group).cast(pl.String).unique())).to_series(), group))
+    tasks = task_infos(recipe)
+    splits = {}
+    with atomic_dir(out_dir) as tmp:
+        for index, split in enumerate(SPLITS):
+            path = tmp / f"{split}.parquet"
+            query = frame.filter(pl.col(SPLIT_COLUMN) == index).select(exprs)
+            scanned.sink(query, path, ROW_GROUP)
+            splits[split] = split_info(path, cat_specs, tasks)
+        warnings = data_warnings(splits, tasks, empty)
+        schema = DataSchema(cat_specs, num_specs, tasks, splits, source, key, group=group, warnings=warnings)
+        schema.save(tmp / "schema.json")
+    return schema
+
+
+def _categorical(scanned: Scanned, feature: CategoricalFeature) -> pl.Expr:
+    if not feature.hash_buckets:
+        return categorical_expr(feature)
+    distinct = scanned.collect(scanned.frame.select(pl.col(feature.name).cast(pl.String).unique())).to_series()
+    return categorical_expr(feature, distinct)
+
+
+def split_info(path: Path, cats: list[CategoricalFeature], tasks: list[TaskInfo]) -> SplitInfo:
+    """Rows, label means and positives (inside each task's space) and OOV rates of an encoded split."""
+    aggregations = [pl.len().alias("rows")]
+    for task in tasks:
+        label = pl.col(LABEL_PREFIX + task.name).cast(pl.Float64)
+        inside = pl.col(MASK_PREFIX + task.name) if task.has_space else pl.lit(True)
+        aggregations += [
+            label.filter(inside).mean().alias(f"mean:{task.name}"),
+            label.filter(inside).sum().alias(f"sum:{task.name}"),
+            inside.sum().alias(f"space:{task.name}"),
+        ]
+    for feature in cats:
+        ids = pl.col(feature.name)
+        aggregations += [
+            (ids != MISSING_ID).sum().alias(f"present:{feature.name}"),
+            (ids == OOV_ID).sum().alias(f"oov:{feature.name}"),
+        ]
+    found = pl.scan_parquet(path).select(aggregations).collect(engine="streaming").row(0, named=True)
+    rows = int(found["rows"])
+    means, positives, space_rows = {}, {}, {}
+    for task in tasks:
+        means[task.name] = float(found[f"mean:{task.name}"] or 0.0)
+        if task.has_space:
+            space_rows[task.name] = int(found[f"space:{task.name}"] or 0)
+        if task.type == "binary":
+            positives[task.name] = int(found[f"sum:{task.name}"] or 0)
+    oov = {}
+    for feature in cats:
+        present = int(found[f"present:{feature.name}"] or 0)
+        oov[feature.name] = int(found[f"oov:{feature.name}"] or 0) / present if present else 0.0
+    return SplitInfo(rows, means, positives, oov, space_rows)
+
+
+def cache_dir_for(recipe: Recipe, key: str) -> Path:
+    return Path(recipe.data.cache_dir).expanduser() / key
+
+
+def prepare(recipe: Recipe, out: Path | None = None, force: bool = False, progress: Progress | None = None) -> Prepared:
+    """The encoded data for ``recipe``: reused from the cache when its key matches, else built."""
+    key, _ = data_key(recipe)
+    directory = out if out is not None else cache_dir_for(recipe, key)
+    schema_file = directory / "schema.json"
+    if not force and schema_file.is_file():
+        try:
+            schema = DataSchema.load(schema_file)
+            if schema.data_key == key and all((directory / f"{s}.parquet").is_file() for s in SPLITS):
+                return Prepared(directory, schema, reused=True)
+        except ArtifactError:
+            pass
+    return Prepared(directory, preprocess(recipe, directory, progress), reused=False)
+
+
+__all__ = ["GROUP_COLUMN", "Prepared", "data_key", "prepare", "preprocess"]
