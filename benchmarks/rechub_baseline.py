@@ -36,8 +36,8 @@ from torch_rechub.trainers import MTLTrainer
 from torch_rechub.utils.data import DataGenerator
 
 from mtlcli.data.batch import SplitTensors
-from mtlcli.data.store import prepare
 from mtlcli.data.schema import DataSchema
+from mtlcli.data.store import prepare
 from mtlcli.recipe import load_recipe
 
 EMBEDDING_DIM = 4

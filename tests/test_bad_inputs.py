@@ -94,6 +94,16 @@ CASES = [
     Case("tab indentation", "YAML syntax error", recipe="data:\n\tsource: data.csv\n"),
     Case("empty recipe", "the recipe is empty", recipe=""),
     Case("recipe is a list", "a recipe is a mapping of sections", recipe="- data\n- tasks\n"),
+    Case(
+        "memory budget is not a size",
+        "'lots' is not a size",
+        recipe=patched(setting("data.memory_budget", "lots")),
+    ),
+    Case(
+        "capped and hashed vocabulary",
+        "give max_size (a capped vocabulary) or hash_buckets (no vocabulary), not both",
+        recipe=patched(setting("features.defaults.categorical", {"max_size": 5, "hash_buckets": 10})),
+    ),
     Case("recipe is not UTF-8", "not UTF-8 text", recipe=b"data: {source: \xff\xfe}\n"),
     Case("recipe file missing", "file not found", recipe="MISSING"),
     Case(
@@ -281,6 +291,18 @@ CASES = [
         args=["--grid", "train.seed=1,1"],
     ),
     # --- data ---
+    Case(
+        "memory budget too small for one batch",
+        "data.memory_budget (4,096 bytes holds windows of",
+        kind="data",
+        recipe=patched(lambda r: (setting("data.memory_budget", "4KiB")(r), setting("train.loading", "stream")(r))),
+    ),
+    Case(
+        "shuffle buffer smaller than a batch",
+        "train.shuffle_buffer (8 rows) is too small for one batch of train.batch_size (32 rows)",
+        kind="data",
+        recipe=patched(lambda r: (setting("train.shuffle_buffer", 8)(r), setting("train.loading", "stream")(r))),
+    ),
     Case(
         "data file missing",
         "data file not found: nowhere.csv",

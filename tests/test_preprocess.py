@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from mtlcli.data.store import Prepared, prepare
 from mtlcli.data.schema import FIRST_ID, MISSING_ID, OOV_ID, DataSchema
+from mtlcli.data.store import Prepared, prepare
 from mtlcli.errors import DataError
 from mtlcli.recipe import Recipe, load_recipe, recipe_from_text
 

@@ -34,8 +34,12 @@ def mtl(*args: str | Path, cwd: Path) -> subprocess.Popen[str]:
     )
 
 
-def train_args(run: Path, cache: Path) -> list[str | Path]:
-    sets = [part for item in [*SETTINGS, f"data.cache_dir={cache}"] for part in ("--set", item)]
+# streamed in windows of 8,192 rows (the census train split has 59,856), checkpointed mid-epoch
+STREAMED = ["train.loading=stream", "train.shuffle_buffer=8192", "train.checkpoint_every=20"]
+
+
+def train_args(run: Path, cache: Path, extra: list[str] | None = None) -> list[str | Path]:
+    sets = [part for item in [*SETTINGS, *(extra or []), f"data.cache_dir={cache}"] for part in ("--set", item)]
     return ["train", "recipes/census-mmoe.yaml", "--out", run, "--quiet", *sets]
 
 
@@ -68,18 +72,64 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return base / "run", base / "cache"
 
 
+@pytest.fixture(scope="module")
+def streamed_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from tests.conftest import CENSUS, REPO
+
+    if not CENSUS.is_file():
+        pytest.skip(f"census data not found at {CENSUS}")
+    base = tmp_path_factory.mktemp("streamed")
+    process = mtl(*train_args(base / "run", base / "cache", STREAMED), cwd=REPO)
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    return base / "run", base / "cache"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
 def test_interrupted_census_run_resumes_to_the_same_result(
     how: int, reference: tuple[Path, Path], tmp_path: Path
 ) -> None:
+    interrupted_run_resumes(how, reference, [], tmp_path)
+
+
+@pytest.mark.slow
+def test_a_streamed_run_killed_mid_epoch_resumes_to_the_same_result(
+    streamed_reference: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """kill -9 inside an epoch of a run streamed in windows: the resumed run starts reading at the
+    window of its checkpoint's batch and ends exactly where the uninterrupted one does."""
+    interrupted_run_resumes(signal.SIGKILL, streamed_reference, STREAMED, tmp_path, mid_epoch=True)
+
+
+def checkpoint_position(run: Path) -> tuple[int, int]:
+    """(epoch in progress, batches of it done) of the run's checkpoint; (0, 0) before the first."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(run / "checkpoint.safetensors"), "pt") as handle:
+            loop = json.loads(handle.metadata()["loop"])
+    except (OSError, KeyError, ValueError):
+        return 0, 0
+    return int(loop["epoch"]), int(loop["step"])
+
+
+def interrupted_run_resumes(
+    how: int, reference: tuple[Path, Path], extra: list[str], tmp_path: Path, mid_epoch: bool = False
+) -> None:
     from tests.conftest import REPO
 
     done, cache = reference
     run = tmp_path / "run"
-    process = mtl(*train_args(run, cache), cwd=REPO)
+    process = mtl(*train_args(run, cache, extra), cwd=REPO)
     wait_for_epochs(run, 1, process)
-    time.sleep(0.15)  # into the second epoch
+    if mid_epoch:  # kill once a checkpoint inside epoch 2 is on disk: the resume starts mid-window
+        deadline = time.monotonic() + 240
+        while checkpoint_position(run)[1] == 0:
+            assert process.poll() is None and time.monotonic() < deadline, "no mid-epoch checkpoint"
+            time.sleep(0.005)
+    else:
+        time.sleep(0.15)  # into the second epoch
     os.kill(process.pid, how)
     _, err = process.communicate(timeout=120)
     if how == signal.SIGINT:
@@ -89,7 +139,9 @@ def test_interrupted_census_run_resumes_to_the_same_result(
         assert process.returncode == -signal.SIGKILL
     assert not (run / "summary.json").exists()
     assert len(records(run)) < 4, "the run finished before it was interrupted"
-    resumed = mtl(*train_args(run, cache), "--resume", cwd=REPO)
+    if mid_epoch:
+        assert checkpoint_position(run)[1] > 0, "the checkpoint to resume from is inside an epoch"
+    resumed = mtl(*train_args(run, cache, extra), "--resume", cwd=REPO)
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err
     assert records(run) == records(done)

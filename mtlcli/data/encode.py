@@ -23,19 +23,29 @@ def _bucket(value: str, buckets: int) -> int:
 def categorical_expr(feature: CategoricalFeature, distinct: pl.Series | None = None) -> pl.Expr:
     """The expression that encodes column ``feature.name`` into int32 ids (see CategoricalFeature).
 
-    A hashed feature needs the column's ``distinct`` values (Python hashes each one once, with
-    blake2b: stable across processes and versions, unlike polars' own hash)."""
+    A value's position in the vocabulary comes from a cast to an ``Enum`` of the vocabulary (a
+    value outside it becomes null): polars keeps one dictionary for the whole stream, where a
+    ``replace`` with a million-value mapping took memory in proportion to the rows. A hashed
+    feature needs the column's ``distinct`` values: Python hashes each one once (blake2b: stable
+    across processes and versions, unlike polars' own hash) and the rows look their bucket up."""
+    text = pl.col(feature.name).cast(pl.String)
     if feature.hash_buckets:
         assert distinct is not None, "a hashed feature is encoded from its distinct values"
-        old = distinct.cast(pl.String).drop_nulls().unique().to_list()
-        new = [FIRST_ID + _bucket(v, feature.hash_buckets) for v in old]
+        values = distinct.cast(pl.String).drop_nulls().unique(maintain_order=True)
+        buckets = pl.Series([FIRST_ID + _bucket(v, feature.hash_buckets) for v in values.to_list()], dtype=pl.Int32)
+        index = text.cast(pl.Enum(values.to_list()), strict=False).to_physical()
+        mapped = pl.lit(buckets).gather(index)
     else:
-        old, new = feature.vocab, list(range(FIRST_ID, FIRST_ID + len(feature.vocab)))
-    text = pl.col(feature.name).cast(pl.String)
-    mapped = text.replace_strict(
-        pl.Series(old, dtype=pl.String), pl.Series(new, dtype=pl.Int32), default=OOV_ID, return_dtype=pl.Int32
+        mapped = text.cast(pl.Enum(feature.vocab), strict=False).to_physical().cast(pl.Int32) + FIRST_ID
+    return (
+        pl.when(text.is_null())
+        .then(MISSING_ID)
+        .when(mapped.is_null())
+        .then(OOV_ID)
+        .otherwise(mapped)
+        .cast(pl.Int32)
+        .alias(feature.name)
     )
-    return pl.when(text.is_null()).then(MISSING_ID).otherwise(mapped).cast(pl.Int32).alias(feature.name)
 
 
 def numeric_expr(feature: NumericFeature, dtype: pl.DataType) -> pl.Expr:

@@ -9,7 +9,7 @@ Two implementations of one protocol (``BatchSource``):
   blocks make a window of at most ``window_rows`` rows, whose rows are shuffled together (the
   bounded shuffle buffer); the windows, one after the other, are cut into batches. The next
   window is read and shuffled on a background thread while the current one trains, so a step
-  does not wait on the disk. Memory: about three windows, whatever the split's size.
+  does not wait on the disk. Memory: about five windows at the peak, whatever the split's size.
 
 Both draw an epoch's order from the caller's generator, the same way when one window holds the
 whole split: then the streamed order *is* the in-memory order, batch for batch. Both skip the
@@ -20,7 +20,6 @@ N processes together see the one global order.
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 from collections.abc import Iterator
@@ -149,21 +148,25 @@ class StreamedSplit:
         )
         try:
             position = todo[0][1].start
-            pending: tuple[Tensor, ...] | None = None
+            pending: tuple[Tensor, ...] | None = None  # the rows of a batch begun in the last window
             for parts in reader:
                 if position < first:  # resume inside this window
                     parts = tuple(part[first - position :] for part in parts)
                     position = first
-                if pending is not None:
-                    parts = tuple(torch.cat([a, b]) for a, b in zip(pending, parts, strict=True))
-                    pending = None
-                n = len(parts[0])
-                full = n - n % batch_size
-                for start in range(0, full, batch_size):
-                    yield _batch(rank_slice(tuple(p[start : start + batch_size] for p in parts), rank, world))
+                n, start = len(parts[0]), 0
                 position += n
-                if full < n:
-                    pending = tuple(p[full:] for p in parts)
+                if pending is not None:  # finish the batch begun in the last window
+                    start = min(n, batch_size - len(pending[0]))
+                    pending = tuple(torch.cat([a, b[:start]]) for a, b in zip(pending, parts, strict=True))
+                    if len(pending[0]) < batch_size:
+                        continue
+                    yield _batch(rank_slice(pending, rank, world))
+                    pending = None
+                full = start + (n - start) // batch_size * batch_size
+                for offset in range(start, full, batch_size):
+                    yield _batch(rank_slice(tuple(p[offset : offset + batch_size] for p in parts), rank, world))
+                if full < n:  # a copy, so that the window itself can be freed
+                    pending = tuple(p[full:].clone() for p in parts)
             if pending is not None:
                 yield _batch(rank_slice(pending, rank, world))
         finally:
@@ -190,29 +193,30 @@ class _Inline:
 
 
 _DONE = object()
+WINDOWS_PER_BUDGET = 5  # see open_source
 
 
 class _ReadAhead:
-    """Windows read and shuffled on a background thread, one ahead of the consumer."""
+    """Windows read and shuffled on a background thread while the consumer trains on the one
+    before: at most two windows are alive (the one in use, the next one read or being read)."""
 
     def __init__(
         self, source: StreamedSplit, todo: list[tuple[int, Window]], seed: int | None, whole: Tensor | None
     ) -> None:
-        self.queue: queue.Queue[object] = queue.Queue(maxsize=1)
+        self.queue: queue.Queue[object] = queue.Queue()
+        self.slots = threading.Semaphore(2)  # a window takes a slot from its read until it is used up
         self.stop = threading.Event()
+        self.holding = False
 
         def work() -> None:
             try:
                 for i, window in todo:
-                    item = source._read(window, i, seed, whole)
-                    while not self.stop.is_set():
-                        try:
-                            self.queue.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
+                    while not self.slots.acquire(timeout=0.1):
+                        if self.stop.is_set():
+                            return
                     if self.stop.is_set():
                         return
+                    self.queue.put(source._read(window, i, seed, whole))
                 self.queue.put(_DONE)
             except BaseException as exc:  # handed to the consumer, raised there
                 self.queue.put(exc)
@@ -223,6 +227,9 @@ class _ReadAhead:
     def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         while True:
             item = self.queue.get()
+            if self.holding:  # the previous window is used up: its slot goes to the next read
+                self.slots.release()
+            self.holding = True
             if item is _DONE:
                 return
             if isinstance(item, BaseException):
@@ -231,29 +238,35 @@ class _ReadAhead:
 
     def close(self) -> None:
         self.stop.set()
-        while self.thread.is_alive():
-            with contextlib.suppress(queue.Empty):
-                self.queue.get(timeout=0.05)
         self.thread.join()
 
 
 def open_source(
-    file: SplitFile, loading: str, memory_budget: int, shuffle_buffer: int | str, batch_size: int, field: str
+    file: SplitFile,
+    loading: str,
+    memory_budget: int,
+    shuffle_buffer: int | str,
+    batch_size: int,
+    field: str,
+    shuffled: bool = True,
 ) -> BatchSource:
     """The split in memory or streamed (``train.loading``), within ``data.memory_budget``.
 
-    ``auto``: in memory when the split's tensors fit the budget. A stream's window is
-    ``train.shuffle_buffer`` rows, or with ``auto`` a third of the budget (one window trains, one
-    waits, one is being read); a window must hold at least one batch."""
+    ``auto``: in memory when the split's tensors fit the budget. A stream's window is a fifth of
+    the budget: two windows are alive (one trains, the next is read), and reading one takes about
+    three times its tensors for a moment (the Parquet columns, their conversion, the shuffled
+    copy); a ``shuffled`` (training) stream takes ``train.shuffle_buffer`` rows instead when it is
+    set. A window must hold one batch."""
     row_bytes = file.row_bytes
     if loading == "memory" or (loading == "auto" and file.rows * row_bytes <= memory_budget):
         return file.load()
-    window = memory_budget // (3 * row_bytes) if shuffle_buffer == "auto" else int(shuffle_buffer)
+    by_buffer = shuffled and shuffle_buffer != "auto"
+    window = int(shuffle_buffer) if by_buffer else memory_budget // (WINDOWS_PER_BUDGET * row_bytes)
     if window < batch_size:
         what = (
             f"train.shuffle_buffer ({window:,} rows)"
-            if shuffle_buffer != "auto"
-            else (f"data.memory_budget ({memory_budget:,} bytes holds windows of {window:,} rows of {row_bytes} bytes)")
+            if by_buffer
+            else f"data.memory_budget ({memory_budget:,} bytes holds windows of {window:,} rows of {row_bytes} bytes)"
         )
         raise DataError(
             f"{what} is too small for one batch of {field} ({batch_size:,} rows)",

@@ -21,7 +21,16 @@ from mtlcli.data.encode import GROUP_COLUMN, categorical_expr, group_expr, numer
 from mtlcli.data.fit import choose_features, fit_categorical, fit_numeric
 from mtlcli.data.labels import LABEL_PREFIX, MASK_PREFIX, label_exprs
 from mtlcli.data.load import SplitFile
-from mtlcli.data.scan import SPLIT_COLUMN, SPLITS, Scanned, require_columns, scan_source, source_files, split_rows
+from mtlcli.data.scan import (
+    SPLIT_COLUMN,
+    SPLITS,
+    Scanned,
+    file_format,
+    require_columns,
+    scan_source,
+    source_files,
+    split_rows,
+)
 from mtlcli.data.schema import MISSING_ID, OOV_ID, CategoricalFeature, DataSchema, SplitInfo, TaskInfo
 from mtlcli.errors import ArtifactError
 from mtlcli.fileio import atomic_dir, sha256_file_remembered, sha256_json
@@ -118,12 +127,29 @@ def task_infos(recipe: Recipe) -> list[TaskInfo]:
     ]
 
 
+TEXT_FACTOR = 3  # bytes in memory per byte of CSV text
+VALUE_BYTES = 24  # bytes in memory per value read from Parquet (a short string with its offsets)
+
+
+def source_bytes(scanned: Scanned) -> int:
+    """An estimate of the source's size in memory: CSV text at ``TEXT_FACTOR`` times its size on
+    disk, Parquet (compressed on disk, often tenfold) at ``VALUE_BYTES`` per value, from the row
+    counts in the files' footers."""
+    total = 0
+    for path in scanned.files:
+        if file_format(path, scanned.recipe) == "parquet":
+            lazy = pl.scan_parquet(path)
+            rows = int(scanned.collect(lazy.select(pl.len())).item())
+            total += rows * len(lazy.collect_schema()) * VALUE_BYTES
+        else:
+            total += path.stat().st_size * TEXT_FACTOR
+    return total
+
+
 def _in_memory(scanned: Scanned, budget: int) -> Scanned:
-    """The source read once into memory when its files are small against ``budget`` (polars holds
-    text in memory at up to ~4x its size on disk), so that the stages' queries do not each read
-    the files again; else the source as it is, each query streaming the files."""
-    size = sum(path.stat().st_size for path in scanned.files)
-    if size * 4 > budget:
+    """The source read once into memory when it fits ``budget``, so that the stages' queries do
+    not each read the files again; else the source as it is, each query streaming the files."""
+    if source_bytes(scanned) > budget:
         return scanned
     return Scanned(scanned.collect(scanned.frame).lazy(), scanned.files, scanned.recipe)
 
@@ -148,7 +174,7 @@ def preprocess(recipe: Recipe, out_dir: Path, progress: Progress | None = None) 
         require_columns(list(raw), [group], "data.group")
     enforce(frame, checks, collect)
     say("fitting vocabularies and statistics on train")
-    cat_specs = [fit_categorical(frame, name, options, collect) for name, options in categorical.items()]
+    cat_specs = fit_categorical(frame, categorical, collect)
     num_specs, empty = fit_numeric(frame, raw, numeric, collect)
     say("encoding and writing the splits")
     exprs = [_categorical(scanned, f) for f in cat_specs] + [numeric_expr(f, raw[f.name]) for f in num_specs]
@@ -156,13 +182,14 @@ def preprocess(recipe: Recipe, out_dir: Path, progress: Progress | None = None) 
     if group is not None:
         exprs.append(group_expr(collect(frame.select(pl.col(group).cast(pl.String).unique())).to_series(), group))
     tasks = task_infos(recipe)
-    splits = {}
     with atomic_dir(out_dir) as tmp:
-        for index, split in enumerate(SPLITS):
-            path = tmp / f"{split}.parquet"
-            query = frame.filter(pl.col(SPLIT_COLUMN) == index).select(exprs)
-            scanned.sink(query, path, ROW_GROUP)
-            splits[split] = split_info(path, cat_specs, tasks)
+        encoded = frame.select([*exprs, pl.col(SPLIT_COLUMN)])
+        paths = {split: tmp / f"{split}.parquet" for split in SPLITS}
+        scanned.sink_all(
+            [(encoded.filter(pl.col(SPLIT_COLUMN) == i).drop(SPLIT_COLUMN), paths[s]) for i, s in enumerate(SPLITS)],
+            ROW_GROUP,
+        )
+        splits = {split: split_info(path, cat_specs, tasks) for split, path in paths.items()}
         warnings = data_warnings(splits, tasks, empty)
         schema = DataSchema(cat_specs, num_specs, tasks, splits, source, key, group=group, warnings=warnings)
         schema.save(tmp / "schema.json")

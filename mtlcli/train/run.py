@@ -211,10 +211,17 @@ def train_run(
 
 
 def split_source(prepared: Prepared, split: str, recipe: Recipe, batch_size: int, field: str) -> BatchSource:
-    """A split in memory or streamed, as ``train.loading`` and ``data.memory_budget`` say."""
+    """A split in memory or streamed, as ``train.loading`` and ``data.memory_budget`` say; the
+    train split shuffled in windows of ``train.shuffle_buffer`` rows when that is set."""
     settings = recipe.train
     return open_source(
-        prepared.file(split), settings.loading, recipe.data.memory_budget, settings.shuffle_buffer, batch_size, field
+        prepared.file(split),
+        settings.loading,
+        recipe.data.memory_budget,
+        settings.shuffle_buffer,
+        batch_size,
+        field,
+        shuffled=split == "train",
     )
 
 
