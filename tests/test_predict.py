@@ -114,6 +114,37 @@ def test_onnx_matches_pytorch(census: dict[str, Path]) -> None:
     assert_kernel_close(by_onnx, by_torch, floor=1.0, what="predict --engine onnxruntime vs torch")
 
 
+def test_a_large_model_keeps_its_onnx_weights_in_one_external_file(
+    census: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past EXTERNAL_BYTES (1 GiB; protobuf stops at 2 GiB) the weights go to model.onnx.data:
+    here the threshold is lowered to 0 so that census takes that path."""
+    pytest.importorskip("onnxruntime")
+    from mtlcli.export import bundle as bundle_module
+
+    monkeypatch.setattr(bundle_module, "EXTERNAL_BYTES", 0)
+    out = census["work"] / "external"
+    result = invoke("export", census["run"], "--out", out, "--format", "onnx")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["onnx"]["external_data"] == "model.onnx.data"
+    assert set(manifest["files"]) >= {"model.onnx", "model.onnx.data"}
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("model.onnx")) == ["model.onnx", "model.onnx.data"]
+    assert (out / "model.onnx").stat().st_size < 20_000 < (out / "model.onnx.data").stat().st_size
+    assert (out / "model.onnx.data").stat().st_mode == (out / "model.onnx").stat().st_mode
+    head = "".join(census["test"].read_text(encoding="utf-8").splitlines(keepends=True)[:50])
+    a = invoke("predict", out, "--engine", "onnxruntime", input=head)
+    b = invoke("predict", census["bundle"], input=head)
+    assert a.exit_code == 0, a.output
+    by_onnx, by_torch = (pl.read_csv(io.BytesIO(r.stdout_bytes)) for r in (a, b))
+    assert_kernel_close(by_onnx, by_torch, floor=1.0, what="external-data ONNX vs torch")
+    raw = bytearray((out / "model.onnx.data").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (out / "model.onnx.data").write_bytes(bytes(raw))
+    damaged = invoke("predict", out, "--engine", "onnxruntime", input=head)
+    assert damaged.exit_code == 2 and "model.onnx.data: sha256 does not match" in damaged.output
+
+
 def test_onnx_export_names_the_extra_when_missing(census: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     result = invoke("export", census["run"], "--out", census["work"] / "no-onnx", "--format", "onnx")

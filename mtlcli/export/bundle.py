@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,10 @@ def export_bundle(run_dir: Path, out: Path, force: bool = False, fmt: str = "saf
         names = list(BUNDLE_FILES)
         onnx_info: dict[str, Any] = {}
         if fmt == "onnx":
-            onnx_info = export_onnx(loaded.model, loaded.schema, tmp / ONNX_FILE)
+            onnx_info = export_onnx(loaded.model, loaded.schema, tmp / ONNX_FILE, external_bytes=EXTERNAL_BYTES)
             names.append(ONNX_FILE)
+            if onnx_info["external_data"]:
+                names.append(onnx_info["external_data"])
         manifest = {
             "format": BUNDLE_FORMAT,
             "version": BUNDLE_VERSION,
@@ -144,7 +147,16 @@ def _onnx_samples(schema: Any, rows: int, seed: int = 0) -> tuple[torch.Tensor, 
     return categorical, numeric
 
 
-def export_onnx(model: torch.nn.Module, schema: Any, path: Path, check_rows: int = 4096) -> dict[str, Any]:
+ONNX_DATA = "model.onnx.data"  # the weights of a large model.onnx (ONNX external data)
+# A model whose weights pass this many bytes keeps them in ONNX_DATA: a protobuf file cannot pass
+# 2 GiB, and a 10M-row table of dimension 16 alone is 640 MB (with Adam's moments three times that
+# in a checkpoint, but only the weights are exported).
+EXTERNAL_BYTES = 1 << 30
+
+
+def export_onnx(
+    model: torch.nn.Module, schema: Any, path: Path, check_rows: int = 4096, external_bytes: int = EXTERNAL_BYTES
+) -> dict[str, Any]:
     """Export ``model`` to ONNX with inputs (categorical int64 [B, F_cat], numeric float32 [B, F_num])
     and output logits float32 [B, T], B dynamic; then run onnxruntime against PyTorch on sample rows
     (several batch sizes) and raise if any output differs by more than the kernel bound of
@@ -152,23 +164,28 @@ def export_onnx(model: torch.nn.Module, schema: Any, path: Path, check_rows: int
     own kernels, so the last bits differ, but never by more than another CPU's would.
 
     Uses the TorchScript exporter (``dynamo=False``): the torch.export one needs onnxscript and
-    takes seconds where this takes well under one.
+    takes seconds where this takes well under one. A model whose weights pass ``external_bytes``
+    is saved with its weights in one external-data file, ``ONNX_DATA``, beside ``path``
+    (onnxruntime reads it from there); ``external_data`` in the result names it, or is None.
     """
+    import tempfile
     import warnings
 
+    import onnx
     import onnxruntime
 
     from mtlcli.export.predict import BatchInputs
 
     wrapped = BatchInputs(model, len(schema.tasks)).eval()
     example = _onnx_samples(schema, 8)
+    scratch = Path(tempfile.mkdtemp(prefix=".onnx-", dir=path.parent))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
                 wrapped,
                 example,
-                str(path),
+                str(scratch / path.name),
                 dynamo=False,
                 input_names=["categorical", "numeric"],
                 output_names=["logits"],
@@ -181,6 +198,19 @@ def export_onnx(model: torch.nn.Module, schema: Any, path: Path, check_rows: int
                 f"cannot export this model to ONNX: {first}",
                 "the bundle was not written; export without --format onnx, or report the model's scheme",
             ) from None
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    external = ONNX_DATA if weights > external_bytes else None
+    try:  # saved again, so that a large model's weights are one file with a known name
+        proto = onnx.load(str(scratch / path.name))
+        if external is None:
+            onnx.save_model(proto, str(path))
+        else:
+            onnx.save_model(
+                proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=external
+            )
+            (path.parent / external).chmod(path.stat().st_mode)  # onnx creates it private
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     session = onnx_session(path)
     worst, tolerance = 0.0, 0.0
     for rows in (1, 7, check_rows):
@@ -200,6 +230,7 @@ def export_onnx(model: torch.nn.Module, schema: Any, path: Path, check_rows: int
         "onnxruntime_version": onnxruntime.__version__,
         "max_abs_diff": worst,
         "tolerance": tolerance,
+        "external_data": external,
     }
 
 
