@@ -221,12 +221,6 @@ class Scanned:
         """Write a query's rows to a Parquet file as they stream (never all in memory)."""
         self._run(lambda: query.sink_parquet(path, row_group_size=row_group, engine="streaming"))
 
-    def sink_all(self, queries: list[tuple[pl.LazyFrame, Path]], row_group: int) -> None:
-        """Write several queries' rows to Parquet files in one pass over the source (the queries
-        share their scan)."""
-        sinks = [q.sink_parquet(p, row_group_size=row_group, lazy=True) for q, p in queries]
-        self._run(lambda: pl.collect_all(sinks, engine="streaming"))
-
     def _run(self, work: Callable[[], _T]) -> _T:
         try:
             return work()

@@ -176,19 +176,29 @@ def preprocess(recipe: Recipe, out_dir: Path, progress: Progress | None = None) 
     say("fitting vocabularies and statistics on train")
     cat_specs = fit_categorical(frame, categorical, collect)
     num_specs, empty = fit_numeric(frame, raw, numeric, collect)
-    say("encoding and writing the splits")
     exprs = [_categorical(scanned, f) for f in cat_specs] + [numeric_expr(f, raw[f.name]) for f in num_specs]
     exprs += labels
     if group is not None:
         exprs.append(group_expr(collect(frame.select(pl.col(group).cast(pl.String).unique())).to_series(), group))
     tasks = task_infos(recipe)
     with atomic_dir(out_dir) as tmp:
-        encoded = frame.select([*exprs, pl.col(SPLIT_COLUMN)])
+        # one pass encodes every row (the source is read once), a second splits the small encoded
+        # file: encoding into three files at once held three writers' buffers (1.0 GB instead of
+        # 0.8 GB at the peak on the 20M-row click log)
+        whole = tmp / "encoded.parquet"
+        say("encoding every row")
+        scanned.sink(frame.select([*exprs, pl.col(SPLIT_COLUMN)]), whole, ROW_GROUP)
+        say("writing the splits")
+        encoded = pl.scan_parquet(whole)
         paths = {split: tmp / f"{split}.parquet" for split in SPLITS}
-        scanned.sink_all(
-            [(encoded.filter(pl.col(SPLIT_COLUMN) == i).drop(SPLIT_COLUMN), paths[s]) for i, s in enumerate(SPLITS)],
-            ROW_GROUP,
-        )
+        sinks = [
+            encoded.filter(pl.col(SPLIT_COLUMN) == i)
+            .drop(SPLIT_COLUMN)
+            .sink_parquet(paths[split], row_group_size=ROW_GROUP, lazy=True)
+            for i, split in enumerate(SPLITS)
+        ]
+        pl.collect_all(sinks, engine="streaming")
+        whole.unlink()
         splits = {split: split_info(path, cat_specs, tasks) for split, path in paths.items()}
         warnings = data_warnings(splits, tasks, empty)
         schema = DataSchema(cat_specs, num_specs, tasks, splits, source, key, group=group, warnings=warnings)
