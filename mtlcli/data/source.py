@@ -26,10 +26,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from mtlcli.data.batch import Batch, SplitTensors
+from mtlcli.data.batch import Batch
 from mtlcli.data.load import SplitFile
 from mtlcli.errors import DataError
 
@@ -55,11 +56,6 @@ def rank_slice(parts: tuple[Tensor, ...], rank: int, world: int) -> tuple[Tensor
     if world == 1:
         return parts
     return tuple(torch.tensor_split(part, world)[rank] for part in parts)
-
-
-def _parts(data: SplitTensors) -> tuple[Tensor, ...]:
-    parts = (data.categorical, data.numeric, data.labels, data.label_mask)
-    return parts if data.groups is None else (*parts, data.groups)
 
 
 @dataclass(frozen=True)
@@ -105,7 +101,8 @@ class StreamedSplit:
         return windows, seed
 
     def _read(self, window: Window, index: int, seed: int | None, whole_order: Tensor | None) -> tuple[Tensor, ...]:
-        """A window's rows as tensors, shuffled (its blocks are read in runs of adjacent ones)."""
+        """A window's rows as tensors, shuffled (its blocks are read in runs of adjacent ones).
+        NumPy only until the end (see ``arrays_from_frame``: this runs on the reader thread)."""
         pieces, run = [], [window.blocks[0]]
         for block in window.blocks[1:]:
             if block == run[-1] + 1:
@@ -114,19 +111,20 @@ class StreamedSplit:
             pieces.append(self._read_run(run))
             run = [block]
         pieces.append(self._read_run(run))
-        parts = tuple(torch.cat(column) for column in zip(*pieces, strict=True)) if len(pieces) > 1 else pieces[0]
+        parts = tuple(np.concatenate(column) for column in zip(*pieces, strict=True)) if len(pieces) > 1 else pieces[0]
+        order: np.ndarray | None = None
         if whole_order is not None:
-            return tuple(part[whole_order] for part in parts)
-        if seed is not None:
-            g = torch.Generator().manual_seed(seed + index)
-            order = torch.randperm(len(parts[0]), generator=g)
-            return tuple(part[order] for part in parts)
-        return parts
+            order = whole_order.numpy()
+        elif seed is not None:
+            order = np.random.default_rng([seed, index]).permutation(len(parts[0]))
+        if order is not None:
+            parts = tuple(np.take(part, order, axis=0) for part in parts)
+        return tuple(torch.from_numpy(part) for part in parts)
 
-    def _read_run(self, run: list[int]) -> tuple[Tensor, ...]:
+    def _read_run(self, run: list[int]) -> tuple[np.ndarray, ...]:
         start = run[0] * self.block_rows
         stop = min(self.rows, (run[-1] + 1) * self.block_rows)
-        return _parts(self.file.window(start, stop - start))
+        return self.file.window(start, stop - start)
 
     def batches(
         self,

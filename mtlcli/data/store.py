@@ -16,6 +16,7 @@ from typing import Any
 
 import polars as pl
 
+from mtlcli.data.batch import SplitTensors
 from mtlcli.data.checks import enforce, number_checks
 from mtlcli.data.encode import GROUP_COLUMN, categorical_expr, group_expr, numeric_expr
 from mtlcli.data.fit import choose_features, fit_categorical, fit_numeric
@@ -54,8 +55,8 @@ class Prepared:
     def file(self, split: str) -> SplitFile:
         return SplitFile(self.directory / f"{split}.parquet", self.schema)
 
-    def load(self, split: str) -> Any:
-        """The split as contiguous tensors (``SplitTensors``)."""
+    def load(self, split: str) -> SplitTensors:
+        """The split as contiguous tensors."""
         return self.file(split).load()
 
 
