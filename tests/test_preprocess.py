@@ -323,6 +323,45 @@ def test_random_split_is_reproducible_with_its_seed(tmp_path: Path) -> None:
     assert 35 <= len(first["test"]) <= 85
 
 
+def splitmix_draw(row: int, seed: int) -> float:
+    """The documented draw of the random split (docs/recipe.md), in plain Python integers."""
+    mask = (1 << 64) - 1
+    x = (row + 0x9E3779B97F4A7C15 * (seed + 1)) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    x ^= x >> 31
+    return (x >> 11) / float(1 << 53)
+
+
+def test_random_split_is_the_documented_function_of_row_and_seed(tmp_path: Path) -> None:
+    """Each row's split follows from its position and the seed alone (splitmix64), so it does not
+    depend on the row count, memory or the polars version."""
+    ids = random_split_ids(tmp_path / "a", seed=7)
+    expected: dict[str, list[int]] = {"train": [], "valid": [], "test": []}
+    for row in range(200):
+        u = splitmix_draw(row, 7)
+        expected["test" if u < 0.3 else "valid" if u < 0.5 else "train"].append(row)
+    assert ids == expected
+
+
+def test_max_size_keeps_the_most_frequent_values(tmp_path: Path) -> None:
+    # on train (rows i % 5 not in 0, 1): a x4, b x3, c x2, d x1; e only on test
+    kinds = ["e", "z", "a", "a", "b", "e", "z", "a", "a", "b", "x", "y", "b", "c", "c", "q", "w", "d"]
+    rows = [{"id": i, "kind": k, "click": i % 2} for i, k in enumerate(kinds)]
+    source = write_csv(tmp_path / "k.csv", rows)
+    recipe = make_recipe(
+        tmp_path, source=source, features={"categorical": {"kind": {"max_size": 2}}, "numeric": {"id": None}}
+    )
+    prepared = prepare(recipe)
+    feature = prepared.schema.categorical[0]
+    assert feature.vocab == ["a", "b"] and feature.max_size == 2
+    assert frame(prepared, "train")["kind"].to_list() == [
+        FIRST_ID if kinds[i] == "a" else FIRST_ID + 1 if kinds[i] == "b" else OOV_ID
+        for i in range(len(kinds))
+        if i % 5 not in (0, 1)
+    ]
+
+
 def test_column_split(tmp_path: Path) -> None:
     parts = ["tr", "va", "te", "tr", "xx", "tr", "va", "te"]
     rows = [{"id": i, "part": p, "kind": "a" if i < 4 else "b", "click": i % 2} for i, p in enumerate(parts)]
@@ -645,3 +684,23 @@ def test_bad_shards_are_named(tmp_path: Path, damage: str, expect: str) -> None:
     pattern = "nothing-*.parquet" if damage == "nothing matches" else "part-*.parquet"
     with pytest.raises(DataError, match=re.escape(expect)):
         prepare(make_recipe(tmp_path, source=Path(str(shards / pattern))))
+
+
+def test_streamed_preprocessing_equals_the_in_memory_one(census_file: Path, in_repo: Path, tmp_path: Path) -> None:
+    """data.memory_budget decides whether the source is read into memory once or streamed through
+    every stage; the encoded data and the schema are the same either way, but for the order in
+    which the streaming engine sums a column (numeric statistics within 1e-12 relative, float64)."""
+    sets = [f"data.cache_dir={tmp_path / 'cache'}"]
+    memory = prepare(load_recipe("recipes/census-mmoe.yaml", sets), out=tmp_path / "memory")
+    tiny = [*sets, "data.memory_budget=1"]
+    streamed = prepare(load_recipe("recipes/census-mmoe.yaml", tiny), out=tmp_path / "stream")
+    a, b = memory.schema.to_dict(), streamed.schema.to_dict()
+    for one, other in zip(a.pop("numeric"), b.pop("numeric"), strict=True):
+        for key in ("fill_value", "center", "scale"):
+            assert one.pop(key) == pytest.approx(other.pop(key), rel=1e-12), (one["name"], key)
+        assert one == other
+    assert a == b
+    for split in ("train", "valid", "test"):
+        x, y = memory.load(split), streamed.load(split)
+        assert torch.equal(x.categorical, y.categorical) and torch.equal(x.labels, y.labels), split
+        assert torch.allclose(x.numeric, y.numeric, rtol=1e-6, atol=1e-6), split
