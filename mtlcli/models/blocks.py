@@ -59,8 +59,7 @@ class FeatureEmbedding(nn.Module):
     """
 
     offsets: Tensor
-    row_m: Tensor
-    row_v: Tensor
+    row_mv: Tensor  # [rows, 2, dim]: each row's Adam moments m and v
     row_steps: Tensor
 
     def __init__(self, cardinalities: list[int], n_numeric: int, dim: int) -> None:
@@ -84,8 +83,9 @@ class FeatureEmbedding(nn.Module):
         self.sparse, self.betas, self.eps = True, betas, eps
         self.table.weight.requires_grad_(False)
         weight = self.table.weight
-        self.register_buffer("row_m", torch.zeros_like(weight), persistent=False)
-        self.register_buffer("row_v", torch.zeros_like(weight), persistent=False)
+        # each row's first and second moments side by side: one gather and one scatter per step
+        # for both, where two tables took two of each (rows of a large table miss the cache)
+        self.register_buffer("row_mv", weight.new_zeros((weight.shape[0], 2, weight.shape[1])), persistent=False)
         self.register_buffer("row_steps", torch.zeros((), dtype=torch.long), persistent=False)
 
     def forward(self, batch: Batch) -> Tensor:
@@ -112,21 +112,26 @@ class FeatureEmbedding(nn.Module):
         beta1, beta2 = self.betas
         self.row_steps += 1
         step = int(self.row_steps)
-        m = self.row_m.index_select(0, ids).mul_(beta1).add_(grad, alpha=1 - beta1)
-        v = self.row_v.index_select(0, ids).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        self.row_m.index_copy_(0, ids, m)
-        self.row_v.index_copy_(0, ids, v)
+        moments = self.row_mv.index_select(0, ids)
+        m, v = moments[:, 0], moments[:, 1]
+        m.mul_(beta1).add_(grad, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        self.row_mv.index_copy_(0, ids, moments)
         step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
-        self.table.weight.index_add_(0, ids, m.div_(v.sqrt_().add_(self.eps)), alpha=-step_size)
+        # the rows as the forward pass read them are the table's rows now (nothing else writes a
+        # row-wise table within a step): write the updated rows back, rather than gather them again
+        self.table.weight.index_copy_(0, ids, rows.detach().addcdiv(m, v.sqrt().add_(self.eps), value=-step_size))
 
     def row_state(self) -> dict[str, Tensor]:
         """The row optimizer's state, for checkpoints (empty unless sparse)."""
-        return {"m": self.row_m, "v": self.row_v, "steps": self.row_steps} if self.sparse else {}
+        if not self.sparse:
+            return {}
+        return {"m": self.row_mv[:, 0].contiguous(), "v": self.row_mv[:, 1].contiguous(), "steps": self.row_steps}
 
     def load_row_state(self, state: dict[str, Tensor]) -> None:
         with torch.no_grad():
-            self.row_m.copy_(state["m"])
-            self.row_v.copy_(state["v"])
+            self.row_mv[:, 0].copy_(state["m"])
+            self.row_mv[:, 1].copy_(state["v"])
             self.row_steps.copy_(state["steps"])
 
 
