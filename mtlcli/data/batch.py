@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -13,11 +14,14 @@ from torch import Tensor
 class Batch:
     """The only model input.
 
-    categorical: int64 [B, F_cat], per-feature ids (0 = out of vocabulary, 1 = missing)
-    numeric:     float32 [B, F_num], already filled and transformed
-    labels:      float32 [B, T], one column per task in recipe order
-    label_mask:  bool [B, T], True where the row counts for that task's loss and metrics
-    groups:      int64 [B] group ids for GAUC (data.group), -1 without a group; metrics only
+    categorical:      int64 [B, F_cat], per-feature ids (0 = out of vocabulary, 1 = missing)
+    numeric:          float32 [B, F_num], already filled and transformed
+    labels:           float32 [B, T], one column per task in recipe order
+    label_mask:       bool [B, T], True where the row counts for that task's loss and metrics
+    groups:           int64 [B] group ids for GAUC (data.group), -1 without a group; metrics only
+    sequences:        int64 [B, S, L] ids of each sequence feature (most recent first, padded
+                      after its length), or None without sequence features
+    sequence_lengths: int64 [B, S], how many of each row's L ids are real
     """
 
     categorical: Tensor
@@ -25,14 +29,23 @@ class Batch:
     labels: Tensor
     label_mask: Tensor
     groups: Tensor | None = None
+    sequences: Tensor | None = None
+    sequence_lengths: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
 
+def present(rows: Batch | SplitTensors) -> dict[str, Tensor]:
+    """The tensors a batch or split holds, by field name (fields that are None left out): every
+    one has the rows first, so a permutation or a slice applies to all alike."""
+    return {f.name: getattr(rows, f.name) for f in dataclasses.fields(rows) if getattr(rows, f.name) is not None}
+
+
 @dataclass(frozen=True)
 class SplitTensors:
-    """One encoded split (train, valid or test), each part one contiguous tensor.
+    """One encoded split (train, valid or test), each part one contiguous tensor (fields as in
+    ``Batch``).
 
     Batches are views (slices) of a once-per-epoch shuffled copy: no per-row Python anywhere.
     """
@@ -41,7 +54,9 @@ class SplitTensors:
     numeric: Tensor
     labels: Tensor
     label_mask: Tensor
-    groups: Tensor | None = None  # int64 [N] group ids for GAUC (data.group), -1 without a group
+    groups: Tensor | None = None
+    sequences: Tensor | None = None
+    sequence_lengths: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -58,18 +73,20 @@ class SplitTensors:
         """Batches in order, or in a fresh random order when ``shuffle``; ``skip`` leaves out the
         first batches (to finish an interrupted epoch); process ``rank`` of ``world`` gets its
         slice of each global batch (see ``mtlcli.data.source``)."""
-        parts: tuple[Tensor, ...] = (self.categorical, self.numeric, self.labels, self.label_mask)
-        if self.groups is not None:
-            parts = (*parts, self.groups)
+        parts = present(self)
         if shuffle:
             order = torch.randperm(len(self), generator=generator)
-            parts = tuple(part[order] for part in parts)
+            parts = {name: part[order] for name, part in parts.items()}
         for start in range(skip * batch_size, len(self), batch_size):
             stop = start + batch_size
-            chunk = tuple(part[start:stop] for part in parts)
+            chunk = {name: part[start:stop] for name, part in parts.items()}
             if world > 1:
-                chunk = tuple(torch.tensor_split(part, world)[rank] for part in chunk)
-            yield Batch(*chunk)
+                chunk = {name: torch.tensor_split(part, world)[rank] for name, part in chunk.items()}
+            yield Batch(**chunk)
+
+    def select(self, index: Tensor) -> SplitTensors:
+        """The rows ``index`` (a slice, mask or index tensor) of every field."""
+        return SplitTensors(**{name: part[index] for name, part in present(self).items()})
 
     def all(self) -> Batch:
-        return Batch(self.categorical, self.numeric, self.labels, self.label_mask, self.groups)
+        return Batch(**present(self))

@@ -52,7 +52,7 @@ class SplitFile:
         """The whole split as contiguous tensors (see Batch for the layout)."""
         return tensors_from_frame(self._read(self._scan()), self.schema)
 
-    def window(self, offset: int, rows: int) -> tuple[np.ndarray, ...]:
+    def window(self, offset: int, rows: int) -> dict[str, np.ndarray]:
         """Rows [offset, offset + rows) as numpy arrays (see ``arrays_from_frame``); only the row
         groups holding them are read."""
         return arrays_from_frame(self._read(self._scan().slice(offset, rows)), self.schema)
@@ -79,9 +79,10 @@ def _mask_array(frame: pl.DataFrame, schema: DataSchema, rows: int) -> np.ndarra
     return mask
 
 
-def arrays_from_frame(frame: pl.DataFrame, schema: DataSchema) -> tuple[np.ndarray, ...]:
-    """(categorical int64 [N, F_cat], numeric float32 [N, F_num], labels float32 [N, T], mask bool
-    [N, T], and with data.group the group ids int64 [N]) as C-contiguous numpy arrays. NumPy only,
+def arrays_from_frame(frame: pl.DataFrame, schema: DataSchema) -> dict[str, np.ndarray]:
+    """The fields of ``Batch`` (categorical int64 [N, F_cat], numeric float32 [N, F_num], labels
+    float32 [N, T], label_mask bool [N, T], with data.group the groups int64 [N]) as C-contiguous
+    numpy arrays. NumPy only,
     no torch operation: a reader thread that ran torch operations would start a second OpenMP team
     of threads, whose spinning took a fifth of the training thread's time on two cores."""
     cat_names = [f.name for f in schema.categorical]
@@ -99,14 +100,18 @@ def arrays_from_frame(frame: pl.DataFrame, schema: DataSchema) -> tuple[np.ndarr
             return np.zeros((n, 0), dtype=dtype)
         return np.require(frame.select(names).to_numpy(), dtype=dtype, requirements=["C", "W"])
 
-    arrays = [block(cat_names, np.int64), block(num_names, np.float32), block(label_names, np.float32)]
-    arrays.append(_mask_array(frame, schema, n))
+    arrays = {
+        "categorical": block(cat_names, np.int64),
+        "numeric": block(num_names, np.float32),
+        "labels": block(label_names, np.float32),
+        "label_mask": _mask_array(frame, schema, n),
+    }
     if schema.group is not None:
         if GROUP_COLUMN not in frame.columns:
             raise ArtifactError(f"encoded data has no {GROUP_COLUMN!r} column", "re-run `mtl preprocess`")
-        arrays.append(np.require(frame.get_column(GROUP_COLUMN).to_numpy(), np.int64, ["C", "W"]))
-    return tuple(arrays)
+        arrays["groups"] = np.require(frame.get_column(GROUP_COLUMN).to_numpy(), np.int64, ["C", "W"])
+    return arrays
 
 
 def tensors_from_frame(frame: pl.DataFrame, schema: DataSchema) -> SplitTensors:
-    return SplitTensors(*(torch.from_numpy(a) for a in arrays_from_frame(frame, schema)))
+    return SplitTensors(**{name: torch.from_numpy(a) for name, a in arrays_from_frame(frame, schema).items()})

@@ -51,11 +51,14 @@ class BatchSource(Protocol):
     ) -> Iterator[Batch]: ...
 
 
-def rank_slice(parts: tuple[Tensor, ...], rank: int, world: int) -> tuple[Tensor, ...]:
+Parts = dict[str, Tensor]  # a Batch's fields by name, each with the rows first
+
+
+def rank_slice(parts: Parts, rank: int, world: int) -> Parts:
     """Process ``rank``'s share of one global batch: contiguous, as even as the rows allow."""
     if world == 1:
         return parts
-    return tuple(torch.tensor_split(part, world)[rank] for part in parts)
+    return {name: torch.tensor_split(part, world)[rank] for name, part in parts.items()}
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,7 @@ class StreamedSplit:
             start += sum(min(self.block_rows, self.rows - b * self.block_rows) for b in chosen)
         return windows, seed
 
-    def _read(self, window: Window, index: int, seed: int | None, whole_order: Tensor | None) -> tuple[Tensor, ...]:
+    def _read(self, window: Window, index: int, seed: int | None, whole_order: Tensor | None) -> Parts:
         """A window's rows as tensors, shuffled (its blocks are read in runs of adjacent ones).
         NumPy only until the end (see ``arrays_from_frame``: this runs on the reader thread)."""
         pieces, run = [], [window.blocks[0]]
@@ -111,17 +114,19 @@ class StreamedSplit:
             pieces.append(self._read_run(run))
             run = [block]
         pieces.append(self._read_run(run))
-        parts = tuple(np.concatenate(column) for column in zip(*pieces, strict=True)) if len(pieces) > 1 else pieces[0]
+        parts = (
+            {name: np.concatenate([p[name] for p in pieces]) for name in pieces[0]} if len(pieces) > 1 else pieces[0]
+        )
         order: np.ndarray | None = None
         if whole_order is not None:
             order = whole_order.numpy()
         elif seed is not None:
-            order = np.random.default_rng([seed, index]).permutation(len(parts[0]))
+            order = np.random.default_rng([seed, index]).permutation(len(parts["labels"]))
         if order is not None:
-            parts = tuple(np.take(part, order, axis=0) for part in parts)
-        return tuple(torch.from_numpy(part) for part in parts)
+            parts = {name: np.take(part, order, axis=0) for name, part in parts.items()}
+        return {name: torch.from_numpy(part) for name, part in parts.items()}
 
-    def _read_run(self, run: list[int]) -> tuple[np.ndarray, ...]:
+    def _read_run(self, run: list[int]) -> dict[str, np.ndarray]:
         start = run[0] * self.block_rows
         stop = min(self.rows, (run[-1] + 1) * self.block_rows)
         return self.file.window(start, stop - start)
@@ -146,33 +151,34 @@ class StreamedSplit:
         )
         try:
             position = todo[0][1].start
-            pending: tuple[Tensor, ...] | None = None  # the rows of a batch begun in the last window
+            pending: Parts | None = None  # the rows of a batch begun in the last window
             for parts in reader:
                 if position < first:  # resume inside this window
-                    parts = tuple(part[first - position :] for part in parts)
+                    parts = {name: part[first - position :] for name, part in parts.items()}
                     position = first
-                n, start = len(parts[0]), 0
+                n, start = len(parts["labels"]), 0
                 position += n
                 if pending is not None:  # finish the batch begun in the last window
-                    start = min(n, batch_size - len(pending[0]))
-                    pending = tuple(torch.cat([a, b[:start]]) for a, b in zip(pending, parts, strict=True))
-                    if len(pending[0]) < batch_size:
+                    start = min(n, batch_size - len(pending["labels"]))
+                    pending = {name: torch.cat([part, parts[name][:start]]) for name, part in pending.items()}
+                    if len(pending["labels"]) < batch_size:
                         continue
                     yield _batch(rank_slice(pending, rank, world))
                     pending = None
                 full = start + (n - start) // batch_size * batch_size
                 for offset in range(start, full, batch_size):
-                    yield _batch(rank_slice(tuple(p[offset : offset + batch_size] for p in parts), rank, world))
+                    batch = {name: part[offset : offset + batch_size] for name, part in parts.items()}
+                    yield _batch(rank_slice(batch, rank, world))
                 if full < n:  # a copy, so that the window itself can be freed
-                    pending = tuple(p[full:].clone() for p in parts)
+                    pending = {name: part[full:].clone() for name, part in parts.items()}
             if pending is not None:
                 yield _batch(rank_slice(pending, rank, world))
         finally:
             reader.close()
 
 
-def _batch(parts: tuple[Tensor, ...]) -> Batch:
-    return Batch(*parts)
+def _batch(parts: Parts) -> Batch:
+    return Batch(**parts)
 
 
 class _Inline:
@@ -183,7 +189,7 @@ class _Inline:
     ) -> None:
         self.items = (source._read(w, i, seed, whole) for i, w in todo)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+    def __iter__(self) -> Iterator[Parts]:
         return iter(self.items)
 
     def close(self) -> None:
@@ -222,7 +228,7 @@ class _ReadAhead:
         self.thread = threading.Thread(target=work, name="mtl-read-ahead", daemon=True)
         self.thread.start()
 
-    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+    def __iter__(self) -> Iterator[Parts]:
         while True:
             item = self.queue.get()
             if self.holding:  # the previous window is used up: its slot goes to the next read

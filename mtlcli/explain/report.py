@@ -61,7 +61,7 @@ def sample_rows(data: SplitTensors, max_rows: int | None, seed: int) -> SplitTen
     if max_rows is None or len(data) <= max_rows:
         return data
     keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:max_rows].sort().values
-    return SplitTensors(data.categorical[keep], data.numeric[keep], data.labels[keep], data.label_mask[keep])
+    return data.select(keep)
 
 
 def value_names(schema: DataSchema, feature: str) -> tuple[int, list[str]]:
