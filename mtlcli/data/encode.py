@@ -10,9 +10,10 @@ import hashlib
 import polars as pl
 
 from mtlcli.data.checks import number_exprs
-from mtlcli.data.schema import FIRST_ID, MISSING_ID, OOV_ID, CategoricalFeature, NumericFeature
+from mtlcli.data.schema import FIRST_ID, MISSING_ID, OOV_ID, CategoricalFeature, NumericFeature, SequenceFeature
 
 GROUP_COLUMN = "__group"
+SEQUENCE_PREFIX = "seq:"
 
 
 def _bucket(value: str, buckets: int) -> int:
@@ -78,3 +79,13 @@ def group_expr(vocabulary: pl.Series, column: str) -> pl.Expr:
     text = pl.col(column).cast(pl.String)
     ids = pl.Series(range(len(values)), dtype=pl.Int64)
     return text.replace_strict(values, ids, default=-1, return_dtype=pl.Int64).fill_null(-1).alias(GROUP_COLUMN)
+
+
+def sequence_expr(feature: SequenceFeature, items: pl.Expr, vocab: list[str]) -> pl.Expr:
+    """A history (``items``: a list of text ids per row, oldest first) -> int32 ids in ``vocab``
+    (0 out of vocabulary), the last ``max_len`` of them, most recent first."""
+    enum = pl.Enum(vocab)
+    ids = items.list.eval(
+        (pl.element().cast(enum, strict=False).to_physical().cast(pl.Int32) + FIRST_ID).fill_null(OOV_ID)
+    )
+    return ids.list.tail(feature.max_len).list.reverse().alias(SEQUENCE_PREFIX + feature.name)

@@ -10,10 +10,11 @@ from collections.abc import Callable
 import polars as pl
 
 from mtlcli.data.checks import ROW_COLUMN, number_exprs
-from mtlcli.data.scan import SPLIT_COLUMN, expand_columns
-from mtlcli.data.schema import CategoricalFeature, NumericFeature
+from mtlcli.data.scan import SPLIT_COLUMN, expand_columns, require_columns
+from mtlcli.data.schema import CategoricalFeature, NumericFeature, SequenceFeature
 from mtlcli.errors import DataError
-from mtlcli.recipe.schema import CategoricalOptions, ColumnSplit, NumericOptions, Recipe
+from mtlcli.recipe.schema import CategoricalOptions, ColumnSplit, NumericOptions, Recipe, SequenceOptions
+from mtlcli.registry import did_you_mean
 
 Collect = Callable[[pl.LazyFrame], pl.DataFrame]
 TRAIN = pl.col(SPLIT_COLUMN) == 0
@@ -35,6 +36,7 @@ def choose_features(
     columns = list(schema)
     reserved = {t.label.column for t in recipe.tasks.values()} | {SPLIT_COLUMN, ROW_COLUMN}
     reserved |= {t.space.column for t in recipe.tasks.values() if t.space is not None and t.space.column}
+    reserved |= {options.column or name for name, options in feats.sequences.items()}  # histories
     if isinstance(recipe.data.split, ColumnSplit):
         reserved.add(recipe.data.split.column)
     excluded = set(expand_columns(columns, feats.exclude, "features.exclude"))
@@ -172,3 +174,74 @@ def fit_numeric(
 def _transformed(name: str, dtype: pl.DataType, fill: float, log1p: bool) -> pl.Expr:
     x = number_exprs(name, dtype)[0].fill_null(fill).fill_nan(fill)
     return x.sign() * x.abs().log1p() if log1p else x
+
+
+def sequence_items(column: str, dtype: pl.DataType, separator: str, field: str) -> pl.Expr:
+    """A history column as a list of text ids: a list column's elements, or text split at
+    ``separator`` (empty ids dropped; a missing value is an empty history)."""
+    if dtype == pl.String:
+        items = pl.col(column).str.split(separator)
+    elif isinstance(dtype, pl.List) and (dtype.inner == pl.String or dtype.inner.is_integer()):
+        items = pl.col(column)
+    else:
+        raise DataError(
+            f"{field}: column {column!r} holds {dtype}, not a list of ids",
+            "give a list column of text or integer ids (Parquet), or text with the ids between the separator (CSV)",
+        )
+    items = items.list.eval(pl.element().cast(pl.String).str.strip_chars())
+    return items.list.eval(pl.element().filter(pl.element().is_not_null() & (pl.element() != ""))).fill_null([])
+
+
+def fit_sequence(
+    frame: pl.LazyFrame,
+    name: str,
+    options: SequenceOptions,
+    schema: dict[str, pl.DataType],
+    categorical: list[CategoricalFeature],
+    collect: Collect,
+) -> SequenceFeature:
+    """A history feature: its column checked, the features it refers to checked, and its own
+    vocabulary (when it shares none) fitted on the train rows."""
+    field = f"features.sequences.{name}"
+    column = options.column or name
+    require_columns(list(schema), [column], f"{field}.column")
+    names = [f.name for f in categorical]
+    for key in ("vocabulary", "target"):
+        value = getattr(options, key)
+        if value is not None and value not in names:
+            raise DataError(
+                f"{field}.{key}: {value!r} is not a categorical feature{did_you_mean(value, names)}",
+                "name a categorical input column (the candidate item, usually)",
+            )
+    shared = next((f for f in categorical if f.name == options.vocabulary), None)
+    if shared is not None and shared.hash_buckets:
+        raise DataError(
+            f"{field}.vocabulary: {shared.name!r} is hashed and has no vocabulary to share",
+            f"give {shared.name!r} a vocabulary, or leave 'vocabulary' out",
+        )
+    items = sequence_items(column, schema[column], options.separator, field)
+    vocab: list[str] = []
+    if shared is None:
+        counts = (
+            frame.filter(TRAIN)
+            .select(items.alias("id"))
+            .explode("id")
+            .drop_nulls()
+            .group_by("id")
+            .len(name="count")
+            .filter(pl.col("count") >= options.min_count)
+            .sort(["count", "id"], descending=[True, False])
+        )
+        vocab = collect(counts).get_column("id").to_list()
+    target = options.target or options.vocabulary if options.pooling == "attention" else None
+    return SequenceFeature(
+        name,
+        column,
+        options.max_len,
+        options.pooling,
+        options.vocabulary,
+        target,
+        vocab,
+        options.min_count,
+        options.separator,
+    )

@@ -12,7 +12,7 @@ import polars as pl
 import torch
 
 from mtlcli.data.batch import SplitTensors
-from mtlcli.data.encode import GROUP_COLUMN
+from mtlcli.data.encode import GROUP_COLUMN, SEQUENCE_PREFIX
 from mtlcli.data.labels import LABEL_PREFIX, MASK_PREFIX
 from mtlcli.data.schema import DataSchema
 from mtlcli.errors import ArtifactError
@@ -110,7 +110,29 @@ def arrays_from_frame(frame: pl.DataFrame, schema: DataSchema) -> dict[str, np.n
         if GROUP_COLUMN not in frame.columns:
             raise ArtifactError(f"encoded data has no {GROUP_COLUMN!r} column", "re-run `mtl preprocess`")
         arrays["groups"] = np.require(frame.get_column(GROUP_COLUMN).to_numpy(), np.int64, ["C", "W"])
+    if schema.sequences:
+        arrays["sequences"], arrays["sequence_lengths"] = _sequence_arrays(frame, schema, n)
     return arrays
+
+
+def _sequence_arrays(frame: pl.DataFrame, schema: DataSchema, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """int64 [N, S, L] ids of each history (padded with 0 after its length; L the longest
+    max_len) and int64 [N, S] lengths."""
+    longest = max(f.max_len for f in schema.sequences)
+    ids = np.zeros((rows, len(schema.sequences), longest), dtype=np.int64)
+    lengths = np.zeros((rows, len(schema.sequences)), dtype=np.int64)
+    for s, feature in enumerate(schema.sequences):
+        name = SEQUENCE_PREFIX + feature.name
+        if name not in frame.columns:
+            raise ArtifactError(f"encoded data has no {name!r} column", "re-run `mtl preprocess`")
+        column = frame.get_column(name)
+        count = column.list.len().fill_null(0).to_numpy().astype(np.int64)
+        flat = column.explode().drop_nulls().to_numpy().astype(np.int64)
+        block = np.zeros((rows, longest), dtype=np.int64)
+        block[np.arange(longest)[None, :] < count[:, None]] = flat  # row-major, as explode
+        ids[:, s, :] = block
+        lengths[:, s] = count
+    return ids, lengths
 
 
 def tensors_from_frame(frame: pl.DataFrame, schema: DataSchema) -> SplitTensors:

@@ -39,6 +39,27 @@ class CategoricalFeature:
 
 
 @dataclass(frozen=True)
+class SequenceFeature:
+    """A history of ids from list column ``column``, encoded most recent first, cut to
+    ``max_len``. With ``vocabulary`` (a categorical feature) its ids are that feature's ids and
+    share its embedding rows; else ``vocab`` is its own (ids as for CategoricalFeature)."""
+
+    name: str
+    column: str
+    max_len: int
+    pooling: str
+    vocabulary: str | None = None
+    target: str | None = None
+    vocab: list[str] = field(default_factory=list)
+    min_count: int = 1
+    separator: str = "|"
+
+    @property
+    def cardinality(self) -> int:
+        return FIRST_ID + len(self.vocab)
+
+
+@dataclass(frozen=True)
 class NumericFeature:
     """x -> fill nulls with ``fill_value`` -> signed log1p if ``log1p`` -> (x - center) / scale."""
 
@@ -94,6 +115,7 @@ class DataSchema:
     version: int = SCHEMA_VERSION
     group: str | None = None  # data.group: the encoded splits carry its ids for GAUC
     warnings: list[str] = field(default_factory=list)  # degenerate data, found by preprocessing
+    sequences: list[SequenceFeature] = field(default_factory=list)
 
     @property
     def task_names(self) -> list[str]:
@@ -127,6 +149,7 @@ class DataSchema:
                 version=int(data["version"]),
                 group=data.get("group"),
                 warnings=[str(w) for w in data.get("warnings", [])],
+                sequences=[SequenceFeature(**f) for f in data.get("sequences", [])],
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise ArtifactError(f"{where}: not a valid mtl schema ({exc!r})", "re-run `mtl preprocess`") from None

@@ -18,8 +18,8 @@ import polars as pl
 
 from mtlcli.data.batch import SplitTensors
 from mtlcli.data.checks import enforce, number_checks
-from mtlcli.data.encode import GROUP_COLUMN, categorical_expr, group_expr, numeric_expr
-from mtlcli.data.fit import choose_features, fit_categorical, fit_numeric
+from mtlcli.data.encode import GROUP_COLUMN, categorical_expr, group_expr, numeric_expr, sequence_expr
+from mtlcli.data.fit import choose_features, fit_categorical, fit_numeric, fit_sequence, sequence_items
 from mtlcli.data.labels import LABEL_PREFIX, MASK_PREFIX, label_exprs
 from mtlcli.data.load import SplitFile
 from mtlcli.data.scan import (
@@ -177,7 +177,15 @@ def preprocess(recipe: Recipe, out_dir: Path, progress: Progress | None = None) 
     say("fitting vocabularies and statistics on train")
     cat_specs = fit_categorical(frame, categorical, collect)
     num_specs, empty = fit_numeric(frame, raw, numeric, collect)
+    seq_specs = [
+        fit_sequence(frame, name, options, raw, cat_specs, collect)
+        for name, options in recipe.features.sequences.items()
+    ]
     exprs = [_categorical(scanned, f) for f in cat_specs] + [numeric_expr(f, raw[f.name]) for f in num_specs]
+    vocab_of = {f.name: f.vocab for f in cat_specs}
+    for f in seq_specs:
+        items = sequence_items(f.column, raw[f.column], f.separator, f"features.sequences.{f.name}")
+        exprs.append(sequence_expr(f, items, vocab_of[f.vocabulary] if f.vocabulary else f.vocab))
     exprs += labels
     if group is not None:
         exprs.append(group_expr(collect(frame.select(pl.col(group).cast(pl.String).unique())).to_series(), group))
@@ -202,7 +210,9 @@ def preprocess(recipe: Recipe, out_dir: Path, progress: Progress | None = None) 
         whole.unlink()
         splits = {split: split_info(path, cat_specs, tasks) for split, path in paths.items()}
         warnings = data_warnings(splits, tasks, empty)
-        schema = DataSchema(cat_specs, num_specs, tasks, splits, source, key, group=group, warnings=warnings)
+        schema = DataSchema(
+            cat_specs, num_specs, tasks, splits, source, key, group=group, warnings=warnings, sequences=seq_specs
+        )
         schema.save(tmp / "schema.json")
     return schema
 

@@ -15,7 +15,12 @@ from mtlcli.recipe.schema import SyntheticSource
 
 
 def generate(spec: SyntheticSource) -> pl.DataFrame:
-    """A frame with numeric columns x0..x{dim-1} and the labels y1, y2 (float64)."""
+    """``kind: mmoe``: a frame with numeric columns x0..x{dim-1} and the labels y1, y2 (float64);
+    ``kind: sequences``: see ``mtlcli.data.sequential``."""
+    if spec.kind == "sequences":
+        from mtlcli.data.sequential import generate_sequences
+
+        return generate_sequences(spec)
     if spec.dim < 2:
         raise ValueError("the synthetic generator needs dim >= 2")
     rng = np.random.default_rng(spec.seed)

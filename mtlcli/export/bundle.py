@@ -38,6 +38,11 @@ def export_bundle(run_dir: Path, out: Path, force: bool = False, fmt: str = "saf
     loaded = load_run(run_dir)
     if fmt == "onnx":
         _require_onnx()
+        if loaded.schema.sequences:
+            raise ArtifactError(
+                f"{run_dir}: ONNX export of a model with behaviour histories (features.sequences) is not built yet",
+                "export without --format onnx: the safetensors bundle holds the model",
+            )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not force:
             raise ArtifactError(f"{out}: exists and is not empty", "choose another --out, or pass --force")

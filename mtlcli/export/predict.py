@@ -237,6 +237,12 @@ def _first_line(exc: BaseException) -> str:
 def encode_inputs(frame: pl.DataFrame, schema: DataSchema) -> tuple[Tensor, Tensor]:
     """Raw rows -> (categorical int64 [N, F_cat], numeric float32 [N, F_num]), exactly as
     preprocessing encoded the training data (unseen values -> id 0, missing -> id 1)."""
+    if schema.sequences:
+        raise DataError(
+            "this model reads behaviour histories (features.sequences); scoring raw rows with list columns "
+            "is not built yet",
+            "evaluate it with `mtl eval RUN` on the recipe's data",
+        )
     needed = [f.name for f in schema.categorical] + [f.name for f in schema.numeric]
     require_columns(frame.columns, needed, "input")
     n = frame.height

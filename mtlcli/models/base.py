@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
 from mtlcli.data.source import BatchSource
-from mtlcli.models.blocks import ExpertKind, check_expert_kinds
+from mtlcli.models.blocks import ExpertKind, SequenceInput, check_expert_kinds
 from mtlcli.registry import Component, Registry
 
 SCHEMES: Registry[Component] = Registry("sharing scheme")
@@ -25,6 +25,7 @@ class InputSpec:
     n_numeric: int
     tasks: list[str]
     task_types: list[str]
+    sequences: list[SequenceInput] = field(default_factory=list)  # behaviour histories, pooled
 
 
 class ModelParams(BaseModel):

@@ -37,6 +37,39 @@ class _Lookup(torch.autograd.Function):
 
 
 @dataclass(frozen=True)
+class SequenceInput:
+    """A behaviour history as the embedding sees it: its ids index the rows of categorical feature
+    ``shares`` (its index) or, when None, ``cardinality`` rows of its own; ``pooling`` is
+    ``mean``, ``sum`` or ``attention`` against categorical feature ``target`` (its index)."""
+
+    cardinality: int
+    pooling: str
+    shares: int | None = None
+    target: int | None = None
+
+
+ATTENTION_UNITS = 36  # the hidden width of DIN's activation unit (Zhou et al., KDD 2018, Figure 2)
+
+
+class AttentionPooling(nn.Module):
+    """DIN's activation unit: the weight of history item k for candidate q is
+    MLP([k, q, k - q, k * q]) (PReLU), and the pooled history is sum_k weight_k * k over the real
+    items, without a softmax (Zhou et al., KDD 2018: keeping the intensity of the user's interest).
+    Input keys [B, L, d], mask [B, L], query [B, d]; output [B, d]."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.score = nn.Sequential(nn.Linear(4 * dim, ATTENTION_UNITS), nn.PReLU(), nn.Linear(ATTENTION_UNITS, 1))
+        self.last_weights: Tensor | None = None  # [B, L] of the last forward pass, for reports
+
+    def forward(self, keys: Tensor, mask: Tensor, query: Tensor) -> Tensor:
+        q = query.unsqueeze(1).expand_as(keys)
+        weights = self.score(torch.cat([keys, q, keys - q, keys * q], dim=-1)).squeeze(-1) * mask
+        self.last_weights = weights.detach()
+        return (weights.unsqueeze(-1) * keys).sum(1)
+
+
+@dataclass(frozen=True)
 class FieldLayout:
     """How FeatureEmbedding lays out its output: F_cat embeddings of ``dim``, then F_num values."""
 
@@ -48,7 +81,10 @@ class FieldLayout:
 class FeatureEmbedding(nn.Module):
     """All categorical features in one embedding table (per-feature offsets), plus numerics.
 
-    Input: a Batch. Output: float32 [B, F_cat * dim + F_num].
+    Input: a Batch. Output: float32 [B, F_cat * dim + S * dim + F_num]: the features' embeddings,
+    then each behaviour history pooled into one vector (``sequences``: a history's ids use the rows
+    of the feature it shares, or rows of its own after the features'), then the numbers. For the
+    field layout (FM experts) a pooled history is one more field.
 
     With ``use_sparse_rows()`` the table trains row-wise, so that a step costs O(rows in the
     batch · dim) whatever the vocabulary: the table is no longer trained by the optimizer; each
@@ -59,20 +95,38 @@ class FeatureEmbedding(nn.Module):
     """
 
     offsets: Tensor
+    seq_offsets: Tensor
     row_mv: Tensor  # [rows, 2, dim]: each row's Adam moments m and v
     row_steps: Tensor
 
-    def __init__(self, cardinalities: list[int], n_numeric: int, dim: int) -> None:
+    def __init__(
+        self, cardinalities: list[int], n_numeric: int, dim: int, sequences: Sequence[SequenceInput] = ()
+    ) -> None:
         super().__init__()
-        self.table = nn.Embedding(max(sum(cardinalities), 1), dim)
+        own = [s.cardinality for s in sequences if s.shares is None]
+        self.table = nn.Embedding(max(sum(cardinalities) + sum(own), 1), dim)
         nn.init.normal_(self.table.weight, std=0.05)
         starts = [0]
-        for size in cardinalities[:-1]:
+        for size in cardinalities:
             starts.append(starts[-1] + size)
-        self.register_buffer("offsets", torch.tensor(starts, dtype=torch.long), persistent=False)
+        self.register_buffer("offsets", torch.tensor(starts[:-1], dtype=torch.long), persistent=False)
+        seq_starts, next_own = [], starts[-1]
+        for seq in sequences:
+            if seq.shares is not None:
+                seq_starts.append(starts[seq.shares])
+            else:
+                seq_starts.append(next_own)
+                next_own += seq.cardinality
+        self.register_buffer("seq_offsets", torch.tensor(seq_starts, dtype=torch.long), persistent=False)
+        self.sequences = list(sequences)
+        self.attention = nn.ModuleDict(
+            {str(i): AttentionPooling(dim) for i, seq in enumerate(sequences) if seq.pooling == "attention"}
+        )
         self.n_categorical = len(cardinalities)
-        self.out_dim = len(cardinalities) * dim + n_numeric
-        self.fields = FieldLayout(len(cardinalities), dim, n_numeric)
+        self.dim = dim
+        fields = len(cardinalities) + len(self.sequences)
+        self.out_dim = fields * dim + n_numeric
+        self.fields = FieldLayout(fields, dim, n_numeric)
         self.sparse = False
         self.rows: Tensor | None = None
         self.row_ids: Tensor | None = None
@@ -89,17 +143,41 @@ class FeatureEmbedding(nn.Module):
         self.register_buffer("row_steps", torch.zeros((), dtype=torch.long), persistent=False)
 
     def forward(self, batch: Batch) -> Tensor:
-        if self.n_categorical == 0:
+        if self.n_categorical == 0 and not self.sequences:
             return batch.numeric
-        ids = batch.categorical + self.offsets
+        ids = (batch.categorical + self.offsets).flatten(1)
+        if self.sequences:
+            if batch.sequences is None or batch.sequence_lengths is None:
+                raise ValueError("this model reads behaviour histories and the batch has none")
+            history = batch.sequences + self.seq_offsets.view(1, -1, 1)
+            ids = torch.cat([ids, history.flatten(1)], dim=1)
         if self.sparse and torch.is_grad_enabled():
             unique, inverse = torch.unique(ids, return_inverse=True)
             rows = self.table.weight.index_select(0, unique).requires_grad_()
             self.rows, self.row_ids = rows, unique
-            embedded = rows.index_select(0, inverse.reshape(-1)).view(ids.shape[0], -1)
+            looked = rows.index_select(0, inverse.reshape(-1)).view(*ids.shape, -1)
         else:
-            embedded = _Lookup.apply(self.table.weight, ids).flatten(1)
-        return torch.cat([embedded, batch.numeric], dim=1)
+            looked = _Lookup.apply(self.table.weight, ids)
+        batch_size = looked.shape[0]
+        fields = looked[:, : self.n_categorical]
+        parts = [fields.reshape(batch_size, -1)]
+        if self.sequences:
+            assert batch.sequences is not None and batch.sequence_lengths is not None
+            longest = batch.sequences.shape[2]
+            keys = looked[:, self.n_categorical :].view(batch_size, len(self.sequences), longest, self.dim)
+            positions = torch.arange(longest, device=keys.device)
+            mask = (positions.view(1, 1, -1) < batch.sequence_lengths.unsqueeze(-1)).to(keys.dtype)
+            parts += [self._pool(i, keys[:, i], mask[:, i], fields) for i in range(len(self.sequences))]
+        return torch.cat([*parts, batch.numeric], dim=1)
+
+    def _pool(self, i: int, keys: Tensor, mask: Tensor, fields: Tensor) -> Tensor:
+        """History ``i``'s embeddings [B, L, d] with their mask [B, L] -> one vector [B, d]."""
+        seq = self.sequences[i]
+        if seq.pooling == "attention":
+            assert seq.target is not None
+            return cast(AttentionPooling, self.attention[str(i)])(keys, mask, fields[:, seq.target])
+        total = (keys * mask.unsqueeze(-1)).sum(1)
+        return total if seq.pooling == "sum" else total / mask.sum(1, keepdim=True).clamp_min(1.0)
 
     @torch.no_grad()
     def update_rows(self, lr: float) -> None:
@@ -319,10 +397,11 @@ def embedded_experts(
     dropout: float,
     expert_kinds: Sequence[ExpertKind] | None,
     cross_layers: int,
+    sequences: Sequence[SequenceInput] = (),
 ) -> tuple[FeatureEmbedding, Experts]:
     """The feature embedding and a pool of experts over it (MLP experts unless ``expert_kinds``
     says otherwise), created in that order: the trunk of MMoE and OMoE."""
-    embedding = FeatureEmbedding(cardinalities, n_numeric, embedding_dim)
+    embedding = FeatureEmbedding(cardinalities, n_numeric, embedding_dim, sequences)
     kinds = expert_kinds or ["mlp"] * n_experts
     return embedding, Experts(embedding.out_dim, kinds, expert_units, dropout, embedding.fields, cross_layers)
 

@@ -61,6 +61,7 @@ class MMoE(nn.Module, SharedRepresentation):
             dropout,
             expert_kinds,
             cross_layers,
+            inputs.sequences,
         )
         self.gates = nn.ModuleDict({t: nn.Linear(self.embedding.out_dim, n_experts) for t in self.tasks})
         self.towers = Towers(self.tasks, self.experts.out_dim, tower_units, dropout)

@@ -59,6 +59,7 @@ class OMoE(nn.Module, SharedRepresentation):
             dropout,
             expert_kinds,
             cross_layers,
+            inputs.sequences,
         )
         x_dim = self.embedding.out_dim
         self.gate = nn.Linear(x_dim, n_experts)

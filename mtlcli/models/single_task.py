@@ -44,9 +44,12 @@ class SingleTask(nn.Module, SharedRepresentation):
         super().__init__()
         self.tasks = list(inputs.tasks)
         self.embeddings = nn.ModuleDict(
-            {t: FeatureEmbedding(inputs.cardinalities, inputs.n_numeric, embedding_dim) for t in self.tasks}
+            {
+                t: FeatureEmbedding(inputs.cardinalities, inputs.n_numeric, embedding_dim, inputs.sequences)
+                for t in self.tasks
+            }
         )
-        in_dim = len(inputs.cardinalities) * embedding_dim + inputs.n_numeric
+        in_dim = FeatureEmbedding(inputs.cardinalities, inputs.n_numeric, embedding_dim, inputs.sequences).out_dim
         self.nets = nn.ModuleDict(
             {t: mlp(in_dim, [*bottom_units, *tower_units], dropout, out_dim=1) for t in self.tasks}
         )

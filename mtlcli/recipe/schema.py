@@ -112,8 +112,13 @@ Split = Annotated[ModuloSplit | RandomSplit | ColumnSplit | FilesSplit, Field(di
 
 
 class SyntheticSource(Strict):
-    """The MMoE paper's synthetic two-task regression data (Ma et al., KDD 2018, section 3.2)."""
+    """Generated data. ``kind: mmoe``: the MMoE paper's synthetic two-task regression data (Ma et
+    al., KDD 2018, section 3.2; ``dim``, ``correlation``, ``scale``, ``sin_terms``, ``noise``).
+    ``kind: sequences``: impressions with typed behaviour histories, where clicks follow the
+    user's recent clicks and purchases the user's recent purchases (``users``, ``items``,
+    ``history``; see ``mtlcli.data.sequential``)."""
 
+    kind: Literal["mmoe", "sequences"] = "mmoe"
     rows: PositiveInt = 20000
     dim: Annotated[int, Field(ge=2)] = 100
     correlation: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.5
@@ -121,6 +126,9 @@ class SyntheticSource(Strict):
     sin_terms: NonNegativeInt = 10
     noise: NonNegativeFloat = 0.1
     seed: int = 0
+    users: PositiveInt = 2000
+    items: PositiveInt = 500
+    history: PositiveInt = 30
 
 
 class DataSection(Strict):
@@ -208,6 +216,35 @@ def _as_mapping(value: Any) -> Any:
     return value
 
 
+class SequenceOptions(Strict):
+    """A behaviour history: a column holding a list of ids per row (a Parquet list, or text with
+    ``separator`` between the ids), oldest first; the last ``max_len`` are kept, most recent first.
+
+    ``vocabulary`` names a categorical feature (the candidate item's) whose vocabulary and
+    embedding rows the ids share; without it the history has its own vocabulary, fitted on the
+    train rows (values seen at least ``min_count`` times). ``pooling`` turns the ids' embeddings
+    into one vector: ``mean``, ``sum``, or ``attention`` against the embedding of the
+    categorical feature ``target`` (default: ``vocabulary``), as DIN (Zhou et al., KDD 2018)."""
+
+    column: str | None = None  # default: the sequence's own name
+    vocabulary: str | None = None
+    max_len: PositiveInt = 50
+    pooling: Literal["mean", "sum", "attention"] = "mean"
+    target: str | None = None
+    separator: str = "|"
+    min_count: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _check(self) -> SequenceOptions:
+        if self.pooling == "attention" and self.target is None and self.vocabulary is None:
+            raise ValueError("attention pooling compares the history with a categorical feature: set 'target'")
+        if self.pooling != "attention" and self.target is not None:
+            raise ValueError("'target' is for attention pooling only")
+        if not self.separator:
+            raise ValueError("separator must not be empty")
+        return self
+
+
 class FeaturesSection(Strict):
     numeric: Annotated[Literal["auto"] | dict[str, NumericOptions | None], BeforeValidator(_as_mapping)] = {}
     categorical: Annotated[Literal["auto"] | dict[str, CategoricalOptions | None], BeforeValidator(_as_mapping)] = (
@@ -215,6 +252,7 @@ class FeaturesSection(Strict):
     )
     exclude: StrList = []
     defaults: FeatureDefaults = FeatureDefaults()
+    sequences: dict[str, SequenceOptions] = {}
 
     @model_validator(mode="after")
     def _check(self) -> FeaturesSection:

@@ -21,14 +21,26 @@ from mtlcli.data.schema import DataSchema
 from mtlcli.errors import ArtifactError, MtlError
 from mtlcli.fileio import atomic_path, to_json
 from mtlcli.models import InputSpec, build_model
-from mtlcli.models.blocks import sparse_embeddings
+from mtlcli.models.blocks import SequenceInput, sparse_embeddings
 from mtlcli.recipe import Recipe, recipe_from_dict
 from mtlcli.train.loop import LoopState
 from mtlcli.weighting.base import WeightingStrategy
 
 
 def input_spec(schema: DataSchema) -> InputSpec:
-    return InputSpec(schema.cardinalities, len(schema.numeric), schema.task_names, [t.type for t in schema.tasks])
+    index = {f.name: i for i, f in enumerate(schema.categorical)}
+    sequences = [
+        SequenceInput(
+            f.cardinality,
+            f.pooling,
+            index[f.vocabulary] if f.vocabulary is not None else None,
+            index[f.target] if f.target is not None else None,
+        )
+        for f in schema.sequences
+    ]
+    return InputSpec(
+        schema.cardinalities, len(schema.numeric), schema.task_names, [t.type for t in schema.tasks], sequences
+    )
 
 
 def save_model(model: nn.Module, path: Path, recipe: Recipe, schema: DataSchema) -> None:

@@ -1,0 +1,275 @@
+"""Behaviour histories as features: encoding (most recent first, shared or own vocabulary),
+pooling (mean, sum, DIN attention) in every scheme, and the errors around them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+import torch
+import yaml
+
+from mtlcli.data.batch import Batch
+from mtlcli.data.schema import FIRST_ID, OOV_ID
+from mtlcli.data.store import Prepared, prepare
+from mtlcli.errors import DataError
+from mtlcli.models import SCHEMES, InputSpec, build_model
+from mtlcli.models.blocks import FeatureEmbedding, SequenceInput, sparse_embeddings, use_sparse_rows
+from mtlcli.recipe import recipe_from_text
+from mtlcli.recipe.schema import TrainSection
+from mtlcli.train.loop import NullObserver, fit, task_losses
+from mtlcli.weighting import WEIGHTINGS, build_weighting
+
+ITEMS = ["a", "b", "c", "a", "b", "d", "a", "c"]
+HISTORIES: list[list[str] | None] = [["a", "b"], [], None, ["c", "a", "b", "z"], ["b"], ["a"], ["b", "b"], ["d", "c"]]
+TAGS = ["x|y", "", None, "y", "x|x|y", "q", "y", "x"]
+
+
+def recipe_for(tmp_path: Path, source: Path, sequences: dict[str, Any], extra: dict[str, Any] | None = None) -> Any:
+    recipe = {
+        "data": {"source": str(source), "split": {"by": "modulo", "modulus": 4, "test": [0], "valid": [1]},
+                 "cache_dir": str(tmp_path / "cache")},
+        "features": {"categorical": ["item"], "sequences": sequences},
+        "tasks": {"click": {"label": "click"}},
+        **(extra or {}),
+    }  # fmt: skip
+    return recipe_from_text(yaml.safe_dump(recipe, sort_keys=False), "test-recipe")
+
+
+def parquet(tmp_path: Path, rows: int = 1) -> Path:
+    pl.DataFrame(
+        {"item": ITEMS * rows, "hist": HISTORIES * rows, "tags": TAGS * rows, "click": [1, 0, 1, 0, 1, 0, 0, 1] * rows}
+    ).write_parquet(tmp_path / "d.parquet")
+    return tmp_path / "d.parquet"
+
+
+def encoded(prepared: Prepared, split: str, name: str) -> list[list[int]]:
+    return pl.read_parquet(prepared.directory / f"{split}.parquet").get_column(f"seq:{name}").to_list()
+
+
+def test_histories_are_encoded_most_recent_first_in_the_shared_vocabulary(tmp_path: Path) -> None:
+    prepared = prepare(recipe_for(tmp_path, parquet(tmp_path), {"hist": {"vocabulary": "item", "max_len": 3}}))
+    vocab = prepared.schema.categorical[0].vocab  # train rows 2, 3, 6, 7: c, a, a, c
+    ids = {v: FIRST_ID + i for i, v in enumerate(vocab)}
+    # train rows in order: None, [c a b z], [b b], [d c]; the last three ids, most recent first
+    assert encoded(prepared, "train", "hist") == [
+        [],
+        [OOV_ID, ids.get("b", OOV_ID), ids["a"]],
+        [ids.get("b", OOV_ID)] * 2,
+        [ids["c"], ids.get("d", OOV_ID)],
+    ]
+    item_ids = pl.read_parquet(prepared.directory / "train.parquet").get_column("item").to_list()
+    assert item_ids[1] == ids["a"], "the history's ids are the candidate feature's ids"
+
+
+def test_text_histories_have_their_own_vocabulary_fitted_on_train(tmp_path: Path) -> None:
+    source = tmp_path / "d.csv"
+    pl.DataFrame({"item": ITEMS, "tags": TAGS, "click": [1, 0, 1, 0, 1, 0, 0, 1]}).write_csv(source)
+    prepared = prepare(recipe_for(tmp_path, source, {"tags": {"max_len": 2, "pooling": "sum"}}))
+    feature = prepared.schema.sequences[0]
+    assert feature.vocabulary is None and feature.vocab == ["y", "x"]  # train rows 2, 3, 6, 7: -, y, y, x
+    x, y = FIRST_ID + 1, FIRST_ID
+    assert encoded(prepared, "train", "tags") == [[], [y], [y], [x]]
+    assert encoded(prepared, "valid", "tags") == [[], [OOV_ID]]  # rows 1 ('': none) and 5 ('q': unseen)
+    tensors = prepared.load("train")
+    assert tensors.sequences is not None and tensors.sequence_lengths is not None
+    assert tensors.sequence_lengths[:, 0].tolist() == [0, 1, 1, 1]
+    assert tensors.sequences[:, 0].tolist() == [[0, 0], [y, 0], [y, 0], [x, 0]]
+
+
+def embedding_with(sequences: list[SequenceInput], dim: int = 4) -> FeatureEmbedding:
+    torch.manual_seed(0)
+    return FeatureEmbedding([6], 1, dim, sequences)
+
+
+def batch(ids: list[list[int]], lengths: list[int], candidate: list[int]) -> Batch:
+    n = len(ids)
+    return Batch(
+        torch.tensor(candidate).view(n, 1),
+        torch.zeros(n, 1),
+        torch.zeros(n, 1),
+        torch.ones(n, 1, dtype=torch.bool),
+        sequences=torch.tensor(ids).view(n, 1, -1),
+        sequence_lengths=torch.tensor(lengths).view(n, 1),
+    )
+
+
+@pytest.mark.parametrize("pooling", ["mean", "sum"])
+def test_mean_and_sum_pooling_by_hand(pooling: str) -> None:
+    embedding = embedding_with([SequenceInput(6, pooling, shares=0)])
+    table = embedding.table.weight.detach()
+    out = embedding(batch([[2, 3, 5], [4, 0, 0]], [3, 1], [2, 4]))
+    first = table[2] + table[3] + table[5]
+    expected = torch.stack([first / 3 if pooling == "mean" else first, table[4]])
+    assert torch.allclose(out[:, 4:8], expected, atol=1e-6)
+    assert torch.allclose(out[:, :4], table[[2, 4]])  # the candidate's own embedding first
+
+
+def test_padding_after_the_length_has_no_effect() -> None:
+    for pooling in ("mean", "sum", "attention"):
+        embedding = embedding_with([SequenceInput(6, pooling, shares=0, target=0 if pooling == "attention" else None)])
+        a = embedding(batch([[2, 3, 0, 0]], [2], [4]))
+        b = embedding(batch([[2, 3, 5, 1]], [2], [4]))
+        assert torch.equal(a, b), pooling
+
+
+def test_attention_pooling_is_dins_activation_unit() -> None:
+    embedding = embedding_with([SequenceInput(6, "attention", shares=0, target=0)])
+    table = embedding.table.weight.detach()
+    unit = embedding.attention["0"]
+    keys, query = table[[2, 3, 5]], table[4]
+    features = torch.cat([keys, query.expand(3, -1), keys - query, keys * query], dim=1)
+    weights = unit.score(features).squeeze(-1)  # type: ignore[operator]
+    expected = (weights.unsqueeze(1) * keys).sum(0)  # no softmax, as DIN
+    out = embedding(batch([[2, 3, 5]], [3], [4]))
+    assert torch.allclose(out[0, 4:8], expected, atol=1e-6)
+
+
+def test_own_vocabularies_get_their_own_rows_after_the_features() -> None:
+    embedding = embedding_with([SequenceInput(3, "sum"), SequenceInput(6, "sum", shares=0)])
+    assert embedding.table.weight.shape[0] == 6 + 3
+    table = embedding.table.weight.detach()
+    n = 1
+    b = Batch(
+        torch.tensor([[1]]),
+        torch.zeros(n, 1),
+        torch.zeros(n, 1),
+        torch.ones(n, 1, dtype=torch.bool),
+        sequences=torch.tensor([[[2, 0], [2, 0]]]),
+        sequence_lengths=torch.tensor([[1, 1]]),
+    )
+    out = embedding(b)
+    assert torch.equal(out[0, 4:8], table[6 + 2]) and torch.equal(out[0, 8:12], table[2])
+
+
+def test_row_wise_tables_get_the_dense_gradient_of_histories() -> None:
+    sequences = [SequenceInput(6, "attention", shares=0, target=0), SequenceInput(3, "mean")]
+    dense, rows = embedding_with(sequences), embedding_with(sequences)
+    rows.use_sparse_rows()
+    b = Batch(
+        torch.tensor([[1], [4]]),
+        torch.zeros(2, 1),
+        torch.zeros(2, 1),
+        torch.ones(2, 1, dtype=torch.bool),
+        sequences=torch.tensor([[[2, 3, 5], [0, 1, 2]], [[4, 4, 0], [2, 0, 0]]]),
+        sequence_lengths=torch.tensor([[3, 2], [2, 1]]),
+    )
+    dense(b).square().sum().backward()
+    rows(b).square().sum().backward()
+    assert rows.rows is not None and rows.rows.grad is not None and rows.row_ids is not None
+    grad = dense.table.weight.grad
+    assert grad is not None
+    assert torch.allclose(rows.rows.grad, grad[rows.row_ids], atol=1e-6)
+    untouched = torch.ones(grad.shape[0], dtype=torch.bool)
+    untouched[rows.row_ids] = False
+    assert not grad[untouched].any()
+
+
+INPUTS = InputSpec(
+    cardinalities=[7, 5],
+    n_numeric=2,
+    tasks=["a", "b"],
+    task_types=["binary", "binary"],
+    sequences=[SequenceInput(7, "attention", shares=0, target=0), SequenceInput(4, "mean")],
+)
+
+
+def random_split(n: int, seed: int) -> Any:
+    from mtlcli.data.batch import SplitTensors
+
+    g = torch.Generator().manual_seed(seed)
+    seqs = torch.stack([torch.randint(0, 7, (n, 5), generator=g), torch.randint(0, 4, (n, 5), generator=g)], 1)
+    lengths = torch.randint(0, 6, (n, 2), generator=g)
+    # labels follow the histories: whether the candidate appears in the first history
+    candidate = torch.randint(2, 7, (n, 1), generator=g)
+    in_history = ((seqs[:, 0] == candidate) & (torch.arange(5) < lengths[:, :1])).any(1).float()
+    numeric = torch.randn(n, 2, generator=g)
+    labels = torch.stack([in_history, in_history * (numeric[:, 0] > 0)], 1)  # b implies a (ESMM's funnel)
+    cats = torch.cat([candidate, torch.randint(0, 5, (n, 1), generator=g)], 1)
+    return SplitTensors(
+        cats, numeric, labels, torch.ones(n, 2, dtype=torch.bool), sequences=seqs, sequence_lengths=lengths
+    )
+
+
+@pytest.mark.parametrize("scheme", SCHEMES.names())
+def test_every_scheme_learns_from_histories(scheme: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(scheme, SCHEMES.get(scheme).params(), INPUTS)
+    strategy = build_weighting("equal", WEIGHTINGS.get("equal").params(), INPUTS.tasks)
+    train, valid = random_split(1024, 1), random_split(256, 2)
+    settings = TrainSection(epochs=10, batch_size=64, early_stopping=None, lr=0.01)
+    result = fit(model, strategy, train, valid, settings, INPUTS.tasks, INPUTS.task_types, NullObserver())
+    # task a is "the candidate is in the first history": without reading it, AUC stays near 0.5
+    aucs = [r["valid"]["a"]["auc"] for r in result.history]
+    assert max(aucs) > 0.75, (scheme, aucs)
+
+
+def test_histories_in_a_row_wise_run_train(tmp_path: Path) -> None:
+    model = build_model("mmoe", SCHEMES.get("mmoe").params(), INPUTS)
+    assert use_sparse_rows(model) == ["embedding"]
+    data = random_split(256, 3)
+    strategy = build_weighting("pcgrad", WEIGHTINGS.get("pcgrad").params(), INPUTS.tasks)
+    batch0 = data.all()
+    losses = task_losses(model(batch0), batch0, torch.tensor([True, True]))
+    strategy.backward(losses, model)
+    ((_, table),) = sparse_embeddings(model)
+    assert table.rows is not None and table.rows.grad is not None and table.rows.grad.abs().sum() > 0
+
+
+def test_attention_histories_beat_no_histories_on_generated_data(tmp_path: Path, in_repo: Path) -> None:
+    """The generator's clicks follow the click history and purchases the purchase history: MMoE
+    with the histories pooled by attention must beat MMoE without them on both tasks."""
+    from mtlcli.recipe import load_recipe
+    from mtlcli.train.run import train_run
+
+    sets = ["train.epochs=20", f"data.cache_dir={tmp_path / 'cache'}"]
+    auc = {}
+    for name, extra in (("with", []), ("without", ["features.sequences={}"])):
+        summary = train_run(load_recipe("recipes/sequences-mmoe.yaml", [*sets, *extra]), tmp_path / name)
+        auc[name] = {t: m["auc"] for t, m in summary["valid"].items()}
+    assert auc["with"]["click"] > auc["without"]["click"] + 0.05, auc
+    assert auc["with"]["buy"] > auc["without"]["buy"] + 0.05, auc
+
+
+@pytest.mark.parametrize(
+    ("sequences", "data", "expect"),
+    [
+        (
+            {"hist": {"vocabulary": "nope"}},
+            None,
+            "features.sequences.hist.vocabulary: 'nope' is not a categorical feature",
+        ),
+        ({"hist": {"column": "missing"}}, None, "features.sequences.hist.column: column 'missing' is not in the data"),
+        ({"click2": {"max_len": 3}}, "numbers", "column 'click2' holds Int64, not a list of ids"),
+        ({"floats": {"max_len": 3}}, "floats", "column 'floats' holds List(Float64), not a list of ids"),
+    ],
+)
+def test_bad_histories_are_named(tmp_path: Path, sequences: dict[str, Any], data: str | None, expect: str) -> None:
+    source = parquet(tmp_path)
+    if data is not None:
+        frame = pl.read_parquet(source).with_columns(
+            pl.lit(1, pl.Int64).alias("click2"), pl.lit([1.5, 2.5], pl.List(pl.Float64)).alias("floats")
+        )
+        frame.write_parquet(source)
+    with pytest.raises(DataError) as caught:
+        prepare(recipe_for(tmp_path, source, sequences))
+    assert expect in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("options", "expect"),
+    [
+        ({"pooling": "attention"}, "attention pooling compares the history with a categorical feature"),
+        ({"max_len": 0}, "greater than 0"),
+        ({"target": "item"}, "'target' is for attention pooling only"),
+        ({"pooling": "max"}, "mean"),
+    ],
+)
+def test_bad_history_options_are_recipe_errors(tmp_path: Path, options: dict[str, Any], expect: str) -> None:
+    from mtlcli.errors import RecipeError
+
+    with pytest.raises(RecipeError) as caught:
+        recipe_for(tmp_path, parquet(tmp_path), {"tags": options})
+    assert expect in str(caught.value)
