@@ -100,6 +100,11 @@ CASES = [
         recipe=patched(setting("data.memory_budget", "lots")),
     ),
     Case(
+        "history of length 0",
+        "features.sequences.hist.max_len: Input should be greater than 0",
+        recipe=patched(setting("features.sequences", {"hist": {"column": "item", "max_len": 0}})),
+    ),
+    Case(
         "capped and hashed vocabulary",
         "give max_size (a capped vocabulary) or hash_buckets (no vocabulary), not both",
         recipe=patched(setting("features.defaults.categorical", {"max_size": 5, "hash_buckets": 10})),
@@ -291,6 +296,12 @@ CASES = [
         args=["--grid", "train.seed=1,1"],
     ),
     # --- data ---
+    Case(
+        "history shares a vocabulary that is not a categorical feature",
+        "features.sequences.hist.vocabulary: 'age' is not a categorical feature",
+        kind="data",
+        recipe=patched(setting("features.sequences", {"hist": {"column": "item", "vocabulary": "age"}})),
+    ),
     Case(
         "memory budget too small for one batch",
         "data.memory_budget (4,096 bytes holds windows of",
