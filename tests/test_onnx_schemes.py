@@ -30,6 +30,7 @@ def test_every_scheme_exports_to_onnx_within_tolerance(scheme: str, tmp_path: Pa
         categorical=INPUTS.cardinalities,
         numeric=[None] * INPUTS.n_numeric,
         tasks=INPUTS.tasks,
+        sequences=[],
     )
     report = export_onnx(model, schema, tmp_path / "model.onnx", check_rows=512)
     assert 0.0 < report["tolerance"] <= K_OUTPUTS * EPS32 * 100  # logits of these models stay below 100
@@ -56,6 +57,7 @@ def test_an_operator_onnx_lacks_is_a_clear_error(tmp_path: Path) -> None:
         categorical=INPUTS.cardinalities,
         numeric=[None] * INPUTS.n_numeric,
         tasks=INPUTS.tasks,
+        sequences=[],
     )
     with pytest.raises(ArtifactError, match=r"cannot export this model to ONNX: .*expm1"):
         export_onnx(Unexportable(), schema, tmp_path / "model.onnx")

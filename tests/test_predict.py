@@ -247,7 +247,7 @@ def test_unseen_category_is_out_of_vocabulary(census: dict[str, Path]) -> None:
     assert result.exit_code == 0, result.output
     layout = InputFormat.from_recipe(loaded.recipe, loaded.schema, "-")
     chunk = next(read_chunks(io.BytesIO(changed.encode()), layout, "-", 10))
-    categorical, _ = encode_inputs(chunk, loaded.schema)
+    categorical = encode_inputs(chunk, loaded.schema)["categorical"]
     position = [f.name for f in loaded.schema.categorical].index("sex")
     assert int(categorical[0, position]) == 0
 

@@ -3,6 +3,8 @@ pooling (mean, sum, DIN attention) in every scheme, and the errors around them."
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -273,3 +275,55 @@ def test_bad_history_options_are_recipe_errors(tmp_path: Path, options: dict[str
     with pytest.raises(RecipeError) as caught:
         recipe_for(tmp_path, parquet(tmp_path), {"tags": options})
     assert expect in str(caught.value)
+
+
+def test_histories_are_served_from_parquet_jsonl_and_csv(tmp_path: Path) -> None:
+    """Export (safetensors and ONNX) and `mtl predict` on raw rows with list columns: Parquet lists,
+    JSON-lines arrays and "|"-separated CSV text all give eval's test AUC."""
+    from typer.testing import CliRunner
+
+    from mtlcli.cli.app import app
+    from mtlcli.data.sequential import generate_sequences
+    from mtlcli.recipe.schema import SyntheticSource
+    from mtlcli.train.metrics import auc
+
+    frame = generate_sequences(SyntheticSource(kind="sequences", rows=3000, history=12))
+    frame.write_parquet(tmp_path / "log.parquet")
+    recipe = {
+        "data": {"source": "log.parquet", "split": {"by": "modulo", "modulus": 5, "test": [0], "valid": [1]},
+                 "cache_dir": "cache"},
+        "features": {"categorical": ["item", "topic"], "sequences": {
+            "click_topics": {"vocabulary": "topic", "max_len": 12, "pooling": "attention"},
+            "buys": {"vocabulary": "item", "max_len": 4, "pooling": "mean"},
+            "clicks": {"max_len": 6, "pooling": "sum"}}},
+        "tasks": {"click": {"label": "click"}, "buy": {"label": "buy"}},
+        "model": {"scheme": "mmoe", "embedding_dim": 4, "n_experts": 2, "expert_units": [8], "tower_units": [4]},
+        "train": {"epochs": 2, "batch_size": 256, "early_stopping": None, "threads": 1},
+    }  # fmt: skip
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    runner = CliRunner()
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert runner.invoke(app, ["train", "recipe.yaml", "--out", "run", "--quiet"]).exit_code == 0
+        evaluated = runner.invoke(app, ["eval", "run", "--json"])
+        assert evaluated.exit_code == 0, evaluated.output
+        expected = {t: m["auc"] for t, m in json.loads(evaluated.stdout)["tasks"].items()}
+        exported = runner.invoke(app, ["export", "run", "--out", "bundle", "--format", "onnx"])
+        assert exported.exit_code == 0, exported.output
+        test = frame.with_row_index("i").filter(pl.col("i") % 5 == 0).drop("i")
+        test.write_parquet("test.parquet")
+        test.write_ndjson("test.jsonl")
+        lists = [c for c, t in test.schema.items() if isinstance(t, pl.List)]
+        test.with_columns(pl.col(c).list.join("|") for c in lists).write_csv("test.csv")
+        for source, engine in [("test.parquet", "torch"), ("test.jsonl", "torch"), ("test.csv", "torch"),
+                               ("test.parquet", "onnxruntime")]:  # fmt: skip
+            scored = runner.invoke(app, ["predict", "bundle", "--input", source, "--engine", engine, "-f", "parquet",
+                                         "--output", f"out-{source}-{engine}.parquet"])  # fmt: skip
+            assert scored.exit_code == 0, (source, scored.output)
+            out = pl.read_parquet(f"out-{source}-{engine}.parquet")
+            for task in ("click", "buy"):
+                got = auc(torch.tensor(out[task].to_numpy()), torch.tensor(test[task].to_numpy()).float())
+                assert got == pytest.approx(expected[task], abs=1e-6), (source, engine, task)
+    finally:
+        os.chdir(cwd)

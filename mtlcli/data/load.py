@@ -111,11 +111,11 @@ def arrays_from_frame(frame: pl.DataFrame, schema: DataSchema) -> dict[str, np.n
             raise ArtifactError(f"encoded data has no {GROUP_COLUMN!r} column", "re-run `mtl preprocess`")
         arrays["groups"] = np.require(frame.get_column(GROUP_COLUMN).to_numpy(), np.int64, ["C", "W"])
     if schema.sequences:
-        arrays["sequences"], arrays["sequence_lengths"] = _sequence_arrays(frame, schema, n)
+        arrays["sequences"], arrays["sequence_lengths"] = sequence_arrays(frame, schema, n)
     return arrays
 
 
-def _sequence_arrays(frame: pl.DataFrame, schema: DataSchema, rows: int) -> tuple[np.ndarray, np.ndarray]:
+def sequence_arrays(frame: pl.DataFrame, schema: DataSchema, rows: int) -> tuple[np.ndarray, np.ndarray]:
     """int64 [N, S, L] ids of each history (padded with 0 after its length; L the longest
     max_len) and int64 [N, S] lengths."""
     longest = max(f.max_len for f in schema.sequences)

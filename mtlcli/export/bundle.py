@@ -38,11 +38,6 @@ def export_bundle(run_dir: Path, out: Path, force: bool = False, fmt: str = "saf
     loaded = load_run(run_dir)
     if fmt == "onnx":
         _require_onnx()
-        if loaded.schema.sequences:
-            raise ArtifactError(
-                f"{run_dir}: ONNX export of a model with behaviour histories (features.sequences) is not built yet",
-                "export without --format onnx: the safetensors bundle holds the model",
-            )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not force:
             raise ArtifactError(f"{out}: exists and is not empty", "choose another --out, or pass --force")
@@ -142,14 +137,27 @@ def _require_onnx() -> None:
         ) from None
 
 
-def _onnx_samples(schema: Any, rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoded inputs covering every id of every categorical feature, and normal numeric values."""
+def _onnx_samples(schema: Any, rows: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Encoded inputs covering every id of every categorical feature, normal numeric values, and
+    (when the model reads behaviour histories) histories of every length with ids in range."""
     generator = torch.Generator().manual_seed(seed)
     cards = torch.tensor(schema.cardinalities, dtype=torch.float64)
     uniform = torch.rand((rows, len(schema.categorical)), generator=generator, dtype=torch.float64)
     categorical = (uniform * cards).long()
     numeric = torch.randn((rows, len(schema.numeric)), generator=generator)
-    return categorical, numeric
+    sequences = schema.sequences
+    if not sequences:
+        return categorical, numeric
+    index = {f.name: i for i, f in enumerate(schema.categorical)}
+    longest = max(f.max_len for f in sequences)
+    sizes = torch.tensor(
+        [schema.cardinalities[index[f.vocabulary]] if f.vocabulary else f.cardinality for f in sequences],
+        dtype=torch.float64,
+    ).view(1, -1, 1)
+    ids = (torch.rand((rows, len(sequences), longest), generator=generator, dtype=torch.float64) * sizes).long()
+    caps = torch.tensor([f.max_len for f in sequences]).view(1, -1)
+    lengths = (torch.rand((rows, len(sequences)), generator=generator) * (caps + 1)).long().clamp_max(caps)
+    return categorical, numeric, ids, lengths
 
 
 ONNX_DATA = "model.onnx.data"  # the weights of a large model.onnx (ONNX external data)
@@ -183,6 +191,7 @@ def export_onnx(
 
     wrapped = BatchInputs(model, len(schema.tasks)).eval()
     example = _onnx_samples(schema, 8)
+    names = ["categorical", "numeric", "sequences", "sequence_lengths"][: len(example)]
     scratch = Path(tempfile.mkdtemp(prefix=".onnx-", dir=path.parent))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -192,9 +201,9 @@ def export_onnx(
                 example,
                 str(scratch / path.name),
                 dynamo=False,
-                input_names=["categorical", "numeric"],
+                input_names=names,
                 output_names=["logits"],
-                dynamic_axes={"categorical": {0: "batch"}, "numeric": {0: "batch"}, "logits": {0: "batch"}},
+                dynamic_axes={**{name: {0: "batch"} for name in names}, "logits": {0: "batch"}},
                 opset_version=ONNX_OPSET,
             )
         except (torch.onnx.errors.OnnxExporterError, RuntimeError) as exc:  # e.g. an operator ONNX lacks
@@ -219,10 +228,10 @@ def export_onnx(
     session = onnx_session(path)
     worst, tolerance = 0.0, 0.0
     for rows in (1, 7, check_rows):
-        categorical, numeric = _onnx_samples(schema, rows, seed=rows)
+        sample = _onnx_samples(schema, rows, seed=rows)
         with torch.no_grad():
-            expected = wrapped(categorical, numeric)
-        got = session.run(None, {"categorical": categorical.numpy(), "numeric": numeric.numpy()})[0]
+            expected = wrapped(*sample)
+        got = session.run(None, {name: value.numpy() for name, value in zip(names, sample, strict=True)})[0]
         worst = max(worst, float((torch.from_numpy(got) - expected).abs().max()))
         tolerance = max(tolerance, kernel_tolerance(kernel_scale(expected, floor=1.0)))
     if not worst <= tolerance:

@@ -27,9 +27,10 @@ from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch, SplitTensors
 from mtlcli.data.checks import ROW_COLUMN, checked_numbers, number_exprs
-from mtlcli.data.encode import categorical_expr, encode_numeric, group_expr
+from mtlcli.data.encode import categorical_expr, encode_numeric, group_expr, sequence_expr
+from mtlcli.data.fit import sequence_items
 from mtlcli.data.labels import LABEL_PREFIX, make_labels
-from mtlcli.data.load import label_mask
+from mtlcli.data.load import label_mask, sequence_arrays
 from mtlcli.data.scan import require_columns
 from mtlcli.data.schema import DataSchema
 from mtlcli.errors import DataError, MtlError
@@ -47,7 +48,7 @@ Engine = Literal["torch", "onnxruntime"]
 class InputFormat:
     """How raw rows are laid out: the recipe's data section, with ``header`` overridable."""
 
-    fmt: Literal["csv", "parquet"]
+    fmt: Literal["csv", "parquet", "jsonl"]
     header: bool
     columns: list[str] | None
     separator: str
@@ -58,8 +59,13 @@ class InputFormat:
     @classmethod
     def from_recipe(cls, recipe: Recipe, schema: DataSchema, name: str, header: bool | None = None) -> InputFormat:
         data = recipe.data
-        fmt: Literal["csv", "parquet"]
-        fmt = ("parquet" if name.endswith((".parquet", ".pq")) else "csv") if data.format == "auto" else data.format
+        fmt: Literal["csv", "parquet", "jsonl"]
+        if name.endswith((".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")):
+            fmt = "jsonl"  # one JSON object per line: lists (behaviour histories) as arrays
+        elif data.format == "auto":
+            fmt = "parquet" if name.endswith((".parquet", ".pq")) else "csv"
+        else:
+            fmt = data.format
         use_header = data.header if header is None else header
         # A file with its own header names its columns; the recipe's list is for header-less files.
         columns = None if (header and not data.header) else data.columns
@@ -115,6 +121,9 @@ def read_chunks(
     peek = getattr(stream, "peek", None)
     if layout.fmt == "parquet" or (callable(peek) and peek(4)[:4] == b"PAR1"):  # Parquet's magic bytes
         yield from _parquet_chunks(stream, layout, name, chunk_rows, only)
+        return
+    if layout.fmt == "jsonl" or (callable(peek) and peek(1)[:1] == b"{"):  # JSON lines
+        yield from _jsonl_chunks(stream, layout, name, chunk_rows, only)
         return
     names = layout.columns
     if layout.header:
@@ -193,6 +202,32 @@ def _parquet_chunks(
             yield _clean(frame, layout, start, only)
 
 
+def _jsonl_chunks(
+    stream: IO[bytes], layout: InputFormat, name: str, chunk_rows: int, only: list[str] | None
+) -> Iterator[pl.DataFrame]:
+    """JSON lines, ``chunk_rows`` at a time: one object per line, lists as arrays (blank lines
+    are skipped)."""
+    offset = 0
+    lines = (line for line in stream if line.strip())
+    while True:
+        block = list(itertools.islice(lines, chunk_rows))
+        if not block:
+            break
+        try:
+            frame = pl.read_ndjson(io.BytesIO(b"".join(block)))
+        except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
+            raise DataError(
+                f"{name}: cannot read it as JSON lines (rows {offset + 1}-{offset + len(block)}): {_first_line(exc)}",
+                "give one JSON object per line",
+            ) from None
+        if only is not None:
+            _check_input_columns(frame.columns, only, name)
+        yield _clean(frame, layout, offset, only)
+        offset += frame.height
+    if offset == 0:
+        raise DataError(f"{name}: the input has no data rows", "give at least one row to score")
+
+
 def _parse_csv(
     data: bytes, layout: InputFormat, name: str, names: list[str] | None, has_header: bool = False
 ) -> pl.DataFrame:
@@ -234,40 +269,47 @@ def _first_line(exc: BaseException) -> str:
 # --- encoding -------------------------------------------------------------------------------------
 
 
-def encode_inputs(frame: pl.DataFrame, schema: DataSchema) -> tuple[Tensor, Tensor]:
-    """Raw rows -> (categorical int64 [N, F_cat], numeric float32 [N, F_num]), exactly as
-    preprocessing encoded the training data (unseen values -> id 0, missing -> id 1)."""
-    if schema.sequences:
-        raise DataError(
-            "this model reads behaviour histories (features.sequences); scoring raw rows with list columns "
-            "is not built yet",
-            "evaluate it with `mtl eval RUN` on the recipe's data",
-        )
+Inputs = dict[str, Tensor]  # the model's inputs by Batch field: categorical, numeric, and histories
+
+
+def encode_inputs(frame: pl.DataFrame, schema: DataSchema) -> Inputs:
+    """Raw rows -> the model's inputs, exactly as preprocessing encoded the training data (unseen
+    values -> id 0, missing -> id 1): ``categorical`` int64 [N, F_cat], ``numeric`` float32
+    [N, F_num], and with behaviour histories ``sequences`` int64 [N, S, L] and
+    ``sequence_lengths`` [N, S] (the caller passes each row's history lists: the bundle holds no
+    event log)."""
     needed = [f.name for f in schema.categorical] + [f.name for f in schema.numeric]
+    needed += [f.column for f in schema.sequences]
     require_columns(frame.columns, needed, "input")
     n = frame.height
     # every feature in one query
     cats = frame.select([categorical_expr(f, frame.get_column(f.name)) for f in schema.categorical]).get_columns()
     nums = [encode_numeric(checked_numbers(frame, f.name, f"input column {f.name!r}"), f) for f in schema.numeric]
-    categorical = (
-        torch.from_numpy(np.require(pl.DataFrame(cats).to_numpy(), np.int64, ["C", "W"]))
+    inputs = {
+        "categorical": torch.from_numpy(np.require(pl.DataFrame(cats).to_numpy(), np.int64, ["C", "W"]))
         if cats
-        else torch.zeros((n, 0), dtype=torch.int64)
-    )
-    numeric = (
-        torch.from_numpy(np.require(pl.DataFrame(nums).to_numpy(), np.float32, ["C", "W"]))
+        else torch.zeros((n, 0), dtype=torch.int64),
+        "numeric": torch.from_numpy(np.require(pl.DataFrame(nums).to_numpy(), np.float32, ["C", "W"]))
         if nums
-        else torch.zeros((n, 0), dtype=torch.float32)
-    )
-    return categorical, numeric
+        else torch.zeros((n, 0), dtype=torch.float32),
+    }
+    if schema.sequences:
+        vocab_of = {f.name: f.vocab for f in schema.categorical}
+        exprs = []
+        for f in schema.sequences:
+            items = sequence_items(f.column, frame.schema[f.column], f.separator, f"input column {f.column!r}")
+            exprs.append(sequence_expr(f, items, vocab_of[f.vocabulary] if f.vocabulary else f.vocab))
+        ids, lengths = sequence_arrays(frame.select(exprs), schema, n)
+        inputs["sequences"], inputs["sequence_lengths"] = torch.from_numpy(ids), torch.from_numpy(lengths)
+    return inputs
 
 
 # --- running the model ------------------------------------------------------------------------------
 
 
 class Scorer(Protocol):
-    def __call__(self, categorical: Tensor, numeric: Tensor) -> Tensor:
-        """Encoded inputs -> logits [N, T]."""
+    def __call__(self, categorical: Tensor, numeric: Tensor, **histories: Tensor) -> Tensor:
+        """Encoded inputs (see ``encode_inputs``) -> logits [N, T]."""
         ...
 
 
@@ -278,10 +320,10 @@ class TorchScorer:
         self.batch_size = batch_size
 
     @torch.no_grad()
-    def __call__(self, categorical: Tensor, numeric: Tensor) -> Tensor:
+    def __call__(self, categorical: Tensor, numeric: Tensor, **histories: Tensor) -> Tensor:
         n = categorical.shape[0]
         labels = torch.zeros((n, self.n_tasks))
-        data = SplitTensors(categorical, numeric, labels, torch.ones_like(labels, dtype=torch.bool))
+        data = SplitTensors(categorical, numeric, labels, torch.ones_like(labels, dtype=torch.bool), **histories)
         outs = [self.model(batch) for batch in data.batches(self.batch_size)]
         return torch.cat(outs) if outs else labels
 
@@ -290,23 +332,33 @@ class OnnxScorer:
     def __init__(self, session: Any) -> None:
         self.session = session
 
-    def __call__(self, categorical: Tensor, numeric: Tensor) -> Tensor:
-        out = self.session.run(None, {"categorical": categorical.numpy(), "numeric": numeric.numpy()})[0]
+    def __call__(self, categorical: Tensor, numeric: Tensor, **histories: Tensor) -> Tensor:
+        feed = {"categorical": categorical.numpy(), "numeric": numeric.numpy()}
+        feed |= {name: value.numpy() for name, value in histories.items()}
+        out = self.session.run(None, feed)[0]
         return torch.from_numpy(out)
 
 
 class BatchInputs(nn.Module):
-    """The model as a function of the two encoded tensors (what ONNX export traces)."""
+    """The model as a function of the encoded tensors (what ONNX export traces): categorical and
+    numeric, then the histories and their lengths when the model reads any."""
 
     def __init__(self, model: nn.Module, n_tasks: int) -> None:
         super().__init__()
         self.model = model
         self.n_tasks = n_tasks
 
-    def forward(self, categorical: Tensor, numeric: Tensor) -> Tensor:
+    def forward(
+        self,
+        categorical: Tensor,
+        numeric: Tensor,
+        sequences: Tensor | None = None,
+        sequence_lengths: Tensor | None = None,
+    ) -> Tensor:
         n = categorical.shape[0]
         labels = torch.zeros((n, self.n_tasks), dtype=numeric.dtype)
-        return self.model(Batch(categorical, numeric, labels, torch.ones_like(labels, dtype=torch.bool)))
+        mask = torch.ones_like(labels, dtype=torch.bool)
+        return self.model(Batch(categorical, numeric, labels, mask, None, sequences, sequence_lengths))
 
 
 def task_outputs(logits: Tensor, schema: DataSchema) -> dict[str, np.ndarray]:
@@ -439,8 +491,8 @@ def predict_chunks(
                 rejected = rejected.drop(ROW_COLUMN, strict=False)
                 reject(rejected.insert_column(0, rows) if rows is not None else rejected)
                 chunk = chunk.filter(~bad)
-        categorical, numeric = encode_inputs(chunk, schema)
-        outputs = task_outputs(scorer(categorical, numeric), schema)
+        inputs = encode_inputs(chunk, schema)
+        outputs = task_outputs(scorer(**inputs), schema)
         columns = [chunk.get_column(c) for c in keep]
         columns += [pl.Series(name, values) for name, values in outputs.items()]
         if score is not None:
@@ -454,12 +506,13 @@ def predict_chunks(
 def needed_columns(schema: DataSchema, keep: list[str] | None = None, score: ScoreSpec | None = None) -> list[str]:
     """The input columns prediction reads: the features, then ``--keep`` and the score factor."""
     features = [f.name for f in schema.categorical] + [f.name for f in schema.numeric]
+    features += [f.column for f in schema.sequences]
     return [*features, *(keep or []), *([score.factor] if score and score.factor else [])]
 
 
 def labelled_tensors(frame: pl.DataFrame, recipe: Recipe, schema: DataSchema) -> SplitTensors:
     """A labelled raw frame -> encoded tensors with labels (for evaluating a bundle)."""
-    categorical, numeric = encode_inputs(frame, schema)
+    inputs = encode_inputs(frame, schema)
     labels_frame = make_labels(frame, recipe)
     names = [LABEL_PREFIX + t for t in schema.task_names]
     labels = torch.from_numpy(np.require(labels_frame.select(names).to_numpy(), np.float32, ["C", "W"]))
@@ -468,7 +521,8 @@ def labelled_tensors(frame: pl.DataFrame, recipe: Recipe, schema: DataSchema) ->
         require_columns(frame.columns, [schema.group], "data.group")
         ids = frame.select(group_expr(frame.get_column(schema.group), schema.group)).to_series()
         groups = torch.from_numpy(np.require(ids.to_numpy(), np.int64, ["C", "W"]))
-    return SplitTensors(categorical, numeric, labels, label_mask(labels_frame, schema, labels), groups)
+    mask = label_mask(labels_frame, schema, labels)
+    return SplitTensors(labels=labels, label_mask=mask, groups=groups, **inputs)
 
 
 def output_columns(schema: DataSchema, keep: list[str] | None, score: bool) -> list[str]:
