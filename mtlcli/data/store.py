@@ -19,6 +19,7 @@ import polars as pl
 from mtlcli.data.batch import SplitTensors
 from mtlcli.data.checks import enforce, number_checks
 from mtlcli.data.encode import GROUP_COLUMN, categorical_expr, group_expr, numeric_expr, sequence_expr
+from mtlcli.data.events import attach_histories, event_files
 from mtlcli.data.fit import choose_features, fit_categorical, fit_numeric, fit_sequence, sequence_items
 from mtlcli.data.labels import LABEL_PREFIX, MASK_PREFIX, label_exprs
 from mtlcli.data.load import SplitFile
@@ -65,7 +66,8 @@ def data_key(recipe: Recipe) -> tuple[str, dict[str, Any]]:
     remembered with the file's identity, so an unchanged file is not read again; see
     ``fileio.sha256_file_remembered`` for what the identity catches)."""
     memo = Path(recipe.data.cache_dir) / FILE_HASHES
-    files = [{"split": s, "path": str(f), "sha256": sha256_file_remembered(f, memo)} for s, f in source_files(recipe)]
+    named = [*source_files(recipe), *event_files(recipe)]
+    files = [{"split": s, "path": str(f), "sha256": sha256_file_remembered(f, memo)} for s, f in named]
     source = {"files": files, "synthetic": recipe.data.synthetic.model_dump() if recipe.data.synthetic else None}
     spec = recipe.to_dict()
     # data.group is left out while unset, so that recipes written before it keep their cache keys;
@@ -161,7 +163,7 @@ def preprocess(recipe: Recipe, out_dir: Path, progress: Progress | None = None) 
     say = progress or (lambda _: None)
     key, source = data_key(recipe)
     say("reading the source")
-    scanned = _in_memory(scan_source(recipe), recipe.data.memory_budget)
+    scanned = attach_histories(_in_memory(scan_source(recipe), recipe.data.memory_budget), recipe)
     frame, collect = scanned.frame, scanned.collect
     split_rows(scanned)
     say("checking every row")

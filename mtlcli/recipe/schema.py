@@ -216,6 +216,29 @@ def _as_mapping(value: Any) -> Any:
     return value
 
 
+class EventsOptions(Strict):
+    """Histories derived from an event log: for each row (impression), the same user's events
+    strictly before the row's time (an event at the row's own time counts as later), optionally
+    only events of the given ``types``."""
+
+    source: StrList  # event files (CSV or Parquet; globs of shards)
+    user: str = "user"  # the user column, in the events and (unless ``row_user``) in the rows
+    item: str = "item"  # the id each event contributes to the history
+    time: str = "time"  # numeric (or datetime) time, in the events and (unless ``row_time``) the rows
+    type: str | None = None  # the behaviour-type column of the events
+    types: StrList = []  # keep only events of these types (needs ``type``)
+    row_user: str | None = None
+    row_time: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> EventsOptions:
+        if not self.source:
+            raise ValueError("give the event files in 'source'")
+        if self.types and self.type is None:
+            raise ValueError("'types' filters on the event type column: set 'type' too")
+        return self
+
+
 class SequenceOptions(Strict):
     """A behaviour history: a column holding a list of ids per row (a Parquet list, or text with
     ``separator`` between the ids), oldest first; the last ``max_len`` are kept, most recent first.
@@ -227,6 +250,7 @@ class SequenceOptions(Strict):
     categorical feature ``target`` (default: ``vocabulary``), as DIN (Zhou et al., KDD 2018)."""
 
     column: str | None = None  # default: the sequence's own name
+    events: EventsOptions | None = None  # derive the history from an event log instead of a column
     vocabulary: str | None = None
     max_len: PositiveInt = 50
     pooling: Literal["mean", "sum", "attention"] = "mean"
@@ -242,6 +266,8 @@ class SequenceOptions(Strict):
             raise ValueError("'target' is for attention pooling only")
         if not self.separator:
             raise ValueError("separator must not be empty")
+        if self.events is not None and self.column is not None:
+            raise ValueError("a history comes from 'column' or from 'events', not both")
         return self
 
 

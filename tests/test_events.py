@@ -1,0 +1,143 @@
+"""Histories derived from an event log: the user's events strictly before the impression, no
+leakage of the impression's own event or any later one."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+import torch
+import yaml
+
+from mtlcli.data.events import attach_histories
+from mtlcli.data.scan import scan_source
+from mtlcli.data.store import prepare
+from mtlcli.errors import DataError
+from mtlcli.recipe import recipe_from_text
+from mtlcli.train.metrics import auc
+
+
+def recipe_for(tmp_path: Path, events: dict[str, Any], max_len: int = 5, **sequence: Any) -> Any:
+    recipe = {
+        "data": {"source": str(tmp_path / "rows.parquet"), "split": {"by": "modulo", "modulus": 4, "test": [0],
+                 "valid": [1]}, "cache_dir": str(tmp_path / "cache")},
+        "features": {"categorical": ["item"], "exclude": ["time"],
+                     "sequences": {"history": {"events": {"source": [str(tmp_path / "events.parquet")], **events},
+                                               "vocabulary": "item", "max_len": max_len, **sequence}}},
+        "tasks": {"label": {"label": "label"}},
+    }  # fmt: skip
+    return recipe_from_text(yaml.safe_dump(recipe, sort_keys=False), "test-recipe")
+
+
+def make_log(tmp_path: Path, seed: int, leak_signal: bool = False) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """20 users; events at integer times 0..60 with many ties; impressions at the same times.
+    With ``leak_signal`` a positive impression has its own event (same time, its item) and a
+    later one: a history that leaked them would predict the label perfectly."""
+    rng = random.Random(seed)
+    events = []
+    rows = []
+    for u in range(20):
+        for _ in range(30):
+            events.append({"user": f"u{u}", "item": f"i{rng.randrange(400)}", "time": rng.randrange(60),
+                           "kind": rng.choice(["click", "buy"])})  # fmt: skip
+        for _ in range(20):
+            t, item, label = rng.randrange(60), f"i{rng.randrange(400)}", rng.randrange(2)
+            rows.append({"user": f"u{u}", "time": t, "item": item, "label": label})
+            if leak_signal and label:
+                events.append({"user": f"u{u}", "item": item, "time": t, "kind": "click"})
+                events.append({"user": f"u{u}", "item": item, "time": t + 1 + rng.randrange(5), "kind": "click"})
+    rng.shuffle(events)
+    ev, rw = pl.DataFrame(events), pl.DataFrame(rows)
+    ev.write_parquet(tmp_path / "events.parquet")
+    rw.write_parquet(tmp_path / "rows.parquet")
+    return ev, rw
+
+
+def brute_force(events: pl.DataFrame, rows: pl.DataFrame, kinds: set[str] | None, max_len: int) -> list[list[str]]:
+    out = []
+    log = events.to_dicts()
+    for row in rows.to_dicts():
+        before = sorted(
+            (e["time"], e["item"])
+            for e in log
+            if e["user"] == row["user"] and e["time"] < row["time"] and (kinds is None or e["kind"] in kinds)
+        )
+        out.append([item for _, item in before][-max_len:])
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("kinds", [None, {"buy"}])
+def test_histories_are_the_users_earlier_events_in_time_order(
+    tmp_path: Path, seed: int, kinds: set[str] | None
+) -> None:
+    events, rows = make_log(tmp_path, seed)
+    options = {"type": "kind", "types": sorted(kinds)} if kinds else {}
+    recipe = recipe_for(tmp_path, options, max_len=7)
+    derived = attach_histories(scan_source(recipe), recipe).frame.collect()
+    assert derived.height == rows.height
+    assert derived.get_column("user").to_list() == rows.get_column("user").to_list(), "rows keep their order"
+    assert derived.get_column("history").to_list() == brute_force(events, rows, kinds, 7)
+
+
+def test_no_leakage_of_the_impressions_own_event_or_later_ones(tmp_path: Path) -> None:
+    """Each positive impression has its own click (same time) and a later click of its item: if
+    either leaked into the history, "the candidate is in the history" would give AUC about 1."""
+    _, rows = make_log(tmp_path, 5, leak_signal=True)
+    recipe = recipe_for(tmp_path, {}, max_len=1000)
+    derived = attach_histories(scan_source(recipe), recipe).frame.collect()
+    inside = torch.tensor([r["item"] in r["history"] for r in derived.to_dicts()], dtype=torch.float32)
+    labels = torch.tensor(rows.get_column("label").to_list(), dtype=torch.float32)
+    assert 0.35 < auc(inside, labels) < 0.65
+    # the same log with the impression's time included (<=) is the leak this guards against
+    leaked = [
+        r["item"] in [e for e, t in zip(*_events_of(tmp_path, r["user"]), strict=True) if t <= r["time"]]
+        for r in rows.to_dicts()
+    ]
+    assert auc(torch.tensor(leaked, dtype=torch.float32), labels) > 0.95, "precondition: the log does leak at <="
+
+
+def _events_of(tmp_path: Path, user: str) -> tuple[list[str], list[int]]:
+    log = pl.read_parquet(tmp_path / "events.parquet").filter(pl.col("user") == user)
+    return log.get_column("item").to_list(), log.get_column("time").to_list()
+
+
+def test_derived_histories_train_and_key_the_cache(tmp_path: Path) -> None:
+    make_log(tmp_path, 3)
+    recipe = recipe_for(tmp_path, {"type": "kind", "types": ["click"]}, pooling="attention")
+    prepared = prepare(recipe)
+    assert prepared.schema.sequences[0].column == "history"
+    tensors = prepared.load("train")
+    assert tensors.sequences is not None and int(tensors.sequence_lengths.max()) == 5  # type: ignore[union-attr]
+    again = prepare(recipe)
+    assert again.reused
+    events = pl.read_parquet(tmp_path / "events.parquet")
+    events.with_columns(pl.col("time") + 1).write_parquet(tmp_path / "events.parquet")
+    assert not prepare(recipe).reused, "a changed event log makes a new cache entry"
+
+
+@pytest.mark.parametrize(
+    ("damage", "expect"),
+    [
+        ("text times", "column 'time' holds 'soon' at row"),
+        ("missing column", "has no column 'item'"),
+        ("no user column in rows", "row_user: column 'who' is not in the data"),
+    ],
+)
+def test_bad_event_logs_are_named(tmp_path: Path, damage: str, expect: str) -> None:
+    events, _ = make_log(tmp_path, 4)
+    options: dict[str, Any] = {}
+    if damage == "text times":
+        events.with_columns(pl.col("time").cast(pl.String)).with_columns(
+            pl.when(pl.int_range(pl.len()) == 3).then(pl.lit("soon")).otherwise(pl.col("time")).alias("time")
+        ).write_parquet(tmp_path / "events.parquet")
+    elif damage == "missing column":
+        events.drop("item").write_parquet(tmp_path / "events.parquet")
+    else:
+        options = {"row_user": "who"}
+    with pytest.raises(DataError) as caught:
+        prepare(recipe_for(tmp_path, options))
+    assert expect in caught.value.message
