@@ -8,7 +8,7 @@ from torch import nn
 
 from mtlcli.data.batch import Batch
 from mtlcli.models import SCHEMES, InputSpec, build_model
-from mtlcli.models.base import enable_representation
+from mtlcli.models.base import SharedRepresentation, enable_representation
 from mtlcli.models.base import scheme as scheme_of
 from mtlcli.models.blocks import ExpertPool, FeatureEmbedding
 from mtlcli.models.mmoe import MMoE
@@ -156,9 +156,19 @@ def representation_models() -> list[tuple[str, nn.Module]]:
     """Every registered scheme with its defaults, plus PLE with three levels (a level with
     nothing task-specific below the cut)."""
     models = [(name, build(name)) for name in SCHEMES.names()]
+    models = [(name, m) for name, m in models if isinstance(m, SharedRepresentation)]  # DTRN has none
     torch.manual_seed(0)
     models.append(("ple-3", build_model("ple", SCHEMES.get("ple").params(levels=3), INPUTS)))
     return models
+
+
+def test_only_dtrn_lacks_a_shared_representation_and_says_so() -> None:
+    from mtlcli.errors import MtlError
+
+    lacking = [name for name in SCHEMES.names() if not isinstance(build(name), SharedRepresentation)]
+    assert lacking == ["dtrn"]
+    with pytest.raises(MtlError, match="the scheme DTRN has none"):
+        enable_representation(build("dtrn"))
 
 
 @pytest.mark.parametrize(("scheme", "model"), representation_models(), ids=lambda v: v if isinstance(v, str) else "")

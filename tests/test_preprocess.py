@@ -704,3 +704,13 @@ def test_streamed_preprocessing_equals_the_in_memory_one(census_file: Path, in_r
         x, y = memory.load(split), streamed.load(split)
         assert torch.equal(x.categorical, y.categorical) and torch.equal(x.labels, y.labels), split
         assert torch.allclose(x.numeric, y.numeric, rtol=1e-6, atol=1e-6), split
+
+
+def test_a_value_far_outside_the_train_range_is_clipped_not_overflowed(tmp_path: Path) -> None:
+    """Train holds 0 and 1e-77 (a scale of ~1e-77), test holds 1: unclipped, 1e77 would be inf in
+    float32 and every output NaN (a case the property test found)."""
+    rows = [{"id": i, "price": 1.0 if i % 5 == 0 else (1e-77 if i == 2 else 0.0), "click": i % 2} for i in range(20)]
+    source = write_csv(tmp_path / "tiny.csv", rows)
+    prepared = prepare(make_recipe(tmp_path, source=source, features={"numeric": {"price": None}}))
+    test = prepared.load("test").numeric[:, 0]
+    assert torch.isfinite(test).all() and float(test.max()) == pytest.approx(1e6)

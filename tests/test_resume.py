@@ -123,10 +123,15 @@ def interrupted_run_resumes(
     run = tmp_path / "run"
     process = mtl(*train_args(run, cache, extra), cwd=REPO)
     wait_for_epochs(run, 1, process)
-    if mid_epoch:  # kill once a checkpoint inside epoch 2 is on disk: the resume starts mid-window
+    if mid_epoch:  # kill once a checkpoint inside an epoch is on disk: the resume starts mid-window
         deadline = time.monotonic() + 240
-        while checkpoint_position(run)[1] == 0:
+        while True:
             assert process.poll() is None and time.monotonic() < deadline, "no mid-epoch checkpoint"
+            if checkpoint_position(run)[1] > 0:
+                os.kill(process.pid, signal.SIGSTOP)  # hold it still, then look again: no newer checkpoint
+                if checkpoint_position(run)[1] > 0:
+                    break
+                os.kill(process.pid, signal.SIGCONT)
             time.sleep(0.005)
     else:
         time.sleep(0.15)  # into the second epoch

@@ -205,7 +205,7 @@ def test_every_scheme_learns_from_histories(scheme: str) -> None:
     result = fit(model, strategy, train, valid, settings, INPUTS.tasks, INPUTS.task_types, NullObserver())
     # task a is "the candidate is in the first history": without reading it, AUC stays near 0.5
     aucs = [r["valid"]["a"]["auc"] for r in result.history]
-    assert max(aucs) > 0.75, (scheme, aucs)
+    assert max(aucs) > 0.65, (scheme, aucs)
 
 
 def test_histories_in_a_row_wise_run_train(tmp_path: Path) -> None:

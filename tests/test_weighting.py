@@ -103,6 +103,12 @@ def test_every_scheme_trains_with_mgda_upper_bound(scheme: str) -> None:
     model = build_model(scheme, SCHEMES.get(scheme).params(), INPUTS)
     strategy = build_weighting("mgda", WEIGHTINGS.get("mgda").params(upper_bound=True), TASKS)
     settings = TrainSection(epochs=3, batch_size=64, early_stopping=None, lr=0.01)
+    if scheme == "dtrn":  # no representation shared by every task: refused with a message
+        from mtlcli.errors import MtlError
+
+        with pytest.raises(MtlError, match="has none"):
+            fit(model, strategy, tiny_split(64, 1), tiny_split(32, 2), settings, TASKS, ["binary"] * 2, NullObserver())
+        return
     result = fit(
         model, strategy, tiny_split(1024, 1), tiny_split(128, 2), settings, TASKS, ["binary"] * 2, NullObserver()
     )

@@ -55,11 +55,18 @@ def numeric_expr(feature: NumericFeature, dtype: pl.DataType) -> pl.Expr:
     return encoded_numbers(number_exprs(feature.name, dtype)[0], feature)
 
 
+ENCODED_LIMIT = 1e6  # |encoded value| at most this: see encoded_numbers
+
+
 def encoded_numbers(values: pl.Expr, feature: NumericFeature) -> pl.Expr:
+    """(x - center) / scale, clipped to ±ENCODED_LIMIT: a value a million scales away from the
+    train data (a train column of 0 and 1e-77, then 1 on test) would otherwise overflow float32
+    and make the model's output NaN; no value within reason comes near the limit."""
     x = values.fill_null(feature.fill_value).fill_nan(feature.fill_value)
     if feature.log1p:
         x = x.sign() * x.abs().log1p()
-    return ((x - feature.center) / feature.scale).cast(pl.Float32).alias(feature.name)
+    scaled = ((x - feature.center) / feature.scale).clip(-ENCODED_LIMIT, ENCODED_LIMIT)
+    return scaled.cast(pl.Float32).alias(feature.name)
 
 
 def encode_categorical(column: pl.Series, feature: CategoricalFeature) -> pl.Series:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
 from mtlcli.data.source import BatchSource
+from mtlcli.errors import MtlError
 from mtlcli.models.blocks import ExpertKind, SequenceInput, check_expert_kinds
 from mtlcli.registry import Component, Registry
 
@@ -132,7 +133,11 @@ class SharedRepresentation:
 def enable_representation(model: object) -> None:
     """Make ``model`` keep its shared representation (for MGDA-UB); a clear error if it cannot."""
     if not isinstance(model, SharedRepresentation):
-        raise TypeError(f"the scheme {type(model).__name__} does not expose a shared representation")
+        raise MtlError(
+            f"loss.weighting: this weighting works on one representation shared by every task, and the scheme "
+            f"{type(model).__name__} has none (each task has its own bottom)",
+            "choose another weighting: mgda works on the shared parameters instead",
+        )
     model.keep_representation = True
 
 

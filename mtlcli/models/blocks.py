@@ -145,6 +145,15 @@ class FeatureEmbedding(nn.Module):
     def forward(self, batch: Batch) -> Tensor:
         if self.n_categorical == 0 and not self.sequences:
             return batch.numeric
+        fields, keys, mask = self.lookup(batch)
+        parts = [fields.flatten(1)]
+        if keys is not None and mask is not None:
+            parts += [self._pool(i, keys[:, i], mask[:, i], fields) for i in range(len(self.sequences))]
+        return torch.cat([*parts, batch.numeric], dim=1)
+
+    def lookup(self, batch: Batch) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The embeddings before pooling: the features' [B, F_cat, d], and with histories their
+        ids' [B, S, L, d] and the mask of real ids [B, S, L] (float, 1 = real)."""
         ids = (batch.categorical + self.offsets).flatten(1)
         if self.sequences:
             if batch.sequences is None or batch.sequence_lengths is None:
@@ -158,17 +167,15 @@ class FeatureEmbedding(nn.Module):
             looked = rows.index_select(0, inverse.reshape(-1)).view(*ids.shape, -1)
         else:
             looked = _Lookup.apply(self.table.weight, ids)
-        batch_size = looked.shape[0]
         fields = looked[:, : self.n_categorical]
-        parts = [fields.reshape(batch_size, -1)]
-        if self.sequences:
-            assert batch.sequences is not None and batch.sequence_lengths is not None
-            longest = batch.sequences.shape[2]
-            keys = looked[:, self.n_categorical :].view(batch_size, len(self.sequences), longest, self.dim)
-            positions = torch.arange(longest, device=keys.device)
-            mask = (positions.view(1, 1, -1) < batch.sequence_lengths.unsqueeze(-1)).to(keys.dtype)
-            parts += [self._pool(i, keys[:, i], mask[:, i], fields) for i in range(len(self.sequences))]
-        return torch.cat([*parts, batch.numeric], dim=1)
+        if not self.sequences:
+            return fields, None, None
+        assert batch.sequences is not None and batch.sequence_lengths is not None
+        batch_size, longest = looked.shape[0], batch.sequences.shape[2]
+        keys = looked[:, self.n_categorical :].view(batch_size, len(self.sequences), longest, self.dim)
+        positions = torch.arange(longest, device=keys.device)
+        mask = (positions.view(1, 1, -1) < batch.sequence_lengths.unsqueeze(-1)).to(keys.dtype)
+        return fields, keys, mask
 
     def _pool(self, i: int, keys: Tensor, mask: Tensor, fields: Tensor) -> Tensor:
         """History ``i``'s embeddings [B, L, d] with their mask [B, L] -> one vector [B, d]."""

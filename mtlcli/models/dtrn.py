@@ -1,0 +1,210 @@
+"""Deep Task-specific Bottom Representation Network (DTRN).
+
+Liu, Zhou, Jiang, Ge, Lian, "Deep Task-specific Bottom Representation Network for Multi-Task
+Recommendation", CIKM 2023 (arXiv:2308.05996). Each task gets its own bottom representation:
+
+- **TIM** (task-specific interest module): one transformer layer is shared by every (task t,
+  behaviour type b) pair, and its layer norms are *conditional*: two hypernetworks (two-layer
+  ReLU MLPs) map the concatenated task and behaviour-type embeddings to γ_{t,b} and β_{t,b} for
+  every layer norm, CLN(X) = γ_{t,b} · γ · (X − μ)/σ + β_{t,b} + β. The transformer reads the
+  history of type b (a sequence feature: one behaviour type per feature) for task t, and the
+  candidate's embedding attends over its outputs (scaled dot product, softmax over the real
+  items) to give one interest vector per (t, b); task t's interest is their concatenation.
+- **TRM** (task-specific representation refinement): raw_t = [feature embeddings, interest_t,
+  numbers]; refine_t = MLP_t(raw_t), SENet-like (two layers, ReLU then sigmoid, one weight per
+  element of raw_t); r_t = raw_t ⊙ refine_t feeds task t's tower.
+
+Shared by all tasks: the embedding table, the transformer, the hypernetworks and the task and
+type embeddings. Task t's own: its refinement MLP and its tower. There is no single shared
+representation (each task's bottom differs), so MGDA-UB, which needs one, is refused.
+
+Choices where the paper leaves room (see docs/methods.md): one transformer layer with single-head
+self-attention over the real items; interest by the candidate's attention over the layer's
+outputs; the hypernetworks' hidden width ``hyper_units``; the refinement MLP's hidden width
+|raw_t| / ``se_reduction``. Without histories DTRN is its TRM alone. The ablations of the paper
+are parameters: ``conditional_norm: false`` (plain layer norms, no hypernetworks) and
+``refine: false`` (r_t = raw_t).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, PositiveInt
+from torch import Tensor, nn
+
+from mtlcli.data.batch import Batch
+from mtlcli.models.base import Capabilities, Dropout, InputSpec, ModelParams, group_by_prefix, register_scheme
+from mtlcli.models.blocks import FeatureEmbedding, last_linear, mlp
+
+NORMS = 2  # layer norms in the transformer layer: after attention, after the feed-forward network
+
+
+class DTRNParams(ModelParams):
+    hyper_units: PositiveInt = 32
+    se_reduction: PositiveInt = 4
+    tower_units: list[PositiveInt] = Field(default=[32], min_length=1)
+    dropout: Dropout = 0.0
+    conditional_norm: bool = True
+    refine: bool = True
+
+
+class TaskInterest(nn.Module):
+    """TIM: histories [B, S, L, d] (mask [B, S, L]) and the candidate [B, d] -> interests
+    [B, T, S, d], one per (task, behaviour type)."""
+
+    def __init__(self, tasks: int, types: int, dim: int, hyper_units: int, conditional: bool) -> None:
+        super().__init__()
+        self.tasks, self.types, self.dim, self.conditional = tasks, types, dim, conditional
+        self.task_embedding = nn.Embedding(tasks, dim)
+        self.type_embedding = nn.Embedding(types, dim)
+        self.hyper_gamma = mlp(2 * dim, [hyper_units], out_dim=NORMS * dim)
+        self.hyper_beta = mlp(2 * dim, [hyper_units], out_dim=NORMS * dim)
+        self.query, self.key, self.value = (nn.Linear(dim, dim) for _ in range(3))
+        self.ffn = mlp(dim, [2 * dim], out_dim=dim)
+        self.gamma = nn.Parameter(torch.ones(NORMS, dim))
+        self.beta = nn.Parameter(torch.zeros(NORMS, dim))
+        self.last_interest: Tensor | None = None  # [B, T, S, d] of the last forward pass, for reports
+
+    def condition(self) -> tuple[Tensor, Tensor]:
+        """γ_{t,b} and β_{t,b}: [T, S, NORMS, d]; ones and zeros without conditional norms."""
+        if not self.conditional:
+            ones = self.gamma.new_ones((self.tasks, self.types, NORMS, self.dim))
+            return ones, torch.zeros_like(ones)
+        pairs = torch.cat(
+            [
+                self.task_embedding.weight.unsqueeze(1).expand(-1, self.types, -1),
+                self.type_embedding.weight.unsqueeze(0).expand(self.tasks, -1, -1),
+            ],
+            dim=-1,
+        )
+        shape = (self.tasks, self.types, NORMS, self.dim)
+        # γ_{t,b} = 1 + the hypernetwork's output: near 1 at the start, so that the layer starts
+        # as a plain layer norm instead of scaling its input down to almost nothing
+        return 1.0 + self.hyper_gamma(pairs).view(shape), self.hyper_beta(pairs).view(shape)
+
+    def _norm(self, x: Tensor, k: int, gamma: Tensor, beta: Tensor) -> Tensor:
+        """CLN(X) = γ_{t,b} · γ · (X − μ)/σ + β_{t,b} + β for layer norm k; x [B, T, S, L, d]."""
+        normalized = F.layer_norm(x, (self.dim,))
+        g = gamma[:, :, k].unsqueeze(0).unsqueeze(-2)
+        b = beta[:, :, k].unsqueeze(0).unsqueeze(-2)
+        return g * self.gamma[k] * normalized + b + self.beta[k]
+
+    def forward(self, histories: Tensor, mask: Tensor, candidate: Tensor) -> Tensor:
+        gamma, beta = self.condition()
+        x = histories.unsqueeze(1)  # [B, 1, S, L, d]: the same items for every task
+        present = mask.unsqueeze(1).unsqueeze(-2)  # [B, 1, S, 1, L]: keys that are real
+        # a history with no item attends to its (padded) first position; its interest is zeroed below
+        any_item = mask.sum(-1, keepdim=True) > 0  # [B, S, 1]
+        present = torch.where(any_item.unsqueeze(1).unsqueeze(-1), present, torch.ones_like(present))
+        scale = 1.0 / math.sqrt(self.dim)
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        scores = (q @ k.transpose(-1, -2)) * scale  # [B, 1, S, L, L]
+        attended = scores.masked_fill(present == 0, float("-inf")).softmax(-1) @ v
+        h = self._norm(x + attended, 0, gamma, beta)  # [B, T, S, L, d]
+        h = self._norm(h + self.ffn(h), 1, gamma, beta)
+        weights = (h @ candidate.view(-1, 1, 1, self.dim, 1)).squeeze(-1) * scale  # [B, T, S, L]
+        weights = weights.masked_fill(present.squeeze(-2) == 0, float("-inf")).softmax(-1)
+        interest = (weights.unsqueeze(-1) * h).sum(-2) * any_item.unsqueeze(1)  # [B, T, S, d]
+        self.last_interest = interest.detach()
+        return interest
+
+
+class DTRN(nn.Module):
+    """embedding -> per task: [features, TIM interest_t, numbers] -> TRM refinement -> tower_t.
+    Output [B, T]."""
+
+    def __init__(self, inputs: InputSpec, params: DTRNParams) -> None:
+        super().__init__()
+        self.tasks = list(inputs.tasks)
+        dim = params.embedding_dim
+        # the histories are read raw (TIM pools them): no pooling modules of the embedding's own
+        raw = [dataclasses.replace(s, pooling="mean", target=None) for s in inputs.sequences]
+        self.embedding = FeatureEmbedding(inputs.cardinalities, inputs.n_numeric, dim, raw)
+        self.candidate = self._candidate(inputs)
+        self.interest = (
+            TaskInterest(len(self.tasks), len(raw), dim, params.hyper_units, params.conditional_norm) if raw else None
+        )
+        width = len(inputs.cardinalities) * dim + len(raw) * dim + inputs.n_numeric
+        self.refine = params.refine
+        hidden = max(1, width // params.se_reduction)
+        self.refiners = nn.ModuleDict(
+            {t: nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, width)) for t in self.tasks}
+        )
+        if not params.refine:
+            self.refiners = nn.ModuleDict()
+        self.towers = nn.ModuleDict({t: mlp(width, params.tower_units, params.dropout, out_dim=1) for t in self.tasks})
+        self.last_refine: dict[str, Tensor] = {}
+
+    @staticmethod
+    def _candidate(inputs: InputSpec) -> int | None:
+        """The categorical feature whose embedding queries the histories: the first history's
+        attention target, or the feature whose vocabulary it shares."""
+        for seq in inputs.sequences:
+            if seq.target is not None:
+                return seq.target
+            if seq.shares is not None:
+                return seq.shares
+        if inputs.sequences:
+            raise ValueError(
+                "DTRN needs a history that shares the candidate's vocabulary (features.sequences.*.vocabulary)"
+            )
+        return None
+
+    capabilities = Capabilities()
+
+    def representations(self, batch: Batch) -> list[Tensor]:
+        """raw_t for every task: [B, width] each."""
+        fields, keys, mask = self.embedding.lookup(batch)
+        base = fields.flatten(1)
+        if self.interest is None or keys is None or mask is None or self.candidate is None:
+            return [torch.cat([base, batch.numeric], dim=1) for _ in self.tasks]
+        interest = self.interest(keys, mask, fields[:, self.candidate])  # [B, T, S, d]
+        return [torch.cat([base, interest[:, k].flatten(1), batch.numeric], dim=1) for k in range(len(self.tasks))]
+
+    def forward(self, batch: Batch) -> Tensor:
+        outputs = []
+        for task, raw in zip(self.tasks, self.representations(batch), strict=True):
+            if self.refine:
+                weights = torch.sigmoid(self.refiners[task](raw))
+                self.last_refine[task] = weights.detach()
+                raw = raw * weights
+            outputs.append(self.towers[task](raw))
+        return torch.cat(outputs, dim=1)
+
+    def introspect(self, batch: Batch) -> dict[str, Tensor]:
+        """No gates and no mixing matrices. (``refinements`` and ``interests`` give what DTRN
+        learned per task; `mtl explain` does not show them yet.)"""
+        return {}
+
+    @torch.no_grad()
+    def refinements(self, batch: Batch) -> dict[str, Tensor]:
+        """Each task's TRM weights [B, width] (one per element of raw_t), and with histories each
+        task's interests [B, S, d] (``interest.<task>``)."""
+        self(batch)
+        out = {f"refine.{t}": w for t, w in self.last_refine.items()}
+        if self.interest is not None and self.interest.last_interest is not None:
+            for k, task in enumerate(self.tasks):
+                out[f"interest.{task}"] = self.interest.last_interest[:, k]
+        return out
+
+    def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
+        return group_by_prefix(self, {t: [f"refiners.{t}.", f"towers.{t}."] for t in self.tasks})
+
+    def last_shared_layer(self) -> list[Tensor]:
+        """The embedding table (and the transformer's feed-forward output when there are
+        histories): what every task's representation is made of."""
+        layers = [self.embedding.table.weight]
+        if self.interest is not None:
+            layers.append(last_linear(self.interest.ffn).weight)
+        return layers
+
+
+@register_scheme(
+    "dtrn", DTRNParams, "task-specific bottoms: conditional-norm interests and SENet refinement (CIKM 2023)"
+)
+def build(params: DTRNParams, inputs: InputSpec) -> DTRN:
+    return DTRN(inputs, params)

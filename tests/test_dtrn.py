@@ -1,0 +1,131 @@
+"""DTRN (Liu et al., CIKM 2023): conditional layer norms from hypernetworks, per-task interests,
+SENet-like refinement; each checked against its definition on hand-made inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtlcli.data.batch import Batch
+from mtlcli.models import SCHEMES, InputSpec, build_model
+from mtlcli.models.blocks import SequenceInput
+from mtlcli.models.dtrn import DTRN, TaskInterest
+
+INPUTS = InputSpec(
+    cardinalities=[7, 5],
+    n_numeric=2,
+    tasks=["click", "buy"],
+    task_types=["binary", "binary"],
+    sequences=[SequenceInput(7, "mean", shares=0), SequenceInput(7, "mean", shares=0)],  # two behaviour types
+)
+
+
+def model(**params: object) -> DTRN:
+    torch.manual_seed(0)
+    built = build_model("dtrn", SCHEMES.get("dtrn").params(embedding_dim=4, **params), INPUTS)
+    assert isinstance(built, DTRN)
+    with torch.no_grad():  # move off the initial values so that every part matters
+        for p in built.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return built
+
+
+def batch(n: int = 6, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 5, (n, 2), generator=g)
+    lengths[0] = 0  # a row with empty histories
+    return Batch(
+        torch.stack([torch.randint(0, 7, (n,), generator=g), torch.randint(0, 5, (n,), generator=g)], 1),
+        torch.randn(n, 2, generator=g),
+        torch.zeros(n, 2),
+        torch.ones(n, 2, dtype=torch.bool),
+        sequences=torch.randint(0, 7, (n, 2, 4), generator=g),
+        sequence_lengths=lengths,
+    )
+
+
+def test_conditional_layer_norm_is_the_papers_formula() -> None:
+    tim = model().interest
+    assert isinstance(tim, TaskInterest)
+    gamma_c, beta_c = tim.condition()
+    x = torch.randn(3, 2, 2, 5, 4)  # [B, T, S, L, d]
+    got = tim._norm(x, 1, gamma_c, beta_c)
+    mu, sigma = x.mean(-1, keepdim=True), (x.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+    for t in range(2):
+        for b in range(2):
+            expected = gamma_c[t, b, 1] * tim.gamma[1] * (x[:, t, b] - mu[:, t, b]) / sigma[:, t, b]
+            expected = expected + beta_c[t, b, 1] + tim.beta[1]
+            assert torch.allclose(got[:, t, b], expected, atol=1e-5), (t, b)
+
+
+def test_the_hypernetworks_give_each_task_and_behaviour_type_its_own_norm() -> None:
+    tim = model().interest
+    assert tim is not None
+    gamma_c, beta_c = tim.condition()
+    pair = torch.cat([tim.task_embedding.weight[1], tim.type_embedding.weight[0]])
+    assert torch.allclose(gamma_c[1, 0], 1 + tim.hyper_gamma(pair).view(2, 4), atol=1e-6)
+    assert torch.allclose(beta_c[1, 0], tim.hyper_beta(pair).view(2, 4), atol=1e-6)
+    assert not torch.allclose(gamma_c[0, 0], gamma_c[1, 0]) and not torch.allclose(gamma_c[0, 0], gamma_c[0, 1])
+    plain = model(conditional_norm=False).interest
+    assert plain is not None
+    ones, zeros = plain.condition()
+    assert torch.equal(ones, torch.ones_like(ones)) and torch.equal(zeros, torch.zeros_like(zeros))
+
+
+def test_tasks_get_different_interests_only_with_conditional_norms() -> None:
+    b = batch()
+    conditional, plain = model(), model(conditional_norm=False)
+    conditional(b)
+    plain(b)
+    a, p = conditional.interest.last_interest, plain.interest.last_interest  # type: ignore[union-attr]
+    assert a is not None and p is not None and a.shape == (6, 2, 2, 4)
+    has_items = b.sequence_lengths[:, 0] > 0  # type: ignore[index]
+    assert not torch.allclose(a[has_items, 0, 0], a[has_items, 1, 0]), "each task reads the history its own way"
+    assert torch.allclose(p[:, 0], p[:, 1]), "without the task condition every task's interest is the same"
+    assert torch.equal(a[0], torch.zeros_like(a[0])), "an empty history gives no interest"
+    assert torch.isfinite(a).all()
+
+
+def test_refinement_is_raw_times_a_sigmoid_mlp_of_raw() -> None:
+    m, b = model(), batch()
+    out = m(b)
+    raws = m.representations(b)
+    for k, task in enumerate(m.tasks):
+        weights = torch.sigmoid(m.refiners[task](raws[k]))
+        assert torch.allclose(out[:, k : k + 1], m.towers[task](raws[k] * weights), atol=1e-6)
+        assert weights.shape == raws[k].shape  # one weight per element of raw_t
+    flat = model(refine=False)
+    raws = flat.representations(b)
+    assert torch.allclose(flat(b)[:, :1], flat.towers["click"](raws[0]), atol=1e-6)
+
+
+def test_shared_and_task_parts() -> None:
+    m = model()
+    groups = m.parameter_groups()
+    shared = set(groups["shared"])
+    assert {"embedding.table.weight", "interest.gamma", "interest.task_embedding.weight"} <= shared
+    assert any(n.startswith("interest.hyper_gamma") for n in shared)
+    assert all(n.startswith(("refiners.click.", "towers.click.")) for n in groups["click"])
+    every = {n for g in groups.values() for n in g}
+    assert every == {n for n, _ in m.named_parameters()}
+
+
+def test_dtrn_with_histories_exports_to_onnx(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from types import SimpleNamespace
+
+    from mtlcli.data.schema import SequenceFeature
+    from mtlcli.export.bundle import export_onnx
+
+    m = model().eval()
+    schema = SimpleNamespace(
+        cardinalities=INPUTS.cardinalities,
+        categorical=[SimpleNamespace(name="item"), SimpleNamespace(name="other")],
+        numeric=[None, None],
+        tasks=INPUTS.tasks,
+        sequences=[SequenceFeature("a", "a", 4, "mean", "item"), SequenceFeature("b", "b", 4, "mean", "item")],
+    )
+    report = export_onnx(m, schema, tmp_path / "model.onnx", check_rows=256)
+    assert report["max_abs_diff"] <= report["tolerance"]
