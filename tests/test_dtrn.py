@@ -129,3 +129,26 @@ def test_dtrn_with_histories_exports_to_onnx(tmp_path: Path) -> None:
     )
     report = export_onnx(m, schema, tmp_path / "model.onnx", check_rows=256)
     assert report["max_abs_diff"] <= report["tolerance"]
+
+
+def test_explain_averages_the_refinement_per_input_and_compares_interests() -> None:
+    from mtlcli.data.batch import SplitTensors
+    from mtlcli.explain.representations import representation_report
+
+    b = batch(40, seed=3)
+    data = SplitTensors(
+        b.categorical, b.numeric, b.labels, b.label_mask, sequences=b.sequences, sequence_lengths=b.sequence_lengths
+    )
+    names = (["item", "other"], ["clicks", "buys"], ["n1", "n2"])
+    m = model()
+    report = representation_report(m, data, 16, *names)
+    assert report is not None
+    weights = m.refinements(b)["refine.buy"].double().mean(0)  # [2*4 + 2*4 + 2]
+    assert report["refine"]["buy"]["other"] == pytest.approx(float(weights[4:8].mean()), abs=1e-6)
+    assert report["refine"]["buy"]["buys"] == pytest.approx(float(weights[12:16].mean()), abs=1e-6)
+    assert report["refine"]["buy"]["n2"] == pytest.approx(float(weights[17]), abs=1e-6)
+    assert report["interest_cosine"]["clicks"]["click"]["click"] == pytest.approx(1.0)
+    assert report["interest_cosine"]["clicks"]["click"]["buy"] < 0.999
+    plain = representation_report(model(conditional_norm=False), data, 16, *names)
+    assert plain is not None and plain["interest_cosine"]["buys"]["click"]["buy"] == pytest.approx(1.0)
+    assert representation_report(build_model("mmoe", SCHEMES.get("mmoe").params(), INPUTS), data, 16, *names) is None

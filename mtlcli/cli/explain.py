@@ -99,6 +99,11 @@ def render(report: dict[str, Any]) -> None:
         )
         for line in readings["masks"]:
             say(f"  {line}", soft_wrap=True, markup=False)
+    if report.get("representations"):
+        for history, matrix in report["representations"]["interest_cosine"].items():
+            say(matrix_table(f"cosine between the tasks' interests in {history}", matrix))
+        for line in readings["representations"]:
+            say(f"  {line}", soft_wrap=True, markup=False)
     say(matrix_table("label correlation (Pearson; phi for binary pairs)", report["label_correlation"]))
     if report["conditional_positive_rate"]:
         say(matrix_table("P(column = 1 | row = 1)", report["conditional_positive_rate"], diverging=False))

@@ -31,6 +31,7 @@ from mtlcli.explain.gates import (
 from mtlcli.explain.gradients import gradient_report, read_gradients
 from mtlcli.explain.history import history_report
 from mtlcli.explain.masks import mask_report, read_masks
+from mtlcli.explain.representations import read_representations, representation_report
 from mtlcli.models.base import scheme
 
 
@@ -105,6 +106,7 @@ def explain_model(
     options: ExplainOptions = ExplainOptions(),
     by: tuple[str, int, list[str]] | None = None,
     pos_weight: Tensor | None = None,
+    inputs: tuple[list[str], list[str], list[str]] | None = None,
 ) -> dict[str, Any]:
     """Every report for ``model`` on ``data``; ``by`` = (feature, column, value names) splits the gates;
     ``pos_weight`` (the tasks' training loss) shapes the gradients compared."""
@@ -137,6 +139,15 @@ def explain_model(
     readings["alpha"] = [read_alpha(layer, matrix) for layer, matrix in alpha.items()]
     masks = mask_report(model)
     readings["masks"] = [read_masks(masks)] if masks else []
+    if inputs is None:  # no schema at hand: name the inputs by position
+        histories = data.sequences.shape[1] if data.sequences is not None else 0
+        inputs = (
+            [f"categorical {i}" for i in range(data.categorical.shape[1])],
+            [f"history {i}" for i in range(histories)],
+            [f"numeric {i}" for i in range(data.numeric.shape[1])],
+        )
+    bottoms = representation_report(model, data, options.batch_size, *inputs)
+    readings["representations"] = [read_representations(bottoms)] if bottoms else []
     correlations = correlation_report(data.labels, mask, logits, tasks, types)
     readings.update(correlations.pop("readings"))
     gradients = gradient_report(
@@ -161,6 +172,7 @@ def explain_model(
         "gates_by": by_report,
         "alpha": alpha,
         "masks": masks,
+        "representations": bottoms,
         **correlations,
         **gradients,
         "warnings": warnings,
@@ -188,7 +200,13 @@ def explain_run(run_dir: Path, split: str = "valid", options: ExplainOptions = E
     data = sample_rows(prepared.load(split), options.max_rows, options.seed)
     tasks = loaded.schema.task_names
     types = [t.type for t in loaded.schema.tasks]
-    report = explain_model(loaded.model, data, tasks, types, options, by, pos_weight_tensor(loaded.recipe))
+    schema = loaded.schema
+    inputs = (
+        [f.name for f in schema.categorical],
+        [f.name for f in schema.sequences],
+        [f.name for f in schema.numeric],
+    )
+    report = explain_model(loaded.model, data, tasks, types, options, by, pos_weight_tensor(loaded.recipe), inputs)
     history = history_report(read_metrics(run_dir / "metrics.jsonl") + read_metrics(run_dir / "gradients.jsonl"), tasks)
     report["readings"]["history"] = history.pop("reading") if history else None
     return {

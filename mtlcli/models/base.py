@@ -47,13 +47,17 @@ class Capabilities:
       experts are numbered 0..n-1;
     - ``masks()``: each task's binary masks over the shared network's weights (sparse sharing);
     - ``search(train, batch_size, lr, seed)``: finds the scheme's structure before training;
-    - ``baseline``: nothing is shared; the single-task baseline that MTL gain is measured against.
+    - ``baseline``: nothing is shared; the single-task baseline that MTL gain is measured against;
+    - ``task_representations(batch)``: what each task's own bottom made of a batch (DTRN:
+      ``refine.<task>`` weights [B, width] over the representation's elements, ``interest.<task>``
+      [B, S, d] per behaviour type), for explain.
     """
 
     expert_names: Callable[[str], list[str]] | None = None
     masks: Callable[[], dict[str, list[Tensor]]] | None = None
     search: Callable[[BatchSource, int, float, int], None] | None = None
     baseline: bool = False
+    task_representations: Callable[[Batch], dict[str, Tensor]] | None = None
 
 
 class MultiTaskModel(Protocol):

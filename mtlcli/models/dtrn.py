@@ -154,7 +154,9 @@ class DTRN(nn.Module):
             )
         return None
 
-    capabilities = Capabilities()
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(task_representations=self.refinements)
 
     def representations(self, batch: Batch) -> list[Tensor]:
         """raw_t for every task: [B, width] each."""
