@@ -6,12 +6,15 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
+
+if TYPE_CHECKING:
+    from mtlcli.models.base import InputSpec
 
 
 class _Lookup(torch.autograd.Function):
@@ -131,6 +134,11 @@ class FeatureEmbedding(nn.Module):
         self.rows: Tensor | None = None
         self.row_ids: Tensor | None = None
         self.betas, self.eps = (0.9, 0.999), 1e-8
+
+    @classmethod
+    def for_inputs(cls, inputs: InputSpec, dim: int) -> FeatureEmbedding:
+        """The embedding of a scheme's inputs: every categorical feature, history and number."""
+        return cls(inputs.cardinalities, inputs.n_numeric, dim, inputs.sequences)
 
     def use_sparse_rows(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
         """Train the table row-wise with lazy Adam (see the class docstring)."""
@@ -396,19 +404,17 @@ class CrossExpert(nn.Module):
 
 
 def embedded_experts(
-    cardinalities: list[int],
-    n_numeric: int,
+    inputs: InputSpec,
     embedding_dim: int,
     n_experts: int,
     expert_units: list[int],
     dropout: float,
     expert_kinds: Sequence[ExpertKind] | None,
     cross_layers: int,
-    sequences: Sequence[SequenceInput] = (),
 ) -> tuple[FeatureEmbedding, Experts]:
     """The feature embedding and a pool of experts over it (MLP experts unless ``expert_kinds``
     says otherwise), created in that order: the trunk of MMoE and OMoE."""
-    embedding = FeatureEmbedding(cardinalities, n_numeric, embedding_dim, sequences)
+    embedding = FeatureEmbedding.for_inputs(inputs, embedding_dim)
     kinds = expert_kinds or ["mlp"] * n_experts
     return embedding, Experts(embedding.out_dim, kinds, expert_units, dropout, embedding.fields, cross_layers)
 

@@ -152,7 +152,7 @@ class ExtractionNetwork(nn.Module, SharedRepresentation):
     ) -> None:
         super().__init__()
         self.tasks = list(inputs.tasks)
-        self.embedding = FeatureEmbedding(inputs.cardinalities, inputs.n_numeric, embedding_dim, inputs.sequences)
+        self.embedding = FeatureEmbedding.for_inputs(inputs, embedding_dim)
         layers = []
         in_dim = self.embedding.out_dim
         for level in range(levels):

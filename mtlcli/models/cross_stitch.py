@@ -59,7 +59,7 @@ class CrossStitch(nn.Module, SharedRepresentation):
     ) -> None:
         super().__init__()
         self.tasks = list(inputs.tasks)
-        self.embedding = FeatureEmbedding(inputs.cardinalities, inputs.n_numeric, embedding_dim, inputs.sequences)
+        self.embedding = FeatureEmbedding.for_inputs(inputs, embedding_dim)
         widths = [self.embedding.out_dim, *column_units]
         self.columns = nn.ModuleDict(
             {t: nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths)) for t in self.tasks}

@@ -128,14 +128,14 @@ class DTRN(nn.Module):
         self.interest = (
             TaskInterest(len(self.tasks), len(raw), dim, params.hyper_units, params.conditional_norm) if raw else None
         )
-        width = len(inputs.cardinalities) * dim + len(raw) * dim + inputs.n_numeric
+        width = self.embedding.out_dim  # raw_t: features, one interest per history, numbers
         self.refine = params.refine
         hidden = max(1, width // params.se_reduction)
         self.refiners = nn.ModuleDict(
             {t: nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, width)) for t in self.tasks}
+            if params.refine
+            else {}
         )
-        if not params.refine:
-            self.refiners = nn.ModuleDict()
         self.towers = nn.ModuleDict({t: mlp(width, params.tower_units, params.dropout, out_dim=1) for t in self.tasks})
         self.last_refine: dict[str, Tensor] = {}
 

@@ -95,7 +95,7 @@ class ESMM(nn.Module, SharedRepresentation):
         super().__init__()
         self.tasks = list(inputs.tasks)
         self.click, self.conversion = click, conversion
-        self.embedding = FeatureEmbedding(inputs.cardinalities, inputs.n_numeric, embedding_dim, inputs.sequences)
+        self.embedding = FeatureEmbedding.for_inputs(inputs, embedding_dim)
         width = self.embedding.out_dim
         self.ctr = mlp(width, tower_units, dropout, out_dim=1)
         self.cvr = mlp(width, tower_units, dropout, out_dim=1)

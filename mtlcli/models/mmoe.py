@@ -53,15 +53,13 @@ class MMoE(nn.Module, SharedRepresentation):
         super().__init__()
         self.tasks = list(inputs.tasks)
         self.embedding, self.experts = embedded_experts(
-            inputs.cardinalities,
-            inputs.n_numeric,
+            inputs,
             embedding_dim,
             n_experts,
             expert_units,
             dropout,
             expert_kinds,
             cross_layers,
-            inputs.sequences,
         )
         self.gates = nn.ModuleDict({t: nn.Linear(self.embedding.out_dim, n_experts) for t in self.tasks})
         self.towers = Towers(self.tasks, self.experts.out_dim, tower_units, dropout)

@@ -51,15 +51,13 @@ class OMoE(nn.Module, SharedRepresentation):
         super().__init__()
         self.tasks = list(inputs.tasks)
         self.embedding, self.experts = embedded_experts(
-            inputs.cardinalities,
-            inputs.n_numeric,
+            inputs,
             embedding_dim,
             n_experts,
             expert_units,
             dropout,
             expert_kinds,
             cross_layers,
-            inputs.sequences,
         )
         x_dim = self.embedding.out_dim
         self.gate = nn.Linear(x_dim, n_experts)

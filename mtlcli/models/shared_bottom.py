@@ -39,7 +39,7 @@ class SharedBottom(nn.Module, SharedRepresentation):
     ) -> None:
         super().__init__()
         self.tasks = list(inputs.tasks)
-        self.embedding = FeatureEmbedding(inputs.cardinalities, inputs.n_numeric, embedding_dim, inputs.sequences)
+        self.embedding = FeatureEmbedding.for_inputs(inputs, embedding_dim)
         self.bottom = mlp(self.embedding.out_dim, bottom_units, dropout)
         self.towers = Towers(self.tasks, bottom_units[-1], tower_units, dropout)
 

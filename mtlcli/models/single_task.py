@@ -43,13 +43,9 @@ class SingleTask(nn.Module, SharedRepresentation):
     ) -> None:
         super().__init__()
         self.tasks = list(inputs.tasks)
-        self.embeddings = nn.ModuleDict(
-            {
-                t: FeatureEmbedding(inputs.cardinalities, inputs.n_numeric, embedding_dim, inputs.sequences)
-                for t in self.tasks
-            }
-        )
-        in_dim = FeatureEmbedding(inputs.cardinalities, inputs.n_numeric, embedding_dim, inputs.sequences).out_dim
+        embeddings = {t: FeatureEmbedding.for_inputs(inputs, embedding_dim) for t in self.tasks}
+        in_dim = embeddings[self.tasks[0]].out_dim
+        self.embeddings = nn.ModuleDict(embeddings)
         self.nets = nn.ModuleDict(
             {t: mlp(in_dim, [*bottom_units, *tower_units], dropout, out_dim=1) for t in self.tasks}
         )

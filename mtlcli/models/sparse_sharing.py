@@ -66,7 +66,7 @@ class SparseSharing(nn.Module, SharedRepresentation):
         self.tasks = list(inputs.tasks)
         self.types = list(inputs.task_types)
         self.density, self.prune_rate, self.warmup_steps = density, prune_rate, warmup_steps
-        self.embedding = FeatureEmbedding(inputs.cardinalities, inputs.n_numeric, embedding_dim, inputs.sequences)
+        self.embedding = FeatureEmbedding.for_inputs(inputs, embedding_dim)
         widths = [self.embedding.out_dim, *bottom_units]
         self.bottom = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
         for k in range(len(self.tasks)):
