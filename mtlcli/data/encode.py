@@ -6,11 +6,13 @@ with the very same expressions).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 import polars as pl
 
 from mtlcli.data.checks import number_exprs
 from mtlcli.data.schema import FIRST_ID, MISSING_ID, OOV_ID, CategoricalFeature, NumericFeature, SequenceFeature
+from mtlcli.errors import DataError
 
 GROUP_COLUMN = "__group"
 SEQUENCE_PREFIX = "seq:"
@@ -96,3 +98,38 @@ def sequence_expr(feature: SequenceFeature, items: pl.Expr, vocab: list[str]) ->
         (pl.element().cast(enum, strict=False).to_physical().cast(pl.Int32) + FIRST_ID).fill_null(OOV_ID)
     )
     return ids.list.tail(feature.max_len).list.reverse().alias(SEQUENCE_PREFIX + feature.name)
+
+
+def sequence_items(column: str, dtype: pl.DataType, separator: str, field: str) -> pl.Expr:
+    """A history column as a list of text ids: a list column's elements, or text split at
+    ``separator`` (empty ids dropped; a missing value is an empty history)."""
+    if dtype == pl.String:
+        items = pl.col(column).str.split(separator)
+    elif isinstance(dtype, pl.List) and (dtype.inner == pl.String or dtype.inner.is_integer()):
+        items = pl.col(column)
+    else:
+        raise DataError(
+            f"{field}: column {column!r} holds {dtype}, not a list of ids",
+            "give a list column of text or integer ids (Parquet), or text with the ids between the separator (CSV)",
+        )
+    items = items.list.eval(pl.element().cast(pl.String).str.strip_chars())
+    return items.list.eval(pl.element().filter(pl.element().is_not_null() & (pl.element() != ""))).fill_null([])
+
+
+def history_exprs(
+    sequences: list[SequenceFeature],
+    categorical: list[CategoricalFeature],
+    types: dict[str, pl.DataType],
+    where: Callable[[SequenceFeature], str],
+) -> list[pl.Expr]:
+    """Every history's ``sequence_expr`` over raw columns of ``types``, each in the vocabulary it
+    shares or its own; ``where`` names a history in an error (a recipe field, an input column)."""
+    vocab_of = {f.name: f.vocab for f in categorical}
+    return [
+        sequence_expr(
+            f,
+            sequence_items(f.column, types[f.column], f.separator, where(f)),
+            vocab_of[f.vocabulary] if f.vocabulary else f.vocab,
+        )
+        for f in sequences
+    ]

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import polars as pl
 
 from mtlcli.data.checks import ROW_COLUMN, number_exprs
+from mtlcli.data.encode import sequence_items
 from mtlcli.data.scan import SPLIT_COLUMN, expand_columns, require_columns
 from mtlcli.data.schema import CategoricalFeature, NumericFeature, SequenceFeature
 from mtlcli.errors import DataError
@@ -174,22 +175,6 @@ def fit_numeric(
 def _transformed(name: str, dtype: pl.DataType, fill: float, log1p: bool) -> pl.Expr:
     x = number_exprs(name, dtype)[0].fill_null(fill).fill_nan(fill)
     return x.sign() * x.abs().log1p() if log1p else x
-
-
-def sequence_items(column: str, dtype: pl.DataType, separator: str, field: str) -> pl.Expr:
-    """A history column as a list of text ids: a list column's elements, or text split at
-    ``separator`` (empty ids dropped; a missing value is an empty history)."""
-    if dtype == pl.String:
-        items = pl.col(column).str.split(separator)
-    elif isinstance(dtype, pl.List) and (dtype.inner == pl.String or dtype.inner.is_integer()):
-        items = pl.col(column)
-    else:
-        raise DataError(
-            f"{field}: column {column!r} holds {dtype}, not a list of ids",
-            "give a list column of text or integer ids (Parquet), or text with the ids between the separator (CSV)",
-        )
-    items = items.list.eval(pl.element().cast(pl.String).str.strip_chars())
-    return items.list.eval(pl.element().filter(pl.element().is_not_null() & (pl.element() != ""))).fill_null([])
 
 
 def fit_sequence(

@@ -18,9 +18,9 @@ import polars as pl
 
 from mtlcli.data.batch import SplitTensors
 from mtlcli.data.checks import enforce, number_checks
-from mtlcli.data.encode import GROUP_COLUMN, categorical_expr, group_expr, numeric_expr, sequence_expr
+from mtlcli.data.encode import GROUP_COLUMN, categorical_expr, group_expr, history_exprs, numeric_expr
 from mtlcli.data.events import attach_histories, event_files
-from mtlcli.data.fit import choose_features, fit_categorical, fit_numeric, fit_sequence, sequence_items
+from mtlcli.data.fit import choose_features, fit_categorical, fit_numeric, fit_sequence
 from mtlcli.data.labels import LABEL_PREFIX, MASK_PREFIX, label_exprs
 from mtlcli.data.load import SplitFile
 from mtlcli.data.scan import (
@@ -184,10 +184,7 @@ def preprocess(recipe: Recipe, out_dir: Path, progress: Progress | None = None) 
         for name, options in recipe.features.sequences.items()
     ]
     exprs = [_categorical(scanned, f) for f in cat_specs] + [numeric_expr(f, raw[f.name]) for f in num_specs]
-    vocab_of = {f.name: f.vocab for f in cat_specs}
-    for f in seq_specs:
-        items = sequence_items(f.column, raw[f.column], f.separator, f"features.sequences.{f.name}")
-        exprs.append(sequence_expr(f, items, vocab_of[f.vocabulary] if f.vocabulary else f.vocab))
+    exprs += history_exprs(seq_specs, cat_specs, raw, lambda f: f"features.sequences.{f.name}")
     exprs += labels
     if group is not None:
         exprs.append(group_expr(collect(frame.select(pl.col(group).cast(pl.String).unique())).to_series(), group))

@@ -27,8 +27,7 @@ from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch, SplitTensors
 from mtlcli.data.checks import ROW_COLUMN, checked_numbers, number_exprs
-from mtlcli.data.encode import categorical_expr, encode_numeric, group_expr, sequence_expr
-from mtlcli.data.fit import sequence_items
+from mtlcli.data.encode import categorical_expr, encode_numeric, group_expr, history_exprs
 from mtlcli.data.labels import LABEL_PREFIX, make_labels
 from mtlcli.data.load import label_mask, sequence_arrays
 from mtlcli.data.scan import require_columns
@@ -294,11 +293,9 @@ def encode_inputs(frame: pl.DataFrame, schema: DataSchema) -> Inputs:
         else torch.zeros((n, 0), dtype=torch.float32),
     }
     if schema.sequences:
-        vocab_of = {f.name: f.vocab for f in schema.categorical}
-        exprs = []
-        for f in schema.sequences:
-            items = sequence_items(f.column, frame.schema[f.column], f.separator, f"input column {f.column!r}")
-            exprs.append(sequence_expr(f, items, vocab_of[f.vocabulary] if f.vocabulary else f.vocab))
+        exprs = history_exprs(
+            schema.sequences, schema.categorical, dict(frame.schema), lambda f: f"input column {f.column!r}"
+        )
         ids, lengths = sequence_arrays(frame.select(exprs), schema, n)
         inputs["sequences"], inputs["sequence_lengths"] = torch.from_numpy(ids), torch.from_numpy(lengths)
     return inputs
