@@ -3,6 +3,7 @@ SENet-like refinement; each checked against its definition on hand-made inputs."
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,52 @@ def test_explain_averages_the_refinement_per_input_and_compares_interests() -> N
     plain = representation_report(model(conditional_norm=False), data, 16, *names)
     assert plain is not None and plain["interest_cosine"]["buys"]["click"]["buy"] == pytest.approx(1.0)
     assert representation_report(build_model("mmoe", SCHEMES.get("mmoe").params(), INPUTS), data, 16, *names) is None
+
+
+def test_the_interest_is_dins_target_attention_of_each_historys_candidate() -> None:
+    """interest_{t,b} = Σ_l unit([h, c_b, h − c_b, h ⊙ c_b]) · h_l over real items, where c_b is
+    the embedding of the feature history b shares: here history 0 shares feature 0 and history 1
+    feature 1, so changing feature 1 moves only history 1's interests."""
+    inputs = InputSpec([7, 5], 2, ["click", "buy"], ["binary", "binary"],
+                       [SequenceInput(7, "mean", shares=0), SequenceInput(5, "mean", shares=1)])  # fmt: skip
+    torch.manual_seed(0)
+    m = build_model("dtrn", SCHEMES.get("dtrn").params(embedding_dim=4), inputs)
+    assert isinstance(m, DTRN) and m.interest is not None and m.interest.target is not None
+    b = batch()
+    assert b.sequences is not None
+    b.sequences[:, 1] %= 5
+    fields, keys, mask = m.embedding.lookup(b)
+    assert keys is not None and mask is not None
+    h = m.interest.encode(keys, mask)  # [B, T, S, L, d]
+    got = m.interest(keys, mask, fields[:, [0, 1]])
+    score = m.interest.target.score
+    for s in range(2):
+        c = fields[:, s].view(-1, 1, 1, 4).expand_as(h[:, :, s])
+        weights = score(torch.cat([h[:, :, s], c, h[:, :, s] - c, h[:, :, s] * c], -1)).squeeze(-1)
+        expected = (weights * mask[:, None, s]).unsqueeze(-1).mul(h[:, :, s]).sum(-2)
+        expected = expected * (b.sequence_lengths[:, s] > 0).view(-1, 1, 1)  # type: ignore[index]
+        assert torch.allclose(got[:, :, s], expected, atol=1e-5), s
+    other = b.categorical.clone()
+    other[:, 1] = (other[:, 1] + 1) % 5
+    moved = dataclasses.replace(b, categorical=other)
+    m(b)
+    before = m.interest.last_interest
+    m(moved)
+    after = m.interest.last_interest
+    assert before is not None and after is not None
+    assert torch.allclose(before[:, :, 0], after[:, :, 0]), "history 0 is queried by feature 0 only"
+    rows = b.sequence_lengths[:, 1] > 0  # type: ignore[index]
+    assert not torch.allclose(before[rows, :, 1], after[rows, :, 1]), "history 1 is queried by feature 1"
+
+
+def test_softmax_interest_weights_sum_to_one() -> None:
+    m, b = model(interest="softmax"), batch()
+    assert m.interest is not None and m.interest.target is None
+    fields, keys, mask = m.embedding.lookup(b)
+    assert keys is not None and mask is not None
+    h = m.interest.encode(keys, mask)
+    ones = torch.ones_like(h)  # pooling constant outputs with weights that sum to 1 gives them back
+    pooled = m.interest.pool(ones, mask, fields[:, [0, 0]])
+    has = (b.sequence_lengths > 0).view(len(b), 1, 2, 1).expand_as(pooled)  # type: ignore[union-attr]
+    assert torch.allclose(pooled[has], torch.ones_like(pooled[has]), atol=1e-6)
+    assert torch.equal(pooled[~has], torch.zeros_like(pooled[~has]))

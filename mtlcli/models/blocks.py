@@ -58,7 +58,7 @@ class AttentionPooling(nn.Module):
     """DIN's activation unit: the weight of history item k for candidate q is
     MLP([k, q, k - q, k * q]) (PReLU), and the pooled history is sum_k weight_k * k over the real
     items, without a softmax (Zhou et al., KDD 2018: keeping the intensity of the user's interest).
-    Input keys [B, L, d], mask [B, L], query [B, d]; output [B, d]."""
+    Input keys [..., L, d], mask [..., L], query [..., d]; output [..., d]."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -66,10 +66,10 @@ class AttentionPooling(nn.Module):
         self.last_weights: Tensor | None = None  # [B, L] of the last forward pass, for reports
 
     def forward(self, keys: Tensor, mask: Tensor, query: Tensor) -> Tensor:
-        q = query.unsqueeze(1).expand_as(keys)
+        q = query.unsqueeze(-2).expand_as(keys)
         weights = self.score(torch.cat([keys, q, keys - q, keys * q], dim=-1)).squeeze(-1) * mask
         self.last_weights = weights.detach()
-        return (weights.unsqueeze(-1) * keys).sum(1)
+        return (weights.unsqueeze(-1) * keys).sum(-2)
 
 
 @dataclass(frozen=True)

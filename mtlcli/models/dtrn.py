@@ -8,8 +8,9 @@ Recommendation", CIKM 2023 (arXiv:2308.05996). Each task gets its own bottom rep
   ReLU MLPs) map the concatenated task and behaviour-type embeddings to γ_{t,b} and β_{t,b} for
   every layer norm, CLN(X) = γ_{t,b} · γ · (X − μ)/σ + β_{t,b} + β. The transformer reads the
   history of type b (a sequence feature: one behaviour type per feature) for task t, and the
-  candidate's embedding attends over its outputs (scaled dot product, softmax over the real
-  items) to give one interest vector per (t, b); task t's interest is their concatenation.
+  candidate's embedding attends over its outputs (target attention: DIN's activation unit, no
+  softmax, shared by every pair) to give one interest vector per (t, b); task t's interest is
+  their concatenation.
 - **TRM** (task-specific representation refinement): raw_t = [feature embeddings, interest_t,
   numbers]; refine_t = MLP_t(raw_t), SENet-like (two layers, ReLU then sigmoid, one weight per
   element of raw_t); r_t = raw_t ⊙ refine_t feeds task t's tower.
@@ -19,17 +20,21 @@ type embeddings. Task t's own: its refinement MLP and its tower. There is no sin
 representation (each task's bottom differs), so MGDA-UB, which needs one, is refused.
 
 Choices where the paper leaves room (see docs/methods.md): one transformer layer with single-head
-self-attention over the real items; interest by the candidate's attention over the layer's
-outputs; the hypernetworks' hidden width ``hyper_units``; the refinement MLP's hidden width
-|raw_t| / ``se_reduction``. Without histories DTRN is its TRM alone. The ablations of the paper
-are parameters: ``conditional_norm: false`` (plain layer norms, no hypernetworks) and
-``refine: false`` (r_t = raw_t).
+self-attention over the real items; the candidate of a history is the feature it attends to
+(``target``) or whose vocabulary it shares; interest by DIN's target attention over the layer's
+outputs (``interest: softmax`` uses a scaled dot product with a softmax instead, which keeps which
+items match the candidate but not how many — on the generated histories, where the count is the
+signal, it stays at chance); the hypernetworks' hidden width ``hyper_units``; the refinement
+MLP's hidden width |raw_t| / ``se_reduction``. Without histories DTRN is its TRM alone. The
+ablations of the paper are parameters: ``conditional_norm: false`` (plain layer norms, no
+hypernetworks) and ``refine: false`` (r_t = raw_t).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +42,9 @@ from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
+from mtlcli.errors import MtlError
 from mtlcli.models.base import Capabilities, Dropout, InputSpec, ModelParams, group_by_prefix, register_scheme
-from mtlcli.models.blocks import FeatureEmbedding, last_linear, mlp
+from mtlcli.models.blocks import AttentionPooling, FeatureEmbedding, last_linear, mlp
 
 NORMS = 2  # layer norms in the transformer layer: after attention, after the feed-forward network
 
@@ -50,13 +56,16 @@ class DTRNParams(ModelParams):
     dropout: Dropout = 0.0
     conditional_norm: bool = True
     refine: bool = True
+    interest: Literal["din", "softmax"] = "din"
 
 
 class TaskInterest(nn.Module):
-    """TIM: histories [B, S, L, d] (mask [B, S, L]) and the candidate [B, d] -> interests
-    [B, T, S, d], one per (task, behaviour type)."""
+    """TIM: histories [B, S, L, d] (mask [B, S, L]) and each history's candidate [B, S, d] ->
+    interests [B, T, S, d], one per (task, behaviour type)."""
 
-    def __init__(self, tasks: int, types: int, dim: int, hyper_units: int, conditional: bool) -> None:
+    def __init__(
+        self, tasks: int, types: int, dim: int, hyper_units: int, conditional: bool, pooling: str = "din"
+    ) -> None:
         super().__init__()
         self.tasks, self.types, self.dim, self.conditional = tasks, types, dim, conditional
         self.task_embedding = nn.Embedding(tasks, dim)
@@ -67,6 +76,7 @@ class TaskInterest(nn.Module):
         self.ffn = mlp(dim, [2 * dim], out_dim=dim)
         self.gamma = nn.Parameter(torch.ones(NORMS, dim))
         self.beta = nn.Parameter(torch.zeros(NORMS, dim))
+        self.target = AttentionPooling(dim) if pooling == "din" else None
         self.last_interest: Tensor | None = None  # [B, T, S, d] of the last forward pass, for reports
 
     def condition(self) -> tuple[Tensor, Tensor]:
@@ -93,22 +103,38 @@ class TaskInterest(nn.Module):
         b = beta[:, :, k].unsqueeze(0).unsqueeze(-2)
         return g * self.gamma[k] * normalized + b + self.beta[k]
 
-    def forward(self, histories: Tensor, mask: Tensor, candidate: Tensor) -> Tensor:
+    def _present(self, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(keys that may be attended to [B, 1, S, 1, L], histories with an item [B, S, 1]): a
+        history with no item attends to its (padded) first position; its interest is zeroed."""
+        any_item = mask.sum(-1, keepdim=True) > 0
+        present = mask.unsqueeze(1).unsqueeze(-2)
+        return torch.where(any_item.unsqueeze(1).unsqueeze(-1), present, torch.ones_like(present)), any_item
+
+    def encode(self, histories: Tensor, mask: Tensor) -> Tensor:
+        """The shared transformer layer with each (task, type)'s norms: [B, S, L, d] -> [B, T, S, L, d]."""
         gamma, beta = self.condition()
         x = histories.unsqueeze(1)  # [B, 1, S, L, d]: the same items for every task
-        present = mask.unsqueeze(1).unsqueeze(-2)  # [B, 1, S, 1, L]: keys that are real
-        # a history with no item attends to its (padded) first position; its interest is zeroed below
-        any_item = mask.sum(-1, keepdim=True) > 0  # [B, S, 1]
-        present = torch.where(any_item.unsqueeze(1).unsqueeze(-1), present, torch.ones_like(present))
-        scale = 1.0 / math.sqrt(self.dim)
+        present, _ = self._present(mask)
         q, k, v = self.query(x), self.key(x), self.value(x)
-        scores = (q @ k.transpose(-1, -2)) * scale  # [B, 1, S, L, L]
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.dim)  # [B, 1, S, L, L]
         attended = scores.masked_fill(present == 0, float("-inf")).softmax(-1) @ v
         h = self._norm(x + attended, 0, gamma, beta)  # [B, T, S, L, d]
-        h = self._norm(h + self.ffn(h), 1, gamma, beta)
-        weights = (h @ candidate.view(-1, 1, 1, self.dim, 1)).squeeze(-1) * scale  # [B, T, S, L]
-        weights = weights.masked_fill(present.squeeze(-2) == 0, float("-inf")).softmax(-1)
-        interest = (weights.unsqueeze(-1) * h).sum(-2) * any_item.unsqueeze(1)  # [B, T, S, d]
+        return self._norm(h + self.ffn(h), 1, gamma, beta)
+
+    def pool(self, h: Tensor, mask: Tensor, candidates: Tensor) -> Tensor:
+        """Target attention of each history's candidate [B, S, d] over its outputs h -> [B, T, S, d]."""
+        present, any_item = self._present(mask)
+        query = candidates.unsqueeze(1).expand(-1, self.tasks, -1, -1)  # [B, T, S, d]
+        if self.target is not None:
+            interest = self.target(h, mask.unsqueeze(1).expand(-1, self.tasks, -1, -1), query)
+        else:
+            weights = (h @ query.unsqueeze(-1)).squeeze(-1) / math.sqrt(self.dim)  # [B, T, S, L]
+            weights = weights.masked_fill(present.squeeze(-2) == 0, float("-inf")).softmax(-1)
+            interest = (weights.unsqueeze(-1) * h).sum(-2)
+        return interest * any_item.unsqueeze(1)  # an empty history has no interest
+
+    def forward(self, histories: Tensor, mask: Tensor, candidates: Tensor) -> Tensor:
+        interest = self.pool(self.encode(histories, mask), mask, candidates)
         self.last_interest = interest.detach()
         return interest
 
@@ -124,9 +150,11 @@ class DTRN(nn.Module):
         # the histories are read raw (TIM pools them): no pooling modules of the embedding's own
         raw = [dataclasses.replace(s, pooling="mean", target=None) for s in inputs.sequences]
         self.embedding = FeatureEmbedding(inputs.cardinalities, inputs.n_numeric, dim, raw)
-        self.candidate = self._candidate(inputs)
+        self.candidates = self._candidates(inputs)
         self.interest = (
-            TaskInterest(len(self.tasks), len(raw), dim, params.hyper_units, params.conditional_norm) if raw else None
+            TaskInterest(len(self.tasks), len(raw), dim, params.hyper_units, params.conditional_norm, params.interest)
+            if raw
+            else None
         )
         width = self.embedding.out_dim  # raw_t: features, one interest per history, numbers
         self.refine = params.refine
@@ -140,19 +168,19 @@ class DTRN(nn.Module):
         self.last_refine: dict[str, Tensor] = {}
 
     @staticmethod
-    def _candidate(inputs: InputSpec) -> int | None:
-        """The categorical feature whose embedding queries the histories: the first history's
-        attention target, or the feature whose vocabulary it shares."""
-        for seq in inputs.sequences:
-            if seq.target is not None:
-                return seq.target
-            if seq.shares is not None:
-                return seq.shares
-        if inputs.sequences:
-            raise ValueError(
-                "DTRN needs a history that shares the candidate's vocabulary (features.sequences.*.vocabulary)"
+    def _candidates(inputs: InputSpec) -> list[int]:
+        """For each history, the categorical feature whose embedding queries it: its attention
+        target, else the feature whose vocabulary it shares, else (a history of ids of its own)
+        the first history's candidate."""
+        own = [seq.target if seq.target is not None else seq.shares for seq in inputs.sequences]
+        first = next((c for c in own if c is not None), None)
+        if inputs.sequences and first is None:
+            raise MtlError(
+                "model.scheme: dtrn attends to the behaviour histories with the candidate item, and no history "
+                "shares a feature's vocabulary or names an attention target",
+                "give a history `vocabulary: <the candidate's feature>` (e.g. clicked items share `item`)",
             )
-        return None
+        return [c if c is not None else first for c in own]  # type: ignore[misc]
 
     @property
     def capabilities(self) -> Capabilities:
@@ -162,9 +190,9 @@ class DTRN(nn.Module):
         """raw_t for every task: [B, width] each."""
         fields, keys, mask = self.embedding.lookup(batch)
         base = fields.flatten(1)
-        if self.interest is None or keys is None or mask is None or self.candidate is None:
+        if self.interest is None or keys is None or mask is None:
             return [torch.cat([base, batch.numeric], dim=1) for _ in self.tasks]
-        interest = self.interest(keys, mask, fields[:, self.candidate])  # [B, T, S, d]
+        interest = self.interest(keys, mask, fields[:, self.candidates])  # [B, T, S, d]
         return [torch.cat([base, interest[:, k].flatten(1), batch.numeric], dim=1) for k in range(len(self.tasks))]
 
     def forward(self, batch: Batch) -> Tensor:
