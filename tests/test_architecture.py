@@ -27,7 +27,6 @@ ALLOWED_ATTRIBUTE_CALLS = {
     ("models/esmm.py", "params", "key"): "the scheme's own parameters, in its own file",
     ("data/scan.py", "split", "name"): "the split section of a recipe (train/valid/test lists)",
     ("data/batch.py", "rows", "f.name"): "the fields of the Batch/SplitTensors dataclasses, by their own fields()",
-    ("data/fit.py", "options", "key"): "a sequence's own vocabulary/target options, named in the loop above it",
     ("train/checkpoint.py", "state", "name"): "the fields of the loop's own LoopState dataclass",
     ("train/checkpoint.py", "state", "k"): "the fields of the loop's own LoopState dataclass",
     ("recipe/load.py", "exc", "'problem_mark'"): "a YAML parser error: where in the file it happened",

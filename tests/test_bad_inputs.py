@@ -88,6 +88,24 @@ def rows(text: str) -> str:
     return "user,item,age,click,buy\n" + text
 
 
+def with_histories(last: str) -> str:
+    """The good data with a history of item ids, their behaviour types and timestamps per row
+    (oldest first, ``|`` between), then one row whose ``hist,kinds,times`` are ``last``."""
+    lines = good_data().splitlines()
+    out = [lines[0] + ",hist,kinds,times"] + [f"{line},i1|i2,c|b,1|2" for line in lines[1:]]
+    return "\n".join([*out, f"u1,i1,30,1,0,{last}"]) + "\n"
+
+
+HISTORY = patched(
+    lambda r: (
+        setting("features.sequences", {"hist": {"vocabulary": "item", "type_column": "kinds", "time_column": "times"}})(
+            r
+        ),
+        setting("features.exclude", ["kinds", "times"])(r),
+    )
+)
+
+
 CASES = [
     # --- recipes ---
     Case("YAML syntax error", "YAML syntax error", recipe="data: {source: [data.csv\ntasks: {}\n"),
@@ -301,6 +319,27 @@ CASES = [
         "features.sequences.hist.vocabulary: 'age' is not a categorical feature",
         kind="data",
         recipe=patched(setting("features.sequences", {"hist": {"column": "item", "vocabulary": "age"}})),
+    ),
+    Case(
+        "history's type list of another length than its ids",
+        "features.sequences.hist.type_column: column 'kinds' has 1 type for 2 ids (data row 81; 1 row like it)",
+        kind="data",
+        recipe=HISTORY,
+        data=with_histories("i1|i2,c,1|2"),
+    ),
+    Case(
+        "history's timestamps not oldest first",
+        "features.sequences.hist.time_column: the timestamps in column 'times' are not oldest first: '5|2'",
+        kind="data",
+        recipe=HISTORY,
+        data=with_histories("i1|i2,c|b,5|2"),
+    ),
+    Case(
+        "history's timestamp not a number",
+        "features.sequences.hist.time_column: column 'times' has a timestamp that is not a number: '1|noon'",
+        kind="data",
+        recipe=HISTORY,
+        data=with_histories("i1|i2,c|b,1|noon"),
     ),
     Case(
         "memory budget too small for one batch",

@@ -81,6 +81,97 @@ def test_text_histories_have_their_own_vocabulary_fitted_on_train(tmp_path: Path
     assert tensors.sequences[:, 0].tolist() == [[0, 0], [y, 0], [y, 0], [x, 0]]
 
 
+# one mixed history per row with parallel behaviour types and timestamps, and the row's own time
+MIXED: list[tuple[str, list[str] | None, list[str] | None, list[int] | None, int]] = [
+    ("a", ["a", "b", "c"], ["v", "b", "v"], [1, 2, 3], 3),
+    ("b", ["c", "d"], ["b", "v"], [1, 1], 2),
+    ("c", ["d", "b", "c", "e"], ["v", "v", "b", "v"], [0, 5, 5, 9], 6),
+    ("d", [], [], [], 1),
+    ("e", None, None, None, 4),
+    ("a", ["b"], ["v"], [7], 7),  # an event at the row's own time counts as later
+    ("b", ["c", "c", "b"], ["v", "v", "v"], [1, 2, 3], 10),
+    ("c", ["d", "", "b"], ["v", "v", "v"], [1, 2, 3], 10),  # an empty id is dropped
+]
+SPLIT_ROWS = {"test": [0, 4], "valid": [1, 5], "train": [2, 3, 6, 7]}
+
+
+def mixed_source(tmp_path: Path, form: str) -> Path:
+    frame = pl.DataFrame(
+        {
+            "item": [r[0] for r in MIXED],
+            "hist": [r[1] for r in MIXED],
+            "kinds": [r[2] for r in MIXED],
+            "times": [r[3] for r in MIXED],
+            "t": [r[4] for r in MIXED],
+            "click": [1, 0, 1, 0, 1, 0, 0, 1],
+        }
+    )
+    if form == "parquet":
+        frame.write_parquet(tmp_path / "m.parquet")
+        return tmp_path / "m.parquet"
+    lists = ["hist", "kinds", "times"]
+    frame.with_columns(pl.col(c).cast(pl.List(pl.String)).list.join("|") for c in lists).write_csv(tmp_path / "m.csv")
+    return tmp_path / "m.csv"
+
+
+def kept(row: int, types: list[str], before: bool) -> list[str]:
+    """The brute force: the ids of ``types`` (and strictly before the row's time), oldest first."""
+    _, ids, kinds, times, t = MIXED[row]
+    return [
+        x
+        for x, kind, time in zip(ids or [], kinds or [], times or [], strict=True)
+        if x and kind in types and (not before or time < t)
+    ]
+
+
+@pytest.mark.parametrize("form", ["parquet", "csv"])
+@pytest.mark.parametrize("before", [True, False])
+def test_parallel_types_and_times_keep_the_right_ids(tmp_path: Path, form: str, before: bool) -> None:
+    options = {"vocabulary": "item", "max_len": 2, "type_column": "kinds", "types": ["v"], "time_column": "times"}
+    recipe = recipe_for(
+        tmp_path, mixed_source(tmp_path, form), {"hist": options | ({"row_time": "t"} if before else {})}
+    )
+    prepared = prepare(recipe)
+    vocab = prepared.schema.categorical[0].vocab
+    for split, rows in SPLIT_ROWS.items():
+        expected = [
+            [FIRST_ID + vocab.index(x) if x in vocab else OOV_ID for x in reversed(kept(r, ["v"], before))][:2]
+            for r in rows
+        ]
+        assert encoded(prepared, split, "hist") == expected, split
+
+
+def test_an_own_vocabulary_is_fitted_on_the_kept_ids_only(tmp_path: Path) -> None:
+    options = {"type_column": "kinds", "types": ["v"], "time_column": "times", "row_time": "t", "pooling": "sum"}
+    prepared = prepare(recipe_for(tmp_path, mixed_source(tmp_path, "parquet"), {"hist": options}))
+    # train rows 2, 3, 6, 7 keep [d b], [], [c c b], [d b]; 'e' (row 2) is at time 9, after the row's 6
+    assert prepared.schema.sequences[0].vocab == ["b", "c", "d"]
+
+
+@pytest.mark.parametrize("form", ["parquet", "csv"])
+def test_serving_keeps_the_same_ids_from_parallel_lists(tmp_path: Path, form: str) -> None:
+    """`mtl predict`'s encoding of raw rows with types, timestamps and row times gives the ids
+    preprocessing wrote, and checks the lists as preprocessing does."""
+    from mtlcli.export.predict import encode_inputs
+
+    options = {"vocabulary": "item", "max_len": 3, "type_column": "kinds", "types": ["v"], "time_column": "times",
+               "row_time": "t"}  # fmt: skip
+    source = mixed_source(tmp_path, form)
+    prepared = prepare(recipe_for(tmp_path, source, {"hist": options}))
+    raw = pl.read_parquet(source) if form == "parquet" else pl.read_csv(source)
+    test = raw[SPLIT_ROWS["test"]]
+    inputs = encode_inputs(test, prepared.schema)
+    stored = prepared.load("test")
+    assert stored.sequences is not None and stored.sequence_lengths is not None
+    assert torch.equal(inputs["sequence_lengths"], stored.sequence_lengths)
+    assert torch.equal(inputs["sequences"], stored.sequences[..., : inputs["sequences"].shape[2]])
+    shifted = (
+        test.with_columns(pl.col("kinds").reverse()) if form == "parquet" else test.with_columns(kinds=pl.lit("v"))
+    )
+    with pytest.raises(DataError, match=r"input column 'kinds': column 'kinds' has (0 types|1 type) for 3 ids"):
+        encode_inputs(shifted, prepared.schema)
+
+
 def embedding_with(sequences: list[SequenceInput], dim: int = 4) -> FeatureEmbedding:
     torch.manual_seed(0)
     return FeatureEmbedding([6], 1, dim, sequences)
@@ -267,6 +358,12 @@ def test_bad_histories_are_named(tmp_path: Path, sequences: dict[str, Any], data
         ({"max_len": 0}, "greater than 0"),
         ({"target": "item"}, "'target' is for attention pooling only"),
         ({"pooling": "max"}, "mean"),
+        ({"types": ["click"]}, "'types' keeps the ids of some behaviour types: set 'type_column' too"),
+        (
+            {"row_time": "t"},
+            "'row_time' keeps the ids before the row's time: set 'time_column' too",
+        ),
+        ({"events": {"source": "e.csv"}, "type_column": "kinds"}, "'type_column' is for list columns"),
     ],
 )
 def test_bad_history_options_are_recipe_errors(tmp_path: Path, options: dict[str, Any], expect: str) -> None:
@@ -277,9 +374,11 @@ def test_bad_history_options_are_recipe_errors(tmp_path: Path, options: dict[str
     assert expect in str(caught.value)
 
 
-def test_histories_are_served_from_parquet_jsonl_and_csv(tmp_path: Path) -> None:
-    """Export (safetensors and ONNX) and `mtl predict` on raw rows with list columns: Parquet lists,
-    JSON-lines arrays and "|"-separated CSV text all give eval's test AUC."""
+@pytest.mark.parametrize("scheme", ["mmoe", "dtrn"])
+def test_histories_are_served_from_parquet_jsonl_and_csv(tmp_path: Path, scheme: str) -> None:
+    """Export (safetensors and ONNX, which verifies against torch) and `mtl predict` on raw rows
+    with list columns: Parquet lists, JSON-lines arrays and "|"-separated CSV text all give eval's
+    test AUC, for MMoE with pooled histories and for DTRN."""
     from typer.testing import CliRunner
 
     from mtlcli.cli.app import app
@@ -297,7 +396,8 @@ def test_histories_are_served_from_parquet_jsonl_and_csv(tmp_path: Path) -> None
             "buys": {"vocabulary": "item", "max_len": 4, "pooling": "mean"},
             "clicks": {"max_len": 6, "pooling": "sum"}}},
         "tasks": {"click": {"label": "click"}, "buy": {"label": "buy"}},
-        "model": {"scheme": "mmoe", "embedding_dim": 4, "n_experts": 2, "expert_units": [8], "tower_units": [4]},
+        "model": {"scheme": "mmoe", "embedding_dim": 4, "n_experts": 2, "expert_units": [8], "tower_units": [4]}
+                 if scheme == "mmoe" else {"scheme": "dtrn", "embedding_dim": 4, "tower_units": [4]},
         "train": {"epochs": 2, "batch_size": 256, "early_stopping": None, "threads": 1},
     }  # fmt: skip
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from typing import Any
 
 import polars as pl
 
-from mtlcli.data.checks import number_exprs
+from mtlcli.data.checks import RowCheck, number_checks, number_exprs
+from mtlcli.data.scan import require_columns
 from mtlcli.data.schema import FIRST_ID, MISSING_ID, OOV_ID, CategoricalFeature, NumericFeature, SequenceFeature
 from mtlcli.errors import DataError
 
@@ -100,36 +102,136 @@ def sequence_expr(feature: SequenceFeature, items: pl.Expr, vocab: list[str]) ->
     return ids.list.tail(feature.max_len).list.reverse().alias(SEQUENCE_PREFIX + feature.name)
 
 
-def sequence_items(column: str, dtype: pl.DataType, separator: str, field: str) -> pl.Expr:
-    """A history column as a list of text ids: a list column's elements, or text split at
-    ``separator`` (empty ids dropped; a missing value is an empty history)."""
+Where = Callable[[SequenceFeature, str], str]  # (history, its key: column, type_column...) -> a label for errors
+
+
+def _text_lists(column: str, dtype: pl.DataType, separator: str, what: str, field: str) -> pl.Expr:
+    """A list column of text or integers, or text split at ``separator`` -> lists of stripped
+    text, one element per position (a missing value is an empty list)."""
     if dtype == pl.String:
         items = pl.col(column).str.split(separator)
     elif isinstance(dtype, pl.List) and (dtype.inner == pl.String or dtype.inner.is_integer()):
         items = pl.col(column)
     else:
         raise DataError(
-            f"{field}: column {column!r} holds {dtype}, not a list of ids",
-            "give a list column of text or integer ids (Parquet), or text with the ids between the separator (CSV)",
+            f"{field}: column {column!r} holds {dtype}, not a list of {what}",
+            f"give a list column of text or integer {what} (Parquet), or text with the {what} between the separator (CSV)",
         )
-    items = items.list.eval(pl.element().cast(pl.String).str.strip_chars())
-    return items.list.eval(pl.element().filter(pl.element().is_not_null() & (pl.element() != ""))).fill_null([])
+    return items.list.eval(pl.element().cast(pl.String).str.strip_chars()).fill_null([])
+
+
+def _epoch(x: pl.Expr, dtype: pl.DataType) -> pl.Expr:
+    return x.dt.epoch("us").cast(pl.Float64) if dtype.is_temporal() else x.cast(pl.Float64, strict=False)
+
+
+def _time_lists(f: SequenceFeature, types: dict[str, pl.DataType], where: Where) -> pl.Expr:
+    """The timestamps as lists of float64 (dates and datetimes as epoch microseconds; text that
+    is not a number -> null)."""
+    assert f.time_column is not None
+    dtype = types[f.time_column]
+    if dtype == pl.String:
+        return (
+            pl.col(f.time_column)
+            .str.split(f.separator)
+            .list.eval(pl.element().str.strip_chars().cast(pl.Float64, strict=False))
+            .fill_null([])
+        )
+    if isinstance(dtype, pl.List) and (dtype.inner.is_numeric() or dtype.inner.is_temporal()):
+        inner = dtype.inner if isinstance(dtype.inner, pl.DataType) else dtype.inner()
+        return pl.col(f.time_column).list.eval(_epoch(pl.element(), inner)).fill_null([])
+    raise DataError(
+        f"{where(f, 'time_column')}: column {f.time_column!r} holds {dtype}, not a list of timestamps",
+        "give a list column of numbers or datetimes (Parquet), or numbers between the separator (CSV)",
+    )
+
+
+def _row_time(f: SequenceFeature, types: dict[str, pl.DataType]) -> pl.Expr:
+    assert f.row_time is not None
+    dtype = types[f.row_time]
+    return _epoch(pl.col(f.row_time), dtype) if dtype.is_temporal() else number_exprs(f.row_time, dtype)[0]
+
+
+def sequence_items(f: SequenceFeature, types: dict[str, pl.DataType], where: Where) -> pl.Expr:
+    """A history column as a list of text ids, oldest first: empty ids dropped, and with parallel
+    lists only the ids of ``f.types`` and (with ``row_time``) those before the row's time. The
+    parallel lists are assumed checked (``history_checks``)."""
+    ids = _text_lists(f.column, types[f.column], f.separator, "ids", where(f, "column"))
+    keep = ids.list.eval(pl.element().is_not_null() & (pl.element() != "")).cast(pl.List(pl.Int8))
+    if f.type_column is not None and f.types:
+        kinds = _text_lists(f.type_column, types[f.type_column], f.separator, "types", where(f, "type_column"))
+        keep = keep * kinds.list.eval(pl.element().is_in(f.types)).cast(pl.List(pl.Int8))
+    if f.row_time is not None:
+        # a missing row time: no id is known to be before it
+        before = (_time_lists(f, types, where) - _row_time(f, types)).list.eval((pl.element() < 0).fill_null(False))
+        keep = keep * before.cast(pl.List(pl.Int8))
+    return ids.list.gather(keep.list.eval(pl.arg_where(pl.element() > 0)))
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def history_checks(f: SequenceFeature, types: dict[str, pl.DataType], where: Where) -> list[RowCheck]:
+    """What a history's parallel lists must satisfy on every row: as many types and timestamps as
+    ids, timestamps that are numbers, oldest first, and a row time that is a number."""
+    for key, column in f.columns().items():
+        require_columns(list(types), [column], where(f, key))
+    checks: list[RowCheck] = []
+    ids = _text_lists(f.column, types[f.column], f.separator, "ids", where(f, "column"))
+
+    def paired(key: str, column: str, lists: pl.Expr, what: str) -> RowCheck:
+        def error(value: Any, row: int, count: int) -> DataError:
+            have, want = value
+            return DataError(
+                f"{where(f, key)}: column {column!r} has {plural(have, what)} for {plural(want, 'id')} "
+                f"(data row {row}; {plural(count, 'row')} like it)",
+                f"give one {what} per id of {f.column!r}, in the same order",
+            )
+
+        value = pl.concat_list([lists.list.len(), ids.list.len()])
+        return RowCheck(lists.list.len() != ids.list.len(), value, error)
+
+    if f.type_column is not None:
+        kinds = _text_lists(f.type_column, types[f.type_column], f.separator, "types", where(f, "type_column"))
+        checks.append(paired("type_column", f.type_column, kinds, "type"))
+    if f.time_column is not None:
+        times = _time_lists(f, types, where)
+        checks.append(paired("time_column", f.time_column, times, "timestamp"))
+        raw = pl.col(f.time_column).cast(pl.String) if types[f.time_column] == pl.String else times.cast(pl.String)
+
+        def not_number(value: Any, row: int, _: int) -> DataError:
+            return DataError(
+                f"{where(f, 'time_column')}: column {f.time_column!r} has a timestamp that is not a number: "
+                f"{value!r} (data row {row})",
+                "give numbers (e.g. seconds since 1970) or datetimes",
+            )
+
+        def unordered(value: Any, row: int, count: int) -> DataError:
+            return DataError(
+                f"{where(f, 'time_column')}: the timestamps in column {f.time_column!r} are not oldest first: "
+                f"{value!r} (data row {row}; {plural(count, 'row')} like it)",
+                "sort each row's history by time, oldest first, moving ids, types and timestamps together",
+            )
+
+        bad = times.list.eval(pl.element().is_null() | pl.element().is_nan()).list.any()
+        checks.append(RowCheck(bad, raw, not_number))
+        checks.append(RowCheck(times.list.eval(pl.element().diff() < 0).list.any(), raw, unordered))
+    if f.row_time is not None and not types[f.row_time].is_temporal():
+        checks += number_checks(f.row_time, types[f.row_time], where(f, "row_time"))
+    return checks
 
 
 def history_exprs(
     sequences: list[SequenceFeature],
     categorical: list[CategoricalFeature],
     types: dict[str, pl.DataType],
-    where: Callable[[SequenceFeature], str],
+    where: Where,
 ) -> list[pl.Expr]:
     """Every history's ``sequence_expr`` over raw columns of ``types``, each in the vocabulary it
-    shares or its own; ``where`` names a history in an error (a recipe field, an input column)."""
+    shares or its own; ``where`` names a history's column in an error (a recipe field, an input
+    column)."""
     vocab_of = {f.name: f.vocab for f in categorical}
     return [
-        sequence_expr(
-            f,
-            sequence_items(f.column, types[f.column], f.separator, where(f)),
-            vocab_of[f.vocabulary] if f.vocabulary else f.vocab,
-        )
+        sequence_expr(f, sequence_items(f, types, where), vocab_of[f.vocabulary] if f.vocabulary else f.vocab)
         for f in sequences
     ]

@@ -5,13 +5,14 @@ grows with the vocabulary, never with the number of rows.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import polars as pl
 
 from mtlcli.data.checks import ROW_COLUMN, number_exprs
 from mtlcli.data.encode import sequence_items
-from mtlcli.data.scan import SPLIT_COLUMN, expand_columns, require_columns
+from mtlcli.data.scan import SPLIT_COLUMN, expand_columns
 from mtlcli.data.schema import CategoricalFeature, NumericFeature, SequenceFeature
 from mtlcli.errors import DataError
 from mtlcli.recipe.schema import CategoricalOptions, ColumnSplit, NumericOptions, Recipe, SequenceOptions
@@ -177,56 +178,63 @@ def _transformed(name: str, dtype: pl.DataType, fill: float, log1p: bool) -> pl.
     return x.sign() * x.abs().log1p() if log1p else x
 
 
+def sequence_spec(name: str, options: SequenceOptions) -> SequenceFeature:
+    """A history as the recipe describes it, before its vocabulary is fitted."""
+    return SequenceFeature(
+        name,
+        options.column or name,
+        options.max_len,
+        options.pooling,
+        options.vocabulary,
+        options.target or options.vocabulary if options.pooling == "attention" else None,
+        [],
+        options.min_count,
+        options.separator,
+        options.type_column,
+        list(options.types),
+        options.time_column,
+        options.row_time,
+    )
+
+
+def recipe_field(f: SequenceFeature, key: str) -> str:
+    """Where a history's ``key`` (column, type_column, ...) is set in the recipe."""
+    return f"features.sequences.{f.name}.{key}"
+
+
 def fit_sequence(
     frame: pl.LazyFrame,
-    name: str,
-    options: SequenceOptions,
+    spec: SequenceFeature,
     schema: dict[str, pl.DataType],
     categorical: list[CategoricalFeature],
     collect: Collect,
 ) -> SequenceFeature:
-    """A history feature: its column checked, the features it refers to checked, and its own
-    vocabulary (when it shares none) fitted on the train rows."""
-    field = f"features.sequences.{name}"
-    column = options.column or name
-    require_columns(list(schema), [column], f"{field}.column")
+    """A history feature (its columns checked by ``history_checks``): the features it refers to
+    checked, and its own vocabulary (when it shares none) fitted on the train rows."""
+    field = f"features.sequences.{spec.name}"
     names = [f.name for f in categorical]
-    for key in ("vocabulary", "target"):
-        value = getattr(options, key)
+    for key, value in (("vocabulary", spec.vocabulary), ("target", spec.target)):
         if value is not None and value not in names:
             raise DataError(
                 f"{field}.{key}: {value!r} is not a categorical feature{did_you_mean(value, names)}",
                 "name a categorical input column (the candidate item, usually)",
             )
-    shared = next((f for f in categorical if f.name == options.vocabulary), None)
+    shared = next((f for f in categorical if f.name == spec.vocabulary), None)
     if shared is not None and shared.hash_buckets:
         raise DataError(
             f"{field}.vocabulary: {shared.name!r} is hashed and has no vocabulary to share",
             f"give {shared.name!r} a vocabulary, or leave 'vocabulary' out",
         )
-    items = sequence_items(column, schema[column], options.separator, field)
-    vocab: list[str] = []
-    if shared is None:
-        counts = (
-            frame.filter(TRAIN)
-            .select(items.alias("id"))
-            .explode("id")
-            .drop_nulls()
-            .group_by("id")
-            .len(name="count")
-            .filter(pl.col("count") >= options.min_count)
-            .sort(["count", "id"], descending=[True, False])
-        )
-        vocab = collect(counts).get_column("id").to_list()
-    target = options.target or options.vocabulary if options.pooling == "attention" else None
-    return SequenceFeature(
-        name,
-        column,
-        options.max_len,
-        options.pooling,
-        options.vocabulary,
-        target,
-        vocab,
-        options.min_count,
-        options.separator,
+    if shared is not None:
+        return spec
+    counts = (
+        frame.filter(TRAIN)
+        .select(sequence_items(spec, schema, recipe_field).alias("id"))
+        .explode("id")
+        .drop_nulls()
+        .group_by("id")
+        .len(name="count")
+        .filter(pl.col("count") >= spec.min_count)
+        .sort(["count", "id"], descending=[True, False])
     )
+    return dataclasses.replace(spec, vocab=collect(counts).get_column("id").to_list())

@@ -42,7 +42,11 @@ class CategoricalFeature:
 class SequenceFeature:
     """A history of ids from list column ``column``, encoded most recent first, cut to
     ``max_len``. With ``vocabulary`` (a categorical feature) its ids are that feature's ids and
-    share its embedding rows; else ``vocab`` is its own (ids as for CategoricalFeature)."""
+    share its embedding rows; else ``vocab`` is its own (ids as for CategoricalFeature).
+
+    ``type_column`` and ``time_column`` name parallel lists (one behaviour type, one timestamp per
+    id): only ids whose type is in ``types`` are kept (all when empty), and with ``row_time`` only
+    ids whose timestamp is strictly before the row's. Timestamps are oldest first."""
 
     name: str
     column: str
@@ -53,10 +57,20 @@ class SequenceFeature:
     vocab: list[str] = field(default_factory=list)
     min_count: int = 1
     separator: str = "|"
+    type_column: str | None = None
+    types: list[str] = field(default_factory=list)
+    time_column: str | None = None
+    row_time: str | None = None
 
     @property
     def cardinality(self) -> int:
         return FIRST_ID + len(self.vocab)
+
+    def columns(self) -> dict[str, str]:
+        """The raw columns it reads, by recipe key: ``column`` and those of the set parallel lists."""
+        keys = {"column": self.column, "type_column": self.type_column}
+        keys |= {"time_column": self.time_column, "row_time": self.row_time}
+        return {key: column for key, column in keys.items() if column is not None}
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ import polars as pl
 
 from mtlcli.data.batch import SplitTensors
 from mtlcli.data.checks import enforce, number_checks
-from mtlcli.data.encode import GROUP_COLUMN, categorical_expr, group_expr, history_exprs, numeric_expr
+from mtlcli.data.encode import GROUP_COLUMN, categorical_expr, group_expr, history_checks, history_exprs, numeric_expr
 from mtlcli.data.events import attach_histories, event_files
-from mtlcli.data.fit import choose_features, fit_categorical, fit_numeric, fit_sequence
+from mtlcli.data.fit import choose_features, fit_categorical, fit_numeric, fit_sequence, recipe_field, sequence_spec
 from mtlcli.data.labels import LABEL_PREFIX, MASK_PREFIX, label_exprs
 from mtlcli.data.load import SplitFile
 from mtlcli.data.scan import (
@@ -175,16 +175,16 @@ def preprocess(recipe: Recipe, out_dir: Path, progress: Progress | None = None) 
     group = recipe.data.group
     if group is not None:
         require_columns(list(raw), [group], "data.group")
+    seq_specs = [sequence_spec(name, options) for name, options in recipe.features.sequences.items()]
+    for spec in seq_specs:
+        checks += history_checks(spec, raw, recipe_field)
     enforce(frame, checks, collect)
     say("fitting vocabularies and statistics on train")
     cat_specs = fit_categorical(frame, categorical, collect)
     num_specs, empty = fit_numeric(frame, raw, numeric, collect)
-    seq_specs = [
-        fit_sequence(frame, name, options, raw, cat_specs, collect)
-        for name, options in recipe.features.sequences.items()
-    ]
+    seq_specs = [fit_sequence(frame, spec, raw, cat_specs, collect) for spec in seq_specs]
     exprs = [_categorical(scanned, f) for f in cat_specs] + [numeric_expr(f, raw[f.name]) for f in num_specs]
-    exprs += history_exprs(seq_specs, cat_specs, raw, lambda f: f"features.sequences.{f.name}")
+    exprs += history_exprs(seq_specs, cat_specs, raw, recipe_field)
     exprs += labels
     if group is not None:
         exprs.append(group_expr(collect(frame.select(pl.col(group).cast(pl.String).unique())).to_series(), group))

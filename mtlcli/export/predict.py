@@ -26,12 +26,12 @@ import torch
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch, SplitTensors
-from mtlcli.data.checks import ROW_COLUMN, checked_numbers, number_exprs
-from mtlcli.data.encode import categorical_expr, encode_numeric, group_expr, history_exprs
+from mtlcli.data.checks import ROW_COLUMN, checked_numbers, enforce, number_exprs
+from mtlcli.data.encode import categorical_expr, encode_numeric, group_expr, history_checks, history_exprs
 from mtlcli.data.labels import LABEL_PREFIX, make_labels
 from mtlcli.data.load import label_mask, sequence_arrays
 from mtlcli.data.scan import require_columns
-from mtlcli.data.schema import DataSchema
+from mtlcli.data.schema import DataSchema, SequenceFeature
 from mtlcli.errors import DataError, MtlError
 from mtlcli.recipe.schema import Recipe
 from mtlcli.registry import did_you_mean
@@ -278,7 +278,7 @@ def encode_inputs(frame: pl.DataFrame, schema: DataSchema) -> Inputs:
     ``sequence_lengths`` [N, S] (the caller passes each row's history lists: the bundle holds no
     event log)."""
     needed = [f.name for f in schema.categorical] + [f.name for f in schema.numeric]
-    needed += [f.column for f in schema.sequences]
+    needed += [column for f in schema.sequences for column in f.columns().values()]
     require_columns(frame.columns, needed, "input")
     n = frame.height
     # every feature in one query
@@ -293,9 +293,17 @@ def encode_inputs(frame: pl.DataFrame, schema: DataSchema) -> Inputs:
         else torch.zeros((n, 0), dtype=torch.float32),
     }
     if schema.sequences:
-        exprs = history_exprs(
-            schema.sequences, schema.categorical, dict(frame.schema), lambda f: f"input column {f.column!r}"
+        types = dict(frame.schema)
+
+        def where(f: SequenceFeature, key: str) -> str:
+            return f"input column {f.columns()[key]!r}"
+
+        enforce(
+            frame.lazy().with_row_index(ROW_COLUMN) if ROW_COLUMN not in frame.columns else frame.lazy(),
+            [check for f in schema.sequences for check in history_checks(f, types, where)],
+            collect=lambda query: query.collect(),
         )
+        exprs = history_exprs(schema.sequences, schema.categorical, types, where)
         ids, lengths = sequence_arrays(frame.select(exprs), schema, n)
         inputs["sequences"], inputs["sequence_lengths"] = torch.from_numpy(ids), torch.from_numpy(lengths)
     return inputs

@@ -247,7 +247,11 @@ class SequenceOptions(Strict):
     embedding rows the ids share; without it the history has its own vocabulary, fitted on the
     train rows (values seen at least ``min_count`` times). ``pooling`` turns the ids' embeddings
     into one vector: ``mean``, ``sum``, or ``attention`` against the embedding of the
-    categorical feature ``target`` (default: ``vocabulary``), as DIN (Zhou et al., KDD 2018)."""
+    categorical feature ``target`` (default: ``vocabulary``), as DIN (Zhou et al., KDD 2018).
+
+    A list column may come with parallel lists of the same length: ``type_column`` (each id's
+    behaviour type; ``types`` keeps only those types) and ``time_column`` (each id's timestamp,
+    oldest first; with ``row_time``, a numeric column of the row, only ids strictly before it)."""
 
     column: str | None = None  # default: the sequence's own name
     events: EventsOptions | None = None  # derive the history from an event log instead of a column
@@ -257,6 +261,10 @@ class SequenceOptions(Strict):
     target: str | None = None
     separator: str = "|"
     min_count: PositiveInt = 1
+    type_column: str | None = None
+    types: StrList = []
+    time_column: str | None = None
+    row_time: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> SequenceOptions:
@@ -268,6 +276,14 @@ class SequenceOptions(Strict):
             raise ValueError("separator must not be empty")
         if self.events is not None and self.column is not None:
             raise ValueError("a history comes from 'column' or from 'events', not both")
+        given = {"type_column": self.type_column, "types": self.types, "time_column": self.time_column}
+        parallel = [key for key, value in (given | {"row_time": self.row_time}).items() if value]
+        if self.events is not None and parallel:
+            raise ValueError(f"{parallel[0]!r} is for list columns; a history from 'events' sets type and time there")
+        if self.types and self.type_column is None:
+            raise ValueError("'types' keeps the ids of some behaviour types: set 'type_column' too")
+        if self.row_time is not None and self.time_column is None:
+            raise ValueError("'row_time' keeps the ids before the row's time: set 'time_column' too")
         return self
 
 
