@@ -427,3 +427,27 @@ def test_histories_are_served_from_parquet_jsonl_and_csv(tmp_path: Path, scheme:
                 assert got == pytest.approx(expected[task], abs=1e-6), (source, engine, task)
     finally:
         os.chdir(cwd)
+
+
+@pytest.mark.parametrize("buy_from", ["buys", "clicks"])
+def test_the_generator_drives_each_task_by_its_history(buy_from: str) -> None:
+    """click follows the share of recent clicks in the candidate's topic; buy the share of recent
+    purchases, or with ``buy_from: clicks`` (the control) the clicks' share too."""
+    from mtlcli.data.sequential import TOPICS, generate_sequences
+    from mtlcli.recipe.schema import SyntheticSource
+    from mtlcli.train.metrics import auc
+
+    frame = generate_sequences(SyntheticSource(kind="sequences", rows=20000, buy_from=buy_from))  # type: ignore[arg-type]
+    topic = frame["topic"].cast(pl.Int64)
+
+    def share(column: str) -> torch.Tensor:
+        topics = frame[column].list.eval(pl.element().cast(pl.Int64) % TOPICS)
+        matches = (topics.list.eval(pl.element()) - topic).list.eval(pl.element() == 0).list.mean()
+        return torch.tensor(matches.to_numpy())
+
+    def reads(task: str, column: str) -> float:
+        return auc(share(column), torch.tensor(frame[task].to_numpy()).float())
+
+    assert reads("click", "clicks") > 0.65 and abs(reads("click", "buys") - 0.5) < 0.03
+    driver, other = ("buys", "clicks") if buy_from == "buys" else ("clicks", "buys")
+    assert reads("buy", driver) > 0.65 and abs(reads("buy", other) - 0.5) < 0.03

@@ -6,7 +6,8 @@ purchases before the impression (oldest first, as a list per row). The candidate
 at random; the labels follow the histories:
 
 - ``click``: P = sigmoid(6 · (share of the recent clicks in the candidate's topic) − 2.5);
-- ``buy``: P = sigmoid(6 · (share of the recent purchases in the candidate's topic) − 3).
+- ``buy``: P = sigmoid(6 · (share of the recent purchases in the candidate's topic) − 3), or with
+  ``buy_from: clicks`` of the recent clicks (a control: both tasks read the same history).
 
 So each task is driven by a different history: a model that reads the click history
 predicts ``click``, the purchase history ``buy``, and a model without histories can only learn
@@ -46,7 +47,7 @@ def generate_sequences(spec: SyntheticSource) -> pl.DataFrame:
     item = rng.integers(0, (items // TOPICS) * TOPICS, n)
     topic = item % TOPICS
     click_share = (clicks % TOPICS == topic[:, None]).mean(1)
-    buy_share = (buys % TOPICS == topic[:, None]).mean(1)
+    buy_share = ((clicks if spec.buy_from == "clicks" else buys) % TOPICS == topic[:, None]).mean(1)
     click = rng.random(n) < 1 / (1 + np.exp(-(6 * click_share - 2.5)))
     buy = rng.random(n) < 1 / (1 + np.exp(-(6 * buy_share - 3)))
 

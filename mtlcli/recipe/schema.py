@@ -116,7 +116,8 @@ class SyntheticSource(Strict):
     al., KDD 2018, section 3.2; ``dim``, ``correlation``, ``scale``, ``sin_terms``, ``noise``).
     ``kind: sequences``: impressions with typed behaviour histories, where clicks follow the
     user's recent clicks and purchases the user's recent purchases (``users``, ``items``,
-    ``history``; see ``mtlcli.data.sequential``)."""
+    ``history``; ``buy_from: clicks`` makes purchases follow the clicks too, a control in which
+    the tasks read the same history; see ``mtlcli.data.sequential``)."""
 
     kind: Literal["mmoe", "sequences"] = "mmoe"
     rows: PositiveInt = 20000
@@ -129,6 +130,7 @@ class SyntheticSource(Strict):
     users: PositiveInt = 2000
     items: PositiveInt = 500
     history: PositiveInt = 30
+    buy_from: Literal["buys", "clicks"] = "buys"
 
 
 class DataSection(Strict):
