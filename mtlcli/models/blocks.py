@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import torch
 from torch import Tensor, nn
 
+from mtlcli import distributed
 from mtlcli.data.batch import Batch
 
 if TYPE_CHECKING:
@@ -169,7 +170,12 @@ class FeatureEmbedding(nn.Module):
             history = batch.sequences + self.seq_offsets.view(1, -1, 1)
             ids = torch.cat([ids, history.flatten(1)], dim=1)
         if self.sparse and torch.is_grad_enabled():
-            unique, inverse = torch.unique(ids, return_inverse=True)
+            ranks = distributed.current()
+            if ranks.active:  # every rank holds the rows of every rank's batch: the same rows everywhere
+                unique = ranks.union(torch.unique(ids))
+                inverse = torch.searchsorted(unique, ids.reshape(-1))
+            else:
+                unique, inverse = torch.unique(ids, return_inverse=True)
             rows = self.table.weight.index_select(0, unique).requires_grad_()
             self.rows, self.row_ids = rows, unique
             looked = rows.index_select(0, inverse.reshape(-1)).view(*ids.shape, -1)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtlcli import distributed
 from mtlcli.data.batch import Batch
 from mtlcli.data.source import BatchSource
 from mtlcli.errors import MtlError
@@ -76,9 +77,12 @@ class FitResult:
         return self.train_samples / self.train_seconds if self.train_seconds > 0 else 0.0
 
 
-def task_losses(logits: Tensor, batch: Batch, binary: Tensor, pos_weight: Tensor | None = None) -> Tensor:
+def task_losses(
+    logits: Tensor, batch: Batch, binary: Tensor, pos_weight: Tensor | None = None, counts: Tensor | None = None
+) -> Tensor:
     """Per-task mean loss over each task's masked rows: BCE for binary (positive rows weighted by
-    ``pos_weight`` [T] when given), MSE for regression. [T]."""
+    ``pos_weight`` [T] when given), MSE for regression. [T]. ``counts`` [T] replaces the batch's
+    own row counts as the denominators (a rank's slice of a global batch: the global counts)."""
     labels = batch.labels
     if bool(binary.all()):
         per_row = F.binary_cross_entropy_with_logits(logits, labels, reduction="none", pos_weight=pos_weight)
@@ -88,7 +92,7 @@ def task_losses(logits: Tensor, batch: Batch, binary: Tensor, pos_weight: Tensor
         bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none", pos_weight=pos_weight)
         per_row = torch.where(binary, bce, (logits - labels) ** 2)
     mask = batch.label_mask.to(per_row.dtype)
-    return (per_row * mask).sum(0) / mask.sum(0).clamp_min(1.0)
+    return (per_row * mask).sum(0) / (mask.sum(0) if counts is None else counts).clamp_min(1.0)
 
 
 @torch.no_grad()
@@ -103,18 +107,24 @@ def _predict(model: nn.Module, data: BatchSource, batch_size: int) -> tuple[Tens
     batch (a streamed split is never whole in memory: only N x T scores and labels are kept)."""
     was_training = model.training
     model.eval()
+    ranks = distributed.current()  # on several ranks, each scores its slice of every batch
     outs, labels, masks, groups = [], [], [], []
-    for batch in data.batches(batch_size):
+    for batch in data.batches(batch_size, rank=ranks.rank, world=ranks.world):
         outs.append(model(batch))
         labels.append(batch.labels)
         masks.append(batch.label_mask)
         if batch.groups is not None:
             groups.append(batch.groups)
     model.train(was_training)
-    if not outs:
-        tasks = len(scheme(model).tasks)
-        return torch.zeros((0, tasks)), torch.zeros((0, tasks)), torch.zeros((0, tasks), dtype=torch.bool), None
-    return torch.cat(outs), torch.cat(labels), torch.cat(masks), torch.cat(groups) if groups else None
+    tasks = len(scheme(model).tasks)
+    out = torch.cat(outs) if outs else torch.zeros((0, tasks))
+    label = torch.cat(labels) if labels else torch.zeros((0, tasks))
+    mask = torch.cat(masks) if masks else torch.zeros((0, tasks), dtype=torch.bool)
+    group = torch.cat(groups) if groups else None
+    if ranks.active:  # the ranks' rows, in rank order (metrics do not depend on the order)
+        out, label, mask = ranks.gather(out), ranks.gather(label), ranks.gather(mask)
+        group = ranks.gather(group) if group is not None else None
+    return out, label, mask, group
 
 
 def evaluate(
@@ -321,6 +331,8 @@ def fit(
     clipped = [p for group in optimizer.param_groups if group.get("clipped", True) for p in group["params"]]
     shared_named = scheme(model).parameter_groups()["shared"] if track else {}
     row_wise = sparse_embeddings(model)
+    ranks = distributed.current()
+    own_parameters = list(abilities.parameters)
     while state.epoch <= settings.epochs and not state.stopped_early:
         epoch = state.epoch
         if state.shuffle_state is not None:
@@ -332,9 +344,12 @@ def fit(
         assert state.loss_sum is not None and state.weight_sum is not None
         model.train()
         started = time.perf_counter()
-        for batch in train.batches(settings.batch_size, True, shuffle, skip=state.step):
+        for batch in train.batches(settings.batch_size, True, shuffle, state.step, ranks.rank, ranks.world):
             optimizer.zero_grad(set_to_none=True)
-            losses = task_losses(model(batch), batch, binary, pos_weight)
+            # on several ranks: each rank's part of the global losses (global row counts), valued
+            # as the global losses so that every rank's strategy sees the same numbers
+            counts = ranks.sum(batch.label_mask.sum(0).to(torch.float32)) if ranks.active else None
+            losses = distributed.global_losses(task_losses(model(batch), batch, binary, pos_weight, counts), ranks)
             if not bool(torch.isfinite(losses).all()):
                 bad = [t for t, ok in zip(tasks, torch.isfinite(losses).tolist(), strict=True) if not ok]
                 raise TrainingDiverged(
@@ -344,8 +359,9 @@ def fit(
             global_step = (epoch - 1) * steps_per_epoch + state.step + 1
             tracked = track and global_step % track == 0
             shared = list(trainable_tensors(model, shared_named).values()) if tracked else []
-            grads = shared_task_gradients(losses, shared) if shared else None
+            grads = ranks.sum(shared_task_gradients(losses, shared)) if shared else None
             weights = strategy.backward(losses, model)
+            distributed.sum_gradients(model, own_parameters, ranks)
             if scheduled:
                 factor = lr_factor(schedule, global_step - 1, total_steps, steps_per_epoch)
                 for group in optimizer.param_groups:
@@ -364,7 +380,7 @@ def fit(
                 observer.on_gradients(gradient_record(grads, weights, tasks, epoch, state.step, global_step))
             if state.step % REPORT_EVERY == 0:
                 observer.on_step(epoch, state.step)
-            interrupted = stop_requested()
+            interrupted = ranks.any(stop_requested())  # every rank stops at the same step
             if interrupted or (every and state.step % every == 0 and state.step < steps_per_epoch):
                 now = time.perf_counter()
                 state.epoch_seconds += now - started

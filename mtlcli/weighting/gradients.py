@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from mtlcli import distributed
 from mtlcli.models.base import SharedRepresentation, scheme
 from mtlcli.models.blocks import trainable_tensors
 
@@ -64,12 +65,20 @@ def backward_with_shared(losses: Tensor, model: nn.Module, combine: Callable[[Te
     if not shared:
         losses.sum().backward()
         return torch.ones_like(losses.detach())
-    grads = shared_task_gradients(losses, shared)
+    ranks = distributed.current()
+    grads = ranks.sum(shared_task_gradients(losses, shared))  # the global [T, P] on every rank
     coefficients = combine(grads, losses.detach())
-    assign_shared_gradient(coefficients @ grads, shared)
+    # each rank leaves 1/world of the combined gradient: the loop's sum over the ranks makes it whole
+    assign_shared_gradient(coefficients @ grads / ranks.world, shared)
     if own:
         torch.autograd.backward(losses.sum(), inputs=own)
     return coefficients.detach()
+
+
+def gram_factor(gram: Tensor) -> Tensor:
+    """R [T, T] with R Rᵀ = ``gram`` (symmetric positive semi-definite), from its eigenvectors."""
+    values, vectors = torch.linalg.eigh(gram.double())
+    return (vectors * values.clamp_min(0).sqrt()).to(gram.dtype)
 
 
 def backward_with_representation(
@@ -105,7 +114,12 @@ def backward_with_representation(
             if g is not None:
                 before = own_grads[i]
                 own_grads[i] = g if before is None else before + g
-    coefficients = combine(torch.stack(rows), losses.detach()).detach()
+    ranks = distributed.current()
+    local = torch.stack(rows)
+    # z holds this rank's rows only: the ranks exchange the T x T Gram matrix of the task gradients,
+    # and combine reads a factor R of it (R Rᵀ = Σ_ranks G Gᵀ), which is all MGDA's min-norm needs
+    coefficients = combine(gram_factor(ranks.sum(local @ local.T)) if ranks.active else local, losses.detach())
+    coefficients = coefficients.detach()
     seeds = [sum(c * g[i] for c, g in zip(coefficients, z_grads, strict=True)) for i in range(n_z)]
     torch.autograd.backward(representation, grad_tensors=seeds, inputs=shared)
     for p, total in zip(own, own_grads, strict=True):

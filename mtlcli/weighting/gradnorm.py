@@ -30,8 +30,10 @@ import torch
 from pydantic import NonNegativeFloat, PositiveFloat
 from torch import Tensor, nn
 
+from mtlcli import distributed
 from mtlcli.models.base import MultiTaskModel
 from mtlcli.weighting.base import StrategyCapabilities, WeightingParams, register_weighting
+from mtlcli.weighting.gradients import shared_task_gradients
 
 FLOOR = 1e-3
 
@@ -50,12 +52,9 @@ def balanced_parameters(model: nn.Module) -> list[Tensor]:
 
 
 def gradient_norms(losses: Tensor, layer: list[Tensor]) -> Tensor:
-    """||∇_W L_k|| over all tensors of W together, per task [T] (0 where a loss does not reach W)."""
-    norms = []
-    for loss in losses:
-        grads = [g for g in torch.autograd.grad(loss, layer, retain_graph=True, allow_unused=True) if g is not None]
-        norms.append(torch.cat([g.reshape(-1) for g in grads]).norm() if grads else torch.zeros(()))
-    return torch.stack(norms)
+    """||∇_W L_k|| over all tensors of W together, per task [T] (0 where a loss does not reach W);
+    on several ranks, the norm of the gradient summed over them."""
+    return distributed.current().sum(shared_task_gradients(losses, layer)).norm(dim=1)
 
 
 def gradnorm_weight_gradient(weights: Tensor, norms: Tensor, ratios: Tensor, alpha: float) -> Tensor:

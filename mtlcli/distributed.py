@@ -1,0 +1,154 @@
+"""Training on several processes: what each rank exchanges, and with whom.
+
+A run on ``world`` processes (started by ``mtl train --nproc N`` or by ``torchrun``) trains one
+model on one global batch order: rank r takes its slice of every global batch. The loop keeps one
+invariant: after a step's backward pass, every gradient a rank holds is its *contribution*, and
+one sum over the ranks (``sum_gradients``) makes it the gradient of the one-process step.
+
+- A task's loss is normalised by the global count of its rows in the batch (a sum over the ranks
+  of T counts), so the ranks' losses add up to the global loss;
+- the strategies see the global loss values (``global_losses``: the value of the sum over the
+  ranks, the gradient of the rank's own part), so a loss-based strategy computes the same weights
+  on every rank, and its own parameters get the same gradient everywhere (averaged, not summed);
+- a gradient strategy sums the per-task gradients [T, P] over the ranks before combining them
+  (``Ranks.sum``), and leaves 1/world of the combined gradient on each rank;
+- a table that trains row-wise gathers the union of the ranks' ids (``Ranks.union``) so that every
+  rank holds the same rows;
+- evaluation splits each batch over the ranks and gathers the outputs (``Ranks.gather``).
+
+One process is ``Ranks()`` (world 1): every exchange is the identity and costs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the training processes, and the collectives between them."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def writes(self) -> bool:
+        """Rank 0 alone writes the run directory."""
+        return self.rank == 0
+
+    def sum(self, x: Tensor) -> Tensor:
+        """The sum of ``x`` over the ranks (a new tensor; ``x`` itself when alone)."""
+        if not self.active:
+            return x
+        out = x.detach().clone()
+        dist.all_reduce(out)
+        return out
+
+    def any(self, flag: bool) -> bool:
+        """True when ``flag`` is true on some rank (stop requests, failures)."""
+        if not self.active:
+            return flag
+        return bool(self.sum(torch.tensor([1.0 if flag else 0.0])).item() > 0)
+
+    def gather(self, x: Tensor) -> Tensor:
+        """The ranks' ``x`` (rows may differ in number) concatenated in rank order."""
+        if not self.active:
+            return x
+        sizes = [torch.zeros(1, dtype=torch.long) for _ in range(self.world)]
+        dist.all_gather(sizes, torch.tensor([x.shape[0]]))
+        longest = int(max(s.item() for s in sizes))
+        padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype)
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded.contiguous())
+        return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
+
+    def union(self, ids: Tensor) -> Tensor:
+        """The sorted distinct ids that some rank holds (``ids`` sorted and distinct on each)."""
+        return torch.unique(self.gather(ids)) if self.active else ids
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+
+SINGLE = Ranks()
+_current = SINGLE
+
+
+def current() -> Ranks:
+    """The ranks of the run in progress (``SINGLE`` outside a distributed run)."""
+    return _current
+
+
+def launched() -> bool:
+    """Started by torchrun (or ``mtl train --nproc``) as one of several processes."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def join(backend: str = "gloo", init_method: str | None = None, rank: int = -1, world: int = -1) -> Ranks:
+    """Join the process group (torchrun's, described in the environment, unless ``init_method``,
+    ``rank`` and ``world`` are given); set the current ranks."""
+    global _current
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
+    _current = Ranks(dist.get_rank(), dist.get_world_size())
+    return _current
+
+
+def leave() -> None:
+    global _current
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _current = SINGLE
+
+
+def global_losses(local: Tensor, ranks: Ranks) -> Tensor:
+    """[T] losses whose value is the sum over the ranks and whose gradient is this rank's part."""
+    if not ranks.active:
+        return local
+    total = ranks.sum(local.detach())
+    return local + (total - local.detach())
+
+
+def sum_gradients(model: nn.Module, strategy_parameters: list[nn.Parameter], ranks: Ranks) -> None:
+    """Make every rank's gradients the one-process step's: the model's summed over the ranks,
+    the strategy's own (computed from the same global values everywhere) averaged."""
+    if not ranks.active:
+        return
+    own = {id(p) for p in strategy_parameters}
+    grads = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in own]
+    grads += [rows.grad for rows in row_leaves(model) if rows.grad is not None]
+    _all_reduce_flat(grads)
+    strategy = [p.grad for p in strategy_parameters if p.grad is not None]
+    _all_reduce_flat(strategy)
+    for g in strategy:
+        g /= ranks.world
+
+
+def row_leaves(model: nn.Module) -> list[Tensor]:
+    """The rows of the last forward pass of every table that trains row-wise (not parameters)."""
+    from mtlcli.models.blocks import sparse_embeddings
+
+    return [m.rows for _, m in sparse_embeddings(model) if m.rows is not None]
+
+
+def _all_reduce_flat(grads: list[Tensor]) -> None:
+    """One all-reduce for a list of tensors (flattened together), results written back."""
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
