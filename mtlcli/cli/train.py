@@ -20,6 +20,7 @@ from mtlcli.recipe import load_recipe
 if TYPE_CHECKING:
     from torch import nn
 
+    from mtlcli.distributed import Ranks
     from mtlcli.recipe import Recipe
 
 
@@ -103,22 +104,79 @@ def command(
     overrides: SetOption = None,
     as_json: JsonOption = False,
     quiet: QuietOption = False,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            "--nproc",
+            min=1,
+            help="Train on N local processes (torch.distributed, gloo); train.batch_size stays the global batch.",
+        ),
+    ] = 1,
 ) -> None:
     """Train the recipe's model (preprocessing first if needed) into a run directory.
 
     The run directory gets recipe.yaml, schema.json, model.safetensors (best epoch), metrics.jsonl
-    and summary.json. Progress goes to stderr; --json prints the summary on stdout.
+    and summary.json. Progress goes to stderr; --json prints the summary on stdout. With --nproc N
+    (or under torchrun) each process trains on its slice of every global batch and rank 0 writes.
     """
-    from mtlcli.data.store import prepare  # heavy imports (torch) only when a command runs
-    from mtlcli.train.loop import TrainingInterrupted
-    from mtlcli.train.run import check_run_dir, train_run
+    from mtlcli import distributed
 
     if resume and force:
         raise typer.BadParameter("--resume continues a run and --force replaces it: give one of them")
+    if nproc > 1 and not distributed.launched():
+        if recipe == "-":
+            raise typer.BadParameter("--nproc starts processes that each read the recipe: give a file, not '-'")
+        from mtlcli.train.launch import launch
+        from mtlcli.train.run import check_batch_split
+
+        check_batch_split(load_recipe(recipe, overrides or []).train.batch_size, nproc)  # once, not once per rank
+        flags = [flag for flag, on in (("--force", force), ("--resume", resume), ("--json", as_json)) if on]
+        flags += ["--quiet"] if quiet else []
+        code = launch(nproc, ["train", recipe, "--out", str(out), *flags, *_set_args(overrides)])
+        if code:
+            raise typer.Exit(code)
+        return
+    ranks = distributed.join() if distributed.launched() else distributed.SINGLE
+    try:
+        _train(recipe, out, force, resume, overrides, as_json and ranks.writes, quiet or not ranks.writes, ranks)
+    finally:
+        distributed.leave()
+
+
+def _train(
+    recipe: str,
+    out: Path,
+    force: bool,
+    resume: bool,
+    overrides: list[str] | None,
+    as_json: bool,
+    quiet: bool,
+    ranks: Ranks,
+) -> None:
+    from torch.distributed import DistError
+
+    from mtlcli.data.store import prepare  # heavy imports (torch) only when a command runs
+    from mtlcli.errors import MtlError
+    from mtlcli.train.loop import TrainingInterrupted
+    from mtlcli.train.run import check_run_dir, train_run
+
     loaded = load_recipe(recipe, overrides or [])
-    if not resume:
-        check_run_dir(out, force)
-    with err_console.status("preprocessing", spinner="dots") if not quiet else _null():
+    # rank 0 checks the run directory and preprocesses; the others then find the cache
+    failure: MtlError | None = None
+    prepared = None
+    if ranks.writes:
+        try:
+            if not resume:
+                check_run_dir(out, force)
+            with err_console.status("preprocessing", spinner="dots") if not quiet else _null():
+                prepared = prepare(loaded)
+        except MtlError as exc:
+            failure = exc
+    if ranks.any(failure is not None):
+        if failure is not None:
+            raise failure
+        raise typer.Exit(2)  # rank 0 said why
+    if prepared is None:
         prepared = prepare(loaded)
     if not quiet:
         err_console.print(f"data: {prepared.directory} ({'cached' if prepared.reused else 'preprocessed'})")
@@ -133,11 +191,20 @@ def command(
     except TrainingInterrupted as exc:
         if reporter is not None:
             reporter.close()
-        again = " ".join(
-            shlex.quote(a) for a in ["mtl", "train", recipe, "--out", str(out), "--resume", *_set_args(overrides)]
-        )
-        err_console.print(f"[yellow]{escape(exc.message)}[/]\n  resume with: {escape(again)}", soft_wrap=True)
+        if ranks.writes:
+            nproc = ["--nproc", str(ranks.world)] if ranks.active else []
+            again = " ".join(
+                shlex.quote(a)
+                for a in ["mtl", "train", recipe, "--out", str(out), "--resume", *nproc, *_set_args(overrides)]
+            )
+            err_console.print(f"[yellow]{escape(exc.message)}[/]\n  resume with: {escape(again)}", soft_wrap=True)
         raise typer.Exit(130) from None
+    except (DistError, RuntimeError) as exc:
+        if not ranks.active:
+            raise
+        # a collective failed (gloo raises a plain RuntimeError when a peer's connection closes)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MtlError(f"rank {ranks.rank}: lost another rank of the run ({first[:200]})") from None
     finally:
         if reporter is not None:
             reporter.close()
@@ -161,7 +228,9 @@ class StopFlag:
         return self.requested
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.requested:
+        # only a second Ctrl-C stops at once: a SIGTERM after it (the launcher passing the user's
+        # Ctrl-C on to every rank) must not cut the checkpoint short
+        if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
 

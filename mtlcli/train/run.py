@@ -13,17 +13,18 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from mtlcli import distributed
 from mtlcli.data.schema import DataSchema
 from mtlcli.data.source import BatchSource, open_source
 from mtlcli.data.store import Prepared, data_key, prepare
-from mtlcli.errors import ArtifactError, DataError
+from mtlcli.errors import ArtifactError, DataError, MtlError
 from mtlcli.fileio import append_line, sha256_json, to_json, write_json, write_text
 from mtlcli.models import build_model
 from mtlcli.models.base import scheme
@@ -121,6 +122,14 @@ def _claim_run_dir(run_dir: Path, force: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+def check_batch_split(batch_size: int, processes: int) -> None:
+    if batch_size % processes:
+        raise MtlError(
+            f"train.batch_size ({batch_size}) does not divide evenly among the {processes} processes",
+            f"train.batch_size is the global batch: make it a multiple of {processes}",
+        )
+
+
 def train_run(
     recipe: Recipe,
     run_dir: Path,
@@ -136,13 +145,16 @@ def train_run(
     recipe, apart from train.epochs, or the data changed since). Only one process at a time may
     train into a run directory.
     """
+    ranks = distributed.current()  # on several ranks, rank 0 alone writes the run directory
+    settings = recipe.train
+    check_batch_split(settings.batch_size, ranks.world)
     if not resume:
-        check_run_dir(run_dir, force)
+        if ranks.writes:
+            check_run_dir(run_dir, force)
     elif not (run_dir / CHECKPOINT).is_file():
         raise ArtifactError(f"{run_dir}: no checkpoint to resume from", "train it without --resume")
     prepared = prepared or prepare(recipe)
     schema = prepared.schema
-    settings = recipe.train
     train_data = split_source(prepared, "train", recipe, settings.batch_size, "train.batch_size")
     valid_data = split_source(prepared, "valid", recipe, settings.eval_batch_size, "train.eval_batch_size")
     torch.manual_seed(settings.seed)
@@ -156,19 +168,22 @@ def train_run(
     own = list(strategy.capabilities.parameters)
     optimizer = make_optimizer(settings, list(model.parameters()), own, recipe.loss.params.own_lr())
     identity = run_identity(recipe, schema)
-    with run_lock(run_dir):
+    with run_lock(run_dir) if ranks.writes else nullcontext():
         if resume:
             state = _resume_state(run_dir, identity, model, optimizer, strategy)
         else:
             search = scheme(model).capabilities.search  # schemes that find their structure first
             if search is not None:
                 search(train_data, settings.batch_size, settings.lr, settings.seed)
-            _claim_run_dir(run_dir, force)
+            if ranks.writes:
+                _claim_run_dir(run_dir, force)
             state = None
         try:
-            write_text(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
-            schema.save(run_dir / "schema.json")
-            writer = RunWriter(run_dir, recipe, schema, observer or NullObserver(), identity)
+            writer: Observer = NullObserver()
+            if ranks.writes:
+                write_text(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
+                schema.save(run_dir / "schema.json")
+                writer = RunWriter(run_dir, recipe, schema, observer or NullObserver(), identity)
             result = fit(
                 model,
                 strategy,
@@ -184,10 +199,11 @@ def train_run(
                 pos_weight=pos_weight_tensor(recipe),
             )
         except BaseException:
-            if not resume and not (run_dir / CHECKPOINT).exists():
+            if ranks.writes and not resume and not (run_dir / CHECKPOINT).exists():
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
-        save_model(model, run_dir / "model.safetensors", recipe, schema)
+        if ranks.writes:
+            save_model(model, run_dir / "model.safetensors", recipe, schema)
         summary = {
             "run_dir": str(run_dir),
             "scheme": recipe.model.scheme,
@@ -205,8 +221,10 @@ def train_run(
             "data_reused": prepared.reused,
             "resumed": resume,
             "warnings": schema.warnings,
+            "processes": ranks.world,
         }
-        write_json(run_dir / "summary.json", summary)
+        if ranks.writes:
+            write_json(run_dir / "summary.json", summary)
     return summary
 
 

@@ -1,0 +1,124 @@
+"""`mtl train --nproc 2` on census: the same run as one process, and nothing lost when a rank is
+killed or the user presses Ctrl-C (the job ends with one message, --resume finishes it exactly)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_resume import checkpoint_position, records
+
+SETTINGS = ["train.epochs=3", "train.early_stopping=null", "train.threads=1", "train.checkpoint_every=20"]
+
+
+def start(run: Path, cache: Path, *extra: str, marker: str = "") -> subprocess.Popen[str]:
+    from tests.conftest import REPO
+
+    sets = [part for item in [*SETTINGS, f"data.cache_dir={cache}"] for part in ("--set", item)]
+    args = ["train", "recipes/census-mmoe.yaml", "--out", str(run), "--quiet", *sets, *extra]
+    return subprocess.Popen(
+        [sys.executable, "-m", "mtlcli", *args],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "MTL_TEST_JOB": marker},
+        start_new_session=True,  # its own process group, as a job started from a shell
+    )
+
+
+def finished(process: subprocess.Popen[str]) -> str:
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(one process, two processes, the cache) on census."""
+    from tests.conftest import CENSUS
+
+    if not CENSUS.is_file():
+        pytest.skip(f"census data not found at {CENSUS}")
+    base = tmp_path_factory.mktemp("ddp")
+    finished(start(base / "one", base / "cache"))
+    finished(start(base / "two", base / "cache", "--nproc", "2"))
+    return base / "one", base / "two", base / "cache"
+
+
+def test_two_processes_train_the_one_process_run(runs: tuple[Path, Path, Path]) -> None:
+    one, two, _ = runs
+    for a, b in zip(records(one), records(two), strict=True):
+        for task in ("income", "marital"):
+            assert b["train_loss"][task] == pytest.approx(a["train_loss"][task], rel=1e-5)  # type: ignore[index]
+            assert b["valid"][task]["auc"] == pytest.approx(a["valid"][task]["auc"], abs=1e-4)  # type: ignore[index]
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["epochs_run"] == 3
+
+
+def rank_pid(marker: str, rank: int) -> int | None:
+    """The process of training rank ``rank`` of the job started with ``marker``."""
+    for entry in Path("/proc").iterdir():
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"MTL_TEST_JOB={marker}".encode() in env and f"RANK={rank}".encode() in env:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.parametrize("how", ["kill rank 1", "ctrl-c"])
+def test_an_interrupted_job_ends_cleanly_and_resumes_exactly(
+    how: str, runs: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    _, done, cache = runs
+    run, marker = tmp_path / "run", uuid.uuid4().hex
+    process = start(run, cache, "--nproc", "2", marker=marker)
+    deadline = time.monotonic() + 240
+    while checkpoint_position(run)[1] == 0:  # a checkpoint inside an epoch is on disk
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.01)
+    if how == "kill rank 1":
+        pid = rank_pid(marker, 1)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+    else:
+        os.killpg(process.pid, signal.SIGINT)  # the terminal sends Ctrl-C to the whole job
+    _, err = process.communicate(timeout=120)
+    assert "Traceback" not in err, err
+    if how == "kill rank 1":
+        assert process.returncode == 2, err
+        assert "rank 1 of 2 was killed by SIGKILL" in err and "--resume" in err, err
+    else:
+        assert process.returncode == 130, err
+        assert "--resume" in err and "--nproc 2" in err, err
+    assert not (run / "summary.json").exists()
+    finished(start(run, cache, "--nproc", "2", "--resume"))
+    assert records(run) == records(done)
+    ours, theirs = load_file(str(run / "model.safetensors")), load_file(str(done / "model.safetensors"))
+    for name in ours:  # the same batches, slices and kernels: bitwise
+        assert torch.equal(ours[name], theirs[name]), name
+
+
+def test_a_batch_that_does_not_split_evenly_is_refused(tmp_path: Path) -> None:
+    from tests.conftest import REPO
+
+    result = subprocess.run(
+        [sys.executable, "-m", "mtlcli", "train", "recipes/quickstart.yaml", "--out", str(tmp_path / "run"),
+         "--nproc", "2", "--set", "train.batch_size=255", "--set", f"data.cache_dir={tmp_path}/cache"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "train.batch_size (255) does not divide evenly among the 2 processes" in result.stderr
+    assert "Traceback" not in result.stderr
