@@ -88,11 +88,13 @@ SPARSE_MIN_ROWS = 100_000
 
 def choose_threads(setting: int | str, model: nn.Module) -> int:
     """``auto``: one thread for small models, whose small matrix products gain nothing from more
-    threads and slow down many times over when the cores are busy; all cores for large ones."""
+    threads and slow down many times over when the cores are busy; for large ones the cores,
+    shared among the training processes of this machine."""
     if setting != "auto":
         return int(setting)
     params = sum(p.numel() for p in model.parameters())
-    return 1 if params < SMALL_MODEL else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by torchrun for each rank
+    return 1 if params < SMALL_MODEL else max(1, (os.cpu_count() or 1) // local)
 
 
 def check_run_dir(run_dir: Path, force: bool) -> None:
