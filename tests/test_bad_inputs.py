@@ -308,6 +308,11 @@ CASES = [
         args=["--grid", "train.seed=1,01"],
     ),
     Case(
+        "--nproc with a batch that does not split evenly",
+        "train.batch_size (32) does not divide evenly among the 3 processes",
+        args=["--nproc", "3"],
+    ),
+    Case(
         "sweep value listed twice",
         "a value is listed twice",
         command="sweep",

@@ -122,3 +122,23 @@ def test_a_batch_that_does_not_split_evenly_is_refused(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr
     assert "train.batch_size (255) does not divide evenly among the 2 processes" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_port_in_use_and_a_recipe_on_stdin_are_refused(tmp_path: Path) -> None:
+    import socket
+
+    from tests.conftest import REPO
+
+    def train(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "mtlcli", "train", *args, "--out", str(tmp_path / "run"), "--nproc", "2"]
+        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, input="")
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = train("recipes/quickstart.yaml", "--port", str(port))
+    assert result.returncode == 2 and f"--port {port}: the port is in use" in result.stderr, result.stderr
+    result = train("-")
+    assert result.returncode == 2 and "give a file, not '-'" in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()

@@ -112,6 +112,12 @@ def command(
             help="Train on N local processes (torch.distributed, gloo); train.batch_size stays the global batch.",
         ),
     ] = 1,
+    port: Annotated[
+        int | None,
+        typer.Option(
+            "--port", min=1, max=65535, help="With --nproc: the localhost port the ranks meet on (default: a free one)."
+        ),
+    ] = None,
 ) -> None:
     """Train the recipe's model (preprocessing first if needed) into a run directory.
 
@@ -132,7 +138,7 @@ def command(
         check_batch_split(load_recipe(recipe, overrides or []).train.batch_size, nproc)  # once, not once per rank
         flags = [flag for flag, on in (("--force", force), ("--resume", resume), ("--json", as_json)) if on]
         flags += ["--quiet"] if quiet else []
-        code = launch(nproc, ["train", recipe, "--out", str(out), *flags, *_set_args(overrides)])
+        code = launch(nproc, ["train", recipe, "--out", str(out), *flags, *_set_args(overrides)], port)
         if code:
             raise typer.Exit(code)
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 
 from mtlcli.errors import MtlError
 
@@ -15,10 +16,22 @@ class RankFailed(MtlError):
     """A training process died or failed; the others were stopped."""
 
 
-def launch(nproc: int, args: list[str]) -> int:
-    """Run ``python -m mtlcli <args>`` on ``nproc`` local ranks (gloo, a free port on localhost);
-    the exit code of the job: 0, 130 when interrupted, 2 when the ranks stopped on an error they
-    printed themselves. A rank that died raises ``RankFailed`` naming it."""
+def check_port(port: int) -> None:
+    """A clear error when ``port`` on localhost is taken (the ranks meet there)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise MtlError(
+                f"--port {port}: the port is in use on this machine ({exc.strerror})",
+                "choose another port, or leave --port out to let the ranks use a free one",
+            ) from None
+
+
+def launch(nproc: int, args: list[str], port: int | None = None) -> int:
+    """Run ``python -m mtlcli <args>`` on ``nproc`` local ranks (gloo; on localhost:``port``, or a
+    free port); the exit code of the job: 0, 130 when interrupted, 2 when the ranks stopped on an
+    error they printed themselves. A rank that died raises ``RankFailed`` naming it."""
     import logging
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -29,7 +42,11 @@ def launch(nproc: int, args: list[str]) -> int:
         if name.startswith("torch.distributed"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # each rank sets its threads from train.threads
-    options = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "mtlcli", *args])
+    where = ["--standalone"]
+    if port is not None:
+        check_port(port)
+        where = ["--nnodes=1", "--master-addr=127.0.0.1", f"--master-port={port}"]
+    options = get_args_parser().parse_args([*where, f"--nproc-per-node={nproc}", "-m", "mtlcli", *args])
     try:
         run(options)
     except ChildFailedError as exc:
