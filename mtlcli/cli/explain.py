@@ -127,8 +127,34 @@ def render(report: dict[str, Any]) -> None:
     say(f"  {readings['gradient_cosine']}", soft_wrap=True, markup=False)
     if readings.get("history"):
         say(f"  {readings['history']}", soft_wrap=True, markup=False)
+    if report.get("importance"):
+        for table in importance_tables(report["importance"]):
+            say(table)
+        for line in readings["importance"]:
+            say(f"  {line}", soft_wrap=True, markup=False)
     for warning in report["warnings"]:
         say(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+
+
+def importance_tables(report: dict[str, Any], top: int = 10) -> list[Table]:
+    """Per task, its ``top`` inputs by permutation importance (mean ± spread over the shuffles)."""
+    tables = []
+    for task, entries in report["importance"].items():
+        metric = report["metric"][task]
+        baseline = report["baseline"][task]
+        shown = f"{baseline:.4f}" if baseline is not None else "-"
+        table = Table(
+            title=f"{task}: {metric} lost when an input is shuffled ({metric} {shown}, {report['repeats']} shuffles)",
+            title_justify="left",
+        )
+        table.add_column("input")
+        table.add_column(f"{metric} lost", justify="right")
+        table.add_column("±", justify="right")
+        high = max((abs(v["drop"]) for v in entries.values()), default=1.0) or 1.0
+        for name, value in list(entries.items())[:top]:
+            table.add_row(name, heat(value["drop"], -high, high, diverging=True, digits=4), f"{value['std']:.4f}")
+        tables.append(table)
+    return tables
 
 
 def layer_table(report: dict[str, Any]) -> Table:
@@ -169,6 +195,20 @@ def command(
     plot: Annotated[
         Path | None, typer.Option("--plot", help="Write PNG heatmaps into this directory (needs mtlcli[plot]).")
     ] = None,
+    importance: Annotated[
+        bool,
+        typer.Option("--importance", help="Per-task permutation importance of every input (or --group) on the split."),
+    ] = False,
+    repeats: Annotated[
+        int, typer.Option("--repeats", min=1, help="--importance: shuffles per input (mean and spread).")
+    ] = 3,
+    groups: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--group", help="--importance: NAME=PATTERN[,PATTERN...] inputs shuffled together (globs). Repeatable."
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the row sample and the shuffles.")] = 0,
     as_json: JsonOption = False,
 ) -> None:
     """Why the model behaves as it does: gate weights per task and expert (dead experts, collapsed
@@ -182,7 +222,18 @@ def command(
         from mtlcli.explain.plot import require_matplotlib
 
         require_matplotlib()
-    options = ExplainOptions(max_rows=max_rows, by=by, dead_below=dead_below, collapsed_above=collapsed_above)
+    if (groups or repeats != 3) and not importance:
+        raise typer.BadParameter("--group and --repeats shape --importance: add --importance")
+    options = ExplainOptions(
+        max_rows=max_rows,
+        by=by,
+        dead_below=dead_below,
+        collapsed_above=collapsed_above,
+        seed=seed,
+        importance=importance,
+        importance_repeats=repeats,
+        groups=tuple(groups or []),
+    )
     with err_console.status("explaining", spinner="dots"):
         report = explain_run(run_dir, split, options)
     if plot is not None:

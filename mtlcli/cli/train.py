@@ -146,6 +146,11 @@ def command(
     try:
         _train(recipe, out, force, resume, overrides, as_json and ranks.writes, quiet or not ranks.writes, ranks)
     finally:
+        if ranks.active:
+            # when one rank ends, the launcher stops the others with SIGTERM; this one is on its way
+            # out already, and a signal during the interpreter's exit would print a traceback
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         distributed.leave()
 
 

@@ -108,6 +108,21 @@ def history_plot(path: Path, history: dict[str, Any]) -> Path:
     return path
 
 
+def importance_plot(path: Path, task: str, metric: str, entries: dict[str, Any], top: int = 15) -> Path:
+    """Horizontal bars: the task's ``top`` inputs by permutation importance, with their spread."""
+    plt = require_matplotlib()
+    shown = list(entries.items())[:top][::-1]
+    fig, ax = plt.subplots(figsize=(6, 0.3 * len(shown) + 1), dpi=80)
+    ax.barh([n for n, _ in shown], [v["drop"] for _, v in shown], xerr=[v["std"] for _, v in shown], color="#c44e52")
+    ax.axvline(0.0, color="grey", linewidth=0.5)
+    ax.set_title(f"{task}: {metric} lost when an input is shuffled", fontsize=9)
+    ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
 def write_plots(report: dict[str, Any], directory: Path) -> list[Path]:
     """One PNG per gate group, alpha layer and task matrix, and the training history; returns the paths."""
     require_matplotlib()
@@ -139,4 +154,9 @@ def write_plots(report: dict[str, Any], directory: Path) -> list[Path]:
         )
     if report.get("history"):
         written.append(history_plot(directory / "history.png", report["history"]))
+    if report.get("importance"):
+        importance = report["importance"]
+        for task, entries in importance["importance"].items():
+            path = directory / f"importance_{_safe(task)}.png"
+            written.append(importance_plot(path, task, importance["metric"][task], entries))
     return written

@@ -30,6 +30,7 @@ from mtlcli.explain.gates import (
 )
 from mtlcli.explain.gradients import gradient_report, read_gradients
 from mtlcli.explain.history import history_report
+from mtlcli.explain.importance import importance_report, read_importance
 from mtlcli.explain.masks import mask_report, read_masks
 from mtlcli.explain.representations import read_representations, representation_report
 from mtlcli.models.base import scheme
@@ -52,6 +53,9 @@ class ExplainOptions:
     grad_batch_size: int = 1024
     batch_size: int = 8192
     seed: int = 0
+    importance: bool = False  # per-task permutation importance (explain/importance.py)
+    importance_repeats: int = 3
+    groups: tuple[str, ...] = ()  # NAME=PATTERN,... inputs shuffled together
 
 
 class UnknownFeature(MtlError):
@@ -207,6 +211,13 @@ def explain_run(run_dir: Path, split: str = "valid", options: ExplainOptions = E
         [f.name for f in schema.numeric],
     )
     report = explain_model(loaded.model, data, tasks, types, options, by, pos_weight_tensor(loaded.recipe), inputs)
+    report["importance"] = None
+    if options.importance:
+        report["importance"] = importance_report(
+            loaded.model, data, schema, list(options.groups), options.importance_repeats, options.seed,
+            options.batch_size,
+        )  # fmt: skip
+        report["readings"]["importance"] = read_importance(report["importance"])
     history = history_report(read_metrics(run_dir / "metrics.jsonl") + read_metrics(run_dir / "gradients.jsonl"), tasks)
     report["readings"]["history"] = history.pop("reading") if history else None
     return {

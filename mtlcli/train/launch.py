@@ -55,9 +55,12 @@ def launch(nproc: int, args: list[str], port: int | None = None) -> int:
             return INTERRUPTED
         if all(code == 2 for code in codes.values()):
             return 2
-        rank, first = exc.get_first_failure()
+        # the cause, not a consequence: a rank killed by a signal or failing on its own, before the
+        # ranks that then lost it (2) or were stopped (130)
+        causes = {r: f for r, f in exc.failures.items() if f.exitcode not in (2, INTERRUPTED)} or exc.failures
+        rank = min(causes, key=lambda r: (causes[r].timestamp, r))
         raise RankFailed(
-            f"rank {rank} of {nproc} {describe(first.exitcode)}; the other ranks were stopped",
+            f"rank {rank} of {nproc} {describe(causes[rank].exitcode)}; the other ranks were stopped",
             "the run's last checkpoint is kept: the same command with --resume continues it",
         ) from None
     except (KeyboardInterrupt, SignalException):  # the user's Ctrl-C or kill: the ranks checkpoint and stop
