@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from mtlcli import __version__
-from mtlcli.cli import compare, evaluate, explain, export, predict, preprocess, recipe_cmd, sweep, train
+from mtlcli.cli import compare, evaluate, explain, export, predict, preprocess, recipe_cmd, report, sweep, train
 
 app = typer.Typer(
     name="mtl",
@@ -26,6 +26,7 @@ app.command("export")(export.command)
 app.command("predict")(predict.command)
 app.command("explain")(explain.command)
 app.command("compare")(compare.command)
+app.command("report")(report.command)
 app.command("sweep")(sweep.command)
 
 

@@ -44,7 +44,17 @@ from mtlcli.weighting import WeightingStrategy, build_weighting
 
 CHECKPOINT = "checkpoint.safetensors"
 GRADIENTS = "gradients.jsonl"  # train.track_gradients samples
-RUN_FILES = ("recipe.yaml", "schema.json", "model.safetensors", "metrics.jsonl", "summary.json", CHECKPOINT, GRADIENTS)
+EXPLAINED = "explain.json"  # a saved `mtl explain --json`, which `mtl report` reads
+RUN_FILES = (
+    "recipe.yaml",
+    "schema.json",
+    "model.safetensors",
+    "metrics.jsonl",
+    "summary.json",
+    CHECKPOINT,
+    GRADIENTS,
+    EXPLAINED,
+)
 
 
 class RunWriter:

@@ -1,0 +1,305 @@
+"""``mtl report``: one self-contained HTML page about one or more runs — training curves, loss
+weights, metrics on valid and test, the gain over a baseline run, gate heatmaps, label and
+gradient correlation, and the resolved recipe. Charts are inline SVG drawn here and heatmaps are
+coloured table cells, so the page needs no network, no script and no plotting library."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from mtlcli import __version__
+from mtlcli.explain.compare import compare_results, headline
+from mtlcli.explain.report import ExplainOptions, explain_run, read_metrics
+
+PALETTE = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;line-height:1.4}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}h3{font-size:1.05em}
+table{border-collapse:collapse;margin:.5em 0 1em}td,th{border:1px solid #ddd;padding:.2em .5em;text-align:right}
+th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
+.charts{display:flex;flex-wrap:wrap;gap:1em}.note{color:#666;font-size:.9em}
+pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em}
+svg text{font-size:11px;fill:#333}
+"""
+
+
+def gather(run_dir: Path, options: ExplainOptions) -> dict[str, Any]:
+    """What the page shows of one run: its recipe, history, valid and test metrics, and the
+    explain report (the run's saved ``explain.json`` when it has one, else computed on valid)."""
+    from mtlcli.train.run import EXPLAINED, evaluate_run, load_run
+
+    loaded = load_run(run_dir)
+    saved = run_dir / EXPLAINED
+    if saved.is_file():
+        explained, source = json.loads(saved.read_text(encoding="utf-8")), f"from the run's saved {EXPLAINED}"
+    else:
+        explained = explain_run(run_dir, "valid", options)
+        rows = f"{explained['rows']:,} rows of the valid split"
+        source = f"computed for this page on {rows} (no saved {EXPLAINED} in the run)"
+    recipe = loaded.recipe
+    return {
+        "run_dir": str(run_dir),
+        "name": run_dir.name,
+        "scheme": recipe.model.scheme,
+        "weighting": recipe.loss.weighting,
+        "tasks": loaded.schema.task_names,
+        "types": [t.type for t in loaded.schema.tasks],
+        "history": read_metrics(run_dir / "metrics.jsonl"),
+        "valid": evaluate_run(run_dir, "valid") | {"scheme": recipe.model.scheme, "weighting": recipe.loss.weighting},
+        "test": evaluate_run(run_dir, "test") | {"scheme": recipe.model.scheme, "weighting": recipe.loss.weighting},
+        "explain": explained,
+        "explain_source": source,
+        "recipe": (run_dir / "recipe.yaml").read_text(encoding="utf-8"),
+    }
+
+
+# --- pieces -------------------------------------------------------------------------------------
+
+
+def number(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, int) or (isinstance(value, float) and digits == 0):
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}" if isinstance(value, float) else escape(str(value))
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """Cells are HTML already (escape text before)."""
+    head = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def colour(value: float | None, low: float, high: float, diverging: bool) -> str:
+    if value is None:
+        return "#ffffff"
+    if diverging:
+        t = max(-1.0, min(1.0, value / max(abs(low), abs(high), 1e-12)))
+        r, g, b = (255, int(255 * (1 - t)), int(255 * (1 - t))) if t >= 0 else (int(255 * (1 + t)),) * 2 + (255,)
+    else:
+        t = max(0.0, min(1.0, (value - low) / (high - low) if high > low else 0.0))
+        r, g, b = 255, int(255 * (1 - 0.75 * t)), int(255 * (1 - t))
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def heatmap(rows: list[str], columns: list[str], values: list[list[float | None]], diverging: bool) -> str:
+    flat = [v for row in values for v in row if v is not None]
+    low, high = (-1.0, 1.0) if diverging else (0.0, max(flat, default=1.0))
+    body = [
+        [escape(r)]
+        + [
+            f'<span style="display:block;background:{colour(v, low, high, diverging)}">{number(v, 3)}</span>'
+            for v in row
+        ]
+        for r, row in zip(rows, values, strict=True)
+    ]
+    return table([""] + [escape(c) for c in columns], body)
+
+
+def matrix(values: dict[str, dict[str, float | None]], diverging: bool = True) -> str:
+    rows = list(values)
+    columns = list(next(iter(values.values()))) if values else []
+    return heatmap(rows, columns, [[values[r][c] for c in columns] for r in rows], diverging)
+
+
+def line_chart(title: str, series: dict[str, list[tuple[float, float | None]]], xlabel: str) -> str:
+    """An inline SVG chart: one polyline per series (gaps where a value is missing), a legend."""
+    width, height, left, right, top, bottom = 440, 250, 62, 110, 28, 36
+    points = [(x, y) for values in series.values() for x, y in values if y is not None and math.isfinite(y)]
+    if not points:
+        return ""
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
+    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+    if x1 == x0:
+        x1 = x0 + 1
+    if y1 == y0:
+        y0, y1 = y0 - 0.5, y1 + 0.5
+    pad = (y1 - y0) * 0.05
+    y0, y1 = y0 - pad, y1 + pad
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def sx(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * plot_w
+
+    def sy(y: float) -> float:
+        return top + (1 - (y - y0) / (y1 - y0)) * plot_h
+
+    parts = [
+        f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}"'
+        ' font-size="11" font-family="sans-serif">',
+        f'<text x="{left}" y="16" font-weight="bold">{escape(title)}</text>',
+        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#bbb"/>',
+    ]
+    for i in range(3):
+        tick = y0 + (y1 - y0) * i / 2
+        parts.append(f'<text x="{left - 4}" y="{sy(tick) + 4:.1f}" text-anchor="end">{tick:.4g}</text>')
+    parts.append(f'<text x="{left}" y="{height - 8}">{x0:g}</text>')
+    parts.append(f'<text x="{left + plot_w}" y="{height - 8}" text-anchor="end">{x1:g}</text>')
+    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 8}" text-anchor="middle">{escape(xlabel)}</text>')
+    for k, (label, values) in enumerate(series.items()):
+        stroke = PALETTE[k % len(PALETTE)]
+        run: list[str] = []
+        for x, value in [*values, (math.nan, None)]:
+            if value is None or not math.isfinite(value) or not math.isfinite(x):
+                if len(run) > 1:
+                    parts.append(
+                        f'<polyline fill="none" stroke="{stroke}" stroke-width="1.8" points="{" ".join(run)}"/>'
+                    )
+                elif run:
+                    cx, cy = run[0].split(",")
+                    parts.append(f'<circle cx="{cx}" cy="{cy}" r="2.5" fill="{stroke}"/>')
+                run = []
+            else:
+                run.append(f"{sx(x):.1f},{sy(value):.1f}")
+        ly = top + 12 + 16 * k
+        parts.append(f'<rect x="{width - right + 8}" y="{ly - 8}" width="10" height="10" fill="{stroke}"/>')
+        parts.append(f'<text x="{width - right + 22}" y="{ly + 1}">{escape(label[:16])}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+# --- sections -----------------------------------------------------------------------------------
+
+
+def runs_section(runs: list[dict[str, Any]]) -> str:
+    rows = []
+    for run in runs:
+        history = run["history"]
+        best = history[-1].get("best_epoch") if history else None
+        speed = sorted(h.get("samples_per_second", 0.0) for h in history)[len(history) // 2] if history else None
+        rows.append(
+            [escape(run["run_dir"]), escape(run["scheme"]), escape(run["weighting"]), number(len(history)),
+             number(best), number(speed, 0)]
+        )  # fmt: skip
+    return "<h2>Runs</h2>" + table(
+        ["run", "scheme", "weighting", "epochs", "best epoch", "train samples/s (median epoch)"], rows
+    )
+
+
+def metrics_section(runs: list[dict[str, Any]], baseline: dict[str, Any] | None) -> str:
+    out = ["<h2>Metrics</h2>"]
+    shown = runs + ([baseline] if baseline else [])
+    names = [escape(r["name"]) + (" (baseline)" if r is baseline else "") for r in shown]
+    for split in ("valid", "test"):
+        tasks = list(dict.fromkeys(t for r in shown for t in r[split]["tasks"]))
+        rows = []
+        for task in tasks:
+            metric_names = list(dict.fromkeys(m for r in shown for m in r[split]["tasks"].get(task, {})))
+            for metric in metric_names:
+                rows.append(
+                    [escape(task), escape(metric)]
+                    + [number(r[split]["tasks"].get(task, {}).get(metric)) for r in shown]
+                )
+        out.append(f"<h3>{split}</h3>" + table(["task", "metric", *names], rows))
+    if baseline is not None:
+        comparison = compare_results([r["test"] for r in runs], baseline["test"])
+        rows = []
+        for run, entry in zip(runs, comparison["runs"], strict=True):
+            for task, gain in entry["gain"].items():
+                if gain is not None:
+                    rows.append([escape(run["name"]), escape(task), escape(gain["metric"]), number(gain["baseline"]),
+                                 number(gain["value"]), f"{gain['gain']:+.4f}"])  # fmt: skip
+            verdict = "seesaw" if entry["seesaw"] else ("negative transfer" if entry["worsened"] else "no task worse")
+            rows.append([escape(run["name"]), "<b>all</b>", "", "", "", escape(verdict)])
+        out.append(
+            f"<h3>MTL gain on test over {escape(baseline['name'])}</h3>"
+            '<p class="note">The gain of a task is on its headline metric: AUC up, or RMSE down, '
+            "against the baseline run (more than 0.001 counts as a move).</p>"
+            + table(["run", "task", "metric", "baseline", "run", "gain"], rows)
+        )
+    return "".join(out)
+
+
+def curves_section(runs: list[dict[str, Any]]) -> str:
+    out = ["<h2>Training</h2>", '<div class="charts">']
+    tasks = list(dict.fromkeys(t for r in runs for t in r["tasks"]))
+    for task in tasks:
+        loss = {r["name"]: [(h["epoch"], h["train_loss"].get(task)) for h in r["history"]] for r in runs}
+        out.append(line_chart(f"{task}: train loss", loss, "epoch"))
+        valid: dict[str, list[tuple[float, float | None]]] = {}
+        metric = "auc"
+        for r in runs:
+            series = []
+            for h in r["history"]:
+                found = headline(h["valid"].get(task, {}))
+                if found is not None:
+                    metric = found[0]
+                series.append((h["epoch"], h["valid"].get(task, {}).get(metric)))
+            valid[r["name"]] = series
+        out.append(line_chart(f"{task}: valid {metric}", valid, "epoch"))
+    out.append('</div><h3>Loss weights</h3><div class="charts">')
+    for r in runs:
+        weights = {t: [(h["epoch"], h["weights"].get(t)) for h in r["history"]] for t in r["tasks"]}
+        out.append(line_chart(f"{r['name']} ({r['weighting']})", weights, "epoch"))
+    out.append("</div>")
+    return "".join(out)
+
+
+def explain_section(run: dict[str, Any]) -> str:
+    report = run["explain"]
+    out = [
+        f"<h2>{escape(run['name'])}: what the model does</h2>",
+        f'<p class="note">Reports {escape(run["explain_source"])}.</p>',
+    ]
+    for name, group in report.get("gates", {}).items():
+        rows = list(group["weights"])
+        out.append(f"<h3>{escape(name)}: mean weight per gate and expert</h3>")
+        out.append(heatmap(rows, group["experts"], [group["weights"][r] for r in rows], diverging=False))
+    for layer, values in (report.get("alpha") or {}).items():
+        out.append(f"<h3>cross-stitch α, {escape(layer)}</h3>" + matrix(values))
+    if report.get("label_correlation"):
+        out.append("<h3>label correlation</h3>" + matrix(report["label_correlation"]))
+    if report.get("gradient_cosine"):
+        out.append("<h3>gradient cosine on the shared parameters</h3>" + matrix(report["gradient_cosine"]))
+    importance = report.get("importance")
+    if importance:
+        for task, entries in importance["importance"].items():
+            rows = [[escape(n), number(v["drop"]), number(v["std"])] for n, v in list(entries.items())[:10]]
+            metric = importance["metric"][task]
+            out.append(f"<h3>{escape(task)}: {metric} lost when an input is shuffled</h3>")
+            out.append(table(["input", f"{metric} lost", "±"], rows))
+    readings = [
+        line
+        for value in report.get("readings", {}).values()
+        for line in (value if isinstance(value, list) else [value])
+        if line
+    ]
+    if readings:
+        out.append("<ul>" + "".join(f"<li>{escape(str(line))}</li>" for line in readings) + "</ul>")
+    out.append(f"<h3>recipe (resolved)</h3><pre>{escape(run['recipe'])}</pre>")
+    return "".join(out)
+
+
+def render_page(runs: list[dict[str, Any]], baseline: dict[str, Any] | None = None) -> str:
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    title = "mtl report: " + ", ".join(r["name"] for r in runs)
+    body = [
+        f"<h1>{escape(title)}</h1>",
+        f'<p class="note">mtlcli {escape(__version__)}, {when}. Valid and test metrics are computed from each run\'s '
+        "model and data when the page is made.</p>",
+        runs_section(runs),
+        metrics_section(runs, baseline),
+        curves_section(runs),
+        *(explain_section(r) for r in runs),
+    ]
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{escape(title)}</title><style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n"
+    )
+
+
+def report_page(run_dirs: list[Path], baseline: Path | None = None, max_rows: int | None = 20000) -> str:
+    options = ExplainOptions(max_rows=max_rows, grad_batches=8)
+    runs = [gather(r, options) for r in run_dirs]
+    base = gather(baseline, options) if baseline is not None else None
+    names = [r["name"] for r in runs]
+    for i, run in enumerate(runs):  # two runs with the same directory name: keep them apart
+        if names.count(run["name"]) > 1:
+            run["name"] = f"{run['name']} ({i + 1})"
+    return render_page(runs, base)
