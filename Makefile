@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,onnx,plot]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,onnx,plot,tensorboard,mlflow]'
 	touch $@
 
 setup: $(VENV)/.installed

@@ -112,6 +112,10 @@ def command(
             help="Train on N local processes (torch.distributed, gloo); train.batch_size stays the global batch.",
         ),
     ] = 1,
+    experiment: Annotated[
+        str | None,
+        typer.Option("--experiment", help="The experiment train.loggers log into (default: the recipe's name)."),
+    ] = None,
     port: Annotated[
         int | None,
         typer.Option(
@@ -138,13 +142,15 @@ def command(
         check_batch_split(load_recipe(recipe, overrides or []).train.batch_size, nproc)  # once, not once per rank
         flags = [flag for flag, on in (("--force", force), ("--resume", resume), ("--json", as_json)) if on]
         flags += ["--quiet"] if quiet else []
+        flags += ["--experiment", experiment] if experiment else []
         code = launch(nproc, ["train", recipe, "--out", str(out), *flags, *_set_args(overrides)], port)
         if code:
             raise typer.Exit(code)
         return
     ranks = distributed.join() if distributed.launched() else distributed.SINGLE
     try:
-        _train(recipe, out, force, resume, overrides, as_json and ranks.writes, quiet or not ranks.writes, ranks)
+        quiet = quiet or not ranks.writes
+        _train(recipe, out, force, resume, overrides, as_json and ranks.writes, quiet, ranks, experiment)
     finally:
         if ranks.active:
             # when one rank ends, the launcher stops the others with SIGTERM; this one is on its way
@@ -163,6 +169,7 @@ def _train(
     as_json: bool,
     quiet: bool,
     ranks: Ranks,
+    experiment: str | None = None,
 ) -> None:
     from torch.distributed import DistError
 
@@ -196,8 +203,16 @@ def _train(
     stop = StopFlag()
     try:
         with stop.installed():
+            name = experiment or loaded.train.experiment or ("stdin" if recipe == "-" else Path(recipe).stem)
             summary = train_run(
-                loaded, out, force=force, observer=reporter, prepared=prepared, resume=resume, stop_requested=stop
+                loaded,
+                out,
+                force=force,
+                observer=reporter,
+                prepared=prepared,
+                resume=resume,
+                stop_requested=stop,
+                experiment=name,
             )
     except TrainingInterrupted as exc:
         if reporter is not None:

@@ -448,6 +448,9 @@ class TrainSection(Strict):
     # fits data.memory_budget
     loading: Literal["auto", "memory", "stream"] = "auto"
     shuffle_buffer: PositiveInt | Literal["auto"] = "auto"  # rows shuffled together when streaming
+    # experiment trackers that receive the run's metrics (extras mtlcli[tensorboard], mtlcli[mlflow])
+    loggers: list[Literal["tensorboard", "mlflow"]] = []
+    experiment: str | None = None  # the trackers' experiment name (default: the recipe file's name)
 
 
 class Recipe(Strict):

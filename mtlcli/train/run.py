@@ -40,6 +40,7 @@ from mtlcli.train.checkpoint import (
     save_model,
 )
 from mtlcli.train.loop import LoopState, NullObserver, Observer, evaluate, fit, make_optimizer
+from mtlcli.train.tracking import TENSORBOARD_DIR, Trackers, check_loggers
 from mtlcli.weighting import WeightingStrategy, build_weighting
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -54,6 +55,7 @@ RUN_FILES = (
     CHECKPOINT,
     GRADIENTS,
     EXPLAINED,
+    TENSORBOARD_DIR,
 )
 
 
@@ -150,6 +152,8 @@ def train_run(
     prepared: Prepared | None = None,
     resume: bool = False,
     stop_requested: Callable[[], bool] = lambda: False,
+    experiment: str | None = None,
+    tracker_params: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Preprocess if needed, train, and write the run directory. Returns the summary.
 
@@ -159,6 +163,7 @@ def train_run(
     """
     ranks = distributed.current()  # on several ranks, rank 0 alone writes the run directory
     settings = recipe.train
+    check_loggers(settings.loggers)
     check_batch_split(settings.batch_size, ranks.world)
     if not resume:
         if ranks.writes:
@@ -190,12 +195,18 @@ def train_run(
             if ranks.writes:
                 _claim_run_dir(run_dir, force)
             state = None
+        tracker = None
         try:
             writer: Observer = NullObserver()
             if ranks.writes:
                 write_text(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
                 schema.save(run_dir / "schema.json")
-                writer = RunWriter(run_dir, recipe, schema, observer or NullObserver(), identity)
+                inner: Observer = observer or NullObserver()
+                if settings.loggers:  # only rank 0 logs
+                    name = experiment or settings.experiment or "mtl"
+                    tracker = Trackers(settings.loggers, run_dir, recipe, name, inner, state, tracker_params)
+                    inner = tracker
+                writer = RunWriter(run_dir, recipe, schema, inner, identity)
             result = fit(
                 model,
                 strategy,
@@ -211,6 +222,8 @@ def train_run(
                 pos_weight=pos_weight_tensor(recipe),
             )
         except BaseException:
+            if tracker is not None:
+                tracker.abandon()
             if ranks.writes and not resume and not (run_dir / CHECKPOINT).exists():
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
@@ -237,6 +250,8 @@ def train_run(
         }
         if ranks.writes:
             write_json(run_dir / "summary.json", summary)
+        if tracker is not None:
+            tracker.finish([run_dir / name for name in ("model.safetensors", "schema.json", "summary.json")])
     return summary
 
 
@@ -256,9 +271,10 @@ def split_source(prepared: Prepared, split: str, recipe: Recipe, batch_size: int
 
 
 def run_identity(recipe: Recipe, schema: DataSchema) -> dict[str, str]:
-    """What a checkpoint must match to be resumed: the recipe (train.epochs may change) and the data."""
+    """What a checkpoint must match to be resumed: the recipe (train.epochs, the loggers and the
+    experiment may change: they do not shape the training) and the data."""
     spec = recipe.to_dict()
-    spec["train"] = {k: v for k, v in spec["train"].items() if k != "epochs"}
+    spec["train"] = {k: v for k, v in spec["train"].items() if k not in ("epochs", "loggers", "experiment")}
     return {"recipe_sha256": sha256_json(spec), "data_key": schema.data_key}
 
 
