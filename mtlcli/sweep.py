@@ -207,9 +207,12 @@ def run_sweep(
     on_start: Callable[[int, Point, str], Any] = lambda i, p, s: None,
     on_done: Callable[[int, Point, dict[str, Any]], None] = lambda i, p, r: None,
     stop_requested: Callable[[], bool] = lambda: False,
+    experiment: str | None = None,
 ) -> dict[str, Any]:
     """Train (or reuse, or resume) every point into ``out/<name>``, evaluate each on ``split`` and
-    write ``out/sweep.json``. ``on_start`` may return an observer for the training loop."""
+    write ``out/sweep.json``. ``on_start`` may return an observer for the training loop. With
+    ``train.loggers`` every point is one tracker run in one experiment (``experiment``, else the
+    recipe's ``train.experiment``, else the sweep directory's name), its settings as parameters."""
     from mtlcli.train.run import evaluate_run, train_run
 
     if out.exists() and not out.is_dir():
@@ -235,6 +238,8 @@ def run_sweep(
                 observer=observer,
                 resume=state == "partial",
                 stop_requested=stop_requested,
+                experiment=experiment or point.recipe.train.experiment or out.resolve().name,
+                tracker_params={f"sweep.{key}": value for key, value in point.settings.items()},
             )
         summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
         evaluated = evaluate_run(run_dir, split)

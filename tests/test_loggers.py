@@ -125,3 +125,24 @@ def test_a_logger_without_its_package_is_a_clear_error(
               "--set", "train.loggers=[mlflow]", "--set", f"data.cache_dir={tmp_path}/cache"],
     )  # fmt: skip
     assert result.exit_code == 2 and "mtlcli[mlflow]" in result.output and not (tmp_path / "q").exists()
+
+
+def test_a_sweep_logs_each_point_as_a_run_of_one_experiment(tmp_path: Path, mlflow_store: str) -> None:
+    import mlflow
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.conftest import REPO
+
+    result = CliRunner().invoke(
+        app,
+        ["sweep", str(REPO / "recipes" / "quickstart.yaml"), "--grid", "train.seed=0,1", "--out", str(tmp_path / "grid"),
+         "--set", "train.epochs=1", "--set", "data.synthetic.rows=2000", "--set", "train.loggers=[tensorboard, mlflow]",
+         "--set", f"data.cache_dir={tmp_path}/cache", "--set", "train.threads=1"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    runs = mlflow.search_runs(experiment_names=["grid"])
+    assert sorted(runs["params.sweep.train.seed"]) == ["0", "1"]
+    assert sorted(runs["tags.mlflow.runName"]) == ["seed=0", "seed=1"]
+    events = EventAccumulator(str(tmp_path / "grid" / "seed=1" / "tensorboard"))
+    events.Reload()
+    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")

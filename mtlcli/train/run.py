@@ -251,7 +251,8 @@ def train_run(
         if ranks.writes:
             write_json(run_dir / "summary.json", summary)
         if tracker is not None:
-            tracker.finish([run_dir / name for name in ("model.safetensors", "schema.json", "summary.json")])
+            files = [run_dir / name for name in ("model.safetensors", "schema.json", "summary.json")]
+            tracker.finish(files, result.best_metrics)
     return summary
 
 

@@ -169,9 +169,18 @@ class Trackers:
                 self.mlflow.log_metrics(fresh, step=step)
                 self.logged |= dict.fromkeys(fresh, step)
 
-    def finish(self, files: list[Path]) -> None:
-        """After training: the run's files as MLflow artifacts; close everything."""
+    def finish(self, files: list[Path], best: dict[str, dict[str, Any]] | None = None) -> None:
+        """After training: a sweep point's settings with its best valid metrics as TensorBoard
+        HParams, the run's files as MLflow artifacts; close everything."""
         if self.tensorboard is not None:
+            if self.params and best:
+                metrics = {
+                    f"best/{task}/{metric}": float(value)
+                    for task, values in best.items()
+                    for metric, value in values.items()
+                    if metric in ("auc", "gauc", "logloss", "rmse", "mae") and value is not None
+                }
+                self.tensorboard.add_hparams(self.params, metrics, run_name=".")
             self.tensorboard.close()
         if self.mlflow is not None:
             for path in files:
