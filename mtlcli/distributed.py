@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from mtlcli.errors import MtlError
+
 
 @dataclass(frozen=True)
 class Ranks:
@@ -35,6 +37,7 @@ class Ranks:
 
     rank: int = 0
     world: int = 1
+    device: str = "cpu"  # where the collectives' own tensors live (cuda under NCCL)
 
     @property
     def active(self) -> bool:
@@ -57,16 +60,16 @@ class Ranks:
         """True when ``flag`` is true on some rank (stop requests, failures)."""
         if not self.active:
             return flag
-        return bool(self.sum(torch.tensor([1.0 if flag else 0.0])).item() > 0)
+        return bool(self.sum(torch.tensor([1.0 if flag else 0.0], device=self.device)).item() > 0)
 
     def gather(self, x: Tensor) -> Tensor:
         """The ranks' ``x`` (rows may differ in number) concatenated in rank order."""
         if not self.active:
             return x
-        sizes = [torch.zeros(1, dtype=torch.long) for _ in range(self.world)]
-        dist.all_gather(sizes, torch.tensor([x.shape[0]]))
+        sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(self.world)]
+        dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
         longest = int(max(s.item() for s in sizes))
-        padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype)
+        padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype, device=x.device)
         padded[: x.shape[0]] = x
         parts = [torch.empty_like(padded) for _ in range(self.world)]
         dist.all_gather(parts, padded.contiguous())
@@ -95,14 +98,36 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def join(backend: str = "gloo", init_method: str | None = None, rank: int = -1, world: int = -1) -> Ranks:
+def join(
+    backend: str = "gloo", init_method: str | None = None, rank: int = -1, world: int = -1, device: str = "cpu"
+) -> Ranks:
     """Join the process group (torchrun's, described in the environment, unless ``init_method``,
-    ``rank`` and ``world`` are given); set the current ranks."""
+    ``rank`` and ``world`` are given); set the current ranks. NCCL wants ``device`` a GPU."""
     global _current
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
-    _current = Ranks(dist.get_rank(), dist.get_world_size())
+    _current = Ranks(dist.get_rank(), dist.get_world_size(), device)
     return _current
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def training_device(setting: str) -> torch.device:
+    """``train.device``: cpu; cuda (this process's GPU: its local rank's; a clear error without
+    one); auto (cuda when torch sees a GPU, else cpu)."""
+    if setting == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        if setting == "cuda":
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise MtlError(
+                f"train.device: cuda, and torch {torch.__version__} ({build}) finds no CUDA GPU",
+                "set train.device: cpu, or auto to use a GPU only where there is one",
+            )
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank() % torch.cuda.device_count())
 
 
 def leave() -> None:

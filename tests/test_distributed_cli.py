@@ -142,3 +142,16 @@ def test_a_port_in_use_and_a_recipe_on_stdin_are_refused(tmp_path: Path) -> None
     result = train("-")
     assert result.returncode == 2 and "give a file, not '-'" in result.stderr, result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_device_cuda_without_a_gpu_is_refused_before_any_work(tmp_path: Path, nproc: int) -> None:
+    from tests.conftest import REPO
+
+    command = [sys.executable, "-m", "mtlcli", "train", "recipes/quickstart.yaml", "--out", str(tmp_path / "run"),
+               "--set", "train.device=cuda", "--set", f"data.cache_dir={tmp_path}/cache", "--nproc", str(nproc)]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("train.device: cuda, and torch") == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()  # nothing preprocessed

@@ -139,7 +139,9 @@ def command(
         from mtlcli.train.launch import launch
         from mtlcli.train.run import check_batch_split
 
-        check_batch_split(load_recipe(recipe, overrides or []).train.batch_size, nproc)  # once, not once per rank
+        checked = load_recipe(recipe, overrides or [])  # once here, not once per rank
+        check_batch_split(checked.train.batch_size, nproc)
+        distributed.training_device(checked.train.device)
         flags = [flag for flag, on in (("--force", force), ("--resume", resume), ("--json", as_json)) if on]
         flags += ["--quiet"] if quiet else []
         flags += ["--experiment", experiment] if experiment else []
@@ -147,7 +149,14 @@ def command(
         if code:
             raise typer.Exit(code)
         return
-    ranks = distributed.join() if distributed.launched() else distributed.SINGLE
+    ranks = distributed.SINGLE
+    if distributed.launched():  # NCCL between GPUs, gloo between CPU processes
+        device = distributed.training_device(load_recipe(recipe, overrides or []).train.device)
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.set_device(device)
+        ranks = distributed.join("nccl" if device.type == "cuda" else "gloo", device=str(device))
     try:
         quiet = quiet or not ranks.writes
         _train(recipe, out, force, resume, overrides, as_json and ranks.writes, quiet, ranks, experiment)
@@ -173,12 +182,14 @@ def _train(
 ) -> None:
     from torch.distributed import DistError
 
+    from mtlcli import distributed
     from mtlcli.data.store import prepare  # heavy imports (torch) only when a command runs
     from mtlcli.errors import MtlError
     from mtlcli.train.loop import TrainingInterrupted
     from mtlcli.train.run import check_run_dir, train_run
 
     loaded = load_recipe(recipe, overrides or [])
+    distributed.training_device(loaded.train.device)  # a missing GPU is said before preprocessing
     # rank 0 checks the run directory and preprocesses; the others then find the cache
     failure: MtlError | None = None
     prepared = None

@@ -35,6 +35,12 @@ class Batch:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def to(self, device: torch.device) -> Batch:
+        """The batch on ``device`` (itself when it is there already)."""
+        if self.labels.device == device:
+            return self
+        return Batch(**{name: part.to(device, non_blocking=True) for name, part in present(self).items()})
+
 
 def present(rows: Batch | SplitTensors) -> dict[str, Tensor]:
     """The tensors a batch or split holds, by field name (fields that are None left out): every

@@ -449,6 +449,9 @@ class TrainSection(Strict):
     loading: Literal["auto", "memory", "stream"] = "auto"
     shuffle_buffer: PositiveInt | Literal["auto"] = "auto"  # rows shuffled together when streaming
     # experiment trackers that receive the run's metrics (extras mtlcli[tensorboard], mtlcli[mlflow])
+    # where the model trains: cpu (the default, so figures do not change with the machine), cuda
+    # (a clear error without a GPU), or auto (cuda when torch sees one, else cpu)
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
     loggers: list[Literal["tensorboard", "mlflow"]] = []
     experiment: str | None = None  # the trackers' experiment name (default: the recipe file's name)
 

@@ -45,7 +45,7 @@ def input_spec(schema: DataSchema) -> InputSpec:
 
 def save_model(model: nn.Module, path: Path, recipe: Recipe, schema: DataSchema) -> None:
     """Write weights atomically, with the recipe and schema as JSON metadata."""
-    tensors = {name: t.detach().contiguous().clone() for name, t in model.state_dict().items()}
+    tensors = {name: t.detach().cpu().contiguous().clone() for name, t in model.state_dict().items()}
     metadata = {
         "format": "mtlcli-model",
         "mtlcli_version": __version__,
@@ -215,7 +215,7 @@ def save_checkpoint(
         "optimizer": to_json({"class": type(optimizer).__name__, "groups": groups}),
         **identity,
     }
-    tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}  # from any device
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 

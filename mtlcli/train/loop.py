@@ -77,6 +77,11 @@ class FitResult:
         return self.train_samples / self.train_seconds if self.train_seconds > 0 else 0.0
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters are (train.device)."""
+    return next(iter(model.parameters()), torch.zeros(())).device
+
+
 def task_losses(
     logits: Tensor, batch: Batch, binary: Tensor, pos_weight: Tensor | None = None, counts: Tensor | None = None
 ) -> Tensor:
@@ -108,9 +113,10 @@ def _predict(model: nn.Module, data: BatchSource, batch_size: int) -> tuple[Tens
     was_training = model.training
     model.eval()
     ranks = distributed.current()  # on several ranks, each scores its slice of every batch
+    device = model_device(model)
     outs, labels, masks, groups = [], [], [], []
     for batch in data.batches(batch_size, rank=ranks.rank, world=ranks.world):
-        outs.append(model(batch))
+        outs.append(model(batch.to(device)).cpu())
         labels.append(batch.labels)
         masks.append(batch.label_mask)
         if batch.groups is not None:
@@ -333,6 +339,8 @@ def fit(
     row_wise = sparse_embeddings(model)
     ranks = distributed.current()
     own_parameters = list(abilities.parameters)
+    device = model_device(model)
+    binary = binary.to(device)
     while state.epoch <= settings.epochs and not state.stopped_early:
         epoch = state.epoch
         if state.shuffle_state is not None:
@@ -345,6 +353,7 @@ def fit(
         model.train()
         started = time.perf_counter()
         for batch in train.batches(settings.batch_size, True, shuffle, state.step, ranks.rank, ranks.world):
+            batch = batch.to(device)
             optimizer.zero_grad(set_to_none=True)
             # on several ranks: each rank's part of the global losses (global row counts), valued
             # as the global losses so that every rank's strategy sees the same numbers
@@ -373,8 +382,8 @@ def fit(
             optimizer.step()
             for _, embedding in row_wise:  # tables that train row-wise, at the model's current lr
                 embedding.update_rows(optimizer.param_groups[0]["lr"])
-            state.loss_sum += losses.detach()
-            state.weight_sum += weights.detach()
+            state.loss_sum += losses.detach().cpu()
+            state.weight_sum += weights.detach().cpu()
             state.step += 1
             if grads is not None:
                 observer.on_gradients(gradient_record(grads, weights, tasks, epoch, state.step, global_step))

@@ -136,6 +136,16 @@ def _claim_run_dir(run_dir: Path, force: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+def to_device(model: nn.Module, strategy_parameters: list[nn.Parameter], device: torch.device) -> None:
+    """The model and the weighting's own parameters onto ``device``, in place: the optimizer keeps
+    the same parameter objects."""
+    if device.type == "cpu":
+        return
+    model.to(device)
+    for parameter in strategy_parameters:
+        parameter.data = parameter.data.to(device)
+
+
 def check_batch_split(batch_size: int, processes: int) -> None:
     if batch_size % processes:
         raise MtlError(
@@ -164,6 +174,7 @@ def train_run(
     ranks = distributed.current()  # on several ranks, rank 0 alone writes the run directory
     settings = recipe.train
     check_loggers(settings.loggers)
+    device = distributed.training_device(settings.device)  # a missing GPU is said before any work
     check_batch_split(settings.batch_size, ranks.world)
     if not resume:
         if ranks.writes:
@@ -185,13 +196,18 @@ def train_run(
     own = list(strategy.capabilities.parameters)
     optimizer = make_optimizer(settings, list(model.parameters()), own, recipe.loss.params.own_lr())
     identity = run_identity(recipe, schema)
+    pos_weight = pos_weight_tensor(recipe)
+    if pos_weight is not None:
+        pos_weight = pos_weight.to(device)
     with run_lock(run_dir) if ranks.writes else nullcontext():
         if resume:
+            to_device(model, own, device)  # before the optimizer's state is loaded next to them
             state = _resume_state(run_dir, identity, model, optimizer, strategy)
         else:
             search = scheme(model).capabilities.search  # schemes that find their structure first
             if search is not None:
                 search(train_data, settings.batch_size, settings.lr, settings.seed)
+            to_device(model, own, device)
             if ranks.writes:
                 _claim_run_dir(run_dir, force)
             state = None
@@ -219,7 +235,7 @@ def train_run(
                 optimizer,
                 state,
                 stop_requested,
-                pos_weight=pos_weight_tensor(recipe),
+                pos_weight=pos_weight,
             )
         except BaseException:
             if tracker is not None:
@@ -272,10 +288,10 @@ def split_source(prepared: Prepared, split: str, recipe: Recipe, batch_size: int
 
 
 def run_identity(recipe: Recipe, schema: DataSchema) -> dict[str, str]:
-    """What a checkpoint must match to be resumed: the recipe (train.epochs, the loggers and the
-    experiment may change: they do not shape the training) and the data."""
+    """What a checkpoint must match to be resumed: the recipe (train.epochs, the loggers, the
+    experiment and the device may change: a run may go on elsewhere) and the data."""
     spec = recipe.to_dict()
-    spec["train"] = {k: v for k, v in spec["train"].items() if k not in ("epochs", "loggers", "experiment")}
+    spec["train"] = {k: v for k, v in spec["train"].items() if k not in ("epochs", "loggers", "experiment", "device")}
     return {"recipe_sha256": sha256_json(spec), "data_key": schema.data_key}
 
 

@@ -92,5 +92,5 @@ class FixedWeights:
     capabilities = StrategyCapabilities()
 
     def backward(self, losses: Tensor, model: nn.Module) -> Tensor:
-        (losses * self.weights).sum().backward()
+        (losses * self.weights.to(losses.device)).sum().backward()
         return self.weights

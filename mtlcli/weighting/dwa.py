@@ -38,7 +38,7 @@ class DWA:
         return StrategyCapabilities(end_epoch=self.end_epoch, state=self)  # the last epochs' losses
 
     def backward(self, losses: Tensor, model: nn.Module) -> Tensor:
-        (losses * self.weights).sum().backward()
+        (losses * self.weights.to(losses.device)).sum().backward()
         return self.weights
 
     def end_epoch(self, epoch: int, mean_losses: Tensor) -> None:

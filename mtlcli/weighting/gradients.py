@@ -67,12 +67,20 @@ def backward_with_shared(losses: Tensor, model: nn.Module, combine: Callable[[Te
         return torch.ones_like(losses.detach())
     ranks = distributed.current()
     grads = ranks.sum(shared_task_gradients(losses, shared))  # the global [T, P] on every rank
-    coefficients = combine(grads, losses.detach())
+    coefficients = on_host(combine, grads, losses.detach())
     # each rank leaves 1/world of the combined gradient: the loop's sum over the ranks makes it whole
     assign_shared_gradient(coefficients @ grads / ranks.world, shared)
     if own:
         torch.autograd.backward(losses.sum(), inputs=own)
     return coefficients.detach()
+
+
+def on_host(combine: Callable[[Tensor, Tensor], Tensor], grads: Tensor, losses: Tensor) -> Tensor:
+    """The strategies combine on the CPU (their small [T] and [T, T] tensors live there): on a GPU
+    the gradients are copied over and the coefficients brought back."""
+    if grads.device.type == "cpu":
+        return combine(grads, losses)
+    return combine(grads.cpu(), losses.cpu()).to(grads.device)
 
 
 def gram_factor(gram: Tensor) -> Tensor:
@@ -118,7 +126,7 @@ def backward_with_representation(
     local = torch.stack(rows)
     # z holds this rank's rows only: the ranks exchange the T x T Gram matrix of the task gradients,
     # and combine reads a factor R of it (R Rᵀ = Σ_ranks G Gᵀ), which is all MGDA's min-norm needs
-    coefficients = combine(gram_factor(ranks.sum(local @ local.T)) if ranks.active else local, losses.detach())
+    coefficients = on_host(combine, gram_factor(ranks.sum(local @ local.T)) if ranks.active else local, losses.detach())
     coefficients = coefficients.detach()
     seeds = [sum(c * g[i] for c, g in zip(coefficients, z_grads, strict=True)) for i in range(n_z)]
     torch.autograd.backward(representation, grad_tensors=seeds, inputs=shared)

@@ -86,7 +86,7 @@ class GradNorm:
         layer = [p for p in balanced_parameters(model) if p.requires_grad]
         if layer:
             norms = gradient_norms(losses, layer)
-            ratios = detached / self.initial.clamp_min(1e-12)
+            ratios = detached / self.initial.to(detached.device).clamp_min(1e-12)
             grad = gradnorm_weight_gradient(weights, norms, ratios, self.alpha)
             self.weights.grad = grad if self.weights.grad is None else self.weights.grad + grad
         (weights * losses).sum().backward()

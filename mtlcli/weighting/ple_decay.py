@@ -52,7 +52,7 @@ class PLEDecay:
         return StrategyCapabilities(end_epoch=self.end_epoch, state=self)  # the step / epoch count
 
     def backward(self, losses: Tensor, model: nn.Module) -> Tensor:
-        weights = self.current().to(losses.dtype)
+        weights = self.current().to(losses.device, losses.dtype)
         (losses * weights).sum().backward()
         if self.per == "step":
             self.t += 1

@@ -31,7 +31,7 @@ class RLW:
         return StrategyCapabilities(state=self)  # the generator of the weights
 
     def backward(self, losses: Tensor, model: nn.Module) -> Tensor:
-        weights = torch.softmax(torch.randn(self.n_tasks, generator=self.generator), dim=0)
+        weights = torch.softmax(torch.randn(self.n_tasks, generator=self.generator), dim=0).to(losses.device)
         (losses * weights).sum().backward()
         return weights
 
