@@ -138,17 +138,19 @@ def render(report: dict[str, Any]) -> None:
 
 def importance_tables(report: dict[str, Any], top: int = 10) -> list[Table]:
     """Per task, its ``top`` inputs by permutation importance (mean ± spread over the shuffles)."""
+    from mtlcli.explain.importance import loss_of
+
     tables = []
     for task, entries in report["importance"].items():
         metric = report["metric"][task]
         baseline = report["baseline"][task]
         shown = f"{baseline:.4f}" if baseline is not None else "-"
         table = Table(
-            title=f"{task}: {metric} lost when an input is shuffled ({metric} {shown}, {report['repeats']} shuffles)",
+            title=f"{task}: {loss_of(metric)} when an input is shuffled ({metric} {shown}, {report['repeats']} shuffles)",
             title_justify="left",
         )
         table.add_column("input")
-        table.add_column(f"{metric} lost", justify="right")
+        table.add_column(loss_of(metric), justify="right")
         table.add_column("±", justify="right")
         high = max((abs(v["drop"]) for v in entries.values()), default=1.0) or 1.0
         for name, value in list(entries.items())[:top]:

@@ -152,6 +152,11 @@ def importance_report(
     }
 
 
+def loss_of(metric: str) -> str:
+    """What shuffling costs, in the metric's words: "auc lost" or "rmse gained"."""
+    return f"{metric} {'gained' if metric == 'rmse' else 'lost'}"
+
+
 def read_importance(report: dict[str, Any], top: int = 3) -> list[str]:
     """One line per task: the inputs it relies on most."""
     lines = []
@@ -162,5 +167,5 @@ def read_importance(report: dict[str, Any], top: int = 3) -> list[str]:
             lines.append(f"{task}: no importance ({metric} undefined on this split)")
             continue
         said = ", ".join(f"{name} ({value['drop']:+.4f})" for name, value in best)
-        lines.append(f"{task} relies most on {said} ({metric} lost when shuffled)")
+        lines.append(f"{task} relies most on {said} ({loss_of(metric)} when shuffled)")
     return lines

@@ -14,6 +14,7 @@ from typing import Any
 
 from mtlcli import __version__
 from mtlcli.explain.compare import compare_results, headline
+from mtlcli.explain.importance import loss_of
 from mtlcli.explain.report import ExplainOptions, explain_run, read_metrics
 
 PALETTE = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
@@ -262,8 +263,8 @@ def explain_section(run: dict[str, Any]) -> str:
         for task, entries in importance["importance"].items():
             rows = [[escape(n), number(v["drop"]), number(v["std"])] for n, v in list(entries.items())[:10]]
             metric = importance["metric"][task]
-            out.append(f"<h3>{escape(task)}: {metric} lost when an input is shuffled</h3>")
-            out.append(table(["input", f"{metric} lost", "±"], rows))
+            out.append(f"<h3>{escape(task)}: {loss_of(metric)} when an input is shuffled</h3>")
+            out.append(table(["input", loss_of(metric), "±"], rows))
     readings = [
         line
         for value in report.get("readings", {}).values()

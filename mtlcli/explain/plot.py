@@ -110,12 +110,14 @@ def history_plot(path: Path, history: dict[str, Any]) -> Path:
 
 def importance_plot(path: Path, task: str, metric: str, entries: dict[str, Any], top: int = 15) -> Path:
     """Horizontal bars: the task's ``top`` inputs by permutation importance, with their spread."""
+    from mtlcli.explain.importance import loss_of
+
     plt = require_matplotlib()
     shown = list(entries.items())[:top][::-1]
     fig, ax = plt.subplots(figsize=(6, 0.3 * len(shown) + 1), dpi=80)
     ax.barh([n for n, _ in shown], [v["drop"] for _, v in shown], xerr=[v["std"] for _, v in shown], color="#c44e52")
     ax.axvline(0.0, color="grey", linewidth=0.5)
-    ax.set_title(f"{task}: {metric} lost when an input is shuffled", fontsize=9)
+    ax.set_title(f"{task}: {loss_of(metric)} when an input is shuffled", fontsize=9)
     ax.tick_params(labelsize=7)
     fig.tight_layout()
     fig.savefig(path, format="png")
