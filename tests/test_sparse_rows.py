@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mtlcli.data.batch import Batch
-from mtlcli.models import SCHEMES, build_model
+from mtlcli.models import SCHEMES, InputSpec, build_model
 from mtlcli.models.blocks import FeatureEmbedding, sparse_embeddings, use_sparse_rows
 from mtlcli.recipe.schema import TrainSection
 from mtlcli.train.loop import NullObserver, fit, task_losses
@@ -155,3 +155,19 @@ def test_sparse_embeddings_in_a_recipe(tmp_path: Path, monkeypatch: pytest.Monke
     scored = runner.invoke(app, ["predict", "bundle", "--input", "data.csv"])
     assert scored.exit_code == 0, scored.output
     assert len(scored.stdout.splitlines()) == 81
+
+
+def test_threads_auto_counts_the_dense_parameters_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large table that trains row-wise costs a step only its batch's rows: it does not make a
+    model "large" for threads: auto (a dense table of the same size does)."""
+    import os
+
+    from mtlcli.train.run import SMALL_MODEL, choose_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    inputs = InputSpec(cardinalities=[SMALL_MODEL // 4], n_numeric=1, tasks=["a"], task_types=["binary"])
+    model = build_model("shared_bottom", SCHEMES.get("shared_bottom").params(embedding_dim=8), inputs)
+    assert choose_threads("auto", model) == 8  # 2M dense embedding parameters
+    use_sparse_rows(model)
+    assert choose_threads("auto", model) == 1
+    assert choose_threads(3, model) == 3

@@ -28,7 +28,7 @@ from mtlcli.errors import ArtifactError, DataError, MtlError
 from mtlcli.fileio import append_line, sha256_json, to_json, write_json, write_text
 from mtlcli.models import build_model
 from mtlcli.models.base import scheme
-from mtlcli.models.blocks import use_sparse_rows
+from mtlcli.models.blocks import sparse_embeddings, use_sparse_rows
 from mtlcli.recipe import Recipe, recipe_to_yaml
 from mtlcli.train.checkpoint import (
     LoadedModel,
@@ -101,10 +101,12 @@ SPARSE_MIN_ROWS = 100_000
 def choose_threads(setting: int | str, model: nn.Module) -> int:
     """``auto``: one thread for small models, whose small matrix products gain nothing from more
     threads and slow down many times over when the cores are busy; for large ones the cores,
-    shared among the training processes of this machine."""
+    shared among the training processes of this machine. A table that trains row-wise does not
+    count: a step touches only the batch's rows, whatever its size."""
     if setting != "auto":
         return int(setting)
-    params = sum(p.numel() for p in model.parameters())
+    row_wise = {id(m.table.weight) for _, m in sparse_embeddings(model)}
+    params = sum(p.numel() for p in model.parameters() if id(p) not in row_wise)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by torchrun for each rank
     return 1 if params < SMALL_MODEL else max(1, (os.cpu_count() or 1) // local)
 
