@@ -79,10 +79,6 @@ class Ranks:
         """The sorted distinct ids that some rank holds (``ids`` sorted and distinct on each)."""
         return torch.unique(self.gather(ids)) if self.active else ids
 
-    def barrier(self) -> None:
-        if self.active:
-            dist.barrier()
-
 
 SINGLE = Ranks()
 _current = SINGLE
@@ -150,12 +146,10 @@ def sum_gradients(model: nn.Module, strategy_parameters: list[nn.Parameter], ran
     the strategy's own (computed from the same global values everywhere) averaged."""
     if not ranks.active:
         return
-    own = {id(p) for p in strategy_parameters}
-    grads = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in own]
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
     grads += [rows.grad for rows in row_leaves(model) if rows.grad is not None]
-    _all_reduce_flat(grads)
     strategy = [p.grad for p in strategy_parameters if p.grad is not None]
-    _all_reduce_flat(strategy)
+    _all_reduce_flat(grads + strategy)  # one exchange for both
     for g in strategy:
         g /= ranks.world
 

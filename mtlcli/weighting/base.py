@@ -89,7 +89,9 @@ class FixedWeights:
     def __init__(self, weights: Tensor) -> None:
         self.weights = weights
 
-    capabilities = StrategyCapabilities()
+    @property
+    def capabilities(self) -> StrategyCapabilities:
+        return StrategyCapabilities()
 
     def backward(self, losses: Tensor, model: nn.Module) -> Tensor:
         (losses * self.weights.to(losses.device)).sum().backward()

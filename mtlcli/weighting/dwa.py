@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 from pydantic import PositiveFloat
-from torch import Tensor, nn
+from torch import Tensor
 
-from mtlcli.weighting.base import StrategyCapabilities, WeightingParams, register_weighting
+from mtlcli.weighting.base import FixedWeights, StrategyCapabilities, WeightingParams, register_weighting
 
 
 class DWAParams(WeightingParams):
@@ -27,19 +27,17 @@ def dwa_weights(previous: Tensor, before: Tensor, temperature: float) -> Tensor:
     return len(ratio) * torch.softmax(ratio / temperature, dim=0)
 
 
-class DWA:
+class DWA(FixedWeights):
+    """Backward on the weighted sum (as ``FixedWeights``), with weights that change each epoch."""
+
     def __init__(self, n_tasks: int, temperature: float) -> None:
+        super().__init__(torch.ones(n_tasks))
         self.temperature = temperature
         self.history: list[Tensor] = []
-        self.weights = torch.ones(n_tasks)
 
     @property
     def capabilities(self) -> StrategyCapabilities:
         return StrategyCapabilities(end_epoch=self.end_epoch, state=self)  # the last epochs' losses
-
-    def backward(self, losses: Tensor, model: nn.Module) -> Tensor:
-        (losses * self.weights.to(losses.device)).sum().backward()
-        return self.weights
 
     def end_epoch(self, epoch: int, mean_losses: Tensor) -> None:
         self.history = [*self.history[-1:], mean_losses.detach().clone()]
