@@ -133,15 +133,16 @@ def command(
 
     if resume and force:
         raise typer.BadParameter("--resume continues a run and --force replaces it: give one of them")
-    if nproc > 1 and not distributed.launched():
-        if recipe == "-":
-            raise typer.BadParameter("--nproc starts processes that each read the recipe: give a file, not '-'")
+    launching = nproc > 1 and not distributed.launched()
+    if launching and recipe == "-":
+        raise typer.BadParameter("--nproc starts processes that each read the recipe: give a file, not '-'")
+    loaded = load_recipe(recipe, overrides or [])
+    device = distributed.training_device(loaded.train.device)  # a missing GPU is said before any work
+    if launching:  # the recipe, the batch split and the device are checked here once, not once per rank
         from mtlcli.train.launch import launch
         from mtlcli.train.run import check_batch_split
 
-        checked = load_recipe(recipe, overrides or [])  # once here, not once per rank
-        check_batch_split(checked.train.batch_size, nproc)
-        distributed.training_device(checked.train.device)
+        check_batch_split(loaded.train.batch_size, nproc)
         flags = [flag for flag, on in (("--force", force), ("--resume", resume), ("--json", as_json)) if on]
         flags += ["--quiet"] if quiet else []
         flags += ["--experiment", experiment] if experiment else []
@@ -151,7 +152,6 @@ def command(
         return
     ranks = distributed.SINGLE
     if distributed.launched():  # NCCL between GPUs, gloo between CPU processes
-        device = distributed.training_device(load_recipe(recipe, overrides or []).train.device)
         if device.type == "cuda":
             import torch
 
@@ -159,7 +159,7 @@ def command(
         ranks = distributed.join("nccl" if device.type == "cuda" else "gloo", device=str(device))
     try:
         quiet = quiet or not ranks.writes
-        _train(recipe, out, force, resume, overrides, as_json and ranks.writes, quiet, ranks, experiment)
+        _train(loaded, recipe, out, force, resume, overrides, as_json and ranks.writes, quiet, ranks, experiment)
     finally:
         if ranks.active:
             # when one rank ends, the launcher stops the others with SIGTERM; this one is on its way
@@ -170,6 +170,7 @@ def command(
 
 
 def _train(
+    loaded: Recipe,
     recipe: str,
     out: Path,
     force: bool,
@@ -182,14 +183,11 @@ def _train(
 ) -> None:
     from torch.distributed import DistError
 
-    from mtlcli import distributed
     from mtlcli.data.store import prepare  # heavy imports (torch) only when a command runs
     from mtlcli.errors import MtlError
     from mtlcli.train.loop import TrainingInterrupted
     from mtlcli.train.run import check_run_dir, train_run
 
-    loaded = load_recipe(recipe, overrides or [])
-    distributed.training_device(loaded.train.device)  # a missing GPU is said before preprocessing
     # rank 0 checks the run directory and preprocesses; the others then find the cache
     failure: MtlError | None = None
     prepared = None
