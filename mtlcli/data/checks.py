@@ -104,8 +104,15 @@ def number_checks(name: str, dtype: pl.DataType, field: str) -> list[RowCheck]:
     ]
 
 
+def enforce_frame(frame: pl.DataFrame, checks: list[RowCheck]) -> None:
+    """``enforce`` on an in-memory frame (its rows numbered from its first when it has no
+    ``ROW_COLUMN`` of its own)."""
+    lazy = frame.lazy() if ROW_COLUMN in frame.columns else frame.lazy().with_row_index(ROW_COLUMN)
+    enforce(lazy, checks, collect=lambda query: query.collect())
+
+
 def checked_numbers(frame: pl.DataFrame, name: str, field: str) -> pl.Series:
     """Column ``name`` of an in-memory frame as float64, after its ``number_checks``."""
     dtype = frame.schema[name]
-    enforce(frame.lazy(), number_checks(name, dtype, field), collect=lambda query: query.collect())
+    enforce_frame(frame, number_checks(name, dtype, field))
     return frame.select(number_exprs(name, dtype)[0].alias(name)).to_series()

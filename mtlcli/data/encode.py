@@ -130,12 +130,8 @@ def _time_lists(f: SequenceFeature, types: dict[str, pl.DataType], where: Where)
     assert f.time_column is not None
     dtype = types[f.time_column]
     if dtype == pl.String:
-        return (
-            pl.col(f.time_column)
-            .str.split(f.separator)
-            .list.eval(pl.element().str.strip_chars().cast(pl.Float64, strict=False))
-            .fill_null([])
-        )
+        text = _text_lists(f.time_column, dtype, f.separator, "timestamps", where(f, "time_column"))
+        return text.list.eval(pl.element().cast(pl.Float64, strict=False))
     if isinstance(dtype, pl.List) and (dtype.inner.is_numeric() or dtype.inner.is_temporal()):
         inner = dtype.inner if isinstance(dtype.inner, pl.DataType) else dtype.inner()
         return pl.col(f.time_column).list.eval(_epoch(pl.element(), inner)).fill_null([])

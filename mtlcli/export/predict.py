@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch, SplitTensors
-from mtlcli.data.checks import ROW_COLUMN, checked_numbers, enforce, number_exprs
+from mtlcli.data.checks import ROW_COLUMN, checked_numbers, enforce_frame, number_exprs
 from mtlcli.data.encode import categorical_expr, encode_numeric, group_expr, history_checks, history_exprs
 from mtlcli.data.labels import LABEL_PREFIX, make_labels
 from mtlcli.data.load import label_mask, sequence_arrays
@@ -298,11 +298,7 @@ def encode_inputs(frame: pl.DataFrame, schema: DataSchema) -> Inputs:
         def where(f: SequenceFeature, key: str) -> str:
             return f"input column {f.columns()[key]!r}"
 
-        enforce(
-            frame.lazy().with_row_index(ROW_COLUMN) if ROW_COLUMN not in frame.columns else frame.lazy(),
-            [check for f in schema.sequences for check in history_checks(f, types, where)],
-            collect=lambda query: query.collect(),
-        )
+        enforce_frame(frame, [check for f in schema.sequences for check in history_checks(f, types, where)])
         exprs = history_exprs(schema.sequences, schema.categorical, types, where)
         ids, lengths = sequence_arrays(frame.select(exprs), schema, n)
         inputs["sequences"], inputs["sequence_lengths"] = torch.from_numpy(ids), torch.from_numpy(lengths)

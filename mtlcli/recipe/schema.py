@@ -278,10 +278,15 @@ class SequenceOptions(Strict):
             raise ValueError("separator must not be empty")
         if self.events is not None and self.column is not None:
             raise ValueError("a history comes from 'column' or from 'events', not both")
-        given = {"type_column": self.type_column, "types": self.types, "time_column": self.time_column}
-        parallel = [key for key, value in (given | {"row_time": self.row_time}).items() if value]
-        if self.events is not None and parallel:
-            raise ValueError(f"{parallel[0]!r} is for list columns; a history from 'events' sets type and time there")
+        parallel = {
+            "type_column": self.type_column,
+            "types": self.types,
+            "time_column": self.time_column,
+            "row_time": self.row_time,
+        }
+        given = [key for key, value in parallel.items() if value]
+        if self.events is not None and given:
+            raise ValueError(f"{given[0]!r} is for list columns; a history from 'events' sets type and time there")
         if self.types and self.type_column is None:
             raise ValueError("'types' keeps the ids of some behaviour types: set 'type_column' too")
         if self.row_time is not None and self.time_column is None:
@@ -448,10 +453,10 @@ class TrainSection(Strict):
     # fits data.memory_budget
     loading: Literal["auto", "memory", "stream"] = "auto"
     shuffle_buffer: PositiveInt | Literal["auto"] = "auto"  # rows shuffled together when streaming
-    # experiment trackers that receive the run's metrics (extras mtlcli[tensorboard], mtlcli[mlflow])
     # where the model trains: cpu (the default, so figures do not change with the machine), cuda
     # (a clear error without a GPU), or auto (cuda when torch sees one, else cpu)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+    # experiment trackers that receive the run's metrics (extras mtlcli[tensorboard], mtlcli[mlflow])
     loggers: list[Literal["tensorboard", "mlflow"]] = []
     experiment: str | None = None  # the trackers' experiment name (default: the recipe file's name)
 

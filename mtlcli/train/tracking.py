@@ -96,7 +96,6 @@ class Trackers:
         self.steps = 1
         self.tensorboard: Any = None
         self.mlflow: Any = None
-        self.mlflow_run: str | None = None
         self.logged: dict[str, int] = {}  # MLflow: the last step of each metric already in the run
 
     # --- the observer ---
@@ -148,7 +147,6 @@ class Trackers:
         saved = self.run_dir / MLFLOW_RUN
         run_id = saved.read_text().strip() if self.resumed is not None and saved.is_file() else None
         run = mlflow.start_run(run_id=run_id, run_name=None if run_id else self.run_dir.name)
-        self.mlflow_run = run.info.run_id
         if run_id is None:
             saved.write_text(run.info.run_id + "\n")
             mlflow.log_params(flat_params(self.recipe.to_dict()) | self.params)
