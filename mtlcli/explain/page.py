@@ -32,7 +32,7 @@ svg text{font-size:11px;fill:#333}
 def gather(run_dir: Path, options: ExplainOptions) -> dict[str, Any]:
     """What the page shows of one run: its recipe, history, valid and test metrics, and the
     explain report (the run's saved ``explain.json`` when it has one, else computed on valid)."""
-    from mtlcli.train.run import EXPLAINED, evaluate_run, load_run
+    from mtlcli.train.run import EXPLAINED, evaluate_splits, load_run
 
     loaded = load_run(run_dir)
     saved = run_dir / EXPLAINED
@@ -43,6 +43,8 @@ def gather(run_dir: Path, options: ExplainOptions) -> dict[str, Any]:
         rows = f"{explained['rows']:,} rows of the valid split"
         source = f"computed for this page on {rows} (no saved {EXPLAINED} in the run)"
     recipe = loaded.recipe
+    identity = {"scheme": recipe.model.scheme, "weighting": recipe.loss.weighting}
+    evaluated = evaluate_splits(run_dir, ["valid", "test"])
     return {
         "run_dir": str(run_dir),
         "name": run_dir.name,
@@ -51,8 +53,8 @@ def gather(run_dir: Path, options: ExplainOptions) -> dict[str, Any]:
         "tasks": loaded.schema.task_names,
         "types": [t.type for t in loaded.schema.tasks],
         "history": read_metrics(run_dir / "metrics.jsonl"),
-        "valid": evaluate_run(run_dir, "valid") | {"scheme": recipe.model.scheme, "weighting": recipe.loss.weighting},
-        "test": evaluate_run(run_dir, "test") | {"scheme": recipe.model.scheme, "weighting": recipe.loss.weighting},
+        "valid": evaluated["valid"] | identity,
+        "test": evaluated["test"] | identity,
         "explain": explained,
         "explain_source": source,
         "recipe": (run_dir / "recipe.yaml").read_text(encoding="utf-8"),

@@ -426,6 +426,11 @@ def evaluate_loaded(loaded: LoadedModel, data: BatchSource, batch_size: int) -> 
 
 def evaluate_run(run_dir: Path, split: str = "test", batch_size: int = 65536) -> dict[str, Any]:
     """Per-task metrics of a run's model on one split of its data (re-encoded if the cache is gone)."""
+    return evaluate_splits(run_dir, [split], batch_size)[split]
+
+
+def evaluate_splits(run_dir: Path, splits: list[str], batch_size: int = 65536) -> dict[str, dict[str, Any]]:
+    """``evaluate_run`` on several splits, the run and its data loaded once."""
     loaded = load_run(run_dir)
     prepared = encoded_data(run_dir, loaded)
     if prepared.schema.to_dict() != loaded.schema.to_dict():
@@ -433,6 +438,8 @@ def evaluate_run(run_dir: Path, split: str = "test", batch_size: int = 65536) ->
             f"{run_dir}: the data no longer matches the schema the model was trained with",
             "the source files or the recipe's data part changed since training; retrain",
         )
-    data = split_source(prepared, split, loaded.recipe, batch_size, "--batch-size")
-    metrics = evaluate_loaded(loaded, data, batch_size)
-    return {"split": split, "run_dir": str(run_dir), "tasks": metrics}
+    out = {}
+    for split in splits:
+        data = split_source(prepared, split, loaded.recipe, batch_size, "--batch-size")
+        out[split] = {"split": split, "run_dir": str(run_dir), "tasks": evaluate_loaded(loaded, data, batch_size)}
+    return out
