@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from mtlcli.data.batch import SplitTensors
 from mtlcli.data.schema import DataSchema
 from mtlcli.errors import MtlError
+from mtlcli.explain.compare import HEADLINE
 from mtlcli.train.loop import predict_logits
 from mtlcli.train.metrics import task_metrics
 
@@ -95,7 +96,7 @@ def _scores(
     metrics = task_metrics(predict_logits(model, data, batch_size), data.labels, data.label_mask, tasks, types)
     out: dict[str, float | None] = {}
     for task, kind in zip(tasks, types, strict=True):
-        value = metrics[task]["auc" if kind == "binary" else "rmse"]
+        value = metrics[task][HEADLINE[kind][0]]
         out[task] = None if value is None else float(value)
     return out
 
@@ -114,7 +115,7 @@ def importance_report(
     "std"}}} sorted by drop, most important first}."""
     tasks = schema.task_names
     types = [t.type for t in schema.tasks]
-    sign = {t: 1.0 if kind == "binary" else -1.0 for t, kind in zip(tasks, types, strict=True)}
+    headline = {t: HEADLINE[kind] for t, kind in zip(tasks, types, strict=True)}  # (metric, +1 when higher is better)
     members = input_groups(run_inputs(schema), groups or [])
     baseline = _scores(model, data, tasks, types, batch_size)
     generator = torch.Generator().manual_seed(seed)
@@ -126,7 +127,7 @@ def importance_report(
             for task in tasks:
                 base, now = baseline[task], scores[task]
                 if base is not None and now is not None:
-                    drops[task].setdefault(name, []).append(sign[task] * (base - now))
+                    drops[task].setdefault(name, []).append(headline[task][1] * (base - now))
     importance = {
         task: dict(
             sorted(
@@ -140,7 +141,7 @@ def importance_report(
         for task, values in drops.items()
     }
     return {
-        "metric": {t: "auc" if kind == "binary" else "rmse" for t, kind in zip(tasks, types, strict=True)},
+        "metric": {t: metric for t, (metric, _) in headline.items()},
         "baseline": baseline,
         "repeats": repeats,
         "seed": seed,
