@@ -90,22 +90,20 @@ def _identity(result: dict[str, Any] | None) -> dict[str, Any] | None:
     return {key: result.get(key) for key in ("run_dir", "scheme", "weighting")} | {"tasks": result["tasks"]}
 
 
+def verdict(run: dict[str, Any]) -> str:
+    """Which tasks a run (a ``compare_results`` entry with gains) helps and hurts, in words."""
+    if run["seesaw"]:
+        return f"seesaw: {', '.join(run['improved'])} up, {', '.join(run['worsened'])} down"
+    if run["worsened"]:
+        return f"negative transfer on {', '.join(run['worsened'])}"
+    if run["improved"]:
+        return f"gains on {', '.join(run['improved'])}, no task worse"
+    return "no task moves beyond the tolerance"
+
+
 def readings(comparison: dict[str, Any]) -> list[str]:
     """One line per run with a baseline: which tasks it helps and hurts."""
-    lines = []
-    for run in comparison["runs"]:
-        if "gain" not in run:
-            continue
-        if run["seesaw"]:
-            verdict = f"seesaw: {', '.join(run['improved'])} up, {', '.join(run['worsened'])} down"
-        elif run["worsened"]:
-            verdict = f"negative transfer on {', '.join(run['worsened'])}"
-        elif run["improved"]:
-            verdict = f"gains on {', '.join(run['improved'])}, no task worse"
-        else:
-            verdict = "no task moves beyond the tolerance"
-        lines.append(f"{run['run_dir']} ({run['scheme']}): {verdict}")
-    return lines
+    return [f"{run['run_dir']} ({run['scheme']}): {verdict(run)}" for run in comparison["runs"] if "gain" in run]
 
 
 def compare_runs(

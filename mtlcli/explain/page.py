@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mtlcli import __version__
-from mtlcli.explain.compare import compare_results, headline
+from mtlcli.explain.compare import compare_results, headline, verdict
 from mtlcli.explain.importance import loss_of
 from mtlcli.explain.report import ExplainOptions, explain_run, read_metrics
 
@@ -208,12 +208,11 @@ def metrics_section(runs: list[dict[str, Any]], baseline: dict[str, Any] | None)
                 if gain is not None:
                     rows.append([escape(run["name"]), escape(task), escape(gain["metric"]), number(gain["baseline"]),
                                  number(gain["value"]), f"{gain['gain']:+.4f}"])  # fmt: skip
-            verdict = "seesaw" if entry["seesaw"] else ("negative transfer" if entry["worsened"] else "no task worse")
-            rows.append([escape(run["name"]), "<b>all</b>", "", "", "", escape(verdict)])
+            rows.append([escape(run["name"]), "<b>all</b>", "", "", "", escape(verdict(entry))])
         out.append(
             f"<h3>MTL gain on test over {escape(baseline['name'])}</h3>"
             '<p class="note">The gain of a task is on its headline metric: AUC up, or RMSE down, '
-            "against the baseline run (more than 0.001 counts as a move).</p>"
+            f"against the baseline run (more than {comparison['tolerance']:g} counts as a move).</p>"
             + table(["run", "task", "metric", "baseline", "run", "gain"], rows)
         )
     return "".join(out)
