@@ -69,10 +69,11 @@ def train(case: tuple[str, str, str, dict[str, Any], bool]) -> dict[str, Tensor]
     if rows:
         use_sparse_rows(model)
     strategy = Recording(build_weighting(weighting, WEIGHTINGS.get(weighting).params(**params), TASKS))
+    # 449 rows: each epoch ends on a batch of one row, and rank 1's slice of it is empty.
     # SGD: Adam's steps do not change when a gradient is scaled, and would hide an exchange that
     # gets a gradient's size wrong (e.g. GradNorm's norms from one rank's rows)
     settings = TrainSection(epochs=2, batch_size=64, early_stopping=None, lr=0.1, seed=3, optimizer="sgd")
-    result = fit(model, strategy, split(448, 1), split(100, 2), settings, TASKS, ["binary"] * 2, NullObserver())
+    result = fit(model, strategy, split(449, 1), split(100, 2), settings, TASKS, ["binary"] * 2, NullObserver())
     out = {f"param.{k}": v.detach().clone() for k, v in model.state_dict().items()}
     out["losses"] = torch.stack(strategy.steps)
     out["valid_auc"] = torch.tensor([result.history[-1]["valid"][t]["auc"] for t in TASKS])
@@ -102,7 +103,7 @@ def two_ranks() -> Any:
 def test_two_ranks_reproduce_one_process(case: tuple[str, str, str, dict[str, Any], bool], two_ranks: Any) -> None:
     torch.set_num_threads(1)
     alone, shared = train(case), two_ranks[case[0]]
-    assert alone["losses"].shape == shared["losses"].shape == (14, 2)
+    assert alone["losses"].shape == shared["losses"].shape == (16, 2)
     assert torch.allclose(shared["losses"], alone["losses"], rtol=1e-5, atol=1e-7), case[0]
     for name, value in alone.items():
         if name.startswith("param."):

@@ -10,7 +10,7 @@ from mtlcli.data.batch import Batch
 from mtlcli.models import SCHEMES, InputSpec, build_model
 from mtlcli.models.base import SharedRepresentation, enable_representation
 from mtlcli.models.base import scheme as scheme_of
-from mtlcli.models.blocks import ExpertPool, FeatureEmbedding
+from mtlcli.models.blocks import ExpertPool, FeatureEmbedding, use_sparse_rows
 from mtlcli.models.mmoe import MMoE
 from mtlcli.train.loop import task_losses
 from mtlcli.weighting.gradients import split_parameters
@@ -87,6 +87,22 @@ def test_gradients_reach_every_parameter(scheme: str) -> None:
     for name, param in model.named_parameters():
         assert param.grad is not None, f"{name} gets no gradient"
         assert param.grad.abs().sum() > 0, f"{name} gets an all-zero gradient"
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["table", "row-wise"])
+@pytest.mark.parametrize("scheme", SCHEMES.names())
+def test_an_empty_batch_gives_no_output_and_zero_gradients(scheme: str, sparse: bool) -> None:
+    """On several processes a rank's slice of a short last batch (or of a streamed epoch's tail)
+    can hold no rows: it must still take part in the step, with zero gradients."""
+    model = build(scheme)
+    if sparse:
+        use_sparse_rows(model)
+    batch = make_batch(0)
+    logits = model(batch)
+    assert logits.shape == (0, len(TASKS))
+    task_losses(logits, batch, BINARY, counts=torch.ones(len(TASKS))).sum().backward()
+    for name, param in model.named_parameters():
+        assert param.grad is None or not param.grad.any(), name
 
 
 @pytest.mark.parametrize("scheme", SCHEMES.names())

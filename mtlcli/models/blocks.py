@@ -178,7 +178,7 @@ class FeatureEmbedding(nn.Module):
                 unique, inverse = torch.unique(ids, return_inverse=True)
             rows = self.table.weight.index_select(0, unique).requires_grad_()
             self.rows, self.row_ids = rows, unique
-            looked = rows.index_select(0, inverse.reshape(-1)).view(*ids.shape, -1)
+            looked = rows.index_select(0, inverse.reshape(-1)).view(*ids.shape, rows.shape[1])
         else:
             looked = _Lookup.apply(self.table.weight, ids)
         fields = looked[:, : self.n_categorical]
@@ -317,7 +317,7 @@ class ExpertPool(nn.Module):
     def from_first_layer(self, pre: Tensor) -> Tensor:
         """The experts' outputs [B, n, h] from their first layer's pre-activations [B, n * units[0]]
         (lets a caller compute that layer inside a larger matmul)."""
-        h = self.dropout(torch.relu(pre)).view(pre.shape[0], self.n, -1)
+        h = self.dropout(torch.relu(pre)).unflatten(1, (self.n, pre.shape[1] // self.n))
         if len(self.weights):
             h = h.transpose(0, 1)  # [n, B, h]
             for weight, bias in zip(self.weights, self.biases, strict=True):

@@ -93,7 +93,7 @@ class MMoE(nn.Module, SharedRepresentation):
             [first.out_features, weight.shape[0] - first.out_features], 1
         )
         experts = pool.from_first_layer(expert_pre)  # [B, E, H]
-        gates = torch.softmax(gate_pre.view(x.shape[0], len(self.tasks), -1), dim=-1)  # [B, T, E]
+        gates = torch.softmax(gate_pre.unflatten(1, (len(self.tasks), -1)), dim=-1)  # [B, T, E]
         mixed = [(gate.unsqueeze(-1) * experts).sum(1) for gate in gates.unbind(1)]  # T x [B, H]
         return self.towers(mixed)
 
