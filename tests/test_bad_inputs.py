@@ -359,6 +359,12 @@ CASES = [
         recipe=patched(lambda r: (setting("train.shuffle_buffer", 8)(r), setting("train.loading", "stream")(r))),
     ),
     Case(
+        "streamed shards that do not divide the batch",
+        "train.batch_size (32) does not divide evenly among 3 shards (train.shards)",
+        kind="data",
+        recipe=patched(lambda r: (setting("train.shards", 3)(r), setting("train.loading", "stream")(r))),
+    ),
+    Case(
         "data file missing",
         "data file not found: nowhere.csv",
         kind="data",

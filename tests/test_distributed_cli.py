@@ -111,6 +111,37 @@ def test_an_interrupted_job_ends_cleanly_and_resumes_exactly(
         assert torch.equal(ours[name], theirs[name]), name
 
 
+STREAMED = ["--set", "train.loading=stream", "--set", "train.shuffle_buffer=8192"]
+
+
+def test_a_streamed_run_reads_a_shard_per_process_and_resumes_on_one(
+    runs: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """Streamed, each of 2 processes reads its own shard (train.shards: auto); the run equals one
+    process reading both shards, and interrupted it goes on in its order on 1 process."""
+    _, _, cache = runs
+    alone = tmp_path / "alone"
+    finished(start(alone, cache, *STREAMED, "--set", "train.shards=2"))
+    run, marker = tmp_path / "run", uuid.uuid4().hex
+    process = start(run, cache, *STREAMED, "--nproc", "2", marker=marker)
+    deadline = time.monotonic() + 240
+    while checkpoint_position(run)[0] < 2 or checkpoint_position(run)[1] == 0:  # inside epoch 2
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    other = start(run, cache, *STREAMED, "--resume", "--set", "train.shards=1")
+    _, err = other.communicate(timeout=120)
+    assert other.returncode == 2 and "the run streamed its train split as 2 shards" in err, err
+    finished(start(run, cache, *STREAMED, "--resume"))  # auto: the run's 2 shards, on 1 process
+    assert json.loads((run / "summary.json").read_text())["train_shards"] == 2
+    for a, b in zip(records(alone), records(run), strict=True):
+        for task in ("income", "marital"):
+            assert b["train_loss"][task] == pytest.approx(a["train_loss"][task], rel=1e-5)  # type: ignore[index]
+            assert b["valid"][task]["auc"] == pytest.approx(a["valid"][task]["auc"], abs=1e-4)  # type: ignore[index]
+
+
 def test_a_batch_that_does_not_split_evenly_is_refused(tmp_path: Path) -> None:
     from tests.conftest import REPO
 

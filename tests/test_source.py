@@ -181,3 +181,106 @@ def test_census_streamed_with_a_whole_buffer_equals_in_memory(census_file: Path,
                     assert streamed["valid"][task][name] == pytest.approx(value, abs=1e-6), (task, name)
         for task, loss in memory["train_loss"].items():
             assert streamed["train_loss"][task] == pytest.approx(loss, abs=1e-6), task
+
+
+def sharded(prepared: Prepared, shards: int, window: int = 200, read_ahead: bool = True) -> StreamedSplit:
+    return StreamedSplit(prepared.file("train"), window, block_rows=64, read_ahead=read_ahead, shards=shards)
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[range]:
+    """The row ranges read from the split file, as they are read."""
+    seen: list[range] = []
+    original = SplitFile.window
+
+    def spy(self: SplitFile, offset: int, rows: int) -> object:
+        seen.append(range(offset, offset + rows))
+        return original(self, offset, rows)
+
+    monkeypatch.setattr(SplitFile, "window", spy)
+    return seen
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_ranks_read_only_their_own_shards_and_make_up_the_one_process_batches(
+    prepared: Prepared, world: int, reads: list[range]
+) -> None:
+    """990 rows in 16 blocks of 64 dealt to 4 shards (4 blocks each, the last holding the short
+    block): a global batch of 32 is 8 rows of each shard, whichever process reads them."""
+    source = sharded(prepared, 4)
+    assert source.shard_rows() == [256, 256, 256, 222] and source.steps(32) == 32
+    alone = list(source.batches(32, True, torch.Generator().manual_seed(4)))
+    assert len(alone) == 32 and sorted(rows_of(alone)) == list(range(10, ROWS))
+    assert [len(b) for b in alone[-6:]] == [32, 30, 24, 24, 24, 24]  # the short shard is used up first
+    per_rank = []
+    for rank in range(world):
+        reads.clear()
+        per_rank.append(list(source.batches(32, True, torch.Generator().manual_seed(4), rank=rank, world=world)))
+        read = sorted(i for r in reads for i in r)
+        assert len(read) == len(set(read)), "each row read once"
+        mine = {r - 10 for b in per_rank[-1] for r in rows_of([b])}
+        assert set(read) == mine, "a rank reads only the rows it trains on"
+        assert len(read) <= 4 // world * 256
+    for k, batch in enumerate(alone):
+        assert all(len(per_rank[r]) == 32 for r in range(world))
+        parts = [per_rank[r][k] for r in range(world)]
+        assert torch.equal(torch.cat([p.numeric for p in parts]), batch.numeric)
+        assert torch.equal(torch.cat([p.labels for p in parts]), batch.labels)
+    if world == 4:  # rank 3's shard is used up four steps early: it takes part with no rows
+        tail = per_rank[3][-5:]
+        assert [len(b) for b in tail] == [6, 0, 0, 0, 0]
+        assert tail[1].categorical.shape == (0, 1) and tail[1].labels.shape == (0, 2)
+
+
+def test_sharded_epochs_draw_new_orders_and_resume_in_place(prepared: Prepared) -> None:
+    source = sharded(prepared, 2, read_ahead=False)
+    generator = torch.Generator().manual_seed(9)
+    first = rows_of(list(source.batches(32, True, generator)))
+    second = rows_of(list(source.batches(32, True, generator)))
+    assert sorted(first) == sorted(second) == list(range(10, ROWS)) and first != second
+    for rank in (0, 1):
+        whole = list(source.batches(32, True, torch.Generator().manual_seed(9), rank=rank, world=2))
+        for skip in (1, 12, 16, 30):
+            rest = list(source.batches(32, True, torch.Generator().manual_seed(9), skip=skip, rank=rank, world=2))
+            assert rows_of(rest) == rows_of(whole[skip:]), (rank, skip)
+            assert len(rest) == source.steps(32) - skip
+
+
+def test_one_shard_keeps_the_one_stream_order(prepared: Prepared) -> None:
+    plain = rows_of(list(stream(prepared, window=200).batches(32, True, torch.Generator().manual_seed(1))))
+    one = rows_of(list(sharded(prepared, 1).batches(32, True, torch.Generator().manual_seed(1))))
+    assert one == plain
+
+
+def test_a_small_split_is_cut_into_a_block_per_shard(prepared: Prepared) -> None:
+    source = StreamedSplit(prepared.file("train"), 5000, shards=3)  # one 65,536-row block would do
+    assert source.block_rows == 330 and source.shard_rows() == [330, 330, 330]
+    assert sorted(rows_of(list(source.batches(30, True, torch.Generator().manual_seed(0))))) == list(range(10, ROWS))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_evaluation_on_several_ranks_scores_every_row_once_reading_its_own(
+    prepared: Prepared, world: int, reads: list[range]
+) -> None:
+    source = stream(prepared, window=200)
+    seen = []
+    for rank in range(world):
+        reads.clear()
+        rows = rows_of(list(source.batches(100, rank=rank, world=world)))
+        assert {i + 10 for r in reads for i in r} == set(rows)
+        seen += rows
+    assert sorted(seen) == list(range(10, ROWS))
+
+
+def test_shards_that_the_processes_or_the_batch_cannot_share_are_refused(prepared: Prepared) -> None:
+    file = prepared.file("train")
+    with pytest.raises(DataError, match=r"train.shards: 3 shards cannot be shared evenly by 2 processes"):
+        open_source(file, "stream", 1 << 30, 200, 30, "train.batch_size", shards=3, world=2)
+    with pytest.raises(DataError, match=r"train.batch_size \(30\) does not divide evenly among 4 shards"):
+        open_source(file, "stream", 1 << 30, 200, 30, "train.batch_size", shards=4, world=2)
+    with pytest.raises(DataError, match=r"4096 shards need at least one row each; the split has 990"):
+        open_source(file, "stream", 1 << 30, 4096, 4096, "train.batch_size", shards=4096, world=1)
+    made = open_source(file, "stream", 1 << 30, 200, 32, "train.batch_size", shards=4, world=2)
+    assert isinstance(made, StreamedSplit) and made.shards == 4
+    assert open_source(file, "memory", 1 << 30, 200, 30, "b", shards=3, world=2).shards == 1
+    assert open_source(file, "stream", 1 << 30, 200, 30, "b", shuffled=False, shards=3, world=2).shards == 1

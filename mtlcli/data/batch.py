@@ -67,6 +67,15 @@ class SplitTensors:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def shards(self) -> int:
+        """In memory, the order is one permutation of the whole split (see ``StreamedSplit``)."""
+        return 1
+
+    def steps(self, batch_size: int) -> int:
+        """Global batches in an epoch."""
+        return -(-len(self) // batch_size)
+
     def batches(
         self,
         batch_size: int,

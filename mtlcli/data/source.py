@@ -16,13 +16,24 @@ whole split: then the streamed order *is* the in-memory order, batch for batch. 
 first batches of an epoch cheaply (resume): a stream starts reading at the window that holds the
 first batch to give. Both give process ``rank`` of ``world`` its slice of each global batch, so
 N processes together see the one global order.
+
+A training stream of S ``shards`` (``train.shards``) deals the epoch's shuffled blocks to S
+shards in turn; each shard is a stream of its own windows as above, and a global batch of B rows
+is B/S consecutive rows of every shard, in shard order. Process ``rank`` of ``world`` reads only
+its S/world shards, so N processes read 1/N of the split each, and one process streaming S shards
+sees the same global batches as S/k processes of k shards. The shards' rows differ by at most a
+block (the short last block is dealt last, so their sizes, and the steps of an epoch, are known
+before reading); the last steps of an epoch take rows from the longer shards only, and a rank
+whose shards are used up takes part with an empty slice. An unshuffled stream (evaluation) on
+several processes deals its blocks the same way: every rank scores its own rows.
 """
 
 from __future__ import annotations
 
+import copy
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -39,6 +50,15 @@ class BatchSource(Protocol):
     """Rows of one split, given as batches in a seeded order."""
 
     def __len__(self) -> int: ...
+
+    @property
+    def shards(self) -> int:
+        """Shards an epoch's order is dealt to (1: one order, each process slicing every batch)."""
+        ...
+
+    def steps(self, batch_size: int) -> int:
+        """Global batches in an epoch."""
+        ...
 
     def batches(
         self,
@@ -70,12 +90,19 @@ class Window:
 class StreamedSplit:
     """An encoded split streamed from its Parquet file (see the module docstring)."""
 
-    def __init__(self, file: SplitFile, window_rows: int, block_rows: int = 65_536, read_ahead: bool = True) -> None:
+    def __init__(
+        self, file: SplitFile, window_rows: int, block_rows: int = 65_536, read_ahead: bool = True, shards: int = 1
+    ) -> None:
         self.file = file
         self.rows = file.rows
         self.window_rows = max(1, window_rows)
-        self.block_rows = max(1, min(block_rows, self.window_rows))
+        self.shards = max(1, shards)
+        # a split cut into fewer blocks than shards is cut finer (only where S > 1: one shard keeps
+        # the order it has always had)
+        finer = -(-self.rows // self.shards) if self.shards > 1 else block_rows
+        self.block_rows = max(1, min(block_rows, self.window_rows, finer))
         self.read_ahead = read_ahead
+        self._empty: Parts | None = None
 
     def __len__(self) -> int:
         return self.rows
@@ -83,25 +110,47 @@ class StreamedSplit:
     @property
     def whole(self) -> bool:
         """Does one window hold the whole split (then the order equals the in-memory one)?"""
-        return self.window_rows >= self.rows
+        return self.window_rows >= self.rows and self.shards == 1
 
-    def _windows(self, shuffle: bool, generator: torch.Generator | None) -> tuple[list[Window], int | None]:
-        """The epoch's windows and the seed of their row shuffles (None: rows in file order)."""
-        blocks = -(-self.rows // self.block_rows)
-        if self.whole:
-            return [Window(0, list(range(blocks)))], None
-        order = list(range(blocks))
-        seed = None
-        if shuffle:
-            order = torch.randperm(blocks, generator=generator).tolist()
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    @property
+    def blocks(self) -> int:
+        return -(-self.rows // self.block_rows)
+
+    def _block_size(self, block: int) -> int:
+        return min(self.block_rows, self.rows - block * self.block_rows)
+
+    def shard_rows(self) -> list[int]:
+        """Rows of each shard: the same every epoch, the short last block being dealt last."""
+        rows = [len(range(s, self.blocks, self.shards)) * self.block_rows for s in range(self.shards)]
+        rows[(self.blocks - 1) % self.shards] -= self.block_rows - self._block_size(self.blocks - 1)
+        return rows
+
+    def steps(self, batch_size: int) -> int:
+        if self.shards == 1:
+            return -(-self.rows // batch_size)
+        piece = batch_size // self.shards
+        return max(-(-rows // piece) for rows in self.shard_rows())
+
+    def _windows(self, blocks: list[int]) -> list[Window]:
+        """Windows of ``per`` consecutive blocks of ``blocks``, each placed in the stream they make."""
         per = max(1, self.window_rows // self.block_rows)
         windows, start = [], 0
-        for i in range(0, blocks, per):
-            chosen = order[i : i + per]
+        for i in range(0, len(blocks), per):
+            chosen = blocks[i : i + per]
             windows.append(Window(start, chosen))
-            start += sum(min(self.block_rows, self.rows - b * self.block_rows) for b in chosen)
-        return windows, seed
+            start += sum(self._block_size(b) for b in chosen)
+        return windows
+
+    def _order(self, shuffle: bool, generator: torch.Generator | None) -> tuple[list[int], int | None]:
+        """The epoch's block order and the seed of the windows' row shuffles (None: file order)."""
+        if not shuffle:
+            return list(range(self.blocks)), None
+        order = torch.randperm(self.blocks, generator=generator).tolist()
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        if self.shards > 1:  # the short block last: every shard's size is known in advance
+            order.remove(self.blocks - 1)
+            order.append(self.blocks - 1)
+        return order, seed
 
     def _read(self, window: Window, index: int, seed: int | None, whole_order: Tensor | None) -> Parts:
         """A window's rows as tensors, shuffled (its blocks are read in runs of adjacent ones).
@@ -140,39 +189,93 @@ class StreamedSplit:
         rank: int = 0,
         world: int = 1,
     ) -> Iterator[Batch]:
+        if shuffle and self.shards > 1:
+            yield from self._sharded(batch_size, generator, skip, rank, world)
+            return
+        if not shuffle and world > 1:  # evaluation: each rank scores the blocks dealt to it
+            dealt = copy.copy(self)
+            dealt.block_rows = min(self.block_rows, -(-self.rows // world))  # every rank some rows
+            mine = dealt._windows(list(range(dealt.blocks))[rank::world])
+            for parts in dealt._carve(list(enumerate(mine)), None, None, skip * batch_size, batch_size):
+                yield _batch(parts)
+            return
         whole_order = torch.randperm(self.rows, generator=generator) if shuffle and self.whole else None
-        windows, seed = self._windows(shuffle, generator)
-        first = skip * batch_size  # the stream position of the first row to give
-        todo = [(i, w) for i, w in enumerate(windows) if i + 1 == len(windows) or windows[i + 1].start > first]
-        if not todo or first >= self.rows:
+        if self.whole:
+            windows, seed = [Window(0, list(range(self.blocks)))], None
+        else:
+            order, seed = self._order(shuffle, generator)
+            windows = self._windows(order)
+        for parts in self._carve(list(enumerate(windows)), seed, whole_order, skip * batch_size, batch_size):
+            yield _batch(rank_slice(parts, rank, world))
+
+    def _sharded(
+        self, batch_size: int, generator: torch.Generator | None, skip: int, rank: int, world: int
+    ) -> Iterator[Batch]:
+        """Global batch k: rows [k b, (k + 1) b) of every shard (b = batch_size / shards); this
+        rank's part of it is its own shards' rows, concatenated in shard order."""
+        order, seed = self._order(True, generator)
+        piece, per_rank = batch_size // self.shards, self.shards // world
+        streams = []
+        for s in range(rank * per_rank, (rank + 1) * per_rank):
+            indexed = [(j * self.shards + s, w) for j, w in enumerate(self._windows(order[s :: self.shards]))]
+            streams.append(self._carve(indexed, seed, None, skip * piece, piece))
+        try:
+            for _ in range(skip, self.steps(batch_size)):
+                got = [p for p in (next(stream, None) for stream in streams) if p is not None]
+                if not got:
+                    yield _batch(self.empty())
+                elif len(got) == 1:
+                    yield _batch(got[0])
+                else:
+                    yield _batch({name: torch.cat([p[name] for p in got]) for name in got[0]})
+        finally:
+            for stream in streams:
+                stream.close()
+
+    def empty(self) -> Parts:
+        """A batch of no rows, with every field's shape (a rank's part of an epoch's last steps)."""
+        if self._empty is None:
+            self._empty = {name: torch.from_numpy(part) for name, part in self.file.window(0, 0).items()}
+        return self._empty
+
+    def _carve(
+        self, indexed: list[tuple[int, Window]], seed: int | None, whole_order: Tensor | None, first: int, size: int
+    ) -> Generator[Parts, None, None]:
+        """The rows of a stream of windows (each with the index that seeds its shuffle) from
+        stream position ``first`` on, in pieces of ``size`` rows (the last may be shorter)."""
+        if not indexed:
+            return
+        last = indexed[-1][1]
+        end = last.start + sum(self._block_size(b) for b in last.blocks)
+        todo = [(i, w) for k, (i, w) in enumerate(indexed) if k + 1 == len(indexed) or indexed[k + 1][1].start > first]
+        if first >= end:
             return
         reader = (
             _ReadAhead(self, todo, seed, whole_order) if self.read_ahead else _Inline(self, todo, seed, whole_order)
         )
         try:
             position = todo[0][1].start
-            pending: Parts | None = None  # the rows of a batch begun in the last window
+            pending: Parts | None = None  # the rows of a piece begun in the last window
             for parts in reader:
                 if position < first:  # resume inside this window
                     parts = {name: part[first - position :] for name, part in parts.items()}
                     position = first
                 n, start = len(parts["labels"]), 0
                 position += n
-                if pending is not None:  # finish the batch begun in the last window
-                    start = min(n, batch_size - len(pending["labels"]))
+                if pending is not None:  # finish the piece begun in the last window
+                    start = min(n, size - len(pending["labels"]))
                     pending = {name: torch.cat([part, parts[name][:start]]) for name, part in pending.items()}
-                    if len(pending["labels"]) < batch_size:
+                    if len(pending["labels"]) < size:
                         continue
-                    yield _batch(rank_slice(pending, rank, world))
+                    yield pending
                     pending = None
-                full = start + (n - start) // batch_size * batch_size
-                for offset in range(start, full, batch_size):
-                    batch = {name: part[offset : offset + batch_size] for name, part in parts.items()}
-                    yield _batch(rank_slice(batch, rank, world))
+                full = start + (n - start) // size * size
+                for offset in range(start, full, size):
+                    yield {name: part[offset : offset + size] for name, part in parts.items()}
                 if full < n:  # a copy, so that the window itself can be freed
                     pending = {name: part[full:].clone() for name, part in parts.items()}
             if pending is not None:
-                yield _batch(rank_slice(pending, rank, world))
+                yield pending
         finally:
             reader.close()
 
@@ -253,6 +356,8 @@ def open_source(
     batch_size: int,
     field: str,
     shuffled: bool = True,
+    shards: int = 1,
+    world: int = 1,
 ) -> BatchSource:
     """The split in memory or streamed (``train.loading``), within ``data.memory_budget``.
 
@@ -260,7 +365,8 @@ def open_source(
     the budget: two windows are alive (one trains, the next is read), and reading one takes about
     three times its tensors for a moment (the Parquet columns, their conversion, the shuffled
     copy); a ``shuffled`` (training) stream takes ``train.shuffle_buffer`` rows instead when it is
-    set. A window must hold one batch."""
+    set. A window must hold one batch. A training stream of ``shards`` > 1 is read by ``world``
+    processes, each taking shards / world of them: both must divide evenly."""
     row_bytes = file.row_bytes
     if loading == "memory" or (loading == "auto" and file.rows * row_bytes <= memory_budget):
         return file.load()
@@ -276,4 +382,21 @@ def open_source(
             f"{what} is too small for one batch of {field} ({batch_size:,} rows)",
             "raise data.memory_budget or train.shuffle_buffer, or lower the batch size",
         )
-    return StreamedSplit(file, window)
+    if not shuffled or shards == 1:
+        return StreamedSplit(file, window)
+    if shards % world:
+        raise DataError(
+            f"train.shards: {shards} shards cannot be shared evenly by {world} processes",
+            f"make train.shards a multiple of {world}, or auto (one shard per process)",
+        )
+    if batch_size % shards:
+        raise DataError(
+            f"{field} ({batch_size:,}) does not divide evenly among {shards} shards (train.shards)",
+            f"make {field} a multiple of {shards}",
+        )
+    if file.rows < shards:
+        raise DataError(
+            f"train.shards: {shards} shards need at least one row each; the split has {file.rows:,}",
+            "lower train.shards or the process count",
+        )
+    return StreamedSplit(file, window, shards=shards)

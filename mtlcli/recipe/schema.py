@@ -453,6 +453,10 @@ class TrainSection(Strict):
     # fits data.memory_budget
     loading: Literal["auto", "memory", "stream"] = "auto"
     shuffle_buffer: PositiveInt | Literal["auto"] = "auto"  # rows shuffled together when streaming
+    # a streamed train split is dealt each epoch to this many shards, read side by side (a global
+    # batch takes batch_size / shards rows of each); on N processes each reads shards / N of them.
+    # auto: one per process (a resumed run keeps its count). In-memory splits ignore it
+    shards: PositiveInt | Literal["auto"] = "auto"
     # where the model trains: cpu (the default, so figures do not change with the machine), cuda
     # (a clear error without a GPU), or auto (cuda when torch sees one, else cpu)
     device: Literal["cpu", "cuda", "auto"] = "cpu"

@@ -327,7 +327,7 @@ def fit(
         torch.set_rng_state(state.torch_rng)
     stopper = EarlyStopper(settings.early_stopping, tasks, state)
     binary = torch.tensor([t == "binary" for t in types])
-    steps_per_epoch = math.ceil(len(train) / settings.batch_size)
+    steps_per_epoch = train.steps(settings.batch_size)
     observer.on_start(settings.epochs, steps_per_epoch)
     every = settings.checkpoint_every
     track = settings.track_gradients

@@ -185,7 +185,9 @@ def train_run(
         raise ArtifactError(f"{run_dir}: no checkpoint to resume from", "train it without --resume")
     prepared = prepared or prepare(recipe)
     schema = prepared.schema
-    train_data = split_source(prepared, "train", recipe, settings.batch_size, "train.batch_size")
+    saved = read_checkpoint_identity(run_dir / CHECKPOINT) if resume else {}
+    shards = stream_shards(settings.shards, ranks.world, saved)
+    train_data = split_source(prepared, "train", recipe, settings.batch_size, "train.batch_size", shards, ranks.world)
     valid_data = split_source(prepared, "valid", recipe, settings.eval_batch_size, "train.eval_batch_size")
     torch.manual_seed(settings.seed)
     tasks = schema.task_names
@@ -197,7 +199,7 @@ def train_run(
     strategy = build_weighting(recipe.loss.weighting, recipe.loss.params, tasks)
     own = list(strategy.capabilities.parameters)
     optimizer = make_optimizer(settings, list(model.parameters()), own, recipe.loss.params.own_lr())
-    identity = run_identity(recipe, schema)
+    identity = run_identity(recipe, schema, train_data.shards)
     pos_weight = pos_weight_tensor(recipe)
     if pos_weight is not None:
         pos_weight = pos_weight.to(device)
@@ -260,6 +262,7 @@ def train_run(
             "train_seconds": result.train_seconds,
             "parameters": sum(p.numel() for p in model.parameters()),
             "train_rows": len(train_data),
+            "train_shards": train_data.shards,
             "data_dir": str(prepared.directory.resolve()),
             "data_reused": prepared.reused,
             "resumed": resume,
@@ -274,9 +277,12 @@ def train_run(
     return summary
 
 
-def split_source(prepared: Prepared, split: str, recipe: Recipe, batch_size: int, field: str) -> BatchSource:
+def split_source(
+    prepared: Prepared, split: str, recipe: Recipe, batch_size: int, field: str, shards: int = 1, world: int = 1
+) -> BatchSource:
     """A split in memory or streamed, as ``train.loading`` and ``data.memory_budget`` say; the
-    train split shuffled in windows of ``train.shuffle_buffer`` rows when that is set."""
+    train split shuffled in windows of ``train.shuffle_buffer`` rows when that is set, and dealt
+    to ``shards`` read by ``world`` processes."""
     settings = recipe.train
     return open_source(
         prepared.file(split),
@@ -286,15 +292,27 @@ def split_source(prepared: Prepared, split: str, recipe: Recipe, batch_size: int
         batch_size,
         field,
         shuffled=split == "train",
+        shards=shards,
+        world=world,
     )
 
 
-def run_identity(recipe: Recipe, schema: DataSchema) -> dict[str, str]:
+def stream_shards(setting: int | str, world: int, saved: dict[str, str]) -> int:
+    """``train.shards``: a number as given; auto, one per process, or on resume the run's own
+    count (the order of an epoch depends on it; a run that began before shards existed had 1)."""
+    if setting != "auto":
+        return int(setting)
+    return int(saved.get("shards", "1")) if saved else world
+
+
+def run_identity(recipe: Recipe, schema: DataSchema, shards: int = 1) -> dict[str, str]:
     """What a checkpoint must match to be resumed: the recipe (train.epochs, the loggers, the
-    experiment and the device may change: a run may go on elsewhere) and the data."""
+    experiment and the device may change: a run may go on elsewhere), the data, and the shards a
+    streamed train split is dealt to (``train.shards`` may say auto or the number)."""
     spec = recipe.to_dict()
-    spec["train"] = {k: v for k, v in spec["train"].items() if k not in ("epochs", "loggers", "experiment", "device")}
-    return {"recipe_sha256": sha256_json(spec), "data_key": schema.data_key}
+    free = ("epochs", "loggers", "experiment", "device", "shards")
+    spec["train"] = {k: v for k, v in spec["train"].items() if k not in free}
+    return {"recipe_sha256": sha256_json(spec), "data_key": schema.data_key, "shards": str(shards)}
 
 
 def _resume_state(
@@ -310,6 +328,12 @@ def _resume_state(
         raise ArtifactError(
             f"{run_dir}: cannot resume: the recipe differs from the run's recipe.yaml (only train.epochs may change)",
             f"compare with `mtl recipe show {run_dir / 'recipe.yaml'}`, or train into a new --out",
+        )
+    if saved.get("shards", "1") != identity["shards"]:
+        raise ArtifactError(
+            f"{run_dir}: cannot resume: the run streamed its train split as {saved.get('shards', '1')} "
+            f"shards (train.shards), and {identity['shards']} are asked for now",
+            "set train.shards: auto to go on in the run's order",
         )
     state = load_checkpoint(run_dir / CHECKPOINT, model, optimizer, strategy)
     write_text(run_dir / "metrics.jsonl", "".join(to_json(r) + "\n" for r in state.history))
