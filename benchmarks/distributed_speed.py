@@ -9,7 +9,9 @@ Run by hand from the repository root (minutes; not part of the tests):
     python benchmarks/distributed_speed.py --click-log /tmp/cl2m/recipe.yaml   # benchmarks/click_log.py
 
 The census recipe is recipes/census-mmoe.yaml (3 epochs); the click log is read from the recipe
-that benchmarks/click_log.py writes (1 epoch). Every run uses the same cache, prepared first.
+that benchmarks/click_log.py writes (1 epoch); with --stream also streamed in windows of 262,144
+rows, where each of 2 processes reads its own shard (train.shards: auto). Every run uses the same
+cache, prepared first.
 """
 
 from __future__ import annotations
@@ -62,12 +64,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--click-log", help="the recipe written by benchmarks/click_log.py")
     parser.add_argument("--skip-strategies", action="store_true")
+    parser.add_argument(
+        "--stream", action="store_true", help="also the click log streamed (each process reads its own shard)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "cache"
         data = [("census", "recipes/census-mmoe.yaml", ["train.epochs=3"])]
         if args.click_log:
             data.append(("click log", args.click_log, ["train.epochs=1"]))
+            if args.stream:
+                streamed = ["train.epochs=1", "train.loading=stream", "train.shuffle_buffer=262144"]
+                data.append(("click log, streamed", args.click_log, streamed))
         print("| data | processes | train samples/s | epoch seconds | ratio to 1 process |")
         print("|---|---|---|---|---|")
         for name, recipe, sets in data:

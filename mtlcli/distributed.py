@@ -5,11 +5,11 @@ model on one global batch order: rank r takes its slice of every global batch. T
 invariant: after a step's backward pass, every gradient a rank holds is its *contribution*, and
 one sum over the ranks (``sum_gradients``) makes it the gradient of the one-process step.
 
-- A task's loss is normalised by the global count of its rows in the batch (a sum over the ranks
-  of T counts), so the ranks' losses add up to the global loss;
-- the strategies see the global loss values (``global_losses``: the value of the sum over the
-  ranks, the gradient of the rank's own part), so a loss-based strategy computes the same weights
-  on every rank, and its own parameters get the same gradient everywhere (averaged, not summed);
+- a task's loss is the rank's loss sum over the global count of the task's rows, and the
+  strategies see the global values (``global_losses``: one all-reduce of the T sums and T counts;
+  the value is the global mean, the gradient the rank's own part), so the ranks' losses add up
+  to the global loss, a loss-based strategy computes the same weights on every rank, and its own
+  parameters get the same gradient everywhere (averaged, not summed);
 - a gradient strategy sums the per-task gradients [T, P] over the ranks before combining them
   (``Ranks.sum``), and leaves 1/world of the combined gradient on each rank;
 - a table that trains row-wise gathers the union of the ranks' ids (``Ranks.union``) so that every
@@ -133,20 +133,77 @@ def leave() -> None:
     _current = SINGLE
 
 
-def global_losses(local: Tensor, ranks: Ranks) -> Tensor:
-    """[T] losses whose value is the sum over the ranks and whose gradient is this rank's part."""
+def global_losses(sums: Tensor, counts: Tensor, ranks: Ranks) -> Tensor:
+    """Each task's mean loss over the global batch [T], from this rank's loss sums [T] and row
+    counts [T] (one all-reduce carries both): its value is the global mean, its gradient this
+    rank's part (the rank's sums over the global counts), so the ranks' gradients add up to the
+    global loss's."""
     if not ranks.active:
-        return local
-    total = ranks.sum(local.detach())
-    return local + (total - local.detach())
+        return sums / counts.clamp_min(1.0)
+    tasks = sums.shape[0]
+    total = ranks.sum(torch.cat([sums.detach(), counts.to(sums.dtype)]))
+    scale = total[tasks:].clamp_min(1.0)
+    local = sums / scale
+    return local + (total[:tasks] / scale - local.detach())
 
 
-def sum_gradients(model: nn.Module, strategy_parameters: list[nn.Parameter], ranks: Ranks) -> None:
-    """Make every rank's gradients the one-process step's: the model's summed over the ranks,
-    the strategy's own (computed from the same global values everywhere) averaged."""
+def data_parallel(model: nn.Module, ranks: Ranks) -> nn.Module:
+    """``model`` under ``DistributedDataParallel``, its gradients *summed* over the ranks (each
+    rank's loss is already its share of the global loss: see ``global_losses``) by DDP's bucketed
+    all-reduce, which runs while the backward pass goes on. The ranks' models start equal (same
+    seed, or the same checkpoint), so DDP's initial broadcast is skipped: it would copy every
+    embedding table, row-wise ones included, however large."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [model_device(model)] if model_device(model).type == "cuda" else None
+    wrapped = DistributedDataParallel(model, device_ids=device_ids, init_sync=False, forward_sync_buffers=False)
+    wrapped.register_comm_hook(None, _sum_hook)
+    return wrapped
+
+
+class SameOnEveryRank(MtlError):
+    """An error every rank raises at the same step (it comes from values they share): said once,
+    by rank 0."""
+
+
+def check_all_used(model: nn.Module) -> None:
+    """After a step's backward pass under DDP: every trainable parameter took part (DDP leaves
+    the gradients of a bucket holding an unused one unsummed, and stops at the next step)."""
+    unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    if unused:
+        raise SameOnEveryRank(
+            f"training on several processes: the model's parameter {', '.join(unused[:5])} took no part in "
+            "the step's loss (DistributedDataParallel needs every trainable parameter in each step)",
+            "freeze it (requires_grad False) or leave it out of the scheme; one process trains as before",
+        )
+
+
+def _sum_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+    """DDP's all-reduce without its division by the world size."""
+    work = dist.all_reduce(bucket.buffer(), async_op=True)
+    assert work is not None
+    return work.get_future().then(lambda done: done.value()[0])
+
+
+# DDP checks a hook's annotations as objects (this module's are strings: postponed evaluation)
+_sum_hook.__annotations__ = {"state": object, "bucket": dist.GradBucket, "return": torch.futures.Future[Tensor]}
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters are (train.device)."""
+    return next(iter(model.parameters()), torch.zeros(())).device
+
+
+def sum_gradients(
+    model: nn.Module, strategy_parameters: list[nn.Parameter], ranks: Ranks, summed_by_ddp: bool = False
+) -> None:
+    """Make every rank's gradients the one-process step's: the model's summed over the ranks
+    (unless DDP did it during the backward pass; row-wise tables' rows are not parameters and
+    are summed here), the strategy's own (computed from the same global values everywhere)
+    averaged."""
     if not ranks.active:
         return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    grads = [] if summed_by_ddp else [p.grad for p in model.parameters() if p.grad is not None]
     grads += [rows.grad for rows in row_leaves(model) if rows.grad is not None]
     strategy = [p.grad for p in strategy_parameters if p.grad is not None]
     _all_reduce_flat(grads + strategy)  # one exchange for both

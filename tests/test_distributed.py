@@ -1,8 +1,10 @@
 """Training on several processes: a run on 2 ranks (each taking its slice of every global batch,
 so that the ranks see different rows) reproduces the 1-process run with the same global batch,
 for every weighting strategy — per-step losses and final weights — and for a table that trains
-row-wise. Taking out any exchange (gradient sum, global counts, the per-task gradient sum of a
-gradient strategy, the union of rows) makes the ranks' steps differ from the one-process step."""
+row-wise. Taking out any exchange (DDP's summing hook for the plain backward passes, the
+gradient sum, global counts, the per-task gradient sum of a gradient strategy, the union of rows)
+makes the ranks' steps differ from the one-process step; a gradient strategy that did not declare
+``task_gradients`` would stop in DDP."""
 
 from __future__ import annotations
 
@@ -115,4 +117,31 @@ def test_alone_every_exchange_is_the_identity() -> None:
     ranks = distributed.current()
     x = torch.arange(6.0).view(3, 2)
     assert not ranks.active and ranks.sum(x) is x and ranks.gather(x) is x and ranks.any(True)
-    assert torch.equal(distributed.global_losses(x[0], ranks), x[0])
+    assert torch.equal(distributed.global_losses(x[0], torch.tensor([2.0, 0.0]), ranks), torch.tensor([0.0, 1.0]))
+
+
+def unused_main(rank: int, world: int, store: str, out: str) -> None:
+    torch.set_num_threads(1)
+    distributed.join("gloo", f"file://{store}", rank, world)
+    try:
+        torch.manual_seed(0)
+        model = build_model("mmoe", SCHEMES.get("mmoe").params(), INPUTS)
+        model.register_parameter("stray", nn.Parameter(torch.zeros(3)))  # read by no forward pass
+        settings = TrainSection(epochs=1, batch_size=64, early_stopping=None)
+        strategy = build_weighting("equal", WEIGHTINGS.get("equal").params(), TASKS)
+        try:
+            fit(model, strategy, split(128, 1), split(64, 2), settings, TASKS, ["binary"] * 2, NullObserver())
+        except distributed.SameOnEveryRank as exc:
+            with open(f"{out}/{rank}.txt", "w") as handle:
+                handle.write(exc.message)
+    finally:
+        distributed.leave()
+
+
+def test_a_parameter_no_step_reads_is_named_before_any_update() -> None:
+    """DDP would leave a bucket unsummed and stop at the next step with its own message."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(unused_main, args=(2, f"{tmp}/store", tmp), nprocs=2, join=True)
+        for rank in (0, 1):
+            with open(f"{tmp}/{rank}.txt") as handle:
+                assert "parameter stray took no part in the step's loss" in handle.read()

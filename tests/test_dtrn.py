@@ -89,6 +89,16 @@ def test_tasks_get_different_interests_only_with_conditional_norms() -> None:
     assert torch.isfinite(a).all()
 
 
+@pytest.mark.parametrize(
+    "ablation", [{}, {"conditional_norm": False}, {"refine": False}, {"interest": "softmax"}], ids=str
+)
+def test_every_parameter_of_each_variant_takes_part(ablation: dict[str, object]) -> None:
+    """A parameter that no step reads would stop DDP on several processes (and is dead weight)."""
+    built, b = model(**ablation), batch()
+    built(b).sum().backward()
+    assert [n for n, p in built.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
 def test_refinement_is_raw_times_a_sigmoid_mlp_of_raw() -> None:
     m, b = model(), batch()
     out = m(b)

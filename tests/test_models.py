@@ -12,7 +12,7 @@ from mtlcli.models.base import SharedRepresentation, enable_representation
 from mtlcli.models.base import scheme as scheme_of
 from mtlcli.models.blocks import ExpertPool, FeatureEmbedding, use_sparse_rows
 from mtlcli.models.mmoe import MMoE
-from mtlcli.train.loop import task_losses
+from mtlcli.train.loop import task_loss_sums, task_losses
 from mtlcli.weighting.gradients import split_parameters
 from tests.numerics import assert_kernel_close
 
@@ -89,6 +89,20 @@ def test_gradients_reach_every_parameter(scheme: str) -> None:
         assert param.grad.abs().sum() > 0, f"{name} gets an all-zero gradient"
 
 
+@pytest.mark.parametrize("scheme", SCHEMES.names())
+def test_numbers_only_every_trainable_parameter_takes_part(scheme: str) -> None:
+    """Without categorical features too, every trainable parameter gets a gradient: DDP (several
+    processes) stops when one takes no part in a step."""
+    torch.manual_seed(0)
+    inputs = InputSpec(cardinalities=[], n_numeric=3, tasks=TASKS, task_types=TYPES)
+    model = build_model(scheme, SCHEMES.get(scheme).params(), inputs)
+    full = make_batch(32)
+    batch = Batch(full.categorical[:, :0], full.numeric, full.labels, full.label_mask)
+    task_losses(model(batch), batch, BINARY).sum().backward()
+    unused = [name for name, param in model.named_parameters() if param.requires_grad and param.grad is None]
+    assert not unused
+
+
 @pytest.mark.parametrize("sparse", [False, True], ids=["table", "row-wise"])
 @pytest.mark.parametrize("scheme", SCHEMES.names())
 def test_an_empty_batch_gives_no_output_and_zero_gradients(scheme: str, sparse: bool) -> None:
@@ -100,7 +114,7 @@ def test_an_empty_batch_gives_no_output_and_zero_gradients(scheme: str, sparse: 
     batch = make_batch(0)
     logits = model(batch)
     assert logits.shape == (0, len(TASKS))
-    task_losses(logits, batch, BINARY, counts=torch.ones(len(TASKS))).sum().backward()
+    task_loss_sums(logits, batch, BINARY)[0].sum().backward()
     for name, param in model.named_parameters():
         assert param.grad is None or not param.grad.any(), name
 

@@ -184,6 +184,7 @@ def _train(
     from torch.distributed import DistError
 
     from mtlcli.data.store import prepare  # heavy imports (torch) only when a command runs
+    from mtlcli.distributed import SameOnEveryRank
     from mtlcli.errors import MtlError
     from mtlcli.train.loop import TrainingInterrupted
     from mtlcli.train.run import check_run_dir, train_run
@@ -234,6 +235,10 @@ def _train(
             )
             err_console.print(f"[yellow]{escape(exc.message)}[/]\n  resume with: {escape(again)}", soft_wrap=True)
         raise typer.Exit(130) from None
+    except SameOnEveryRank:
+        if ranks.writes:
+            raise
+        raise typer.Exit(2) from None  # rank 0 says it
     except (DistError, RuntimeError) as exc:
         if not ranks.active:
             raise

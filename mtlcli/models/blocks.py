@@ -110,6 +110,8 @@ class FeatureEmbedding(nn.Module):
         own = [s.cardinality for s in sequences if s.shares is None]
         self.table = nn.Embedding(max(sum(cardinalities) + sum(own), 1), dim)
         nn.init.normal_(self.table.weight, std=0.05)
+        if not cardinalities and not sequences:  # a one-row placeholder that no batch reads: not
+            self.table.weight.requires_grad_(False)  # trained (DDP wants every trainable parameter used)
         starts = [0]
         for size in cardinalities:
             starts.append(starts[-1] + size)

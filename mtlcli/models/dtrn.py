@@ -68,10 +68,11 @@ class TaskInterest(nn.Module):
     ) -> None:
         super().__init__()
         self.tasks, self.types, self.dim, self.conditional = tasks, types, dim, conditional
-        self.task_embedding = nn.Embedding(tasks, dim)
-        self.type_embedding = nn.Embedding(types, dim)
-        self.hyper_gamma = mlp(2 * dim, [hyper_units], out_dim=NORMS * dim)
-        self.hyper_beta = mlp(2 * dim, [hyper_units], out_dim=NORMS * dim)
+        if conditional:  # the hypernetworks exist only where they are used (no dead parameters)
+            self.task_embedding = nn.Embedding(tasks, dim)
+            self.type_embedding = nn.Embedding(types, dim)
+            self.hyper_gamma = mlp(2 * dim, [hyper_units], out_dim=NORMS * dim)
+            self.hyper_beta = mlp(2 * dim, [hyper_units], out_dim=NORMS * dim)
         self.query, self.key, self.value = (nn.Linear(dim, dim) for _ in range(3))
         self.ffn = mlp(dim, [2 * dim], out_dim=dim)
         self.gamma = nn.Parameter(torch.ones(NORMS, dim))

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from mtlcli import distributed
 from mtlcli.data.batch import Batch
 from mtlcli.data.source import BatchSource
+from mtlcli.distributed import model_device
 from mtlcli.errors import MtlError
 from mtlcli.models.base import enable_representation, scheme
 from mtlcli.models.blocks import sparse_embeddings, trainable_tensors
@@ -77,17 +78,17 @@ class FitResult:
         return self.train_samples / self.train_seconds if self.train_seconds > 0 else 0.0
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """Where the model's parameters are (train.device)."""
-    return next(iter(model.parameters()), torch.zeros(())).device
-
-
-def task_losses(
-    logits: Tensor, batch: Batch, binary: Tensor, pos_weight: Tensor | None = None, counts: Tensor | None = None
-) -> Tensor:
+def task_losses(logits: Tensor, batch: Batch, binary: Tensor, pos_weight: Tensor | None = None) -> Tensor:
     """Per-task mean loss over each task's masked rows: BCE for binary (positive rows weighted by
-    ``pos_weight`` [T] when given), MSE for regression. [T]. ``counts`` [T] replaces the batch's
-    own row counts as the denominators (a rank's slice of a global batch: the global counts)."""
+    ``pos_weight`` [T] when given), MSE for regression. [T]."""
+    sums, counts = task_loss_sums(logits, batch, binary, pos_weight)
+    return sums / counts.clamp_min(1.0)
+
+
+def task_loss_sums(
+    logits: Tensor, batch: Batch, binary: Tensor, pos_weight: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Each task's loss summed over its masked rows [T], and the count of those rows [T]."""
     labels = batch.labels
     if bool(binary.all()):
         per_row = F.binary_cross_entropy_with_logits(logits, labels, reduction="none", pos_weight=pos_weight)
@@ -97,7 +98,7 @@ def task_losses(
         bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none", pos_weight=pos_weight)
         per_row = torch.where(binary, bce, (logits - labels) ** 2)
     mask = batch.label_mask.to(per_row.dtype)
-    return (per_row * mask).sum(0) / (mask.sum(0) if counts is None else counts).clamp_min(1.0)
+    return (per_row * mask).sum(0), mask.sum(0)
 
 
 @torch.no_grad()
@@ -289,8 +290,8 @@ def gradient_record(
     }
 
 
-class TrainingDiverged(MtlError):
-    """A task's loss became NaN or infinite."""
+class TrainingDiverged(distributed.SameOnEveryRank):
+    """A task's loss became NaN or infinite (the loss values are global: every rank sees it)."""
 
 
 class TrainingInterrupted(MtlError):
@@ -341,6 +342,11 @@ def fit(
     own_parameters = list(abilities.parameters)
     device = model_device(model)
     binary = binary.to(device)
+    # a plain backward pass goes through DDP (its all-reduce overlaps the backward pass); a
+    # strategy that takes per-task gradients exchanges them itself, on the bare model
+    ddp = ranks.active and not abilities.task_gradients
+    forward = distributed.data_parallel(model, ranks) if ddp else model
+    checked = False
     while state.epoch <= settings.epochs and not state.stopped_early:
         epoch = state.epoch
         if state.shuffle_state is not None:
@@ -355,10 +361,11 @@ def fit(
         for batch in train.batches(settings.batch_size, True, shuffle, state.step, ranks.rank, ranks.world):
             batch = batch.to(device)
             optimizer.zero_grad(set_to_none=True)
-            # on several ranks: each rank's part of the global losses (global row counts), valued
-            # as the global losses so that every rank's strategy sees the same numbers
-            counts = ranks.sum(batch.label_mask.sum(0).to(torch.float32)) if ranks.active else None
-            losses = distributed.global_losses(task_losses(model(batch), batch, binary, pos_weight, counts), ranks)
+            logits = forward(batch)
+            if ranks.active:  # the global batch's mean losses, with this rank's part as gradient
+                losses = distributed.global_losses(*task_loss_sums(logits, batch, binary, pos_weight), ranks)
+            else:
+                losses = task_losses(logits, batch, binary, pos_weight)
             if not bool(torch.isfinite(losses).all()):
                 bad = [t for t, ok in zip(tasks, torch.isfinite(losses).tolist(), strict=True) if not ok]
                 raise TrainingDiverged(
@@ -370,7 +377,10 @@ def fit(
             shared = list(trainable_tensors(model, shared_named).values()) if tracked else []
             grads = ranks.sum(shared_task_gradients(losses, shared)) if shared else None
             weights = strategy.backward(losses, model)
-            distributed.sum_gradients(model, own_parameters, ranks)
+            if ddp and not checked:  # on the first step of this process (a resumed run's too)
+                distributed.check_all_used(model)
+                checked = True
+            distributed.sum_gradients(model, own_parameters, ranks, summed_by_ddp=ddp)
             if scheduled:
                 factor = lr_factor(schedule, global_step - 1, total_steps, steps_per_epoch)
                 for group in optimizer.param_groups:

@@ -45,13 +45,18 @@ class StrategyCapabilities:
     - ``end_epoch(epoch, mean_losses [T])``: called after each training epoch;
     - ``state``: state to checkpoint (``Stateful``);
     - ``needs_representation``: ``backward`` reads the scheme's shared representation (MGDA-UB),
-      which the loop then has the model keep.
+      which the loop then has the model keep;
+    - ``task_gradients``: ``backward`` takes per-task gradients (``autograd.grad``) and on several
+      processes sums them itself (``mtlcli.distributed``). DDP's hooks never see such gradients,
+      so the loop runs these strategies' steps on the bare model; the others' plain backward
+      pass goes through ``DistributedDataParallel``.
     """
 
     parameters: tuple[nn.Parameter, ...] = ()
     end_epoch: Callable[[int, Tensor], None] | None = None
     state: Stateful | None = None
     needs_representation: bool = False
+    task_gradients: bool = False
 
 
 class WeightingStrategy(Protocol):

@@ -92,7 +92,7 @@ class CAGrad:
     def combine(self, grads: Tensor, losses: Tensor) -> Tensor:
         return cagrad_coefficients(grads @ grads.T, self.c).to(grads.dtype)
 
-    capabilities = StrategyCapabilities()
+    capabilities = StrategyCapabilities(task_gradients=True)
 
     def backward(self, losses: Tensor, model: nn.Module) -> Tensor:
         return backward_with_shared(losses, model, self.combine)

@@ -73,7 +73,7 @@ class GradNorm:
 
     @property
     def capabilities(self) -> StrategyCapabilities:
-        return StrategyCapabilities(parameters=(self.weights,), state=self)  # w_k; L_k(0)
+        return StrategyCapabilities(parameters=(self.weights,), state=self, task_gradients=True)  # w_k; L_k(0)
 
     def backward(self, losses: Tensor, model: nn.Module) -> Tensor:
         with torch.no_grad():  # renormalise after the previous optimiser step

@@ -67,7 +67,7 @@ class MetaBalance:
 
     @property
     def capabilities(self) -> StrategyCapabilities:
-        return StrategyCapabilities(state=self)  # the moving averages of the norms
+        return StrategyCapabilities(state=self, task_gradients=True)  # the moving averages of the norms
 
     def backward(self, losses: Tensor, model: nn.Module) -> Tensor:
         return backward_with_shared(losses, model, self.combine)

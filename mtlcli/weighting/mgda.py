@@ -73,7 +73,7 @@ class MGDA:
     @property
     def capabilities(self) -> StrategyCapabilities:
         """MGDA-UB reads the model's shared representation: the loop has it kept."""
-        return StrategyCapabilities(needs_representation=self.upper_bound)
+        return StrategyCapabilities(needs_representation=self.upper_bound, task_gradients=True)
 
     def combine(self, grads: Tensor, losses: Tensor) -> Tensor:
         scale = torch.ones(grads.shape[0], dtype=torch.float64)

@@ -52,7 +52,7 @@ class PCGrad:
 
     @property
     def capabilities(self) -> StrategyCapabilities:
-        return StrategyCapabilities(state=self)  # the generator of the projection order
+        return StrategyCapabilities(state=self, task_gradients=True)  # the generator of the projection order
 
     def backward(self, losses: Tensor, model: nn.Module) -> Tensor:
         return backward_with_shared(losses, model, self.combine)
