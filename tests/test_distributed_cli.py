@@ -153,6 +153,29 @@ def test_a_batch_that_does_not_split_evenly_is_refused(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr
     assert "train.batch_size (255) does not divide evenly among the 2 processes" in result.stderr
     assert "Traceback" not in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "mtlcli", "train", "recipes/quickstart.yaml", "--out", str(tmp_path / "run"),
+         "--nproc", "2", "--set", "train.shards=3", "--set", f"data.cache_dir={tmp_path}/cache"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("train.shards: 3 shards cannot be shared evenly by 2 processes") == 1, result.stderr
+    assert not (tmp_path / "cache").exists(), "refused before any process started"
+
+
+def test_under_torchrun_a_shared_error_is_said_once(tmp_path: Path) -> None:
+    """Without the launcher's early check (torchrun), every rank finds the same problem: rank 0
+    alone says it."""
+    from tests.conftest import REPO
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "mtlcli", "train", "recipes/quickstart.yaml", "--out", str(tmp_path / "run"), "--quiet",
+               "--set", "train.loading=stream", "--set", "train.shards=4", "--set", "train.batch_size=250",
+               "--set", f"data.cache_dir={tmp_path}/cache"]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    # (torchrun itself then reports the failed ranks with a traceback of its own)
+    assert result.stderr.count("train.batch_size (250) does not divide evenly among 4 shards") == 1, result.stderr
 
 
 def test_a_port_in_use_and_a_recipe_on_stdin_are_refused(tmp_path: Path) -> None:

@@ -142,7 +142,7 @@ def command(
         from mtlcli.train.launch import launch
         from mtlcli.train.run import check_batch_split
 
-        check_batch_split(loaded.train.batch_size, nproc)
+        check_batch_split(loaded.train.batch_size, nproc, loaded.train.shards)
         flags = [flag for flag, on in (("--force", force), ("--resume", resume), ("--json", as_json)) if on]
         flags += ["--quiet"] if quiet else []
         flags += ["--experiment", experiment] if experiment else []

@@ -148,11 +148,18 @@ def to_device(model: nn.Module, strategy_parameters: list[nn.Parameter], device:
         parameter.data = parameter.data.to(device)
 
 
-def check_batch_split(batch_size: int, processes: int) -> None:
+def check_batch_split(batch_size: int, processes: int, shards: int | str = "auto") -> None:
+    """The global batch and ``train.shards`` (a number) against the process count, before any
+    work (raised alike on every rank: said once)."""
     if batch_size % processes:
-        raise MtlError(
+        raise distributed.SameOnEveryRank(
             f"train.batch_size ({batch_size}) does not divide evenly among the {processes} processes",
             f"train.batch_size is the global batch: make it a multiple of {processes}",
+        )
+    if shards != "auto" and int(shards) % processes:
+        raise distributed.SameOnEveryRank(
+            f"train.shards: {shards} shards cannot be shared evenly by {processes} processes",
+            f"make train.shards a multiple of {processes}, or auto (one shard per process)",
         )
 
 
@@ -177,7 +184,7 @@ def train_run(
     settings = recipe.train
     check_loggers(settings.loggers)
     device = distributed.training_device(settings.device)  # a missing GPU is said before any work
-    check_batch_split(settings.batch_size, ranks.world)
+    check_batch_split(settings.batch_size, ranks.world, settings.shards)
     if not resume:
         if ranks.writes:
             check_run_dir(run_dir, force)
@@ -187,7 +194,12 @@ def train_run(
     schema = prepared.schema
     saved = read_checkpoint_identity(run_dir / CHECKPOINT) if resume else {}
     shards = stream_shards(settings.shards, ranks.world, saved)
-    train_data = split_source(prepared, "train", recipe, settings.batch_size, "train.batch_size", shards, ranks.world)
+    try:
+        train_data = split_source(
+            prepared, "train", recipe, settings.batch_size, "train.batch_size", shards, ranks.world
+        )
+    except MtlError as exc:  # the same shards, batch and file on every rank
+        raise (distributed.SameOnEveryRank(exc.message, exc.hint) if ranks.active else exc) from None
     valid_data = split_source(prepared, "valid", recipe, settings.eval_batch_size, "train.eval_batch_size")
     torch.manual_seed(settings.seed)
     tasks = schema.task_names
