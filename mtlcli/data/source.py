@@ -348,6 +348,15 @@ class _ReadAhead:
         self.thread.join()
 
 
+def check_shards(shards: int, world: int) -> None:
+    """Each of ``world`` processes reads shards / world of a training stream's shards."""
+    if shards % world:
+        raise DataError(
+            f"train.shards: {shards} shards cannot be shared evenly by {world} processes",
+            f"make train.shards a multiple of {world}, or auto (one shard per process)",
+        )
+
+
 def open_source(
     file: SplitFile,
     loading: str,
@@ -384,11 +393,7 @@ def open_source(
         )
     if not shuffled or shards == 1:
         return StreamedSplit(file, window)
-    if shards % world:
-        raise DataError(
-            f"train.shards: {shards} shards cannot be shared evenly by {world} processes",
-            f"make train.shards a multiple of {world}, or auto (one shard per process)",
-        )
+    check_shards(shards, world)
     if batch_size % shards:
         raise DataError(
             f"{field} ({batch_size:,}) does not divide evenly among {shards} shards (train.shards)",

@@ -22,7 +22,7 @@ from torch import nn
 
 from mtlcli import distributed
 from mtlcli.data.schema import DataSchema
-from mtlcli.data.source import BatchSource, open_source
+from mtlcli.data.source import BatchSource, check_shards, open_source
 from mtlcli.data.store import Prepared, data_key, prepare
 from mtlcli.errors import ArtifactError, DataError, MtlError
 from mtlcli.fileio import append_line, sha256_json, to_json, write_json, write_text
@@ -156,11 +156,11 @@ def check_batch_split(batch_size: int, processes: int, shards: int | str = "auto
             f"train.batch_size ({batch_size}) does not divide evenly among the {processes} processes",
             f"train.batch_size is the global batch: make it a multiple of {processes}",
         )
-    if shards != "auto" and int(shards) % processes:
-        raise distributed.SameOnEveryRank(
-            f"train.shards: {shards} shards cannot be shared evenly by {processes} processes",
-            f"make train.shards a multiple of {processes}, or auto (one shard per process)",
-        )
+    if shards != "auto":
+        try:
+            check_shards(int(shards), processes)
+        except MtlError as exc:
+            raise distributed.SameOnEveryRank(exc.message, exc.hint) from None
 
 
 def train_run(
