@@ -32,19 +32,20 @@ svg text{font-size:11px;fill:#333}
 def gather(run_dir: Path, options: ExplainOptions) -> dict[str, Any]:
     """What the page shows of one run: its recipe, history, valid and test metrics, and the
     explain report (the run's saved ``explain.json`` when it has one, else computed on valid)."""
-    from mtlcli.train.run import EXPLAINED, evaluate_splits, load_run
+    from mtlcli.train.run import EXPLAINED, evaluate_splits, loaded_run
 
-    loaded = load_run(run_dir)
+    run = loaded_run(run_dir)  # the model and its data, loaded once for the explain report and the metrics
+    loaded = run[0]
     saved = run_dir / EXPLAINED
     if saved.is_file():
         explained, source = json.loads(saved.read_text(encoding="utf-8")), f"from the run's saved {EXPLAINED}"
     else:
-        explained = explain_run(run_dir, "valid", options)
+        explained = explain_run(run_dir, "valid", options, run)
         rows = f"{explained['rows']:,} rows of the valid split"
         source = f"computed for this page on {rows} (no saved {EXPLAINED} in the run)"
     recipe = loaded.recipe
     identity = {"scheme": recipe.model.scheme, "weighting": recipe.loss.weighting}
-    evaluated = evaluate_splits(run_dir, ["valid", "test"])
+    evaluated = evaluate_splits(run_dir, ["valid", "test"], run=run)
     return {
         "run_dir": str(run_dir),
         "name": run_dir.name,

@@ -6,14 +6,14 @@ import difflib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from mtlcli.data.batch import SplitTensors
 from mtlcli.data.schema import FIRST_ID, MISSING_ID, OOV_ID, DataSchema
-from mtlcli.errors import ArtifactError, MtlError
+from mtlcli.errors import MtlError
 from mtlcli.explain.correlation import correlation_report
 from mtlcli.explain.gates import (
     GATE_KEY,
@@ -34,6 +34,10 @@ from mtlcli.explain.importance import importance_report, read_importance
 from mtlcli.explain.masks import mask_report, read_masks
 from mtlcli.explain.representations import read_representations, representation_report
 from mtlcli.models.base import scheme
+
+if TYPE_CHECKING:
+    from mtlcli.data.store import Prepared
+    from mtlcli.train.checkpoint import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -185,22 +189,22 @@ def explain_model(
     }
 
 
-def explain_run(run_dir: Path, split: str = "valid", options: ExplainOptions = ExplainOptions()) -> dict[str, Any]:
+def explain_run(
+    run_dir: Path,
+    split: str = "valid",
+    options: ExplainOptions = ExplainOptions(),
+    run: tuple[LoadedModel, Prepared] | None = None,
+) -> dict[str, Any]:
     """Every report on one split of a run's data (re-encoded if the run's cache is gone), plus the
-    training history from its metrics.jsonl."""
-    from mtlcli.train.run import encoded_data, load_run, pos_weight_tensor
+    training history from its metrics.jsonl. ``run``: the run's model and data, already loaded."""
+    from mtlcli.train.run import load_run, pos_weight_tensor, run_data
 
-    loaded = load_run(run_dir)
+    loaded = run[0] if run is not None else load_run(run_dir)
     by = None
     if options.by is not None:
         column, names = value_names(loaded.schema, options.by)
         by = (options.by, column, names)
-    prepared = encoded_data(run_dir, loaded)
-    if prepared.schema.to_dict() != loaded.schema.to_dict():
-        raise ArtifactError(
-            f"{run_dir}: the data no longer matches the schema the model was trained with",
-            "the source files or the recipe's data part changed since training; retrain",
-        )
+    prepared = run[1] if run is not None else run_data(run_dir, loaded)
     data = sample_rows(prepared.load(split), options.max_rows, options.seed)
     tasks = loaded.schema.task_names
     types = [t.type for t in loaded.schema.tasks]

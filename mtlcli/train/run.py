@@ -406,6 +406,12 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         handle.close()
 
 
+def loaded_run(run_dir: Path) -> tuple[LoadedModel, Prepared]:
+    """A run's model and its checked data (``load_run``, ``run_data``)."""
+    loaded = load_run(run_dir)
+    return loaded, run_data(run_dir, loaded)
+
+
 def load_run(run_dir: Path) -> LoadedModel:
     """The trained model of a run directory, with its recipe and schema."""
     if not run_dir.is_dir():
@@ -465,15 +471,22 @@ def evaluate_run(run_dir: Path, split: str = "test", batch_size: int = 65536) ->
     return evaluate_splits(run_dir, [split], batch_size)[split]
 
 
-def evaluate_splits(run_dir: Path, splits: list[str], batch_size: int = 65536) -> dict[str, dict[str, Any]]:
-    """``evaluate_run`` on several splits, the run and its data loaded once."""
-    loaded = load_run(run_dir)
+def run_data(run_dir: Path, loaded: LoadedModel) -> Prepared:
+    """``encoded_data``, refused when it no longer matches the schema the model was trained with."""
     prepared = encoded_data(run_dir, loaded)
     if prepared.schema.to_dict() != loaded.schema.to_dict():
         raise ArtifactError(
             f"{run_dir}: the data no longer matches the schema the model was trained with",
             "the source files or the recipe's data part changed since training; retrain",
         )
+    return prepared
+
+
+def evaluate_splits(
+    run_dir: Path, splits: list[str], batch_size: int = 65536, run: tuple[LoadedModel, Prepared] | None = None
+) -> dict[str, dict[str, Any]]:
+    """``evaluate_run`` on several splits, the run and its data loaded once (or given: ``run``)."""
+    loaded, prepared = run or loaded_run(run_dir)
     out = {}
     for split in splits:
         data = split_source(prepared, split, loaded.recipe, batch_size, "--batch-size")
