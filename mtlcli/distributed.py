@@ -22,6 +22,8 @@ One process is ``Ranks()`` (world 1): every exchange is the identity and costs n
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -164,6 +166,20 @@ def data_parallel(model: nn.Module, ranks: Ranks) -> nn.Module:
 class SameOnEveryRank(MtlError):
     """An error every rank raises at the same step (it comes from values they share): said once,
     by rank 0."""
+
+
+@contextmanager
+def alike_on_every_rank(ranks: Ranks) -> Iterator[None]:
+    """Errors raised inside come from what every rank shares (the recipe, the encoded data): on
+    several ranks they become ``SameOnEveryRank``, said once."""
+    try:
+        yield
+    except SameOnEveryRank:
+        raise
+    except MtlError as exc:
+        if not ranks.active:
+            raise
+        raise SameOnEveryRank(exc.message, exc.hint) from None
 
 
 def check_all_used(model: nn.Module) -> None:

@@ -319,7 +319,7 @@ class ExpertPool(nn.Module):
     def from_first_layer(self, pre: Tensor) -> Tensor:
         """The experts' outputs [B, n, h] from their first layer's pre-activations [B, n * units[0]]
         (lets a caller compute that layer inside a larger matmul)."""
-        h = self.dropout(torch.relu(pre)).unflatten(1, (self.n, pre.shape[1] // self.n))
+        h = self.dropout(torch.relu(pre)).unflatten(1, (self.n, -1))
         if len(self.weights):
             h = h.transpose(0, 1)  # [n, B, h]
             for weight, bias in zip(self.weights, self.biases, strict=True):

@@ -361,11 +361,8 @@ def fit(
         for batch in train.batches(settings.batch_size, True, shuffle, state.step, ranks.rank, ranks.world):
             batch = batch.to(device)
             optimizer.zero_grad(set_to_none=True)
-            logits = forward(batch)
-            if ranks.active:  # the global batch's mean losses, with this rank's part as gradient
-                losses = distributed.global_losses(*task_loss_sums(logits, batch, binary, pos_weight), ranks)
-            else:
-                losses = task_losses(logits, batch, binary, pos_weight)
+            # the global batch's mean losses, with this rank's part as gradient (alone: the batch's)
+            losses = distributed.global_losses(*task_loss_sums(forward(batch), batch, binary, pos_weight), ranks)
             if not bool(torch.isfinite(losses).all()):
                 bad = [t for t, ok in zip(tasks, torch.isfinite(losses).tolist(), strict=True) if not ok]
                 raise TrainingDiverged(

@@ -149,18 +149,14 @@ def to_device(model: nn.Module, strategy_parameters: list[nn.Parameter], device:
 
 
 def check_batch_split(batch_size: int, processes: int, shards: int | str = "auto") -> None:
-    """The global batch and ``train.shards`` (a number) against the process count, before any
-    work (raised alike on every rank: said once)."""
+    """The global batch and ``train.shards`` (a number) against the process count, before any work."""
     if batch_size % processes:
-        raise distributed.SameOnEveryRank(
+        raise MtlError(
             f"train.batch_size ({batch_size}) does not divide evenly among the {processes} processes",
             f"train.batch_size is the global batch: make it a multiple of {processes}",
         )
     if shards != "auto":
-        try:
-            check_shards(int(shards), processes)
-        except MtlError as exc:
-            raise distributed.SameOnEveryRank(exc.message, exc.hint) from None
+        check_shards(int(shards), processes)
 
 
 def train_run(
@@ -184,7 +180,8 @@ def train_run(
     settings = recipe.train
     check_loggers(settings.loggers)
     device = distributed.training_device(settings.device)  # a missing GPU is said before any work
-    check_batch_split(settings.batch_size, ranks.world, settings.shards)
+    with distributed.alike_on_every_rank(ranks):
+        check_batch_split(settings.batch_size, ranks.world, settings.shards)
     if not resume:
         if ranks.writes:
             check_run_dir(run_dir, force)
@@ -194,12 +191,10 @@ def train_run(
     schema = prepared.schema
     saved = read_checkpoint_identity(run_dir / CHECKPOINT) if resume else {}
     shards = stream_shards(settings.shards, ranks.world, saved)
-    try:
+    with distributed.alike_on_every_rank(ranks):  # the same shards, batch and file on every rank
         train_data = split_source(
             prepared, "train", recipe, settings.batch_size, "train.batch_size", shards, ranks.world
         )
-    except MtlError as exc:  # the same shards, batch and file on every rank
-        raise (distributed.SameOnEveryRank(exc.message, exc.hint) if ranks.active else exc) from None
     valid_data = split_source(prepared, "valid", recipe, settings.eval_batch_size, "train.eval_batch_size")
     torch.manual_seed(settings.seed)
     tasks = schema.task_names
