@@ -11,7 +11,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -62,11 +64,35 @@ def leftovers(directory: Path) -> list[str]:
 # --- signals ---------------------------------------------------------------------------------------
 
 
-def terminated(process: subprocess.Popen[str], wait: float = 3.0) -> tuple[int, str, str]:
-    time.sleep(wait)  # let it start and block on its input
+def terminated(
+    process: subprocess.Popen[str], wait: float = 3.0, ready: Callable[[], bool] | None = None
+) -> tuple[int, str, str]:
+    """SIGTERM ``process`` once ``ready()`` holds (else after ``wait`` seconds: it has started and
+    blocks on its input), then its exit code, stdout and stderr."""
+    if ready is None:
+        time.sleep(wait)
+    else:
+        until(ready)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=60)
     return process.returncode, out, err
+
+
+def until(condition: Callable[[], bool], timeout: float = 120.0) -> None:
+    """Poll ``condition`` until it holds: a fixed sleep would race a slow start on a loaded machine."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the command did not get there in time"
+        time.sleep(0.05)
+
+
+def stdout_lines(process: subprocess.Popen[str]) -> list[str]:
+    """The lines ``process`` writes to stdout, collected as they come by a reader thread (the
+    list grows while the process runs; its stdout is consumed)."""
+    assert process.stdout is not None
+    stream, lines = process.stdout, []
+    threading.Thread(target=lambda: lines.extend(iter(stream.readline, "")), daemon=True).start()
+    return lines
 
 
 @pytest.mark.parametrize("command", [["recipe", "check", "-"], ["preprocess", "-"], ["train", "-", "--out", "r"]])
@@ -85,10 +111,12 @@ def test_sigterm_while_predicting_to_stdout_keeps_the_rows_scored(work: Path) ->
     assert process.stdin is not None
     process.stdin.write("".join(good_data().splitlines(keepends=True)[:11]))  # header + 10 rows
     process.stdin.flush()  # the pipe stays open: predict waits for more
-    code, out, err = terminated(process)
+    lines = stdout_lines(process)
+    code, _, err = terminated(process, ready=lambda: len(lines) >= 11)
+    process.wait(timeout=60)
     assert code == 130, err
     assert "Traceback" not in err
-    assert out.splitlines()[0] == "click,buy" and len(out.splitlines()) == 11
+    assert lines[0] == "click,buy\n" and len(lines) == 11
 
 
 def test_sigterm_while_predicting_to_a_file_leaves_no_file(work: Path, tmp_path: Path) -> None:
@@ -97,7 +125,7 @@ def test_sigterm_while_predicting_to_a_file_leaves_no_file(work: Path, tmp_path:
     assert process.stdin is not None
     process.stdin.write("".join(good_data().splitlines(keepends=True)[:11]))
     process.stdin.flush()
-    code, _, err = terminated(process)
+    code, _, err = terminated(process, ready=lambda: any(tmp_path.iterdir()))  # scoring has begun
     assert code == 130, err
     assert "scores.csv was not written" in " ".join(err.split())
     assert list(tmp_path.iterdir()) == []  # no scores.csv, no .scores.csv.*.tmp
