@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch, SplitTensors
 from mtlcli.models import SCHEMES, InputSpec, build_model
-from mtlcli.models.base import SharedRepresentation, enable_representation
+from mtlcli.models.base import Capabilities, SharedRepresentation, enable_representation
 from mtlcli.recipe import recipe_from_text
 from mtlcli.recipe.schema import EarlyStopping, TrainSection
 from mtlcli.train.checkpoint import load_checkpoint, save_checkpoint
@@ -203,7 +203,7 @@ def test_mgda_picks_the_shorter_gradient_when_it_is_the_min_norm_point() -> None
     assert weights.tolist() == pytest.approx([1.0, 0.0])
 
 
-class Represented(SharedRepresentation, nn.Module):
+class Represented(nn.Module):
     """z = c ⊙ θ (θ shared); L_click = a·z, L_buy = b·z with a, b task-specific."""
 
     def __init__(self) -> None:
@@ -212,10 +212,15 @@ class Represented(SharedRepresentation, nn.Module):
         self.a = nn.Parameter(torch.tensor([1.0, 0.0]))
         self.b = nn.Parameter(torch.tensor([0.0, 2.0]))
         self.c = torch.tensor([3.0, 0.5])
+        self.z = SharedRepresentation()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(shared_representation=self.z)
 
     def losses(self) -> Tensor:
         z = self.c * self.theta
-        self.keep(z)
+        self.z.keep(z)
         return torch.stack([self.a @ z, self.b @ z])
 
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:

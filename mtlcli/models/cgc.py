@@ -22,7 +22,9 @@ from torch import Tensor, nn
 from mtlcli.data.batch import Batch
 from mtlcli.models.base import (
     Capabilities,
+    GateRecord,
     InputSpec,
+    Introspection,
     ModelParams,
     SharedRepresentation,
     group_by_prefix,
@@ -124,7 +126,7 @@ class ExtractionLayer(nn.Module):
         return outputs, (gate.unsqueeze(-1) * every).sum(1), gates
 
 
-class ExtractionNetwork(nn.Module, SharedRepresentation):
+class ExtractionNetwork(nn.Module):
     """embedding -> ``levels`` extraction layers (all but the last with a shared gate) -> towers.
 
     The first level reads the embedded input everywhere (so it may hold fm experts); deeper
@@ -152,6 +154,7 @@ class ExtractionNetwork(nn.Module, SharedRepresentation):
     ) -> None:
         super().__init__()
         self.tasks = list(inputs.tasks)
+        self.z = SharedRepresentation()
         self.embedding = FeatureEmbedding.for_inputs(inputs, embedding_dim)
         layers = []
         in_dim = self.embedding.out_dim
@@ -176,19 +179,22 @@ class ExtractionNetwork(nn.Module, SharedRepresentation):
         self.levels = nn.ModuleList(layers)
         self.towers = Towers(self.tasks, in_dim, tower_units, dropout)
 
-    def run(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        """Logits [B, T] and every gate's weights, named ``level<j>.gate.<task or shared>``."""
+    def run(self, batch: Batch) -> tuple[Tensor, list[GateRecord]]:
+        """Logits [B, T] and every gate: group ``level<j>.gate``, row a task or ``shared``."""
         x = self.embedding(batch)
         task_inputs, shared_input = [x] * len(self.tasks), x
-        gates: dict[str, Tensor] = {}
+        gates: list[GateRecord] = []
         last = len(self.levels) - 1
-        cut: list[Tensor] | None = [] if self.keeping() else None
+        cut: list[Tensor] | None = [] if self.z.keeping() else None
         for j, layer in enumerate(self.levels):
             role = ("own" if last == 0 else "shared") if j == last else ("gates" if j == last - 1 else "")
             task_inputs, shared_input, level_gates = layer(task_inputs, shared_input, cut, role)
-            gates.update({f"level{j + 1}.gate.{name}": g for name, g in level_gates.items()})
+            gates += [
+                GateRecord(f"level{j + 1}.gate", row, g, self.expert_names(j + 1, row))
+                for row, g in level_gates.items()
+            ]
         if cut is not None:
-            self.keep(*cut)
+            self.z.keep(*cut)
         return self.towers(task_inputs), gates
 
     def forward(self, batch: Batch) -> Tensor:
@@ -196,23 +202,23 @@ class ExtractionNetwork(nn.Module, SharedRepresentation):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(expert_names=self.expert_names)
+        return Capabilities(shared_representation=self.z)
 
-    def expert_names(self, gate: str) -> list[str]:
-        """The experts the columns of ``level<j>.gate.<task or shared>`` weigh: ``<task>.<i>`` for
-        task experts (every task's, in task order, for the shared gate), then ``shared.<i>``."""
-        level, _, row = gate.removeprefix("level").partition(".gate.")
-        layer = cast(ExtractionLayer, self.levels[int(level) - 1])
+    def expert_names(self, level: int, row: str) -> list[str]:
+        """The experts the columns of level ``level``'s (from 1) gate ``row`` (a task or ``shared``)
+        weigh: ``<task>.<i>`` for task experts (every task's, in task order, for the shared gate),
+        then ``shared.<i>``."""
+        layer = cast(ExtractionLayer, self.levels[level - 1])
         shared = [f"shared.{i}" for i in range(layer.shared_experts.n)]
         owners = self.tasks if row == "shared" else [row]
         experts = cast(nn.ModuleDict, layer.task_experts)
         return [f"{t}.{i}" for t in owners for i in range(cast(Experts, experts[t]).n)] + shared
 
-    def introspect(self, batch: Batch) -> dict[str, Tensor]:
-        """``level<j>.gate.<task>``: [B, m_k + m_s] over task k's experts then the shared ones;
-        ``level<j>.gate.shared`` (every level but the last): [B, T * m_k + m_s] over every task's
-        experts in task order, then the shared ones. Rows sum to 1."""
-        return self.run(batch)[1]
+    def introspect(self, batch: Batch) -> Introspection:
+        """Gate ``level<j>.gate``/``<task>``: [B, m_k + m_s] over task k's experts then the shared
+        ones; ``level<j>.gate``/``shared`` (every level but the last): [B, T * m_k + m_s] over every
+        task's experts in task order, then the shared ones. Rows sum to 1."""
+        return Introspection(self.run(batch)[1])
 
     def last_shared_layer(self) -> list[Tensor]:
         """The output layer of the last level's shared experts: every task's gate there mixes them

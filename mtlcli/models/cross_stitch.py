@@ -18,8 +18,10 @@ from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
 from mtlcli.models.base import (
+    AlphaRecord,
     Capabilities,
     InputSpec,
+    Introspection,
     ModelParams,
     SharedRepresentation,
     group_by_prefix,
@@ -43,7 +45,7 @@ def initial_alpha(n_tasks: int, offdiag: float) -> Tensor:
     return torch.full((n_tasks, n_tasks), other) + torch.eye(n_tasks) * (1.0 - offdiag - other)
 
 
-class CrossStitch(nn.Module, SharedRepresentation):
+class CrossStitch(nn.Module):
     """embedding (shared) -> per-task columns, alpha-mixed after each hidden layer -> towers.
 
     Shared representation: the columns' last mixed outputs, one per task."""
@@ -59,6 +61,7 @@ class CrossStitch(nn.Module, SharedRepresentation):
     ) -> None:
         super().__init__()
         self.tasks = list(inputs.tasks)
+        self.z = SharedRepresentation()
         self.embedding = FeatureEmbedding.for_inputs(inputs, embedding_dim)
         widths = [self.embedding.out_dim, *column_units]
         self.columns = nn.ModuleDict(
@@ -70,11 +73,15 @@ class CrossStitch(nn.Module, SharedRepresentation):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.towers = Towers(self.tasks, column_units[-1], tower_units, dropout)
 
-    capabilities = Capabilities()  # nothing optional
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(shared_representation=self.z)
 
-    def introspect(self, batch: Batch) -> dict[str, Tensor]:
-        """``alpha.layer<l>``: the T x T matrix after hidden layer l; row k mixes into column k."""
-        return {f"alpha.layer{layer}": alpha.detach().clone() for layer, alpha in enumerate(self.alphas, start=1)}
+    def introspect(self, batch: Batch) -> Introspection:
+        """``layer<l>``: the T x T matrix after hidden layer l; row k mixes into column k."""
+        return Introspection(
+            alphas=[AlphaRecord(f"layer{layer}", alpha.detach().clone()) for layer, alpha in enumerate(self.alphas, 1)]
+        )
 
     def forward(self, batch: Batch) -> Tensor:
         x = self.embedding(batch)
@@ -88,7 +95,7 @@ class CrossStitch(nn.Module, SharedRepresentation):
                 dim=1,
             )  # [B, T, D]
             h = list(torch.einsum("kj,bjd->bkd", alpha, stacked).unbind(1))
-        self.keep(*h)
+        self.z.keep(*h)
         return self.towers(h)
 
     def last_shared_layer(self) -> list[Tensor]:

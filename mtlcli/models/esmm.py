@@ -25,6 +25,7 @@ from mtlcli.data.batch import Batch
 from mtlcli.models.base import (
     Capabilities,
     InputSpec,
+    Introspection,
     ModelParams,
     SharedRepresentation,
     group_by_prefix,
@@ -77,7 +78,7 @@ def _log_sigmoid_pair(a: Tensor, b: Tensor) -> Tensor:
     return log_p - log_q
 
 
-class ESMM(nn.Module, SharedRepresentation):
+class ESMM(nn.Module):
     """Shared embedding -> CTR tower and CVR tower; outputs logit(pCTR) and logit(pCTR * pCVR).
 
     Shared representation: the embedded input as the task-specific towers read it, and the CTR
@@ -94,6 +95,7 @@ class ESMM(nn.Module, SharedRepresentation):
     ) -> None:
         super().__init__()
         self.tasks = list(inputs.tasks)
+        self.z = SharedRepresentation()
         self.click, self.conversion = click, conversion
         self.embedding = FeatureEmbedding.for_inputs(inputs, embedding_dim)
         width = self.embedding.out_dim
@@ -105,8 +107,8 @@ class ESMM(nn.Module, SharedRepresentation):
     def _heads(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         x = self.embedding(batch)
         ctr = self.ctr(x).squeeze(1)
-        x_own = self.alias(x)  # what the task-specific towers read
-        self.keep(x_own, ctr)
+        x_own = self.z.alias(x)  # what the task-specific towers read
+        self.z.keep(x_own, ctr)
         return x_own, ctr, self.cvr(x_own).squeeze(1)
 
     def forward(self, batch: Batch) -> Tensor:
@@ -125,11 +127,13 @@ class ESMM(nn.Module, SharedRepresentation):
         """pCVR = P(conversion | click) per row [B]: the CVR tower's probability."""
         return torch.sigmoid(self._heads(batch)[2])
 
-    capabilities = Capabilities()  # nothing optional
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(shared_representation=self.z)
 
-    def introspect(self, batch: Batch) -> dict[str, Tensor]:
+    def introspect(self, batch: Batch) -> Introspection:
         """ESMM has no gates or mixing matrices: nothing to report (pCVR: ``pcvr``)."""
-        return {}
+        return Introspection()
 
     def last_shared_layer(self) -> list[Tensor]:
         """With only the click and conversion tasks, the CTR tower's output layer: both CTR and

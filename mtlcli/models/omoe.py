@@ -20,7 +20,9 @@ from mtlcli.data.batch import Batch
 from mtlcli.models.base import (
     Capabilities,
     ExpertPoolParams,
+    GateRecord,
     InputSpec,
+    Introspection,
     SharedRepresentation,
     group_by_prefix,
     register_scheme,
@@ -32,7 +34,7 @@ class OMoEParams(ExpertPoolParams):
     pass
 
 
-class OMoE(nn.Module, SharedRepresentation):
+class OMoE(nn.Module):
     """embedding -> experts [B, E, H] -> one softmax gate [B, E] -> mixture [B, H] -> every tower.
 
     Shared representation: the mixture (the one gate is shared)."""
@@ -50,6 +52,7 @@ class OMoE(nn.Module, SharedRepresentation):
     ) -> None:
         super().__init__()
         self.tasks = list(inputs.tasks)
+        self.z = SharedRepresentation()
         self.embedding, self.experts = embedded_experts(
             inputs,
             embedding_dim,
@@ -63,17 +66,20 @@ class OMoE(nn.Module, SharedRepresentation):
         self.gate = nn.Linear(x_dim, n_experts)
         self.towers = Towers(self.tasks, self.experts.out_dim, tower_units, dropout)
 
-    capabilities = Capabilities()  # its gates weigh one pool of experts, numbered 0..n-1
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(shared_representation=self.z)
 
-    def introspect(self, batch: Batch) -> dict[str, Tensor]:
-        """``gate.shared``: the one gate's softmax weights over the experts, [B, E]."""
-        return {"gate.shared": torch.softmax(self.gate(self.embedding(batch)), dim=-1)}
+    def introspect(self, batch: Batch) -> Introspection:
+        """Gate ``gate``/``shared``: the one gate's softmax weights over the experts (numbered), [B, E]."""
+        gate = torch.softmax(self.gate(self.embedding(batch)), dim=-1)
+        return Introspection([GateRecord("gate", "shared", gate, [str(i) for i in range(gate.shape[-1])])])
 
     def forward(self, batch: Batch) -> Tensor:
         x = self.embedding(batch)
         gate = torch.softmax(self.gate(x), dim=-1)  # [B, E]
         mixed = (gate.unsqueeze(-1) * self.experts(x)).sum(1)
-        self.keep(mixed)
+        self.z.keep(mixed)
         return self.towers(mixed)
 
     def last_shared_layer(self) -> list[Tensor]:

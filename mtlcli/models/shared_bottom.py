@@ -13,6 +13,7 @@ from mtlcli.models.base import (
     BottomParams,
     Capabilities,
     InputSpec,
+    Introspection,
     SharedRepresentation,
     group_by_prefix,
     register_scheme,
@@ -24,7 +25,7 @@ class SharedBottomParams(BottomParams):
     pass
 
 
-class SharedBottom(nn.Module, SharedRepresentation):
+class SharedBottom(nn.Module):
     """embedding -> bottom MLP (shared) -> per-task tower -> logit. Output [B, T].
 
     Shared representation: the bottom's output."""
@@ -39,19 +40,22 @@ class SharedBottom(nn.Module, SharedRepresentation):
     ) -> None:
         super().__init__()
         self.tasks = list(inputs.tasks)
+        self.z = SharedRepresentation()
         self.embedding = FeatureEmbedding.for_inputs(inputs, embedding_dim)
         self.bottom = mlp(self.embedding.out_dim, bottom_units, dropout)
         self.towers = Towers(self.tasks, bottom_units[-1], tower_units, dropout)
 
-    capabilities = Capabilities()  # nothing optional
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(shared_representation=self.z)
 
-    def introspect(self, batch: Batch) -> dict[str, Tensor]:
+    def introspect(self, batch: Batch) -> Introspection:
         """Nothing to show: no gates, no mixing."""
-        return {}
+        return Introspection()
 
     def forward(self, batch: Batch) -> Tensor:
         h = self.bottom(self.embedding(batch))
-        self.keep(h)
+        self.z.keep(h)
         return self.towers(h)
 
     def last_shared_layer(self) -> list[Tensor]:

@@ -17,6 +17,7 @@ from mtlcli.models.base import (
     BottomParams,
     Capabilities,
     InputSpec,
+    Introspection,
     SharedRepresentation,
     group_by_prefix,
     register_scheme,
@@ -28,7 +29,7 @@ class SingleTaskParams(BottomParams):
     pass
 
 
-class SingleTask(nn.Module, SharedRepresentation):
+class SingleTask(nn.Module):
     """Per task: embedding -> bottom MLP -> tower MLP -> logit. Output [B, T].
 
     Shared representation: empty (nothing is shared)."""
@@ -43,6 +44,7 @@ class SingleTask(nn.Module, SharedRepresentation):
     ) -> None:
         super().__init__()
         self.tasks = list(inputs.tasks)
+        self.z = SharedRepresentation()
         embeddings = {t: FeatureEmbedding.for_inputs(inputs, embedding_dim) for t in self.tasks}
         in_dim = embeddings[self.tasks[0]].out_dim
         self.embeddings = nn.ModuleDict(embeddings)
@@ -50,14 +52,17 @@ class SingleTask(nn.Module, SharedRepresentation):
             {t: mlp(in_dim, [*bottom_units, *tower_units], dropout, out_dim=1) for t in self.tasks}
         )
 
-    capabilities = Capabilities(baseline=True)  # nothing shared: the STL baseline of MTL gain
+    @property
+    def capabilities(self) -> Capabilities:
+        """Nothing shared: the STL baseline of MTL gain (its shared representation is empty)."""
+        return Capabilities(baseline=True, shared_representation=self.z)
 
-    def introspect(self, batch: Batch) -> dict[str, Tensor]:
+    def introspect(self, batch: Batch) -> Introspection:
         """Nothing to show: no gates, no mixing."""
-        return {}
+        return Introspection()
 
     def forward(self, batch: Batch) -> Tensor:
-        self.keep()  # nothing is shared
+        self.z.keep()  # nothing is shared
         return torch.cat([self.nets[t](self.embeddings[t](batch)) for t in self.tasks], dim=1)
 
     def last_shared_layer(self) -> list[Tensor]:

@@ -29,6 +29,7 @@ from mtlcli.data.source import BatchSource
 from mtlcli.models.base import (
     Capabilities,
     InputSpec,
+    Introspection,
     ModelParams,
     SharedRepresentation,
     group_by_prefix,
@@ -46,7 +47,7 @@ class SparseSharingParams(ModelParams):
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
 
 
-class SparseSharing(nn.Module, SharedRepresentation):
+class SparseSharing(nn.Module):
     """embedding -> per task: bottom MLP with weights W ⊙ M_task -> task tower -> logit. Output [B, T].
 
     Shared representation: each task's masked bottom output (its tower's input)."""
@@ -64,6 +65,7 @@ class SparseSharing(nn.Module, SharedRepresentation):
     ) -> None:
         super().__init__()
         self.tasks = list(inputs.tasks)
+        self.z = SharedRepresentation()
         self.types = list(inputs.task_types)
         self.density, self.prune_rate, self.warmup_steps = density, prune_rate, warmup_steps
         self.embedding = FeatureEmbedding.for_inputs(inputs, embedding_dim)
@@ -95,12 +97,12 @@ class SparseSharing(nn.Module, SharedRepresentation):
     def forward(self, batch: Batch) -> Tensor:
         x = self.embedding(batch)
         hidden = [self.task_hidden(x, k) for k in range(len(self.tasks))]
-        self.keep(*hidden)
+        self.z.keep(*hidden)
         return torch.stack([self.towers[t](h).squeeze(1) for t, h in zip(self.tasks, hidden, strict=True)], dim=1)
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(masks=self.masks, search=self.search_masks)
+        return Capabilities(masks=self.masks, search=self.search_masks, shared_representation=self.z)
 
     def masks(self) -> dict[str, list[Tensor]]:
         """Each task's binary masks over the bottom layers' weights."""
@@ -155,9 +157,9 @@ class SparseSharing(nn.Module, SharedRepresentation):
             new[order[:keep]] = 1.0
             mask.copy_(new.view_as(mask))
 
-    def introspect(self, batch: Batch) -> dict[str, Tensor]:
+    def introspect(self, batch: Batch) -> Introspection:
         """No gates or mixing matrices; the task masks are given by ``masks()``."""
-        return {}
+        return Introspection()
 
     def last_shared_layer(self) -> list[Tensor]:
         """The shared network's last layer (W, which each task uses through its mask)."""
