@@ -34,15 +34,8 @@ TOY_SCHEME = textwrap.dedent(
     from torch import Tensor, nn
 
     from mtlcli.data.batch import Batch
-    from mtlcli.models.base import (
-        Capabilities,
-        GateRecord,
-        InputSpec,
-        Introspection,
-        ModelParams,
-        SharedRepresentation,
-        register_scheme,
-    )
+    from mtlcli.models.base import Capabilities, InputSpec, ModelParams, register_scheme
+    from mtlcli.models.views import GateRecord, Introspection, SharedRepresentation
     from mtlcli.models.blocks import FeatureEmbedding, Towers
 
 

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch, SplitTensors
 from mtlcli.models import SCHEMES, InputSpec, build_model
-from mtlcli.models.base import Capabilities, SharedRepresentation, enable_representation
+from mtlcli.models.base import Capabilities, enable_representation
+from mtlcli.models.views import SharedRepresentation
 from mtlcli.recipe import recipe_from_text
 from mtlcli.recipe.schema import EarlyStopping, TrainSection
 from mtlcli.train.checkpoint import load_checkpoint, save_checkpoint

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtlcli.models.base import AlphaRecord, GateRecord
+from mtlcli.models.views import AlphaRecord, GateRecord
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ from mtlcli.explain.history import history_report
 from mtlcli.explain.importance import importance_report, read_importance
 from mtlcli.explain.masks import mask_report, read_masks
 from mtlcli.explain.representations import read_representations, representation_report
-from mtlcli.models.base import AlphaRecord, GateRecord, Introspection, scheme
+from mtlcli.models.base import scheme
+from mtlcli.models.views import AlphaRecord, GateRecord, Introspection
 
 if TYPE_CHECKING:
     from mtlcli.data.store import Prepared

@@ -13,24 +13,16 @@ DEPHN (Kong, Su, Zhao, Hou, IJCNN 2023, arXiv:2307.12519).
 
 from __future__ import annotations
 
-from typing import Annotated, cast
+from typing import cast
 
 import torch
 from pydantic import Field, PositiveInt, ValidationInfo, field_validator
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
-from mtlcli.models.base import (
-    Capabilities,
-    GateRecord,
-    InputSpec,
-    Introspection,
-    ModelParams,
-    SharedRepresentation,
-    group_by_prefix,
-    register_scheme,
-)
+from mtlcli.models.base import Capabilities, Dropout, InputSpec, ModelParams, group_by_prefix, register_scheme
 from mtlcli.models.blocks import ExpertKind, Experts, FeatureEmbedding, FieldLayout, Towers, check_expert_kinds
+from mtlcli.models.views import GateRecord, Introspection, SharedRepresentation
 
 
 class CGCParams(ModelParams):
@@ -38,7 +30,7 @@ class CGCParams(ModelParams):
     n_task_experts: PositiveInt = 2
     expert_units: list[PositiveInt] = Field(default=[16], min_length=1)
     tower_units: list[PositiveInt] = [8]
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    dropout: Dropout = 0.0
     shared_expert_kinds: list[ExpertKind] | None = None
     task_expert_kinds: list[ExpertKind] | None = None
     cross_layers: PositiveInt = 2
@@ -145,8 +137,8 @@ class ExtractionNetwork(nn.Module):
         levels: int,
         n_shared: int,
         n_task: int,
-        expert_units: list[PositiveInt],
-        tower_units: list[PositiveInt],
+        expert_units: list[int],
+        tower_units: list[int],
         dropout: float,
         shared_kinds: list[ExpertKind] | None = None,
         task_kinds: list[ExpertKind] | None = None,
@@ -154,7 +146,6 @@ class ExtractionNetwork(nn.Module):
     ) -> None:
         super().__init__()
         self.tasks = list(inputs.tasks)
-        self.z = SharedRepresentation()
         self.embedding = FeatureEmbedding.for_inputs(inputs, embedding_dim)
         layers = []
         in_dim = self.embedding.out_dim
@@ -178,6 +169,7 @@ class ExtractionNetwork(nn.Module):
             in_dim = expert_units[-1]
         self.levels = nn.ModuleList(layers)
         self.towers = Towers(self.tasks, in_dim, tower_units, dropout)
+        self.z = SharedRepresentation()
 
     def run(self, batch: Batch) -> tuple[Tensor, list[GateRecord]]:
         """Logits [B, T] and every gate: group ``level<j>.gate``, row a task or ``shared``."""

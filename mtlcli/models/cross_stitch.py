@@ -17,23 +17,15 @@ from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
-from mtlcli.models.base import (
-    AlphaRecord,
-    Capabilities,
-    InputSpec,
-    Introspection,
-    ModelParams,
-    SharedRepresentation,
-    group_by_prefix,
-    register_scheme,
-)
+from mtlcli.models.base import Capabilities, Dropout, InputSpec, ModelParams, group_by_prefix, register_scheme
 from mtlcli.models.blocks import FeatureEmbedding, Towers, last_linear
+from mtlcli.models.views import AlphaRecord, Introspection, SharedRepresentation
 
 
 class CrossStitchParams(ModelParams):
     column_units: list[PositiveInt] = Field(default=[64], min_length=1)
     tower_units: list[PositiveInt] = [8]
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    dropout: Dropout = 0.0
     alpha_init_offdiag: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
 
 
@@ -54,14 +46,13 @@ class CrossStitch(nn.Module):
         self,
         inputs: InputSpec,
         embedding_dim: int,
-        column_units: list[PositiveInt],
-        tower_units: list[PositiveInt],
+        column_units: list[int],
+        tower_units: list[int],
         dropout: float,
         alpha_init_offdiag: float,
     ) -> None:
         super().__init__()
         self.tasks = list(inputs.tasks)
-        self.z = SharedRepresentation()
         self.embedding = FeatureEmbedding.for_inputs(inputs, embedding_dim)
         widths = [self.embedding.out_dim, *column_units]
         self.columns = nn.ModuleDict(
@@ -72,6 +63,7 @@ class CrossStitch(nn.Module):
         )
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.towers = Towers(self.tasks, column_units[-1], tower_units, dropout)
+        self.z = SharedRepresentation()
 
     @property
     def capabilities(self) -> Capabilities:
@@ -113,11 +105,4 @@ class CrossStitch(nn.Module):
     "cross_stitch", CrossStitchParams, "soft sharing: per-task columns mixed by learned alphas (CVPR 2016)"
 )
 def build(params: CrossStitchParams, inputs: InputSpec) -> CrossStitch:
-    return CrossStitch(
-        inputs,
-        params.embedding_dim,
-        params.column_units,
-        params.tower_units,
-        params.dropout,
-        params.alpha_init_offdiag,
-    )
+    return CrossStitch(inputs, **params.model_dump())

@@ -43,16 +43,9 @@ from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
 from mtlcli.errors import MtlError
-from mtlcli.models.base import (
-    Capabilities,
-    Dropout,
-    InputSpec,
-    Introspection,
-    ModelParams,
-    group_by_prefix,
-    register_scheme,
-)
+from mtlcli.models.base import Capabilities, Dropout, InputSpec, ModelParams, group_by_prefix, register_scheme
 from mtlcli.models.blocks import AttentionPooling, FeatureEmbedding, last_linear, mlp
+from mtlcli.models.views import Introspection
 
 NORMS = 2  # layer norms in the transformer layer: after attention, after the feed-forward network
 

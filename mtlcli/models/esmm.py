@@ -14,7 +14,7 @@ from ``pcvr(batch)`` (= pCTCVR / pCTR). Further tasks, if any, get ordinary towe
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,16 +22,9 @@ from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
-from mtlcli.models.base import (
-    Capabilities,
-    InputSpec,
-    Introspection,
-    ModelParams,
-    SharedRepresentation,
-    group_by_prefix,
-    register_scheme,
-)
+from mtlcli.models.base import Capabilities, Dropout, InputSpec, ModelParams, group_by_prefix, register_scheme
 from mtlcli.models.blocks import FeatureEmbedding, last_linear, mlp
+from mtlcli.models.views import Introspection, SharedRepresentation
 from mtlcli.registry import did_you_mean
 
 
@@ -39,7 +32,7 @@ class ESMMParams(ModelParams):
     click_task: str | None = None  # default: the first task
     conversion_task: str | None = None  # default: the second task
     tower_units: list[PositiveInt] = Field(default=[64, 32], min_length=1)
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    dropout: Dropout = 0.0
 
 
 def check(params: ESMMParams, recipe: Any) -> list[tuple[str, str]]:
@@ -85,17 +78,10 @@ class ESMM(nn.Module):
     logit (the CTR tower is shared: both the CTR and the CTCVR loss reach it)."""
 
     def __init__(
-        self,
-        inputs: InputSpec,
-        embedding_dim: int,
-        click: str,
-        conversion: str,
-        tower_units: list[PositiveInt],
-        dropout: float,
+        self, inputs: InputSpec, embedding_dim: int, click: str, conversion: str, tower_units: list[int], dropout: float
     ) -> None:
         super().__init__()
         self.tasks = list(inputs.tasks)
-        self.z = SharedRepresentation()
         self.click, self.conversion = click, conversion
         self.embedding = FeatureEmbedding.for_inputs(inputs, embedding_dim)
         width = self.embedding.out_dim
@@ -103,6 +89,7 @@ class ESMM(nn.Module):
         self.cvr = mlp(width, tower_units, dropout, out_dim=1)
         others = [t for t in self.tasks if t not in (click, conversion)]
         self.others = nn.ModuleDict({t: mlp(width, tower_units, dropout, out_dim=1) for t in others})
+        self.z = SharedRepresentation()
 
     def _heads(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         x = self.embedding(batch)

@@ -15,21 +15,12 @@ from typing import cast
 
 import torch
 import torch.nn.functional as F
-from pydantic import PositiveInt
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
-from mtlcli.models.base import (
-    Capabilities,
-    ExpertPoolParams,
-    GateRecord,
-    InputSpec,
-    Introspection,
-    SharedRepresentation,
-    group_by_prefix,
-    register_scheme,
-)
+from mtlcli.models.base import Capabilities, ExpertPoolParams, InputSpec, group_by_prefix, register_scheme
 from mtlcli.models.blocks import ExpertKind, Towers, embedded_experts
+from mtlcli.models.views import GateRecord, Introspection, SharedRepresentation
 
 
 class MMoEParams(ExpertPoolParams):
@@ -46,26 +37,19 @@ class MMoE(nn.Module):
         inputs: InputSpec,
         embedding_dim: int,
         n_experts: int,
-        expert_units: list[PositiveInt],
-        tower_units: list[PositiveInt],
+        expert_units: list[int],
+        tower_units: list[int],
         dropout: float,
         expert_kinds: list[ExpertKind] | None = None,
         cross_layers: int = 2,
     ) -> None:
         super().__init__()
         self.tasks = list(inputs.tasks)
-        self.z = SharedRepresentation()
-        self.embedding, self.experts = embedded_experts(
-            inputs,
-            embedding_dim,
-            n_experts,
-            expert_units,
-            dropout,
-            expert_kinds,
-            cross_layers,
-        )
+        pool = embedded_experts(inputs, embedding_dim, n_experts, expert_units, dropout, expert_kinds, cross_layers)
+        self.embedding, self.experts = pool
         self.gates = nn.ModuleDict({t: nn.Linear(self.embedding.out_dim, n_experts) for t in self.tasks})
         self.towers = Towers(self.tasks, self.experts.out_dim, tower_units, dropout)
+        self.z = SharedRepresentation()
 
     def gate_weights(self, x: Tensor) -> Tensor:
         """Softmax gate weights per task for embedded inputs x: [B, T, E], each row sums to 1."""

@@ -5,29 +5,18 @@ Learning with Multi-gate Mixture-of-Experts", KDD 2018 (after Jacobs, Jordan, No
 "Adaptive Mixtures of Local Experts", Neural Computation 1991): f(x) = sum_i g(x)_i f_i(x) with
 g(x) = softmax(W_g x); every tower h^k reads the same mixture, y_k = h^k(f(x)).
 
-With ``expert_kinds`` the experts are heterogeneous (MLP, factorisation machine, cross network), as in
-DEPHN: Kong, Su, Zhao, Hou, "DEPHN: Different Expression Parallel Heterogeneous Network using Virtual
-Gradient Optimization for Multi-task Learning", IJCNN 2023 (arXiv:2307.12519).
+``expert_kinds`` makes the experts heterogeneous, as in DEPHN (IJCNN 2023; see ``mmoe.py``).
 """
 
 from __future__ import annotations
 
 import torch
-from pydantic import PositiveInt
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
-from mtlcli.models.base import (
-    Capabilities,
-    ExpertPoolParams,
-    GateRecord,
-    InputSpec,
-    Introspection,
-    SharedRepresentation,
-    group_by_prefix,
-    register_scheme,
-)
+from mtlcli.models.base import Capabilities, ExpertPoolParams, InputSpec, group_by_prefix, register_scheme
 from mtlcli.models.blocks import ExpertKind, Towers, embedded_experts
+from mtlcli.models.views import GateRecord, Introspection, SharedRepresentation
 
 
 class OMoEParams(ExpertPoolParams):
@@ -44,27 +33,20 @@ class OMoE(nn.Module):
         inputs: InputSpec,
         embedding_dim: int,
         n_experts: int,
-        expert_units: list[PositiveInt],
-        tower_units: list[PositiveInt],
+        expert_units: list[int],
+        tower_units: list[int],
         dropout: float,
         expert_kinds: list[ExpertKind] | None = None,
         cross_layers: int = 2,
     ) -> None:
         super().__init__()
         self.tasks = list(inputs.tasks)
-        self.z = SharedRepresentation()
-        self.embedding, self.experts = embedded_experts(
-            inputs,
-            embedding_dim,
-            n_experts,
-            expert_units,
-            dropout,
-            expert_kinds,
-            cross_layers,
-        )
+        pool = embedded_experts(inputs, embedding_dim, n_experts, expert_units, dropout, expert_kinds, cross_layers)
+        self.embedding, self.experts = pool
         x_dim = self.embedding.out_dim
         self.gate = nn.Linear(x_dim, n_experts)
         self.towers = Towers(self.tasks, self.experts.out_dim, tower_units, dropout)
+        self.z = SharedRepresentation()
 
     @property
     def capabilities(self) -> Capabilities:

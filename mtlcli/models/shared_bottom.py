@@ -5,20 +5,12 @@ Caruana, "Multitask Learning", Machine Learning 28, 1997; the MMoE paper's Share
 
 from __future__ import annotations
 
-from pydantic import PositiveInt
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
-from mtlcli.models.base import (
-    BottomParams,
-    Capabilities,
-    InputSpec,
-    Introspection,
-    SharedRepresentation,
-    group_by_prefix,
-    register_scheme,
-)
+from mtlcli.models.base import BottomParams, Capabilities, InputSpec, group_by_prefix, register_scheme
 from mtlcli.models.blocks import FeatureEmbedding, Towers, last_linear, mlp
+from mtlcli.models.views import Introspection, SharedRepresentation
 
 
 class SharedBottomParams(BottomParams):
@@ -31,19 +23,14 @@ class SharedBottom(nn.Module):
     Shared representation: the bottom's output."""
 
     def __init__(
-        self,
-        inputs: InputSpec,
-        embedding_dim: int,
-        bottom_units: list[PositiveInt],
-        tower_units: list[PositiveInt],
-        dropout: float,
+        self, inputs: InputSpec, embedding_dim: int, bottom_units: list[int], tower_units: list[int], dropout: float
     ) -> None:
         super().__init__()
         self.tasks = list(inputs.tasks)
-        self.z = SharedRepresentation()
         self.embedding = FeatureEmbedding.for_inputs(inputs, embedding_dim)
         self.bottom = mlp(self.embedding.out_dim, bottom_units, dropout)
         self.towers = Towers(self.tasks, bottom_units[-1], tower_units, dropout)
+        self.z = SharedRepresentation()
 
     @property
     def capabilities(self) -> Capabilities:
@@ -68,4 +55,4 @@ class SharedBottom(nn.Module):
 
 @register_scheme("shared_bottom", SharedBottomParams, "hard sharing: one bottom MLP, one tower per task")
 def build(params: SharedBottomParams, inputs: InputSpec) -> SharedBottom:
-    return SharedBottom(inputs, params.embedding_dim, params.bottom_units, params.tower_units, params.dropout)
+    return SharedBottom(inputs, **params.model_dump())

@@ -9,20 +9,12 @@ Machine Learning 28, 1997, and in the MMoE and PLE papers.
 from __future__ import annotations
 
 import torch
-from pydantic import PositiveInt
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
-from mtlcli.models.base import (
-    BottomParams,
-    Capabilities,
-    InputSpec,
-    Introspection,
-    SharedRepresentation,
-    group_by_prefix,
-    register_scheme,
-)
+from mtlcli.models.base import BottomParams, Capabilities, InputSpec, group_by_prefix, register_scheme
 from mtlcli.models.blocks import FeatureEmbedding, mlp
+from mtlcli.models.views import Introspection, SharedRepresentation
 
 
 class SingleTaskParams(BottomParams):
@@ -35,22 +27,17 @@ class SingleTask(nn.Module):
     Shared representation: empty (nothing is shared)."""
 
     def __init__(
-        self,
-        inputs: InputSpec,
-        embedding_dim: int,
-        bottom_units: list[PositiveInt],
-        tower_units: list[PositiveInt],
-        dropout: float,
+        self, inputs: InputSpec, embedding_dim: int, bottom_units: list[int], tower_units: list[int], dropout: float
     ) -> None:
         super().__init__()
         self.tasks = list(inputs.tasks)
-        self.z = SharedRepresentation()
         embeddings = {t: FeatureEmbedding.for_inputs(inputs, embedding_dim) for t in self.tasks}
         in_dim = embeddings[self.tasks[0]].out_dim
         self.embeddings = nn.ModuleDict(embeddings)
         self.nets = nn.ModuleDict(
             {t: mlp(in_dim, [*bottom_units, *tower_units], dropout, out_dim=1) for t in self.tasks}
         )
+        self.z = SharedRepresentation()
 
     @property
     def capabilities(self) -> Capabilities:
@@ -75,4 +62,4 @@ class SingleTask(nn.Module):
 
 @register_scheme("single_task", SingleTaskParams, "no sharing: one independent network per task (the STL baseline)")
 def build(params: SingleTaskParams, inputs: InputSpec) -> SingleTask:
-    return SingleTask(inputs, params.embedding_dim, params.bottom_units, params.tower_units, params.dropout)
+    return SingleTask(inputs, **params.model_dump())

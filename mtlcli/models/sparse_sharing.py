@@ -26,16 +26,9 @@ from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
 from mtlcli.data.source import BatchSource
-from mtlcli.models.base import (
-    Capabilities,
-    InputSpec,
-    Introspection,
-    ModelParams,
-    SharedRepresentation,
-    group_by_prefix,
-    register_scheme,
-)
+from mtlcli.models.base import Capabilities, Dropout, InputSpec, ModelParams, group_by_prefix, register_scheme
 from mtlcli.models.blocks import FeatureEmbedding, mlp
+from mtlcli.models.views import Introspection, SharedRepresentation
 
 
 class SparseSharingParams(ModelParams):
@@ -44,7 +37,7 @@ class SparseSharingParams(ModelParams):
     density: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
     prune_rate: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
     warmup_steps: PositiveInt = 200
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    dropout: Dropout = 0.0
 
 
 class SparseSharing(nn.Module):
@@ -56,8 +49,8 @@ class SparseSharing(nn.Module):
         self,
         inputs: InputSpec,
         embedding_dim: int,
-        bottom_units: list[PositiveInt],
-        tower_units: list[PositiveInt],
+        bottom_units: list[int],
+        tower_units: list[int],
         density: float,
         prune_rate: float,
         warmup_steps: int,
@@ -65,7 +58,6 @@ class SparseSharing(nn.Module):
     ) -> None:
         super().__init__()
         self.tasks = list(inputs.tasks)
-        self.z = SharedRepresentation()
         self.types = list(inputs.task_types)
         self.density, self.prune_rate, self.warmup_steps = density, prune_rate, warmup_steps
         self.embedding = FeatureEmbedding.for_inputs(inputs, embedding_dim)
@@ -76,6 +68,7 @@ class SparseSharing(nn.Module):
                 self.register_buffer(f"mask_{k}_{layer}", torch.ones_like(linear.weight))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.towers = nn.ModuleDict({t: mlp(bottom_units[-1], tower_units, dropout, out_dim=1) for t in self.tasks})
+        self.z = SharedRepresentation()
 
     def linears(self) -> list[nn.Linear]:
         return [cast(nn.Linear, module) for module in self.bottom]
@@ -175,13 +168,4 @@ class SparseSharing(nn.Module):
     "sparse sharing: per-task binary masks over one network, found by pruning (AAAI 2020)",
 )
 def build(params: SparseSharingParams, inputs: InputSpec) -> SparseSharing:
-    return SparseSharing(
-        inputs,
-        params.embedding_dim,
-        params.bottom_units,
-        params.tower_units,
-        params.density,
-        params.prune_rate,
-        params.warmup_steps,
-        params.dropout,
-    )
+    return SparseSharing(inputs, **params.model_dump())
