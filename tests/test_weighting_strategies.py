@@ -23,6 +23,7 @@ from mtlcli.weighting.cagrad import cagrad_coefficients
 from mtlcli.weighting.gradients import backward_with_shared
 from mtlcli.weighting.gradnorm import gradnorm_weight_gradient
 from mtlcli.weighting.mgda import min_norm_weights
+from tests.helpers import two_regressions
 
 TASKS = ["click", "buy"]
 
@@ -144,14 +145,8 @@ def test_ple_decay_per_step() -> None:
 
 
 def test_ple_decay_names_unknown_tasks() -> None:
-    text = """
-data: {synthetic: {rows: 100}}
-tasks: {y1: {type: regression, label: y1}, y2: {type: regression, label: y2}}
-loss: {weighting: ple_decay, rate: {y3: 0.9}}
-train: {early_stopping: {metric: rmse}}
-"""
     with pytest.raises(Exception, match=r"loss\.rate\.y3: unknown task 'y3'"):
-        recipe_from_text(text)
+        recipe_from_text(two_regressions("{weighting: ple_decay, rate: {y3: 0.9}}"))
 
 
 # --- rlw ------------------------------------------------------------------------------------
@@ -356,14 +351,8 @@ def test_metabalance_moving_averages_over_steps() -> None:
 
 
 def test_metabalance_target_must_be_a_task() -> None:
-    text = """
-data: {synthetic: {rows: 100}}
-tasks: {y1: {type: regression, label: y1}, y2: {type: regression, label: y2}}
-loss: {weighting: metabalance, target: y3}
-train: {early_stopping: {metric: rmse}}
-"""
     with pytest.raises(Exception, match=r"loss\.target: unknown task 'y3'"):
-        recipe_from_text(text)
+        recipe_from_text(two_regressions("{weighting: metabalance, target: y3}"))
 
 
 # --- state for checkpoints ------------------------------------------------------------------
