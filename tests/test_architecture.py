@@ -1,7 +1,8 @@
 """Components declare what they can do (``Capabilities``, ``StrategyCapabilities``): generic code
-never probes a model or strategy for attributes and never compares a scheme's or strategy's name.
-This test walks the package's syntax trees so that it stays that way; the allow-list below names
-every ``getattr``/``hasattr`` that remains and why it is not a probe of a component."""
+never probes a model or strategy for attributes or classes and never compares a scheme's or
+strategy's name. This test walks the package's syntax trees so that it stays that way; the
+allow-list below names every ``getattr``/``hasattr`` that remains and why it is not a probe of a
+component."""
 
 from __future__ import annotations
 
@@ -73,6 +74,41 @@ def test_no_runtime_checkable_protocols() -> None:
     """``isinstance`` against a runtime-checkable Protocol is a probe by another name."""
     for path in python_files():
         assert "runtime_checkable" not in path.read_text(encoding="utf-8"), path
+
+
+COMPONENT_FOLDERS = ("models", "weighting")  # schemes and their blocks, strategies
+
+
+def component_classes() -> dict[str, str]:
+    """Every class defined in a component folder: {class name: the file that defines it}."""
+    classes = {}
+    for path in python_files():
+        file = str(path.relative_to(PACKAGE))
+        if file.split("/")[0] in COMPONENT_FOLDERS:
+            for node in ast.parse(path.read_text(encoding="utf-8")).body:
+                if isinstance(node, ast.ClassDef):
+                    classes[node.name] = file
+    return classes
+
+
+def test_no_class_probes_of_components_outside_their_file() -> None:
+    """``isinstance``/``issubclass`` against a scheme's, block's or strategy's class is a probe:
+    only the file that defines the class may ask (a block looking for its own kind)."""
+    classes = component_classes()
+    offending = []
+    for path in python_files():
+        file = str(path.relative_to(PACKAGE))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            probe = isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+            if not probe or node.func.id not in ("isinstance", "issubclass") or len(node.args) < 2:  # type: ignore[attr-defined]
+                continue
+            for name in ast.walk(node.args[1]):  # type: ignore[attr-defined]
+                named = (
+                    name.id if isinstance(name, ast.Name) else name.attr if isinstance(name, ast.Attribute) else None
+                )
+                if named in classes and classes[named] != file:
+                    offending.append(f"mtlcli/{file}:{node.lineno}: {ast.unparse(node)}")
+    assert not offending, "declare a capability instead of probing:\n" + "\n".join(offending)
 
 
 def component_file(name: str, registry: str) -> str:

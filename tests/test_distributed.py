@@ -25,6 +25,7 @@ from mtlcli.recipe.schema import TrainSection
 from mtlcli.train.loop import NullObserver, fit
 from mtlcli.weighting import WEIGHTINGS, build_weighting
 from mtlcli.weighting.base import StrategyCapabilities, WeightingStrategy
+from tests.helpers import click_buy_split
 
 TASKS = ["click", "buy"]
 INPUTS = InputSpec(cardinalities=[50, 8], n_numeric=2, tasks=TASKS, task_types=["binary", "binary"])
@@ -38,15 +39,7 @@ CASES: list[tuple[str, str, str, dict[str, Any], bool]] = [
 
 
 def split(n: int, seed: int) -> SplitTensors:
-    gen = torch.Generator().manual_seed(seed)
-    cats = torch.stack([torch.randint(0, c, (n,), generator=gen) for c in INPUTS.cardinalities], 1)
-    numeric = torch.randn(n, 2, generator=gen)
-    click = ((cats[:, 0] % 3 == 0) ^ (torch.rand(n, generator=gen) < 0.1)).float()
-    buy = (click * (numeric[:, 0] > 0).float()).float()
-    labels = torch.stack([click, buy], 1)
-    mask = torch.ones_like(labels, dtype=torch.bool)
-    mask[:, 1] = click > 0  # buy is labelled in the click space: the ranks' counts differ
-    return SplitTensors(cats, numeric, labels, mask)
+    return click_buy_split(INPUTS, n, seed, every=3, buy_space=True)  # the ranks' buy counts differ
 
 
 class Recording:

@@ -8,7 +8,7 @@ from torch import nn
 
 from mtlcli.data.batch import Batch
 from mtlcli.models import SCHEMES, InputSpec, build_model
-from mtlcli.models.base import SharedRepresentation, enable_representation
+from mtlcli.models.base import enable_representation
 from mtlcli.models.base import scheme as scheme_of
 from mtlcli.models.blocks import ExpertPool, FeatureEmbedding, use_sparse_rows
 from mtlcli.models.mmoe import MMoE
@@ -69,14 +69,15 @@ def test_parameter_groups_cover_every_parameter_once(scheme: str) -> None:
 @pytest.mark.parametrize("scheme", SCHEMES.names())
 def test_introspection_gives_gates_that_sum_to_one_and_square_alphas(scheme: str) -> None:
     model = build(scheme)
-    shown = model.introspect(make_batch(11))  # type: ignore[operator]
-    for name, value in shown.items():
-        assert torch.isfinite(value).all(), name
-        if name.split(".")[-2] == "gate":
-            assert value.shape[0] == 11 and value.dim() == 2, name
-            assert torch.allclose(value.sum(-1), torch.ones(11)), name
-        else:
-            assert name.startswith("alpha.") and value.shape == (len(TASKS), len(TASKS)), name
+    shown = scheme_of(model).introspect(make_batch(11))
+    for gate in shown.gates:
+        name = f"{gate.group}.{gate.row}"
+        assert torch.isfinite(gate.weights).all(), name
+        assert gate.weights.shape == (11, len(gate.experts)), name
+        assert torch.allclose(gate.weights.sum(-1), torch.ones(11)), name
+        assert gate.row in [*TASKS, "shared"], name
+    for alpha in shown.alphas:
+        assert torch.isfinite(alpha.matrix).all() and alpha.matrix.shape == (len(TASKS), len(TASKS)), alpha.layer
 
 
 @pytest.mark.parametrize("scheme", SCHEMES.names())
@@ -186,7 +187,7 @@ def representation_models() -> list[tuple[str, nn.Module]]:
     """Every registered scheme with its defaults, plus PLE with three levels (a level with
     nothing task-specific below the cut)."""
     models = [(name, build(name)) for name in SCHEMES.names()]
-    models = [(name, m) for name, m in models if isinstance(m, SharedRepresentation)]  # DTRN has none
+    models = [(name, m) for name, m in models if scheme_of(m).capabilities.shared_representation is not None]
     torch.manual_seed(0)
     models.append(("ple-3", build_model("ple", SCHEMES.get("ple").params(levels=3), INPUTS)))
     return models
@@ -195,7 +196,7 @@ def representation_models() -> list[tuple[str, nn.Module]]:
 def test_only_dtrn_lacks_a_shared_representation_and_says_so() -> None:
     from mtlcli.errors import MtlError
 
-    lacking = [name for name in SCHEMES.names() if not isinstance(build(name), SharedRepresentation)]
+    lacking = [name for name in SCHEMES.names() if scheme_of(build(name)).capabilities.shared_representation is None]
     assert lacking == ["dtrn"]
     with pytest.raises(MtlError, match="the scheme DTRN has none"):
         enable_representation(build("dtrn"))
@@ -214,7 +215,9 @@ def test_shared_representation_cuts_shared_from_task_parameters(scheme: str, mod
     out = model(batch)
     # keeping z may take another path (MMoE's fused matmul is skipped): other kernels, same values
     assert_kernel_close(out, plain, floor=1.0, what="outputs with and without the representation kept")
-    z = model.representation
+    kept = scheme_of(model).capabilities.shared_representation
+    assert kept is not None
+    z = kept.tensors
     shared, own = split_parameters(model)
     assert bool(z) == bool(shared)
     if not shared:

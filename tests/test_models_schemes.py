@@ -38,7 +38,9 @@ def test_omoe_is_one_softmax_mixture_read_by_every_tower() -> None:
     torch.manual_seed(0)
     model = OMoE(INPUTS, embedding_dim=4, n_experts=3, expert_units=[5], tower_units=[4], dropout=0.0)
     batch = make_batch(20)
-    gate = model.introspect(batch)["gate.shared"]
+    (shown,) = model.introspect(batch).gates
+    assert (shown.group, shown.row, shown.experts) == ("gate", "shared", ["0", "1", "2"])
+    gate = shown.weights
     assert gate.shape == (20, 3)
     assert torch.allclose(gate.sum(-1), torch.ones(20))
     experts = model.experts(model.embedding(batch))
@@ -50,8 +52,10 @@ def test_omoe_is_one_softmax_mixture_read_by_every_tower() -> None:
 def test_cgc_task_gate_mixes_exactly_its_own_and_the_shared_experts() -> None:
     model = extraction(levels=1)
     batch = make_batch(16)
-    gates = model.introspect(batch)
+    shown = model.introspect(batch).gates
+    gates = {f"{g.group}.{g.row}": g.weights for g in shown}
     assert set(gates) == {f"level1.gate.{t}" for t in TASKS}  # no shared gate in CGC
+    assert shown[0].experts == ["click.0", "click.1", "shared.0", "shared.1", "shared.2"]
     layer = model.levels[0]
     x = model.embedding(batch)
     shared = layer.shared_experts(x)
@@ -73,8 +77,11 @@ def test_cgc_task_gate_mixes_exactly_its_own_and_the_shared_experts() -> None:
 def test_ple_shared_gate_mixes_every_expert_of_its_level() -> None:
     model = extraction(levels=2)
     batch = make_batch(16)
-    gates = model.introspect(batch)
+    shown = model.introspect(batch).gates
+    gates = {f"{g.group}.{g.row}": g.weights for g in shown}
     assert set(gates) == {f"level{j}.gate.{t}" for j in (1, 2) for t in TASKS} | {"level1.gate.shared"}
+    every_expert = [f"{t}.{i}" for t in TASKS for i in range(2)] + [f"shared.{i}" for i in range(3)]
+    assert next(g.experts for g in shown if g.row == "shared") == every_expert
     shared_gate = gates["level1.gate.shared"]
     assert shared_gate.shape == (16, T * 2 + 3)
     assert torch.allclose(shared_gate.sum(-1), torch.ones(16))
@@ -112,8 +119,8 @@ def test_cross_stitch_with_identity_alpha_is_independent_columns() -> None:
     model = CrossStitch(INPUTS, 4, [6, 5], [4], dropout=0.0, alpha_init_offdiag=0.0)
     batch = make_batch(12)
     shown = model.introspect(batch)
-    assert set(shown) == {"alpha.layer1", "alpha.layer2"}
-    assert all(torch.equal(a, torch.eye(T)) for a in shown.values())
+    assert not shown.gates and [a.layer for a in shown.alphas] == ["layer1", "layer2"]
+    assert all(torch.equal(a.matrix, torch.eye(T)) for a in shown.alphas)
     x = model.embedding(batch)
     out = model(batch)
     for k, task in enumerate(TASKS):

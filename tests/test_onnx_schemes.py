@@ -18,6 +18,16 @@ pytest.importorskip("onnx")
 pytestmark = pytest.mark.numerics  # onnxruntime's kernels against torch's
 
 
+# what export_onnx reads of a run's schema, for the contract tests' inputs
+SCHEMA = SimpleNamespace(
+    cardinalities=INPUTS.cardinalities,
+    categorical=INPUTS.cardinalities,
+    numeric=[None] * INPUTS.n_numeric,
+    tasks=INPUTS.tasks,
+    sequences=[],
+)
+
+
 @pytest.mark.parametrize("scheme", SCHEMES.names())
 def test_every_scheme_exports_to_onnx_within_tolerance(scheme: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
@@ -25,14 +35,7 @@ def test_every_scheme_exports_to_onnx_within_tolerance(scheme: str, tmp_path: Pa
     with torch.no_grad():  # move off the initial weights so that every part contributes
         for param in model.parameters():
             param.add_(0.1 * torch.randn_like(param))
-    schema = SimpleNamespace(
-        cardinalities=INPUTS.cardinalities,
-        categorical=INPUTS.cardinalities,
-        numeric=[None] * INPUTS.n_numeric,
-        tasks=INPUTS.tasks,
-        sequences=[],
-    )
-    report = export_onnx(model, schema, tmp_path / "model.onnx", check_rows=512)
+    report = export_onnx(model, SCHEMA, tmp_path / "model.onnx", check_rows=512)
     assert 0.0 < report["tolerance"] <= K_OUTPUTS * EPS32 * 100  # logits of these models stay below 100
     assert report["max_abs_diff"] <= report["tolerance"]
     assert (tmp_path / "model.onnx").stat().st_size > 0
@@ -52,12 +55,5 @@ class Unexportable(torch.nn.Module):
 def test_an_operator_onnx_lacks_is_a_clear_error(tmp_path: Path) -> None:
     from mtlcli.errors import ArtifactError
 
-    schema = SimpleNamespace(
-        cardinalities=INPUTS.cardinalities,
-        categorical=INPUTS.cardinalities,
-        numeric=[None] * INPUTS.n_numeric,
-        tasks=INPUTS.tasks,
-        sequences=[],
-    )
     with pytest.raises(ArtifactError, match=r"cannot export this model to ONNX: .*expm1"):
-        export_onnx(Unexportable(), schema, tmp_path / "model.onnx")
+        export_onnx(Unexportable(), SCHEMA, tmp_path / "model.onnx")

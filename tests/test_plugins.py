@@ -34,7 +34,8 @@ TOY_SCHEME = textwrap.dedent(
     from torch import Tensor, nn
 
     from mtlcli.data.batch import Batch
-    from mtlcli.models.base import Capabilities, InputSpec, ModelParams, SharedRepresentation, register_scheme
+    from mtlcli.models.base import Capabilities, InputSpec, ModelParams, register_scheme
+    from mtlcli.models.views import GateRecord, Introspection, SharedRepresentation
     from mtlcli.models.blocks import FeatureEmbedding, Towers
 
 
@@ -42,7 +43,7 @@ TOY_SCHEME = textwrap.dedent(
         units: PositiveInt = 6
 
 
-    class ToyGates(nn.Module, SharedRepresentation):
+    class ToyGates(nn.Module):
         EXPERTS = ["wide", "narrow"]
 
         def __init__(self, inputs: InputSpec, embedding_dim: int, units: int) -> None:
@@ -53,22 +54,25 @@ TOY_SCHEME = textwrap.dedent(
             self.experts = nn.ModuleList([nn.Linear(width, units), nn.Linear(width, units)])
             self.gates = nn.ModuleDict({t: nn.Linear(width, 2) for t in self.tasks})
             self.towers = Towers(self.tasks, units, [], 0.0)
+            self.z = SharedRepresentation()
 
         @property
         def capabilities(self) -> Capabilities:
-            return Capabilities(expert_names=lambda gate: list(self.EXPERTS))
+            return Capabilities(shared_representation=self.z)
 
         def forward(self, batch: Batch) -> Tensor:
             x = self.embedding(batch)
             experts = torch.stack([torch.relu(e(x)) for e in self.experts], dim=1)  # [B, 2, H]
-            x_gates = self.alias(x)
-            self.keep(x_gates, experts)
+            x_gates = self.z.alias(x)
+            self.z.keep(x_gates, experts)
             mixed = [(torch.softmax(self.gates[t](x_gates), -1).unsqueeze(-1) * experts).sum(1) for t in self.tasks]
             return self.towers(mixed)
 
-        def introspect(self, batch: Batch) -> dict[str, Tensor]:
+        def introspect(self, batch: Batch) -> Introspection:
             x = self.embedding(batch)
-            return {f"gate.{t}": torch.softmax(self.gates[t](x), -1) for t in self.tasks}
+            return Introspection(
+                [GateRecord("gate", t, torch.softmax(self.gates[t](x), -1), list(self.EXPERTS)) for t in self.tasks]
+            )
 
         def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
             groups: dict[str, dict[str, nn.Parameter]] = {"shared": {}, **{t: {} for t in self.tasks}}

@@ -13,19 +13,14 @@ from mtlcli.recipe.schema import TrainSection
 from mtlcli.train.loop import NullObserver, fit
 from mtlcli.weighting import WEIGHTINGS, build_weighting
 from mtlcli.weighting.static import StaticParams
+from tests.helpers import click_buy_split, two_regressions
 
 TASKS = ["click", "buy"]
 INPUTS = InputSpec(cardinalities=[5, 8], n_numeric=2, tasks=TASKS, task_types=["binary", "binary"])
 
 
 def tiny_split(n: int, seed: int) -> SplitTensors:
-    gen = torch.Generator().manual_seed(seed)
-    cats = torch.stack([torch.randint(0, c, (n,), generator=gen) for c in INPUTS.cardinalities], 1)
-    numeric = torch.randn(n, 2, generator=gen)
-    click = ((cats[:, 0] % 2 == 0) ^ (torch.rand(n, generator=gen) < 0.1)).float()
-    buy = (click * (numeric[:, 0] > 0).float()).float()
-    labels = torch.stack([click, buy], 1)
-    return SplitTensors(cats, numeric, labels, torch.ones_like(labels, dtype=torch.bool))
+    return click_buy_split(INPUTS, n, seed, every=2)
 
 
 @pytest.mark.parametrize("weighting", WEIGHTINGS.names())
@@ -87,14 +82,8 @@ def test_static_weights_scale_each_task_and_default_to_one() -> None:
 
 
 def test_static_weights_must_name_tasks() -> None:
-    text = """
-data: {synthetic: {rows: 100}}
-tasks: {y1: {type: regression, label: y1}, y2: {type: regression, label: y2}}
-loss: {weighting: static, weights: {y3: 2.0}}
-train: {early_stopping: {metric: rmse}}
-"""
     with pytest.raises(Exception, match=r"loss\.weights\.y3: unknown task 'y3'"):
-        recipe_from_text(text)
+        recipe_from_text(two_regressions("{weighting: static, weights: {y3: 2.0}}"))
 
 
 @pytest.mark.parametrize("scheme", SCHEMES.names())

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch, SplitTensors
 from mtlcli.models import SCHEMES, InputSpec, build_model
-from mtlcli.models.base import SharedRepresentation, enable_representation
+from mtlcli.models.base import Capabilities, enable_representation
+from mtlcli.models.views import SharedRepresentation
 from mtlcli.recipe import recipe_from_text
 from mtlcli.recipe.schema import EarlyStopping, TrainSection
 from mtlcli.train.checkpoint import load_checkpoint, save_checkpoint
@@ -22,6 +23,7 @@ from mtlcli.weighting.cagrad import cagrad_coefficients
 from mtlcli.weighting.gradients import backward_with_shared
 from mtlcli.weighting.gradnorm import gradnorm_weight_gradient
 from mtlcli.weighting.mgda import min_norm_weights
+from tests.helpers import two_regressions
 
 TASKS = ["click", "buy"]
 
@@ -143,14 +145,8 @@ def test_ple_decay_per_step() -> None:
 
 
 def test_ple_decay_names_unknown_tasks() -> None:
-    text = """
-data: {synthetic: {rows: 100}}
-tasks: {y1: {type: regression, label: y1}, y2: {type: regression, label: y2}}
-loss: {weighting: ple_decay, rate: {y3: 0.9}}
-train: {early_stopping: {metric: rmse}}
-"""
     with pytest.raises(Exception, match=r"loss\.rate\.y3: unknown task 'y3'"):
-        recipe_from_text(text)
+        recipe_from_text(two_regressions("{weighting: ple_decay, rate: {y3: 0.9}}"))
 
 
 # --- rlw ------------------------------------------------------------------------------------
@@ -203,7 +199,7 @@ def test_mgda_picks_the_shorter_gradient_when_it_is_the_min_norm_point() -> None
     assert weights.tolist() == pytest.approx([1.0, 0.0])
 
 
-class Represented(SharedRepresentation, nn.Module):
+class Represented(nn.Module):
     """z = c ⊙ θ (θ shared); L_click = a·z, L_buy = b·z with a, b task-specific."""
 
     def __init__(self) -> None:
@@ -212,10 +208,15 @@ class Represented(SharedRepresentation, nn.Module):
         self.a = nn.Parameter(torch.tensor([1.0, 0.0]))
         self.b = nn.Parameter(torch.tensor([0.0, 2.0]))
         self.c = torch.tensor([3.0, 0.5])
+        self.z = SharedRepresentation()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(shared_representation=self.z)
 
     def losses(self) -> Tensor:
         z = self.c * self.theta
-        self.keep(z)
+        self.z.keep(z)
         return torch.stack([self.a @ z, self.b @ z])
 
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
@@ -350,14 +351,8 @@ def test_metabalance_moving_averages_over_steps() -> None:
 
 
 def test_metabalance_target_must_be_a_task() -> None:
-    text = """
-data: {synthetic: {rows: 100}}
-tasks: {y1: {type: regression, label: y1}, y2: {type: regression, label: y2}}
-loss: {weighting: metabalance, target: y3}
-train: {early_stopping: {metric: rmse}}
-"""
     with pytest.raises(Exception, match=r"loss\.target: unknown task 'y3'"):
-        recipe_from_text(text)
+        recipe_from_text(two_regressions("{weighting: metabalance, target: y3}"))
 
 
 # --- state for checkpoints ------------------------------------------------------------------

@@ -1,25 +1,21 @@
 """Gate reports: which experts each task's gate uses, how sharply, and which experts nobody uses.
 
-A scheme's ``introspect`` names its gates ``[<prefix>.]gate.<task or shared>`` with softmax weights
-[B, n]. Gates with the same prefix form one *gate group* (``gate`` for MMoE, ``level1.gate`` for a
-PLE level); its rows are the tasks (and ``shared``) and its columns the union of the experts any of
-its gates can choose, so task gates over different expert sets (CGC, PLE) line up in one table.
+A scheme's ``introspect`` gives its gates as ``GateRecord``s: softmax weights [B, n] and the names of
+the n experts they weigh. Gates of one *gate group* (``gate`` for MMoE, ``level1.gate`` for a PLE
+level) form one table: its rows are the tasks (and ``shared``) and its columns the union of the
+experts any of its gates can choose, so task gates over different expert sets (CGC, PLE) line up.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from mtlcli.models.base import scheme
-
-GATE_KEY = re.compile(r"^(?P<group>(?:.+\.)?gate)\.(?P<row>[^.]+)$")
-ALPHA_KEY = re.compile(r"^alpha\.(?P<layer>.+)$")
+from mtlcli.models.views import AlphaRecord, GateRecord
 
 
 @dataclass(frozen=True)
@@ -31,28 +27,12 @@ class GateRow:
     rows: Tensor  # bool [N]: the rows this gate is judged on (its task's sample space)
 
 
-def split_introspection(outputs: dict[str, Tensor]) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
-    """``introspect`` output -> ({group: {row: weights}}, {alpha layer: [T, T]}); other keys are dropped."""
-    gates: dict[str, dict[str, Tensor]] = {}
-    alphas: dict[str, Tensor] = {}
-    for key, value in outputs.items():
-        if match := GATE_KEY.match(key):
-            gates.setdefault(match["group"], {})[match["row"]] = value
-        elif match := ALPHA_KEY.match(key):
-            alphas[match["layer"]] = value
-    return gates, alphas
-
-
-def expert_labels(model: nn.Module, group: str, row: str, width: int) -> list[str]:
-    """The names of the experts a gate's columns weigh: as the scheme declares them
-    (``Capabilities.expert_names``, e.g. CGC and PLE's ``<task>.<i>`` and ``shared.<i>``), else one
-    pool of experts numbered 0..n-1."""
-    named = scheme(model).capabilities.expert_names
-    if named is not None:
-        names = named(f"{group}.{row}")
-        if len(names) == width:
-            return names
-    return [str(i) for i in range(width)]
+def gate_groups(gates: list[GateRecord]) -> dict[str, list[GateRecord]]:
+    """The gates of each gate group, groups and gates in the scheme's order."""
+    groups: dict[str, list[GateRecord]] = {}
+    for gate in gates:
+        groups.setdefault(gate.group, []).append(gate)
+    return groups
 
 
 def union_of_experts(labels: list[list[str]], tasks: list[str]) -> list[str]:
@@ -207,11 +187,11 @@ def read_by_value(group: str, feature: str, overall: dict[str, Any], by_value: l
     return f"{group} by {feature}: " + "; ".join(parts)
 
 
-def alpha_report(alphas: dict[str, Tensor], tasks: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+def alpha_report(alphas: list[AlphaRecord], tasks: list[str]) -> dict[str, dict[str, dict[str, float]]]:
     """Cross-stitch matrices as {layer: {task: {task: alpha}}}; row k mixes into task k's column."""
     return {
-        layer: {a: {b: float(alpha[i, j]) for j, b in enumerate(tasks)} for i, a in enumerate(tasks)}
-        for layer, alpha in alphas.items()
+        alpha.layer: {a: {b: float(alpha.matrix[i, j]) for j, b in enumerate(tasks)} for i, a in enumerate(tasks)}
+        for alpha in alphas
     }
 
 

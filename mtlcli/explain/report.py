@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,16 +16,14 @@ from mtlcli.data.schema import FIRST_ID, MISSING_ID, OOV_ID, DataSchema
 from mtlcli.errors import MtlError
 from mtlcli.explain.correlation import correlation_report
 from mtlcli.explain.gates import (
-    GATE_KEY,
     GateRow,
     alpha_report,
-    expert_labels,
     gate_group_report,
+    gate_groups,
     gates_by_value,
     read_alpha,
     read_by_value,
     read_gate_group,
-    split_introspection,
     union_of_experts,
 )
 from mtlcli.explain.gradients import gradient_report, read_gradients
@@ -34,6 +32,7 @@ from mtlcli.explain.importance import importance_report, read_importance
 from mtlcli.explain.masks import mask_report, read_masks
 from mtlcli.explain.representations import read_representations, representation_report
 from mtlcli.models.base import scheme
+from mtlcli.models.views import AlphaRecord, GateRecord, Introspection
 
 if TYPE_CHECKING:
     from mtlcli.data.store import Prepared
@@ -89,21 +88,24 @@ def value_names(schema: DataSchema, feature: str) -> tuple[int, list[str]]:
 
 
 @torch.no_grad()
-def collect(model: nn.Module, data: SplitTensors, batch_size: int) -> tuple[Tensor, dict[str, Tensor]]:
-    """Logits [N, T] and every introspected tensor: gate weights concatenated over the batches
-    ([N, n]), anything else (cross-stitch alphas) as the first batch gave it."""
+def collect(model: nn.Module, data: SplitTensors, batch_size: int) -> tuple[Tensor, Introspection]:
+    """Logits [N, T] and what the scheme introspects: gate weights concatenated over the batches
+    ([N, n]), cross-stitch alphas as the first batch gave them."""
     was_training = model.training
     model.eval()
     logits: list[Tensor] = []
-    parts: dict[str, list[Tensor]] = {}
+    gates: dict[tuple[str, str], list[GateRecord]] = {}
+    alphas: list[AlphaRecord] | None = None
     for batch in data.batches(batch_size):
         logits.append(model(batch))
-        for key, value in scheme(model).introspect(batch).items():
-            parts.setdefault(key, []).append(value)
+        shown = scheme(model).introspect(batch)
+        alphas = shown.alphas if alphas is None else alphas
+        for gate in shown.gates:
+            gates.setdefault((gate.group, gate.row), []).append(gate)
     model.train(was_training)
-    tensors = {key: torch.cat(values) if GATE_KEY.match(key) else values[0] for key, values in parts.items()}
+    joined = [replace(parts[0], weights=torch.cat([p.weights for p in parts])) for parts in gates.values()]
     out = torch.cat(logits) if logits else torch.zeros((0, data.labels.shape[1]))
-    return out, tensors
+    return out, Introspection(joined, alphas or [])
 
 
 def explain_model(
@@ -119,23 +121,21 @@ def explain_model(
     """Every report for ``model`` on ``data``; ``by`` = (feature, column, value names) splits the gates;
     ``pos_weight`` (the tasks' training loss) shapes the gradients compared."""
     logits, introspected = collect(model, data, options.batch_size)
-    gate_tensors, alphas = split_introspection(introspected)
     mask = data.label_mask
     readings: dict[str, Any] = {"gates": [], "gates_by": [], "alpha": []}
     gates: dict[str, Any] = {}
     by_report: dict[str, Any] | None = None
     if by is not None:
         by_report = {"feature": by[0], "gates": {}}
-    for group, rows in gate_tensors.items():
-        labels = {row: expert_labels(model, group, row, w.shape[1]) for row, w in rows.items()}
-        experts = union_of_experts(list(labels.values()), tasks)
+    for group, rows in gate_groups(introspected.gates).items():
+        experts = union_of_experts([row.experts for row in rows], tasks)
         gate_rows = {
-            row: GateRow(
-                [experts.index(label) for label in labels[row]],
-                w,
-                mask[:, tasks.index(row)] if row in tasks else torch.ones(len(w), dtype=torch.bool),
+            row.row: GateRow(
+                [experts.index(label) for label in row.experts],
+                row.weights,
+                mask[:, tasks.index(row.row)] if row.row in tasks else torch.ones(len(row.weights), dtype=torch.bool),
             )
-            for row, w in rows.items()
+            for row in rows
         }
         gates[group] = gate_group_report(gate_rows, experts, options.dead_below, options.collapsed_above)
         readings["gates"].append(read_gate_group(group, gates[group]))
@@ -143,7 +143,7 @@ def explain_model(
             values = gates_by_value(gate_rows, experts, data.categorical[:, by[1]], by[2], options.top_values)
             by_report["gates"][group] = values
             readings["gates_by"].append(read_by_value(group, by[0], gates[group], values))
-    alpha = alpha_report(alphas, tasks)
+    alpha = alpha_report(introspected.alphas, tasks)
     readings["alpha"] = [read_alpha(layer, matrix) for layer, matrix in alpha.items()]
     masks = mask_report(model)
     readings["masks"] = [read_masks(masks)] if masks else []

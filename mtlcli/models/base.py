@@ -13,6 +13,7 @@ from mtlcli.data.batch import Batch
 from mtlcli.data.source import BatchSource
 from mtlcli.errors import MtlError
 from mtlcli.models.blocks import ExpertKind, SequenceInput, check_expert_kinds
+from mtlcli.models.views import Introspection, SharedRepresentation
 from mtlcli.registry import Component, Registry
 
 SCHEMES: Registry[Component] = Registry("sharing scheme")
@@ -42,22 +43,21 @@ class Capabilities:
     ``capabilities``). Generic code (training, explain, export, compare) asks here and never
     probes a model for methods or compares scheme names.
 
-    - ``expert_names(gate)``: the names of the experts the columns of the gate ``gate`` (an
-      ``introspect`` key) weigh, e.g. ``["click.0", "shared.0", ...]``; without it a gate's
-      experts are numbered 0..n-1;
     - ``masks()``: each task's binary masks over the shared network's weights (sparse sharing);
     - ``search(train, batch_size, lr, seed)``: finds the scheme's structure before training;
     - ``baseline``: nothing is shared; the single-task baseline that MTL gain is measured against;
     - ``task_representations(batch)``: what each task's own bottom made of a batch (DTRN:
       ``refine.<task>`` weights [B, width] over the representation's elements, ``interest.<task>``
-      [B, S, d] per behaviour type), for explain.
+      [B, S, d] per behaviour type), for explain;
+    - ``shared_representation``: the representation z every task reads (``SharedRepresentation``),
+      which MGDA-UB needs; None when each task has its own bottom (DTRN).
     """
 
-    expert_names: Callable[[str], list[str]] | None = None
     masks: Callable[[], dict[str, list[Tensor]]] | None = None
     search: Callable[[BatchSource, int, float, int], None] | None = None
     baseline: bool = False
     task_representations: Callable[[Batch], dict[str, Tensor]] | None = None
+    shared_representation: SharedRepresentation | None = None
 
 
 class MultiTaskModel(Protocol):
@@ -68,10 +68,9 @@ class MultiTaskModel(Protocol):
     only if no other task's loss can reach it. Weighting strategies that work on gradients use the
     shared group; reports use both.
 
-    ``introspect`` returns what the reports show about how the tasks share, as named tensors:
-    ``...gate.<task or shared>`` softmax gate weights [B, n] (rows sum to 1; the scheme's
-    docstring says which experts the columns are) and ``alpha.layer<l>`` cross-stitch matrices
-    [T, T]. Schemes with nothing to show return an empty dict.
+    ``introspect`` returns what the reports show about how the tasks share, as typed records
+    (``Introspection``): softmax gates [B, n] with the names of the experts they weigh, and
+    cross-stitch matrices [T, T]. Schemes with nothing to show return an empty ``Introspection``.
 
     ``last_shared_layer`` names GradNorm's W (Chen et al., ICML 2018): the weights of the last
     shared layer whose output every task's head depends on, one tensor or a few (a stack of
@@ -90,7 +89,7 @@ class MultiTaskModel(Protocol):
 
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]: ...
 
-    def introspect(self, batch: Batch) -> dict[str, Tensor]: ...
+    def introspect(self, batch: Batch) -> Introspection: ...
 
     def last_shared_layer(self) -> list[Tensor]: ...
 
@@ -104,45 +103,16 @@ def scheme(model: nn.Module) -> MultiTaskModel:
     return cast(MultiTaskModel, model)
 
 
-class SharedRepresentation:
-    """Mixin: the scheme can expose its *shared representation* z for MGDA-UB.
-
-    z is a list of tensors that cuts the model's graph in two: every shared parameter lies
-    upstream of z, every task-specific parameter downstream, and the logits depend on the shared
-    parameters only through z. Then each task's gradient on the shared parameters is
-    J_zᵀ ∂L_k/∂z, and the cheap gradients ∂L_k/∂z stand in for it (Sener & Koltun, section 3.3).
-    A tensor that several consumers read but only some of them belong to the cut is passed
-    through ``alias`` so that ∂L/∂alias counts only the consumers downstream of the cut.
-
-    With ``keep_representation`` set (the training loop sets it for strategies that need it) the
-    forward pass in training mode stores z in ``representation``; otherwise it stores nothing.
-    """
-
-    keep_representation: bool = False
-    training: bool
-    representation: list[Tensor]
-
-    def keeping(self) -> bool:
-        return self.keep_representation and self.training
-
-    def keep(self, *tensors: Tensor) -> None:
-        if self.keeping():
-            self.representation = list(tensors)
-
-    def alias(self, x: Tensor) -> Tensor:
-        """A new graph node equal to ``x`` when the representation is kept; ``x`` otherwise."""
-        return x.view_as(x) if self.keeping() else x
-
-
-def enable_representation(model: object) -> None:
-    """Make ``model`` keep its shared representation (for MGDA-UB); a clear error if it cannot."""
-    if not isinstance(model, SharedRepresentation):
+def enable_representation(model: nn.Module) -> None:
+    """Make ``model`` keep its shared representation (for MGDA-UB); a clear error if it has none."""
+    representation = scheme(model).capabilities.shared_representation
+    if representation is None:
         raise MtlError(
             f"loss.weighting: this weighting works on one representation shared by every task, and the scheme "
             f"{type(model).__name__} has none (each task has its own bottom)",
             "choose another weighting: mgda works on the shared parameters instead",
         )
-    model.keep_representation = True
+    representation.enabled = True
 
 
 Dropout = Annotated[float, Field(ge=0.0, lt=1.0)]

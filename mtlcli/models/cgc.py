@@ -13,22 +13,16 @@ DEPHN (Kong, Su, Zhao, Hou, IJCNN 2023, arXiv:2307.12519).
 
 from __future__ import annotations
 
-from typing import Annotated, cast
+from typing import cast
 
 import torch
 from pydantic import Field, PositiveInt, ValidationInfo, field_validator
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
-from mtlcli.models.base import (
-    Capabilities,
-    InputSpec,
-    ModelParams,
-    SharedRepresentation,
-    group_by_prefix,
-    register_scheme,
-)
+from mtlcli.models.base import Capabilities, Dropout, InputSpec, ModelParams, group_by_prefix, register_scheme
 from mtlcli.models.blocks import ExpertKind, Experts, FeatureEmbedding, FieldLayout, Towers, check_expert_kinds
+from mtlcli.models.views import GateRecord, Introspection, SharedRepresentation
 
 
 class CGCParams(ModelParams):
@@ -36,7 +30,7 @@ class CGCParams(ModelParams):
     n_task_experts: PositiveInt = 2
     expert_units: list[PositiveInt] = Field(default=[16], min_length=1)
     tower_units: list[PositiveInt] = [8]
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    dropout: Dropout = 0.0
     shared_expert_kinds: list[ExpertKind] | None = None
     task_expert_kinds: list[ExpertKind] | None = None
     cross_layers: PositiveInt = 2
@@ -124,7 +118,7 @@ class ExtractionLayer(nn.Module):
         return outputs, (gate.unsqueeze(-1) * every).sum(1), gates
 
 
-class ExtractionNetwork(nn.Module, SharedRepresentation):
+class ExtractionNetwork(nn.Module):
     """embedding -> ``levels`` extraction layers (all but the last with a shared gate) -> towers.
 
     The first level reads the embedded input everywhere (so it may hold fm experts); deeper
@@ -143,8 +137,8 @@ class ExtractionNetwork(nn.Module, SharedRepresentation):
         levels: int,
         n_shared: int,
         n_task: int,
-        expert_units: list[PositiveInt],
-        tower_units: list[PositiveInt],
+        expert_units: list[int],
+        tower_units: list[int],
         dropout: float,
         shared_kinds: list[ExpertKind] | None = None,
         task_kinds: list[ExpertKind] | None = None,
@@ -175,20 +169,24 @@ class ExtractionNetwork(nn.Module, SharedRepresentation):
             in_dim = expert_units[-1]
         self.levels = nn.ModuleList(layers)
         self.towers = Towers(self.tasks, in_dim, tower_units, dropout)
+        self.z = SharedRepresentation()
 
-    def run(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        """Logits [B, T] and every gate's weights, named ``level<j>.gate.<task or shared>``."""
+    def run(self, batch: Batch) -> tuple[Tensor, list[GateRecord]]:
+        """Logits [B, T] and every gate: group ``level<j>.gate``, row a task or ``shared``."""
         x = self.embedding(batch)
         task_inputs, shared_input = [x] * len(self.tasks), x
-        gates: dict[str, Tensor] = {}
+        gates: list[GateRecord] = []
         last = len(self.levels) - 1
-        cut: list[Tensor] | None = [] if self.keeping() else None
+        cut: list[Tensor] | None = [] if self.z.keeping() else None
         for j, layer in enumerate(self.levels):
             role = ("own" if last == 0 else "shared") if j == last else ("gates" if j == last - 1 else "")
             task_inputs, shared_input, level_gates = layer(task_inputs, shared_input, cut, role)
-            gates.update({f"level{j + 1}.gate.{name}": g for name, g in level_gates.items()})
+            gates += [
+                GateRecord(f"level{j + 1}.gate", row, g, self.expert_names(j + 1, row))
+                for row, g in level_gates.items()
+            ]
         if cut is not None:
-            self.keep(*cut)
+            self.z.keep(*cut)
         return self.towers(task_inputs), gates
 
     def forward(self, batch: Batch) -> Tensor:
@@ -196,23 +194,23 @@ class ExtractionNetwork(nn.Module, SharedRepresentation):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(expert_names=self.expert_names)
+        return Capabilities(shared_representation=self.z)
 
-    def expert_names(self, gate: str) -> list[str]:
-        """The experts the columns of ``level<j>.gate.<task or shared>`` weigh: ``<task>.<i>`` for
-        task experts (every task's, in task order, for the shared gate), then ``shared.<i>``."""
-        level, _, row = gate.removeprefix("level").partition(".gate.")
-        layer = cast(ExtractionLayer, self.levels[int(level) - 1])
+    def expert_names(self, level: int, row: str) -> list[str]:
+        """The experts the columns of level ``level``'s (from 1) gate ``row`` (a task or ``shared``)
+        weigh: ``<task>.<i>`` for task experts (every task's, in task order, for the shared gate),
+        then ``shared.<i>``."""
+        layer = cast(ExtractionLayer, self.levels[level - 1])
         shared = [f"shared.{i}" for i in range(layer.shared_experts.n)]
         owners = self.tasks if row == "shared" else [row]
         experts = cast(nn.ModuleDict, layer.task_experts)
         return [f"{t}.{i}" for t in owners for i in range(cast(Experts, experts[t]).n)] + shared
 
-    def introspect(self, batch: Batch) -> dict[str, Tensor]:
-        """``level<j>.gate.<task>``: [B, m_k + m_s] over task k's experts then the shared ones;
-        ``level<j>.gate.shared`` (every level but the last): [B, T * m_k + m_s] over every task's
-        experts in task order, then the shared ones. Rows sum to 1."""
-        return self.run(batch)[1]
+    def introspect(self, batch: Batch) -> Introspection:
+        """Gate ``level<j>.gate``/``<task>``: [B, m_k + m_s] over task k's experts then the shared
+        ones; ``level<j>.gate``/``shared`` (every level but the last): [B, T * m_k + m_s] over every
+        task's experts in task order, then the shared ones. Rows sum to 1."""
+        return Introspection(self.run(batch)[1])
 
     def last_shared_layer(self) -> list[Tensor]:
         """The output layer of the last level's shared experts: every task's gate there mixes them

@@ -17,21 +17,15 @@ from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
-from mtlcli.models.base import (
-    Capabilities,
-    InputSpec,
-    ModelParams,
-    SharedRepresentation,
-    group_by_prefix,
-    register_scheme,
-)
+from mtlcli.models.base import Capabilities, Dropout, InputSpec, ModelParams, group_by_prefix, register_scheme
 from mtlcli.models.blocks import FeatureEmbedding, Towers, last_linear
+from mtlcli.models.views import AlphaRecord, Introspection, SharedRepresentation
 
 
 class CrossStitchParams(ModelParams):
     column_units: list[PositiveInt] = Field(default=[64], min_length=1)
     tower_units: list[PositiveInt] = [8]
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    dropout: Dropout = 0.0
     alpha_init_offdiag: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
 
 
@@ -43,7 +37,7 @@ def initial_alpha(n_tasks: int, offdiag: float) -> Tensor:
     return torch.full((n_tasks, n_tasks), other) + torch.eye(n_tasks) * (1.0 - offdiag - other)
 
 
-class CrossStitch(nn.Module, SharedRepresentation):
+class CrossStitch(nn.Module):
     """embedding (shared) -> per-task columns, alpha-mixed after each hidden layer -> towers.
 
     Shared representation: the columns' last mixed outputs, one per task."""
@@ -52,8 +46,8 @@ class CrossStitch(nn.Module, SharedRepresentation):
         self,
         inputs: InputSpec,
         embedding_dim: int,
-        column_units: list[PositiveInt],
-        tower_units: list[PositiveInt],
+        column_units: list[int],
+        tower_units: list[int],
         dropout: float,
         alpha_init_offdiag: float,
     ) -> None:
@@ -69,12 +63,17 @@ class CrossStitch(nn.Module, SharedRepresentation):
         )
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.towers = Towers(self.tasks, column_units[-1], tower_units, dropout)
+        self.z = SharedRepresentation()
 
-    capabilities = Capabilities()  # nothing optional
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(shared_representation=self.z)
 
-    def introspect(self, batch: Batch) -> dict[str, Tensor]:
-        """``alpha.layer<l>``: the T x T matrix after hidden layer l; row k mixes into column k."""
-        return {f"alpha.layer{layer}": alpha.detach().clone() for layer, alpha in enumerate(self.alphas, start=1)}
+    def introspect(self, batch: Batch) -> Introspection:
+        """``layer<l>``: the T x T matrix after hidden layer l; row k mixes into column k."""
+        return Introspection(
+            alphas=[AlphaRecord(f"layer{layer}", alpha.detach().clone()) for layer, alpha in enumerate(self.alphas, 1)]
+        )
 
     def forward(self, batch: Batch) -> Tensor:
         x = self.embedding(batch)
@@ -88,7 +87,7 @@ class CrossStitch(nn.Module, SharedRepresentation):
                 dim=1,
             )  # [B, T, D]
             h = list(torch.einsum("kj,bjd->bkd", alpha, stacked).unbind(1))
-        self.keep(*h)
+        self.z.keep(*h)
         return self.towers(h)
 
     def last_shared_layer(self) -> list[Tensor]:
@@ -106,11 +105,4 @@ class CrossStitch(nn.Module, SharedRepresentation):
     "cross_stitch", CrossStitchParams, "soft sharing: per-task columns mixed by learned alphas (CVPR 2016)"
 )
 def build(params: CrossStitchParams, inputs: InputSpec) -> CrossStitch:
-    return CrossStitch(
-        inputs,
-        params.embedding_dim,
-        params.column_units,
-        params.tower_units,
-        params.dropout,
-        params.alpha_init_offdiag,
-    )
+    return CrossStitch(inputs, **params.model_dump())

@@ -45,6 +45,7 @@ from mtlcli.data.batch import Batch
 from mtlcli.errors import MtlError
 from mtlcli.models.base import Capabilities, Dropout, InputSpec, ModelParams, group_by_prefix, register_scheme
 from mtlcli.models.blocks import AttentionPooling, FeatureEmbedding, last_linear, mlp
+from mtlcli.models.views import Introspection
 
 NORMS = 2  # layer norms in the transformer layer: after attention, after the feed-forward network
 
@@ -206,10 +207,10 @@ class DTRN(nn.Module):
             outputs.append(self.towers[task](raw))
         return torch.cat(outputs, dim=1)
 
-    def introspect(self, batch: Batch) -> dict[str, Tensor]:
+    def introspect(self, batch: Batch) -> Introspection:
         """No gates and no mixing matrices. (``refinements`` and ``interests`` give what DTRN
         learned per task; `mtl explain` does not show them yet.)"""
-        return {}
+        return Introspection()
 
     @torch.no_grad()
     def refinements(self, batch: Batch) -> dict[str, Tensor]:

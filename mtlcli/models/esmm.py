@@ -14,7 +14,7 @@ from ``pcvr(batch)`` (= pCTCVR / pCTR). Further tasks, if any, get ordinary towe
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,15 +22,9 @@ from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
-from mtlcli.models.base import (
-    Capabilities,
-    InputSpec,
-    ModelParams,
-    SharedRepresentation,
-    group_by_prefix,
-    register_scheme,
-)
+from mtlcli.models.base import Capabilities, Dropout, InputSpec, ModelParams, group_by_prefix, register_scheme
 from mtlcli.models.blocks import FeatureEmbedding, last_linear, mlp
+from mtlcli.models.views import Introspection, SharedRepresentation
 from mtlcli.registry import did_you_mean
 
 
@@ -38,7 +32,7 @@ class ESMMParams(ModelParams):
     click_task: str | None = None  # default: the first task
     conversion_task: str | None = None  # default: the second task
     tower_units: list[PositiveInt] = Field(default=[64, 32], min_length=1)
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    dropout: Dropout = 0.0
 
 
 def check(params: ESMMParams, recipe: Any) -> list[tuple[str, str]]:
@@ -77,20 +71,14 @@ def _log_sigmoid_pair(a: Tensor, b: Tensor) -> Tensor:
     return log_p - log_q
 
 
-class ESMM(nn.Module, SharedRepresentation):
+class ESMM(nn.Module):
     """Shared embedding -> CTR tower and CVR tower; outputs logit(pCTR) and logit(pCTR * pCVR).
 
     Shared representation: the embedded input as the task-specific towers read it, and the CTR
     logit (the CTR tower is shared: both the CTR and the CTCVR loss reach it)."""
 
     def __init__(
-        self,
-        inputs: InputSpec,
-        embedding_dim: int,
-        click: str,
-        conversion: str,
-        tower_units: list[PositiveInt],
-        dropout: float,
+        self, inputs: InputSpec, embedding_dim: int, click: str, conversion: str, tower_units: list[int], dropout: float
     ) -> None:
         super().__init__()
         self.tasks = list(inputs.tasks)
@@ -101,12 +89,13 @@ class ESMM(nn.Module, SharedRepresentation):
         self.cvr = mlp(width, tower_units, dropout, out_dim=1)
         others = [t for t in self.tasks if t not in (click, conversion)]
         self.others = nn.ModuleDict({t: mlp(width, tower_units, dropout, out_dim=1) for t in others})
+        self.z = SharedRepresentation()
 
     def _heads(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         x = self.embedding(batch)
         ctr = self.ctr(x).squeeze(1)
-        x_own = self.alias(x)  # what the task-specific towers read
-        self.keep(x_own, ctr)
+        x_own = self.z.alias(x)  # what the task-specific towers read
+        self.z.keep(x_own, ctr)
         return x_own, ctr, self.cvr(x_own).squeeze(1)
 
     def forward(self, batch: Batch) -> Tensor:
@@ -125,11 +114,13 @@ class ESMM(nn.Module, SharedRepresentation):
         """pCVR = P(conversion | click) per row [B]: the CVR tower's probability."""
         return torch.sigmoid(self._heads(batch)[2])
 
-    capabilities = Capabilities()  # nothing optional
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(shared_representation=self.z)
 
-    def introspect(self, batch: Batch) -> dict[str, Tensor]:
+    def introspect(self, batch: Batch) -> Introspection:
         """ESMM has no gates or mixing matrices: nothing to report (pCVR: ``pcvr``)."""
-        return {}
+        return Introspection()
 
     def last_shared_layer(self) -> list[Tensor]:
         """With only the click and conversion tasks, the CTR tower's output layer: both CTR and

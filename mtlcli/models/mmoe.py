@@ -15,26 +15,19 @@ from typing import cast
 
 import torch
 import torch.nn.functional as F
-from pydantic import PositiveInt
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
-from mtlcli.models.base import (
-    Capabilities,
-    ExpertPoolParams,
-    InputSpec,
-    SharedRepresentation,
-    group_by_prefix,
-    register_scheme,
-)
+from mtlcli.models.base import Capabilities, ExpertPoolParams, InputSpec, group_by_prefix, register_scheme
 from mtlcli.models.blocks import ExpertKind, Towers, embedded_experts
+from mtlcli.models.views import GateRecord, Introspection, SharedRepresentation
 
 
 class MMoEParams(ExpertPoolParams):
     pass
 
 
-class MMoE(nn.Module, SharedRepresentation):
+class MMoE(nn.Module):
     """embedding -> experts [B, E, H] -> per-task softmax gate [B, E] -> mixture [B, H] -> tower.
 
     Shared representation: the embedded input as the gates read it, and the experts' outputs."""
@@ -44,43 +37,40 @@ class MMoE(nn.Module, SharedRepresentation):
         inputs: InputSpec,
         embedding_dim: int,
         n_experts: int,
-        expert_units: list[PositiveInt],
-        tower_units: list[PositiveInt],
+        expert_units: list[int],
+        tower_units: list[int],
         dropout: float,
         expert_kinds: list[ExpertKind] | None = None,
         cross_layers: int = 2,
     ) -> None:
         super().__init__()
         self.tasks = list(inputs.tasks)
-        self.embedding, self.experts = embedded_experts(
-            inputs,
-            embedding_dim,
-            n_experts,
-            expert_units,
-            dropout,
-            expert_kinds,
-            cross_layers,
-        )
+        pool = embedded_experts(inputs, embedding_dim, n_experts, expert_units, dropout, expert_kinds, cross_layers)
+        self.embedding, self.experts = pool
         self.gates = nn.ModuleDict({t: nn.Linear(self.embedding.out_dim, n_experts) for t in self.tasks})
         self.towers = Towers(self.tasks, self.experts.out_dim, tower_units, dropout)
+        self.z = SharedRepresentation()
 
     def gate_weights(self, x: Tensor) -> Tensor:
         """Softmax gate weights per task for embedded inputs x: [B, T, E], each row sums to 1."""
         return torch.stack([torch.softmax(self.gates[t](x), dim=-1) for t in self.tasks], dim=1)
 
-    capabilities = Capabilities()  # its gates weigh one pool of experts, numbered 0..n-1
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(shared_representation=self.z)
 
-    def introspect(self, batch: Batch) -> dict[str, Tensor]:
-        """``gate.<task>``: task k's softmax weights over the experts, [B, E]."""
+    def introspect(self, batch: Batch) -> Introspection:
+        """Gate ``gate``/``<task>``: task k's softmax weights over the experts (numbered), [B, E]."""
         gates = self.gate_weights(self.embedding(batch))
-        return {f"gate.{t}": gates[:, k] for k, t in enumerate(self.tasks)}
+        experts = [str(i) for i in range(gates.shape[-1])]
+        return Introspection([GateRecord("gate", t, gates[:, k], experts) for k, t in enumerate(self.tasks)])
 
     def forward(self, batch: Batch) -> Tensor:
         x = self.embedding(batch)
-        if self.experts.pool is None or not self.experts.all_mlp or self.keeping():
+        if self.experts.pool is None or not self.experts.all_mlp or self.z.keeping():
             experts = self.experts(x)
-            x_gates = self.alias(x)
-            self.keep(x_gates, experts)
+            x_gates = self.z.alias(x)
+            self.z.keep(x_gates, experts)
             mixed = [(gate.unsqueeze(-1) * experts).sum(1) for gate in self.gate_weights(x_gates).unbind(1)]
             return self.towers(mixed)
         # The experts' first layer and every gate read the same x: one matmul computes them all.

@@ -5,34 +5,25 @@ Learning with Multi-gate Mixture-of-Experts", KDD 2018 (after Jacobs, Jordan, No
 "Adaptive Mixtures of Local Experts", Neural Computation 1991): f(x) = sum_i g(x)_i f_i(x) with
 g(x) = softmax(W_g x); every tower h^k reads the same mixture, y_k = h^k(f(x)).
 
-With ``expert_kinds`` the experts are heterogeneous (MLP, factorisation machine, cross network), as in
-DEPHN: Kong, Su, Zhao, Hou, "DEPHN: Different Expression Parallel Heterogeneous Network using Virtual
-Gradient Optimization for Multi-task Learning", IJCNN 2023 (arXiv:2307.12519).
+``expert_kinds`` makes the experts heterogeneous, as in DEPHN (IJCNN 2023; see ``mmoe.py``).
 """
 
 from __future__ import annotations
 
 import torch
-from pydantic import PositiveInt
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
-from mtlcli.models.base import (
-    Capabilities,
-    ExpertPoolParams,
-    InputSpec,
-    SharedRepresentation,
-    group_by_prefix,
-    register_scheme,
-)
+from mtlcli.models.base import Capabilities, ExpertPoolParams, InputSpec, group_by_prefix, register_scheme
 from mtlcli.models.blocks import ExpertKind, Towers, embedded_experts
+from mtlcli.models.views import GateRecord, Introspection, SharedRepresentation
 
 
 class OMoEParams(ExpertPoolParams):
     pass
 
 
-class OMoE(nn.Module, SharedRepresentation):
+class OMoE(nn.Module):
     """embedding -> experts [B, E, H] -> one softmax gate [B, E] -> mixture [B, H] -> every tower.
 
     Shared representation: the mixture (the one gate is shared)."""
@@ -42,38 +33,35 @@ class OMoE(nn.Module, SharedRepresentation):
         inputs: InputSpec,
         embedding_dim: int,
         n_experts: int,
-        expert_units: list[PositiveInt],
-        tower_units: list[PositiveInt],
+        expert_units: list[int],
+        tower_units: list[int],
         dropout: float,
         expert_kinds: list[ExpertKind] | None = None,
         cross_layers: int = 2,
     ) -> None:
         super().__init__()
         self.tasks = list(inputs.tasks)
-        self.embedding, self.experts = embedded_experts(
-            inputs,
-            embedding_dim,
-            n_experts,
-            expert_units,
-            dropout,
-            expert_kinds,
-            cross_layers,
-        )
+        pool = embedded_experts(inputs, embedding_dim, n_experts, expert_units, dropout, expert_kinds, cross_layers)
+        self.embedding, self.experts = pool
         x_dim = self.embedding.out_dim
         self.gate = nn.Linear(x_dim, n_experts)
         self.towers = Towers(self.tasks, self.experts.out_dim, tower_units, dropout)
+        self.z = SharedRepresentation()
 
-    capabilities = Capabilities()  # its gates weigh one pool of experts, numbered 0..n-1
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(shared_representation=self.z)
 
-    def introspect(self, batch: Batch) -> dict[str, Tensor]:
-        """``gate.shared``: the one gate's softmax weights over the experts, [B, E]."""
-        return {"gate.shared": torch.softmax(self.gate(self.embedding(batch)), dim=-1)}
+    def introspect(self, batch: Batch) -> Introspection:
+        """Gate ``gate``/``shared``: the one gate's softmax weights over the experts (numbered), [B, E]."""
+        gate = torch.softmax(self.gate(self.embedding(batch)), dim=-1)
+        return Introspection([GateRecord("gate", "shared", gate, [str(i) for i in range(gate.shape[-1])])])
 
     def forward(self, batch: Batch) -> Tensor:
         x = self.embedding(batch)
         gate = torch.softmax(self.gate(x), dim=-1)  # [B, E]
         mixed = (gate.unsqueeze(-1) * self.experts(x)).sum(1)
-        self.keep(mixed)
+        self.z.keep(mixed)
         return self.towers(mixed)
 
     def last_shared_layer(self) -> list[Tensor]:

@@ -5,53 +5,44 @@ Caruana, "Multitask Learning", Machine Learning 28, 1997; the MMoE paper's Share
 
 from __future__ import annotations
 
-from pydantic import PositiveInt
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
-from mtlcli.models.base import (
-    BottomParams,
-    Capabilities,
-    InputSpec,
-    SharedRepresentation,
-    group_by_prefix,
-    register_scheme,
-)
+from mtlcli.models.base import BottomParams, Capabilities, InputSpec, group_by_prefix, register_scheme
 from mtlcli.models.blocks import FeatureEmbedding, Towers, last_linear, mlp
+from mtlcli.models.views import Introspection, SharedRepresentation
 
 
 class SharedBottomParams(BottomParams):
     pass
 
 
-class SharedBottom(nn.Module, SharedRepresentation):
+class SharedBottom(nn.Module):
     """embedding -> bottom MLP (shared) -> per-task tower -> logit. Output [B, T].
 
     Shared representation: the bottom's output."""
 
     def __init__(
-        self,
-        inputs: InputSpec,
-        embedding_dim: int,
-        bottom_units: list[PositiveInt],
-        tower_units: list[PositiveInt],
-        dropout: float,
+        self, inputs: InputSpec, embedding_dim: int, bottom_units: list[int], tower_units: list[int], dropout: float
     ) -> None:
         super().__init__()
         self.tasks = list(inputs.tasks)
         self.embedding = FeatureEmbedding.for_inputs(inputs, embedding_dim)
         self.bottom = mlp(self.embedding.out_dim, bottom_units, dropout)
         self.towers = Towers(self.tasks, bottom_units[-1], tower_units, dropout)
+        self.z = SharedRepresentation()
 
-    capabilities = Capabilities()  # nothing optional
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(shared_representation=self.z)
 
-    def introspect(self, batch: Batch) -> dict[str, Tensor]:
+    def introspect(self, batch: Batch) -> Introspection:
         """Nothing to show: no gates, no mixing."""
-        return {}
+        return Introspection()
 
     def forward(self, batch: Batch) -> Tensor:
         h = self.bottom(self.embedding(batch))
-        self.keep(h)
+        self.z.keep(h)
         return self.towers(h)
 
     def last_shared_layer(self) -> list[Tensor]:
@@ -64,4 +55,4 @@ class SharedBottom(nn.Module, SharedRepresentation):
 
 @register_scheme("shared_bottom", SharedBottomParams, "hard sharing: one bottom MLP, one tower per task")
 def build(params: SharedBottomParams, inputs: InputSpec) -> SharedBottom:
-    return SharedBottom(inputs, params.embedding_dim, params.bottom_units, params.tower_units, params.dropout)
+    return SharedBottom(inputs, **params.model_dump())

@@ -9,37 +9,25 @@ Machine Learning 28, 1997, and in the MMoE and PLE papers.
 from __future__ import annotations
 
 import torch
-from pydantic import PositiveInt
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
-from mtlcli.models.base import (
-    BottomParams,
-    Capabilities,
-    InputSpec,
-    SharedRepresentation,
-    group_by_prefix,
-    register_scheme,
-)
+from mtlcli.models.base import BottomParams, Capabilities, InputSpec, group_by_prefix, register_scheme
 from mtlcli.models.blocks import FeatureEmbedding, mlp
+from mtlcli.models.views import Introspection, SharedRepresentation
 
 
 class SingleTaskParams(BottomParams):
     pass
 
 
-class SingleTask(nn.Module, SharedRepresentation):
+class SingleTask(nn.Module):
     """Per task: embedding -> bottom MLP -> tower MLP -> logit. Output [B, T].
 
     Shared representation: empty (nothing is shared)."""
 
     def __init__(
-        self,
-        inputs: InputSpec,
-        embedding_dim: int,
-        bottom_units: list[PositiveInt],
-        tower_units: list[PositiveInt],
-        dropout: float,
+        self, inputs: InputSpec, embedding_dim: int, bottom_units: list[int], tower_units: list[int], dropout: float
     ) -> None:
         super().__init__()
         self.tasks = list(inputs.tasks)
@@ -49,15 +37,19 @@ class SingleTask(nn.Module, SharedRepresentation):
         self.nets = nn.ModuleDict(
             {t: mlp(in_dim, [*bottom_units, *tower_units], dropout, out_dim=1) for t in self.tasks}
         )
+        self.z = SharedRepresentation()
 
-    capabilities = Capabilities(baseline=True)  # nothing shared: the STL baseline of MTL gain
+    @property
+    def capabilities(self) -> Capabilities:
+        """Nothing shared: the STL baseline of MTL gain (its shared representation is empty)."""
+        return Capabilities(baseline=True, shared_representation=self.z)
 
-    def introspect(self, batch: Batch) -> dict[str, Tensor]:
+    def introspect(self, batch: Batch) -> Introspection:
         """Nothing to show: no gates, no mixing."""
-        return {}
+        return Introspection()
 
     def forward(self, batch: Batch) -> Tensor:
-        self.keep()  # nothing is shared
+        self.z.keep()  # nothing is shared
         return torch.cat([self.nets[t](self.embeddings[t](batch)) for t in self.tasks], dim=1)
 
     def last_shared_layer(self) -> list[Tensor]:
@@ -70,4 +62,4 @@ class SingleTask(nn.Module, SharedRepresentation):
 
 @register_scheme("single_task", SingleTaskParams, "no sharing: one independent network per task (the STL baseline)")
 def build(params: SingleTaskParams, inputs: InputSpec) -> SingleTask:
-    return SingleTask(inputs, params.embedding_dim, params.bottom_units, params.tower_units, params.dropout)
+    return SingleTask(inputs, **params.model_dump())

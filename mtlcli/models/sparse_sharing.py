@@ -26,15 +26,9 @@ from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
 from mtlcli.data.source import BatchSource
-from mtlcli.models.base import (
-    Capabilities,
-    InputSpec,
-    ModelParams,
-    SharedRepresentation,
-    group_by_prefix,
-    register_scheme,
-)
+from mtlcli.models.base import Capabilities, Dropout, InputSpec, ModelParams, group_by_prefix, register_scheme
 from mtlcli.models.blocks import FeatureEmbedding, mlp
+from mtlcli.models.views import Introspection, SharedRepresentation
 
 
 class SparseSharingParams(ModelParams):
@@ -43,10 +37,10 @@ class SparseSharingParams(ModelParams):
     density: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
     prune_rate: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
     warmup_steps: PositiveInt = 200
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    dropout: Dropout = 0.0
 
 
-class SparseSharing(nn.Module, SharedRepresentation):
+class SparseSharing(nn.Module):
     """embedding -> per task: bottom MLP with weights W ⊙ M_task -> task tower -> logit. Output [B, T].
 
     Shared representation: each task's masked bottom output (its tower's input)."""
@@ -55,8 +49,8 @@ class SparseSharing(nn.Module, SharedRepresentation):
         self,
         inputs: InputSpec,
         embedding_dim: int,
-        bottom_units: list[PositiveInt],
-        tower_units: list[PositiveInt],
+        bottom_units: list[int],
+        tower_units: list[int],
         density: float,
         prune_rate: float,
         warmup_steps: int,
@@ -74,6 +68,7 @@ class SparseSharing(nn.Module, SharedRepresentation):
                 self.register_buffer(f"mask_{k}_{layer}", torch.ones_like(linear.weight))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.towers = nn.ModuleDict({t: mlp(bottom_units[-1], tower_units, dropout, out_dim=1) for t in self.tasks})
+        self.z = SharedRepresentation()
 
     def linears(self) -> list[nn.Linear]:
         return [cast(nn.Linear, module) for module in self.bottom]
@@ -95,12 +90,12 @@ class SparseSharing(nn.Module, SharedRepresentation):
     def forward(self, batch: Batch) -> Tensor:
         x = self.embedding(batch)
         hidden = [self.task_hidden(x, k) for k in range(len(self.tasks))]
-        self.keep(*hidden)
+        self.z.keep(*hidden)
         return torch.stack([self.towers[t](h).squeeze(1) for t, h in zip(self.tasks, hidden, strict=True)], dim=1)
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(masks=self.masks, search=self.search_masks)
+        return Capabilities(masks=self.masks, search=self.search_masks, shared_representation=self.z)
 
     def masks(self) -> dict[str, list[Tensor]]:
         """Each task's binary masks over the bottom layers' weights."""
@@ -155,9 +150,9 @@ class SparseSharing(nn.Module, SharedRepresentation):
             new[order[:keep]] = 1.0
             mask.copy_(new.view_as(mask))
 
-    def introspect(self, batch: Batch) -> dict[str, Tensor]:
+    def introspect(self, batch: Batch) -> Introspection:
         """No gates or mixing matrices; the task masks are given by ``masks()``."""
-        return {}
+        return Introspection()
 
     def last_shared_layer(self) -> list[Tensor]:
         """The shared network's last layer (W, which each task uses through its mask)."""
@@ -173,13 +168,4 @@ class SparseSharing(nn.Module, SharedRepresentation):
     "sparse sharing: per-task binary masks over one network, found by pruning (AAAI 2020)",
 )
 def build(params: SparseSharingParams, inputs: InputSpec) -> SparseSharing:
-    return SparseSharing(
-        inputs,
-        params.embedding_dim,
-        params.bottom_units,
-        params.tower_units,
-        params.density,
-        params.prune_rate,
-        params.warmup_steps,
-        params.dropout,
-    )
+    return SparseSharing(inputs, **params.model_dump())

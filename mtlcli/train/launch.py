@@ -10,10 +10,40 @@ import socket
 from mtlcli.errors import MtlError
 
 INTERRUPTED = 130
+SAID = 2  # a rank said what went wrong itself (an error message), the CLI's exit code for errors
+LOST_PEER = 3  # a rank stopped because another rank of the run went away: a consequence, never the cause
+LAUNCHED_BY = "MTL_LAUNCHER"  # set in the ranks that `mtl train --nproc` starts: it names the failed rank
 
 
 class RankFailed(MtlError):
     """A training process died or failed; the others were stopped."""
+
+
+class LostPeer(MtlError):
+    """A rank's collective failed because another rank of the run went away."""
+
+
+def under_launcher() -> bool:
+    """Whether this process is a rank that `mtl train --nproc` started: when it loses another rank
+    it exits with ``LOST_PEER`` and says nothing, the launcher says which rank went first."""
+    return os.environ.get(LAUNCHED_BY) == "1"
+
+
+def lost_peer(rank: int, exc: BaseException) -> LostPeer:
+    """What rank ``rank`` says when a collective failed (``exc``, e.g. gloo's "Connection reset by
+    peer") under another launcher (torchrun): the transport's first sentence, whole, without the
+    source location it starts with."""
+    text = str(exc).strip()
+    line = text.splitlines()[0].strip() if text else type(exc).__name__
+    if line.startswith("[") and "] " in line:  # gloo: "[.../pair.cc:537] Read error ..."
+        line = line.split("] ", 1)[1]
+    end = line.find(". ")
+    sentence = line[: end + 1] if end >= 0 else line
+    return LostPeer(
+        f"rank {rank} lost another rank of the run: {sentence}",
+        "the launcher's report says which rank stopped first and why; the run's last checkpoint is kept: "
+        "--resume continues it",
+    )
 
 
 def check_port(port: int) -> None:
@@ -47,28 +77,44 @@ def launch(nproc: int, args: list[str], port: int | None = None) -> int:
         check_port(port)
         where = ["--nnodes=1", "--master-addr=127.0.0.1", f"--master-port={port}"]
     options = get_args_parser().parse_args([*where, f"--nproc-per-node={nproc}", "-m", "mtlcli", *args])
+    os.environ[LAUNCHED_BY] = "1"
     try:
         run(options)
     except ChildFailedError as exc:
-        codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
-        if all(code == INTERRUPTED for code in codes.values()):
-            return INTERRUPTED
-        if all(code == 2 for code in codes.values()):
-            return 2
-        # the cause, not a consequence: a rank killed by a signal or failing on its own, before the
-        # ranks that then lost it (2) or were stopped (130)
-        causes = {r: f for r, f in exc.failures.items() if f.exitcode not in (2, INTERRUPTED)} or exc.failures
-        rank = min(causes, key=lambda r: (causes[r].timestamp, r))
-        raise RankFailed(
-            f"rank {rank} of {nproc} {describe(causes[rank].exitcode)}; the other ranks were stopped",
-            "the run's last checkpoint is kept: the same command with --resume continues it",
-        ) from None
+        return outcome({rank: (f.exitcode, f.timestamp) for rank, f in exc.failures.items()}, nproc)
     except (KeyboardInterrupt, SignalException):  # the user's Ctrl-C or kill: the ranks checkpoint and stop
         return INTERRUPTED
+    finally:
+        del os.environ[LAUNCHED_BY]
     return 0
 
 
+CONSEQUENCES = (INTERRUPTED, LOST_PEER, -signal.SIGTERM)  # stopped by the launcher or the user, or lost a rank
+
+
+def outcome(failures: dict[int, tuple[int, float]], nproc: int) -> int:
+    """The job's exit code from its failed ranks' (exit code, time): 2 when the ranks stopped on an
+    error they said themselves, 130 when they were interrupted; otherwise ``RankFailed`` names the
+    cause, the first rank that failed on its own (killed, or crashed), never one that then lost it
+    or was stopped."""
+    causes = {rank: failure for rank, failure in failures.items() if failure[0] not in CONSEQUENCES}
+    unsaid = {rank: failure for rank, failure in causes.items() if failure[0] != SAID}
+    if causes and not unsaid:
+        return SAID
+    if not causes and any(code != LOST_PEER for code, _ in failures.values()):
+        return INTERRUPTED
+    first = unsaid or failures  # every rank lost another, which left without an error: name the first
+    rank = min(first, key=lambda r: (first[r][1], r))
+    raise RankFailed(
+        f"rank {rank} of {nproc} {describe(first[rank][0])}; the other ranks were stopped",
+        "the run's last checkpoint is kept: the same command with --resume continues it",
+    )
+
+
 def describe(code: int) -> str:
+    """What became of a rank that exited with ``code`` (negative: killed by that signal)."""
+    if code == LOST_PEER:
+        return "lost another rank of the run"
     if code < 0:
         try:
             return f"was killed by {signal.Signals(-code).name}"

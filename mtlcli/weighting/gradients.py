@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlcli import distributed
-from mtlcli.models.base import SharedRepresentation, scheme
+from mtlcli.models.base import scheme
 from mtlcli.models.blocks import trainable_tensors
 
 
@@ -93,8 +93,8 @@ def backward_with_representation(
     losses: Tensor, model: nn.Module, combine: Callable[[Tensor, Tensor], Tensor]
 ) -> Tensor:
     """Like ``backward_with_shared``, but the coefficients come from the task gradients on the
-    model's shared representation z (``SharedRepresentation``, kept by the last forward pass)
-    instead of on the shared parameters. Returns c [T].
+    model's shared representation z (``Capabilities.shared_representation``, kept by the last
+    forward pass) instead of on the shared parameters. Returns c [T].
 
     Each task's pass stops at z and also yields its task-specific parameters' gradients (only
     task k's loss reaches task k's parameters, so their sum over the tasks is the gradient of
@@ -102,9 +102,10 @@ def backward_with_representation(
     The heads are traversed once per task and the shared part once.
     """
     shared, own = split_parameters(model)
-    if not isinstance(model, SharedRepresentation) or not model.keep_representation:
-        raise RuntimeError(f"{type(model).__name__} keeps no shared representation (keep_representation is off)")
-    representation = model.representation
+    kept = scheme(model).capabilities.shared_representation
+    if kept is None or not kept.enabled:
+        raise RuntimeError(f"{type(model).__name__} keeps no shared representation (enable_representation first)")
+    representation = kept.tensors
     if not shared or not representation:
         losses.sum().backward()
         return torch.ones_like(losses.detach())

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mtlcli.weighting.base import StrategyCapabilities, WeightingParams, register_weighting
+from mtlcli.weighting.base import SeededDraws, StrategyCapabilities, WeightingParams, register_weighting
 from mtlcli.weighting.gradients import backward_with_shared
 
 
@@ -44,24 +44,18 @@ def pcgrad_coefficients(gram: Tensor, generator: torch.Generator) -> Tensor:
 
 class PCGrad:
     def __init__(self, seed: int) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
+        self.draws = SeededDraws(seed)
 
     def combine(self, grads: Tensor, losses: Tensor) -> Tensor:
         gram = (grads @ grads.T).double()
-        return pcgrad_coefficients(gram, self.generator).sum(0).to(grads.dtype)
+        return pcgrad_coefficients(gram, self.draws.generator).sum(0).to(grads.dtype)
 
     @property
     def capabilities(self) -> StrategyCapabilities:
-        return StrategyCapabilities(state=self, task_gradients=True)  # the generator of the projection order
+        return StrategyCapabilities(state=self.draws, task_gradients=True)  # the projection order
 
     def backward(self, losses: Tensor, model: nn.Module) -> Tensor:
         return backward_with_shared(losses, model, self.combine)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.generator.set_state(state["generator"].to(torch.uint8))
 
 
 @register_weighting("pcgrad", PCGradParams, "project conflicting task gradients off each other (NeurIPS 2020)")

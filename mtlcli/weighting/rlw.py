@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mtlcli.weighting.base import StrategyCapabilities, WeightingParams, register_weighting
+from mtlcli.weighting.base import SeededDraws, StrategyCapabilities, WeightingParams, register_weighting
 
 
 class RLWParams(WeightingParams):
@@ -24,22 +24,16 @@ class RLWParams(WeightingParams):
 class RLW:
     def __init__(self, n_tasks: int, seed: int) -> None:
         self.n_tasks = n_tasks
-        self.generator = torch.Generator().manual_seed(seed)
+        self.draws = SeededDraws(seed)
 
     @property
     def capabilities(self) -> StrategyCapabilities:
-        return StrategyCapabilities(state=self)  # the generator of the weights
+        return StrategyCapabilities(state=self.draws)  # where the weights' draws are
 
     def backward(self, losses: Tensor, model: nn.Module) -> Tensor:
-        weights = torch.softmax(torch.randn(self.n_tasks, generator=self.generator), dim=0).to(losses.device)
+        weights = torch.softmax(torch.randn(self.n_tasks, generator=self.draws.generator), dim=0).to(losses.device)
         (losses * weights).sum().backward()
         return weights
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.generator.set_state(state["generator"].to(torch.uint8))
 
 
 @register_weighting("rlw", RLWParams, "random weights softmax(N(0, I)) drawn every step (TMLR 2022)")

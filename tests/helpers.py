@@ -1,0 +1,34 @@
+"""Helpers several test files share: small data, recipes and the CLI, built one way."""
+
+from __future__ import annotations
+
+import torch
+
+from mtlcli.data.batch import SplitTensors
+from mtlcli.models import InputSpec
+
+
+def click_buy_split(inputs: InputSpec, n: int, seed: int, every: int, buy_space: bool = False) -> SplitTensors:
+    """``n`` seeded rows for two binary tasks: click where the first feature's id is a multiple of
+    ``every`` (10% flipped), buy where clicked and the first number is positive; with ``buy_space``
+    buy is labelled only where clicked."""
+    gen = torch.Generator().manual_seed(seed)
+    cats = torch.stack([torch.randint(0, c, (n,), generator=gen) for c in inputs.cardinalities], 1)
+    numeric = torch.randn(n, inputs.n_numeric, generator=gen)
+    click = ((cats[:, 0] % every == 0) ^ (torch.rand(n, generator=gen) < 0.1)).float()
+    buy = (click * (numeric[:, 0] > 0).float()).float()
+    labels = torch.stack([click, buy], 1)
+    mask = torch.ones_like(labels, dtype=torch.bool)
+    if buy_space:
+        mask[:, 1] = click > 0
+    return SplitTensors(cats, numeric, labels, mask)
+
+
+def two_regressions(loss: str) -> str:
+    """A recipe text: two regression tasks y1 and y2 on synthetic data, with ``loss`` (YAML flow)."""
+    return f"""
+data: {{synthetic: {{rows: 100}}}}
+tasks: {{y1: {{type: regression, label: y1}}, y2: {{type: regression, label: y2}}}}
+loss: {loss}
+train: {{early_stopping: {{metric: rmse}}}}
+"""
