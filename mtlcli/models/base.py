@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Annotated, Any, Protocol, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator
 from torch import Tensor, nn
@@ -14,6 +14,9 @@ from mtlcli.data.source import BatchSource
 from mtlcli.errors import MtlError
 from mtlcli.models.blocks import ExpertKind, SequenceInput, check_expert_kinds
 from mtlcli.registry import Component, Registry
+
+if TYPE_CHECKING:
+    from mtlcli.train.step import Step, StepParts
 
 SCHEMES: Registry[Component] = Registry("sharing scheme")
 
@@ -50,7 +53,10 @@ class Capabilities:
     - ``baseline``: nothing is shared; the single-task baseline that MTL gain is measured against;
     - ``task_representations(batch)``: what each task's own bottom made of a batch (DTRN:
       ``refine.<task>`` weights [B, width] over the representation's elements, ``interest.<task>``
-      [B, S, d] per behaviour type), for explain.
+      [B, S, d] per behaviour type), for explain;
+    - ``step(parts)``: the scheme's own training step (``mtlcli.train.step``), made from the
+      run's built parts (model, weighting, optimizer, exchange), for schemes that update their
+      parameter groups or tasks in turn; without it the default step trains them together.
     """
 
     expert_names: Callable[[str], list[str]] | None = None
@@ -58,6 +64,7 @@ class Capabilities:
     search: Callable[[BatchSource, int, float, int], None] | None = None
     baseline: bool = False
     task_representations: Callable[[Batch], dict[str, Tensor]] | None = None
+    step: Callable[[StepParts], Step] | None = None
 
 
 class MultiTaskModel(Protocol):

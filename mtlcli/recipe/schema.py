@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -433,6 +434,17 @@ class LrSchedule(Strict):
     gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
 
 
+def _tracker(name: str) -> str:
+    """A registered experiment tracker (``mtlcli.train.tracking``)."""
+    from mtlcli.registry import did_you_mean
+    from mtlcli.train.tracking import TRACKERS
+
+    if name not in TRACKERS:
+        known = ", ".join(TRACKERS.names())
+        raise ValueError(f"unknown tracker {name!r}{did_you_mean(name, TRACKERS.names())}; known: {known}")
+    return name
+
+
 class TrainSection(Strict):
     optimizer: Literal["adam", "adamw", "sgd", "adagrad"] = "adam"
     lr: PositiveFloat = 1e-3
@@ -461,7 +473,7 @@ class TrainSection(Strict):
     # (a clear error without a GPU), or auto (cuda when torch sees one, else cpu)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     # experiment trackers that receive the run's metrics (extras mtlcli[tensorboard], mtlcli[mlflow])
-    loggers: list[Literal["tensorboard", "mlflow"]] = []
+    loggers: list[Annotated[str, AfterValidator(_tracker)]] = []
     experiment: str | None = None  # the trackers' experiment name (default: the recipe file's name)
 
 
