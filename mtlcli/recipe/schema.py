@@ -369,14 +369,26 @@ class TaskSpec(Strict):
 # --- model and loss (validated further by the named component) --------------------------------
 
 
-def _split_component(key: str, default: str) -> Any:
+COMPONENTS = {"model": ("scheme", "mmoe"), "loss": ("weighting", "equal")}  # section: (name key, default)
+
+
+def component_parts(section: str, value: Any) -> tuple[Any, dict[str, Any]]:
+    """A ``model`` / ``loss`` section as (the component's name, its other keys): a bare name is
+    short for ``{scheme: name}``, a missing name is the default; a section that is not a mapping
+    has no keys."""
+    key, default = COMPONENTS[section]
+    if isinstance(value, str):
+        return value, {}
+    if not isinstance(value, dict):
+        return default, {}
+    return value.get(key, default), {k: v for k, v in value.items() if k != key}
+
+
+def _split_component(section: str) -> Any:
     def split(value: Any) -> Any:
-        if value is None:
-            value = {}
-        if isinstance(value, str):
-            value = {key: value}
-        if isinstance(value, dict) and "params" not in value:
-            return {key: value.get(key, default), "params": {k: v for k, v in value.items() if k != key}}
+        if value is None or isinstance(value, str) or (isinstance(value, dict) and "params" not in value):
+            name, params = component_parts(section, value)
+            return {COMPONENTS[section][0]: name, "params": params}
         return value
 
     return split
@@ -386,20 +398,20 @@ class ModelConfig(Strict):
     """``scheme`` names a registered sharing scheme; ``params`` is that scheme's validated params."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True, allow_inf_nan=False)
-    scheme: str = "mmoe"
+    scheme: str = COMPONENTS["model"][1]
     params: Any = {}
 
-    _split = model_validator(mode="before")(_split_component("scheme", "mmoe"))
+    _split = model_validator(mode="before")(_split_component("model"))
 
 
 class LossConfig(Strict):
     """``weighting`` names a registered loss-weighting strategy; ``params`` are its validated params."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True, allow_inf_nan=False)
-    weighting: str = "equal"
+    weighting: str = COMPONENTS["loss"][1]
     params: Any = {}
 
-    _split = model_validator(mode="before")(_split_component("weighting", "equal"))
+    _split = model_validator(mode="before")(_split_component("loss"))
 
 
 # --- train ------------------------------------------------------------------------------------
