@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,14 @@ class Ranks:
         dist.all_gather(parts, padded.contiguous())
         return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
 
+    def share(self, text: str) -> str:
+        """Rank 0's ``text`` on every rank."""
+        if not self.active:
+            return text
+        box = [text]
+        dist.broadcast_object_list(box, src=0)
+        return str(box[0])
+
     def union(self, ids: Tensor) -> Tensor:
         """The sorted distinct ids that some rank holds (``ids`` sorted and distinct on each)."""
         return torch.unique(self.gather(ids)) if self.active else ids
@@ -87,8 +96,30 @@ _current = SINGLE
 
 
 def current() -> Ranks:
-    """The ranks of the run in progress (``SINGLE`` outside a distributed run)."""
+    """The ranks this process joined (``SINGLE`` outside a distributed run). Read where a
+    training's exchange is chosen (``Exchange.choose``), nowhere else: models and weightings get
+    the ranks from the exchange."""
     return _current
+
+
+_backward_ranks: ContextVar[Ranks] = ContextVar("backward_ranks", default=SINGLE)
+
+
+def backward_ranks() -> Ranks:
+    """The ranks a weighting strategy's backward pass sums its task gradients over: the run's,
+    for the length of that pass (``across``, which the training's exchange opens around it);
+    one process anywhere else."""
+    return _backward_ranks.get()
+
+
+@contextmanager
+def across(ranks: Ranks) -> Iterator[None]:
+    """Within: ``backward_ranks()`` is ``ranks``."""
+    token = _backward_ranks.set(ranks)
+    try:
+        yield
+    finally:
+        _backward_ranks.reset(token)
 
 
 def launched() -> bool:
@@ -112,11 +143,12 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def training_device(setting: str) -> torch.device:
-    """``train.device``: cpu; cuda (this process's GPU: its local rank's; a clear error without
-    one); auto (cuda when torch sees a GPU, else cpu)."""
+def resolve_device(setting: str) -> str:
+    """``train.device`` resolved once for the whole run: ``cpu``, or ``cuda`` (a clear error
+    without a GPU; ``auto`` takes it when torch sees one). Each rank then trains on its own GPU
+    (``rank_device``)."""
     if setting == "cpu":
-        return torch.device("cpu")
+        return "cpu"
     if not torch.cuda.is_available():
         if setting == "cuda":
             build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
@@ -124,6 +156,13 @@ def training_device(setting: str) -> torch.device:
                 f"train.device: cuda, and torch {torch.__version__} ({build}) finds no CUDA GPU",
                 "set train.device: cpu, or auto to use a GPU only where there is one",
             )
+        return "cpu"
+    return "cuda"
+
+
+def rank_device(kind: str) -> torch.device:
+    """This process's device of the resolved kind: its local rank's GPU under cuda."""
+    if kind == "cpu":
         return torch.device("cpu")
     return torch.device("cuda", local_rank() % torch.cuda.device_count())
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mtlcli.recipe.schema import LrSchedule, TrainSection
-from mtlcli.train.loop import NullObserver, fit, lr_factor
+from mtlcli.train.loop import NullObserver, fit
+from mtlcli.train.optimizer import lr_factor
 
 
 def test_lr_factors_by_hand() -> None:

@@ -15,7 +15,7 @@ from mtlcli.cli.common import JsonOption, QuietOption, SetOption, err_console, f
 from mtlcli.recipe import load_recipe
 
 if TYPE_CHECKING:
-    from mtlcli.cli.train import ConsoleReporter
+    from mtlcli.cli.train_console import ConsoleReporter
 
 GridOption = Annotated[
     list[str] | None,
@@ -65,7 +65,7 @@ def command(
     recipes/census-mmoe.yaml --grid loss.weighting=equal,pcgrad,mgda --grid train.seed=0,1,2
     --out runs/sweep
     """
-    from mtlcli.cli.train import ConsoleReporter, StopFlag
+    from mtlcli.cli.train_console import ConsoleReporter, StopFlag
     from mtlcli.sweep import expand, parse_grid, run_sweep
     from mtlcli.train.loop import TrainingInterrupted
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Annotated, Any, Protocol, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator
 from torch import Tensor, nn
@@ -15,6 +15,9 @@ from mtlcli.errors import MtlError
 from mtlcli.models.blocks import ExpertKind, SequenceInput, check_expert_kinds
 from mtlcli.models.views import Introspection, SharedRepresentation
 from mtlcli.registry import Component, Registry
+
+if TYPE_CHECKING:
+    from mtlcli.train.step import Step, StepParts
 
 SCHEMES: Registry[Component] = Registry("sharing scheme")
 
@@ -50,7 +53,10 @@ class Capabilities:
       ``refine.<task>`` weights [B, width] over the representation's elements, ``interest.<task>``
       [B, S, d] per behaviour type), for explain;
     - ``shared_representation``: the representation z every task reads (``SharedRepresentation``),
-      which MGDA-UB needs; None when each task has its own bottom (DTRN).
+      which MGDA-UB needs; None when each task has its own bottom (DTRN);
+    - ``step(parts)``: the scheme's own training step (``mtlcli.train.step``), made from the
+      run's built parts (model, weighting, optimizer, exchange), for schemes that update their
+      parameter groups or tasks in turn; without it the default step trains them together.
     """
 
     masks: Callable[[], dict[str, list[Tensor]]] | None = None
@@ -58,6 +64,7 @@ class Capabilities:
     baseline: bool = False
     task_representations: Callable[[Batch], dict[str, Tensor]] | None = None
     shared_representation: SharedRepresentation | None = None
+    step: Callable[[StepParts], Step] | None = None
 
 
 class MultiTaskModel(Protocol):

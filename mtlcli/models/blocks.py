@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
 
-from mtlcli import distributed
 from mtlcli.data.batch import Batch
 
 if TYPE_CHECKING:
@@ -136,6 +135,7 @@ class FeatureEmbedding(nn.Module):
         self.sparse = False
         self.rows: Tensor | None = None
         self.row_ids: Tensor | None = None
+        self.union: Callable[[Tensor], Tensor] | None = None  # see share_rows
         self.betas, self.eps = (0.9, 0.999), 1e-8
 
     @classmethod
@@ -152,6 +152,11 @@ class FeatureEmbedding(nn.Module):
         # for both, where two tables took two of each (rows of a large table miss the cache)
         self.register_buffer("row_mv", weight.new_zeros((weight.shape[0], 2, weight.shape[1])), persistent=False)
         self.register_buffer("row_steps", torch.zeros((), dtype=torch.long), persistent=False)
+
+    def share_rows(self, union: Callable[[Tensor], Tensor] | None) -> None:
+        """On several processes (set by the training's exchange): ``union`` maps this rank's
+        sorted distinct ids [U] to those of every rank, so that every rank steps the same rows."""
+        self.union = union
 
     def forward(self, batch: Batch) -> Tensor:
         if self.n_categorical == 0 and not self.sequences:
@@ -172,9 +177,8 @@ class FeatureEmbedding(nn.Module):
             history = batch.sequences + self.seq_offsets.view(1, -1, 1)
             ids = torch.cat([ids, history.flatten(1)], dim=1)
         if self.sparse and torch.is_grad_enabled():
-            ranks = distributed.current()
-            if ranks.active:  # every rank holds the rows of every rank's batch: the same rows everywhere
-                unique = ranks.union(torch.unique(ids))
+            if self.union is not None:  # every rank holds the rows of every rank's batch: the same rows everywhere
+                unique = self.union(torch.unique(ids))
                 inverse = torch.searchsorted(unique, ids.reshape(-1))
             else:
                 unique, inverse = torch.unique(ids, return_inverse=True)

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from mtlcli.errors import RecipeError, RecipeIssue
-from mtlcli.recipe.schema import Recipe
+from mtlcli.recipe.schema import COMPONENTS, Recipe, component_parts
 from mtlcli.registry import Component, Registry, did_you_mean
 
 Loc = tuple[str | int, ...]
@@ -219,10 +219,8 @@ def validate_recipe(data: dict[str, Any], source: str, lines: dict[Loc, int], se
             issue(loc, message)
         failed = {str(err["loc"][0]) for err in exc.errors() if err["loc"]}
 
-    raw_model = _component_mapping(data.get("model"), "scheme")
-    raw_loss = _component_mapping(data.get("loss"), "weighting")
-    model_params = _component_params(raw_model, "scheme", "mmoe", "model", SCHEMES, issue)
-    loss_params = _component_params(raw_loss, "weighting", "equal", "loss", WEIGHTINGS, issue)
+    model_params = _component_params("model", data.get("model"), SCHEMES, issue)
+    loss_params = _component_params("loss", data.get("loss"), WEIGHTINGS, issue)
 
     for loc, message in _cross_checks(data):
         issue(loc, message)
@@ -258,29 +256,19 @@ def validate_recipe(data: dict[str, Any], source: str, lines: dict[Loc, int], se
     return recipe
 
 
-def _component_mapping(value: Any, key: str) -> dict[str, Any]:
-    """A model/loss section as a mapping: a bare name is short for ``{key: name}``."""
-    if isinstance(value, str):
-        return {key: value}
-    return value if isinstance(value, dict) else {}
-
-
-def _component_params(
-    raw: dict[str, Any], key: str, default: str, section: str, registry: Registry[Component], issue: Any
-) -> BaseModel | None:
-    name = raw.get(key, default)
+def _component_params(section: str, value: Any, registry: Registry[Component], issue: Any) -> BaseModel | None:
+    """The named component's validated parameters (``component_parts`` splits the section)."""
+    name, rest = component_parts(section, value)
     if not isinstance(name, str) or name not in registry:
         known = ", ".join(registry.names())
         hint = did_you_mean(str(name), registry.names())
-        issue((section, key), f"unknown {registry.kind} {name!r}{hint}; known: {known}")
+        issue((section, COMPONENTS[section][0]), f"unknown {registry.kind} {name!r}{hint}; known: {known}")
         return None
-    entry = registry.get(name)
-    rest = {k: v for k, v in raw.items() if k != key}
     try:
-        return entry.params.model_validate(rest)
+        return registry.get(name).params.model_validate(rest)
     except ValidationError as exc:
         for err in _useful_errors(exc):
-            loc, message = _explain(err, rest, entry.params)
+            loc, message = _explain(err, rest, registry.get(name).params)
             issue((section, *loc), message)
         return None
 

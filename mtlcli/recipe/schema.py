@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -368,14 +369,26 @@ class TaskSpec(Strict):
 # --- model and loss (validated further by the named component) --------------------------------
 
 
-def _split_component(key: str, default: str) -> Any:
+COMPONENTS = {"model": ("scheme", "mmoe"), "loss": ("weighting", "equal")}  # section: (name key, default)
+
+
+def component_parts(section: str, value: Any) -> tuple[Any, dict[str, Any]]:
+    """A ``model`` / ``loss`` section as (the component's name, its other keys): a bare name is
+    short for ``{scheme: name}``, a missing name is the default; a section that is not a mapping
+    has no keys."""
+    key, default = COMPONENTS[section]
+    if isinstance(value, str):
+        return value, {}
+    if not isinstance(value, dict):
+        return default, {}
+    return value.get(key, default), {k: v for k, v in value.items() if k != key}
+
+
+def _split_component(section: str) -> Any:
     def split(value: Any) -> Any:
-        if value is None:
-            value = {}
-        if isinstance(value, str):
-            value = {key: value}
-        if isinstance(value, dict) and "params" not in value:
-            return {key: value.get(key, default), "params": {k: v for k, v in value.items() if k != key}}
+        if value is None or isinstance(value, str) or (isinstance(value, dict) and "params" not in value):
+            name, params = component_parts(section, value)
+            return {COMPONENTS[section][0]: name, "params": params}
         return value
 
     return split
@@ -385,20 +398,20 @@ class ModelConfig(Strict):
     """``scheme`` names a registered sharing scheme; ``params`` is that scheme's validated params."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True, allow_inf_nan=False)
-    scheme: str = "mmoe"
+    scheme: str = COMPONENTS["model"][1]
     params: Any = {}
 
-    _split = model_validator(mode="before")(_split_component("scheme", "mmoe"))
+    _split = model_validator(mode="before")(_split_component("model"))
 
 
 class LossConfig(Strict):
     """``weighting`` names a registered loss-weighting strategy; ``params`` are its validated params."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True, allow_inf_nan=False)
-    weighting: str = "equal"
+    weighting: str = COMPONENTS["loss"][1]
     params: Any = {}
 
-    _split = model_validator(mode="before")(_split_component("weighting", "equal"))
+    _split = model_validator(mode="before")(_split_component("loss"))
 
 
 # --- train ------------------------------------------------------------------------------------
@@ -433,6 +446,17 @@ class LrSchedule(Strict):
     gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
 
 
+def _tracker(name: str) -> str:
+    """A registered experiment tracker (``mtlcli.train.tracking``)."""
+    from mtlcli.registry import did_you_mean
+    from mtlcli.train.tracking import TRACKERS
+
+    if name not in TRACKERS:
+        known = ", ".join(TRACKERS.names())
+        raise ValueError(f"unknown tracker {name!r}{did_you_mean(name, TRACKERS.names())}; known: {known}")
+    return name
+
+
 class TrainSection(Strict):
     optimizer: Literal["adam", "adamw", "sgd", "adagrad"] = "adam"
     lr: PositiveFloat = 1e-3
@@ -461,7 +485,7 @@ class TrainSection(Strict):
     # (a clear error without a GPU), or auto (cuda when torch sees one, else cpu)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     # experiment trackers that receive the run's metrics (extras mtlcli[tensorboard], mtlcli[mlflow])
-    loggers: list[Literal["tensorboard", "mlflow"]] = []
+    loggers: list[Annotated[str, AfterValidator(_tracker)]] = []
     experiment: str | None = None  # the trackers' experiment name (default: the recipe file's name)
 
 

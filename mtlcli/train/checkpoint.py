@@ -9,7 +9,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError
@@ -99,6 +99,20 @@ def load_model(path: Path) -> LoadedModel:
 
 # --- training checkpoints (resume) ---------------------------------------------------------------
 
+
+class OptimizerState(Protocol):
+    """What a checkpoint saves of an optimizer (a run's ``TrainingOptimizer``, or its dense torch
+    optimizer alone): the named groups and their state; the row-wise tables' state is read from
+    the model's tables."""
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 CHECKPOINT_FORMAT = "mtlcli-checkpoint"
 # 2: optimizer state keyed by parameter group name ("optim.<group>.<index in group>.<slot>", the
 #    groups' settings in the "optimizer" metadata). 1 (no "checkpoint_version"): one group for the
@@ -106,7 +120,7 @@ CHECKPOINT_FORMAT = "mtlcli-checkpoint"
 CHECKPOINT_VERSION = "2"
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+def optimizer_tensors(optimizer: OptimizerState) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """The optimizer's state as tensors keyed ``optim.<group name>.<index in group>.<slot>``, and
     each group's settings (without its parameters, with its ``size``)."""
     optim = optimizer.state_dict()
@@ -122,7 +136,7 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
 
 
 def restore_optimizer(
-    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path
+    optimizer: OptimizerState, tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path
 ) -> None:
     """Load the optimizer state of a checkpoint (either version) into ``optimizer``, matched by group name."""
     current = optimizer.state_dict()["param_groups"]
@@ -165,7 +179,7 @@ def save_checkpoint(
     path: Path,
     state: LoopState,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: OptimizerState,
     strategy: WeightingStrategy,
     identity: dict[str, str],
 ) -> None:
@@ -233,9 +247,7 @@ def read_checkpoint_identity(path: Path) -> dict[str, str]:
     return metadata
 
 
-def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, strategy: WeightingStrategy
-) -> LoopState:
+def load_checkpoint(path: Path, model: nn.Module, optimizer: OptimizerState, strategy: WeightingStrategy) -> LoopState:
     """Restore model, optimizer and strategy in place from a checkpoint; return the loop state."""
     metadata = read_checkpoint_identity(path)
     try:

@@ -10,58 +10,33 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtlcli import distributed
 from mtlcli.data.batch import Batch
 from mtlcli.data.source import BatchSource
-from mtlcli.distributed import model_device
+from mtlcli.distributed import SINGLE, Ranks, model_device
 from mtlcli.errors import MtlError
 from mtlcli.models.base import enable_representation, scheme
-from mtlcli.models.blocks import sparse_embeddings, trainable_tensors
-from mtlcli.recipe.schema import EarlyStopping, LrSchedule, TrainSection
+from mtlcli.recipe.schema import EarlyStopping, TrainSection
+from mtlcli.train.exchange import Exchange
+from mtlcli.train.losses import TrainingDiverged, task_loss_sums, task_losses
 from mtlcli.train.metrics import task_metrics
+from mtlcli.train.observers import NullObserver, Observer
+from mtlcli.train.optimizer import TrainingOptimizer, lr_factor, make_optimizer
+from mtlcli.train.step import DefaultStep, Step, StepAt, StepDone, StepParts
 from mtlcli.weighting.base import WeightingStrategy
-from mtlcli.weighting.gradients import shared_task_gradients
+
+__all__ = [  # the loss, the observers and the optimizer's builders are imported from here too
+    "EarlyStopper", "FitResult", "LoopState", "NullObserver", "Observer", "TrainingDiverged",
+    "TrainingInterrupted", "build_parts", "evaluate", "fit", "gradient_record", "lr_factor",
+    "make_optimizer", "predict_logits", "task_loss_sums", "task_losses", "train_loop",
+]  # fmt: skip
 
 REPORT_EVERY = 25  # steps between progress callbacks
-
-
-class Observer(Protocol):
-    def on_start(self, epochs: int, steps_per_epoch: int) -> None: ...
-
-    def on_step(self, epoch: int, step: int) -> None: ...
-
-    def on_epoch(self, record: dict[str, Any], model: nn.Module, improved: bool) -> None: ...
-
-    def on_checkpoint(
-        self, state: LoopState, model: nn.Module, optimizer: torch.optim.Optimizer, strategy: WeightingStrategy
-    ) -> None: ...
-
-    def on_gradients(self, record: dict[str, Any]) -> None: ...
-
-
-class NullObserver:
-    def on_start(self, epochs: int, steps_per_epoch: int) -> None:
-        return None
-
-    def on_step(self, epoch: int, step: int) -> None:
-        return None
-
-    def on_epoch(self, record: dict[str, Any], model: nn.Module, improved: bool) -> None:
-        return None
-
-    def on_checkpoint(
-        self, state: LoopState, model: nn.Module, optimizer: torch.optim.Optimizer, strategy: WeightingStrategy
-    ) -> None:
-        return None
-
-    def on_gradients(self, record: dict[str, Any]) -> None:
-        return None
 
 
 @dataclass
@@ -78,42 +53,21 @@ class FitResult:
         return self.train_samples / self.train_seconds if self.train_seconds > 0 else 0.0
 
 
-def task_losses(logits: Tensor, batch: Batch, binary: Tensor, pos_weight: Tensor | None = None) -> Tensor:
-    """Per-task mean loss over each task's masked rows: BCE for binary (positive rows weighted by
-    ``pos_weight`` [T] when given), MSE for regression. [T]."""
-    sums, counts = task_loss_sums(logits, batch, binary, pos_weight)
-    return sums / counts.clamp_min(1.0)
-
-
-def task_loss_sums(
-    logits: Tensor, batch: Batch, binary: Tensor, pos_weight: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """Each task's loss summed over its masked rows [T], and the count of those rows [T]."""
-    labels = batch.labels
-    if bool(binary.all()):
-        per_row = F.binary_cross_entropy_with_logits(logits, labels, reduction="none", pos_weight=pos_weight)
-    elif not bool(binary.any()):
-        per_row = (logits - labels) ** 2
-    else:
-        bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none", pos_weight=pos_weight)
-        per_row = torch.where(binary, bce, (logits - labels) ** 2)
-    mask = batch.label_mask.to(per_row.dtype)
-    return (per_row * mask).sum(0), mask.sum(0)
-
-
 @torch.no_grad()
 def predict_logits(model: nn.Module, data: BatchSource, batch_size: int) -> Tensor:
     """Model outputs for a whole split, in eval mode: [N, T]."""
-    return _predict(model, data, batch_size)[0]
+    return _predict(model, data, batch_size, SINGLE)[0]
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, data: BatchSource, batch_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+def _predict(
+    model: nn.Module, data: BatchSource, batch_size: int, ranks: Ranks
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Outputs [N, T] for a split, in order, with its labels, masks and groups, gathered batch by
-    batch (a streamed split is never whole in memory: only N x T scores and labels are kept)."""
+    batch (a streamed split is never whole in memory: only N x T scores and labels are kept); on
+    several ranks each scores its slice of every batch."""
     was_training = model.training
     model.eval()
-    ranks = distributed.current()  # on several ranks, each scores its slice of every batch
     device = model_device(model)
     outs, labels, masks, groups = [], [], [], []
     for batch in data.batches(batch_size, rank=ranks.rank, world=ranks.world):
@@ -141,10 +95,11 @@ def evaluate(
     types: list[str],
     batch_size: int,
     pos_weight: Tensor | None = None,
+    ranks: Ranks = SINGLE,
 ) -> dict[str, Any]:
     """Per-task metrics on a split, plus each task's mean loss under ``loss`` (the training loss,
     with ``pos_weight``)."""
-    logits, labels, mask, groups = _predict(model, data, batch_size)
+    logits, labels, mask, groups = _predict(model, data, batch_size, ranks)
     metrics = task_metrics(logits, labels, mask, tasks, types, groups)
     binary = torch.tensor([t == "binary" for t in types])
     nothing = torch.zeros((len(labels), 0))
@@ -180,6 +135,34 @@ class LoopState:
     best_state: dict[str, Tensor] | None = None
     stopped_early: bool = False
 
+    def begin_epoch(self, shuffle: torch.Generator, tasks: int) -> None:
+        """The shuffling generator at this epoch's start (an interrupted epoch replays its order);
+        fresh sums unless the epoch is under way."""
+        if self.shuffle_state is not None:
+            shuffle.set_state(self.shuffle_state)
+        self.shuffle_state = shuffle.get_state()
+        if self.step == 0:
+            self.loss_sum, self.weight_sum = torch.zeros(tasks), torch.zeros(tasks)
+            self.epoch_seconds = 0.0
+
+    def count(self, done: StepDone) -> None:
+        assert self.loss_sum is not None and self.weight_sum is not None
+        self.loss_sum += done.losses.cpu()
+        self.weight_sum += done.weights.cpu()
+        self.step += 1
+
+    def lap(self, started: float) -> float:
+        """Add the time since ``started`` to the epoch's; returns now (a checkpoint is taken)."""
+        now = time.perf_counter()
+        self.epoch_seconds += now - started
+        self.torch_rng = torch.get_rng_state()
+        return now
+
+    def next_epoch(self, shuffle: torch.Generator) -> None:
+        self.epoch, self.step = self.epoch + 1, 0
+        self.shuffle_state = shuffle.get_state()
+        self.torch_rng = torch.get_rng_state()
+
 
 class EarlyStopper:
     """Tracks the validation score and the best weights (in ``state``); says when patience has run out."""
@@ -214,61 +197,6 @@ class EarlyStopper:
         return improved, stop
 
 
-def lr_factor(schedule: LrSchedule, step: int, total_steps: int, steps_per_epoch: int) -> float:
-    """The factor on ``train.lr`` for update number ``step`` (0-based, counted over the run)."""
-    warm = (step + 1) / schedule.warmup_steps if step < schedule.warmup_steps else 1.0
-    if schedule.kind == "step":
-        return warm * schedule.gamma ** ((step // steps_per_epoch) // schedule.every_epochs)
-    if schedule.kind == "constant":
-        return warm
-    span = max(1, total_steps - 1 - schedule.warmup_steps)
-    progress = min(1.0, max(0.0, (step - schedule.warmup_steps) / span))
-    low = schedule.min_ratio
-    if schedule.kind == "cosine":
-        return warm * (low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * progress)))
-    return warm * (1.0 - (1.0 - low) * progress)
-
-
-MODEL_GROUP, STRATEGY_GROUP = "model", "strategy"
-
-
-def make_optimizer(
-    settings: TrainSection,
-    model_params: list[nn.Parameter],
-    strategy_params: list[nn.Parameter],
-    strategy_lr: float | None = None,
-) -> torch.optim.Optimizer:
-    """``train.optimizer`` over named parameter groups, each saying how the loop treats it:
-
-    - ``model``: the model's parameters, at ``train.lr`` under ``train.lr_schedule``, with
-      ``train.weight_decay`` and clipped by ``train.clip_grad_norm``;
-    - ``strategy`` (when the weighting has parameters: uncertainty's log-variances, GradNorm's
-      weights): a constant learning rate of their own (``strategy_lr``, the weighting's ``lr``;
-      default ``train.lr``), no weight decay, no clipping. Weight decay would pull a log-variance
-      toward 0 (σ = 1) and GradNorm's weights toward 0, and neither is a model weight to regularise.
-
-    Each group carries ``name``, ``base_lr``, ``scheduled`` and ``clipped``; checkpoints key the
-    optimizer state by group name (``mtlcli.train.checkpoint``), so further groups can be added.
-    """
-    groups: list[dict[str, Any]] = [
-        {"name": MODEL_GROUP, "params": model_params, "lr": settings.lr, "base_lr": settings.lr,
-         "weight_decay": settings.weight_decay, "scheduled": True, "clipped": True},
-    ]  # fmt: skip
-    if strategy_params:
-        lr = strategy_lr if strategy_lr is not None else settings.lr
-        groups.append(
-            {"name": STRATEGY_GROUP, "params": strategy_params, "lr": lr, "base_lr": lr,
-             "weight_decay": 0.0, "scheduled": False, "clipped": False}
-        )  # fmt: skip
-    if settings.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=settings.lr, fused=True)
-    if settings.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=settings.lr, fused=True)
-    if settings.optimizer == "adagrad":
-        return torch.optim.Adagrad(groups, lr=settings.lr, foreach=True)
-    return torch.optim.SGD(groups, lr=settings.lr, momentum=0.9, foreach=True)
-
-
 def gradient_record(
     grads: Tensor, weights: Tensor, tasks: list[str], epoch: int, step_in_epoch: int, step: int
 ) -> dict[str, Any]:
@@ -290,12 +218,37 @@ def gradient_record(
     }
 
 
-class TrainingDiverged(distributed.SameOnEveryRank):
-    """A task's loss became NaN or infinite (the loss values are global: every rank sees it)."""
-
-
 class TrainingInterrupted(MtlError):
     """Training stopped on request (SIGINT / SIGTERM) after saving a checkpoint."""
+
+
+def build_parts(
+    model: nn.Module,
+    strategy: WeightingStrategy,
+    settings: TrainSection,
+    tasks: list[str],
+    types: list[str],
+    steps_per_epoch: int,
+    pos_weight: Tensor | None = None,
+    dense: torch.optim.Optimizer | None = None,
+    strategy_lr: float | None = None,
+    exchange: Exchange | None = None,
+) -> StepParts:
+    """The components a step works with: the run's optimizer (around ``dense``, a checkpoint's
+    torch optimizer, when given) and the exchange (given by the run, else chosen from the ranks
+    this process joined and the strategy's declared capabilities)."""
+    if strategy.capabilities.needs_representation:
+        enable_representation(model)
+    device = model_device(model)
+    optimizer = TrainingOptimizer.build(settings, model, strategy, steps_per_epoch, strategy_lr, dense)
+    exchange = exchange or Exchange.choose(distributed.current(), strategy)
+    binary = torch.tensor([t == "binary" for t in types], device=device)
+    return StepParts(model, strategy, optimizer, exchange, settings, tasks, binary, pos_weight, device)
+
+
+def make_step(parts: StepParts) -> Step:
+    """The scheme's declared step, else the default one."""
+    return (scheme(parts.model).capabilities.step or DefaultStep)(parts)
 
 
 def fit(
@@ -312,127 +265,104 @@ def fit(
     stop_requested: Callable[[], bool] = lambda: False,
     pos_weight: Tensor | None = None,
 ) -> FitResult:
-    """Train ``model`` with ``strategy``; afterwards the model holds the best epoch's weights.
+    """Train ``model`` with ``strategy`` (``build_parts``, ``make_step``, ``train_loop``).
 
-    Pass the ``optimizer`` and ``state`` of a checkpoint to continue an interrupted run. When
-    ``stop_requested()`` turns true, the current step finishes, ``observer.on_checkpoint`` saves
-    the state and TrainingInterrupted is raised.
+    Pass the dense ``optimizer`` and ``state`` of a checkpoint to continue an interrupted run.
     """
-    abilities = strategy.capabilities
-    optimizer = optimizer or make_optimizer(settings, list(model.parameters()), list(abilities.parameters))
-    if abilities.needs_representation:
-        enable_representation(model)
-    state = state or LoopState()
+    parts = build_parts(
+        model, strategy, settings, tasks, types, train.steps(settings.batch_size), pos_weight, optimizer
+    )
+    return train_loop(parts, make_step(parts), train, valid, types, observer, state or LoopState(), stop_requested)
+
+
+def train_loop(
+    parts: StepParts,
+    step: Step,
+    train: BatchSource,
+    valid: BatchSource,
+    types: list[str],
+    observer: Observer,
+    state: LoopState,
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> FitResult:
+    """Epochs of ``step`` over ``train``, each ending in evaluation on ``valid``, early stopping
+    and a checkpoint; afterwards the model holds the best epoch's weights. When
+    ``stop_requested()`` turns true (on any rank), the step finishes, ``observer.on_checkpoint``
+    saves the state and TrainingInterrupted is raised."""
+    settings, model, ranks, tasks = parts.settings, parts.model, parts.exchange.ranks, parts.tasks
     shuffle = torch.Generator().manual_seed(settings.seed)
     if state.torch_rng is not None:
         torch.set_rng_state(state.torch_rng)
     stopper = EarlyStopper(settings.early_stopping, tasks, state)
-    binary = torch.tensor([t == "binary" for t in types])
-    steps_per_epoch = train.steps(settings.batch_size)
+    steps_per_epoch, every = train.steps(settings.batch_size), settings.checkpoint_every
     observer.on_start(settings.epochs, steps_per_epoch)
-    every = settings.checkpoint_every
-    track = settings.track_gradients
-    schedule = settings.lr_schedule
-    scheduled = schedule.kind != "constant" or schedule.warmup_steps > 0
-    total_steps = settings.epochs * steps_per_epoch
-    clipped = [p for group in optimizer.param_groups if group.get("clipped", True) for p in group["params"]]
-    shared_named = scheme(model).parameter_groups()["shared"] if track else {}
-    row_wise = sparse_embeddings(model)
-    ranks = distributed.current()
-    own_parameters = list(abilities.parameters)
-    device = model_device(model)
-    binary = binary.to(device)
-    # a plain backward pass goes through DDP (its all-reduce overlaps the backward pass); a
-    # strategy that takes per-task gradients exchanges them itself, on the bare model
-    ddp = ranks.active and not abilities.task_gradients
-    forward = distributed.data_parallel(model, ranks) if ddp else model
-    checked = False
     while state.epoch <= settings.epochs and not state.stopped_early:
         epoch = state.epoch
-        if state.shuffle_state is not None:
-            shuffle.set_state(state.shuffle_state)
-        state.shuffle_state = shuffle.get_state()
-        if state.step == 0:
-            state.loss_sum, state.weight_sum = torch.zeros(len(tasks)), torch.zeros(len(tasks))
-            state.epoch_seconds = 0.0
-        assert state.loss_sum is not None and state.weight_sum is not None
+        state.begin_epoch(shuffle, len(tasks))
         model.train()
         started = time.perf_counter()
         for batch in train.batches(settings.batch_size, True, shuffle, state.step, ranks.rank, ranks.world):
-            batch = batch.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            # the global batch's mean losses, with this rank's part as gradient (alone: the batch's)
-            losses = distributed.global_losses(*task_loss_sums(forward(batch), batch, binary, pos_weight), ranks)
-            if not bool(torch.isfinite(losses).all()):
-                bad = [t for t, ok in zip(tasks, torch.isfinite(losses).tolist(), strict=True) if not ok]
-                raise TrainingDiverged(
-                    f"the loss of task {', '.join(bad)} became NaN or infinite at epoch {epoch}, step {state.step + 1}",
-                    "lower train.lr, check the labels and numeric transforms; the last checkpoint is kept",
+            at = StepAt(epoch, state.step + 1, (epoch - 1) * steps_per_epoch + state.step + 1)
+            done = step(batch.to(parts.device), at)
+            state.count(done)
+            if done.gradients is not None:
+                observer.on_gradients(
+                    gradient_record(done.gradients, done.weights, tasks, epoch, at.in_epoch, at.number)
                 )
-            global_step = (epoch - 1) * steps_per_epoch + state.step + 1
-            tracked = track and global_step % track == 0
-            shared = list(trainable_tensors(model, shared_named).values()) if tracked else []
-            grads = ranks.sum(shared_task_gradients(losses, shared)) if shared else None
-            weights = strategy.backward(losses, model)
-            if ddp and not checked:  # on the first step of this process (a resumed run's too)
-                distributed.check_all_used(model)
-                checked = True
-            distributed.sum_gradients(model, own_parameters, ranks, summed_by_ddp=ddp)
-            if scheduled:
-                factor = lr_factor(schedule, global_step - 1, total_steps, steps_per_epoch)
-                for group in optimizer.param_groups:
-                    if group.get("scheduled", True):
-                        group["lr"] = group.get("base_lr", settings.lr) * factor
-            if settings.clip_grad_norm is not None:
-                rows = [m.rows for _, m in row_wise if m.rows is not None]
-                torch.nn.utils.clip_grad_norm_([*clipped, *rows], settings.clip_grad_norm)
-            optimizer.step()
-            for _, embedding in row_wise:  # tables that train row-wise, at the model's current lr
-                embedding.update_rows(optimizer.param_groups[0]["lr"])
-            state.loss_sum += losses.detach().cpu()
-            state.weight_sum += weights.detach().cpu()
-            state.step += 1
-            if grads is not None:
-                observer.on_gradients(gradient_record(grads, weights, tasks, epoch, state.step, global_step))
             if state.step % REPORT_EVERY == 0:
                 observer.on_step(epoch, state.step)
             interrupted = ranks.any(stop_requested())  # every rank stops at the same step
             if interrupted or (every and state.step % every == 0 and state.step < steps_per_epoch):
-                now = time.perf_counter()
-                state.epoch_seconds += now - started
-                started = now
-                state.torch_rng = torch.get_rng_state()
-                observer.on_checkpoint(state, model, optimizer, strategy)
+                started = state.lap(started)
+                observer.on_checkpoint(state, model, parts.optimizer, parts.strategy)
                 if interrupted:
                     raise TrainingInterrupted(
                         f"training interrupted at epoch {epoch}, step {state.step}; checkpoint saved"
                     )
         elapsed = state.epoch_seconds + time.perf_counter() - started
-        state.samples += len(train)
-        state.seconds += elapsed
-        mean_losses = state.loss_sum / steps_per_epoch
-        if abilities.end_epoch is not None:
-            abilities.end_epoch(epoch, mean_losses)
-        valid_metrics = evaluate(model, valid, tasks, types, settings.eval_batch_size, pos_weight)
-        improved, stop = stopper.update(epoch, valid_metrics, model)
-        state.stopped_early = stop and epoch < settings.epochs
-        record = {
-            "epoch": epoch,
-            "train_loss": dict(zip(tasks, mean_losses.tolist(), strict=True)),
-            "weights": dict(zip(tasks, (state.weight_sum / steps_per_epoch).tolist(), strict=True)),
-            "valid": valid_metrics,
-            "seconds": elapsed,
-            "samples_per_second": len(train) / elapsed if elapsed > 0 else 0.0,
-            "lr": optimizer.param_groups[0]["lr"],
-            "best_epoch": state.best_epoch,
-        }
-        state.history.append(record)
+        record, improved = end_epoch(parts, state, stopper, valid, types, elapsed, len(train), steps_per_epoch)
         observer.on_epoch(record, model, improved)
-        state.epoch, state.step = epoch + 1, 0
-        state.shuffle_state = shuffle.get_state()
-        state.torch_rng = torch.get_rng_state()
-        observer.on_checkpoint(state, model, optimizer, strategy)
+        state.next_epoch(shuffle)
+        observer.on_checkpoint(state, model, parts.optimizer, parts.strategy)
     if state.best_state is not None:
         model.load_state_dict(state.best_state)
     best = state.history[state.best_epoch - 1]["valid"] if state.history else {}
     return FitResult(state.history, state.best_epoch, state.stopped_early, state.samples, state.seconds, best)
+
+
+def end_epoch(
+    parts: StepParts,
+    state: LoopState,
+    stopper: EarlyStopper,
+    valid: BatchSource,
+    types: list[str],
+    elapsed: float,
+    rows: int,
+    steps_per_epoch: int,
+) -> tuple[dict[str, Any], bool]:
+    """After an epoch's ``rows`` training rows: the strategy's epoch end, evaluation, early
+    stopping; returns the epoch's record (appended to the history) and whether it improved."""
+    assert state.loss_sum is not None and state.weight_sum is not None
+    tasks, epoch, settings = parts.tasks, state.epoch, parts.settings
+    state.samples += rows
+    state.seconds += elapsed
+    mean_losses = state.loss_sum / steps_per_epoch
+    end = parts.strategy.capabilities.end_epoch
+    if end is not None:
+        end(epoch, mean_losses)
+    ranks = parts.exchange.ranks
+    valid_metrics = evaluate(parts.model, valid, tasks, types, settings.eval_batch_size, parts.pos_weight, ranks)
+    improved, stop = stopper.update(epoch, valid_metrics, parts.model)
+    state.stopped_early = stop and epoch < settings.epochs
+    record = {
+        "epoch": epoch,
+        "train_loss": dict(zip(tasks, mean_losses.tolist(), strict=True)),
+        "weights": dict(zip(tasks, (state.weight_sum / steps_per_epoch).tolist(), strict=True)),
+        "valid": valid_metrics,
+        "seconds": elapsed,
+        "samples_per_second": rows / elapsed if elapsed > 0 else 0.0,
+        "lr": parts.optimizer.lr,
+        "best_epoch": state.best_epoch,
+    }
+    state.history.append(record)
+    return record, improved

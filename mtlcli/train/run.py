@@ -8,87 +8,64 @@ run). Every file is written atomically.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from mtlcli import distributed
 from mtlcli.data.schema import DataSchema
-from mtlcli.data.source import BatchSource, check_shards, open_source
+from mtlcli.data.source import BatchSource, open_source
 from mtlcli.data.store import Prepared, data_key, prepare
-from mtlcli.errors import ArtifactError, DataError, MtlError
-from mtlcli.fileio import append_line, sha256_json, to_json, write_json, write_text
+from mtlcli.distributed import SINGLE, Ranks, alike_on_every_rank, rank_device
+from mtlcli.errors import ArtifactError, DataError
+from mtlcli.fileio import append_line, to_json, write_json, write_text
 from mtlcli.models import build_model
 from mtlcli.models.base import scheme
 from mtlcli.models.blocks import sparse_embeddings, use_sparse_rows
 from mtlcli.recipe import Recipe, recipe_to_yaml
-from mtlcli.train.checkpoint import (
-    LoadedModel,
-    input_spec,
-    load_checkpoint,
-    load_model,
-    read_checkpoint_identity,
-    save_checkpoint,
-    save_model,
-)
-from mtlcli.train.loop import LoopState, NullObserver, Observer, evaluate, fit, make_optimizer
-from mtlcli.train.tracking import TENSORBOARD_DIR, Trackers, check_loggers
+from mtlcli.train.checkpoint import LoadedModel, input_spec, load_checkpoint, load_model, save_checkpoint, save_model
+from mtlcli.train.exchange import Exchange
+from mtlcli.train.loop import LoopState, build_parts, evaluate, make_step, train_loop
+from mtlcli.train.observers import Observer, Observers
+from mtlcli.train.optimizer import TrainingOptimizer, make_optimizer
+from mtlcli.train.plan import Plan, resolve_plan
+from mtlcli.train.rundir import CHECKPOINT, GRADIENTS, claimed
+from mtlcli.train.rundir import EXPLAINED as EXPLAINED  # the run files other commands read
+from mtlcli.train.rundir import run_lock as run_lock
+from mtlcli.train.tracking import Tracker, TrackerSetup, open_trackers
 from mtlcli.weighting import WeightingStrategy, build_weighting
-
-CHECKPOINT = "checkpoint.safetensors"
-GRADIENTS = "gradients.jsonl"  # train.track_gradients samples
-EXPLAINED = "explain.json"  # a saved `mtl explain --json`, which `mtl report` reads
-RUN_FILES = (
-    "recipe.yaml",
-    "schema.json",
-    "model.safetensors",
-    "metrics.jsonl",
-    "summary.json",
-    CHECKPOINT,
-    GRADIENTS,
-    EXPLAINED,
-    TENSORBOARD_DIR,
-)
 
 
 class RunWriter:
-    """Observes the loop: appends metrics.jsonl, saves the best model; forwards to ``inner``."""
+    """Observes the loop into the run directory: appends metrics.jsonl, saves the best model and
+    the checkpoints, appends gradients.jsonl."""
 
-    def __init__(
-        self, run_dir: Path, recipe: Recipe, schema: DataSchema, inner: Observer, identity: dict[str, str]
-    ) -> None:
-        self.run_dir, self.recipe, self.schema, self.inner = run_dir, recipe, schema, inner
-        self.identity = identity
+    def __init__(self, run_dir: Path, recipe: Recipe, schema: DataSchema, identity: dict[str, str]) -> None:
+        self.run_dir, self.recipe, self.schema, self.identity = run_dir, recipe, schema, identity
 
     def on_start(self, epochs: int, steps_per_epoch: int) -> None:
-        self.inner.on_start(epochs, steps_per_epoch)
+        return None
 
     def on_step(self, epoch: int, step: int) -> None:
-        self.inner.on_step(epoch, step)
+        return None
 
     def on_epoch(self, record: dict[str, Any], model: nn.Module, improved: bool) -> None:
         append_line(self.run_dir / "metrics.jsonl", to_json(record))
         if improved:
             save_model(model, self.run_dir / "model.safetensors", self.recipe, self.schema)
-        self.inner.on_epoch(record, model, improved)
 
     def on_checkpoint(
-        self, state: LoopState, model: nn.Module, optimizer: torch.optim.Optimizer, strategy: WeightingStrategy
+        self, state: LoopState, model: nn.Module, optimizer: TrainingOptimizer, strategy: WeightingStrategy
     ) -> None:
         save_checkpoint(self.run_dir / CHECKPOINT, state, model, optimizer, strategy, self.identity)
-        self.inner.on_checkpoint(state, model, optimizer, strategy)
 
     def on_gradients(self, record: dict[str, Any]) -> None:
         append_line(self.run_dir / GRADIENTS, to_json(record))
-        self.inner.on_gradients(record)
 
 
 SMALL_MODEL = 1_000_000  # parameters
@@ -111,33 +88,6 @@ def choose_threads(setting: int | str, model: nn.Module) -> int:
     return 1 if params < SMALL_MODEL else max(1, (os.cpu_count() or 1) // local)
 
 
-def check_run_dir(run_dir: Path, force: bool) -> None:
-    """Refuse a run directory that holds anything, unless ``force`` and it is an mtl run
-    (``--force`` never deletes a directory that is not a run, such as the working directory)."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ArtifactError(f"{run_dir}: exists and is not a directory", "choose another --out")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        if not force:
-            raise ArtifactError(
-                f"{run_dir}: the run directory exists and is not empty",
-                "choose another --out, or pass --force to replace it",
-            )
-        entries = {p.name for p in run_dir.iterdir()}
-        looks_like_run = bool(entries & set(RUN_FILES)) and all(n in RUN_FILES or n.startswith(".") for n in entries)
-        if not looks_like_run:
-            raise ArtifactError(
-                f"{run_dir}: --force only replaces an mtl run directory, and this one holds other files",
-                "choose another --out",
-            )
-
-
-def _claim_run_dir(run_dir: Path, force: bool) -> None:
-    check_run_dir(run_dir, force)
-    if run_dir.is_dir():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-
 def to_device(model: nn.Module, strategy_parameters: list[nn.Parameter], device: torch.device) -> None:
     """The model and the weighting's own parameters onto ``device``, in place: the optimizer keeps
     the same parameter objects."""
@@ -146,17 +96,6 @@ def to_device(model: nn.Module, strategy_parameters: list[nn.Parameter], device:
     model.to(device)
     for parameter in strategy_parameters:
         parameter.data = parameter.data.to(device)
-
-
-def check_batch_split(batch_size: int, processes: int, shards: int | str = "auto") -> None:
-    """The global batch and ``train.shards`` (a number) against the process count, before any work."""
-    if batch_size % processes:
-        raise MtlError(
-            f"train.batch_size ({batch_size}) does not divide evenly among the {processes} processes",
-            f"train.batch_size is the global batch: make it a multiple of {processes}",
-        )
-    if shards != "auto":
-        check_shards(int(shards), processes)
 
 
 def train_run(
@@ -170,97 +109,87 @@ def train_run(
     experiment: str | None = None,
     tracker_params: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Preprocess if needed, train, and write the run directory. Returns the summary.
+    """Preprocess if needed, train on this process, and write the run directory. Returns the summary.
 
     With ``resume``, continue the run in ``run_dir`` from its last checkpoint (refused when the
     recipe, apart from train.epochs, or the data changed since). Only one process at a time may
     train into a run directory.
     """
-    ranks = distributed.current()  # on several ranks, rank 0 alone writes the run directory
-    settings = recipe.train
-    check_loggers(settings.loggers)
-    device = distributed.training_device(settings.device)  # a missing GPU is said before any work
-    with distributed.alike_on_every_rank(ranks):
-        check_batch_split(settings.batch_size, ranks.world, settings.shards)
-    if not resume:
-        if ranks.writes:
-            check_run_dir(run_dir, force)
-    elif not (run_dir / CHECKPOINT).is_file():
-        raise ArtifactError(f"{run_dir}: no checkpoint to resume from", "train it without --resume")
-    prepared = prepared or prepare(recipe)
-    schema = prepared.schema
-    saved = read_checkpoint_identity(run_dir / CHECKPOINT) if resume else {}
-    shards = stream_shards(settings.shards, ranks.world, saved)
-    with distributed.alike_on_every_rank(ranks):  # the same shards, batch and file on every rank
+    plan = resolve_plan(recipe, run_dir, force, resume, 1, experiment, prepared)
+    return run_plan(plan, SINGLE, [observer] if observer is not None else [], stop_requested, tracker_params)
+
+
+def run_plan(
+    plan: Plan,
+    ranks: Ranks,
+    observers: list[Observer],
+    stop_requested: Callable[[], bool] = lambda: False,
+    tracker_params: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Train ``plan`` as rank ``ranks.rank`` of its processes; rank 0 alone writes the run
+    directory (``plan.place``), its trackers and ``observers``. Returns the summary."""
+    recipe, settings, place, schema = plan.recipe, plan.recipe.train, plan.place, plan.prepared.schema
+    with alike_on_every_rank(ranks):  # the same shards, batch and file on every rank
         train_data = split_source(
-            prepared, "train", recipe, settings.batch_size, "train.batch_size", shards, ranks.world
+            plan.prepared, "train", recipe, settings.batch_size, "train.batch_size", plan.shards, plan.world
         )
-    valid_data = split_source(prepared, "valid", recipe, settings.eval_batch_size, "train.eval_batch_size")
+    valid_data = split_source(plan.prepared, "valid", recipe, settings.eval_batch_size, "train.eval_batch_size")
     torch.manual_seed(settings.seed)
-    tasks = schema.task_names
-    types = [t.type for t in schema.tasks]
+    tasks, types = schema.task_names, [t.type for t in schema.tasks]
     model = build_model(recipe.model.scheme, recipe.model.params, input_spec(schema))
     if settings.sparse_embeddings is not False:
         use_sparse_rows(model, SPARSE_MIN_ROWS if settings.sparse_embeddings == "auto" else 0)
     torch.set_num_threads(choose_threads(settings.threads, model))
     strategy = build_weighting(recipe.loss.weighting, recipe.loss.params, tasks)
     own = list(strategy.capabilities.parameters)
-    optimizer = make_optimizer(settings, list(model.parameters()), own, recipe.loss.params.own_lr())
-    identity = run_identity(recipe, schema, train_data.shards)
+    dense = make_optimizer(settings, list(model.parameters()), own, recipe.loss.params.own_lr())
+    device = rank_device(plan.device)
     pos_weight = pos_weight_tensor(recipe)
-    if pos_weight is not None:
-        pos_weight = pos_weight.to(device)
-    with run_lock(run_dir) if ranks.writes else nullcontext():
-        if resume:
-            to_device(model, own, device)  # before the optimizer's state is loaded next to them
-            state = _resume_state(run_dir, identity, model, optimizer, strategy)
-        else:
-            search = scheme(model).capabilities.search  # schemes that find their structure first
-            if search is not None:
-                search(train_data, settings.batch_size, settings.lr, settings.seed)
-            to_device(model, own, device)
-            if ranks.writes:
-                _claim_run_dir(run_dir, force)
-            state = None
-        tracker = None
+    pos_weight = pos_weight.to(device) if pos_weight is not None else None
+    steps = train_data.steps(settings.batch_size)
+    with claimed(place) if ranks.writes else nullcontext():
+        resumed_at = _resumed_at(place.work) if place.resume else None
+        trackers = _trackers(plan, resumed_at, steps, tracker_params) if ranks.writes else []  # before any file
         try:
-            writer: Observer = NullObserver()
+            state = None
+            if place.resume:
+                to_device(model, own, device)  # before the optimizer's state is loaded next to them
+                state = _resume_state(place.work, model, dense, strategy, ranks.writes)
+            else:
+                search = scheme(model).capabilities.search  # schemes that find their structure first
+                if search is not None:
+                    search(train_data, settings.batch_size, settings.lr, settings.seed)
+                to_device(model, own, device)
             if ranks.writes:
-                write_text(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
-                schema.save(run_dir / "schema.json")
-                inner: Observer = observer or NullObserver()
-                if settings.loggers:  # only rank 0 logs
-                    name = experiment or settings.experiment or "mtl"
-                    tracker = Trackers(settings.loggers, run_dir, recipe, name, inner, state, tracker_params)
-                    inner = tracker
-                writer = RunWriter(run_dir, recipe, schema, inner, identity)
-            result = fit(
+                write_text(place.work / "recipe.yaml", recipe_to_yaml(recipe))
+                schema.save(place.work / "schema.json")
+                writer = RunWriter(place.work, recipe, schema, plan.identity)
+                observers = [writer, *trackers, *observers]
+            parts = build_parts(
                 model,
                 strategy,
-                train_data,
-                valid_data,
                 settings,
                 tasks,
                 types,
-                writer,
-                optimizer,
-                state,
-                stop_requested,
-                pos_weight=pos_weight,
+                steps,
+                pos_weight,
+                dense,
+                exchange=Exchange.choose(ranks, strategy),
             )
+            result = train_loop(
+                parts, make_step(parts), train_data, valid_data, types,
+                Observers(observers if ranks.writes else []), state or LoopState(), stop_requested,
+            )  # fmt: skip
         except BaseException:
-            if tracker is not None:
+            for tracker in trackers:
                 tracker.abandon()
-            if ranks.writes and not resume and not (run_dir / CHECKPOINT).exists():
-                shutil.rmtree(run_dir, ignore_errors=True)
             raise
-        if ranks.writes:
-            save_model(model, run_dir / "model.safetensors", recipe, schema)
         summary = {
-            "run_dir": str(run_dir),
+            "run_dir": str(place.path),
             "scheme": recipe.model.scheme,
             "weighting": recipe.loss.weighting,
             "tasks": tasks,
+            "inputs": model_inputs(schema),
             "epochs_run": len(result.history),
             "best_epoch": result.best_epoch,
             "stopped_early": result.stopped_early,
@@ -270,18 +199,61 @@ def train_run(
             "parameters": sum(p.numel() for p in model.parameters()),
             "train_rows": len(train_data),
             "train_shards": train_data.shards,
-            "data_dir": str(prepared.directory.resolve()),
-            "data_reused": prepared.reused,
-            "resumed": resume,
-            "warnings": schema.warnings,
-            "processes": ranks.world,
+            "data_dir": str(plan.prepared.directory.resolve()),
+            "data_reused": plan.prepared.reused,
+            "resumed": place.resume,
+            "warnings": schema.warnings + training_warnings(result.history, tasks, types),
+            "processes": plan.world,
         }
         if ranks.writes:
-            write_json(run_dir / "summary.json", summary)
-        if tracker is not None:
-            files = [run_dir / name for name in ("model.safetensors", "schema.json", "summary.json")]
-            tracker.finish(files, result.best_metrics)
+            save_model(model, place.work / "model.safetensors", recipe, schema)
+            write_json(place.work / "summary.json", summary)
+            files = [place.work / name for name in ("model.safetensors", "schema.json", "summary.json")]
+            for tracker in trackers:
+                tracker.finish(files, result.best_metrics)
     return summary
+
+
+def _trackers(
+    plan: Plan, resumed_at: tuple[int, int] | None, steps: int, params: dict[str, str] | None
+) -> list[Tracker]:
+    """The run's trackers, started before any file of the run is touched."""
+    place = plan.place
+    setup = TrackerSetup(place.work, place.path.name, plan.recipe, plan.experiment, resumed_at, steps, params or {})
+    return open_trackers(plan.recipe.train.loggers, setup)
+
+
+def _resumed_at(run_dir: Path) -> tuple[int, int]:
+    """The epoch and step the checkpoint of ``run_dir`` continues from."""
+    from mtlcli.train.checkpoint import read_checkpoint_identity
+
+    loop = json.loads(read_checkpoint_identity(run_dir / CHECKPOINT).get("loop", "{}"))
+    return int(loop.get("epoch", 1)), int(loop.get("step", 0))
+
+
+def model_inputs(schema: DataSchema) -> dict[str, list[str]]:
+    """What the model reads: its categorical features, numbers and behaviour histories, by name."""
+    return {
+        "categorical": [f.name for f in schema.categorical],
+        "numeric": [f.name for f in schema.numeric],
+        "histories": [f.name for f in schema.sequences],
+    }
+
+
+def training_warnings(history: list[dict[str, Any]], tasks: list[str], types: list[str]) -> list[str]:
+    """A model whose scores did not depend on its input: every binary task's valid AUC exactly 0.5
+    in every epoch (its output constant: all ReLUs of the towers dead, or a constant input)."""
+    binary = [t for t, kind in zip(tasks, types, strict=True) if kind == "binary"]
+    if not history or not binary:
+        return []
+    flat = all(record["valid"][t].get("auc") == 0.5 for record in history for t in binary)
+    if not flat:
+        return []
+    return [
+        f"the model's output is constant: valid AUC is exactly 0.5 for {', '.join(binary)} in every epoch "
+        f"({len(history)}); likely causes: train.lr too high (the ReLUs of the towers died), or inputs "
+        "that do not vary; lower train.lr, or check the features"
+    ]
 
 
 def split_source(
@@ -304,45 +276,14 @@ def split_source(
     )
 
 
-def stream_shards(setting: int | str, world: int, saved: dict[str, str]) -> int:
-    """``train.shards``: a number as given; auto, one per process, or on resume the run's own
-    count (the order of an epoch depends on it; a run that began before shards existed had 1)."""
-    if setting != "auto":
-        return int(setting)
-    return int(saved.get("shards", "1")) if saved else world
-
-
-def run_identity(recipe: Recipe, schema: DataSchema, shards: int = 1) -> dict[str, str]:
-    """What a checkpoint must match to be resumed: the recipe (train.epochs, the loggers, the
-    experiment and the device may change: a run may go on elsewhere), the data, and the shards a
-    streamed train split is dealt to (``train.shards`` may say auto or the number)."""
-    spec = recipe.to_dict()
-    free = ("epochs", "loggers", "experiment", "device", "shards")
-    spec["train"] = {k: v for k, v in spec["train"].items() if k not in free}
-    return {"recipe_sha256": sha256_json(spec), "data_key": schema.data_key, "shards": str(shards)}
-
-
 def _resume_state(
-    run_dir: Path, identity: dict[str, str], model: nn.Module, optimizer: torch.optim.Optimizer, strategy: Any
+    run_dir: Path, model: nn.Module, dense: torch.optim.Optimizer, strategy: WeightingStrategy, writes: bool
 ) -> LoopState:
-    saved = read_checkpoint_identity(run_dir / CHECKPOINT)
-    if saved.get("data_key") != identity["data_key"]:
-        raise ArtifactError(
-            f"{run_dir}: cannot resume: the data changed since the run started",
-            "train into a new --out, or restore the original data",
-        )
-    if saved.get("recipe_sha256") != identity["recipe_sha256"]:
-        raise ArtifactError(
-            f"{run_dir}: cannot resume: the recipe differs from the run's recipe.yaml (only train.epochs may change)",
-            f"compare with `mtl recipe show {run_dir / 'recipe.yaml'}`, or train into a new --out",
-        )
-    if saved.get("shards", "1") != identity["shards"]:
-        raise ArtifactError(
-            f"{run_dir}: cannot resume: the run streamed its train split as {saved.get('shards', '1')} "
-            f"shards (train.shards), and {identity['shards']} are asked for now",
-            "set train.shards: auto to go on in the run's order",
-        )
-    state = load_checkpoint(run_dir / CHECKPOINT, model, optimizer, strategy)
+    """The checkpoint's state loaded into the model, optimizer and strategy; the writing rank
+    trims the run's logs back to it (what comes after is logged again)."""
+    state = load_checkpoint(run_dir / CHECKPOINT, model, dense, strategy)
+    if not writes:
+        return state
     write_text(run_dir / "metrics.jsonl", "".join(to_json(r) + "\n" for r in state.history))
     tracked = run_dir / GRADIENTS
     if tracked.is_file():  # drop samples taken after the checkpoint: the resumed run takes them again
@@ -356,49 +297,6 @@ def _before(record: dict[str, Any], state: LoopState) -> bool:
     """Was this gradients sample taken before the checkpoint of ``state`` (epoch, step in epoch)?"""
     epoch = int(record.get("epoch", 0))
     return epoch < state.epoch or (epoch == state.epoch and int(record.get("step_in_epoch", 0)) <= state.step)
-
-
-@contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """An exclusive lock on a run directory: a sibling ``.NAME.lock`` file holding the owner's pid,
-    removed when the lock is released.
-
-    Removing a lock file can let two processes hold "the" lock at once (one locked the old file
-    just before it was unlinked, another creates a new one), so the lock is only taken on a file
-    that is still the one at the path (same inode after ``flock``; else try again), and the owner
-    unlinks it while still holding the lock.
-    """
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = run_dir.parent / f".{run_dir.name}.lock"
-    while True:
-        handle = lock_path.open("a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            owner = handle.read().strip() or "another process"
-            handle.close()
-            raise ArtifactError(
-                f"{run_dir}: another mtl process (pid {owner}) is training into this run directory",
-                "wait for it to finish, or choose another --out",
-            ) from None
-        try:
-            same = os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        handle.close()  # the previous owner removed this file after we opened it: take the new one
-    try:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        yield
-    finally:
-        lock_path.unlink(missing_ok=True)
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
 
 
 def loaded_run(run_dir: Path) -> tuple[LoadedModel, Prepared]:

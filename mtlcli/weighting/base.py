@@ -62,7 +62,7 @@ class StrategyCapabilities:
     - ``needs_representation``: ``backward`` reads the scheme's shared representation (MGDA-UB),
       which the loop then has the model keep;
     - ``task_gradients``: ``backward`` takes per-task gradients (``autograd.grad``) and on several
-      processes sums them itself (``mtlcli.distributed``). DDP's hooks never see such gradients,
+      processes sums them itself over ``distributed.backward_ranks()``. DDP's hooks never see such gradients,
       so the loop runs these strategies' steps on the bare model; the others' plain backward
       pass goes through ``DistributedDataParallel``.
     """

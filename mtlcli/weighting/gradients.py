@@ -65,7 +65,7 @@ def backward_with_shared(losses: Tensor, model: nn.Module, combine: Callable[[Te
     if not shared:
         losses.sum().backward()
         return torch.ones_like(losses.detach())
-    ranks = distributed.current()
+    ranks = distributed.backward_ranks()
     grads = ranks.sum(shared_task_gradients(losses, shared))  # the global [T, P] on every rank
     coefficients = on_host(combine, grads, losses.detach())
     # each rank leaves 1/world of the combined gradient: the loop's sum over the ranks makes it whole
@@ -123,7 +123,7 @@ def backward_with_representation(
             if g is not None:
                 before = own_grads[i]
                 own_grads[i] = g if before is None else before + g
-    ranks = distributed.current()
+    ranks = distributed.backward_ranks()
     local = torch.stack(rows)
     # z holds this rank's rows only: the ranks exchange the T x T Gram matrix of the task gradients,
     # and combine reads a factor R of it (R Rᵀ = Σ_ranks G Gᵀ), which is all MGDA's min-norm needs

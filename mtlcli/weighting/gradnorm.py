@@ -54,7 +54,7 @@ def balanced_parameters(model: nn.Module) -> list[Tensor]:
 def gradient_norms(losses: Tensor, layer: list[Tensor]) -> Tensor:
     """||∇_W L_k|| over all tensors of W together, per task [T] (0 where a loss does not reach W);
     on several ranks, the norm of the gradient summed over them."""
-    return distributed.current().sum(shared_task_gradients(losses, layer)).norm(dim=1)
+    return distributed.backward_ranks().sum(shared_task_gradients(losses, layer)).norm(dim=1)
 
 
 def gradnorm_weight_gradient(weights: Tensor, norms: Tensor, ratios: Tensor, alpha: float) -> Tensor:

@@ -1,0 +1,59 @@
+"""What the ranks of a training exchange in a step, chosen once from the ranks and the weighting's
+declared capabilities (see ``mtlcli.distributed`` for the invariant every kind keeps):
+
+- ``none``: one process; every exchange is the identity;
+- ``ddp``: the plain backward pass goes through ``DistributedDataParallel`` (its all-reduce
+  overlaps the backward pass);
+- ``collectives``: a strategy that takes per-task gradients (``task_gradients``) sums them
+  itself over the ranks, on the bare model, and the rest is summed in one all-reduce.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from mtlcli import distributed
+from mtlcli.distributed import Ranks
+from mtlcli.models.blocks import sparse_embeddings
+from mtlcli.weighting.base import WeightingStrategy
+
+
+@dataclass
+class Exchange:
+    ranks: Ranks
+    ddp: bool
+    checked: bool = field(default=False, init=False)  # DDP's every-parameter-used check, done once
+
+    @classmethod
+    def choose(cls, ranks: Ranks, strategy: WeightingStrategy) -> Exchange:
+        return cls(ranks, ranks.active and not strategy.capabilities.task_gradients)
+
+    @property
+    def kind(self) -> str:
+        return "none" if not self.ranks.active else "ddp" if self.ddp else "collectives"
+
+    def bind(self, model: nn.Module) -> nn.Module:
+        """Prepare ``model`` for this exchange: its row-wise tables take the union of the ranks'
+        rows; returns what the forward pass runs through (the model, or DDP around it)."""
+        union = self.ranks.union if self.ranks.active else None
+        for _, table in sparse_embeddings(model):
+            table.share_rows(union)
+        return distributed.data_parallel(model, self.ranks) if self.ddp else model
+
+    def losses(self, sums: Tensor, counts: Tensor) -> Tensor:
+        """The global batch's mean losses [T] from this rank's sums and counts [T]."""
+        return distributed.global_losses(sums, counts, self.ranks)
+
+    def backward(self, strategy: WeightingStrategy, losses: Tensor, model: nn.Module) -> Tensor:
+        """The strategy's backward pass, then every gradient made the one-process step's; returns
+        the strategy's weights [T]."""
+        with distributed.across(self.ranks):
+            weights = strategy.backward(losses, model)
+        if self.ddp and not self.checked:  # on the first step of this process (a resumed run's too)
+            distributed.check_all_used(model)
+            self.checked = True
+        own = list(strategy.capabilities.parameters)
+        distributed.sum_gradients(model, own, self.ranks, summed_by_ddp=self.ddp)
+        return weights

@@ -1,0 +1,91 @@
+"""One training step as a component. ``DefaultStep``: the forward pass, the global losses, the
+weighting's backward pass through the exchange, the optimizer's step. A scheme that trains
+otherwise (parameter groups updated in turn, tasks in turn) declares its own step maker in its
+capabilities (``Capabilities.step``); the loop asks for it and never knows its name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from mtlcli.data.batch import Batch
+from mtlcli.models.base import scheme
+from mtlcli.models.blocks import trainable_tensors
+from mtlcli.recipe.schema import TrainSection
+from mtlcli.train.exchange import Exchange
+from mtlcli.train.losses import check_finite, task_loss_sums
+from mtlcli.train.optimizer import TrainingOptimizer
+from mtlcli.weighting.base import WeightingStrategy
+from mtlcli.weighting.gradients import shared_task_gradients
+
+
+@dataclass(frozen=True)
+class StepParts:
+    """The built components a step works with. ``binary`` [T] marks the binary tasks,
+    ``pos_weight`` [T] (or None) weighs their positive rows."""
+
+    model: nn.Module
+    strategy: WeightingStrategy
+    optimizer: TrainingOptimizer
+    exchange: Exchange
+    settings: TrainSection
+    tasks: list[str]
+    binary: Tensor
+    pos_weight: Tensor | None
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class StepAt:
+    """Where a step is: its epoch, its number in the epoch and over the run (1-based)."""
+
+    epoch: int
+    in_epoch: int
+    number: int
+
+
+@dataclass(frozen=True)
+class StepDone:
+    """A step's global losses [T] and weights [T] (detached), and the tasks' gradients on the
+    shared parameters [T, P] when ``train.track_gradients`` sampled this step."""
+
+    losses: Tensor
+    weights: Tensor
+    gradients: Tensor | None
+
+
+class Step(Protocol):
+    def __call__(self, batch: Batch, at: StepAt) -> StepDone:
+        """Train on one batch (on the model's device)."""
+        ...
+
+
+class DefaultStep:
+    """Forward (through the exchange), the global losses, the weighting's backward pass, one
+    optimizer step; every ``train.track_gradients`` steps the tasks' gradients on the shared
+    parameters, summed over the ranks, are taken first."""
+
+    def __init__(self, parts: StepParts) -> None:
+        self.parts = parts
+        self.forward = parts.exchange.bind(parts.model)
+        track = parts.settings.track_gradients
+        self.track = track or 0
+        self.shared = scheme(parts.model).parameter_groups()["shared"] if track else {}
+
+    def __call__(self, batch: Batch, at: StepAt) -> StepDone:
+        p = self.parts
+        p.optimizer.zero_grad()
+        # the global batch's mean losses, with this rank's part as gradient (alone: the batch's)
+        losses = p.exchange.losses(*task_loss_sums(self.forward(batch), batch, p.binary, p.pos_weight))
+        check_finite(losses, p.tasks, at)
+        grads = None
+        if self.track and at.number % self.track == 0:
+            shared = list(trainable_tensors(p.model, self.shared).values())
+            grads = p.exchange.ranks.sum(shared_task_gradients(losses, shared)) if shared else None
+        weights = p.exchange.backward(p.strategy, losses, p.model)
+        p.optimizer.step(at.number)
+        return StepDone(losses.detach(), weights.detach(), grads)

@@ -1,0 +1,193 @@
+"""The run directory: a run replaces another only when complete, a failure never leaves less than
+there was and says truly what it kept; trackers that cannot start fail before any file is touched,
+with one clear message."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner, Result
+
+from mtlcli.cli.app import app
+from mtlcli.errors import MtlError
+from mtlcli.recipe import recipe_from_text
+from mtlcli.train.loop import TrainingInterrupted
+from mtlcli.train.run import train_run
+from mtlcli.train.rundir import exchange, replacement
+
+runner = CliRunner()
+
+
+def tiny_recipe(tmp_path: Path, **train: Any) -> Path:
+    """Two binary tasks on 300 rows of CSV (64-row batches: 3 steps an epoch)."""
+    rng = random.Random(0)
+    lines = ["user,item,age,click,buy"]
+    for _ in range(300):
+        user, item, age = rng.randrange(12), rng.randrange(6), rng.gauss(35.0, 8.0)
+        click = int(rng.random() < 0.15 + 0.1 * item)
+        lines.append(f"u{user},i{item},{age:.2f},{click},{int(click == 1 and age > 35)}")
+    (tmp_path / "tiny.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    spec = {
+        "data": {"source": str(tmp_path / "tiny.csv"), "split": {"by": "modulo"}, "cache_dir": str(tmp_path / "cache")},
+        "features": {"numeric": ["age"], "categorical": ["user", "item"]},
+        "tasks": {"click": {"label": "click"}, "buy": {"label": "buy"}},
+        "model": {"scheme": "mmoe", "embedding_dim": 2, "n_experts": 2, "expert_units": [4], "tower_units": [2]},
+        "train": {"lr": 0.01, "epochs": 2, "batch_size": 64, "threads": 1, "early_stopping": None, **train},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def invoke(*args: str | Path) -> Result:
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def contents(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(run.iterdir()) if p.is_file()}
+
+
+def user_error(result: Result, *expected: str) -> str:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and not isinstance(result.exception, MtlError)
+    for text in expected:
+        assert text in result.stderr, result.stderr
+    return result.stderr
+
+
+DIVERGES = ["--set", "train.lr=1e30"]  # Adam's first step takes every weight to ~1e30: NaN at step 2
+
+
+def test_force_over_a_run_keeps_it_whole_when_the_new_run_fails_early(tmp_path: Path) -> None:
+    recipe, run = tiny_recipe(tmp_path), tmp_path / "run"
+    assert invoke("train", recipe, "--out", run, "--quiet").exit_code == 0
+    before = contents(run)
+    said = user_error(
+        invoke("train", recipe, "--out", run, "--quiet", "--force", *DIVERGES), "became NaN or infinite", "unchanged"
+    )
+    assert "checkpoint is kept" not in said
+    assert contents(run) == before  # the old run, every byte
+    assert not replacement(run).exists() and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_first_run_that_fails_early_leaves_nothing_and_says_so(tmp_path: Path) -> None:
+    recipe, run = tiny_recipe(tmp_path), tmp_path / "run"
+    said = user_error(invoke("train", recipe, "--out", run, "--quiet", *DIVERGES), "wrote no checkpoint")
+    assert "checkpoint is kept" not in said and not run.exists()
+    empty = tmp_path / "mine"
+    empty.mkdir()  # a directory the user made stays (empty, as it was)
+    user_error(invoke("train", recipe, "--out", empty, "--quiet", *DIVERGES), "wrote no checkpoint")
+    assert empty.is_dir() and not any(empty.iterdir())
+
+
+def test_an_interrupted_replacement_waits_beside_the_old_run_and_takes_its_place_when_resumed(tmp_path: Path) -> None:
+    old = recipe_from_text(tiny_recipe(tmp_path).read_text(), "old.yaml")
+    new = recipe_from_text(tiny_recipe(tmp_path, lr=0.02).read_text(), "new.yaml")
+    run = tmp_path / "run"
+    train_run(old, run)
+    before = contents(run)
+    steps = iter(range(100))
+    with pytest.raises(TrainingInterrupted) as caught:
+        train_run(new, run, force=True, stop_requested=lambda: next(steps) == 4)
+    assert "unchanged" in str(caught.value.hint) and "--resume" in str(caught.value.hint)
+    assert contents(run) == before and (replacement(run) / "checkpoint.safetensors").is_file()
+    summary = train_run(new, run, resume=True)
+    assert summary["run_dir"] == str(run) and summary["resumed"]
+    assert "lr: 0.02" in (run / "recipe.yaml").read_text() and not replacement(run).exists()
+    assert (run / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("swap", [True, False], ids=["renameat2", "rename-aside"])
+def test_exchange_puts_the_new_directory_in_place(tmp_path: Path, swap: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mtlcli.train import rundir
+
+    if not swap:
+        monkeypatch.setattr(rundir, "_swap", lambda a, b: False)
+    old, new = tmp_path / "run", tmp_path / ".run.replacing"
+    old.mkdir()
+    new.mkdir()
+    (old / "a").write_text("old")
+    (new / "a").write_text("new")
+    exchange(new, old)
+    assert (old / "a").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_resuming_a_finished_run_with_an_unwritable_tensorboard_folder_loses_nothing(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    recipe, run = tiny_recipe(tmp_path), tmp_path / "run"
+    assert invoke("train", recipe, "--out", run, "--quiet").exit_code == 0
+    (run / "tensorboard").write_text("not a folder")  # cannot hold event files (root writes anywhere else)
+    before = contents(run)
+    said = user_error(
+        invoke("train", recipe, "--out", run, "--quiet", "--resume", "--set", "train.epochs=3",
+               "--set", "train.loggers=[tensorboard]"),
+        "tensorboard cannot write its event files",
+    )  # fmt: skip
+    assert "b'" not in said and contents(run) == before  # summary.json and the logs as they were
+
+
+@pytest.mark.parametrize(
+    "uri", ["nope://nowhere", "sqlite:////proc/forbidden/mlflow.db"], ids=["unknown-scheme", "uncreatable-path"]
+)
+def test_an_unusable_mlflow_store_is_one_message_before_any_work(
+    tmp_path: Path, uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    recipe, run = tiny_recipe(tmp_path), tmp_path / "run"
+    said = user_error(
+        invoke("train", recipe, "--out", run, "--quiet", "--set", "train.loggers=[mlflow]"),
+        "MLFLOW_TRACKING_URI",
+        uri,
+    )
+    assert len(said.splitlines()) <= 4 and not run.exists()
+
+
+def test_port_without_nproc_and_far_too_many_processes_are_refused(tmp_path: Path) -> None:
+    recipe = tiny_recipe(tmp_path)
+    user_error(invoke("train", recipe, "--out", tmp_path / "r", "--port", "29999"), "--port", "--nproc")
+    many = 4 * (os.cpu_count() or 1) + 1
+    user_error(invoke("train", recipe, "--out", tmp_path / "r", "--nproc", str(many)), f"--nproc {many}")
+    assert not (tmp_path / "r").exists()
+
+
+def test_train_says_and_returns_the_inputs_the_model_reads(tmp_path: Path) -> None:
+    import json
+
+    recipe = tiny_recipe(tmp_path)
+    result = invoke("train", recipe, "--out", tmp_path / "run", "--json")
+    assert result.exit_code == 0, result.output
+    inputs = json.loads(result.stdout)["inputs"]
+    assert inputs == {"categorical": ["user", "item"], "numeric": ["age"], "histories": []}
+    assert "inputs: 2 categorical (user, item); 1 numeric (age); 0 histories" in result.stderr
+
+
+def test_a_model_with_a_constant_output_is_warned_about() -> None:
+    from mtlcli.train.run import training_warnings
+
+    flat = [{"valid": {"a": {"auc": 0.5}, "b": {"auc": 0.5}, "r": {"rmse": 1.0}}} for _ in range(3)]
+    (said,) = training_warnings(flat, ["a", "b", "r"], ["binary", "binary", "regression"])
+    assert "constant" in said and "train.lr" in said and "a, b" in said
+    learning = [*flat[:2], {"valid": {"a": {"auc": 0.61}, "b": {"auc": 0.5}, "r": {"rmse": 1.0}}}]
+    assert training_warnings(learning, ["a", "b", "r"], ["binary", "binary", "regression"]) == []
+
+
+def test_the_end_of_training_table_keeps_every_name_in_a_narrow_terminal() -> None:
+    from rich.console import Console
+
+    from mtlcli.cli.train_console import summary_table
+
+    metrics = {"auc": 0.7, "gauc": 0.6, "logloss": 0.4, "loss": 0.4, "positives": 12.0, "rows": 100.0}
+    summary = {"best_epoch": 2, "epochs_run": 3, "valid": {"click_through": metrics, "purchase_after_click": metrics}}
+    console = Console(width=60, record=True)
+    console.print(summary_table(summary))
+    text = console.export_text()
+    assert "…" not in text
+    for name in ["click_through", "purchase_after_click", *metrics]:
+        assert name in text.replace("\n", "").replace("│", "").replace(" ", "") or name in text
