@@ -13,7 +13,15 @@ import polars as pl
 
 from mtlcli.data.checks import RowCheck, number_checks, number_exprs
 from mtlcli.data.scan import require_columns
-from mtlcli.data.schema import FIRST_ID, MISSING_ID, OOV_ID, CategoricalFeature, NumericFeature, SequenceFeature
+from mtlcli.data.schema import (
+    FIRST_ID,
+    MISSING_ID,
+    OOV_ID,
+    CategoricalFeature,
+    DataSchema,
+    NumericFeature,
+    SequenceFeature,
+)
 from mtlcli.errors import DataError
 
 GROUP_COLUMN = "__group"
@@ -100,6 +108,21 @@ def sequence_expr(feature: SequenceFeature, items: pl.Expr, vocab: list[str]) ->
         (pl.element().cast(enum, strict=False).to_physical().cast(pl.Int32) + FIRST_ID).fill_null(OOV_ID)
     )
     return ids.list.tail(feature.max_len).list.reverse().alias(SEQUENCE_PREFIX + feature.name)
+
+
+def input_columns(schema: DataSchema) -> list[str]:
+    """The raw columns a model's inputs are encoded from, each once: the categorical and numeric
+    features, then every column each history reads (its ids, its parallel type and time lists,
+    its row time). Serving reads exactly these (with the labels, to evaluate)."""
+    columns = [f.name for f in schema.categorical] + [f.name for f in schema.numeric]
+    columns += [column for f in schema.sequences for column in f.columns().values()]
+    return list(dict.fromkeys(columns))
+
+
+def list_columns(schema: DataSchema) -> dict[str, str]:
+    """The raw columns holding one list per row (a history's ids, types and timestamps) -> the
+    separator between the items of their text form."""
+    return {column: f.separator for f in schema.sequences for key, column in f.columns().items() if key != "row_time"}
 
 
 Where = Callable[[SequenceFeature, str], str]  # (history, its key: column, type_column...) -> a label for errors

@@ -27,7 +27,14 @@ from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch, SplitTensors
 from mtlcli.data.checks import ROW_COLUMN, checked_numbers, enforce_frame, number_exprs
-from mtlcli.data.encode import categorical_expr, encode_numeric, group_expr, history_checks, history_exprs
+from mtlcli.data.encode import (
+    categorical_expr,
+    encode_numeric,
+    group_expr,
+    history_checks,
+    history_exprs,
+    input_columns,
+)
 from mtlcli.data.labels import LABEL_PREFIX, make_labels
 from mtlcli.data.load import label_mask, sequence_arrays
 from mtlcli.data.scan import require_columns
@@ -193,9 +200,10 @@ def _parquet_chunks(
             raise DataError(f"{name}: cannot read it as Parquet: {_first_line(exc)}") from None
         if total == 0:
             raise DataError(f"{name}: the input has no data rows", "give at least one row to score")
-        for start in range(0, total, chunk_rows):
+        step = min(chunk_rows, total)  # a slice longer than the file is refused by polars
+        for start in range(0, total, step):
             try:
-                frame = lazy.slice(start, chunk_rows).collect()
+                frame = lazy.slice(start, step).collect()
             except (pl.exceptions.PolarsError, OSError) as exc:
                 raise DataError(f"{name}: cannot read it as Parquet: {_first_line(exc)}") from None
             yield _clean(frame, layout, start, only)
@@ -277,9 +285,7 @@ def encode_inputs(frame: pl.DataFrame, schema: DataSchema) -> Inputs:
     [N, F_num], and with behaviour histories ``sequences`` int64 [N, S, L] and
     ``sequence_lengths`` [N, S] (the caller passes each row's history lists: the bundle holds no
     event log)."""
-    needed = [f.name for f in schema.categorical] + [f.name for f in schema.numeric]
-    needed += [column for f in schema.sequences for column in f.columns().values()]
-    require_columns(frame.columns, needed, "input")
+    require_columns(frame.columns, input_columns(schema), "input")
     n = frame.height
     # every feature in one query
     cats = frame.select([categorical_expr(f, frame.get_column(f.name)) for f in schema.categorical]).get_columns()
@@ -505,10 +511,18 @@ def predict_chunks(
 
 
 def needed_columns(schema: DataSchema, keep: list[str] | None = None, score: ScoreSpec | None = None) -> list[str]:
-    """The input columns prediction reads: the features, then ``--keep`` and the score factor."""
-    features = [f.name for f in schema.categorical] + [f.name for f in schema.numeric]
-    features += [f.column for f in schema.sequences]
-    return [*features, *(keep or []), *([score.factor] if score and score.factor else [])]
+    """The input columns prediction reads: the model's (``input_columns``), then ``--keep`` and the
+    score factor."""
+    return list(
+        dict.fromkeys([*input_columns(schema), *(keep or []), *([score.factor] if score and score.factor else [])])
+    )
+
+
+def evaluation_columns(schema: DataSchema) -> list[str]:
+    """The input columns evaluating a bundle reads: the model's, each task's label and sample-space
+    columns, and data.group."""
+    labels = [c for t in schema.tasks for c in (t.column, t.space_column) if c is not None]
+    return list(dict.fromkeys([*input_columns(schema), *labels, *([schema.group] if schema.group else [])]))
 
 
 def labelled_tensors(frame: pl.DataFrame, recipe: Recipe, schema: DataSchema) -> SplitTensors:
