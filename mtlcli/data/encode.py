@@ -130,9 +130,12 @@ Where = Callable[[SequenceFeature, str], str]  # (history, its key: column, type
 
 def _text_lists(column: str, dtype: pl.DataType, separator: str, what: str, field: str) -> pl.Expr:
     """A list column of text or integers, or text split at ``separator`` -> lists of stripped
-    text, one element per position (a missing value is an empty list)."""
+    text, one element per position (a missing value is an empty list, and so is every value of a
+    column that holds only missing values or empty lists: polars types it null)."""
     if dtype == pl.String:
         items = pl.col(column).str.split(separator)
+    elif dtype == pl.Null or (isinstance(dtype, pl.List) and dtype.inner == pl.Null):
+        items = pl.col(column).cast(pl.List(pl.String))
     elif isinstance(dtype, pl.List) and (dtype.inner == pl.String or dtype.inner.is_integer()):
         items = pl.col(column)
     else:
@@ -152,7 +155,7 @@ def _time_lists(f: SequenceFeature, types: dict[str, pl.DataType], where: Where)
     is not a number -> null)."""
     assert f.time_column is not None
     dtype = types[f.time_column]
-    if dtype == pl.String:
+    if dtype == pl.String or dtype == pl.Null or (isinstance(dtype, pl.List) and dtype.inner in (pl.String, pl.Null)):
         text = _text_lists(f.time_column, dtype, f.separator, "timestamps", where(f, "time_column"))
         return text.list.eval(pl.element().cast(pl.Float64, strict=False))
     if isinstance(dtype, pl.List) and (dtype.inner.is_numeric() or dtype.inner.is_temporal()):
@@ -186,6 +189,14 @@ def sequence_items(f: SequenceFeature, types: dict[str, pl.DataType], where: Whe
     return ids.list.gather(keep.list.eval(pl.arg_where(pl.element() > 0)))
 
 
+def _shown(column: str, dtype: pl.DataType) -> pl.Expr:
+    """A raw value as text for an error message: a list as ``[1.0, null, 3.0]``."""
+    if isinstance(dtype, pl.List):
+        items = pl.col(column).list.eval(pl.element().cast(pl.String).fill_null("null")).list.join(", ")
+        return pl.format("[{}]", items)
+    return pl.col(column).cast(pl.String)
+
+
 def plural(n: int, word: str) -> str:
     return f"{n:,} {word}{'' if n == 1 else 's'}"
 
@@ -216,13 +227,13 @@ def history_checks(f: SequenceFeature, types: dict[str, pl.DataType], where: Whe
     if f.time_column is not None:
         times = _time_lists(f, types, where)
         checks.append(paired("time_column", f.time_column, times, "timestamp"))
-        raw = pl.col(f.time_column).cast(pl.String) if types[f.time_column] == pl.String else times.cast(pl.String)
+        raw = _shown(f.time_column, types[f.time_column])
 
         def not_number(value: Any, row: int, _: int) -> DataError:
             return DataError(
-                f"{where(f, 'time_column')}: column {f.time_column!r} has a timestamp that is not a number: "
-                f"{value!r} (data row {row})",
-                "give numbers (e.g. seconds since 1970) or datetimes",
+                f"{where(f, 'time_column')}: column {f.time_column!r} has a timestamp that is missing, not a "
+                f"number or infinite: {value!r} (data row {row})",
+                "give finite numbers (e.g. seconds since 1970) or datetimes, one per id",
             )
 
         def unordered(value: Any, row: int, count: int) -> DataError:
@@ -232,7 +243,7 @@ def history_checks(f: SequenceFeature, types: dict[str, pl.DataType], where: Whe
                 "sort each row's history by time, oldest first, moving ids, types and timestamps together",
             )
 
-        bad = times.list.eval(pl.element().is_null() | pl.element().is_nan()).list.any()
+        bad = times.list.eval(pl.element().is_null() | ~pl.element().is_finite()).list.any()
         checks.append(RowCheck(bad, raw, not_number))
         checks.append(RowCheck(times.list.eval(pl.element().diff() < 0).list.any(), raw, unordered))
     if f.row_time is not None and not types[f.row_time].is_temporal():

@@ -1,0 +1,147 @@
+"""What serving reads is decided per value and per input, never per chunk: a JSON history given as
+an array or as text, empty, null or left out scores the same at every `--chunk-rows`, and the same
+as from Parquet or CSV; a file whose only history is empty is an empty history, as preprocessing
+reads it. One small model with parallel type and time lists is trained for the module."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from mtlcli.cli.app import app
+from mtlcli.recipe import recipe_from_text
+from mtlcli.train.run import train_run
+
+from .numerics import assert_kernel_close
+from .test_serving_roundtrip import SHAPES, raw_rows, recipe_text
+
+pytestmark = pytest.mark.numerics
+runner = CliRunner()
+TASKS = ["click", "buy"]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle of histories with parallel type and time lists and a row time ("hist", "kinds",
+    "times", "t"), and categorical user and item, numeric x."""
+    work = tmp_path_factory.mktemp("serving")
+    rows, _ = raw_rows()
+    rows.write_parquet(work / "rows.parquet")
+    text = recipe_text(SHAPES["parallel types and times"])
+    recipe = yaml.safe_load(text)
+    recipe["data"] |= {"source": str(work / "rows.parquet"), "cache_dir": str(work / "cache")}
+    train_run(recipe_from_text(yaml.safe_dump(recipe), "serving"), work / "run")
+    result = runner.invoke(app, ["export", str(work / "run"), "--out", str(work / "bundle")])
+    assert result.exit_code == 0, result.output
+    return work / "bundle"
+
+
+def predict(bundle: Path, data: bytes | Path, *args: str) -> pl.DataFrame:
+    """`mtl predict` of ``data`` (a file, or bytes on stdin) as a frame of the task columns."""
+    source = ["-"] if isinstance(data, bytes) else [str(data)]
+    result = runner.invoke(
+        app, ["predict", str(bundle), *source, "-f", "jsonl", *args], input=data if isinstance(data, bytes) else None
+    )
+    assert result.exit_code == 0, result.output
+    return pl.read_ndjson(io.BytesIO(result.stdout_bytes)) if result.stdout_bytes.strip() else pl.DataFrame()
+
+
+def fails(bundle: Path, data: bytes | Path, *args: str) -> str:
+    source = ["-"] if isinstance(data, bytes) else [str(data)]
+    result = runner.invoke(
+        app, ["predict", str(bundle), *source, *args], input=data if isinstance(data, bytes) else None
+    )
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    return " ".join(result.output.split())
+
+
+def jsonl(rows: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+BASE = {"user": "u1", "item": "i3", "x": 0.5, "t": 50}
+ARRAYS = {"hist": ["i3", "i4", "i5"], "kinds": ["click", "buy", "click"], "times": [1, 2, 3]}
+TEXT = {"hist": "i3|i4|i5", "kinds": "click|buy|click", "times": "1|2|3"}
+EMPTY = {"hist": [], "kinds": [], "times": []}
+NULL = {"hist": None, "kinds": None, "times": None}
+
+
+def scores(frame: pl.DataFrame) -> Any:
+    return frame.select(TASKS).to_numpy()
+
+
+def test_an_array_and_text_score_the_same_next_to_each_other(bundle: Path) -> None:
+    """A JSON history as an array or as "|"-separated text is the same history, whatever its
+    neighbours are (an array next to text was read as the text ["i3", "i4", "i5"])."""
+    alone = predict(bundle, jsonl([BASE | ARRAYS]))
+    for mixed in ([BASE | ARRAYS, BASE | TEXT], [BASE | TEXT, BASE | ARRAYS]):
+        got = predict(bundle, jsonl(mixed))
+        for row in range(2):
+            assert_kernel_close(scores(got)[row], scores(alone)[0], floor=1.0, what="array and text")
+    parquet = io.BytesIO()
+    pl.DataFrame([BASE | ARRAYS]).write_parquet(parquet)
+    assert_kernel_close(scores(predict(bundle, parquet.getvalue())), scores(alone), floor=1.0, what="parquet")
+
+
+@pytest.mark.parametrize("chunk", ["1", "2", "3", "1000"])
+def test_empty_null_and_left_out_histories_do_not_depend_on_the_chunking(bundle: Path, chunk: str) -> None:
+    """`[]`, null, a left-out key and an empty text are one empty history at any --chunk-rows."""
+    left_out = dict(BASE)
+    rows = [BASE | ARRAYS, BASE | EMPTY, BASE | NULL, left_out, BASE | {"hist": "", "kinds": "", "times": ""}]
+    got = scores(predict(bundle, jsonl(rows), "--chunk-rows", chunk))
+    empty = scores(predict(bundle, jsonl([BASE | EMPTY])))[0]
+    for row in range(1, len(rows)):
+        assert_kernel_close(got[row], empty, floor=1.0, what=f"row {row} at chunk {chunk}")
+
+
+@pytest.mark.parametrize("value", [[], None])
+@pytest.mark.parametrize("form", ["jsonl", "parquet"])
+def test_a_file_whose_only_history_is_empty_is_an_empty_history(
+    bundle: Path, tmp_path: Path, value: Any, form: str
+) -> None:
+    """The only row's history [] or null (polars types such a column null, or a list of nulls)
+    is scored as an empty history, in predict, eval --data and preprocessing alike."""
+    row = BASE | {"hist": value, "kinds": value, "times": value, "click": 1, "buy": 0}
+    path = tmp_path / f"one.{form}"
+    if form == "jsonl":
+        path.write_bytes(jsonl([row]))
+    else:
+        pl.DataFrame([row]).write_parquet(path)
+    expected = scores(predict(bundle, jsonl([BASE | EMPTY])))
+    assert_kernel_close(scores(predict(bundle, path)), expected, floor=1.0, what=f"{form} {value}")
+    evaluated = runner.invoke(app, ["eval", str(bundle), "--data", str(path), "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+
+
+def test_a_byte_order_mark_is_read_past(bundle: Path) -> None:
+    body = jsonl([BASE | ARRAYS])
+    assert_kernel_close(
+        scores(predict(bundle, b"\xef\xbb\xbf" + body)), scores(predict(bundle, body)), floor=1.0, what="BOM"
+    )
+    csv = b"user,item,x,t,hist,kinds,times\nu1,i3,0.5,50,i3|i4|i5,click|buy|click,1|2|3\n"
+    assert_kernel_close(
+        scores(predict(bundle, b"\xef\xbb\xbf" + csv)), scores(predict(bundle, body)), floor=1.0, what="CSV BOM"
+    )
+
+
+def test_the_first_json_row_names_the_columns(bundle: Path) -> None:
+    rows = [{k: v for k, v in (BASE | ARRAYS).items() if k != "kinds"}, BASE | ARRAYS]
+    assert "the first row (line 1) has no key 'kinds'" in fails(bundle, jsonl(rows))
+
+
+def test_a_truncated_gzip_is_named(bundle: Path, tmp_path: Path) -> None:
+    body = gzip.compress(jsonl([BASE | ARRAYS] * 2000))
+    path = tmp_path / "rows.jsonl.gz"
+    path.write_bytes(body[: len(body) // 2])
+    assert "rows.jsonl.gz: the gzip data is truncated or damaged" in fails(bundle, path)
+    evaluated = runner.invoke(app, ["eval", str(bundle), "--data", str(path)])
+    assert evaluated.exit_code == 2 and "the gzip data is truncated or damaged" in evaluated.output
