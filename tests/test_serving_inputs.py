@@ -145,3 +145,35 @@ def test_a_truncated_gzip_is_named(bundle: Path, tmp_path: Path) -> None:
     assert "rows.jsonl.gz: the gzip data is truncated or damaged" in fails(bundle, path)
     evaluated = runner.invoke(app, ["eval", str(bundle), "--data", str(path)])
     assert evaluated.exit_code == 2 and "the gzip data is truncated or damaged" in evaluated.output
+
+
+def test_export_force_never_leaves_a_reader_without_a_bundle(bundle: Path) -> None:
+    """`mtl export --force` builds the new bundle beside the old and swaps the two in one step: a
+    reader polling the bundle meanwhile always finds a manifest (two renames left a gap)."""
+    import threading
+
+    from mtlcli.export.bundle import load_bundle
+
+    target = bundle.parent / "swapped"
+    run = bundle.parent / "run"
+    assert runner.invoke(app, ["export", str(run), "--out", str(target)]).exit_code == 0
+    missing: list[int] = []
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            if not (target / "manifest.json").is_file():
+                missing.append(1)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for _ in range(5):
+            result = runner.invoke(app, ["export", str(run), "--out", str(target), "--force"])
+            assert result.exit_code == 0, result.output
+    finally:
+        done.set()
+        reader.join()
+    assert not missing, f"no bundle at {target} {len(missing)} times"
+    load_bundle(target)
+    assert sorted(p.name for p in bundle.parent.iterdir() if p.name.startswith(".")) == []
