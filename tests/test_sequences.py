@@ -359,9 +359,23 @@ def test_a_column_of_only_empty_histories_is_empty_histories(tmp_path: Path, val
         *(pl.Series(c, [value] * len(ITEMS)) for c in ("hist", "kinds", "times")), t=pl.lit(5)
     )
     frame.write_parquet(tmp_path / "e.parquet")
-    options = {"vocabulary": "item", "type_column": "kinds", "types": ["v"], "time_column": "times", "row_time": "t"}
+    options = {"vocabulary": "item", "type_column": "kinds", "time_column": "times", "row_time": "t"}
     prepared = prepare(recipe_for(tmp_path, tmp_path / "e.parquet", {"hist": options}))
     assert encoded(prepared, "train", "hist") == [[]] * 4
+
+
+def test_a_kept_type_that_never_occurs_is_named(tmp_path: Path) -> None:
+    """types: [v, w] warns about 'w' (naming the types seen); types: [w] alone would leave every
+    history empty, and is refused."""
+    source = mixed_source(tmp_path, "parquet")
+    options = {"vocabulary": "item", "type_column": "kinds", "time_column": "times"}
+    prepared = prepare(recipe_for(tmp_path, source, {"hist": options | {"types": ["v", "w"]}}))
+    assert prepared.schema.warnings[0] == (
+        "features.sequences.hist.types: the type 'w' never occurs in column 'kinds' (types seen: 'b', 'v'); "
+        "it keeps no id"
+    )
+    with pytest.raises(DataError, match=r"hist.types: none of the types 'w' occurs in column 'kinds', so every"):
+        prepare(recipe_for(tmp_path, source, {"hist": options | {"types": ["w"]}}))
 
 
 @pytest.mark.parametrize(

@@ -173,6 +173,12 @@ def _row_time(f: SequenceFeature, types: dict[str, pl.DataType]) -> pl.Expr:
     return _epoch(pl.col(f.row_time), dtype) if dtype.is_temporal() else number_exprs(f.row_time, dtype)[0]
 
 
+def type_lists(f: SequenceFeature, types: dict[str, pl.DataType], where: Where) -> pl.Expr:
+    """A history's ``type_column`` as lists of stripped text, one type per id."""
+    assert f.type_column is not None
+    return _text_lists(f.type_column, types[f.type_column], f.separator, "types", where(f, "type_column"))
+
+
 def sequence_items(f: SequenceFeature, types: dict[str, pl.DataType], where: Where) -> pl.Expr:
     """A history column as a list of text ids, oldest first: empty ids dropped, and with parallel
     lists only the ids of ``f.types`` and (with ``row_time``) those before the row's time. The
@@ -180,7 +186,7 @@ def sequence_items(f: SequenceFeature, types: dict[str, pl.DataType], where: Whe
     ids = _text_lists(f.column, types[f.column], f.separator, "ids", where(f, "column"))
     keep = ids.list.eval(pl.element().is_not_null() & (pl.element() != "")).cast(pl.List(pl.Int8))
     if f.type_column is not None and f.types:
-        kinds = _text_lists(f.type_column, types[f.type_column], f.separator, "types", where(f, "type_column"))
+        kinds = type_lists(f, types, where)
         keep = keep * kinds.list.eval(pl.element().is_in(f.types)).cast(pl.List(pl.Int8))
     if f.row_time is not None:
         # a missing row time: no id is known to be before it

@@ -203,6 +203,7 @@ class Scanned:
     frame: pl.LazyFrame
     files: list[Path]
     recipe: Recipe
+    warnings: tuple[str, ...] = ()  # found while reading: the data works but may not mean what was meant
 
     @property
     def columns(self) -> list[str]:
