@@ -152,5 +152,7 @@ def test_a_kept_event_type_that_never_occurs_is_named(tmp_path: Path) -> None:
         "features.sequences.history.events.types: the type 'clik' never occurs in column 'kind' "
         "(types seen: 'buy', 'click'); it keeps no id"
     ) in prepared.schema.warnings
-    with pytest.raises(DataError, match=r"none of the types 'clik' occurs in column 'kind'.*types seen: 'buy', 'click'"):
+    with pytest.raises(
+        DataError, match=r"none of the types 'clik' occurs in column 'kind'.*types seen: 'buy', 'click'"
+    ):
         prepare(recipe_for(tmp_path, {"type": "kind", "types": ["clik"]}))
