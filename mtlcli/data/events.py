@@ -20,7 +20,7 @@ from pathlib import Path
 import polars as pl
 
 from mtlcli.data.checks import ROW_COLUMN, RowCheck, declared_types, enforce, number_exprs
-from mtlcli.data.scan import Scanned, require_columns, resolve_files, unreadable
+from mtlcli.data.scan import Scanned, format_of, require_columns, resolve_files, unreadable
 from mtlcli.errors import DataError
 from mtlcli.recipe.schema import EventsOptions, Recipe
 
@@ -66,7 +66,7 @@ def _scan_events(options: EventsOptions, field: str) -> tuple[pl.LazyFrame, list
     files = _files(options, field)
     parts = []
     for path in files:
-        fmt = "parquet" if path.name.endswith((".parquet", ".pq")) else "csv"
+        fmt = format_of(path)
         try:
             lazy = pl.scan_parquet(path) if fmt == "parquet" else pl.scan_csv(path, infer_schema=False)
             names = lazy.collect_schema().names()
