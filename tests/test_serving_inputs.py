@@ -8,12 +8,16 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pytest
+import torch
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from mtlcli.cli.app import app
@@ -21,7 +25,7 @@ from mtlcli.recipe import recipe_from_text
 from mtlcli.train.run import train_run
 
 from .numerics import assert_kernel_close
-from .test_serving_roundtrip import SHAPES, raw_rows, recipe_text
+from .test_serving_roundtrip import ITEMS, SHAPES, raw_rows, recipe_text
 
 pytestmark = pytest.mark.numerics
 runner = CliRunner()
@@ -177,3 +181,94 @@ def test_export_force_never_leaves_a_reader_without_a_bundle(bundle: Path) -> No
     assert not missing, f"no bundle at {target} {len(missing)} times"
     load_bundle(target)
     assert sorted(p.name for p in bundle.parent.iterdir() if p.name.startswith(".")) == []
+
+
+# --- the property: no score depends on the chunking or the input's format --------------------------
+
+Event = tuple[str, str, int]  # (id, behaviour type, timestamp)
+HISTORY = st.one_of(
+    st.none(),
+    st.lists(
+        st.tuples(st.sampled_from([*ITEMS[:6], "new", ""]), st.sampled_from(["click", "buy"]), st.integers(0, 99)),
+        max_size=5,
+    ).map(lambda events: sorted(events, key=lambda e: e[2])),
+)
+ROW = st.fixed_dictionaries(
+    {
+        "user": st.sampled_from(["u1", "u2", "u7", "nobody", None]),
+        "item": st.sampled_from([*ITEMS[:4], None]),
+        "x": st.one_of(st.none(), st.floats(-3, 3, allow_nan=False).map(lambda v: round(v, 3))),
+        "t": st.integers(0, 99),
+        "history": HISTORY,
+        "form": st.sampled_from(["array", "text", "empty-array", "null", "left out", "empty text"]),
+        "numbers as text": st.booleans(),
+        "click": st.integers(0, 1),
+        "buy": st.integers(0, 1),
+    }
+)
+
+
+def as_lists(history: list[Event] | None) -> dict[str, list[Any] | None]:
+    if history is None:
+        return {"hist": None, "kinds": None, "times": None}
+    return {"hist": [e[0] for e in history], "kinds": [e[1] for e in history], "times": [e[2] for e in history]}
+
+
+def json_row(row: dict[str, Any], first: bool) -> dict[str, Any]:
+    """One logical row as a JSON object, its history in the row's drawn form (an empty history in
+    any of the empty forms; the first row names every key)."""
+    out = {k: row[k] for k in ("user", "item", "x", "t", "click", "buy")}
+    if row["numbers as text"]:
+        out |= {"x": None if row["x"] is None else str(row["x"]), "t": str(row["t"])}
+    lists = as_lists(row["history"])
+    form = row["form"]
+    if row["history"]:
+        if form == "text":
+            return out | {k: "|".join(map(str, v or [])) for k, v in lists.items()}
+        return out | lists
+    empty = {"array": [], "text": "", "empty-array": [], "null": None, "empty text": "", "left out": None}[form]
+    if form == "left out" and not first:
+        return out
+    return out | {k: empty for k in lists}
+
+
+def write_formats(rows: list[dict[str, Any]], directory: Path) -> dict[str, Path]:
+    """The same logical rows as JSON lines (mixed forms), CSV ("|" between items) and Parquet."""
+    paths = {"jsonl": directory / "rows.jsonl", "csv": directory / "rows.csv", "parquet": directory / "rows.parquet"}
+    paths["jsonl"].write_bytes(jsonl([json_row(row, index == 0) for index, row in enumerate(rows)]))
+    table = pl.DataFrame(
+        [{k: row[k] for k in ("user", "item", "x", "t", "click", "buy")} | as_lists(row["history"]) for row in rows],
+        schema={"user": pl.String, "item": pl.String, "x": pl.Float64, "t": pl.Int64, "click": pl.Int64,
+                "buy": pl.Int64, "hist": pl.List(pl.String), "kinds": pl.List(pl.String), "times": pl.List(pl.Int64)},
+    )  # fmt: skip
+    table.write_parquet(paths["parquet"])
+    table.with_columns(pl.col(c).cast(pl.List(pl.String)).list.join("|") for c in ("hist", "kinds", "times")).write_csv(
+        paths["csv"]
+    )
+    return paths
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(ROW, min_size=1, max_size=9), chunk=st.integers(1, 4))
+def test_scores_do_not_depend_on_the_chunking_or_the_format_and_match_eval(
+    bundle: Path, rows: list[dict[str, Any]], chunk: int
+) -> None:
+    from mtlcli.train.metrics import auc
+
+    with tempfile.TemporaryDirectory() as scratch:
+        paths = write_formats(rows, Path(scratch))
+        whole = scores(predict(bundle, paths["jsonl"], "--chunk-rows", "1000"))
+        for fmt, path in paths.items():
+            for rows_at_a_time in (str(chunk), "1000"):
+                got = scores(predict(bundle, path, "--chunk-rows", rows_at_a_time))
+                assert_kernel_close(got, whole, floor=1.0, what=f"{fmt} in chunks of {rows_at_a_time}")
+            evaluated = runner.invoke(app, ["eval", str(bundle), "--data", str(path), "--json"])
+            assert evaluated.exit_code == 0, evaluated.output
+            metrics = json.loads(evaluated.stdout)["tasks"]
+            for k, task in enumerate(TASKS):
+                labels = torch.tensor([float(row[task]) for row in rows])
+                expected = auc(torch.from_numpy(whole[:, k]), labels) if 0 < labels.sum() < len(rows) else None
+                if expected is None or metrics[task]["auc"] is None:
+                    assert expected is None and metrics[task]["auc"] is None, (fmt, task, metrics[task])
+                else:
+                    assert metrics[task]["auc"] == pytest.approx(expected, abs=1e-6), (fmt, task)
