@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import json
@@ -90,23 +91,64 @@ def append_line(target: Path, line: str) -> None:
 
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside ``target``; on success it replaces ``target``."""
+    """Yield a temporary directory beside ``target``; on success it replaces ``target`` in one
+    step (``replace_directory``), so a reader finds the old directory or the new one, never none."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        replace_directory(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+_AT_FDCWD = -100  # renameat2's "relative to the working directory"
+_RENAME_EXCHANGE = 2  # renameat2's flag: swap the two names atomically
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two existing paths in one step with Linux's renameat2(RENAME_EXCHANGE); False where
+    the C library or the file system has no such call (the caller then falls back)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not glibc >= 2.28, or not Linux
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(second))
+
+
+def replace_directory(new: Path, old: Path) -> None:
+    """Put the directory ``new`` at ``old`` (both in one directory), replacing what is there.
+
+    Where ``old`` exists, the two names are exchanged in one atomic step (renameat2 with
+    RENAME_EXCHANGE), so a reader of ``old`` sees the old directory or the new one, never
+    neither; the old contents, now at ``new``, are then removed. Without that call (another
+    system, a file system that lacks it) ``old`` is renamed aside, ``new`` renamed in and the
+    aside copy removed: a reader may then miss ``old`` for that moment, and if the second rename
+    fails the old directory is put back. Either way a failure never leaves less than there was.
+    """
+    if not old.exists():
+        os.replace(new, old)
+        return
+    if _exchange(new, old):
+        shutil.rmtree(new, ignore_errors=True)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{old.name}.", suffix=".old", dir=old.parent))
+    os.replace(old, aside)  # onto the empty directory just made: the name is ours alone
+    try:
+        os.replace(new, old)
+    except BaseException:
+        os.replace(aside, old)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _umask() -> int:

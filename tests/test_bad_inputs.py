@@ -341,7 +341,7 @@ CASES = [
     ),
     Case(
         "history's timestamp not a number",
-        "features.sequences.hist.time_column: column 'times' has a timestamp that is not a number: '1|noon'",
+        "features.sequences.hist.time_column: column 'times' has a timestamp that is missing, not a number or infinite: '1|noon'",
         kind="data",
         recipe=HISTORY,
         data=with_histories("i1|i2,c|b,1|noon"),

@@ -141,3 +141,18 @@ def test_bad_event_logs_are_named(tmp_path: Path, damage: str, expect: str) -> N
     with pytest.raises(DataError) as caught:
         prepare(recipe_for(tmp_path, options))
     assert expect in caught.value.message
+
+
+def test_a_kept_event_type_that_never_occurs_is_named(tmp_path: Path) -> None:
+    """types: [click, clik] warns about 'clik' (naming the types seen); types: [clik] alone would
+    leave every history empty, and is refused."""
+    make_log(tmp_path, seed=3)
+    prepared = prepare(recipe_for(tmp_path, {"type": "kind", "types": ["click", "clik"]}))
+    assert (
+        "features.sequences.history.events.types: the type 'clik' never occurs in column 'kind' "
+        "(types seen: 'buy', 'click'); it keeps no id"
+    ) in prepared.schema.warnings
+    with pytest.raises(
+        DataError, match=r"none of the types 'clik' occurs in column 'kind'.*types seen: 'buy', 'click'"
+    ):
+        prepare(recipe_for(tmp_path, {"type": "kind", "types": ["clik"]}))

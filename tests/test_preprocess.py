@@ -553,6 +553,29 @@ def test_header_names_are_stripped_like_values(tmp_path: Path) -> None:
     assert prepared.schema.categorical[0].vocab == ["red", "blue", "rare"]
 
 
+def test_a_parquet_file_is_known_by_its_magic_bytes_whatever_its_name(tmp_path: Path) -> None:
+    """`format: auto` reads a Parquet file named data.dat as Parquet; `format: csv` says what it is
+    (it was "not UTF-8 text" with an iconv hint)."""
+    source = tmp_path / "data.dat"
+    pl.DataFrame(base_rows()).write_parquet(source)
+    named = tmp_path / "data.parquet"
+    pl.DataFrame(base_rows()).write_parquet(named)
+    expected = frame(prepare(make_recipe(tmp_path, source=named)), "train")
+    assert frame(prepare(make_recipe(tmp_path, source=source)), "train").equals(expected)
+    error = data_error(make_recipe(tmp_path, source=source, data_format="csv"))
+    assert error.message == f"{source}: cannot read it as CSV: it is a Parquet file (it starts with PAR1)"
+    assert error.hint == "set data.format: parquet (or leave it auto)"
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_a_byte_order_mark_and_crlf_line_ends_read_as_plain_csv(tmp_path: Path, newline: str) -> None:
+    plain = write_csv(tmp_path / "plain.csv", base_rows())
+    marked = tmp_path / "marked.csv"
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes().replace(b"\n", newline.encode()))
+    expected = frame(prepare(make_recipe(tmp_path, source=plain)), "train")
+    assert frame(prepare(make_recipe(tmp_path, source=marked)), "train").equals(expected)
+
+
 # --- cache --------------------------------------------------------------------------------------
 
 

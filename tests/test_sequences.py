@@ -351,6 +351,59 @@ def test_bad_histories_are_named(tmp_path: Path, sequences: dict[str, Any], data
     assert expect in caught.value.message
 
 
+@pytest.mark.parametrize("value", [[], None])
+def test_a_column_of_only_empty_histories_is_empty_histories(tmp_path: Path, value: Any) -> None:
+    """A history column holding only [] (polars: a list of nulls) or only null (polars: null) is an
+    empty history on every row, as a missing value is, with its parallel lists alike."""
+    frame = pl.DataFrame({"item": ITEMS, "click": [1, 0, 1, 0, 1, 0, 0, 1]}).with_columns(
+        *(pl.Series(c, [value] * len(ITEMS)) for c in ("hist", "kinds", "times")), t=pl.lit(5)
+    )
+    frame.write_parquet(tmp_path / "e.parquet")
+    options = {"vocabulary": "item", "type_column": "kinds", "time_column": "times", "row_time": "t"}
+    prepared = prepare(recipe_for(tmp_path, tmp_path / "e.parquet", {"hist": options}))
+    assert encoded(prepared, "train", "hist") == [[]] * 4
+
+
+def test_a_kept_type_that_never_occurs_is_named(tmp_path: Path) -> None:
+    """types: [v, w] warns about 'w' (naming the types seen); types: [w] alone would leave every
+    history empty, and is refused."""
+    source = mixed_source(tmp_path, "parquet")
+    options = {"vocabulary": "item", "type_column": "kinds", "time_column": "times"}
+    prepared = prepare(recipe_for(tmp_path, source, {"hist": options | {"types": ["v", "w"]}}))
+    assert prepared.schema.warnings[0] == (
+        "features.sequences.hist.types: the type 'w' never occurs in column 'kinds' (types seen: 'b', 'v'); "
+        "it keeps no id"
+    )
+    with pytest.raises(DataError, match=r"hist.types: none of the types 'w' occurs in column 'kinds', so every"):
+        prepare(recipe_for(tmp_path, source, {"hist": options | {"types": ["w"]}}))
+
+
+@pytest.mark.parametrize(
+    ("times", "shown"),
+    [([1.0, None], "[1.0, null]"), ([1.0, float("inf")], "[1.0, inf]"), ([float("nan"), 2.0], "[NaN, 2.0]")],
+)
+def test_a_timestamp_that_is_null_or_not_finite_names_column_and_row(
+    tmp_path: Path, times: list[float | None], shown: str
+) -> None:
+    """A null, infinite or NaN timestamp inside a Parquet list is refused, naming the column, the
+    row and the list (a null was a polars cast message naming neither; inf was accepted)."""
+    frame = pl.DataFrame(
+        {
+            "item": ITEMS,
+            "hist": [["a", "b"]] * len(ITEMS),
+            "times": [[1.0, 2.0]] * 4 + [times] + [[1.0, 2.0]] * 3,
+            "click": [1, 0, 1, 0, 1, 0, 0, 1],
+        }
+    )
+    frame.write_parquet(tmp_path / "t.parquet")
+    with pytest.raises(DataError) as caught:
+        prepare(recipe_for(tmp_path, tmp_path / "t.parquet", {"hist": {"vocabulary": "item", "time_column": "times"}}))
+    assert caught.value.message == (
+        "features.sequences.hist.time_column: column 'times' has a timestamp that is missing, not a number or "
+        f"infinite: {shown!r} (data row 5)"
+    )
+
+
 @pytest.mark.parametrize(
     ("options", "expect"),
     [

@@ -116,3 +116,23 @@ def checked_numbers(frame: pl.DataFrame, name: str, field: str) -> pl.Series:
     dtype = frame.schema[name]
     enforce_frame(frame, number_checks(name, dtype, field))
     return frame.select(number_exprs(name, dtype)[0].alias(name)).to_series()
+
+
+def declared_types(field: str, column: str, declared: list[str], seen: list[str]) -> list[str]:
+    """Warnings for the behaviour ``types`` a history keeps (``declared``, recipe key ``field``)
+    that never occur among the types of ``column`` (``seen``: its distinct values); none of them
+    occurring is an error, since every history would be empty."""
+    absent = [t for t in declared if t not in seen]
+    if not absent:
+        return []
+    shown = ", ".join(repr(t) for t in sorted(seen)[:12]) + (" ..." if len(seen) > 12 else "") if seen else "none"
+    if len(absent) == len(declared):
+        raise DataError(
+            f"{field}: none of the types {', '.join(map(repr, declared))} occurs in column {column!r}, so every "
+            f"history would be empty (types seen: {shown})",
+            "list types the column holds (compared as text, case and all)",
+        )
+    return [
+        f"{field}: the type {t!r} never occurs in column {column!r} (types seen: {shown}); it keeps no id"
+        for t in absent
+    ]

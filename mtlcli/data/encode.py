@@ -13,7 +13,15 @@ import polars as pl
 
 from mtlcli.data.checks import RowCheck, number_checks, number_exprs
 from mtlcli.data.scan import require_columns
-from mtlcli.data.schema import FIRST_ID, MISSING_ID, OOV_ID, CategoricalFeature, NumericFeature, SequenceFeature
+from mtlcli.data.schema import (
+    FIRST_ID,
+    MISSING_ID,
+    OOV_ID,
+    CategoricalFeature,
+    DataSchema,
+    NumericFeature,
+    SequenceFeature,
+)
 from mtlcli.errors import DataError
 
 GROUP_COLUMN = "__group"
@@ -102,14 +110,32 @@ def sequence_expr(feature: SequenceFeature, items: pl.Expr, vocab: list[str]) ->
     return ids.list.tail(feature.max_len).list.reverse().alias(SEQUENCE_PREFIX + feature.name)
 
 
+def input_columns(schema: DataSchema) -> list[str]:
+    """The raw columns a model's inputs are encoded from, each once: the categorical and numeric
+    features, then every column each history reads (its ids, its parallel type and time lists,
+    its row time). Serving reads exactly these (with the labels, to evaluate)."""
+    columns = [f.name for f in schema.categorical] + [f.name for f in schema.numeric]
+    columns += [column for f in schema.sequences for column in f.columns().values()]
+    return list(dict.fromkeys(columns))
+
+
+def list_columns(schema: DataSchema) -> dict[str, str]:
+    """The raw columns holding one list per row (a history's ids, types and timestamps) -> the
+    separator between the items of their text form."""
+    return {column: f.separator for f in schema.sequences for key, column in f.columns().items() if key != "row_time"}
+
+
 Where = Callable[[SequenceFeature, str], str]  # (history, its key: column, type_column...) -> a label for errors
 
 
 def _text_lists(column: str, dtype: pl.DataType, separator: str, what: str, field: str) -> pl.Expr:
     """A list column of text or integers, or text split at ``separator`` -> lists of stripped
-    text, one element per position (a missing value is an empty list)."""
+    text, one element per position (a missing value is an empty list, and so is every value of a
+    column that holds only missing values or empty lists: polars types it null)."""
     if dtype == pl.String:
         items = pl.col(column).str.split(separator)
+    elif dtype == pl.Null or (isinstance(dtype, pl.List) and dtype.inner == pl.Null):
+        items = pl.col(column).cast(pl.List(pl.String))
     elif isinstance(dtype, pl.List) and (dtype.inner == pl.String or dtype.inner.is_integer()):
         items = pl.col(column)
     else:
@@ -129,7 +155,7 @@ def _time_lists(f: SequenceFeature, types: dict[str, pl.DataType], where: Where)
     is not a number -> null)."""
     assert f.time_column is not None
     dtype = types[f.time_column]
-    if dtype == pl.String:
+    if dtype == pl.String or dtype == pl.Null or (isinstance(dtype, pl.List) and dtype.inner in (pl.String, pl.Null)):
         text = _text_lists(f.time_column, dtype, f.separator, "timestamps", where(f, "time_column"))
         return text.list.eval(pl.element().cast(pl.Float64, strict=False))
     if isinstance(dtype, pl.List) and (dtype.inner.is_numeric() or dtype.inner.is_temporal()):
@@ -147,6 +173,12 @@ def _row_time(f: SequenceFeature, types: dict[str, pl.DataType]) -> pl.Expr:
     return _epoch(pl.col(f.row_time), dtype) if dtype.is_temporal() else number_exprs(f.row_time, dtype)[0]
 
 
+def type_lists(f: SequenceFeature, types: dict[str, pl.DataType], where: Where) -> pl.Expr:
+    """A history's ``type_column`` as lists of stripped text, one type per id."""
+    assert f.type_column is not None
+    return _text_lists(f.type_column, types[f.type_column], f.separator, "types", where(f, "type_column"))
+
+
 def sequence_items(f: SequenceFeature, types: dict[str, pl.DataType], where: Where) -> pl.Expr:
     """A history column as a list of text ids, oldest first: empty ids dropped, and with parallel
     lists only the ids of ``f.types`` and (with ``row_time``) those before the row's time. The
@@ -154,13 +186,21 @@ def sequence_items(f: SequenceFeature, types: dict[str, pl.DataType], where: Whe
     ids = _text_lists(f.column, types[f.column], f.separator, "ids", where(f, "column"))
     keep = ids.list.eval(pl.element().is_not_null() & (pl.element() != "")).cast(pl.List(pl.Int8))
     if f.type_column is not None and f.types:
-        kinds = _text_lists(f.type_column, types[f.type_column], f.separator, "types", where(f, "type_column"))
+        kinds = type_lists(f, types, where)
         keep = keep * kinds.list.eval(pl.element().is_in(f.types)).cast(pl.List(pl.Int8))
     if f.row_time is not None:
         # a missing row time: no id is known to be before it
         before = (_time_lists(f, types, where) - _row_time(f, types)).list.eval((pl.element() < 0).fill_null(False))
         keep = keep * before.cast(pl.List(pl.Int8))
     return ids.list.gather(keep.list.eval(pl.arg_where(pl.element() > 0)))
+
+
+def _shown(column: str, dtype: pl.DataType) -> pl.Expr:
+    """A raw value as text for an error message: a list as ``[1.0, null, 3.0]``."""
+    if isinstance(dtype, pl.List):
+        items = pl.col(column).list.eval(pl.element().cast(pl.String).fill_null("null")).list.join(", ")
+        return pl.format("[{}]", items)
+    return pl.col(column).cast(pl.String)
 
 
 def plural(n: int, word: str) -> str:
@@ -193,13 +233,13 @@ def history_checks(f: SequenceFeature, types: dict[str, pl.DataType], where: Whe
     if f.time_column is not None:
         times = _time_lists(f, types, where)
         checks.append(paired("time_column", f.time_column, times, "timestamp"))
-        raw = pl.col(f.time_column).cast(pl.String) if types[f.time_column] == pl.String else times.cast(pl.String)
+        raw = _shown(f.time_column, types[f.time_column])
 
         def not_number(value: Any, row: int, _: int) -> DataError:
             return DataError(
-                f"{where(f, 'time_column')}: column {f.time_column!r} has a timestamp that is not a number: "
-                f"{value!r} (data row {row})",
-                "give numbers (e.g. seconds since 1970) or datetimes",
+                f"{where(f, 'time_column')}: column {f.time_column!r} has a timestamp that is missing, not a "
+                f"number or infinite: {value!r} (data row {row})",
+                "give finite numbers (e.g. seconds since 1970) or datetimes, one per id",
             )
 
         def unordered(value: Any, row: int, count: int) -> DataError:
@@ -209,7 +249,7 @@ def history_checks(f: SequenceFeature, types: dict[str, pl.DataType], where: Whe
                 "sort each row's history by time, oldest first, moving ids, types and timestamps together",
             )
 
-        bad = times.list.eval(pl.element().is_null() | pl.element().is_nan()).list.any()
+        bad = times.list.eval(pl.element().is_null() | ~pl.element().is_finite()).list.any()
         checks.append(RowCheck(bad, raw, not_number))
         checks.append(RowCheck(times.list.eval(pl.element().diff() < 0).list.any(), raw, unordered))
     if f.row_time is not None and not types[f.row_time].is_temporal():

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import polars as pl
 
-from mtlcli.data.checks import ROW_COLUMN, RowCheck, enforce, number_exprs
-from mtlcli.data.scan import Scanned, require_columns, resolve_files, unreadable
+from mtlcli.data.checks import ROW_COLUMN, RowCheck, declared_types, enforce, number_exprs
+from mtlcli.data.scan import Scanned, format_of, require_columns, resolve_files, unreadable
 from mtlcli.errors import DataError
 from mtlcli.recipe.schema import EventsOptions, Recipe
 
@@ -66,7 +66,7 @@ def _scan_events(options: EventsOptions, field: str) -> tuple[pl.LazyFrame, list
     files = _files(options, field)
     parts = []
     for path in files:
-        fmt = "parquet" if path.name.endswith((".parquet", ".pq")) else "csv"
+        fmt = format_of(path)
         try:
             lazy = pl.scan_parquet(path) if fmt == "parquet" else pl.scan_csv(path, infer_schema=False)
             names = lazy.collect_schema().names()
@@ -84,8 +84,10 @@ def _scan_events(options: EventsOptions, field: str) -> tuple[pl.LazyFrame, list
 
 
 def attach_histories(scanned: Scanned, recipe: Recipe) -> Scanned:
-    """The rows with one list column per sequence derived from events (see the module docstring)."""
+    """The rows with one list column per sequence derived from events (see the module docstring),
+    with a warning for each kept event type that never occurs (``declared_types``)."""
     frame = scanned.frame
+    warnings = list(scanned.warnings)
     for name, options in recipe.features.sequences.items():
         events = options.events
         if events is None:
@@ -103,6 +105,8 @@ def attach_histories(scanned: Scanned, recipe: Recipe) -> Scanned:
         enforce(log, _time_checks(events.time, log_schema[events.time], f"{field} (event files)"), scanned.collect)
         if events.types:
             assert events.type is not None
+            seen = scanned.collect(log.select(pl.col(events.type).cast(pl.String).drop_nulls().unique()))
+            warnings += declared_types(f"{field}.types", events.type, events.types, seen.to_series().to_list())
             log = log.filter(pl.col(events.type).cast(pl.String).is_in(events.types))
         log = log.select(
             pl.col(events.user).cast(pl.String).alias(_USER),
@@ -124,4 +128,4 @@ def attach_histories(scanned: Scanned, recipe: Recipe) -> Scanned:
         frame = frame.join(histories, on=ROW_COLUMN, how="left", maintain_order="left").with_columns(
             pl.col(name).fill_null(pl.lit([], dtype=pl.List(pl.String)))
         )
-    return Scanned(frame, scanned.files, scanned.recipe)
+    return Scanned(frame, scanned.files, scanned.recipe, tuple(warnings))

@@ -75,18 +75,37 @@ def source_files(recipe: Recipe) -> list[tuple[str, Path]]:
 # --- opening one file ----------------------------------------------------------------------------
 
 
+PARQUET_MAGIC = b"PAR1"  # the first (and last) four bytes of every Parquet file
+
+
+def is_parquet(path: Path) -> bool:
+    """Whether the file starts with Parquet's magic bytes, whatever its name."""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(4) == PARQUET_MAGIC
+    except OSError:
+        return False
+
+
+def format_of(path: Path, declared: str = "auto") -> str:
+    """``declared`` (data.format), or with ``auto`` Parquet for a ``.parquet``/``.pq`` name or a
+    file starting with Parquet's magic bytes, else CSV."""
+    if declared != "auto":
+        return declared
+    return "parquet" if path.name.endswith((".parquet", ".pq")) or is_parquet(path) else "csv"
+
+
 def file_format(path: Path, recipe: Recipe) -> str:
-    fmt = recipe.data.format
-    if fmt == "auto":
-        fmt = "parquet" if path.name.endswith((".parquet", ".pq")) else "csv"
-    return fmt
+    return format_of(path, recipe.data.format)
 
 
 def unreadable(path: Path, fmt: str, exc: BaseException) -> DataError:
     """The message for a file polars cannot read, with the likely fix."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     hint = "check data.format, data.separator and data.header"
-    if "utf-8" in first.lower() or "utf8" in first.lower():
+    if fmt == "csv" and is_parquet(path):
+        first, hint = "it is a Parquet file (it starts with PAR1)", "set data.format: parquet (or leave it auto)"
+    elif "utf-8" in first.lower() or "utf8" in first.lower():
         first, hint = "it is not UTF-8 text", "convert it to UTF-8 first, e.g. iconv -f latin1 -t utf-8"
     elif "more fields than" in first:
         first, hint = "a row has more fields than the header (ragged rows)", "fix the rows, or check data.separator"
@@ -203,6 +222,7 @@ class Scanned:
     frame: pl.LazyFrame
     files: list[Path]
     recipe: Recipe
+    warnings: tuple[str, ...] = ()  # found while reading: the data works but may not mean what was meant
 
     @property
     def columns(self) -> list[str]:

@@ -17,8 +17,16 @@ from typing import Any
 import polars as pl
 
 from mtlcli.data.batch import SplitTensors
-from mtlcli.data.checks import enforce, number_checks
-from mtlcli.data.encode import GROUP_COLUMN, categorical_expr, group_expr, history_checks, history_exprs, numeric_expr
+from mtlcli.data.checks import declared_types, enforce, number_checks
+from mtlcli.data.encode import (
+    GROUP_COLUMN,
+    categorical_expr,
+    group_expr,
+    history_checks,
+    history_exprs,
+    numeric_expr,
+    type_lists,
+)
 from mtlcli.data.events import attach_histories, event_files
 from mtlcli.data.fit import choose_features, fit_categorical, fit_numeric, fit_sequence, recipe_field, sequence_spec
 from mtlcli.data.labels import LABEL_PREFIX, MASK_PREFIX, label_exprs
@@ -33,7 +41,7 @@ from mtlcli.data.scan import (
     source_files,
     split_rows,
 )
-from mtlcli.data.schema import MISSING_ID, OOV_ID, CategoricalFeature, DataSchema, SplitInfo, TaskInfo
+from mtlcli.data.schema import MISSING_ID, OOV_ID, CategoricalFeature, DataSchema, SequenceFeature, SplitInfo, TaskInfo
 from mtlcli.errors import ArtifactError
 from mtlcli.fileio import atomic_dir, sha256_file_remembered, sha256_json
 from mtlcli.recipe.schema import Recipe
@@ -179,6 +187,7 @@ def preprocess(recipe: Recipe, out_dir: Path, progress: Progress | None = None) 
     for spec in seq_specs:
         checks += history_checks(spec, raw, recipe_field)
     enforce(frame, checks, collect)
+    type_warnings = [*scanned.warnings, *_type_warnings(frame, seq_specs, raw, collect)]
     say("fitting vocabularies and statistics on train")
     cat_specs = fit_categorical(frame, categorical, collect)
     num_specs, empty = fit_numeric(frame, raw, numeric, collect)
@@ -208,12 +217,32 @@ def preprocess(recipe: Recipe, out_dir: Path, progress: Progress | None = None) 
         pl.collect_all(sinks, engine="streaming")
         whole.unlink()
         splits = {split: split_info(path, cat_specs, tasks) for split, path in paths.items()}
-        warnings = data_warnings(splits, tasks, empty)
+        warnings = type_warnings + data_warnings(splits, tasks, empty)
         schema = DataSchema(
             cat_specs, num_specs, tasks, splits, source, key, group=group, warnings=warnings, sequences=seq_specs
         )
         schema.save(tmp / "schema.json")
     return schema
+
+
+def _type_warnings(
+    frame: pl.LazyFrame, specs: list[SequenceFeature], raw: dict[str, pl.DataType], collect: Callable[..., pl.DataFrame]
+) -> list[str]:
+    """``declared_types`` for every history that keeps some behaviour types of its type lists
+    (one pass for all of them)."""
+    typed = [f for f in specs if f.type_column is not None and f.types]
+    if not typed:
+        return []
+    seen = collect(
+        frame.select(
+            type_lists(f, raw, recipe_field).explode().drop_nulls().unique().implode().alias(f.name) for f in typed
+        )
+    )
+    out = []
+    for f in typed:
+        assert f.type_column is not None
+        out += declared_types(recipe_field(f, "types"), f.type_column, f.types, seen.get_column(f.name)[0].to_list())
+    return out
 
 
 def _categorical(scanned: Scanned, feature: CategoricalFeature) -> pl.Expr:

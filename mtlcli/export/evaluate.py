@@ -9,7 +9,7 @@ from typing import Any
 import polars as pl
 
 from mtlcli.export.bundle import load_bundle
-from mtlcli.export.predict import InputFormat, labelled_tensors, open_input, read_chunks
+from mtlcli.export.predict import InputFormat, evaluation_columns, labelled_tensors, open_input, read_chunks
 from mtlcli.train.run import evaluate_loaded
 
 
@@ -22,6 +22,6 @@ def evaluate_bundle(bundle: Path, data: str, batch_size: int = 65536) -> dict[st
     layout = InputFormat.from_recipe(loaded.recipe, loaded.schema, data)
     name = "standard input" if data == "-" else data
     with open_input(data, sys.stdin.buffer) as stream:
-        frame = pl.concat(list(read_chunks(stream, layout, name, 1 << 40)))
+        frame = pl.concat(list(read_chunks(stream, layout, name, 1 << 40, evaluation_columns(loaded.schema))))
     tensors = labelled_tensors(frame, loaded.recipe, loaded.schema)
     return {"data": data, "tasks": evaluate_loaded(loaded, tensors, batch_size)}

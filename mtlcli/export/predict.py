@@ -6,17 +6,20 @@ output frame per input chunk, so memory stays flat however long the input is.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import gzip
 import io
 import itertools
+import json
 import math
 import re
 import shutil
 import tempfile
+import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal, Protocol
 
@@ -27,7 +30,15 @@ from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch, SplitTensors
 from mtlcli.data.checks import ROW_COLUMN, checked_numbers, enforce_frame, number_exprs
-from mtlcli.data.encode import categorical_expr, encode_numeric, group_expr, history_checks, history_exprs
+from mtlcli.data.encode import (
+    categorical_expr,
+    encode_numeric,
+    group_expr,
+    history_checks,
+    history_exprs,
+    input_columns,
+    list_columns,
+)
 from mtlcli.data.labels import LABEL_PREFIX, make_labels
 from mtlcli.data.load import label_mask, sequence_arrays
 from mtlcli.data.scan import require_columns
@@ -54,6 +65,7 @@ class InputFormat:
     strip: bool
     missing: list[str]
     labels: tuple[str, ...] = ()  # columns that header-less rows may leave out
+    lists: dict[str, str] = field(default_factory=dict)  # list columns -> the separator of their text form
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, schema: DataSchema, name: str, header: bool | None = None) -> InputFormat:
@@ -70,7 +82,7 @@ class InputFormat:
         columns = None if (header and not data.header) else data.columns
         labels = tuple(t.column for t in schema.tasks)
         separator = data.separator.strip() or data.separator
-        return cls(fmt, use_header, columns, separator, data.strip, list(data.missing), labels)
+        return cls(fmt, use_header, columns, separator, data.strip, list(data.missing), labels, list_columns(schema))
 
 
 def open_input(source: str | Path, stdin: IO[bytes] | None = None) -> IO[bytes]:
@@ -85,8 +97,33 @@ def open_input(source: str | Path, stdin: IO[bytes] | None = None) -> IO[bytes]:
             raise DataError(f"{source}: input file not found", "give a CSV/Parquet file, or - for standard input")
         stream = path.open("rb")
     if stream.peek(2)[:2] == b"\x1f\x8b":
-        return io.BufferedReader(gzip.GzipFile(fileobj=stream))
+        name = "standard input" if str(source) == "-" else str(source)
+        return io.BufferedReader(_Gunzip(stream, name))
     return stream  # type: ignore[no-any-return]
+
+
+class _Gunzip(io.RawIOBase):
+    """The decompressed bytes of a gzip stream; damaged or truncated gzip data is a DataError
+    naming the input, at the point where it is read."""
+
+    def __init__(self, stream: IO[bytes], name: str) -> None:
+        super().__init__()
+        self._gzip = gzip.GzipFile(fileobj=stream)
+        self._name = name
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        try:
+            data = self._gzip.read1(len(buffer))
+        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+            raise DataError(
+                f"{self._name}: the gzip data is truncated or damaged ({_first_line(exc)})",
+                "compress the file again (gzip -t FILE tests one), or give it uncompressed",
+            ) from None
+        buffer[: len(data)] = data
+        return len(data)
 
 
 def _check_input_columns(names: list[str], only: list[str] | None, source: str) -> None:
@@ -118,6 +155,8 @@ def read_chunks(
         raise DataError(f"--chunk-rows must be at least 1, not {chunk_rows}")
     offset = 0
     peek = getattr(stream, "peek", None)
+    if callable(peek) and peek(3)[:3] == codecs.BOM_UTF8:  # a byte-order mark says UTF-8; it is no value
+        stream.read(3)
     if layout.fmt == "parquet" or (callable(peek) and peek(4)[:4] == b"PAR1"):  # Parquet's magic bytes
         yield from _parquet_chunks(stream, layout, name, chunk_rows, only)
         return
@@ -193,9 +232,10 @@ def _parquet_chunks(
             raise DataError(f"{name}: cannot read it as Parquet: {_first_line(exc)}") from None
         if total == 0:
             raise DataError(f"{name}: the input has no data rows", "give at least one row to score")
-        for start in range(0, total, chunk_rows):
+        step = min(chunk_rows, total)  # a slice longer than the file is refused by polars
+        for start in range(0, total, step):
             try:
-                frame = lazy.slice(start, chunk_rows).collect()
+                frame = lazy.slice(start, step).collect()
             except (pl.exceptions.PolarsError, OSError) as exc:
                 raise DataError(f"{name}: cannot read it as Parquet: {_first_line(exc)}") from None
             yield _clean(frame, layout, start, only)
@@ -204,27 +244,98 @@ def _parquet_chunks(
 def _jsonl_chunks(
     stream: IO[bytes], layout: InputFormat, name: str, chunk_rows: int, only: list[str] | None
 ) -> Iterator[pl.DataFrame]:
-    """JSON lines, ``chunk_rows`` at a time: one object per line, lists as arrays (blank lines
-    are skipped)."""
+    """JSON lines, ``chunk_rows`` at a time: one object per line (blank lines are skipped).
+
+    Each value is read on its own, never typed by its neighbours, so no result depends on the
+    chunking: a list column's value (a history's ids, types or timestamps) is an array, or text
+    with the items between the history's separator; any other value is text, as a CSV cell
+    (numbers written out, true/false); null or a key left out of a row is a missing value. The
+    first row names the columns: it must hold every column that is read (``only``; all of its
+    keys without it)."""
     offset = 0
-    lines = (line for line in stream if line.strip())
+    columns: list[str] | None = None
+    lines = ((number, line) for number, line in enumerate(stream, start=1) if line.strip())
     while True:
         block = list(itertools.islice(lines, chunk_rows))
         if not block:
             break
-        try:
-            frame = pl.read_ndjson(io.BytesIO(b"".join(block)))
-        except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
-            raise DataError(
-                f"{name}: cannot read it as JSON lines (rows {offset + 1}-{offset + len(block)}): {_first_line(exc)}",
-                "give one JSON object per line",
-            ) from None
-        if only is not None:
-            _check_input_columns(frame.columns, only, name)
+        objects = [_json_object(line, number, name) for number, line in block]
+        if columns is None:
+            columns = _first_row_columns(objects[0], only, name, block[0][0])
+        values = {column: [row.get(column) for row in objects] for column in columns}
+        frame = pl.DataFrame(
+            [_json_series(column, values[column], layout, name, block) for column in columns],
+            schema={c: pl.List(pl.String) if c in layout.lists else pl.String for c in columns},
+        )
         yield _clean(frame, layout, offset, only)
         offset += frame.height
     if offset == 0:
         raise DataError(f"{name}: the input has no data rows", "give at least one row to score")
+
+
+def _json_object(line: bytes, number: int, name: str) -> dict[str, Any]:
+    try:
+        value = json.loads(line)
+    except ValueError as exc:  # a JSON error, or bytes that are not UTF-8
+        raise DataError(
+            f"{name}: line {number} is not JSON: {_first_line(exc)}", "give one JSON object per line"
+        ) from None
+    if not isinstance(value, dict):
+        raise DataError(
+            f"{name}: line {number} holds a JSON {type(value).__name__}, not an object",
+            'give one JSON object per line, e.g. {"user": "u1", "hist": ["i3", "i4"]}',
+        )
+    return value
+
+
+def _first_row_columns(first: dict[str, Any], only: list[str] | None, name: str, number: int) -> list[str]:
+    if only is None:
+        return list(first)
+    missing = [c for c in only if c not in first]
+    if missing:
+        raise DataError(
+            f"{name}: the first row (line {number}) has no key {missing[0]!r}{did_you_mean(missing[0], list(first))}",
+            f'the first row names the columns read: write "{missing[0]}": null there for a missing value '
+            "(later rows may leave a key out)",
+        )
+    return list(dict.fromkeys(only))
+
+
+def _json_series(
+    column: str, values: list[Any], layout: InputFormat, name: str, block: list[tuple[int, bytes]]
+) -> pl.Series:
+    """One column of a chunk of JSON objects: text, or lists of text for a list column."""
+    separator = layout.lists.get(column)
+    if separator is None:
+        texts = [_json_text(v, name, block[i][0], column) for i, v in enumerate(values)]
+        return pl.Series(column, texts, pl.String)
+    lists: list[list[str | None] | None] = []
+    for index, value in enumerate(values):
+        line = block[index][0]
+        if isinstance(value, list):
+            lists.append([_json_text(item, name, line, column) for item in value])
+            continue
+        text = _json_text(value, name, line, column)
+        if text is None or (text.strip() if layout.strip else text) in layout.missing:
+            lists.append(None)
+        else:
+            lists.append(list(text.split(separator)))
+    return pl.Series(column, lists, pl.List(pl.String))
+
+
+def _json_text(value: Any, name: str, line: int, column: str) -> str | None:
+    """A JSON scalar as the text a CSV cell would hold (null -> None)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    kind = "an array" if isinstance(value, list) else "an object"
+    raise DataError(
+        f"{name}: line {line}, key {column!r}: holds {kind} where a single value belongs",
+        "give a number, a text or null",
+    )
 
 
 def _parse_csv(
@@ -277,9 +388,7 @@ def encode_inputs(frame: pl.DataFrame, schema: DataSchema) -> Inputs:
     [N, F_num], and with behaviour histories ``sequences`` int64 [N, S, L] and
     ``sequence_lengths`` [N, S] (the caller passes each row's history lists: the bundle holds no
     event log)."""
-    needed = [f.name for f in schema.categorical] + [f.name for f in schema.numeric]
-    needed += [column for f in schema.sequences for column in f.columns().values()]
-    require_columns(frame.columns, needed, "input")
+    require_columns(frame.columns, input_columns(schema), "input")
     n = frame.height
     # every feature in one query
     cats = frame.select([categorical_expr(f, frame.get_column(f.name)) for f in schema.categorical]).get_columns()
@@ -505,10 +614,18 @@ def predict_chunks(
 
 
 def needed_columns(schema: DataSchema, keep: list[str] | None = None, score: ScoreSpec | None = None) -> list[str]:
-    """The input columns prediction reads: the features, then ``--keep`` and the score factor."""
-    features = [f.name for f in schema.categorical] + [f.name for f in schema.numeric]
-    features += [f.column for f in schema.sequences]
-    return [*features, *(keep or []), *([score.factor] if score and score.factor else [])]
+    """The input columns prediction reads: the model's (``input_columns``), then ``--keep`` and the
+    score factor."""
+    return list(
+        dict.fromkeys([*input_columns(schema), *(keep or []), *([score.factor] if score and score.factor else [])])
+    )
+
+
+def evaluation_columns(schema: DataSchema) -> list[str]:
+    """The input columns evaluating a bundle reads: the model's, each task's label and sample-space
+    columns, and data.group."""
+    labels = [c for t in schema.tasks for c in (t.column, t.space_column) if c is not None]
+    return list(dict.fromkeys([*input_columns(schema), *labels, *([schema.group] if schema.group else [])]))
 
 
 def labelled_tensors(frame: pl.DataFrame, recipe: Recipe, schema: DataSchema) -> SplitTensors:

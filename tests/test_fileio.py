@@ -1,0 +1,106 @@
+"""``replace_directory`` (and ``atomic_dir`` on it): a directory is replaced in one step, so a
+reader always finds the old one or the new one, and a failure never leaves less than there was."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from mtlcli import fileio
+from mtlcli.fileio import atomic_dir, replace_directory
+
+
+def directory(path: Path, content: str) -> Path:
+    path.mkdir()
+    (path / "manifest.json").write_text(content)
+    (path / "model.bin").write_text(content * 10)
+    return path
+
+
+def listing(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir())
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "fallback"])
+def test_the_new_directory_takes_the_place_of_the_old(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool
+) -> None:
+    if not exchange:
+        monkeypatch.setattr(fileio, "_exchange", lambda first, second: False)
+    old = directory(tmp_path / "bundle", "old")
+    new = directory(tmp_path / ".bundle.new", "new")
+    replace_directory(new, old)
+    assert (old / "manifest.json").read_text() == "new" and (old / "model.bin").read_text() == "new" * 10
+    assert listing(tmp_path) == ["bundle"], "neither the new name nor the old contents are left behind"
+
+
+def test_a_missing_target_is_simply_created(tmp_path: Path) -> None:
+    new = directory(tmp_path / ".new", "new")
+    replace_directory(new, tmp_path / "bundle")
+    assert listing(tmp_path) == ["bundle"] and (tmp_path / "bundle" / "manifest.json").read_text() == "new"
+
+
+def test_a_failed_move_puts_the_old_directory_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the exchange, a failure of the second rename restores the old directory."""
+    monkeypatch.setattr(fileio, "_exchange", lambda first, second: False)
+    old = directory(tmp_path / "bundle", "old")
+    new = directory(tmp_path / ".bundle.new", "new")
+    real = os.replace
+    calls = []
+
+    def failing(source: object, target: object) -> None:
+        calls.append((source, target))
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device", str(target))
+        real(source, target)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fileio.os, "replace", failing)
+    with pytest.raises(OSError, match="No space left"):
+        replace_directory(new, old)
+    assert (old / "manifest.json").read_text() == "old" and (new / "manifest.json").read_text() == "new"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux's")
+def test_a_reader_never_finds_the_directory_missing(tmp_path: Path) -> None:
+    """A reader polling the directory during 200 replacements always finds a complete one (with
+    rename-aside/rename-in it finds none now and then)."""
+    target = directory(tmp_path / "bundle", "0")
+    if not fileio._exchange(directory(tmp_path / "probe", "p"), target):
+        pytest.skip("this file system has no atomic exchange")
+    fileio._exchange(tmp_path / "probe", target)
+    seen: list[str] = []
+    missing = []
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            try:
+                seen.append((target / "manifest.json").read_text())
+            except FileNotFoundError:
+                missing.append(1)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for version in range(1, 201):
+            with atomic_dir(target) as tmp:
+                (tmp / "manifest.json").write_text(str(version))
+    finally:
+        done.set()
+        reader.join()
+    assert not missing, f"the directory was missing {len(missing)} times out of {len(seen) + len(missing)}"
+    assert (target / "manifest.json").read_text() == "200"
+    assert listing(tmp_path) == ["bundle", "probe"]
+
+
+def test_a_failure_while_building_leaves_the_old_directory(tmp_path: Path) -> None:
+    target = directory(tmp_path / "bundle", "old")
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "manifest.json").write_text("half")
+        raise RuntimeError("the export failed")
+    assert (target / "manifest.json").read_text() == "old"
+    assert listing(tmp_path) == ["bundle"]
