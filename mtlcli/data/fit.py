@@ -24,9 +24,10 @@ TRAIN = pl.col(SPLIT_COLUMN) == 0
 
 def choose_features(
     frame: pl.LazyFrame, recipe: Recipe, collect: Collect
-) -> tuple[dict[str, CategoricalOptions], dict[str, NumericOptions]]:
-    """(categorical, numeric) input columns with their options: never labels, the split column or
-    excluded columns.
+) -> tuple[dict[str, CategoricalOptions], dict[str, NumericOptions], list[str]]:
+    """(categorical, numeric) input columns with their options, and warnings: never labels, the
+    split column or excluded columns; the labels of tasks no longer in the recipe
+    (``features.other_labels``) only when listed by name, each one left out named in a warning.
 
     Names in ``numeric``, ``categorical`` and ``exclude`` may be glob patterns (``numerical_*``).
     ``auto`` numeric means every remaining column whose values are all numbers (one streaming
@@ -42,9 +43,14 @@ def choose_features(
     if isinstance(recipe.data.split, ColumnSplit):
         reserved.add(recipe.data.split.column)
     excluded = set(expand_columns(columns, feats.exclude, "features.exclude"))
+    by_name = {name for listed in (feats.categorical, feats.numeric) if isinstance(listed, dict) for name in listed}
+    withheld = {c for c in columns if c in feats.other_labels and c not in reserved | excluded | by_name}
+    reserved |= withheld
     listed_cat: dict[str, str] = {}
+    wanted = set(withheld) if "auto" in (feats.categorical, feats.numeric) else set()  # by auto or a pattern
     if isinstance(feats.categorical, dict):
         chosen = expand_columns(columns, list(feats.categorical), "features.categorical")
+        wanted |= withheld & set(chosen)
         listed_cat = {c: src for c, src in chosen.items() if c == src or c not in reserved}  # patterns skip labels
     for name in listed_cat:
         if name in excluded:
@@ -54,6 +60,7 @@ def choose_features(
     numeric: dict[str, NumericOptions] = {}
     if isinstance(feats.numeric, dict):
         chosen = expand_columns(columns, list(feats.numeric), "features.numeric")
+        wanted |= withheld & set(chosen)
         for name, src in chosen.items():
             if src != name and name in reserved:
                 continue
@@ -71,7 +78,13 @@ def choose_features(
         categorical = {c: defaults.categorical for c in free if c not in numeric}
     if not categorical and not numeric:
         raise DataError("features: no input columns are left", "list numeric/categorical features or shorten 'exclude'")
-    return categorical, numeric
+    warnings = [
+        f"column {name!r} is the label or space of a task not in this recipe (features.other_labels): it is not"
+        " an input; to use it as one, list it by name under features.categorical or features.numeric"
+        for name in columns
+        if name in wanted
+    ]
+    return categorical, numeric, warnings
 
 
 def _all_numbers(frame: pl.LazyFrame, schema: dict[str, pl.DataType], names: list[str], collect: Collect) -> list[str]:

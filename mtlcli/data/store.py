@@ -87,9 +87,11 @@ def data_key(recipe: Recipe) -> tuple[str, dict[str, Any]]:
     }
     # pos_weight shapes the loss, not the data: left out so that changing it reuses the cache
     tasks = {name: {k: v for k, v in task.items() if k != "pos_weight"} for name, task in spec["tasks"].items()}
+    # features.other_labels likewise while empty
+    features = {k: v for k, v in spec["features"].items() if not (k == "other_labels" and not v)}
     key_input = {
         "data": data_part,
-        "features": spec["features"],
+        "features": features,
         "tasks": tasks,
         "files": [f["sha256"] for f in files],
         "format": FORMAT,
@@ -176,7 +178,7 @@ def preprocess(recipe: Recipe, out_dir: Path, progress: Progress | None = None) 
     split_rows(scanned)
     say("checking every row")
     labels, checks = label_exprs(frame, recipe, collect)
-    categorical, numeric = choose_features(frame, recipe, collect)
+    categorical, numeric, withheld = choose_features(frame, recipe, collect)
     raw = scanned.schema
     for name in numeric:
         checks += number_checks(name, raw[name], f"features.numeric.{name}")
@@ -217,7 +219,7 @@ def preprocess(recipe: Recipe, out_dir: Path, progress: Progress | None = None) 
         pl.collect_all(sinks, engine="streaming")
         whole.unlink()
         splits = {split: split_info(path, cat_specs, tasks) for split, path in paths.items()}
-        warnings = type_warnings + data_warnings(splits, tasks, empty)
+        warnings = withheld + type_warnings + data_warnings(splits, tasks, empty)
         schema = DataSchema(
             cat_specs, num_specs, tasks, splits, source, key, group=group, warnings=warnings, sequences=seq_specs
         )

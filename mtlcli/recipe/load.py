@@ -149,19 +149,57 @@ def recipe_from_text(
     text: str, source: str = "<recipe>", overrides: Sequence[str] = (), base_dir: Path | None = None
 ) -> Recipe:
     data, lines = parse_yaml(text, source)
-    data = _resolve_extends(data, source, base_dir or Path.cwd(), [source])
+    named = _task_columns(data)
+    data = _resolve_extends(data, source, base_dir or Path.cwd(), [source], named)
+    named |= _task_columns(data)
     set_paths = apply_overrides(data, overrides)
+    _record_other_labels(data, named)
     return validate_recipe(data, source, lines, set_paths)
+
+
+def _task_columns(data: dict[str, Any]) -> set[str]:
+    """The label and space columns the raw ``tasks`` section names (in any of their forms)."""
+    tasks = data.get("tasks")
+    found: set[str] = set()
+    for spec in tasks.values() if isinstance(tasks, dict) else ():
+        label = spec.get("label") if isinstance(spec, dict) else None
+        space = spec.get("space") if isinstance(spec, dict) else None
+        for column in (label.get("column") if isinstance(label, dict) else label, _column_of(space)):
+            if isinstance(column, str):
+                found.add(column)
+    return found
+
+
+def _column_of(space: Any) -> Any:
+    """The column of a space given as ``{column: ...}`` (a bare name is a task, not a column)."""
+    return space.get("column") if isinstance(space, dict) else None
+
+
+def _record_other_labels(data: dict[str, Any], named: set[str]) -> None:
+    """Add to ``features.other_labels`` the label and space columns that ``named`` (every task
+    of the file, its parents and the data before --set) holds and the tasks now do not: without
+    their task they would otherwise become inputs of ``auto`` features."""
+    gone = named - _task_columns(data)
+    if not gone:
+        return
+    features = data.setdefault("features", {})
+    given = features.get("other_labels", []) if isinstance(features, dict) else None
+    given = [given] if isinstance(given, str) else given
+    if isinstance(given, list):
+        features["other_labels"] = [*given, *sorted(gone - set(given))]
 
 
 REPLACED_WHOLE = ("model", "loss")
 TASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")  # module keys, output columns, --score terms
 
 
-def _resolve_extends(data: dict[str, Any], source: str, base_dir: Path, chain: list[str]) -> dict[str, Any]:
+def _resolve_extends(
+    data: dict[str, Any], source: str, base_dir: Path, chain: list[str], named: set[str]
+) -> dict[str, Any]:
     """``extends: other.yaml`` (relative to this recipe's directory): start from that recipe and
     overlay this one. Mappings merge key by key; lists and scalars replace; the ``model`` and
-    ``loss`` sections replace the parent's whole (a scheme's parameters never mix with another's)."""
+    ``loss`` sections replace the parent's whole (a scheme's parameters never mix with another's).
+    Adds to ``named`` the label and space columns of every parent's tasks."""
     parent_ref = data.pop("extends", None)
     if parent_ref is None:
         return data
@@ -176,7 +214,8 @@ def _resolve_extends(data: dict[str, Any], source: str, base_dir: Path, chain: l
         raise RecipeError(source, [RecipeIssue("extends", f"recipe not found: {parent_ref} (relative to {base_dir})")])
     parent_text, parent_source = read_recipe_text(parent_path)
     parent, _ = parse_yaml(parent_text, parent_source)
-    parent = _resolve_extends(parent, parent_source, parent_path.parent, [*chain, str(parent_path)])
+    named |= _task_columns(parent)
+    parent = _resolve_extends(parent, parent_source, parent_path.parent, [*chain, str(parent_path)], named)
     for section in REPLACED_WHOLE:
         if section in data:
             parent.pop(section, None)

@@ -303,6 +303,10 @@ class FeaturesSection(Strict):
     exclude: StrList = []
     defaults: FeatureDefaults = FeatureDefaults()
     sequences: dict[str, SequenceOptions] = {}
+    # labels and space columns of tasks that are not in the recipe (the loader adds those of the
+    # tasks its file, an ``extends`` parent or --set named before): ``auto`` and patterns never
+    # take them as inputs (preprocessing warns); listed by name under numeric/categorical they are
+    other_labels: StrList = []
 
     @model_validator(mode="after")
     def _check(self) -> FeaturesSection:
