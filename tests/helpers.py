@@ -2,10 +2,37 @@
 
 from __future__ import annotations
 
-import torch
+import subprocess
+import sys
+from pathlib import Path
 
+import torch
+from typer.testing import CliRunner, Result
+
+from mtlcli.cli.app import app
 from mtlcli.data.batch import SplitTensors
 from mtlcli.models import InputSpec
+
+runner = CliRunner()
+
+
+def invoke(*args: str | Path, input: str | bytes | None = None) -> Result:
+    """``mtl ARGS`` in this process: its exit code, and its stdout and stderr apart."""
+    return runner.invoke(app, [str(a) for a in args], input=input)
+
+
+def mtl(
+    *args: str | Path, cwd: Path, stdin: int | None = None, stdout: int | None = subprocess.PIPE
+) -> subprocess.Popen[str]:
+    """``mtl ARGS`` started as its own process in ``cwd`` (``python -m mtlcli``), stderr piped, text."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "mtlcli", *map(str, args)],
+        cwd=cwd,
+        text=True,
+        stdin=stdin,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+    )
 
 
 def click_buy_split(inputs: InputSpec, n: int, seed: int, every: int, buy_space: bool = False) -> SplitTensors:

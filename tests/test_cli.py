@@ -15,13 +15,14 @@ import pytest
 import torch
 import yaml
 from typer.main import get_command
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
 from mtlcli import __version__
 from mtlcli.cli.app import app
 from mtlcli.export.bundle import load_bundle
 from mtlcli.recipe import load_recipe
 from mtlcli.train.run import load_run
+from tests.helpers import invoke
 
 ROWS = 300
 EPOCHS = 2
@@ -34,8 +35,6 @@ RUN_FILES = {
     "checkpoint.safetensors",
 }
 BUNDLE_FILES = {"model.safetensors", "recipe.yaml", "schema.json", "manifest.json"}
-
-runner = CliRunner()
 
 
 def write_tiny_data(path: Path) -> Path:
@@ -73,10 +72,6 @@ def recipe(work: Path) -> Path:
     path = work / "tiny.yaml"
     path.write_text(recipe_text(source, work / "cache"), encoding="utf-8")
     return path
-
-
-def invoke(*args: str | Path, input: str | None = None) -> Result:
-    return runner.invoke(app, [str(a) for a in args], input=input)
 
 
 def succeeded(result: Result) -> Result:

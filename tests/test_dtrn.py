@@ -154,7 +154,9 @@ def test_explain_averages_the_refinement_per_input_and_compares_interests() -> N
     m = model()
     report = representation_report(m, data, 16, *names)
     assert report is not None
-    weights = m.refinements(b)["refine.buy"].double().mean(0)  # [2*4 + 2*4 + 2]
+    refine = m.refinements(b)[1].refine
+    assert refine is not None
+    weights = refine.double().mean(0)  # buy's: [2*4 + 2*4 + 2]
     assert report["refine"]["buy"]["other"] == pytest.approx(float(weights[4:8].mean()), abs=1e-6)
     assert report["refine"]["buy"]["buys"] == pytest.approx(float(weights[12:16].mean()), abs=1e-6)
     assert report["refine"]["buy"]["n2"] == pytest.approx(float(weights[17]), abs=1e-6)

@@ -22,23 +22,11 @@ from typer.testing import CliRunner
 
 from mtlcli.cli.app import app
 from mtlcli.fileio import to_json
+from tests.helpers import mtl
 from tests.test_bad_inputs import GOOD, good_data
 
 runner = CliRunner()
 FULL = Path("/dev/full")
-
-
-def mtl(
-    *args: str | Path, cwd: Path, stdin: int | None = None, stdout: int | None = subprocess.PIPE
-) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "mtlcli", *map(str, args)],
-        cwd=cwd,
-        text=True,
-        stdin=stdin,
-        stdout=stdout,
-        stderr=subprocess.PIPE,
-    )
 
 
 @pytest.fixture(scope="module")

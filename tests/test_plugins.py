@@ -14,16 +14,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from mtlcli.cli.app import app
 from mtlcli.models import SCHEMES
 from mtlcli.registry_loader import WEIGHTING_PLUGINS, load_plugins
 from mtlcli.weighting import WEIGHTINGS
 from tests import test_models as contract
+from tests.helpers import invoke
 from tests.test_bad_inputs import GOOD, good_data
-
-runner = CliRunner()
 
 TOY_SCHEME = textwrap.dedent(
     '''
@@ -125,17 +122,17 @@ def test_a_new_gated_scheme_trains_explains_exports_and_predicts(
     (tmp_path / "data.csv").write_text(good_data())
     recipe = {**GOOD, "model": {"scheme": toy_scheme, "embedding_dim": 2, "units": 4}}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    trained = runner.invoke(app, ["train", "recipe.yaml", "--out", "run", "--quiet"])
+    trained = invoke("train", "recipe.yaml", "--out", "run", "--quiet")
     assert trained.exit_code == 0, trained.output
-    explained = runner.invoke(app, ["explain", "run", "--json"])
+    explained = invoke("explain", "run", "--json")
     assert explained.exit_code == 0, explained.output
     gates = json.loads(explained.stdout)["gates"]
     assert gates["gate"]["experts"] == ["wide", "narrow"]  # the scheme's own names for its experts
     assert set(gates["gate"]["weights"]) == {"click", "buy"}
-    exported = runner.invoke(app, ["export", "run", "--out", "bundle", "--format", "onnx"])
+    exported = invoke("export", "run", "--out", "bundle", "--format", "onnx")
     assert exported.exit_code == 0, exported.output
     for engine in ("torch", "onnxruntime"):
-        scored = runner.invoke(app, ["predict", "bundle", "--input", "data.csv", "--engine", engine])
+        scored = invoke("predict", "bundle", "--input", "data.csv", "--engine", engine)
         assert scored.exit_code == 0, scored.output
         assert scored.stdout.splitlines()[0] == "click,buy" and len(scored.stdout.splitlines()) == 81
 

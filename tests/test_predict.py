@@ -15,9 +15,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from typer.testing import CliRunner, Result
 
-from mtlcli.cli.app import app
 from mtlcli.errors import MtlError
 from mtlcli.export.bundle import load_bundle
 from mtlcli.export.predict import InputFormat, encode_inputs, parse_score, read_chunks
@@ -27,18 +25,14 @@ from mtlcli.train.metrics import auc
 from mtlcli.train.run import encoded_data, load_run, train_run
 
 from .conftest import CENSUS, REPO
+from .helpers import invoke
 from .numerics import assert_kernel_close
 
 # Predictions at other chunkings, through ONNX, and from `mtl eval` run other float32 kernels:
 # compared with the kernel bound, and run under other kernel choices too.
 pytestmark = pytest.mark.numerics
 
-runner = CliRunner()
 TASKS = ["income", "marital"]
-
-
-def invoke(*args: str | Path, input: str | bytes | None = None) -> Result:
-    return runner.invoke(app, [str(a) for a in args], input=input)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,18 +19,9 @@ from mtlcli.models.blocks import use_sparse_rows
 from mtlcli.recipe.schema import EarlyStopping, TrainSection
 from mtlcli.train.loop import FitResult, NullObserver, TrainingDiverged, fit
 from mtlcli.weighting import WEIGHTINGS, build_weighting
+from tests.helpers import mtl
 
 SETTINGS = ["train.epochs=4", "train.early_stopping=null", "train.threads=1"]
-
-
-def mtl(*args: str | Path, cwd: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "mtlcli", *map(str, args)],
-        cwd=cwd,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
 
 
 # streamed in windows of 8,192 rows (the census train split has 59,856), checkpointed mid-epoch

@@ -35,12 +35,13 @@ def representation_report(
     rows = 0
     for batch in data.batches(batch_size):
         shown = of(batch)
-        for task in tasks:
-            if f"refine.{task}" in shown:
-                total = shown[f"refine.{task}"].double().sum(0)
-                sums[task] = sums[task] + total if task in sums else total
-        if histories and all(f"interest.{t}" in shown for t in tasks):
-            interests = torch.stack([shown[f"interest.{t}"].double() for t in tasks], 1)  # [B, T, S, d]
+        for part in shown:
+            if part.refine is not None:
+                total = part.refine.double().sum(0)
+                sums[part.task] = sums[part.task] + total if part.task in sums else total
+        interest = [part.interest for part in shown if part.interest is not None]
+        if histories and len(interest) == len(tasks):
+            interests = torch.stack([i.double() for i in interest], 1)  # [B, T, S, d]
             unit = interests / interests.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             present = interests.norm(dim=-1).gt(0).all(1)  # [B, S]
             pair = torch.einsum("bisd,bjsd->bsij", unit, unit)  # [B, S, T, T]

@@ -13,7 +13,7 @@ from mtlcli.data.batch import Batch
 from mtlcli.data.source import BatchSource
 from mtlcli.errors import MtlError
 from mtlcli.models.blocks import ExpertKind, SequenceInput, check_expert_kinds
-from mtlcli.models.views import Introspection, SharedRepresentation
+from mtlcli.models.views import Introspection, SharedRepresentation, TaskRepresentation
 from mtlcli.registry import Component, Registry
 
 if TYPE_CHECKING:
@@ -49,9 +49,8 @@ class Capabilities:
     - ``masks()``: each task's binary masks over the shared network's weights (sparse sharing);
     - ``search(train, batch_size, lr, seed)``: finds the scheme's structure before training;
     - ``baseline``: nothing is shared; the single-task baseline that MTL gain is measured against;
-    - ``task_representations(batch)``: what each task's own bottom made of a batch (DTRN:
-      ``refine.<task>`` weights [B, width] over the representation's elements, ``interest.<task>``
-      [B, S, d] per behaviour type), for explain;
+    - ``task_representations(batch)``: what each task's own bottom made of a batch
+      (``TaskRepresentation``, DTRN's), for explain;
     - ``shared_representation``: the representation z every task reads (``SharedRepresentation``),
       which MGDA-UB needs; None when each task has its own bottom (DTRN);
     - ``step(parts)``: the scheme's own training step (``mtlcli.train.step``), made from the
@@ -62,7 +61,7 @@ class Capabilities:
     masks: Callable[[], dict[str, list[Tensor]]] | None = None
     search: Callable[[BatchSource, int, float, int], None] | None = None
     baseline: bool = False
-    task_representations: Callable[[Batch], dict[str, Tensor]] | None = None
+    task_representations: Callable[[Batch], list[TaskRepresentation]] | None = None
     shared_representation: SharedRepresentation | None = None
     step: Callable[[StepParts], Step] | None = None
 

@@ -45,7 +45,7 @@ from mtlcli.data.batch import Batch
 from mtlcli.errors import MtlError
 from mtlcli.models.base import Capabilities, Dropout, InputSpec, ModelParams, group_by_prefix, register_scheme
 from mtlcli.models.blocks import AttentionPooling, FeatureEmbedding, last_linear, mlp
-from mtlcli.models.views import Introspection
+from mtlcli.models.views import Introspection, TaskRepresentation
 
 NORMS = 2  # layer norms in the transformer layer: after attention, after the feed-forward network
 
@@ -213,15 +213,19 @@ class DTRN(nn.Module):
         return Introspection()
 
     @torch.no_grad()
-    def refinements(self, batch: Batch) -> dict[str, Tensor]:
-        """Each task's TRM weights [B, width] (one per element of raw_t), and with histories each
-        task's interests [B, S, d] (``interest.<task>``)."""
+    def refinements(self, batch: Batch) -> list[TaskRepresentation]:
+        """Each task's TRM weights [B, width] (one per element of raw_t), and with histories its
+        interests [B, S, d]."""
         self(batch)
-        out = {f"refine.{t}": w for t, w in self.last_refine.items()}
-        if self.interest is not None and self.interest.last_interest is not None:
-            for k, task in enumerate(self.tasks):
-                out[f"interest.{task}"] = self.interest.last_interest[:, k]
-        return out
+        interests = self.interest.last_interest if self.interest is not None else None
+        return [
+            TaskRepresentation(
+                task,
+                self.last_refine[task] if self.refine else None,
+                interests[:, k] if interests is not None else None,
+            )
+            for k, task in enumerate(self.tasks)
+        ]
 
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
         return group_by_prefix(self, {t: [f"refiners.{t}.", f"towers.{t}."] for t in self.tasks})

@@ -1,5 +1,6 @@
 """What a scheme lets others see of its inside: its gates and cross-stitch matrices as typed records
-(``introspect``, for the reports) and its shared representation (for MGDA-UB)."""
+(``introspect``, for the reports), what each task's own bottom made of a batch (DTRN) and its shared
+representation (for MGDA-UB)."""
 
 from __future__ import annotations
 
@@ -64,6 +65,17 @@ class AlphaRecord:
 
     layer: str
     matrix: Tensor
+
+
+@dataclass(frozen=True)
+class TaskRepresentation:
+    """What task ``task``'s own bottom made of a batch (DTRN): its refinement weights [B, width],
+    one per element of its representation (None without refinement), and its interest in each
+    behaviour history [B, S, d] (None without histories)."""
+
+    task: str
+    refine: Tensor | None
+    interest: Tensor | None
 
 
 @dataclass(frozen=True)
