@@ -559,6 +559,22 @@ CASES = [
         args=["--force"],
         damage=lambda run: _occupy(run.parent / "other"),
     ),
+    # --- the training wing: its command line, trackers and run directory (issue 24) ---
+    Case("--port without --nproc", "--port is where the --nproc processes meet", args=["--port", "29999"]),
+    Case("far more processes than cores", "each process holds a model and its data", args=["--nproc", "100000"]),
+    Case(
+        "a misspelt tracker",
+        "unknown tracker 'tensorbord' (did you mean 'tensorboard'?)",
+        recipe=patched(setting("train.loggers", ["tensorbord"])),
+    ),
+    Case(
+        "resume with a tensorboard folder it cannot write",
+        "tensorboard cannot write its event files",
+        kind="artifact",
+        command="resume",
+        args=["--set", "train.loggers=[tensorboard]", "--set", "train.epochs=3"],
+        damage=lambda run: (run / "tensorboard").write_text("not a folder"),
+    ),
     Case(
         "resume without a checkpoint",
         "no checkpoint to resume from",

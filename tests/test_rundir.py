@@ -191,3 +191,23 @@ def test_the_end_of_training_table_keeps_every_name_in_a_narrow_terminal() -> No
     assert "…" not in text
     for name in ["click_through", "purchase_after_click", *metrics]:
         assert name in text.replace("\n", "").replace("│", "").replace(" ", "") or name in text
+
+
+def test_a_rank_trains_the_plan_it_is_handed_and_reads_no_recipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `mtl train --nproc` hands its ranks: the plan, resolved once; a rank works nothing out again."""
+    import json
+
+    from mtlcli.recipe import load_recipe
+    from mtlcli.train.plan import PLAN_VARIABLE, Plan, resolve_plan
+
+    recipe = tiny_recipe(tmp_path)
+    plan = resolve_plan(load_recipe(str(recipe)), tmp_path / "run", experiment="tiny")
+    assert Plan.from_json(plan.to_json()).to_json() == plan.to_json()
+    plan.write(tmp_path / "plan.json")
+    recipe.unlink()  # a rank that read the recipe again would stop here
+    monkeypatch.setenv(PLAN_VARIABLE, str(tmp_path / "plan.json"))
+    result = invoke("train", recipe, "--out", tmp_path / "ignored", "--quiet", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["run_dir"] == str(tmp_path / "run") and not (tmp_path / "ignored").exists()

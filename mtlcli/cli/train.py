@@ -73,12 +73,14 @@ def command(
 
         plan = rank_plan(settings, nproc, distributed.SINGLE)
         with TemporaryDirectory(prefix=".mtl-plan-") as folder:
-            os.environ[PLAN_VARIABLE] = str(Path(folder) / "plan.json")
-            assert plan is not None
-            plan.write(Path(os.environ[PLAN_VARIABLE]))
+            plan.write(Path(folder) / "plan.json")
+            os.environ[PLAN_VARIABLE] = str(Path(folder) / "plan.json")  # the ranks inherit it
             flags = ["--quiet"] * quiet + ["--json"] * as_json + ["--resume"] * resume  # --set: for its hint
             sets = [part for item in overrides or [] for part in ("--set", item)]
-            code = launch(nproc, ["train", recipe, "--out", str(out), *flags, *sets], port)
+            try:
+                code = launch(nproc, ["train", recipe, "--out", str(out), *flags, *sets], port)
+            finally:
+                del os.environ[PLAN_VARIABLE]
         if code:
             raise typer.Exit(code)
         return

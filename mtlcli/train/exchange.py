@@ -49,6 +49,8 @@ class Exchange:
     def backward(self, strategy: WeightingStrategy, losses: Tensor, model: nn.Module) -> Tensor:
         """The strategy's backward pass, then every gradient made the one-process step's; returns
         the strategy's weights [T]."""
+        if not self.ranks.active:
+            return strategy.backward(losses, model)
         with distributed.across(self.ranks):
             weights = strategy.backward(losses, model)
         if self.ddp and not self.checked:  # on the first step of this process (a resumed run's too)

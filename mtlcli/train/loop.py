@@ -230,12 +230,12 @@ def build_parts(
     types: list[str],
     steps_per_epoch: int,
     pos_weight: Tensor | None = None,
-    dense: torch.optim.Optimizer | None = None,
     strategy_lr: float | None = None,
     exchange: Exchange | None = None,
+    dense: torch.optim.Optimizer | None = None,
 ) -> StepParts:
-    """The components a step works with: the run's optimizer (around ``dense``, a checkpoint's
-    torch optimizer, when given) and the exchange (given by the run, else chosen from the ranks
+    """The components a step works with: the run's optimizer (around ``dense``, a torch optimizer
+    made by the caller, when given) and the exchange (given by the run, else chosen from the ranks
     this process joined and the strategy's declared capabilities)."""
     if strategy.capabilities.needs_representation:
         enable_representation(model)
@@ -269,9 +269,8 @@ def fit(
 
     Pass the dense ``optimizer`` and ``state`` of a checkpoint to continue an interrupted run.
     """
-    parts = build_parts(
-        model, strategy, settings, tasks, types, train.steps(settings.batch_size), pos_weight, optimizer
-    )
+    steps = train.steps(settings.batch_size)
+    parts = build_parts(model, strategy, settings, tasks, types, steps, pos_weight, dense=optimizer)
     return train_loop(parts, make_step(parts), train, valid, types, observer, state or LoopState(), stop_requested)
 
 

@@ -43,6 +43,7 @@ class Plan:
     shards: int
     identity: dict[str, str]
     experiment: str
+    resumed_at: tuple[int, int] | None = None  # on --resume: the checkpoint's epoch and step
 
     def to_json(self) -> str:
         return to_json(
@@ -56,6 +57,7 @@ class Plan:
                 "shards": self.shards,
                 "identity": self.identity,
                 "experiment": self.experiment,
+                "resumed_at": self.resumed_at,
             }
         )  # fmt: skip
 
@@ -75,6 +77,7 @@ class Plan:
             spec["shards"],
             spec["identity"],
             spec["experiment"],
+            tuple(spec["resumed_at"]) if spec["resumed_at"] is not None else None,  # type: ignore[arg-type]
         )
 
     def write(self, path: Path) -> None:
@@ -110,9 +113,12 @@ def resolve_plan(
     saved = read_checkpoint_identity(place.work / CHECKPOINT) if resume else {}
     shards = stream_shards(settings.shards, world, saved)
     identity = run_identity(recipe, prepared.schema, shards)
+    resumed_at = None
     if resume:
         check_resumable(place.work, saved, identity)
-    return Plan(recipe, place, prepared, device, world, shards, identity, name)
+        loop = json.loads(saved.get("loop", "{}"))
+        resumed_at = (int(loop.get("epoch", 1)), int(loop.get("step", 0)))
+    return Plan(recipe, place, prepared, device, world, shards, identity, name, resumed_at)
 
 
 def check_batch_split(batch_size: int, processes: int, shards: int | str = "auto") -> None:

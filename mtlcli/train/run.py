@@ -32,7 +32,7 @@ from mtlcli.train.checkpoint import LoadedModel, input_spec, load_checkpoint, lo
 from mtlcli.train.exchange import Exchange
 from mtlcli.train.loop import LoopState, build_parts, evaluate, make_step, train_loop
 from mtlcli.train.observers import Observer, Observers
-from mtlcli.train.optimizer import TrainingOptimizer, make_optimizer
+from mtlcli.train.optimizer import TrainingOptimizer
 from mtlcli.train.plan import Plan, resolve_plan
 from mtlcli.train.rundir import CHECKPOINT, GRADIENTS, claimed
 from mtlcli.train.rundir import EXPLAINED as EXPLAINED  # the run files other commands read
@@ -142,40 +142,28 @@ def run_plan(
     torch.set_num_threads(choose_threads(settings.threads, model))
     strategy = build_weighting(recipe.loss.weighting, recipe.loss.params, tasks)
     own = list(strategy.capabilities.parameters)
-    dense = make_optimizer(settings, list(model.parameters()), own, recipe.loss.params.own_lr())
     device = rank_device(plan.device)
     pos_weight = pos_weight_tensor(recipe)
     pos_weight = pos_weight.to(device) if pos_weight is not None else None
     steps = train_data.steps(settings.batch_size)
     with claimed(place) if ranks.writes else nullcontext():
-        resumed_at = _resumed_at(place.work) if place.resume else None
-        trackers = _trackers(plan, resumed_at, steps, tracker_params) if ranks.writes else []  # before any file
+        trackers = _trackers(plan, steps, tracker_params) if ranks.writes else []  # before any file is touched
         try:
+            search = scheme(model).capabilities.search  # schemes that find their structure first
+            if search is not None and not place.resume:
+                search(train_data, settings.batch_size, settings.lr, settings.seed)
+            to_device(model, own, device)  # before the optimizer's state is loaded next to them
+            own_lr = recipe.loss.params.own_lr()  # the weighting's own parameters' learning rate
+            exchange = Exchange.choose(ranks, strategy)
+            parts = build_parts(model, strategy, settings, tasks, types, steps, pos_weight, own_lr, exchange)
             state = None
             if place.resume:
-                to_device(model, own, device)  # before the optimizer's state is loaded next to them
-                state = _resume_state(place.work, model, dense, strategy, ranks.writes)
-            else:
-                search = scheme(model).capabilities.search  # schemes that find their structure first
-                if search is not None:
-                    search(train_data, settings.batch_size, settings.lr, settings.seed)
-                to_device(model, own, device)
+                state = _resume_state(place.work, model, parts.optimizer, strategy, ranks.writes)
             if ranks.writes:
                 write_text(place.work / "recipe.yaml", recipe_to_yaml(recipe))
                 schema.save(place.work / "schema.json")
                 writer = RunWriter(place.work, recipe, schema, plan.identity)
                 observers = [writer, *trackers, *observers]
-            parts = build_parts(
-                model,
-                strategy,
-                settings,
-                tasks,
-                types,
-                steps,
-                pos_weight,
-                dense,
-                exchange=Exchange.choose(ranks, strategy),
-            )
             result = train_loop(
                 parts, make_step(parts), train_data, valid_data, types,
                 Observers(observers if ranks.writes else []), state or LoopState(), stop_requested,
@@ -214,21 +202,13 @@ def run_plan(
     return summary
 
 
-def _trackers(
-    plan: Plan, resumed_at: tuple[int, int] | None, steps: int, params: dict[str, str] | None
-) -> list[Tracker]:
+def _trackers(plan: Plan, steps: int, params: dict[str, str] | None) -> list[Tracker]:
     """The run's trackers, started before any file of the run is touched."""
     place = plan.place
-    setup = TrackerSetup(place.work, place.path.name, plan.recipe, plan.experiment, resumed_at, steps, params or {})
+    setup = TrackerSetup(
+        place.work, place.path.name, plan.recipe, plan.experiment, plan.resumed_at, steps, params or {}
+    )
     return open_trackers(plan.recipe.train.loggers, setup)
-
-
-def _resumed_at(run_dir: Path) -> tuple[int, int]:
-    """The epoch and step the checkpoint of ``run_dir`` continues from."""
-    from mtlcli.train.checkpoint import read_checkpoint_identity
-
-    loop = json.loads(read_checkpoint_identity(run_dir / CHECKPOINT).get("loop", "{}"))
-    return int(loop.get("epoch", 1)), int(loop.get("step", 0))
 
 
 def model_inputs(schema: DataSchema) -> dict[str, list[str]]:
@@ -277,11 +257,11 @@ def split_source(
 
 
 def _resume_state(
-    run_dir: Path, model: nn.Module, dense: torch.optim.Optimizer, strategy: WeightingStrategy, writes: bool
+    run_dir: Path, model: nn.Module, optimizer: TrainingOptimizer, strategy: WeightingStrategy, writes: bool
 ) -> LoopState:
     """The checkpoint's state loaded into the model, optimizer and strategy; the writing rank
     trims the run's logs back to it (what comes after is logged again)."""
-    state = load_checkpoint(run_dir / CHECKPOINT, model, dense, strategy)
+    state = load_checkpoint(run_dir / CHECKPOINT, model, optimizer, strategy)
     if not writes:
         return state
     write_text(run_dir / "metrics.jsonl", "".join(to_json(r) + "\n" for r in state.history))
