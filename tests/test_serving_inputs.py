@@ -191,7 +191,9 @@ HISTORY = st.one_of(
     st.lists(
         st.tuples(st.sampled_from([*ITEMS[:6], "new", ""]), st.sampled_from(["click", "buy"]), st.integers(0, 99)),
         max_size=5,
-    ).map(lambda events: sorted(events, key=lambda e: e[2])),
+    )
+    .filter(lambda events: [e[0] for e in events] != [""])  # as text, one empty id is no id: an empty history
+    .map(lambda events: sorted(events, key=lambda e: e[2])),
 )
 ROW = st.fixed_dictionaries(
     {
@@ -272,3 +274,33 @@ def test_scores_do_not_depend_on_the_chunking_or_the_format_and_match_eval(
                     assert expected is None and metrics[task]["auc"] is None, (fmt, task, metrics[task])
                 else:
                     assert metrics[task]["auc"] == pytest.approx(expected, abs=1e-6), (fmt, task)
+
+
+# --- CSV rows whose reading depended on where a chunk started ---------------------------------------
+
+CSV_HEADER = b"user,item,x,t,hist,kinds,times\n"
+CSV_ROW = b"u1,i3,0.5,50,i3|i4|i5,click|buy|click,1|2|3\n"
+
+
+@pytest.mark.parametrize("chunk", ["1", "2", "1000"])
+@pytest.mark.parametrize(
+    ("body", "expect"),
+    [
+        (CSV_ROW + b"u1,i3,0.5\n" + CSV_ROW, "line 3 has 3 fields, not 7 as the first row"),
+        (CSV_ROW + CSV_ROW.replace(b"\n", b",9\n"), "line 3 has 8 fields, not 7 as the first row"),
+        (CSV_ROW + b"\n" + CSV_ROW, "line 3 is blank"),
+    ],
+    ids=["short row", "long row", "blank line"],
+)
+def test_a_row_of_another_width_is_refused_at_any_chunking(bundle: Path, chunk: str, body: bytes, expect: str) -> None:
+    """A short row was filled with missing values (scored, exit 0) or refused depending on
+    --chunk-rows; a blank line was scored as a row of missing values."""
+    assert f"standard input: {expect}" in fails(bundle, CSV_HEADER + body, "--chunk-rows", chunk)
+
+
+def test_crlf_line_ends_read_as_plain_lines(bundle: Path) -> None:
+    plain = scores(predict(bundle, CSV_HEADER + CSV_ROW * 3))
+    crlf = scores(predict(bundle, (CSV_HEADER + CSV_ROW * 3).replace(b"\n", b"\r\n"), "--chunk-rows", "2"))
+    assert_kernel_close(crlf, plain, floor=1.0, what="CRLF")
+    quoted = CSV_HEADER + b'u1,i3,0.5,50,"i3|i4|i5",click|buy|click,1|2|3\r\n' + CSV_ROW
+    assert_kernel_close(scores(predict(bundle, quoted))[0], plain[0], floor=1.0, what="quoted")

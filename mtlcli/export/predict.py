@@ -182,25 +182,53 @@ def read_chunks(
     if names is not None:
         _check_input_columns(names, only, name)
     lines = iter(stream)
+    number = 2 if layout.header else 1  # the file line of the chunk's first line
+    width: int | None = None  # fields per row: the first row's, for the whole input
+    single = names is not None and len(names) == 1
     while True:
         block = list(itertools.islice(lines, chunk_rows))
         if not block:
             break
-        data = b"".join(block)
-        quotes = data.count(b'"')
+        quotes = sum(line.count(b'"') for line in block)
         if quotes % 2:  # a quoted value holds a line break: read on to its end
-            more = [data]
             for line in lines:
-                more.append(line)
+                block.append(line)
                 quotes += line.count(b'"')
                 if quotes % 2 == 0:
-                    break
-            data = b"".join(more)  # still unbalanced at the end of input: the CSV reader says so
-        raw = _parse_csv(data, layout, name, names)
+                    break  # still unbalanced at the end of input: the CSV reader says so
+        if width is None and b'"' not in block[0]:
+            width = block[0].count(layout.separator.encode()) + 1
+        if width is not None:  # before the reader, whose message would depend on where the chunk starts
+            _check_fields(block, number, width, layout.separator, name, single)
+        raw = _parse_csv(b"".join(block), layout, name, names)
+        if width is None:
+            width = raw.width
+            _check_fields(block, number, width, layout.separator, name, single)
         yield _clean(raw, layout, offset, only)
         offset += raw.height
+        number += len(block)
     if offset == 0:
         raise DataError(f"{name}: the input has no data rows", "give at least one row to score")
+
+
+def _check_fields(block: list[bytes], number: int, width: int, separator: str, name: str, single: bool) -> None:
+    """Every line of ``block`` (the first is file line ``number``) that holds no quote and starts
+    outside a quoted value has ``width`` fields: the CSV reader would fill a short row with
+    missing values, or refuse it, depending on where the chunk starts. A blank line is no row
+    (unless the rows have a ``single`` column, where it is a missing value)."""
+    mark = separator.encode()
+    inside = False
+    for offset, line in enumerate(block):
+        if not inside and b'"' not in line:
+            fields = line.count(mark) + 1
+            if not line.strip() and not single:
+                raise DataError(f"{name}: line {number + offset} is blank", "remove blank lines: each line is a row")
+            if fields != width:
+                raise DataError(
+                    f"{name}: line {number + offset} has {fields} fields, not {width} as the first row",
+                    "give every row the same columns (fix or drop that row, or check the separator)",
+                )
+        inside ^= line.count(b'"') % 2 == 1
 
 
 def _local_file(stream: IO[bytes]) -> str | None:
