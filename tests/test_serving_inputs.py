@@ -304,3 +304,55 @@ def test_crlf_line_ends_read_as_plain_lines(bundle: Path) -> None:
     assert_kernel_close(crlf, plain, floor=1.0, what="CRLF")
     quoted = CSV_HEADER + b'u1,i3,0.5,50,"i3|i4|i5",click|buy|click,1|2|3\r\n' + CSV_ROW
     assert_kernel_close(scores(predict(bundle, quoted))[0], plain[0], floor=1.0, what="quoted")
+
+
+def test_rejected_rows_and_kept_histories_are_written_as_csv_text(bundle: Path, tmp_path: Path) -> None:
+    """--rejects sets aside a row whose row time (or numeric value) is not finite, writing its
+    lists as separated text (CSV holds no lists: this was a polars traceback), and --keep of a
+    history writes it the same way into CSV output."""
+    rows = [BASE | ARRAYS | {"t": "inf"}, BASE | ARRAYS | {"x": "-inf"}, BASE | ARRAYS]
+    rejects = tmp_path / "rejects.csv"
+    scored = predict(bundle, jsonl(rows), "--rejects", str(rejects))
+    assert scored.height == 1
+    assert pl.read_csv(rejects).select("row", "hist", "times", "reason").rows() == [
+        (1, "i3|i4|i5", "1|2|3", "column 't': infinite value: inf"),
+        (2, "i3|i4|i5", "1|2|3", "column 'x': infinite value: -inf"),
+    ]
+    result = runner.invoke(app, ["predict", str(bundle), "-", "--keep", "user,hist"], input=jsonl([BASE | ARRAYS]))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[1].startswith("u1,i3|i4|i5,")
+
+
+def test_a_parquet_input_without_a_feature_is_named_with_rejects(bundle: Path, tmp_path: Path) -> None:
+    path = tmp_path / "nox.parquet"
+    pl.DataFrame([BASE | ARRAYS]).drop("x").write_parquet(path)
+    assert "input: column 'x' is not in the data" in fails(bundle, path, "--rejects", str(tmp_path / "r.csv"))
+
+
+@pytest.mark.parametrize(
+    ("data", "expect"),
+    [
+        (
+            (CSV_HEADER + CSV_ROW).decode().encode("utf-16"),
+            "cannot read it as text: it is UTF-16 text (it starts with a UTF-16 byte-order mark) "
+            "hint: convert it first: iconv -f utf-16 -t utf-8",
+        ),
+        (
+            CSV_HEADER + CSV_ROW.replace(b"u1", b"\xe9t\xe9"),
+            "cannot read it as CSV: it is not UTF-8 text hint: convert it to UTF-8 first",
+        ),
+        (jsonl([BASE | ARRAYS]).replace(b"u1", b"\xe9"), "line 1: it is not UTF-8 text"),
+        (
+            CSV_HEADER.replace(b",", b";") + CSV_ROW.replace(b",", b";"),
+            "column 'user' is not in the input hint: the header is one column 'user;item;x;t;hist;kinds;times': "
+            "its fields are split by ';', not ','",
+        ),
+        (
+            jsonl([BASE | {"hist": [["i3"]], "kinds": ["click"], "times": [1]}]),
+            "line 1, key 'hist': holds an array inside its list",
+        ),
+    ],
+    ids=["utf-16", "latin-1 csv", "latin-1 jsonl", "other separator", "nested list"],
+)
+def test_text_that_cannot_be_read_says_why(bundle: Path, data: bytes, expect: str) -> None:
+    assert f"standard input: {expect}" in fails(bundle, data)
