@@ -5,6 +5,8 @@ where, never a traceback, and leaves no partial output behind. docs/errors.md li
 from __future__ import annotations
 
 import copy
+import gzip
+import io
 import os
 import random
 import shutil
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -94,6 +97,26 @@ def with_histories(last: str) -> str:
     lines = good_data().splitlines()
     out = [lines[0] + ",hist,kinds,times"] + [f"{line},i1|i2,c|b,1|2" for line in lines[1:]]
     return "\n".join([*out, f"u1,i1,30,1,0,{last}"]) + "\n"
+
+
+def parquet_bytes(csv_text: str, times: list[float | None] | None = None) -> bytes:
+    """The rows of CSV text as a Parquet file (histories as lists; with ``times``, the last row's
+    timestamps replaced by that list of numbers)."""
+    frame = pl.read_csv(io.StringIO(csv_text), infer_schema=False)
+    if times is not None:
+        lists = [c for c in ("hist", "kinds") if c in frame.columns]
+        frame = frame.with_columns(pl.col(c).str.split("|") for c in lists).with_columns(
+            pl.col("times").str.split("|").list.eval(pl.element().cast(pl.Float64))
+        )
+        frame = frame.with_columns(
+            pl.when(pl.int_range(pl.len()) == pl.len() - 1)
+            .then(pl.lit(times, pl.List(pl.Float64)))
+            .otherwise(pl.col("times"))
+            .alias("times")
+        )
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer)
+    return buffer.getvalue()
 
 
 HISTORY = patched(
@@ -345,6 +368,154 @@ CASES = [
         kind="data",
         recipe=HISTORY,
         data=with_histories("i1|i2,c|b,1|noon"),
+    ),
+    # --- serving and data input (issue 24): histories' values, text encodings, JSON lines, CSV rows ---
+    Case(
+        "history's timestamp infinite",
+        "column 'times' has a timestamp that is missing, not a number or infinite: '1|inf' (data row 81)",
+        kind="data",
+        recipe=HISTORY,
+        data=with_histories("i1|i2,c|b,1|inf"),
+    ),
+    Case(
+        "history's timestamp missing inside its list",
+        "column 'times' has a timestamp that is missing, not a number or infinite: '1|' (data row 81)",
+        kind="data",
+        recipe=HISTORY,
+        data=with_histories("i1|i2,c|b,1|"),
+    ),
+    Case(
+        "history keeps only a type that never occurs",
+        "features.sequences.hist.types: none of the types 'clik' occurs in column 'kinds', so every history would "
+        "be empty (types seen: 'b', 'c')",
+        kind="data",
+        recipe={
+            **HISTORY,
+            "features": {
+                **HISTORY["features"],
+                "sequences": {"hist": {**HISTORY["features"]["sequences"]["hist"], "types": ["clik"]}},
+            },
+        },
+        data=with_histories("i1|i2,c|b,1|2"),
+    ),
+    Case(
+        "Parquet data read as CSV",
+        "cannot read it as CSV: it is a Parquet file (it starts with PAR1) hint: set data.format: parquet",
+        kind="data",
+        recipe=patched(setting("data.format", "csv")),
+        data=parquet_bytes(good_data()),
+    ),
+    Case(
+        "data file in UTF-16",
+        "data.csv: cannot read it as CSV: it is UTF-16 text (it starts with a UTF-16 byte-order mark)",
+        kind="data",
+        data=good_data().encode("utf-16"),
+    ),
+    Case(
+        "Parquet history with a null timestamp",
+        "column 'times' has a timestamp that is missing, not a number or infinite: '[1.0, null]' (data row 81)",
+        kind="data",
+        recipe=HISTORY,
+        data=parquet_bytes(with_histories("i1|i2,c|b,1|2"), times=[1.0, None]),
+    ),
+    Case(
+        "predict a truncated gzip",
+        "rows.csv.gz: the gzip data is truncated or damaged",
+        kind="artifact",
+        command="predict",
+        args=["--input", "rows.csv.gz"],
+        damage=lambda run: (run.parent / "rows.csv.gz").write_bytes(gzip.compress(good_data().encode())[:200]),
+    ),
+    Case(
+        "predict JSON lines whose first row lacks a column",
+        "rows.jsonl: the first row (line 1) has no key 'age'",
+        kind="artifact",
+        command="predict",
+        args=["--input", "rows.jsonl"],
+        damage=lambda run: (run.parent / "rows.jsonl").write_text(
+            '{"user": "u1", "item": "i1"}\n{"user": "u1", "item": "i1", "age": 30}\n'
+        ),
+    ),
+    Case(
+        "predict a JSON line that is not an object",
+        "rows.jsonl: line 2 holds a JSON list, not an object",
+        kind="artifact",
+        command="predict",
+        args=["--input", "rows.jsonl"],
+        damage=lambda run: (run.parent / "rows.jsonl").write_text('{"user": "u1", "item": "i1", "age": 30}\n[1, 2]\n'),
+    ),
+    Case(
+        "predict a JSON line that is not JSON",
+        "rows.jsonl: line 2 is not JSON",
+        kind="artifact",
+        command="predict",
+        args=["--input", "rows.jsonl"],
+        damage=lambda run: (run.parent / "rows.jsonl").write_text('{"user": "u1", "item": "i1", "age": 30}\n{age\n'),
+    ),
+    Case(
+        "predict a JSON object where a value belongs",
+        "rows.jsonl: line 1, key 'age': holds an object where a single value belongs",
+        kind="artifact",
+        command="predict",
+        args=["--input", "rows.jsonl"],
+        damage=lambda run: (run.parent / "rows.jsonl").write_text('{"user": "u1", "item": "i1", "age": {"y": 30}}\n'),
+    ),
+    Case(
+        "predict a JSON Infinity",
+        "input column 'age': column 'age' has an infinite value: 'inf' (data row 1)",
+        kind="artifact",
+        command="predict",
+        args=["--input", "rows.jsonl"],
+        damage=lambda run: (run.parent / "rows.jsonl").write_text('{"user": "u1", "item": "i1", "age": Infinity}\n'),
+    ),
+    Case(
+        "predict JSON lines that are not UTF-8",
+        "rows.jsonl: line 1: it is not UTF-8 text",
+        kind="artifact",
+        command="predict",
+        args=["--input", "rows.jsonl"],
+        damage=lambda run: (run.parent / "rows.jsonl").write_bytes(b'{"user": "\xe9", "item": "i1", "age": 30}\n'),
+    ),
+    Case(
+        "predict CSV in UTF-16",
+        "rows.csv: cannot read it as text: it is UTF-16 text",
+        kind="artifact",
+        command="predict",
+        args=["--input", "rows.csv"],
+        damage=lambda run: (run.parent / "rows.csv").write_bytes(rows("u1,i1,30,1,0\n").encode("utf-16")),
+    ),
+    Case(
+        "predict CSV in Latin-1",
+        "rows.csv: cannot read it as CSV: it is not UTF-8 text",
+        kind="artifact",
+        command="predict",
+        args=["--input", "rows.csv"],
+        damage=lambda run: (run.parent / "rows.csv").write_bytes(rows("u1,\xe9t\xe9,30,1,0\n").encode("latin-1")),
+    ),
+    Case(
+        "predict a short CSV row",
+        "rows.csv: line 3 has 3 fields, not 5 as the first row",
+        kind="artifact",
+        command="predict",
+        args=["--input", "rows.csv", "--chunk-rows", "2"],
+        damage=lambda run: (run.parent / "rows.csv").write_text(rows("u1,i1,30,1,0\nu2,i2,31\nu3,i3,32,0,0\n")),
+    ),
+    Case(
+        "predict a blank line between rows",
+        "rows.csv: line 3 is blank",
+        kind="artifact",
+        command="predict",
+        args=["--input", "rows.csv"],
+        damage=lambda run: (run.parent / "rows.csv").write_text(rows("u1,i1,30,1,0\n\nu3,i3,32,0,0\n")),
+    ),
+    Case(
+        "predict a header split by another separator",
+        "column 'user' is not in the input hint: the header is one column 'user;item;age;click;buy': its fields "
+        "are split by ';', not ','",
+        kind="artifact",
+        command="predict",
+        args=["--input", "rows.csv"],
+        damage=lambda run: (run.parent / "rows.csv").write_text("user;item;age;click;buy\nu1;i1;30;1;0\n"),
     ),
     Case(
         "memory budget too small for one batch",

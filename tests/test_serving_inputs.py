@@ -191,7 +191,9 @@ HISTORY = st.one_of(
     st.lists(
         st.tuples(st.sampled_from([*ITEMS[:6], "new", ""]), st.sampled_from(["click", "buy"]), st.integers(0, 99)),
         max_size=5,
-    ).map(lambda events: sorted(events, key=lambda e: e[2])),
+    )
+    .filter(lambda events: [e[0] for e in events] != [""])  # as text, one empty id is no id: an empty history
+    .map(lambda events: sorted(events, key=lambda e: e[2])),
 )
 ROW = st.fixed_dictionaries(
     {
@@ -272,3 +274,85 @@ def test_scores_do_not_depend_on_the_chunking_or_the_format_and_match_eval(
                     assert expected is None and metrics[task]["auc"] is None, (fmt, task, metrics[task])
                 else:
                     assert metrics[task]["auc"] == pytest.approx(expected, abs=1e-6), (fmt, task)
+
+
+# --- CSV rows whose reading depended on where a chunk started ---------------------------------------
+
+CSV_HEADER = b"user,item,x,t,hist,kinds,times\n"
+CSV_ROW = b"u1,i3,0.5,50,i3|i4|i5,click|buy|click,1|2|3\n"
+
+
+@pytest.mark.parametrize("chunk", ["1", "2", "1000"])
+@pytest.mark.parametrize(
+    ("body", "expect"),
+    [
+        (CSV_ROW + b"u1,i3,0.5\n" + CSV_ROW, "line 3 has 3 fields, not 7 as the first row"),
+        (CSV_ROW + CSV_ROW.replace(b"\n", b",9\n"), "line 3 has 8 fields, not 7 as the first row"),
+        (CSV_ROW + b"\n" + CSV_ROW, "line 3 is blank"),
+    ],
+    ids=["short row", "long row", "blank line"],
+)
+def test_a_row_of_another_width_is_refused_at_any_chunking(bundle: Path, chunk: str, body: bytes, expect: str) -> None:
+    """A short row was filled with missing values (scored, exit 0) or refused depending on
+    --chunk-rows; a blank line was scored as a row of missing values."""
+    assert f"standard input: {expect}" in fails(bundle, CSV_HEADER + body, "--chunk-rows", chunk)
+
+
+def test_crlf_line_ends_read_as_plain_lines(bundle: Path) -> None:
+    plain = scores(predict(bundle, CSV_HEADER + CSV_ROW * 3))
+    crlf = scores(predict(bundle, (CSV_HEADER + CSV_ROW * 3).replace(b"\n", b"\r\n"), "--chunk-rows", "2"))
+    assert_kernel_close(crlf, plain, floor=1.0, what="CRLF")
+    quoted = CSV_HEADER + b'u1,i3,0.5,50,"i3|i4|i5",click|buy|click,1|2|3\r\n' + CSV_ROW
+    assert_kernel_close(scores(predict(bundle, quoted))[0], plain[0], floor=1.0, what="quoted")
+
+
+def test_rejected_rows_and_kept_histories_are_written_as_csv_text(bundle: Path, tmp_path: Path) -> None:
+    """--rejects sets aside a row whose row time (or numeric value) is not finite, writing its
+    lists as separated text (CSV holds no lists: this was a polars traceback), and --keep of a
+    history writes it the same way into CSV output."""
+    rows = [BASE | ARRAYS | {"t": "inf"}, BASE | ARRAYS | {"x": "-inf"}, BASE | ARRAYS]
+    rejects = tmp_path / "rejects.csv"
+    scored = predict(bundle, jsonl(rows), "--rejects", str(rejects))
+    assert scored.height == 1
+    assert pl.read_csv(rejects).select("row", "hist", "times", "reason").rows() == [
+        (1, "i3|i4|i5", "1|2|3", "column 't': infinite value: inf"),
+        (2, "i3|i4|i5", "1|2|3", "column 'x': infinite value: -inf"),
+    ]
+    result = runner.invoke(app, ["predict", str(bundle), "-", "--keep", "user,hist"], input=jsonl([BASE | ARRAYS]))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[1].startswith("u1,i3|i4|i5,")
+
+
+def test_a_parquet_input_without_a_feature_is_named_with_rejects(bundle: Path, tmp_path: Path) -> None:
+    path = tmp_path / "nox.parquet"
+    pl.DataFrame([BASE | ARRAYS]).drop("x").write_parquet(path)
+    assert "input: column 'x' is not in the data" in fails(bundle, path, "--rejects", str(tmp_path / "r.csv"))
+
+
+@pytest.mark.parametrize(
+    ("data", "expect"),
+    [
+        (
+            (CSV_HEADER + CSV_ROW).decode().encode("utf-16"),
+            "cannot read it as text: it is UTF-16 text (it starts with a UTF-16 byte-order mark) "
+            "hint: convert it first: iconv -f utf-16 -t utf-8",
+        ),
+        (
+            CSV_HEADER + CSV_ROW.replace(b"u1", b"\xe9t\xe9"),
+            "cannot read it as CSV: it is not UTF-8 text hint: convert it to UTF-8 first",
+        ),
+        (jsonl([BASE | ARRAYS]).replace(b"u1", b"\xe9"), "line 1: it is not UTF-8 text"),
+        (
+            CSV_HEADER.replace(b",", b";") + CSV_ROW.replace(b",", b";"),
+            "column 'user' is not in the input hint: the header is one column 'user;item;x;t;hist;kinds;times': "
+            "its fields are split by ';', not ','",
+        ),
+        (
+            jsonl([BASE | {"hist": [["i3"]], "kinds": ["click"], "times": [1]}]),
+            "line 1, key 'hist': holds an array inside its list",
+        ),
+    ],
+    ids=["utf-16", "latin-1 csv", "latin-1 jsonl", "other separator", "nested list"],
+)
+def test_text_that_cannot_be_read_says_why(bundle: Path, data: bytes, expect: str) -> None:
+    assert f"standard input: {expect}" in fails(bundle, data)

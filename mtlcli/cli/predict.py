@@ -67,6 +67,7 @@ def command(
     id) and written chunk by chunk, so memory stays flat and it works in pipes:
     zcat rows.gz | mtl predict BUNDLE | head. Label columns may be absent.
     """
+    from mtlcli.data.encode import list_columns
     from mtlcli.errors import MtlError
     from mtlcli.export.bundle import bundle_onnx_session, load_bundle
     from mtlcli.export.predict import (
@@ -128,12 +129,12 @@ def command(
             spec,
             reject,
         )
-        _write(frames, output, fmt)
+        _write(frames, output, fmt, list_columns(schema))
     if rejects is not None:
         err_console.print(f"{rejected[0]} row{'s' if rejected[0] != 1 else ''} could not be scored: see {rejects}")
 
 
-def _write(frames: Any, output: str, fmt: str) -> None:
+def _write(frames: Any, output: str, fmt: str, separators: dict[str, str]) -> None:
     """Write the scored frames to ``output`` ('-': stdout; a file atomically; a device as is)."""
     import tempfile
 
@@ -143,18 +144,20 @@ def _write(frames: Any, output: str, fmt: str) -> None:
 
     with tempfile.TemporaryDirectory(prefix="mtl-predict-") as spool:
         if output == "-":
-            write_chunks(frames, fmt, sys.stdout.buffer, Path(spool))  # `| head`: handle_errors ends quietly
+            write_chunks(
+                frames, fmt, sys.stdout.buffer, Path(spool), separators
+            )  # `| head`: handle_errors ends quietly
             sys.stdout.buffer.flush()
         elif Path(output).is_dir():
             raise MtlError(f"--output {output}: is a directory", "give a file name, or '-' for standard output")
         elif Path(output).exists() and not Path(output).is_file():
             # A device or a FIFO (/dev/null, a named pipe): write into it, never rename over it.
             with Path(output).open("wb") as sink:
-                write_chunks(frames, fmt, sink, Path(spool))
+                write_chunks(frames, fmt, sink, Path(spool), separators)
         else:
             try:
                 with atomic_path(Path(output)) as tmp, tmp.open("wb") as sink:
-                    write_chunks(frames, fmt, sink, Path(spool))
+                    write_chunks(frames, fmt, sink, Path(spool), separators)
             except KeyboardInterrupt:
                 err_console.print(
                     f"{output} was not written: an interrupted file is never left half-written", soft_wrap=True

@@ -8,6 +8,7 @@ error deep in a 10^8-row file into a message naming the file.
 
 from __future__ import annotations
 
+import codecs
 import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,13 +79,18 @@ def source_files(recipe: Recipe) -> list[tuple[str, Path]]:
 PARQUET_MAGIC = b"PAR1"  # the first (and last) four bytes of every Parquet file
 
 
-def is_parquet(path: Path) -> bool:
-    """Whether the file starts with Parquet's magic bytes, whatever its name."""
+def _head(path: Path) -> bytes:
+    """The file's first four bytes (none when it cannot be opened: the reader then says why)."""
     try:
         with path.open("rb") as handle:
-            return handle.read(4) == PARQUET_MAGIC
+            return handle.read(4)
     except OSError:
-        return False
+        return b""
+
+
+def is_parquet(path: Path) -> bool:
+    """Whether the file starts with Parquet's magic bytes, whatever its name."""
+    return _head(path) == PARQUET_MAGIC
 
 
 def format_of(path: Path, declared: str = "auto") -> str:
@@ -99,14 +105,27 @@ def file_format(path: Path, recipe: Recipe) -> str:
     return format_of(path, recipe.data.format)
 
 
+NOT_UTF8 = ("it is not UTF-8 text", "convert it to UTF-8 first, e.g. iconv -f latin1 -t utf-8")
+UTF16 = ("it is UTF-16 text (it starts with a UTF-16 byte-order mark)", "convert it first: iconv -f utf-16 -t utf-8")
+
+
+def utf16_text(head: bytes) -> bool:
+    """Whether bytes start with a UTF-16 byte-order mark (text saved as "Unicode" by some tools)."""
+    return head[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+
+
+def is_utf8_error(message: str) -> bool:
+    return "utf-8" in message.lower() or "utf8" in message.lower()
+
+
 def unreadable(path: Path, fmt: str, exc: BaseException) -> DataError:
     """The message for a file polars cannot read, with the likely fix."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     hint = "check data.format, data.separator and data.header"
     if fmt == "csv" and is_parquet(path):
         first, hint = "it is a Parquet file (it starts with PAR1)", "set data.format: parquet (or leave it auto)"
-    elif "utf-8" in first.lower() or "utf8" in first.lower():
-        first, hint = "it is not UTF-8 text", "convert it to UTF-8 first, e.g. iconv -f latin1 -t utf-8"
+    elif is_utf8_error(first):
+        first, hint = NOT_UTF8
     elif "more fields than" in first:
         first, hint = "a row has more fields than the header (ragged rows)", "fix the rows, or check data.separator"
     elif fmt == "parquet" and ("out of spec" in first.lower() or "PAR1" in first or "eof" in first.lower()):
@@ -131,6 +150,8 @@ def scan_file(path: Path, recipe: Recipe) -> pl.LazyFrame:
     markers read as null. Reads only the file's start (its schema and first row)."""
     data = recipe.data
     fmt = file_format(path, recipe)
+    if fmt == "csv" and utf16_text(_head(path)):
+        raise DataError(f"{path}: cannot read it as CSV: {UTF16[0]}", UTF16[1])
     try:
         lazy = _raw_scan(path, recipe, fmt)
         names = lazy.collect_schema().names()

@@ -41,7 +41,7 @@ from mtlcli.data.encode import (
 )
 from mtlcli.data.labels import LABEL_PREFIX, make_labels
 from mtlcli.data.load import label_mask, sequence_arrays
-from mtlcli.data.scan import require_columns
+from mtlcli.data.scan import NOT_UTF8, UTF16, is_utf8_error, require_columns, utf16_text
 from mtlcli.data.schema import DataSchema, SequenceFeature
 from mtlcli.errors import DataError, MtlError
 from mtlcli.recipe.schema import Recipe
@@ -126,17 +126,18 @@ class _Gunzip(io.RawIOBase):
         return len(data)
 
 
-def _check_input_columns(names: list[str], only: list[str] | None, source: str) -> None:
+def _check_input_columns(names: list[str], only: list[str] | None, source: str, separator: str = ",") -> None:
     """The input's column names are unique and hold every column that prediction reads."""
     twice = [c for i, c in enumerate(names) if c in names[:i]]
     if twice:
         raise DataError(f"{source}: the header names column {twice[0]!r} twice", "rename one of them")
     missing = [c for c in only or [] if c not in names]
     if missing:
-        raise DataError(
-            f"{source}: column {missing[0]!r} is not in the input{did_you_mean(missing[0], names)}",
-            f"the input has {len(names)} columns: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}",
-        )
+        hint = f"the input has {len(names)} columns: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}"
+        others = [mark for mark in ",;\t|" if len(names) == 1 and mark in names[0] and mark != separator]
+        if others:
+            hint = f"the header is one column {names[0]!r}: its fields are split by {others[0]!r}, not {separator!r} (data.separator)"
+        raise DataError(f"{source}: column {missing[0]!r} is not in the input{did_you_mean(missing[0], names)}", hint)
 
 
 def read_chunks(
@@ -157,6 +158,8 @@ def read_chunks(
     peek = getattr(stream, "peek", None)
     if callable(peek) and peek(3)[:3] == codecs.BOM_UTF8:  # a byte-order mark says UTF-8; it is no value
         stream.read(3)
+    if callable(peek) and layout.fmt != "parquet" and utf16_text(peek(2)):
+        raise DataError(f"{name}: cannot read it as text: {UTF16[0]}", UTF16[1])
     if layout.fmt == "parquet" or (callable(peek) and peek(4)[:4] == b"PAR1"):  # Parquet's magic bytes
         yield from _parquet_chunks(stream, layout, name, chunk_rows, only)
         return
@@ -180,27 +183,55 @@ def read_chunks(
                 "list exactly one name per column, in file order",
             )
     if names is not None:
-        _check_input_columns(names, only, name)
+        _check_input_columns(names, only, name, layout.separator)
     lines = iter(stream)
+    number = 2 if layout.header else 1  # the file line of the chunk's first line
+    width: int | None = None  # fields per row: the first row's, for the whole input
+    single = names is not None and len(names) == 1
     while True:
         block = list(itertools.islice(lines, chunk_rows))
         if not block:
             break
-        data = b"".join(block)
-        quotes = data.count(b'"')
+        quotes = sum(line.count(b'"') for line in block)
         if quotes % 2:  # a quoted value holds a line break: read on to its end
-            more = [data]
             for line in lines:
-                more.append(line)
+                block.append(line)
                 quotes += line.count(b'"')
                 if quotes % 2 == 0:
-                    break
-            data = b"".join(more)  # still unbalanced at the end of input: the CSV reader says so
-        raw = _parse_csv(data, layout, name, names)
+                    break  # still unbalanced at the end of input: the CSV reader says so
+        if width is None and b'"' not in block[0]:
+            width = block[0].count(layout.separator.encode()) + 1
+        if width is not None:  # before the reader, whose message would depend on where the chunk starts
+            _check_fields(block, number, width, layout.separator, name, single)
+        raw = _parse_csv(b"".join(block), layout, name, names)
+        if width is None:
+            width = raw.width
+            _check_fields(block, number, width, layout.separator, name, single)
         yield _clean(raw, layout, offset, only)
         offset += raw.height
+        number += len(block)
     if offset == 0:
         raise DataError(f"{name}: the input has no data rows", "give at least one row to score")
+
+
+def _check_fields(block: list[bytes], number: int, width: int, separator: str, name: str, single: bool) -> None:
+    """Every line of ``block`` (the first is file line ``number``) that holds no quote and starts
+    outside a quoted value has ``width`` fields: the CSV reader would fill a short row with
+    missing values, or refuse it, depending on where the chunk starts. A blank line is no row
+    (unless the rows have a ``single`` column, where it is a missing value)."""
+    mark = separator.encode()
+    inside = False
+    for offset, line in enumerate(block):
+        if not inside and b'"' not in line:
+            fields = line.count(mark) + 1
+            if not line.strip() and not single:
+                raise DataError(f"{name}: line {number + offset} is blank", "remove blank lines: each line is a row")
+            if fields != width:
+                raise DataError(
+                    f"{name}: line {number + offset} has {fields} fields, not {width} as the first row",
+                    "give every row the same columns (fix or drop that row, or check the separator)",
+                )
+        inside ^= line.count(b'"') % 2 == 1
 
 
 def _local_file(stream: IO[bytes]) -> str | None:
@@ -276,7 +307,9 @@ def _jsonl_chunks(
 def _json_object(line: bytes, number: int, name: str) -> dict[str, Any]:
     try:
         value = json.loads(line)
-    except ValueError as exc:  # a JSON error, or bytes that are not UTF-8
+    except UnicodeDecodeError:
+        raise DataError(f"{name}: line {number}: {NOT_UTF8[0]}", NOT_UTF8[1]) from None
+    except ValueError as exc:
         raise DataError(
             f"{name}: line {number} is not JSON: {_first_line(exc)}", "give one JSON object per line"
         ) from None
@@ -313,7 +346,7 @@ def _json_series(
     for index, value in enumerate(values):
         line = block[index][0]
         if isinstance(value, list):
-            lists.append([_json_text(item, name, line, column) for item in value])
+            lists.append([_json_text(item, name, line, column, "inside its list") for item in value])
             continue
         text = _json_text(value, name, line, column)
         if text is None or (text.strip() if layout.strip else text) in layout.missing:
@@ -323,8 +356,11 @@ def _json_series(
     return pl.Series(column, lists, pl.List(pl.String))
 
 
-def _json_text(value: Any, name: str, line: int, column: str) -> str | None:
-    """A JSON scalar as the text a CSV cell would hold (null -> None)."""
+def _json_text(
+    value: Any, name: str, line: int, column: str, place: str = "where a single value belongs"
+) -> str | None:
+    """A JSON scalar as the text a CSV cell would hold (null -> None); ``place`` says where it
+    was, for the error about an array or object."""
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, bool):
@@ -333,8 +369,8 @@ def _json_text(value: Any, name: str, line: int, column: str) -> str | None:
         return str(value)
     kind = "an array" if isinstance(value, list) else "an object"
     raise DataError(
-        f"{name}: line {line}, key {column!r}: holds {kind} where a single value belongs",
-        "give a number, a text or null",
+        f"{name}: line {line}, key {column!r}: holds {kind} {place}",
+        "give a number, a text or null" + (" for each item" if place == "inside its list" else ""),
     )
 
 
@@ -344,6 +380,8 @@ def _parse_csv(
     try:
         frame = pl.read_csv(data, has_header=has_header, separator=layout.separator, infer_schema=False, quote_char='"')
     except (pl.exceptions.PolarsError, OSError) as exc:
+        if is_utf8_error(_first_line(exc)):
+            raise DataError(f"{name}: cannot read it as CSV: {NOT_UTF8[0]}", NOT_UTF8[1]) from None
         raise DataError(
             f"{name}: cannot read it as CSV: {_first_line(exc)}", "check the separator and the header option"
         ) from None
@@ -575,6 +613,15 @@ def row_problems(chunk: pl.DataFrame, names: list[str]) -> pl.Series:
     return chunk.select(pl.coalesce(reasons).alias("reason")).to_series()
 
 
+def _lists_as_text(frame: pl.DataFrame, separators: dict[str, str]) -> pl.DataFrame:
+    """Each list column as the text a CSV input gives it (items between the history's separator),
+    so that rejected rows can be written as CSV and read back."""
+    lists = [c for c, t in frame.schema.items() if isinstance(t, pl.List)]
+    return frame.with_columns(
+        pl.col(c).list.eval(pl.element().cast(pl.String)).list.join(separators.get(c, "|")) for c in lists
+    )
+
+
 def predict_chunks(
     chunks: Iterator[pl.DataFrame],
     schema: DataSchema,
@@ -585,20 +632,24 @@ def predict_chunks(
 ) -> Iterator[pl.DataFrame]:
     """For each raw chunk: the ``keep`` columns (as read), one column per task, then ``score``.
 
-    With ``reject``, rows that cannot be scored (a numeric value that is not a finite number) are
-    passed to it, with a ``reason`` column, instead of stopping the run; the others are scored."""
+    With ``reject``, rows that cannot be scored (a numeric value, or a history's row time, that is
+    not a finite number) are passed to it, with a ``reason`` column, instead of stopping the run; the others are scored."""
     keep = keep or []
     for chunk in chunks:
         extra = keep + ([score.factor] if score and score.factor else [])
         require_columns(chunk.columns, extra, "--keep/--score-factor")
+        require_columns(chunk.columns, input_columns(schema), "input")
         if reject is not None:
-            checked = [f.name for f in schema.numeric] + ([score.factor] if score and score.factor else [])
+            row_times = [
+                f.row_time for f in schema.sequences if f.row_time and not chunk.schema[f.row_time].is_temporal()
+            ]
+            checked = [f.name for f in schema.numeric] + row_times + ([score.factor] if score and score.factor else [])
             reasons = row_problems(chunk, checked)
             bad = reasons.is_not_null()
             if bad.any():
                 rejected = chunk.filter(bad).with_columns(reasons.filter(bad))
                 rows = (rejected.get_column(ROW_COLUMN) + 1).alias("row") if ROW_COLUMN in rejected.columns else None
-                rejected = rejected.drop(ROW_COLUMN, strict=False)
+                rejected = _lists_as_text(rejected.drop(ROW_COLUMN, strict=False), list_columns(schema))
                 reject(rejected.insert_column(0, rows) if rows is not None else rejected)
                 chunk = chunk.filter(~bad)
         inputs = encode_inputs(chunk, schema)
@@ -656,8 +707,16 @@ def check_output_names(schema: DataSchema, keep: list[str], score: bool) -> None
         raise MtlError("--keep: a column is listed twice")
 
 
-def write_chunks(frames: Iterator[pl.DataFrame], fmt: str, sink: IO[bytes], spool: Path | None = None) -> int:
-    """Write frames as CSV (one header), JSON lines or Parquet; returns the rows written.
+def write_chunks(
+    frames: Iterator[pl.DataFrame],
+    fmt: str,
+    sink: IO[bytes],
+    spool: Path | None = None,
+    separators: dict[str, str] | None = None,
+) -> int:
+    """Write frames as CSV (one header), JSON lines or Parquet; returns the rows written. In CSV a
+    list column (a history kept with --keep) is text with its items between its ``separators``
+    entry ("|" by default), as a CSV input holds it.
 
     Parquet cannot be appended to: each chunk goes to a part file under ``spool`` (a scratch
     directory), and the parts are streamed into one file at the end.
@@ -678,7 +737,7 @@ def write_chunks(frames: Iterator[pl.DataFrame], fmt: str, sink: IO[bytes], spoo
     for index, frame in enumerate(frames):
         buffer = io.BytesIO()
         if fmt == "csv":
-            frame.write_csv(buffer, include_header=index == 0)
+            _lists_as_text(frame, separators or {}).write_csv(buffer, include_header=index == 0)
         else:
             frame.write_ndjson(buffer)
         sink.write(buffer.getvalue())
