@@ -376,7 +376,6 @@ def test_missing_file_and_non_utf8(tmp_path: Path) -> None:
         load_recipe(binary)
 
 
-
 # --- hostile YAML: expansion, depth, booleans for numbers ---------------------------------------
 
 
@@ -438,6 +437,7 @@ def test_a_boolean_for_a_number_in_the_file_names_its_line() -> None:
     text = replaced("lr: 0.01", "lr: true")
     (issue,) = issues_of(text)
     assert (issue.path, issue.line) == ("train.lr", line_of(text, "lr: true"))
+
 
 # --- --set overrides ------------------------------------------------------------------------------
 
