@@ -281,6 +281,18 @@ def test_label_column_listed_as_a_feature(section: str) -> None:
     assert "label column" in issue.message
 
 
+@pytest.mark.parametrize("section", ["numeric", "categorical"])
+def test_a_history_named_like_a_listed_feature_is_refused(section: str) -> None:
+    other = "numeric" if section == "categorical" else "categorical"
+    text = VALID.replace(f"  {other}:", f"  sequences: {{user: {{column: history}}}}\n  {other}:", 1)
+    if section == "numeric":
+        text = text.replace("price: {transform: [log1p, standardize]}", "user: null")
+        text = text.replace("categorical: [user, item]", "categorical: [item]")
+    (issue,) = issues_of(text)
+    assert issue.path == "features.sequences.user"
+    assert f"also a {section} feature" in issue.message
+
+
 def test_synthetic_data_needs_two_dimensions() -> None:
     issue = only_issue(
         "data: {synthetic: {rows: 50, dim: 1}}\ntasks: {y1: {type: regression, label: y1}}\n"

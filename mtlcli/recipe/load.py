@@ -443,6 +443,15 @@ def _cross_checks(data: dict[str, Any]) -> list[tuple[Loc, str]]:
         for name in names:
             if isinstance(name, str) and name in label_columns:
                 out.append((("features", where, name), "is a task's label column; labels are never model inputs"))
+            histories = features.get("sequences")
+            if isinstance(name, str) and isinstance(histories, dict) and name in histories:
+                out.append(
+                    (
+                        ("features", "sequences", name),
+                        f"the history's name {name!r} is also a {where} feature; inputs need distinct names:"
+                        " rename the history (its 'column' says which column it reads)",
+                    )
+                )
     for name, spec in tasks.items():
         space = spec.get("space")
         parent = space if isinstance(space, str) else space.get("task") if isinstance(space, dict) else None
