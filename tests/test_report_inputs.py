@@ -96,3 +96,31 @@ def test_a_damaged_metrics_line_is_named(run: Path, tmp_path: Path) -> None:
     for line in (1, len(lines) + 1, len(lines) + 2):
         assert f"metrics.jsonl:{line}" in stderr, stderr
     assert page.count("<svg") >= 1  # the good epochs still draw
+
+
+@pytest.mark.parametrize("after", [0.15, 0.4, 0.8, 1.5])
+def test_sigterm_at_any_moment_of_a_report_exits_130_and_leaves_no_page(
+    two_runs: tuple[Path, Path], tmp_path: Path, after: float
+) -> None:
+    """While Python imports mtl, while typer builds the commands, while the run loads, while the
+    page is computed: 130, one line, no traceback, no page and no temporary file."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = Path(shutil.copytree(two_runs[0], tmp_path / "run"))
+    (run / "explain.json").unlink()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mtlcli", "report", str(run), "--out", str(tmp_path / "page.html")],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(after)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    if process.returncode == 0:
+        pytest.skip(f"the report was done in {after} s")
+    assert process.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not [p.name for p in tmp_path.iterdir() if p.name != "run"]
