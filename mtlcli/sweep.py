@@ -24,6 +24,7 @@ import yaml
 from mtlcli.errors import MtlError, RecipeError
 from mtlcli.fileio import write_json
 from mtlcli.recipe import load_recipe, recipe_to_yaml
+from mtlcli.recipe.load import load_yaml
 from mtlcli.recipe.schema import Recipe
 
 SWEEP_FILE = "sweep.json"
@@ -67,10 +68,11 @@ def split_values(text: str) -> list[str]:
     return values
 
 
-def _yaml_value(text: str) -> object:
-    """A --grid value as the recipe will read it (YAML), or the text itself when it is not YAML."""
+def _yaml_value(text: str, key: str) -> object:
+    """A --grid value as the recipe will read it (YAML with the recipe's booleans: ``yes`` is
+    text), or the text itself when it is not YAML."""
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text, "--grid", key)
     except yaml.YAMLError:
         return text
 
@@ -88,7 +90,7 @@ def parse_grid(items: Sequence[str]) -> list[Axis]:
             raise MtlError(f"--grid {item!r}: an empty value", "separate the values with single commas")
         if len(set(values)) != len(values):
             raise MtlError(f"--grid {item!r}: a value is listed twice")
-        parsed = [_yaml_value(v) for v in values]
+        parsed = [_yaml_value(v, key) for v in values]
         for i, value in enumerate(parsed):
             for j in range(i):
                 if value == parsed[j] and type(value) is type(parsed[j]):

@@ -111,8 +111,16 @@ def test_a_shuffle_moves_a_history_with_its_length_and_nothing_else() -> None:
     assert torch.equal(out.numeric, data.numeric) and torch.equal(data.categorical, torch.arange(8).view(4, 2))
 
 
-@pytest.mark.parametrize(("spec", "expect"), [("nogroup", "expected NAME=PATTERN"), ("g=zz*", "no input of this run")])
-def test_bad_groups_are_named(spec: str, expect: str) -> None:
-    inputs: list[Any] = [Input("signal", "categorical", 0)]
+@pytest.mark.parametrize(
+    ("specs", "expect"),
+    [
+        (["nogroup"], "expected NAME=PATTERN"),
+        (["g=zz*"], "no input of this run"),
+        (["g=signal", "g=level"], "'g' is given twice"),
+        (["level=signal"], "'level' is the name of an input"),
+    ],
+)
+def test_bad_groups_are_named(specs: list[str], expect: str) -> None:
+    inputs: list[Any] = [Input("signal", "categorical", 0), Input("level", "numeric", 0)]
     with pytest.raises(MtlError, match=expect):
-        input_groups(inputs, [spec])
+        input_groups(inputs, specs)

@@ -281,6 +281,18 @@ def test_label_column_listed_as_a_feature(section: str) -> None:
     assert "label column" in issue.message
 
 
+@pytest.mark.parametrize("section", ["numeric", "categorical"])
+def test_a_history_named_like_a_listed_feature_is_refused(section: str) -> None:
+    other = "numeric" if section == "categorical" else "categorical"
+    text = VALID.replace(f"  {other}:", f"  sequences: {{user: {{column: history}}}}\n  {other}:", 1)
+    if section == "numeric":
+        text = text.replace("price: {transform: [log1p, standardize]}", "user: null")
+        text = text.replace("categorical: [user, item]", "categorical: [item]")
+    (issue,) = issues_of(text)
+    assert issue.path == "features.sequences.user"
+    assert f"also a {section} feature" in issue.message
+
+
 def test_synthetic_data_needs_two_dimensions() -> None:
     issue = only_issue(
         "data: {synthetic: {rows: 50, dim: 1}}\ntasks: {y1: {type: regression, label: y1}}\n"
@@ -374,6 +386,69 @@ def test_missing_file_and_non_utf8(tmp_path: Path) -> None:
     binary.write_bytes(b"data: \xff\xfe\n")
     with pytest.raises(RecipeError, match="not UTF-8"):
         load_recipe(binary)
+
+
+# --- hostile YAML: expansion, depth, booleans for numbers ---------------------------------------
+
+
+def laughs(levels: int, width: int = 10) -> str:
+    """A 'billion laughs' document: each anchored list repeats the one before ``width`` times."""
+    lines = ["a0: &a0 [lol]"]
+    for i in range(1, levels):
+        lines.append(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * width)}]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("where", ["file", "set"])
+def test_an_alias_bomb_is_refused_before_it_expands(where: str) -> None:
+    import time
+
+    bomb = laughs(10)  # 10**9 values once every alias is expanded
+    started = time.perf_counter()
+    if where == "file":
+        found = issues_of(bomb + VALID)
+    else:
+        flow = "{" + ", ".join(line.replace(": ", ": ", 1) for line in bomb.splitlines()) + "}"
+        found = issues_of(VALID, [f"data.synthetic={flow}"])
+    assert time.perf_counter() - started < 5
+    (issue,) = found
+    assert "aliases" in issue.message and "100000" in issue.message.replace(",", "")
+
+
+@pytest.mark.parametrize("shape", ["[", "{a: ", "- "])
+def test_deep_nesting_is_refused_without_a_recursion_error(shape: str) -> None:
+    if shape == "- ":
+        deep = "".join("  " * i + "-\n" for i in range(5000)) + "  " * 5000 + "x\n"
+    else:
+        deep = "x: " + shape * 5000 + "1" + ("]" if shape == "[" else "}") * 5000 + "\n"
+    (issue,) = issues_of(deep)
+    assert "nested deeper than" in issue.message
+    (issue,) = issues_of(VALID, ["train.lr=" + "[" * 5000 + "]" * 5000])
+    assert "nested deeper than" in issue.message
+
+
+@pytest.mark.parametrize(
+    ("override", "path"),
+    [
+        ("train.lr=true", "train.lr"),
+        ("train.epochs=false", "train.epochs"),
+        ("tasks.buy.pos_weight=true", "tasks.buy.pos_weight"),
+        ("data.split.modulus=true", "data.split.modulus"),
+        ("model.n_experts=true", "model.n_experts"),
+        ("loss.weights.buy=true", "loss.weights.buy"),
+    ],
+)
+def test_a_boolean_is_not_a_number(override: str, path: str) -> None:
+    (issue,) = issues_of(VALID, [override])
+    assert issue.path == path
+    assert "a number" in issue.message and "boolean" in issue.message
+    assert "(set with --set)" in issue.message
+
+
+def test_a_boolean_for_a_number_in_the_file_names_its_line() -> None:
+    text = replaced("lr: 0.01", "lr: true")
+    (issue,) = issues_of(text)
+    assert (issue.path, issue.line) == ("train.lr", line_of(text, "lr: true"))
 
 
 # --- --set overrides ------------------------------------------------------------------------------

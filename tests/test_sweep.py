@@ -36,11 +36,18 @@ def test_values_split_at_top_level_commas_only() -> None:
         (["train.seed=0,0"], "listed twice"),
         (["train.seed=0", "train.seed=1"], "given twice"),
         (["recipe=a,b"], "not a recipe key"),
+        (["train.lr=" + "[" * 3000 + "]" * 3000 + ",1"], "nested deeper than"),
     ],
 )
 def test_malformed_grids_are_refused(grid: list[str], message: str) -> None:
     with pytest.raises(MtlError, match=message):
         parse_grid(grid)
+
+
+def test_grid_values_read_as_the_recipe_reads_them() -> None:
+    """yes and true are two values to a recipe (YAML 1.2 booleans): not 'the same value' twice."""
+    (axis,) = parse_grid(["tasks.buy.label.positive=yes,true"])
+    assert axis.values == ["yes", "true"]
 
 
 def test_run_names_are_short_unique_and_safe() -> None:

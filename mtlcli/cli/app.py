@@ -9,6 +9,7 @@ import typer
 
 from mtlcli import __version__
 from mtlcli.cli import compare, evaluate, explain, export, predict, preprocess, recipe_cmd, report, sweep, train
+from mtlcli.cli.common import err_console
 
 app = typer.Typer(
     name="mtl",
@@ -51,4 +52,8 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # before a command's own handling began (typer building the commands)
+        err_console.print("[yellow]interrupted[/]")
+        raise SystemExit(130) from None

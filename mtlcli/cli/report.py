@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from mtlcli.cli.common import err_console, handle_errors
+from mtlcli.cli.common import err_console, handle_errors, warn
 
 
 @handle_errors
@@ -34,7 +34,8 @@ def command(
     from mtlcli.fileio import write_text
 
     with err_console.status("reporting", spinner="dots"):
-        page = report_page(run_dirs, baseline, max_rows)
+        page, warnings = report_page(run_dirs, baseline, max_rows)
+    warn(warnings)
     if out == "-":
         sys.stdout.write(page)
         return

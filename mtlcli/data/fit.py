@@ -78,6 +78,14 @@ def choose_features(
         categorical = {c: defaults.categorical for c in free if c not in numeric}
     if not categorical and not numeric:
         raise DataError("features: no input columns are left", "list numeric/categorical features or shorten 'exclude'")
+    for name in feats.sequences:
+        if name in categorical or name in numeric:
+            kind = "categorical" if name in categorical else "numeric"
+            raise DataError(
+                f"features.sequences.{name}: the history's name {name!r} is also a {kind} input column",
+                "inputs need distinct names: rename the history (its 'column' says which column it reads),"
+                " or exclude the column",
+            )
     warnings = [
         f"column {name!r} is the label or space of a task not in this recipe (features.other_labels): it is not"
         " an input; to use it as one, list it by name under features.categorical or features.numeric"

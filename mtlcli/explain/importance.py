@@ -62,8 +62,20 @@ def input_groups(inputs: list[Input], specs: list[str]) -> dict[str, list[Input]
                 f"--group {spec!r}: no input of this run matches",
                 f"the run's inputs: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}",
             )
-        groups[label.strip()] = members
+        name = label.strip()
+        if name in groups:
+            raise MtlError(
+                f"--group: {name!r} is given twice",
+                "give each group its own name, or one --group with all its patterns",
+            )
+        groups[name] = members
     grouped = {i.name for members in groups.values() for i in members}
+    for name in groups:
+        if name in names and name not in grouped:
+            raise MtlError(
+                f"--group {name!r}: {name!r} is the name of an input that is not in the group",
+                "name the group differently: each row of the report is one name",
+            )
     return groups | {i.name: [i] for i in inputs if i.name not in grouped}
 
 

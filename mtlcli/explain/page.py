@@ -10,12 +10,15 @@ import math
 from datetime import UTC, datetime
 from html import escape
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, model_validator
 
 from mtlcli import __version__
 from mtlcli.explain.compare import compare_results, headline, verdict
 from mtlcli.explain.importance import loss_of
 from mtlcli.explain.report import ExplainOptions, explain_run, read_metrics
+from mtlcli.fileio import sha256_file
 
 PALETTE = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
 STYLE = """
@@ -29,20 +32,94 @@ svg text{font-size:11px;fill:#333}
 """
 
 
+Matrix = dict[str, dict[str, float | None]]
+
+
+def _rectangular(values: Matrix) -> Matrix:
+    columns = [list(row) for row in values.values()]
+    if any(c != columns[0] for c in columns):
+        raise ValueError("its rows name different columns")
+    return values
+
+
+class SavedGates(BaseModel):
+    """A gate group as the page draws it: one weight per expert in each gate's row."""
+
+    model_config = ConfigDict(strict=True)
+    experts: list[str]
+    weights: dict[str, list[float | None]]
+
+    @model_validator(mode="after")
+    def _check(self) -> SavedGates:
+        for row, values in self.weights.items():
+            if len(values) != len(self.experts):
+                raise ValueError(f"the {row} gate has {len(values)} weights for {len(self.experts)} experts")
+        return self
+
+
+class SavedImportance(BaseModel):
+    model_config = ConfigDict(strict=True)
+    metric: dict[str, str]
+    importance: dict[str, dict[str, dict[Literal["drop", "std"], float | None]]]
+
+
+class SavedExplain(BaseModel):
+    """What the page reads of a saved ``mtl explain --json`` (other keys are not read); the
+    ``model_sha256`` ties it to the model it describes."""
+
+    model_config = ConfigDict(strict=True)
+    run_dir: str
+    model_sha256: str
+    gates: dict[str, SavedGates]
+    alpha: dict[str, Annotated[Matrix, AfterValidator(_rectangular)]] | None
+    label_correlation: Annotated[Matrix, AfterValidator(_rectangular)] | None
+    gradient_cosine: Annotated[Matrix, AfterValidator(_rectangular)] | None
+    importance: SavedImportance | None
+    readings: dict[str, str | list[str] | None]
+
+
+def saved_explain(path: Path, model_sha256: str) -> tuple[dict[str, Any] | None, str | None]:
+    """A run's saved explain report, or None and why it cannot be shown: not readable JSON, not
+    the shape ``mtl explain --json`` writes, or the report of another model (a file copied from
+    another run, or a run retrained since)."""
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        return None, f"not UTF-8 text ({exc.reason} at byte {exc.start})"
+    except json.JSONDecodeError as exc:
+        return None, f"not JSON ({exc.msg} at line {exc.lineno})"
+    try:
+        saved = SavedExplain.model_validate(report)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        return None, f"not the report `mtl explain --json` writes ({where + ': ' if where else ''}{first['msg']})"
+    if saved.model_sha256 != model_sha256:
+        return None, f"describes another model (explained from {saved.run_dir}), not this run's model.safetensors"
+    return report, None
+
+
 def gather(run_dir: Path, options: ExplainOptions) -> dict[str, Any]:
-    """What the page shows of one run: its recipe, history, valid and test metrics, and the
-    explain report (the run's saved ``explain.json`` when it has one, else computed on valid)."""
+    """What the page shows of one run: its recipe, history, valid and test metrics, the explain
+    report (the run's saved ``explain.json`` when it has one that fits the run, else computed on
+    valid), and warnings about what the run directory holds that could not be used."""
     from mtlcli.train.run import EXPLAINED, evaluate_splits, loaded_run
 
     run = loaded_run(run_dir)  # the model and its data, loaded once for the explain report and the metrics
     loaded = run[0]
     saved = run_dir / EXPLAINED
+    history, warnings = read_metrics(run_dir / "metrics.jsonl")
+    explained, problem = None, None
     if saved.is_file():
-        explained, source = json.loads(saved.read_text(encoding="utf-8")), f"from the run's saved {EXPLAINED}"
-    else:
+        explained, problem = saved_explain(saved, sha256_file(run_dir / "model.safetensors"))
+        source = f"from the run's saved {EXPLAINED}"
+    if problem is not None:
+        warnings.append(f"{saved}: {problem}; the explain report is computed again for this page")
+    if explained is None:
         explained = explain_run(run_dir, "valid", options, run)
         rows = f"{explained['rows']:,} rows of the valid split"
-        source = f"computed for this page on {rows} (no saved {EXPLAINED} in the run)"
+        why = f"its saved {EXPLAINED} {problem}" if problem else f"no saved {EXPLAINED} in the run"
+        source = f"computed for this page on {rows} ({why})"
     recipe = loaded.recipe
     identity = {"scheme": recipe.model.scheme, "weighting": recipe.loss.weighting}
     evaluated = evaluate_splits(run_dir, ["valid", "test"], run=run)
@@ -53,12 +130,13 @@ def gather(run_dir: Path, options: ExplainOptions) -> dict[str, Any]:
         "weighting": recipe.loss.weighting,
         "tasks": loaded.schema.task_names,
         "types": [t.type for t in loaded.schema.tasks],
-        "history": read_metrics(run_dir / "metrics.jsonl"),
+        "history": history,
         "valid": evaluated["valid"] | identity,
         "test": evaluated["test"] | identity,
         "explain": explained,
         "explain_source": source,
         "recipe": (run_dir / "recipe.yaml").read_text(encoding="utf-8"),
+        "warnings": warnings,
     }
 
 
@@ -297,7 +375,10 @@ def render_page(runs: list[dict[str, Any]], baseline: dict[str, Any] | None = No
     )
 
 
-def report_page(run_dirs: list[Path], baseline: Path | None = None, max_rows: int | None = 20000) -> str:
+def report_page(
+    run_dirs: list[Path], baseline: Path | None = None, max_rows: int | None = 20000
+) -> tuple[str, list[str]]:
+    """The page, and the warnings about what the runs hold that it could not use."""
     options = ExplainOptions(max_rows=max_rows, grad_batches=8)
     runs = [gather(r, options) for r in run_dirs]
     base = gather(baseline, options) if baseline is not None else None
@@ -305,4 +386,5 @@ def report_page(run_dirs: list[Path], baseline: Path | None = None, max_rows: in
     for i, run in enumerate(runs):  # two runs with the same directory name: keep them apart
         if names.count(run["name"]) > 1:
             run["name"] = f"{run['name']} ({i + 1})"
-    return render_page(runs, base)
+    warnings = [w for r in [*runs, *([base] if base else [])] for w in r["warnings"]]
+    return render_page(runs, base), warnings

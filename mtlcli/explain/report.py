@@ -6,9 +6,10 @@ import difflib
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
 from mtlcli.data.batch import SplitTensors
@@ -31,6 +32,7 @@ from mtlcli.explain.history import history_report
 from mtlcli.explain.importance import importance_report, read_importance
 from mtlcli.explain.masks import mask_report, read_masks
 from mtlcli.explain.representations import read_representations, representation_report
+from mtlcli.fileio import sha256_file
 from mtlcli.models.base import scheme
 from mtlcli.models.views import AlphaRecord, GateRecord, Introspection
 
@@ -197,7 +199,7 @@ def explain_run(
 ) -> dict[str, Any]:
     """Every report on one split of a run's data (re-encoded if the run's cache is gone), plus the
     training history from its metrics.jsonl. ``run``: the run's model and data, already loaded."""
-    from mtlcli.train.run import load_run, pos_weight_tensor, run_data
+    from mtlcli.train.run import GRADIENTS, load_run, pos_weight_tensor, run_data
 
     loaded = run[0] if run is not None else load_run(run_dir)
     by = None
@@ -222,10 +224,14 @@ def explain_run(
             options.batch_size,
         )  # fmt: skip
         report["readings"]["importance"] = read_importance(report["importance"])
-    history = history_report(read_metrics(run_dir / "metrics.jsonl") + read_metrics(run_dir / "gradients.jsonl"), tasks)
+    epochs, damaged = read_metrics(run_dir / "metrics.jsonl", EpochRecord)
+    samples, damaged_samples = read_metrics(run_dir / GRADIENTS, GradientRecord)
+    report["warnings"] += damaged + damaged_samples
+    history = history_report(epochs + samples, tasks)
     report["readings"]["history"] = history.pop("reading") if history else None
     return {
         "run_dir": str(run_dir),
+        "model_sha256": sha256_file(run_dir / "model.safetensors"),
         "split": split,
         "scheme": loaded.recipe.model.scheme,
         "weighting": loaded.recipe.loss.weighting,
@@ -234,16 +240,52 @@ def explain_run(
     }
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a run's metrics.jsonl (none if it is missing); damaged lines are skipped."""
+class EpochRecord(BaseModel):
+    """What the history and the page read of a metrics.jsonl line (one epoch)."""
+
+    model_config = ConfigDict(strict=True)
+    epoch: int
+    train_loss: dict[str, float | None]
+    weights: dict[str, float | None] = {}
+    valid: dict[str, dict[str, float | None]] = {}
+    samples_per_second: float = 0.0
+    best_epoch: int | None = None
+
+
+class GradientRecord(BaseModel):
+    """What the history reads of a gradients.jsonl line (one sample of train.track_gradients)."""
+
+    model_config = ConfigDict(strict=True)
+    kind: Literal["gradients"]
+    step: int
+    gradient_cosine: dict[str, dict[str, float | None]]
+    weights: dict[str, float | None] = {}
+
+
+def read_metrics(path: Path, shape: type[BaseModel] = EpochRecord) -> tuple[list[dict[str, Any]], list[str]]:
+    """The records of a run's metrics.jsonl (or gradients.jsonl) that have the ``shape`` their
+    readers need, and a warning for each line that has not, naming the file and line: a damaged
+    line is left out of the curves, never silently. No records if the file is missing."""
     if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+        return [], []
+    records: list[dict[str, Any]] = []
+    damaged: list[str] = []
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
+            shape.model_validate(record)
+        except json.JSONDecodeError as exc:
+            damaged.append(f"{path}:{number}: not JSON ({exc.msg}); the line is left out of the history")
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "the line"
+            damaged.append(
+                f"{path}:{number}: not a {shape.__name__.removesuffix('Record').lower()} record ({where}:"
+                f" {first['msg']}); the line is left out of the history"
+            )
+        else:
             records.append(record)
-    return records
+    return records, damaged

@@ -47,16 +47,63 @@ RecipeLoader.add_implicit_resolver(
 )
 
 
-def load_yaml(text: str) -> Any:
-    """Plain data from YAML text, with the recipe's booleans (``RecipeLoader``)."""
+MAX_DEPTH = 100  # mappings and lists inside each other; a recipe uses about six
+MAX_VALUES = 100_000  # values once every alias is expanded; a recipe has a few hundred
+
+
+def yaml_shape_problem(text: str) -> tuple[str, int] | None:
+    """What makes ``text`` too deep or too large to read safely, and its line; None when it is
+    fine. Reads the parser's events, so nothing is built: an alias counts the values of what its
+    anchor holds, which a 'billion laughs' document multiplies to billions (raises YAMLError on
+    bad syntax)."""
+    sizes: dict[str, int] = {}
+    open_: list[tuple[str | None, int]] = []  # (anchor, values so far) of each unclosed collection
+    total = 0
+    for event in yaml.parse(text, Loader=RecipeLoader):
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.CollectionStartEvent):
+            if len(open_) >= MAX_DEPTH:
+                return f"nested deeper than {MAX_DEPTH} levels of mappings and lists; a recipe needs a few", line
+            open_.append((event.anchor, 1))
+            continue
+        if isinstance(event, yaml.CollectionEndEvent):
+            anchor, size = open_.pop()
+        elif isinstance(event, yaml.ScalarEvent):
+            anchor, size = event.anchor, 1
+        elif isinstance(event, yaml.AliasEvent):
+            anchor, size = None, sizes.get(event.anchor or "", 1)
+        else:
+            continue
+        if anchor:
+            sizes[anchor] = size
+        if open_:
+            open_[-1] = (open_[-1][0], open_[-1][1] + size)
+        else:
+            total += size
+        if (open_[-1][1] if open_ else total) > MAX_VALUES:
+            return (
+                f"more than {MAX_VALUES:,} values once its aliases (*name) are expanded; a recipe has far"
+                " fewer: repeat less through anchors and aliases",
+                line,
+            )
+    return None
+
+
+def load_yaml(text: str, source: str = "<yaml>", path: str = "") -> Any:
+    """Plain data from YAML text, with the recipe's booleans (``RecipeLoader``). Raises
+    RecipeError (``source``, ``path``) for text too deep or too large (``yaml_shape_problem``),
+    YAMLError for bad syntax."""
+    problem = yaml_shape_problem(text)
+    if problem is not None:
+        raise RecipeError(source, [RecipeIssue(path, f"the YAML is {problem[0]}", problem[1])])
     return yaml.load(text, Loader=RecipeLoader)  # a SafeLoader subclass: plain data only
 
 
 def parse_yaml(text: str, source: str) -> tuple[dict[str, Any], dict[Loc, int]]:
     """Parse YAML into plain data plus a map from key path to 1-based line number."""
     try:
+        data = load_yaml(text, source)
         node = yaml.compose(text, Loader=RecipeLoader)
-        data = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
@@ -97,7 +144,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> list[Loc]
             raise RecipeError("--set", [RecipeIssue(item, "expected KEY.PATH=VALUE, e.g. train.lr=0.01")])
         parts: list[str | int] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
         try:
-            value = load_yaml(value_text) if value_text.strip() else ""
+            value = load_yaml(value_text, "--set", key.strip()) if value_text.strip() else ""
         except yaml.YAMLError:
             value = value_text
         node: Any = data
@@ -252,6 +299,8 @@ def validate_recipe(data: dict[str, Any], source: str, lines: dict[Loc, int], se
     failed: set[str] = set()
     try:
         recipe = Recipe.model_validate(data)
+        for loc in _booleans_read_as_numbers(data, recipe.model_dump()):
+            issue(loc, BOOLEAN_NOT_NUMBER)
     except ValidationError as exc:
         for err in _useful_errors(exc):
             loc, message = _explain(err, data, Recipe)
@@ -304,12 +353,46 @@ def _component_params(section: str, value: Any, registry: Registry[Component], i
         issue((section, COMPONENTS[section][0]), f"unknown {registry.kind} {name!r}{hint}; known: {known}")
         return None
     try:
-        return registry.get(name).params.model_validate(rest)
+        params = registry.get(name).params.model_validate(rest)
     except ValidationError as exc:
         for err in _useful_errors(exc):
             loc, message = _explain(err, rest, registry.get(name).params)
             issue((section, *loc), message)
         return None
+    wrong = _booleans_read_as_numbers(rest, params.model_dump())
+    for loc in wrong:
+        issue((section, *loc), BOOLEAN_NOT_NUMBER)
+    return None if wrong else params
+
+
+BOOLEAN_NOT_NUMBER = "expected a number, got a boolean (true/false); write the number itself"
+NUMBER_ERRORS = {
+    "greater_than",
+    "greater_than_equal",
+    "less_than",
+    "less_than_equal",
+    "int_type",
+    "float_type",
+    "int_parsing",
+    "float_parsing",
+    "multiple_of",
+}
+
+
+def _booleans_read_as_numbers(given: Any, validated: Any, loc: Loc = ()) -> list[Loc]:
+    """Where ``given`` (the raw recipe data) holds true/false and the validated values (dumped
+    to plain data) hold a number there: pydantic reads a boolean as 1 or 0, the user meant
+    something else. Parts whose layout validation changed (a bare name for a mapping) are
+    skipped."""
+    if isinstance(given, bool):
+        return [loc] if isinstance(validated, int | float) and not isinstance(validated, bool) else []
+    if isinstance(given, dict) and isinstance(validated, dict):
+        pairs = [(key, value, validated[key]) for key, value in given.items() if key in validated]
+    elif isinstance(given, list) and isinstance(validated, list | tuple) and len(given) == len(validated):
+        pairs = list(zip(range(len(given)), given, validated, strict=True))
+    else:
+        return []
+    return [found for key, value, other in pairs for found in _booleans_read_as_numbers(value, other, (*loc, key))]
 
 
 def _cross_checks(data: dict[str, Any]) -> list[tuple[Loc, str]]:
@@ -348,6 +431,15 @@ def _cross_checks(data: dict[str, Any]) -> list[tuple[Loc, str]]:
         for name in names:
             if isinstance(name, str) and name in label_columns:
                 out.append((("features", where, name), "is a task's label column; labels are never model inputs"))
+            histories = features.get("sequences")
+            if isinstance(name, str) and isinstance(histories, dict) and name in histories:
+                out.append(
+                    (
+                        ("features", "sequences", name),
+                        f"the history's name {name!r} is also a {where} feature; inputs need distinct names:"
+                        " rename the history (its 'column' says which column it reads)",
+                    )
+                )
     for name, spec in tasks.items():
         space = spec.get("space")
         parent = space if isinstance(space, str) else space.get("task") if isinstance(space, dict) else None
@@ -480,6 +572,8 @@ def _explain(err: Any, data: Any, root: type[BaseModel]) -> tuple[Loc, str]:
         return (*loc, "by"), "missing required key (the split method: modulo, random, column or files)"
     if kind in ("dict_type", "model_type", "model_attributes_type"):
         return loc, f"expected a mapping of keys (got {got!r})"
+    if isinstance(got, bool) and kind in NUMBER_ERRORS:
+        return loc, BOOLEAN_NOT_NUMBER
     message = str(err["msg"])
     message = message.removeprefix("Value error, ")
     if kind != "value_error" and not isinstance(got, dict):

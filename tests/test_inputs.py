@@ -108,3 +108,13 @@ def test_census_single_task_baseline_does_not_read_the_other_label(
     schema = prepare(load_recipe("recipes/census-mmoe.yaml", overrides)).schema
     assert "marital status" not in [f.name for f in schema.categorical]
     assert any("'marital status'" in w for w in schema.warnings), schema.warnings
+
+
+def test_a_history_named_like_an_input_column_is_refused(tmp_path: Path) -> None:
+    """Input names are unique: a history called 'item' (reading the column 'user') next to the
+    categorical column 'item' that auto takes would give two inputs one name."""
+    from mtlcli.errors import DataError
+
+    recipe = load_recipe(recipe_file(tmp_path), ["features.sequences={item: {column: user}}"])
+    with pytest.raises(DataError, match=r"features\.sequences\.item: .*'item' is also a categorical input"):
+        prepare(recipe)
