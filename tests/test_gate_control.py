@@ -13,6 +13,7 @@ from mtlcli.models.blocks import FieldLayout
 from mtlcli.models.gate_control import (
     FieldMapping,
     LabelCorrelation,
+    controlled_gate_logits,
     gate_coefficients,
     gate_difference,
     label_moments,
@@ -60,6 +61,36 @@ def test_the_virtual_gradient_scales_the_gate_path_only() -> None:
     assert torch.equal(virtual_gradient(x, 2.0), x)
     with pytest.raises(ValueError, match="one number per gate"):
         virtual_gradient(x, torch.ones(3))
+
+
+def test_a_controlled_gate_scales_its_own_and_its_mappings_gradients_only() -> None:
+    torch.manual_seed(0)
+    layout = FieldLayout(n_categorical=2, dim=2, n_numeric=1)
+    gate, mapping = nn.Linear(5, 3), FieldMapping(layout, n_tasks=2)
+    with torch.no_grad():
+        mapping.scales.uniform_(0.5, 1.5)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    gate.double()
+    mapping.double()
+    target = torch.randn(4, 3, dtype=torch.float64)
+
+    def grads(coefficient: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        gate.zero_grad()
+        mapping.zero_grad()
+        leaf = x.clone().requires_grad_()
+        logits = controlled_gate_logits(gate, mapping, leaf, 1, torch.tensor(coefficient, dtype=torch.float64))
+        ((torch.softmax(logits, -1) * target).sum()).backward()
+        assert gate.weight.grad is not None and mapping.scales.grad is not None and leaf.grad is not None
+        return logits.detach(), gate.weight.grad.clone(), mapping.scales.grad.clone(), leaf.grad
+
+    logits1, gate1, scales1, x1 = grads(1.0)
+    logits4, gate4, scales4, x4 = grads(4.0)
+    assert torch.equal(logits4, logits1)
+    assert torch.equal(logits1, gate(mapping(x)[:, 1]).detach())  # gate(φ_1(x))
+    assert torch.allclose(gate4, 4.0 * gate1, rtol=1e-12, atol=0.0)
+    assert torch.allclose(scales4, 4.0 * scales1, rtol=1e-12, atol=0.0)
+    assert scales1[0].abs().sum().item() == 0.0 and scales1[1].abs().sum().item() > 0.0  # task 1's row only
+    assert torch.allclose(x4, x1, rtol=1e-12, atol=1e-15)  # the shared input's gradient is not scaled
 
 
 def test_gate_difference_is_the_mean_total_variation_to_the_other_gates() -> None:

@@ -14,7 +14,9 @@ The exact forms are not available to the project; these are the project's own [s
 - ``FieldMapping``: task k's gate reads φ_k(x) = concat_f (s_{k,f} · e_f), one learned scalar per
   task and input field, initialised to 1 (the gate then starts as it would on the flat input);
 - ``virtual_gradient``: the identity in the forward pass; the gradient that flows back through gate
-  k's logits is multiplied by λ_k ("virtual": the gradient changes, the prediction does not);
+  k's logits is multiplied by λ_k ("virtual": the gradient changes, the prediction does not).
+  ``controlled_gate_logits`` confines it to the gate and its mapping: the gate's input passes
+  through the inverse coefficient, so the shared embedding's gradient is not scaled;
 - ``gate_difference``: d_k, the mean over the other tasks j of the total-variation distance
   ½ Σ_e |ḡ_k,e − ḡ_j,e| between batch-mean gate distributions (0 identical, 1 disjoint);
 - ``LabelCorrelation``: c_k, the mean over j ≠ k of |ρ_kj|, the Pearson correlation of the two
@@ -72,6 +74,10 @@ class FieldMapping(nn.Module):
         per_column = self.scales.repeat_interleave(self.widths, dim=1)  # [T, D]
         return x.unsqueeze(1) * per_column.unsqueeze(0)
 
+    def task(self, x: Tensor, k: int) -> Tensor:
+        """φ_k(x) alone: [B, D]."""
+        return x * self.scales[k].repeat_interleave(self.widths)
+
 
 class _VirtualGradient(torch.autograd.Function):
     """Identity forward; backward multiplies the incoming gradient by a coefficient."""
@@ -99,6 +105,21 @@ def virtual_gradient(logits: Tensor, coefficient: Tensor | float) -> Tensor:
         raise ValueError(f"the virtual gradient's coefficient is one number per gate, got shape {list(factor.shape)}")
     out: Tensor = _VirtualGradient.apply(logits, factor)
     return out
+
+
+def controlled_gate_logits(gate: nn.Module, mapping: FieldMapping, x: Tensor, k: int, coefficient: Tensor) -> Tensor:
+    """Gate k's logits gate(φ_k(x)), with λ_k acting on the gate and its field mapping only.
+
+    The logits pass through ``virtual_gradient`` with λ_k, and x passes through it with 1/λ_k
+    before the mapping. The gate's and s_k's gradients are then λ_k times their plain values,
+    and the gradient reaching x (the embedding that the experts share) through this gate is its
+    plain value, to rounding.
+
+    gate: [B, D] -> [B, E]; x: the flat embedding [B, D]; coefficient: λ_k, a 0-d tensor (> 0).
+    Output [B, E].
+    """
+    shielded = virtual_gradient(x, 1.0 / coefficient)
+    return virtual_gradient(gate(mapping.task(shielded, k)), coefficient)
 
 
 def gate_difference(mean_gates: Tensor) -> Tensor:
