@@ -203,3 +203,48 @@ def test_error_correction_gradient_matches_finite_differences() -> None:
     assert float(numeric.abs().max()) > 1e-3  # the feedback is not trivially zero
     assert torch.allclose(grad, numeric, rtol=1e-6, atol=1e-9)
     assert student.weight.grad is None  # the look-ahead does not touch the student's own parameters
+
+
+def test_calibration_fits_the_teachers_scale_and_shift() -> None:
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(4000, generator=gen)
+    labels = (torch.rand(4000, generator=gen) < torch.sigmoid(2.0 * scores - 1.0)).float()
+    calibrator = Calibrator()
+    optimizer = torch.optim.LBFGS(calibrator.parameters(), max_iter=100, line_search_fn="strong_wolfe")
+    rows = torch.ones(4000, dtype=torch.bool)
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = calibration_loss(calibrator, scores, labels, rows)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    assert calibrator.scale().item() == pytest.approx(2.0, abs=0.2)
+    assert calibrator.shift.item() == pytest.approx(-1.0, abs=0.15)
+
+
+def test_error_correction_through_a_nonlinear_tower_matches_finite_differences() -> None:
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    x = torch.randn(10, 4, generator=gen, dtype=torch.float64)
+    h = torch.randn(10, 3, generator=gen, dtype=torch.float64)
+    y = (torch.rand(10, generator=gen) > 0.5).double()
+    rows = torch.rand(10, generator=gen) > 0.2
+    teacher_w = torch.randn(4, generator=gen, dtype=torch.float64).requires_grad_()
+    student = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    params = dict(student.named_parameters())
+
+    def feedback(w: Tensor) -> Tensor:
+        return error_correction_loss(student, params, h, torch.sigmoid(x @ w), y, rows, lr=1.5, weight=1.0)
+
+    (grad,) = torch.autograd.grad(feedback(teacher_w), teacher_w)
+    eps = 1e-6
+    numeric = torch.stack(
+        [
+            (feedback(teacher_w.detach() + eps * e) - feedback(teacher_w.detach() - eps * e)).detach() / (2 * eps)
+            for e in torch.eye(4, dtype=torch.float64)
+        ]
+    )
+    assert float(numeric.abs().max()) > 1e-4
+    assert torch.allclose(grad, numeric, rtol=1e-5, atol=1e-9)

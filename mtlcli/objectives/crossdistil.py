@@ -195,7 +195,9 @@ def error_correction_loss(
     depends on θ_T. The returned L_A = BCE(student(inputs; θ_S'), y_A) on ``rows`` therefore has a
     gradient with respect to θ_T through a double backward. Differentiate it with respect to the
     teacher's parameters only (the student is frozen in the teacher's update). Only the student
-    tower takes part; pass its input detached when the layers below it should not move.
+    tower takes part; pass its input detached when the layers below it should not move. The
+    tower runs twice (at θ_S and at θ_S'): with dropout active the two passes draw different
+    masks, so put the tower in eval mode for an exact look-ahead.
 
     student: the task tower, inputs [B, H] -> logits [B, 1] or [B]; params: its parameters by name
     (θ_S, e.g. ``dict(student.named_parameters())``); teacher_probs, labels: [B]; rows: bool [B];
