@@ -1,8 +1,8 @@
 """CSRec's contrastive sharing: the mathematical core, as plain functions and one module (not a
 registered scheme yet, and not wired into training).
 
-Bai, Shi, Zhu, Jiang, Jin, Liu, Pan, Li, Yang, Chen, "Contrastive Sharing Model for Multi-Task
-Recommendation", WWW 2022.
+Bai et al., "A Contrastive Sharing Model for Multi-Task Recommendation", WWW 2022
+(doi:10.1145/3485447.3512043).
 
 What the paper states [paper]: as in sparse sharing, task k trains the subnet W ⊙ M_k of one shared
 network, chosen by its binary mask M_k. Parameters kept by two or more masks receive conflicting

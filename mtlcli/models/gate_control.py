@@ -9,7 +9,7 @@ What the paper states [paper]: each task's gate reads a *feature explicit mappin
 adjusted from the *difference between the gates' values* and the *correlation between the tasks*.
 
 The exact forms are not available to the project; these are the project's own [spec] choices
-(../docs/methods.md, "Gate control"):
+(docs/methods.md, "Gate control (DEPHN)"):
 
 - ``FieldMapping``: task k's gate reads φ_k(x) = concat_f (s_{k,f} · e_f), one learned scalar per
   task and input field, initialised to 1 (the gate then starts as it would on the flat input);

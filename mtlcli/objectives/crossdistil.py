@@ -1,6 +1,6 @@
 """CrossDistil's mathematical core, as plain functions and modules (not wired into training yet).
 
-Yang, Li, Zhang, Wu, Gao, Gai, Liu, "Cross-Task Knowledge Distillation in Multi-Task
+Yang, Pan, Gao, Jiang, Liu, Chen, "Cross-Task Knowledge Distillation in Multi-Task
 Recommendation", AAAI 2022 (arXiv:2202.09852).
 
 What the paper states [paper]: a task's binary label cannot order two rows that share it, another
