@@ -30,6 +30,11 @@ The exact forms are not available to the project; these are its own [spec] choic
   that layer's shared entries removed), for explain; ``wins``: the share of conflicting entries
   where a task has share 1.
 
+Within one step the order is: the step's loss and its gradient on W (under the task's mask, so
+zero off it), ``contributions`` from that gradient, ``ContributionAverage.update``, ``shares``
+from the updated average, ``apply_shares``. A task's own contribution is thus measured before its
+first share is taken.
+
 Masks and their derived tensors are float 0/1 (as ``sparse_sharing`` stores them) stacked over
 tasks: [T, ...] with ``...`` one layer's weight shape (or all layers flattened into one vector).
 """

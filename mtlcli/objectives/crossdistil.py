@@ -156,7 +156,8 @@ def calibration_loss(calibrator: Calibrator, scores: Tensor, labels: Tensor, row
 
 def distill_weight(step: int, warmup_steps: int, weight: float = DISTILL_WEIGHT) -> float:
     """β at ``step`` (0-based, counted before the step's update): weight · min(1, step / warmup_steps),
-    0 at the first step; the full weight from the start when ``warmup_steps`` is 0."""
+    0 at the first step; the full weight from the start when ``warmup_steps`` is 0. The
+    specification's default ramp is one epoch: pass the epoch's number of steps."""
     if warmup_steps <= 0:
         return weight
     return weight * min(1.0, step / warmup_steps)
