@@ -1,7 +1,10 @@
 """What serving reads is decided per value and per input, never per chunk: a JSON history given as
 an array or as text, empty, null or left out scores the same at every `--chunk-rows`, and the same
-as from Parquet or CSV; a file whose only history is empty is an empty history, as preprocessing
-reads it. One small model with parallel type and time lists is trained for the module."""
+as from Parquet or CSV (a property test draws such rows); a file whose only history is empty is an
+empty history, as preprocessing reads it; a CSV row of another width is refused wherever a chunk
+starts. Around it: byte-order marks, encodings, truncated gzip, --rejects and --keep with
+histories, and `mtl export --force` under a concurrent reader. One small model with parallel type
+and time lists is trained for the module."""
 
 from __future__ import annotations
 
