@@ -346,18 +346,31 @@ def _json_series(
     if separator is None:
         texts = [_json_text(v, name, block[i][0], column) for i, v in enumerate(values)]
         return pl.Series(column, texts, pl.String)
-    lists: list[list[str | None] | None] = []
+    items: list[str | None] = []  # every row's items, one after the other
+    owners: list[int] = []  # the row of each item
+    present: list[bool] = []  # the row has a list (maybe empty), not a missing value
     for index, value in enumerate(values):
         line = block[index][0]
+        parts: list[str | None] | None
         if isinstance(value, list):
-            lists.append([_json_text(item, name, line, column, "inside its list") for item in value])
-            continue
-        text = _json_text(value, name, line, column)
-        if text is None or (text.strip() if layout.strip else text) in layout.missing:
-            lists.append(None)
+            parts = [_json_text(item, name, line, column, "inside its list") for item in value]
         else:
-            lists.append(list(text.split(separator)))
-    return pl.Series(column, lists, pl.List(pl.String))
+            text = _json_text(value, name, line, column)
+            missing = text is None or (text.strip() if layout.strip else text) in layout.missing
+            parts = None if missing or text is None else list(text.split(separator))
+        present.append(parts is not None)
+        if parts:
+            items += parts
+            owners += [index] * len(parts)
+    # the lists built in one grouping: a polars list per row built from Python took most of the time
+    flat = pl.DataFrame({"row": owners, "item": items}, schema={"row": pl.Int64, "item": pl.String})
+    grouped = flat.group_by("row", maintain_order=True).agg(pl.col("item"))
+    rows = pl.DataFrame(
+        {"row": range(len(values)), "present": present}, schema={"row": pl.Int64, "present": pl.Boolean}
+    )
+    joined = rows.join(grouped, on="row", how="left", maintain_order="left")
+    lists = pl.when(pl.col("present")).then(pl.col("item").fill_null(pl.lit([], pl.List(pl.String))))
+    return joined.select(lists.alias(column)).to_series()
 
 
 def _json_text(
