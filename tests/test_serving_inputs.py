@@ -19,7 +19,7 @@ import polars as pl
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -253,7 +253,7 @@ def write_formats(rows: list[dict[str, Any]], directory: Path) -> dict[str, Path
     return paths
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, deadline=None)
 @given(rows=st.lists(ROW, min_size=1, max_size=9), chunk=st.integers(1, 4))
 def test_scores_do_not_depend_on_the_chunking_or_the_format_and_match_eval(
     bundle: Path, rows: list[dict[str, Any]], chunk: int
