@@ -553,6 +553,17 @@ def test_header_names_are_stripped_like_values(tmp_path: Path) -> None:
     assert prepared.schema.categorical[0].vocab == ["red", "blue", "rare"]
 
 
+@pytest.mark.parametrize("where", ["middle", "end"])
+def test_a_blank_line_is_refused_as_predict_refuses_it(tmp_path: Path, where: str) -> None:
+    """polars reads a blank line as a row of missing values; it is no row (it was an empty label,
+    or with nullable columns a row of missing values)."""
+    lines = write_csv(tmp_path / "data.csv", base_rows()).read_text().splitlines(keepends=True)
+    lines.insert(5 if where == "middle" else len(lines), "\n")
+    (tmp_path / "data.csv").write_text("".join(lines))
+    error = data_error(make_recipe(tmp_path, source=tmp_path / "data.csv"))
+    assert error.message == f"{tmp_path / 'data.csv'}: line {6 if where == 'middle' else len(lines)} is blank"
+
+
 def test_a_parquet_file_is_known_by_its_magic_bytes_whatever_its_name(tmp_path: Path) -> None:
     """`format: auto` reads a Parquet file named data.dat as Parquet; `format: csv` says what it is
     (it was "not UTF-8 text" with an iconv hint)."""

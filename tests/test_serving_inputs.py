@@ -1,7 +1,10 @@
 """What serving reads is decided per value and per input, never per chunk: a JSON history given as
 an array or as text, empty, null or left out scores the same at every `--chunk-rows`, and the same
-as from Parquet or CSV; a file whose only history is empty is an empty history, as preprocessing
-reads it. One small model with parallel type and time lists is trained for the module."""
+as from Parquet or CSV (a property test draws such rows); a file whose only history is empty is an
+empty history, as preprocessing reads it; a CSV row of another width is refused wherever a chunk
+starts. Around it: byte-order marks, encodings, truncated gzip, --rejects and --keep with
+histories, and `mtl export --force` under a concurrent reader. One small model with parallel type
+and time lists is trained for the module."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import polars as pl
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -250,7 +253,7 @@ def write_formats(rows: list[dict[str, Any]], directory: Path) -> dict[str, Path
     return paths
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, deadline=None)
 @given(rows=st.lists(ROW, min_size=1, max_size=9), chunk=st.integers(1, 4))
 def test_scores_do_not_depend_on_the_chunking_or_the_format_and_match_eval(
     bundle: Path, rows: list[dict[str, Any]], chunk: int

@@ -6,6 +6,7 @@ encoded test split, and `mtl eval BUNDLE --data` gives the run's metrics."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -148,9 +149,10 @@ def write_inputs(frame: pl.DataFrame, schema: DataSchema, directory: Path) -> di
     return paths
 
 
-def check_round_trip(run: Path, recipe: Any, directory: Path) -> None:
+def check_round_trip(run: Path, recipe: Any, directory: Path, engines: tuple[str, ...] = ("torch",)) -> None:
     bundle = directory / "bundle"
-    exported = runner.invoke(app, ["export", str(run), "--out", str(bundle)])
+    onnx = ["--format", "onnx"] if "onnxruntime" in engines else []
+    exported = runner.invoke(app, ["export", str(run), "--out", str(bundle), *onnx])
     assert exported.exit_code == 0, exported.output
     loaded = load_run(run)
     data = encoded_data(run, loaded).load("test")
@@ -160,11 +162,13 @@ def check_round_trip(run: Path, recipe: Any, directory: Path) -> None:
     frame = served_rows(recipe)
     assert frame.height == expected.shape[0]
     for fmt, path in write_inputs(frame, loaded.schema, directory).items():
-        out = directory / f"out-{fmt}.parquet"
-        scored = runner.invoke(app, ["predict", str(bundle), str(path), "-f", "parquet", "-o", str(out)])
-        assert scored.exit_code == 0, (fmt, scored.output)
-        got = torch.from_numpy(pl.read_parquet(out).select(loaded.schema.task_names).to_numpy())
-        assert_kernel_close(got, expected, floor=1.0, what=f"predict from {fmt} vs the run's model")
+        for engine in engines:
+            out = directory / f"out-{fmt}-{engine}.parquet"
+            args = ["predict", str(bundle), str(path), "-f", "parquet", "-o", str(out), "--engine", engine]
+            scored = runner.invoke(app, args)
+            assert scored.exit_code == 0, (fmt, engine, scored.output)
+            got = torch.from_numpy(pl.read_parquet(out).select(loaded.schema.task_names).to_numpy())
+            assert_kernel_close(got, expected, floor=1.0, what=f"predict from {fmt} with {engine} vs the run's model")
         evaluated = runner.invoke(app, ["eval", str(bundle), "--data", str(path), "--json"])
         assert evaluated.exit_code == 0, (fmt, evaluated.output)
         for task, metrics in json.loads(evaluated.stdout)["tasks"].items():
@@ -181,7 +185,10 @@ def test_every_history_shape_round_trips_through_predict(
     events.write_parquet("events.parquet")
     recipe = recipe_from_text(recipe_text(SHAPES[shape]), "roundtrip")
     train_run(recipe, tmp_path / "run")
-    check_round_trip(tmp_path / "run", recipe, tmp_path)
+    engines: tuple[str, ...] = ("torch",)
+    if shape == "parallel types and times" and importlib.util.find_spec("onnxruntime") is not None:
+        engines = ("torch", "onnxruntime")  # the ONNX model takes the same encoded histories
+    check_round_trip(tmp_path / "run", recipe, tmp_path, engines)
 
 
 SHIPPED_WITH_HISTORIES = sorted(

@@ -202,10 +202,12 @@ def _check_unique_header(path: Path, separator: str, strip: bool) -> None:
 
 
 def _check_short_rows(path: Path, recipe: Recipe, last: str, width: int) -> None:
-    """polars pads rows with too few fields with nulls; refuse them instead (ragged CSV).
+    """polars pads rows with too few fields with nulls, and reads a blank line as a row of nulls;
+    refuse them instead (ragged CSV), as ``mtl predict`` does.
 
     Judged only when the last column has an empty value somewhere (one streaming pass over that
-    column); lines holding a quote are not judged (a quoted field may contain the separator)."""
+    column); lines holding a quote are not judged (a quoted field may contain the separator), nor
+    blank lines in a file with quotes (one may be inside a quoted value)."""
     try:
         raw = _raw_scan(path, recipe, "csv")
         if not raw.select(pl.col(last).null_count()).collect(engine="streaming").item():
@@ -216,18 +218,20 @@ def _check_short_rows(path: Path, recipe: Recipe, last: str, width: int) -> None
         if recipe.data.header:
             lines = lines.filter(pl.col("index") > 0)
         fields = pl.col("line").str.count_matches(_separator(recipe), literal=True) + 1
-        short = (
-            lines.filter(
-                (fields < width) & ~pl.col("line").str.contains('"', literal=True) & pl.col("line").is_not_null()
-            )
-            .select(pl.col("index"), fields.alias("fields"))
-            .head(1)
-            .collect(engine="streaming")
-        )
+        quoted = pl.col("line").str.contains('"', literal=True)
+        short = (fields < width) & ~quoted & pl.col("line").is_not_null()
+        found = lines.select(
+            pl.col("index").filter(short).first().alias("short"),
+            fields.filter(short).first().alias("fields"),
+            pl.col("index").filter(pl.col("line").is_null()).first().alias("blank"),
+            quoted.any().alias("quoted"),
+        ).collect(engine="streaming")
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise unreadable(path, "csv", exc) from None
-    if short.height:
-        index, count = short.row(0)
+    index, count, blank, has_quotes = found.row(0)
+    if blank is not None and not has_quotes and (index is None or blank < index):
+        raise DataError(f"{path}: line {blank + 1} is blank", "remove blank lines: each line is a row")
+    if index is not None:
         raise DataError(
             f"{path}: line {index + 1} has {count} fields, not {width} (ragged rows)", "fix or drop the short rows"
         )

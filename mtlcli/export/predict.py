@@ -135,8 +135,11 @@ def _check_input_columns(names: list[str], only: list[str] | None, source: str, 
     if missing:
         hint = f"the input has {len(names)} columns: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}"
         others = [mark for mark in ",;\t|" if len(names) == 1 and mark in names[0] and mark != separator]
-        if others:
-            hint = f"the header is one column {names[0]!r}: its fields are split by {others[0]!r}, not {separator!r} (data.separator)"
+        if others:  # a header read as one column: the file has another separator than the recipe's
+            hint = (
+                f"the header is one column {names[0]!r}: its fields are split by {others[0]!r}, "
+                f"not {separator!r} (data.separator)"
+            )
         raise DataError(f"{source}: column {missing[0]!r} is not in the input{did_you_mean(missing[0], names)}", hint)
 
 
@@ -146,8 +149,9 @@ def read_chunks(
     """Raw rows as frames of at most ``chunk_rows`` rows, cleaned like preprocessing does (names
     from the header or the recipe, values stripped, missing markers -> null) with a ``__row`` index.
 
-    CSV is split at line ends, except inside a quoted value (a chunk is extended until its quotes
-    balance). Parquet (the recipe's format, or any input starting with Parquet's magic bytes) is
+    A UTF-8 byte-order mark is skipped. CSV is split at line ends, except inside a quoted value (a
+    chunk is extended until its quotes balance), and every row must have the first row's number of
+    fields (``_check_fields``), so that no row is read differently where a chunk starts. Parquet (the recipe's format, or any input starting with Parquet's magic bytes) is
     read a slice at a time from the file (a stream, e.g. standard input, is
     first spooled to a temporary file, since Parquet is read from its end). ``only`` keeps just
     those columns (the ones present; the caller reports missing ones), which saves cleaning the rest.
@@ -342,18 +346,31 @@ def _json_series(
     if separator is None:
         texts = [_json_text(v, name, block[i][0], column) for i, v in enumerate(values)]
         return pl.Series(column, texts, pl.String)
-    lists: list[list[str | None] | None] = []
+    items: list[str | None] = []  # every row's items, one after the other
+    owners: list[int] = []  # the row of each item
+    present: list[bool] = []  # the row has a list (maybe empty), not a missing value
     for index, value in enumerate(values):
         line = block[index][0]
+        parts: list[str | None] | None
         if isinstance(value, list):
-            lists.append([_json_text(item, name, line, column, "inside its list") for item in value])
-            continue
-        text = _json_text(value, name, line, column)
-        if text is None or (text.strip() if layout.strip else text) in layout.missing:
-            lists.append(None)
+            parts = [_json_text(item, name, line, column, "inside its list") for item in value]
         else:
-            lists.append(list(text.split(separator)))
-    return pl.Series(column, lists, pl.List(pl.String))
+            text = _json_text(value, name, line, column)
+            missing = text is None or (text.strip() if layout.strip else text) in layout.missing
+            parts = None if missing or text is None else list(text.split(separator))
+        present.append(parts is not None)
+        if parts:
+            items += parts
+            owners += [index] * len(parts)
+    # the lists built in one grouping: a polars list per row built from Python took most of the time
+    flat = pl.DataFrame({"row": owners, "item": items}, schema={"row": pl.Int64, "item": pl.String})
+    grouped = flat.group_by("row", maintain_order=True).agg(pl.col("item"))
+    rows = pl.DataFrame(
+        {"row": range(len(values)), "present": present}, schema={"row": pl.Int64, "present": pl.Boolean}
+    )
+    joined = rows.join(grouped, on="row", how="left", maintain_order="left")
+    lists = pl.when(pl.col("present")).then(pl.col("item").fill_null(pl.lit([], pl.List(pl.String))))
+    return joined.select(lists.alias(column)).to_series()
 
 
 def _json_text(
@@ -633,7 +650,8 @@ def predict_chunks(
     """For each raw chunk: the ``keep`` columns (as read), one column per task, then ``score``.
 
     With ``reject``, rows that cannot be scored (a numeric value, or a history's row time, that is
-    not a finite number) are passed to it, with a ``reason`` column, instead of stopping the run; the others are scored."""
+    not a finite number) are passed to it, with a ``reason`` column and their lists as text,
+    instead of stopping the run; the others are scored."""
     keep = keep or []
     for chunk in chunks:
         extra = keep + ([score.factor] if score and score.factor else [])
