@@ -132,7 +132,9 @@ def test_resuming_a_finished_run_with_an_unwritable_tensorboard_folder_loses_not
 
 
 @pytest.mark.parametrize(
-    "uri", ["nope://nowhere", "sqlite:////proc/forbidden/mlflow.db"], ids=["unknown-scheme", "uncreatable-path"]
+    "uri",
+    ["nope://nowhere", "sqlite:////proc/forbidden/mlflow.db", "http://127.0.0.1:9"],
+    ids=["unknown-scheme", "uncreatable-path", "no-server-on-localhost"],
 )
 def test_an_unusable_mlflow_store_is_one_message_before_any_work(
     tmp_path: Path, uri: str, monkeypatch: pytest.MonkeyPatch
