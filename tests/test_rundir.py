@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,10 @@ def test_exchange_puts_the_new_directory_in_place(tmp_path: Path, swap: bool, mo
     (new / "a").write_text("new")
     exchange(new, old)
     assert (old / "a").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    shutil.rmtree(old)  # the old one gone meanwhile: the new one still takes the path
+    new.mkdir()
+    exchange(new, old)
+    assert old.is_dir() and not new.exists()
 
 
 def test_resuming_a_finished_run_with_an_unwritable_tensorboard_folder_loses_nothing(tmp_path: Path) -> None:
