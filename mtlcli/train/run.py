@@ -190,6 +190,7 @@ def run_plan(
             "resumed": place.resume,
             "warnings": schema.warnings + training_warnings(result.history, tasks, types),
             "processes": plan.world,
+            "exchange": parts.exchange.kind,
         }
         if ranks.writes:
             save_model(model, place.work / "model.safetensors", recipe, schema)
