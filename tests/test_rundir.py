@@ -154,6 +154,7 @@ def test_an_unusable_mlflow_store_is_one_message_before_any_work(
         uri,
     )
     assert len(said.splitlines()) <= 4 and not run.exists()
+    assert not (tmp_path / "cache").exists()  # said before any work: the data is not even prepared
 
 
 def test_port_without_nproc_and_far_too_many_processes_are_refused(tmp_path: Path) -> None:
