@@ -63,7 +63,8 @@ def test_two_processes_train_the_one_process_run(runs: tuple[Path, Path, Path]) 
             assert b["train_loss"][task] == pytest.approx(a["train_loss"][task], rel=1e-5)  # type: ignore[index]
             assert b["valid"][task]["auc"] == pytest.approx(a["valid"][task]["auc"], abs=1e-4)  # type: ignore[index]
     summary = json.loads((two / "summary.json").read_text())
-    assert summary["processes"] == 2 and summary["epochs_run"] == 3
+    assert summary["processes"] == 2 and summary["epochs_run"] == 3 and summary["exchange"] == "ddp"
+    assert json.loads((one / "summary.json").read_text())["exchange"] == "none"
 
 
 def rank_pid(marker: str, rank: int) -> int | None:

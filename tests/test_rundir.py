@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,10 @@ def test_exchange_puts_the_new_directory_in_place(tmp_path: Path, swap: bool, mo
     (new / "a").write_text("new")
     exchange(new, old)
     assert (old / "a").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    shutil.rmtree(old)  # the old one gone meanwhile: the new one still takes the path
+    new.mkdir()
+    exchange(new, old)
+    assert old.is_dir() and not new.exists()
 
 
 def test_resuming_a_finished_run_with_an_unwritable_tensorboard_folder_loses_nothing(tmp_path: Path) -> None:
@@ -132,7 +137,9 @@ def test_resuming_a_finished_run_with_an_unwritable_tensorboard_folder_loses_not
 
 
 @pytest.mark.parametrize(
-    "uri", ["nope://nowhere", "sqlite:////proc/forbidden/mlflow.db"], ids=["unknown-scheme", "uncreatable-path"]
+    "uri",
+    ["nope://nowhere", "sqlite:////proc/forbidden/mlflow.db", "http://127.0.0.1:9"],
+    ids=["unknown-scheme", "uncreatable-path", "no-server-on-localhost"],
 )
 def test_an_unusable_mlflow_store_is_one_message_before_any_work(
     tmp_path: Path, uri: str, monkeypatch: pytest.MonkeyPatch
@@ -147,6 +154,7 @@ def test_an_unusable_mlflow_store_is_one_message_before_any_work(
         uri,
     )
     assert len(said.splitlines()) <= 4 and not run.exists()
+    assert not (tmp_path / "cache").exists()  # said before any work: the data is not even prepared
 
 
 def test_port_without_nproc_and_far_too_many_processes_are_refused(tmp_path: Path) -> None:

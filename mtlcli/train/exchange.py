@@ -32,6 +32,7 @@ class Exchange:
 
     @property
     def kind(self) -> str:
+        """``none``, ``ddp`` or ``collectives`` (the summary's ``exchange``)."""
         return "none" if not self.ranks.active else "ddp" if self.ddp else "collectives"
 
     def bind(self, model: nn.Module) -> nn.Module:

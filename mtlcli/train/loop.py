@@ -231,17 +231,17 @@ def build_parts(
     steps_per_epoch: int,
     pos_weight: Tensor | None = None,
     strategy_lr: float | None = None,
-    exchange: Exchange | None = None,
+    ranks: Ranks | None = None,
     dense: torch.optim.Optimizer | None = None,
 ) -> StepParts:
     """The components a step works with: the run's optimizer (around ``dense``, a torch optimizer
-    made by the caller, when given) and the exchange (given by the run, else chosen from the ranks
-    this process joined and the strategy's declared capabilities)."""
+    made by the caller, when given) and the exchange, chosen from ``ranks`` (the run's; by default
+    those this process joined) and the strategy's declared capabilities."""
     if strategy.capabilities.needs_representation:
         enable_representation(model)
     device = model_device(model)
     optimizer = TrainingOptimizer.build(settings, model, strategy, steps_per_epoch, strategy_lr, dense)
-    exchange = exchange or Exchange.choose(distributed.current(), strategy)
+    exchange = Exchange.choose(ranks or distributed.current(), strategy)
     binary = torch.tensor([t == "binary" for t in types], device=device)
     return StepParts(model, strategy, optimizer, exchange, settings, tasks, binary, pos_weight, device)
 

@@ -29,7 +29,6 @@ from mtlcli.models.base import scheme
 from mtlcli.models.blocks import sparse_embeddings, use_sparse_rows
 from mtlcli.recipe import Recipe, recipe_to_yaml
 from mtlcli.train.checkpoint import LoadedModel, input_spec, load_checkpoint, load_model, save_checkpoint, save_model
-from mtlcli.train.exchange import Exchange
 from mtlcli.train.loop import LoopState, build_parts, evaluate, make_step, train_loop
 from mtlcli.train.observers import Observer, Observers
 from mtlcli.train.optimizer import TrainingOptimizer
@@ -154,8 +153,7 @@ def run_plan(
                 search(train_data, settings.batch_size, settings.lr, settings.seed)
             to_device(model, own, device)  # before the optimizer's state is loaded next to them
             own_lr = recipe.loss.params.own_lr()  # the weighting's own parameters' learning rate
-            exchange = Exchange.choose(ranks, strategy)
-            parts = build_parts(model, strategy, settings, tasks, types, steps, pos_weight, own_lr, exchange)
+            parts = build_parts(model, strategy, settings, tasks, types, steps, pos_weight, own_lr, ranks)
             state = None
             if place.resume:
                 state = _resume_state(place.work, model, parts.optimizer, strategy, ranks.writes)
@@ -192,6 +190,7 @@ def run_plan(
             "resumed": place.resume,
             "warnings": schema.warnings + training_warnings(result.history, tasks, types),
             "processes": plan.world,
+            "exchange": parts.exchange.kind,
         }
         if ranks.writes:
             save_model(model, place.work / "model.safetensors", recipe, schema)

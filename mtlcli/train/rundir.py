@@ -142,7 +142,11 @@ AT_FDCWD = -100
 
 def exchange(new: Path, old: Path) -> None:
     """Put the directory ``new`` at ``old``'s path, then remove the old one. On Linux the two
-    paths swap in one step (no moment without a run at ``old``); elsewhere old aside, new in."""
+    paths swap in one step (no moment without a run at ``old``); elsewhere old aside, new in.
+    Without a directory at ``old`` (removed meanwhile), ``new`` is renamed there."""
+    if not old.exists():
+        os.rename(new, old)
+        return
     if _swap(new, old):
         shutil.rmtree(new)  # which now holds the old run
         return

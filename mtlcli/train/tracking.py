@@ -226,15 +226,25 @@ def mlflow_failed(exc: Exception) -> MtlError:
     )
 
 
+CHECK_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
 def check_mlflow(experiment: str) -> None:
-    """MLflow can reach its tracking store and use ``experiment`` (nothing of the run is logged)."""
+    """MLflow can reach its tracking store and use ``experiment`` (nothing of the run is logged).
+    A server that does not answer is said within seconds: MLflow's own retries (minutes) are off
+    for this check, unless the environment sets them."""
     import mlflow
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    unset = [name for name in CHECK_RETRIES if name not in os.environ]
+    os.environ.update({name: CHECK_RETRIES[name] for name in unset})
     try:
         mlflow.set_experiment(experiment)
     except Exception as exc:  # MLflow raises many kinds (bad scheme, unreachable server, no permission)
         raise mlflow_failed(exc) from None
+    finally:
+        for name in unset:
+            del os.environ[name]
 
 
 class MLflow(NullObserver):
