@@ -525,6 +525,31 @@ def test_set_inside_a_list_item_out_of_range() -> None:
     assert caught.value.source == "--set"
 
 
+def test_switching_the_scheme_with_set_drops_the_old_schemes_own_keys() -> None:
+    from mtlcli.recipe.load import recipe_from_text_noted
+
+    text = replaced("  n_experts: 4\n", "  n_experts: 4\n  embedding_dim: 6\n")
+    recipe, notes = recipe_from_text_noted(text, "r.yaml", ["model.scheme=dtrn", "model.tower_units=[4]"])
+    assert recipe.model.scheme == "dtrn"
+    assert recipe.model.params.embedding_dim == 6 and recipe.model.params.tower_units == [4]
+    (note,) = notes
+    assert "mmoe -> dtrn" in note and "n_experts, expert_units" in note and "kept embedding_dim, tower_units" in note
+
+
+def test_a_key_set_for_the_new_scheme_is_still_checked() -> None:
+    (issue,) = issues_of(VALID, ["model.scheme=dtrn", "model.n_experts=3"])
+    assert issue.path == "model.n_experts" and "unknown key" in issue.message
+
+
+def test_switching_the_weighting_with_set_drops_its_weights() -> None:
+    from mtlcli.recipe.load import recipe_from_text_noted
+
+    recipe, notes = recipe_from_text_noted(VALID, "r.yaml", ["loss.weighting=equal"])
+    assert recipe.loss.weighting == "equal"
+    assert notes == ["loss.weighting static -> equal (--set): dropped static's own keys weights"]
+    assert recipe_from_text_noted(VALID, "r.yaml", ["train.lr=0.5"])[1] == []
+
+
 # --- round trip and shipped recipes -------------------------------------------------------------
 
 
@@ -543,6 +568,15 @@ def test_shipped_recipe_validates_and_round_trips(path: Path) -> None:
     recipe = load_recipe(path)
     assert recipe.tasks
     assert recipe_from_text(recipe_to_yaml(recipe)).to_dict() == recipe.to_dict()
+
+
+def test_the_shipped_dtrn_recipe_trains_on_generated_data(tmp_path: Path, in_repo: Path) -> None:
+    """recipes/sequences-dtrn.yaml needs no files: one short epoch on fewer generated rows."""
+    from mtlcli.train.run import train_run
+
+    sets = ["train.epochs=1", "data.synthetic.rows=3000", f"data.cache_dir={tmp_path / 'cache'}"]
+    summary = train_run(load_recipe("recipes/sequences-dtrn.yaml", sets), tmp_path / "run")
+    assert summary["scheme"] == "dtrn" and summary["epochs_run"] == 1
 
 
 def test_there_are_shipped_recipes() -> None:
