@@ -39,8 +39,9 @@ def command(
     if as_json:
         print_json(result)
         return
+    names: dict[str, str] = result["names"]
     table = Table(title=f"compare on {split}" + (f" (gain vs {baseline})" if baseline else ""), title_justify="left")
-    table.add_column("run")
+    table.add_column("run", overflow="fold")  # folded, never cut: two runs must not look alike
     table.add_column("scheme")
     for task in result["tasks"]:
         table.add_column(task, justify="right")
@@ -49,7 +50,7 @@ def command(
     if result["baseline"] is not None:
         base = result["baseline"]
         table.add_row(
-            Text(str(base["run_dir"]), style="dim"),
+            Text(names[str(base["run_dir"])], style="dim"),
             Text(str(base["scheme"]), style="dim"),
             *(Text(_cell(base["tasks"].get(t)), style="dim") for t in result["tasks"]),
             Text("baseline", style="dim"),
@@ -64,7 +65,7 @@ def command(
                 text.append(f" {gain['gain']:+.4f}", style=colour)
             cells.append(text)
         mark = [Text("seesaw", style="bold yellow") if run.get("seesaw") else Text("")] if baseline else []
-        table.add_row(str(run["run_dir"]), str(run["scheme"]), *cells, *mark)
+        table.add_row(names[str(run["run_dir"])], str(run["scheme"]), *cells, *mark)
     err_console.print(table)
     if baseline is not None and not scheme(load_run(baseline).model).capabilities.baseline:
         err_console.print(f"[yellow]note:[/] the baseline is a {result['baseline']['scheme']} run, not single_task")
