@@ -23,7 +23,8 @@ def command(
     ] = None,
     split: Annotated[str, typer.Option("--split", help="Which split: test, valid or train.")] = "test",
     tolerance: Annotated[
-        float, typer.Option("--tolerance", help="A task moves when its gain exceeds this (AUC or RMSE units).")
+        float,
+        typer.Option("--tolerance", min=0.0, help="A task moves when its gain exceeds this (AUC or RMSE units)."),
     ] = 0.001,
     as_json: JsonOption = False,
 ) -> None:

@@ -198,6 +198,7 @@ def compare_runs(
 
     if not run_dirs:
         raise MtlError("give at least one run directory to compare")
+    distinct_runs(run_dirs, baseline)
 
     def evaluated(run_dir: Path) -> dict[str, Any]:
         recipe = load_run(run_dir).recipe
@@ -219,6 +220,22 @@ def compare_runs(
     out["names"] = short_names([str(r) for r in [*run_dirs, *([baseline] if baseline is not None else [])]])
     out["readings"] = readings(out, out["names"])
     return out
+
+
+def distinct_runs(run_dirs: list[Path], baseline: Path | None) -> None:
+    """Refuse a run given twice (it would count as two seeds of one setting, or two rows that look
+    alike) and a baseline that is one of the runs (every gain 0 by construction)."""
+    seen: dict[Path, Path] = {}
+    for run_dir in run_dirs:
+        first = seen.setdefault(run_dir.resolve(), run_dir)
+        if first is not run_dir:
+            also = f" (also as {first})" if str(first) != str(run_dir) else ""
+            raise MtlError(f"the run {run_dir} is given twice{also}", "list each run once")
+    if baseline is not None and baseline.resolve() in seen:
+        raise MtlError(
+            f"--baseline {baseline}: the baseline is also one of the runs compared (its gain is 0 by construction)",
+            "give the baseline only as --baseline",
+        )
 
 
 # what does not change a run's results: runs that differ only here (and in the seed) are seeds of one setting

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, model_validator
 
 from mtlcli import __version__
-from mtlcli.explain.compare import compare_results, headline, verdict
+from mtlcli.explain.compare import compare_results, distinct_runs, headline, verdict
 from mtlcli.explain.importance import loss_of
 from mtlcli.explain.report import ExplainOptions, explain_run, read_metrics
 from mtlcli.fileio import sha256_file
@@ -379,6 +379,7 @@ def report_page(
     run_dirs: list[Path], baseline: Path | None = None, max_rows: int | None = 20000
 ) -> tuple[str, list[str]]:
     """The page, and the warnings about what the runs hold that it could not use."""
+    distinct_runs(run_dirs, baseline)
     options = ExplainOptions(max_rows=max_rows, grad_batches=8)
     runs = [gather(r, options) for r in run_dirs]
     base = gather(baseline, options) if baseline is not None else None

@@ -94,8 +94,8 @@ def load_yaml(text: str, source: str = "<yaml>", path: str = "") -> Any:
     RecipeError (``source``, ``path``) for text too deep or too large (``yaml_shape_problem``),
     YAMLError for bad syntax."""
     problem = yaml_shape_problem(text)
-    if problem is not None:
-        raise RecipeError(source, [RecipeIssue(path, f"the YAML is {problem[0]}", problem[1])])
+    if problem is not None:  # a value (with a path) is one line: no line number then
+        raise RecipeError(source, [RecipeIssue(path, f"the YAML is {problem[0]}", None if path else problem[1])])
     return yaml.load(text, Loader=RecipeLoader)  # a SafeLoader subclass: plain data only
 
 
