@@ -402,6 +402,18 @@ def laughs(levels: int, width: int = 10) -> str:
     return "\n".join(lines) + "\n"
 
 
+def test_a_chain_of_extends_is_bounded(tmp_path: Path) -> None:
+    """1,000 recipes each extending the next: a clear error, not a RecursionError."""
+    for i in range(1000):
+        (tmp_path / f"r{i}.yaml").write_text(f"extends: r{i + 1}.yaml\n", encoding="utf-8")
+    (tmp_path / "r1000.yaml").write_text(VALID, encoding="utf-8")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(tmp_path / "r0.yaml")
+    (issue,) = caught.value.issues
+    assert issue.path == "extends" and "more than 32 deep" in issue.message
+    assert load_recipe(tmp_path / "r990.yaml").task_names == ["click", "buy"]  # ten levels are fine
+
+
 @pytest.mark.parametrize("where", ["file", "set"])
 def test_an_alias_bomb_is_refused_before_it_expands(where: str) -> None:
     import time

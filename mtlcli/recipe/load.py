@@ -291,6 +291,7 @@ def _record_other_labels(data: dict[str, Any], named: set[str]) -> None:
 
 
 REPLACED_WHOLE = ("model", "loss")
+MAX_EXTENDS = 32  # recipes in one extends chain
 TASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")  # module keys, output columns, --score terms
 
 
@@ -307,6 +308,10 @@ def _resolve_extends(
     if not isinstance(parent_ref, str):
         raise RecipeError(source, [RecipeIssue("extends", "expected the path of another recipe file")])
     parent_path = (base_dir / parent_ref).resolve()
+    if len(chain) > MAX_EXTENDS:
+        raise RecipeError(
+            source, [RecipeIssue("extends", f"recipes extend each other more than {MAX_EXTENDS} deep; a few levels do")]
+        )
     if str(parent_path) in chain:
         raise RecipeError(source, [RecipeIssue("extends", f"recipes extend each other in a loop: {parent_ref}")])
     if parent_path.is_dir():
