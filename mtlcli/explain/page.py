@@ -19,6 +19,7 @@ from mtlcli.explain.compare import compare_results, distinct_runs, headline, ver
 from mtlcli.explain.importance import loss_of
 from mtlcli.explain.report import ExplainOptions, explain_run, read_metrics
 from mtlcli.fileio import sha256_file
+from mtlcli.recipe import recipe_to_yaml
 
 PALETTE = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
 STYLE = """
@@ -135,7 +136,7 @@ def gather(run_dir: Path, options: ExplainOptions) -> dict[str, Any]:
         "test": evaluated["test"] | identity,
         "explain": explained,
         "explain_source": source,
-        "recipe": (run_dir / "recipe.yaml").read_text(encoding="utf-8"),
+        "recipe": recipe_to_yaml(recipe),  # the model's own: the run's recipe.yaml may be gone
         "warnings": warnings,
     }
 
