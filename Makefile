@@ -6,16 +6,21 @@ BIN    := $(VENV)/bin
 .PHONY: setup quickstart test lint typecheck unit numerics bench clean
 
 # torch is installed first and pinned (constraints.txt): 2.13.0 is a CPU wheel; an unpinned
-# torch would pull a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml constraints.txt
+# torch would pull a multi-GB CUDA build. The package alone is what training needs (quickstart);
+# the tests add the development tools and every extra they exercise.
+$(VENV)/.base: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.base
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev,onnx,plot,tensorboard,mlflow]'
 	touch $@
 
 setup: $(VENV)/.installed
 
-quickstart: setup
+quickstart: $(VENV)/.base
 	$(BIN)/mtl train recipes/quickstart.yaml --out runs/quickstart --force
 	$(BIN)/mtl eval runs/quickstart --split test
 

@@ -23,8 +23,8 @@ import yaml
 
 from mtlcli.errors import MtlError, RecipeError
 from mtlcli.fileio import write_json
-from mtlcli.recipe import load_recipe, recipe_to_yaml
-from mtlcli.recipe.load import load_yaml
+from mtlcli.recipe import recipe_to_yaml
+from mtlcli.recipe.load import load_recipe_noted, load_yaml
 from mtlcli.recipe.schema import Recipe
 
 SWEEP_FILE = "sweep.json"
@@ -43,6 +43,7 @@ class Point:
     settings: dict[str, str]
     name: str
     recipe: Recipe
+    notes: tuple[str, ...] = ()  # what the settings changed beyond their values (load_recipe_noted)
 
 
 def split_values(text: str) -> list[str]:
@@ -143,11 +144,11 @@ def expand(recipe_files: str | Sequence[str], axes: list[Axis], overrides: Seque
             settings = {"recipe": label, **settings}
         sets = [*overrides, *(f"{k}={v}" for k, v in settings.items() if k != "recipe")]
         try:
-            recipe = load_recipe(file, sets)
+            recipe, notes = load_recipe_noted(file, sets)
         except RecipeError as exc:
             where = " ".join(f"{k}={v}" for k, v in settings.items())
             raise MtlError(f"grid point {where}: {exc.message}", exc.hint) from None
-        points.append(Point(settings, run_name(settings), recipe))
+        points.append(Point(settings, run_name(settings), recipe, tuple(notes)))
     names = [p.name for p in points]
     if len(set(names)) != len(names):
         raise MtlError("two grid points map to the same run directory name", "use values that differ in letters")

@@ -87,6 +87,12 @@ class Case:
     damage: Callable[[Path], object] | None = None  # applied to a copy of a good run (artifact cases)
 
 
+def _laughs(levels: int = 10) -> str:
+    """A 'billion laughs' YAML prefix: anchors each repeating the one before ten times."""
+    lines = ["a0: &a0 [lol]"] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
 def rows(text: str) -> str:
     return "user,item,age,click,buy\n" + text
 
@@ -188,6 +194,67 @@ CASES = [
         "grid point loss.weighting=pcgrd: invalid recipe",
         command="sweep",
         args=["--grid", "loss.weighting=equal,pcgrd"],
+    ),
+    # --- recipe surfaces: hostile YAML, booleans for numbers, input names, scheme switches (issue 24) ---
+    Case(
+        "YAML alias bomb (billion laughs)",
+        "the YAML is more than 100,000 values once its aliases (*name) are expanded",
+        recipe=_laughs() + yaml.safe_dump(GOOD, sort_keys=False),
+    ),
+    Case(
+        "5,000 nested lists",
+        "the YAML is nested deeper than 100 levels of mappings and lists",
+        recipe="x: " + "[" * 5000 + "]" * 5000 + "\n" + yaml.safe_dump(GOOD, sort_keys=False),
+    ),
+    Case(
+        "alias bomb in a --set value",
+        "model.expert_units: the YAML is more than 100,000 values",
+        command="check",
+        args=["--set", "model.expert_units=[" + ", ".join(_laughs().replace(": ", ": ").splitlines()) + "]"],
+    ),
+    Case(
+        "--set train.lr=true",
+        "train.lr: expected a number, got a boolean (true/false); write the number itself (set with --set)",
+        command="check",
+        args=["--set", "train.lr=true"],
+    ),
+    Case(
+        "a boolean for a scheme's count",
+        "model.n_experts: expected a number, got a boolean",
+        recipe=patched(setting("model.n_experts", True)),
+    ),
+    Case(
+        "a boolean for a loss weight",
+        "loss.weights.click: expected a number, got a boolean",
+        recipe=patched(setting("loss", {"weighting": "static", "weights": {"click": True, "buy": 1.0}})),
+    ),
+    Case(
+        "history named like a listed feature",
+        "features.sequences.age: the history's name 'age' is also a numeric feature",
+        recipe=patched(setting("features.sequences", {"age": {"column": "item"}})),
+    ),
+    Case(
+        "history named like a column auto takes",
+        "features.sequences.user: the history's name 'user' is also a categorical input column",
+        recipe=patched(setting("features.sequences", {"user": {"column": "item"}})),
+    ),
+    Case(
+        "a key of the old scheme set after switching schemes",
+        "model.n_experts: unknown key",
+        command="check",
+        args=["--set", "model.scheme=shared_bottom", "--set", "model.n_experts=3"],
+    ),
+    Case(
+        "sweep value nested too deep",
+        "invalid recipe --grid (1 problem): --grid: train.lr: the YAML is nested deeper than 100 levels",
+        command="sweep",
+        args=["--grid", "train.lr=" + "[" * 3000 + "]" * 3000 + ",0.01"],
+    ),
+    Case(
+        "sweep value a boolean for a number",
+        "grid point train.lr=true: invalid recipe",
+        command="sweep",
+        args=["--grid", "train.lr=true,0.01"],
     ),
     Case(
         "scheme parameter of another scheme",
@@ -686,6 +753,85 @@ CASES = [
         command="eval",
         damage=lambda run: shutil.rmtree(run),
     ),
+    # --- explain, report and compare: options and run lists (issue 24) ---
+    Case(
+        "explain --group name given twice",
+        "--group: 'a' is given twice",
+        kind="artifact",
+        command="explain",
+        args=["--importance", "--group", "a=age", "--group", "a=item"],
+    ),
+    Case(
+        "explain --group named like another input",
+        "--group 'user': 'user' is the name of an input that is not in the group",
+        kind="artifact",
+        command="explain",
+        args=["--importance", "--group", "user=age"],
+    ),
+    Case(
+        "explain --by a numeric feature",
+        "--by 'age': not a categorical feature of this run",
+        kind="artifact",
+        command="explain",
+        args=["--by", "age"],
+    ),
+    Case(
+        "explain --plot onto a file",
+        "plots.png is a file; give a directory for the plots",
+        kind="artifact",
+        command="explain",
+        args=["--plot", "plots.png"],
+        damage=lambda run: (run.parent / "plots.png").write_bytes(b"png"),
+    ),
+    Case(
+        "explain --dead-below above 1",
+        "Invalid value for '--dead-below'",
+        kind="artifact",
+        command="explain",
+        args=["--dead-below", "2"],
+    ),
+    Case(
+        "report on a directory that is not a run",
+        "not an mtl run directory (no model.safetensors in it)",
+        kind="artifact",
+        command="report",
+        damage=lambda run: (run / "model.safetensors").unlink(),
+    ),
+    Case(
+        "report of a run given twice",
+        "the run run is given twice",
+        kind="artifact",
+        command="report",
+        args=["run"],
+    ),
+    Case(
+        "report with a run as its own baseline",
+        "--baseline run: the baseline is also one of the runs compared",
+        kind="artifact",
+        command="report",
+        args=["--baseline", "run"],
+    ),
+    Case(
+        "compare a run given twice",
+        "the run run is given twice",
+        kind="artifact",
+        command="compare",
+        args=["run"],
+    ),
+    Case(
+        "compare with a negative tolerance",
+        "Invalid value for '--tolerance'",
+        kind="artifact",
+        command="compare",
+        args=["--tolerance", "-0.01"],
+    ),
+    Case(
+        "compare against a missing baseline",
+        "nosuch: not a directory",
+        kind="artifact",
+        command="compare",
+        args=["--baseline", "nosuch"],
+    ),
     Case(
         "truncated model file",
         "not a readable safetensors file",
@@ -912,6 +1058,10 @@ def run_case(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, good: 
             argv = ["export", "run", "--out", "elsewhere"]
         elif case.command == "predict":
             argv = ["predict", "bundle"]
+        elif case.command in ("explain", "compare"):
+            argv = [case.command, "run"]
+        elif case.command == "report":
+            argv = ["report", "run", "--out", "page.html"]
         elif case.command == "train-into":
             argv = ["train", str(recipe), "--out", "other", "--quiet"]
         elif case.command == "load-bundle":

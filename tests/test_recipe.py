@@ -133,12 +133,128 @@ def test_misspelt_key_is_reported_with_path_line_and_suggestion(
         assert "allowed here: data, features, loss, model, tasks, train" in issue.message
 
 
-def test_unknown_top_level_key_is_the_only_issue() -> None:
-    text = VALID + "bogus: 1\n"
+ONE_ISSUE_END = "  early_stopping: {metric: auc, task: click, patience: 1}\n"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "path", "line_at", "says"),
+    [
+        pytest.param(
+            ONE_ISSUE_END, ONE_ISSUE_END + "bogus: 1\n", "bogus", "bogus", ["unknown key"], id="top-level key"
+        ),
+        pytest.param(
+            "scheme: mmoe",
+            "scheme: mmoee",
+            "model.scheme",
+            "scheme:",
+            ["unknown sharing scheme 'mmoee'", "did you mean 'mmoe'?", "shared_bottom"],  # the known names listed
+            id="misspelt scheme",
+        ),
+        pytest.param(
+            "weighting: static",
+            "weighting: statik",
+            "loss.weighting",
+            "weighting:",
+            ["did you mean 'static'?"],
+            id="misspelt weighting",
+        ),
+        pytest.param(
+            "by: modulo,", "by: modullo,", "data.split", "split:", ["did you mean 'modulo'?"], id="misspelt split"
+        ),
+        pytest.param(
+            "split: {by: modulo, modulus: 5, test: [0], valid: [1]}",
+            "split: {by: stratified}",
+            "data.split",
+            None,
+            ["'stratified'", "modulo, random, column, files"],
+            id="unknown split",
+        ),
+        pytest.param("lr: 0.01", "lr: fast", "train.lr", "lr: fast", ["valid number", "'fast'"], id="wrong type"),
+        pytest.param(
+            "lr: 0.01", "lr: true", "train.lr", "lr: true", ["a number", "boolean"], id="boolean for a number"
+        ),
+        pytest.param(
+            "batch_size: 32", "batch_size: 0", "train.batch_size", "batch_size", ["greater than 0"], id="bad value"
+        ),
+        pytest.param(
+            "lr: 0.01",
+            "lr: 0.01\n  optimizer: adamm",
+            "train.optimizer",
+            None,
+            ["adam, adamw, sgd, adagrad", "did you mean 'adam'?"],
+            id="optimizer choices",
+        ),
+        pytest.param(  # and no noise from the union's 'auto' branch
+            "[log1p, standardize]",
+            "[standardize, minmax]",
+            "features.numeric.price",
+            "price:",
+            ["standardize and minmax"],
+            id="standardize and minmax",
+        ),
+        pytest.param(
+            "[log1p, standardize]",
+            "[standardize, log1p]",
+            "features.numeric.price",
+            None,
+            ["log1p must come before"],
+            id="log1p after scaling",
+        ),
+        pytest.param(
+            'positive: ["1"]',
+            'positive: ["1"], threshold: 0.5',
+            "tasks.buy.label",
+            "threshold",
+            ["'positive' or 'threshold', not both"],
+            id="positive and threshold",
+        ),
+        pytest.param(
+            "  buy:\n", "  buy:\n    type: regression\n", "tasks.buy", None, ["regression"], id="regression positive"
+        ),
+        pytest.param(
+            "test: [0]",
+            "test: [7]",
+            "data.split",
+            None,
+            ["residue 7 is not below modulus 5"],
+            id="residue out of range",
+        ),
+        pytest.param(
+            "task: click",
+            "task: clik",
+            "train.early_stopping.task",
+            "early_stopping",
+            ["unknown task 'clik'", "did you mean 'click'?"],
+            id="early stopping task",
+        ),
+        pytest.param(
+            "metric: auc",
+            "metric: rmse",
+            "train.early_stopping.metric",
+            None,
+            ["regression"],
+            id="early stopping metric",
+        ),
+        pytest.param(
+            "source: data.csv",
+            "source: data.csv\n  header: false",
+            "data.columns",
+            None,
+            [],
+            id="no header, no columns",
+        ),
+    ],
+)
+def test_one_mistake_is_one_issue_at_its_path_and_line(
+    old: str, new: str, path: str, line_at: str | None, says: list[str]
+) -> None:
+    text = replaced(old, new)
     issue = only_issue(text)
-    assert issue.path == "bogus"
-    assert issue.line == line_of(text, "bogus")
-    assert "unknown key" in issue.message
+    assert issue.path == path
+    if line_at is not None:
+        assert issue.line == line_of(text, line_at)
+    for fragment in says:
+        assert fragment in issue.message
 
 
 def test_suggestion_follows_the_split_method_given() -> None:
@@ -149,114 +265,6 @@ def test_suggestion_follows_the_split_method_given() -> None:
     assert issue.path == "data.split.modulus"
     assert "did you mean" not in issue.message
     assert "allowed here: by, seed, test, valid" in issue.message
-
-
-def test_misspelt_scheme_name() -> None:
-    text = replaced("scheme: mmoe", "scheme: mmoee")
-    issue = only_issue(text)
-    assert issue.path == "model.scheme"
-    assert issue.line == line_of(text, "scheme:")
-    assert "unknown sharing scheme 'mmoee'" in issue.message
-    assert "did you mean 'mmoe'?" in issue.message
-    assert "shared_bottom" in issue.message  # the known names are listed
-
-
-def test_misspelt_weighting_name() -> None:
-    text = replaced("weighting: static", "weighting: statik")
-    issue = only_issue(text)
-    assert issue.path == "loss.weighting"
-    assert issue.line == line_of(text, "weighting:")
-    assert "did you mean 'static'?" in issue.message
-
-
-def test_misspelt_split_method() -> None:
-    text = replaced("by: modulo,", "by: modullo,")
-    issue = only_issue(text)
-    assert issue.path == "data.split"
-    assert issue.line == line_of(text, "split:")
-    assert "did you mean 'modulo'?" in issue.message
-
-
-def test_unknown_split_method() -> None:
-    text = replaced("split: {by: modulo, modulus: 5, test: [0], valid: [1]}", "split: {by: stratified}")
-    issue = only_issue(text)
-    assert issue.path == "data.split"
-    assert "'stratified'" in issue.message
-    assert "modulo, random, column, files" in issue.message
-
-
-def test_wrong_type() -> None:
-    text = replaced("lr: 0.01", "lr: fast")
-    issue = only_issue(text)
-    assert issue.path == "train.lr"
-    assert issue.line == line_of(text, "lr: fast")
-    assert "valid number" in issue.message
-    assert "'fast'" in issue.message
-
-
-def test_bad_value() -> None:
-    text = replaced("batch_size: 32", "batch_size: 0")
-    issue = only_issue(text)
-    assert issue.path == "train.batch_size"
-    assert issue.line == line_of(text, "batch_size")
-    assert "greater than 0" in issue.message
-
-
-def test_bad_optimizer_choice_lists_the_choices() -> None:
-    text = replaced("lr: 0.01", "lr: 0.01\n  optimizer: adamm")
-    issue = only_issue(text)
-    assert issue.path == "train.optimizer"
-    assert "adam, adamw, sgd, adagrad" in issue.message
-    assert "did you mean 'adam'?" in issue.message
-
-
-def test_standardize_and_minmax_contradict() -> None:
-    text = replaced("[log1p, standardize]", "[standardize, minmax]")
-    issue = only_issue(text)  # and no noise from the union's 'auto' branch
-    assert issue.path == "features.numeric.price"
-    assert issue.line == line_of(text, "price:")
-    assert "standardize and minmax" in issue.message
-
-
-def test_log1p_after_scaling_is_refused() -> None:
-    issue = only_issue(replaced("[log1p, standardize]", "[standardize, log1p]"))
-    assert issue.path == "features.numeric.price"
-    assert "log1p must come before" in issue.message
-
-
-def test_positive_and_threshold_contradict() -> None:
-    text = replaced('positive: ["1"]', 'positive: ["1"], threshold: 0.5')
-    issue = only_issue(text)
-    assert issue.path == "tasks.buy.label"
-    assert issue.line == line_of(text, "threshold")
-    assert "'positive' or 'threshold', not both" in issue.message
-
-
-def test_regression_label_with_positive_is_refused() -> None:
-    issue = only_issue(replaced("  buy:\n", "  buy:\n    type: regression\n"))
-    assert issue.path == "tasks.buy"
-    assert "regression" in issue.message
-
-
-def test_modulo_residue_out_of_range() -> None:
-    issue = only_issue(replaced("test: [0]", "test: [7]"))
-    assert issue.path == "data.split"
-    assert "residue 7 is not below modulus 5" in issue.message
-
-
-def test_early_stopping_task_must_be_a_task() -> None:
-    text = replaced("task: click", "task: clik")
-    issue = only_issue(text)
-    assert issue.path == "train.early_stopping.task"
-    assert issue.line == line_of(text, "early_stopping")
-    assert "unknown task 'clik'" in issue.message
-    assert "did you mean 'click'?" in issue.message
-
-
-def test_early_stopping_metric_must_fit_the_task_type() -> None:
-    issue = only_issue(replaced("metric: auc", "metric: rmse"))
-    assert issue.path == "train.early_stopping.metric"
-    assert "regression" in issue.message
 
 
 def test_static_weights_must_name_tasks() -> None:
@@ -301,11 +309,6 @@ def test_synthetic_data_needs_two_dimensions() -> None:
     assert issue.path == "data.synthetic.dim"
     assert issue.line == 1
     assert "greater than or equal to 2" in issue.message
-
-
-def test_csv_without_header_needs_columns() -> None:
-    issue = only_issue(replaced("source: data.csv", "source: data.csv\n  header: false"))
-    assert issue.path == "data.columns"
 
 
 def test_missing_sections_are_reported() -> None:
@@ -399,6 +402,18 @@ def laughs(levels: int, width: int = 10) -> str:
     return "\n".join(lines) + "\n"
 
 
+def test_a_chain_of_extends_is_bounded(tmp_path: Path) -> None:
+    """1,000 recipes each extending the next: a clear error, not a RecursionError."""
+    for i in range(1000):
+        (tmp_path / f"r{i}.yaml").write_text(f"extends: r{i + 1}.yaml\n", encoding="utf-8")
+    (tmp_path / "r1000.yaml").write_text(VALID, encoding="utf-8")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(tmp_path / "r0.yaml")
+    (issue,) = caught.value.issues
+    assert issue.path == "extends" and "more than 32 deep" in issue.message
+    assert load_recipe(tmp_path / "r990.yaml").task_names == ["click", "buy"]  # ten levels are fine
+
+
 @pytest.mark.parametrize("where", ["file", "set"])
 def test_an_alias_bomb_is_refused_before_it_expands(where: str) -> None:
     import time
@@ -443,12 +458,6 @@ def test_a_boolean_is_not_a_number(override: str, path: str) -> None:
     assert issue.path == path
     assert "a number" in issue.message and "boolean" in issue.message
     assert "(set with --set)" in issue.message
-
-
-def test_a_boolean_for_a_number_in_the_file_names_its_line() -> None:
-    text = replaced("lr: 0.01", "lr: true")
-    (issue,) = issues_of(text)
-    assert (issue.path, issue.line) == ("train.lr", line_of(text, "lr: true"))
 
 
 # --- --set overrides ------------------------------------------------------------------------------
@@ -525,6 +534,31 @@ def test_set_inside_a_list_item_out_of_range() -> None:
     assert caught.value.source == "--set"
 
 
+def test_switching_the_scheme_with_set_drops_the_old_schemes_own_keys() -> None:
+    from mtlcli.recipe.load import recipe_from_text_noted
+
+    text = replaced("  n_experts: 4\n", "  n_experts: 4\n  embedding_dim: 6\n")
+    recipe, notes = recipe_from_text_noted(text, "r.yaml", ["model.scheme=dtrn", "model.tower_units=[4]"])
+    assert recipe.model.scheme == "dtrn"
+    assert recipe.model.params.embedding_dim == 6 and recipe.model.params.tower_units == [4]
+    (note,) = notes
+    assert "mmoe -> dtrn" in note and "n_experts, expert_units" in note and "kept embedding_dim, tower_units" in note
+
+
+def test_a_key_set_for_the_new_scheme_is_still_checked() -> None:
+    (issue,) = issues_of(VALID, ["model.scheme=dtrn", "model.n_experts=3"])
+    assert issue.path == "model.n_experts" and "unknown key" in issue.message
+
+
+def test_switching_the_weighting_with_set_drops_its_weights() -> None:
+    from mtlcli.recipe.load import recipe_from_text_noted
+
+    recipe, notes = recipe_from_text_noted(VALID, "r.yaml", ["loss.weighting=equal"])
+    assert recipe.loss.weighting == "equal"
+    assert notes == ["loss.weighting static -> equal (--set): dropped static's own keys weights"]
+    assert recipe_from_text_noted(VALID, "r.yaml", ["train.lr=0.5"])[1] == []
+
+
 # --- round trip and shipped recipes -------------------------------------------------------------
 
 
@@ -543,6 +577,15 @@ def test_shipped_recipe_validates_and_round_trips(path: Path) -> None:
     recipe = load_recipe(path)
     assert recipe.tasks
     assert recipe_from_text(recipe_to_yaml(recipe)).to_dict() == recipe.to_dict()
+
+
+def test_the_shipped_dtrn_recipe_trains_on_generated_data(tmp_path: Path, in_repo: Path) -> None:
+    """recipes/sequences-dtrn.yaml needs no files: one short epoch on fewer generated rows."""
+    from mtlcli.train.run import train_run
+
+    sets = ["train.epochs=1", "data.synthetic.rows=3000", f"data.cache_dir={tmp_path / 'cache'}"]
+    summary = train_run(load_recipe("recipes/sequences-dtrn.yaml", sets), tmp_path / "run")
+    assert summary["scheme"] == "dtrn" and summary["epochs_run"] == 1
 
 
 def test_there_are_shipped_recipes() -> None:

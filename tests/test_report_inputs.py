@@ -124,3 +124,18 @@ def test_sigterm_at_any_moment_of_a_report_exits_130_and_leaves_no_page(
     assert process.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert not [p.name for p in tmp_path.iterdir() if p.name != "run"]
+
+
+def test_a_run_without_its_recipe_yaml_shows_the_models_recipe(run: Path, tmp_path: Path) -> None:
+    import html
+
+    saved = (run / "recipe.yaml").read_text(encoding="utf-8")
+    (run / "recipe.yaml").unlink()
+    page, _ = report(run, tmp_path)
+    assert html.escape(saved) in page
+
+
+def test_explain_names_a_damaged_history_line(run: Path) -> None:
+    (run / "gradients.jsonl").write_text('{"kind": "gradients", "step": "x"}\n', encoding="utf-8")
+    explained = json.loads(succeeded(invoke("explain", run, "--json")).stdout)
+    assert any("gradients.jsonl:1: not a gradient record (step:" in w for w in explained["warnings"])

@@ -57,6 +57,14 @@ def test_run_names_are_short_unique_and_safe() -> None:
     assert run_name({"loss.weights": "{a: 1, b: 2}"}) == "weights=a-1-b-2"
 
 
+def test_the_scheme_is_an_axis_of_the_grid(recipe: Path) -> None:
+    """--grid model.scheme=...: each point drops the file's scheme's own keys, with a note."""
+    points = expand(str(recipe), parse_grid(["model.scheme=mmoe,shared_bottom,dtrn"]), [])
+    assert [p.recipe.model.scheme for p in points] == ["mmoe", "shared_bottom", "dtrn"]
+    assert points[0].notes == ()
+    assert all("dropped mmoe's own keys n_experts, expert_units" in p.notes[0] for p in points[1:])
+
+
 def test_an_invalid_grid_point_names_its_settings(recipe: Path) -> None:
     with pytest.raises(MtlError, match=r"(?s)grid point loss.weighting=pcgrd: .*did you mean .pcgrad."):
         expand(str(recipe), parse_grid(["loss.weighting=equal,pcgrd"]), [])

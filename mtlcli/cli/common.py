@@ -24,7 +24,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 SetOption = Annotated[
     list[str] | None,
     typer.Option(
-        "--set", "-s", help="Override a recipe value: KEY.PATH=VALUE (YAML value). Repeatable.", metavar="KEY=VALUE"
+        "--set",
+        "-s",
+        help="Override a recipe value: KEY.PATH=VALUE (YAML value; a mapping replaces the whole mapping, a new"
+        " model.scheme drops the old scheme's own keys). Repeatable.",
+        metavar="KEY=VALUE",
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]

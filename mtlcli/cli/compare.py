@@ -23,7 +23,8 @@ def command(
     ] = None,
     split: Annotated[str, typer.Option("--split", help="Which split: test, valid or train.")] = "test",
     tolerance: Annotated[
-        float, typer.Option("--tolerance", help="A task moves when its gain exceeds this (AUC or RMSE units).")
+        float,
+        typer.Option("--tolerance", min=0.0, help="A task moves when its gain exceeds this (AUC or RMSE units)."),
     ] = 0.001,
     as_json: JsonOption = False,
 ) -> None:
@@ -39,8 +40,9 @@ def command(
     if as_json:
         print_json(result)
         return
+    names: dict[str, str] = result["names"]
     table = Table(title=f"compare on {split}" + (f" (gain vs {baseline})" if baseline else ""), title_justify="left")
-    table.add_column("run")
+    table.add_column("run", overflow="fold")  # folded, never cut: two runs must not look alike
     table.add_column("scheme")
     for task in result["tasks"]:
         table.add_column(task, justify="right")
@@ -49,7 +51,7 @@ def command(
     if result["baseline"] is not None:
         base = result["baseline"]
         table.add_row(
-            Text(str(base["run_dir"]), style="dim"),
+            Text(names[str(base["run_dir"])], style="dim"),
             Text(str(base["scheme"]), style="dim"),
             *(Text(_cell(base["tasks"].get(t)), style="dim") for t in result["tasks"]),
             Text("baseline", style="dim"),
@@ -64,7 +66,7 @@ def command(
                 text.append(f" {gain['gain']:+.4f}", style=colour)
             cells.append(text)
         mark = [Text("seesaw", style="bold yellow") if run.get("seesaw") else Text("")] if baseline else []
-        table.add_row(str(run["run_dir"]), str(run["scheme"]), *cells, *mark)
+        table.add_row(names[str(run["run_dir"])], str(run["scheme"]), *cells, *mark)
     err_console.print(table)
     if baseline is not None and not scheme(load_run(baseline).model).capabilities.baseline:
         err_console.print(f"[yellow]note:[/] the baseline is a {result['baseline']['scheme']} run, not single_task")

@@ -189,10 +189,14 @@ def command(
         str | None, typer.Option("--by", help="A categorical feature: mean gate weights per value (top values).")
     ] = None,
     dead_below: Annotated[
-        float, typer.Option("--dead-below", help="An expert below this mean weight in every gate is dead.")
+        float,
+        typer.Option("--dead-below", min=0.0, max=1.0, help="An expert below this mean weight in every gate is dead."),
     ] = 0.02,
     collapsed_above: Annotated[
-        float, typer.Option("--collapsed-above", help="A gate with this mean weight on one expert has collapsed.")
+        float,
+        typer.Option(
+            "--collapsed-above", min=0.0, max=1.0, help="A gate with this mean weight on one expert has collapsed."
+        ),
     ] = 0.9,
     plot: Annotated[
         Path | None, typer.Option("--plot", help="Write PNG heatmaps into this directory (needs mtlcli[plot]).")
@@ -223,6 +227,8 @@ def command(
     if plot is not None:
         from mtlcli.explain.plot import require_matplotlib
 
+        if plot.exists() and not plot.is_dir():
+            raise typer.BadParameter(f"{plot} is a file; give a directory for the plots", param_hint="--plot")
         require_matplotlib()
     if (groups or repeats != 3) and not importance:
         raise typer.BadParameter("--group and --repeats shape --importance: add --importance")

@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from mtlcli.cli.common import JsonOption, SetOption, err_console, handle_errors, print_json, report
 from mtlcli.errors import MtlError
-from mtlcli.recipe import load_recipe, recipe_to_yaml
+from mtlcli.recipe import recipe_to_yaml
+from mtlcli.recipe.load import load_recipe_noted
 
 app = typer.Typer(help="Validate and inspect recipes.", no_args_is_help=True)
 
@@ -24,10 +26,11 @@ def check(
     results: dict[str, dict[str, Any]] = {}
     for file in files:
         try:
-            load_recipe(file, overrides or [])
-            results[file] = {"valid": True}
+            _, notes = load_recipe_noted(file, overrides or [])
+            results[file] = {"valid": True} | ({"notes": notes} if notes else {})
             if not as_json:
-                err_console.print(f"[green]ok[/] {file}")
+                err_console.print(f"[green]ok[/] {escape(file)}")
+                print_notes(notes)
         except MtlError as exc:
             results[file] = {"valid": False, "error": exc.message}
             report(exc)
@@ -45,11 +48,18 @@ def show(
     as_json: JsonOption = False,
 ) -> None:
     """Print the resolved recipe (overrides applied, every default filled in) on stdout."""
-    recipe = load_recipe(file, overrides or [])
+    recipe, notes = load_recipe_noted(file, overrides or [])
+    print_notes(notes)
     if as_json:
         print_json(recipe.to_dict())
     else:
         typer.echo(recipe_to_yaml(recipe), nl=False)
+
+
+def print_notes(notes: list[str]) -> None:
+    """What the overrides changed beyond the values they set, on stderr."""
+    for note in notes:
+        err_console.print(f"[cyan]note:[/] {escape(note)}", soft_wrap=True)
 
 
 @app.command("components")

@@ -94,6 +94,8 @@ def command(
         what = {"done": "finished, reused", "partial": "resuming", "other": "retraining", "new": "training"}[state]
         where = " ".join(f"{k}={v}" for k, v in point.settings.items())
         err_console.print(f"[{index}/{total}] {escape(where)}: {what}", highlight=False)
+        for note in point.notes:
+            err_console.print(f"[cyan]note:[/] {escape(note)}", soft_wrap=True)
         if state == "done":
             return None
         reporters.append(ConsoleReporter.for_recipe(point.recipe))

@@ -15,10 +15,11 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, model_validator
 
 from mtlcli import __version__
-from mtlcli.explain.compare import compare_results, headline, verdict
+from mtlcli.explain.compare import compare_results, distinct_runs, headline, verdict
 from mtlcli.explain.importance import loss_of
 from mtlcli.explain.report import ExplainOptions, explain_run, read_metrics
 from mtlcli.fileio import sha256_file
+from mtlcli.recipe import recipe_to_yaml
 
 PALETTE = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
 STYLE = """
@@ -135,7 +136,7 @@ def gather(run_dir: Path, options: ExplainOptions) -> dict[str, Any]:
         "test": evaluated["test"] | identity,
         "explain": explained,
         "explain_source": source,
-        "recipe": (run_dir / "recipe.yaml").read_text(encoding="utf-8"),
+        "recipe": recipe_to_yaml(recipe),  # the model's own: the run's recipe.yaml may be gone
         "warnings": warnings,
     }
 
@@ -379,6 +380,7 @@ def report_page(
     run_dirs: list[Path], baseline: Path | None = None, max_rows: int | None = 20000
 ) -> tuple[str, list[str]]:
     """The page, and the warnings about what the runs hold that it could not use."""
+    distinct_runs(run_dirs, baseline)
     options = ExplainOptions(max_rows=max_rows, grad_batches=8)
     runs = [gather(r, options) for r in run_dirs]
     base = gather(baseline, options) if baseline is not None else None

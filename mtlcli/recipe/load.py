@@ -94,8 +94,8 @@ def load_yaml(text: str, source: str = "<yaml>", path: str = "") -> Any:
     RecipeError (``source``, ``path``) for text too deep or too large (``yaml_shape_problem``),
     YAMLError for bad syntax."""
     problem = yaml_shape_problem(text)
-    if problem is not None:
-        raise RecipeError(source, [RecipeIssue(path, f"the YAML is {problem[0]}", problem[1])])
+    if problem is not None:  # a value (with a path) is one line: no line number then
+        raise RecipeError(source, [RecipeIssue(path, f"the YAML is {problem[0]}", None if path else problem[1])])
     return yaml.load(text, Loader=RecipeLoader)  # a SafeLoader subclass: plain data only
 
 
@@ -187,21 +187,75 @@ def _child(node: Any, part: str | int) -> Any:
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read, override and validate a recipe file (``-`` for stdin). Raises RecipeError."""
+    return load_recipe_noted(path, overrides)[0]
+
+
+def load_recipe_noted(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Recipe, list[str]]:
+    """``load_recipe``, and notes on what the overrides changed beyond the values they set (the
+    keys of a scheme or strategy that --set replaced, dropped with it)."""
     text, source = read_recipe_text(path)
     base_dir = Path.cwd() if str(path) == "-" else Path(path).parent
-    return recipe_from_text(text, source, overrides, base_dir)
+    return recipe_from_text_noted(text, source, overrides, base_dir)
 
 
 def recipe_from_text(
     text: str, source: str = "<recipe>", overrides: Sequence[str] = (), base_dir: Path | None = None
 ) -> Recipe:
+    return recipe_from_text_noted(text, source, overrides, base_dir)[0]
+
+
+def recipe_from_text_noted(
+    text: str, source: str = "<recipe>", overrides: Sequence[str] = (), base_dir: Path | None = None
+) -> tuple[Recipe, list[str]]:
     data, lines = parse_yaml(text, source)
     named = _task_columns(data)
     data = _resolve_extends(data, source, base_dir or Path.cwd(), [source], named)
     named |= _task_columns(data)
+    before = _component_names(data)
     set_paths = apply_overrides(data, overrides)
+    notes = _drop_replaced_component_keys(data, before, set_paths)
     _record_other_labels(data, named)
-    return validate_recipe(data, source, lines, set_paths)
+    return validate_recipe(data, source, lines, set_paths), notes
+
+
+COMPONENTS = (("model", "scheme", "mmoe"), ("loss", "weighting", "equal"))
+
+
+def _component_names(data: dict[str, Any]) -> dict[str, Any]:
+    """The scheme and the weighting strategy the raw recipe names (the defaults when it names none)."""
+    return {
+        section: _component_mapping(data.get(section), key).get(key, default) for section, key, default in COMPONENTS
+    }
+
+
+def _drop_replaced_component_keys(data: dict[str, Any], before: dict[str, Any], set_paths: Sequence[Loc]) -> list[str]:
+    """When --set names another scheme (``model.scheme=dtrn``) or weighting strategy, drop the
+    keys of the section that the new component does not take and that no --set gave: they were
+    the old component's own (``n_experts``); the keys both take (``embedding_dim``) stay. One note
+    per section that lost keys."""
+    from mtlcli.models import SCHEMES
+    from mtlcli.weighting import WEIGHTINGS
+
+    registries: dict[str, Registry[Any]] = {"model": SCHEMES, "loss": WEIGHTINGS}
+    notes = []
+    for section, key, _ in COMPONENTS:
+        raw, name = data.get(section), _component_names(data)[section]
+        if (section, key) not in set_paths or not isinstance(raw, dict) or name == before[section]:
+            continue
+        if not isinstance(name, str) or name not in registries[section]:
+            continue  # an unknown name: validation says so
+        taken = registries[section].get(name).params.model_fields
+        given = {path[1] for path in set_paths if len(path) > 1 and path[0] == section}
+        dropped = [k for k in raw if k != key and k not in taken and k not in given]
+        for k in dropped:
+            del raw[k]
+        if dropped:
+            kept = [k for k in raw if k != key]
+            notes.append(
+                f"{section}.{key} {before[section]} -> {name} (--set): dropped {before[section]}'s own keys"
+                f" {', '.join(dropped)}" + (f"; kept {', '.join(kept)}" if kept else "")
+            )
+    return notes
 
 
 def _task_columns(data: dict[str, Any]) -> set[str]:
@@ -237,6 +291,7 @@ def _record_other_labels(data: dict[str, Any], named: set[str]) -> None:
 
 
 REPLACED_WHOLE = ("model", "loss")
+MAX_EXTENDS = 32  # recipes in one extends chain
 TASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")  # module keys, output columns, --score terms
 
 
@@ -253,6 +308,10 @@ def _resolve_extends(
     if not isinstance(parent_ref, str):
         raise RecipeError(source, [RecipeIssue("extends", "expected the path of another recipe file")])
     parent_path = (base_dir / parent_ref).resolve()
+    if len(chain) > MAX_EXTENDS:
+        raise RecipeError(
+            source, [RecipeIssue("extends", f"recipes extend each other more than {MAX_EXTENDS} deep; a few levels do")]
+        )
     if str(parent_path) in chain:
         raise RecipeError(source, [RecipeIssue("extends", f"recipes extend each other in a loop: {parent_ref}")])
     if parent_path.is_dir():
