@@ -218,14 +218,9 @@ def recipe_from_text_noted(
     return validate_recipe(data, source, lines, set_paths), notes
 
 
-COMPONENTS = (("model", "scheme", "mmoe"), ("loss", "weighting", "equal"))
-
-
 def _component_names(data: dict[str, Any]) -> dict[str, Any]:
     """The scheme and the weighting strategy the raw recipe names (the defaults when it names none)."""
-    return {
-        section: _component_mapping(data.get(section), key).get(key, default) for section, key, default in COMPONENTS
-    }
+    return {section: component_parts(section, data.get(section))[0] for section in COMPONENTS}
 
 
 def _drop_replaced_component_keys(data: dict[str, Any], before: dict[str, Any], set_paths: Sequence[Loc]) -> list[str]:
@@ -238,7 +233,7 @@ def _drop_replaced_component_keys(data: dict[str, Any], before: dict[str, Any], 
 
     registries: dict[str, Registry[Any]] = {"model": SCHEMES, "loss": WEIGHTINGS}
     notes = []
-    for section, key, _ in COMPONENTS:
+    for section, (key, _) in COMPONENTS.items():
         raw, name = data.get(section), _component_names(data)[section]
         if (section, key) not in set_paths or not isinstance(raw, dict) or name == before[section]:
             continue
