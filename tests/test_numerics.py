@@ -11,8 +11,8 @@ import torch
 from mtlcli.models import build_model
 from mtlcli.models.mmoe import MMoEParams
 from mtlcli.numerics import EPS32, K_OUTPUTS, kernel_error, kernel_scale, kernel_tolerance
+from tests.models.test_models import INPUTS, make_batch
 from tests.numerics import assert_kernel_close
-from tests.test_models import INPUTS, make_batch
 
 pytestmark = pytest.mark.numerics
 

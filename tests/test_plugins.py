@@ -18,8 +18,8 @@ import yaml
 from mtlcli.models import SCHEMES
 from mtlcli.registry_loader import WEIGHTING_PLUGINS, load_plugins
 from mtlcli.weighting import WEIGHTINGS
-from tests import test_models as contract
 from tests.helpers import invoke
+from tests.models import test_models as contract
 from tests.test_bad_inputs import GOOD, good_data
 
 TOY_SCHEME = textwrap.dedent(

@@ -11,7 +11,7 @@ import pytest
 from mtlcli.errors import MtlError
 from mtlcli.sweep import expand, parse_grid, run_name, run_sweep, split_values
 from mtlcli.train.loop import TrainingInterrupted
-from tests.test_cli import failed, invoke, recipe_text, succeeded, write_tiny_data
+from tests.cli.test_cli import failed, invoke, recipe_text, succeeded, write_tiny_data
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from mtlcli.explain.compare import compare_results, readings, short_names
-from tests.test_cli import invoke, recipe_text, succeeded, write_tiny_data
+from tests.cli.test_cli import invoke, recipe_text, succeeded, write_tiny_data
 
 
 def result(name: str, key: str, seed: int, auc: float) -> dict[str, Any]:

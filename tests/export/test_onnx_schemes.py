@@ -11,7 +11,7 @@ import torch
 from mtlcli.export.bundle import export_onnx
 from mtlcli.models import SCHEMES, build_model
 from mtlcli.numerics import EPS32, K_OUTPUTS
-from tests.test_models import INPUTS
+from tests.models.test_models import INPUTS
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")

@@ -26,9 +26,8 @@ from mtlcli.data.schema import DataSchema
 from mtlcli.recipe import load_recipe, recipe_from_text
 from mtlcli.train.loop import predict_logits
 from mtlcli.train.run import encoded_data, load_run, train_run
-
-from .conftest import REPO
-from .numerics import assert_kernel_close
+from tests.conftest import REPO
+from tests.numerics import assert_kernel_close
 
 pytestmark = pytest.mark.numerics
 runner = CliRunner()

@@ -19,7 +19,7 @@ from mtlcli.data.store import Prepared, prepare
 from mtlcli.errors import DataError
 from mtlcli.recipe import Recipe, load_recipe, recipe_from_text
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CENSUS_DIR = REPO.parent / "shared" / "data" / "census-income"
 
 N = 20

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_resume import checkpoint_position, records
+from tests.train.test_resume import checkpoint_position, records
 
 SETTINGS = ["train.epochs=3", "train.early_stopping=null", "train.threads=1", "train.checkpoint_every=20"]
 

@@ -20,8 +20,8 @@ from mtlcli.models import SCHEMES
 from mtlcli.models.base import scheme as scheme_of
 from mtlcli.models.mmoe import MMoE
 from mtlcli.train.run import encoded_data, load_run
+from tests.models.test_models import INPUTS, TASKS, TYPES, build, make_batch
 from tests.numerics import assert_kernel_close
-from tests.test_models import INPUTS, TASKS, TYPES, build, make_batch
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FAST = ExplainOptions(grad_batches=4, grad_batch_size=64)

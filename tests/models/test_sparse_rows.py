@@ -16,9 +16,9 @@ from mtlcli.models.blocks import FeatureEmbedding, sparse_embeddings, use_sparse
 from mtlcli.recipe.schema import TrainSection
 from mtlcli.train.loop import NullObserver, fit, task_losses
 from mtlcli.weighting import WEIGHTINGS, build_weighting
+from tests.models.test_models import BINARY, INPUTS, TASKS, make_batch
 from tests.numerics import assert_kernel_close
-from tests.test_models import BINARY, INPUTS, TASKS, make_batch
-from tests.test_weighting import tiny_split
+from tests.weighting.test_weighting import tiny_split
 
 pytestmark = pytest.mark.numerics  # row-wise vs dense kernels
 
@@ -112,9 +112,9 @@ def test_mgda_upper_bound_gives_the_rows_the_dense_gradient() -> None:
 @pytest.mark.parametrize("weighting", ["equal", "pcgrad", "uncertainty", "gradnorm"])
 @pytest.mark.parametrize("scheme", SCHEMES.names())
 def test_every_scheme_trains_with_row_wise_tables(scheme: str, weighting: str) -> None:
-    from tests.test_weighting import INPUTS as TWO
-    from tests.test_weighting import TASKS as BOTH
-    from tests.test_weighting import assert_every_task_learns
+    from tests.weighting.test_weighting import INPUTS as TWO
+    from tests.weighting.test_weighting import TASKS as BOTH
+    from tests.weighting.test_weighting import assert_every_task_learns
 
     torch.manual_seed(0)
     model = build_model(scheme, SCHEMES.get(scheme).params(), TWO)
@@ -131,7 +131,7 @@ def test_every_scheme_trains_with_row_wise_tables(scheme: str, weighting: str) -
 
 
 def test_a_row_wise_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
-    from tests.test_resume import resumes_to_the_same_weights
+    from tests.train.test_resume import resumes_to_the_same_weights
 
     settings = TrainSection(epochs=3, batch_size=32, early_stopping=None, lr=0.01, sparse_embeddings=True)
     resumes_to_the_same_weights("pcgrad", settings, tmp_path, sparse=True)

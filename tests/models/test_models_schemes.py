@@ -15,8 +15,8 @@ from mtlcli.models.mmoe import MMoEParams
 from mtlcli.models.omoe import OMoE
 from mtlcli.models.single_task import SingleTask
 from mtlcli.train.loop import task_losses
+from tests.models.test_models import BINARY, INPUTS, TASKS, make_batch
 from tests.numerics import assert_kernel_close
-from tests.test_models import BINARY, INPUTS, TASKS, make_batch
 
 pytestmark = pytest.mark.numerics  # compares each scheme with its definition computed another way
 

@@ -26,9 +26,8 @@ from typer.testing import CliRunner
 from mtlcli.cli.app import app
 from mtlcli.recipe import recipe_from_text
 from mtlcli.train.run import train_run
-
-from .numerics import assert_kernel_close
-from .test_serving_roundtrip import ITEMS, SHAPES, raw_rows, recipe_text
+from tests.export.test_serving_roundtrip import ITEMS, SHAPES, raw_rows, recipe_text
+from tests.numerics import assert_kernel_close
 
 pytestmark = pytest.mark.numerics
 runner = CliRunner()

@@ -23,10 +23,9 @@ from mtlcli.recipe import load_recipe
 from mtlcli.train.loop import predict_logits
 from mtlcli.train.metrics import auc
 from mtlcli.train.run import encoded_data, load_run, train_run
-
-from .conftest import CENSUS, REPO
-from .helpers import invoke
-from .numerics import assert_kernel_close
+from tests.conftest import CENSUS, REPO
+from tests.helpers import invoke
+from tests.numerics import assert_kernel_close
 
 # Predictions at other chunkings, through ONNX, and from `mtl eval` run other float32 kernels:
 # compared with the kernel bound, and run under other kernel choices too.

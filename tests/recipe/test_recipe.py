@@ -14,7 +14,7 @@ from mtlcli.recipe import load_recipe, recipe_from_text, recipe_to_yaml
 from mtlcli.recipe.load import apply_overrides
 from mtlcli.recipe.schema import ModuloSplit
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
 
 VALID = """\
 data:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import invoke, recipe_text, succeeded, write_tiny_data
+from tests.cli.test_cli import invoke, recipe_text, succeeded, write_tiny_data
 
 
 @pytest.fixture(scope="module")
