@@ -87,11 +87,9 @@ def data_key(recipe: Recipe) -> tuple[str, dict[str, Any]]:
     }
     # pos_weight shapes the loss, not the data: left out so that changing it reuses the cache
     tasks = {name: {k: v for k, v in task.items() if k != "pos_weight"} for name, task in spec["tasks"].items()}
-    # features.other_labels likewise while empty
-    features = {k: v for k, v in spec["features"].items() if not (k == "other_labels" and not v)}
     key_input = {
         "data": data_part,
-        "features": features,
+        "features": spec["features"],
         "tasks": tasks,
         "files": [f["sha256"] for f in files],
         "format": FORMAT,

@@ -511,6 +511,8 @@ class Recipe(Strict):
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain data, in the YAML layout (component params flattened)."""
         out = self.model_dump(mode="json", exclude={"model", "loss"})
+        if not out["features"]["other_labels"]:  # left out while empty: earlier runs' recipes read the same
+            del out["features"]["other_labels"]
         out["model"] = {"scheme": self.model.scheme, **_dump(self.model.params)}
         out["loss"] = {"weighting": self.loss.weighting, **_dump(self.loss.params)}
         return {key: out[key] for key in ("data", "features", "tasks", "model", "loss", "train")}

@@ -57,7 +57,7 @@ def test_the_cli_shows_whole_names_and_the_seed_groups(tmp_path: Path) -> None:
             invoke("train", recipe, "--out", run, "--quiet", "--set", f"train.seed={seed}", "--set", f"train.lr={lr}")
         )
         runs.append(run)
-    shown = succeeded(invoke("compare", *runs[:2], runs[2], "--baseline", runs[2]))
+    shown = succeeded(invoke("compare", *runs[:2], "--baseline", runs[2]))
     text = " ".join(shown.stderr.split())
     for name in ("first/seed0/mmoe-equal-weighting", "first/seed1/mmoe-equal-weighting"):
         assert name in "".join(shown.stderr.split()), shown.stderr  # whole, though folded in a narrow table
