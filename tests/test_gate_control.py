@@ -22,20 +22,19 @@ from mtlcli.models.gate_control import (
 )
 
 
-def test_field_mapping_scales_each_field_of_each_task() -> None:
-    mapping = FieldMapping(FieldLayout(n_categorical=2, dim=2, n_numeric=1), n_tasks=2)
+def test_field_mapping_scales_each_field() -> None:
+    mapping = FieldMapping(FieldLayout(n_categorical=2, dim=2, n_numeric=1))
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]])
-    assert torch.equal(mapping(x), torch.stack([x, x], dim=1))  # s starts at 1: the flat input
+    assert torch.equal(mapping(x), x)  # s starts at 1: the flat input
     with torch.no_grad():
-        mapping.scales.copy_(torch.tensor([[2.0, 0.5, 3.0], [1.0, 0.0, -1.0]]))
+        mapping.scales.copy_(torch.tensor([2.0, 0.5, 3.0]))
     out = mapping(x)
-    assert out.shape == (1, 2, 5)
-    assert out[0, 0].tolist() == [2.0, 4.0, 1.5, 2.0, 15.0]
-    assert out[0, 1].tolist() == [1.0, 2.0, 0.0, 0.0, -5.0]
-    out[0, 0].sum().backward()
+    assert out.shape == (1, 5)
+    assert out[0].tolist() == [2.0, 4.0, 1.5, 2.0, 15.0]
+    out.sum().backward()
     assert mapping.scales.grad is not None
-    # d/ds_{0,f} of Σ φ_0(x) is the sum of field f's entries; task 1 is not in the loss
-    assert mapping.scales.grad.tolist() == [[3.0, 7.0, 5.0], [0.0, 0.0, 0.0]]
+    # d/ds_f of Σ φ(x) is the sum of field f's entries
+    assert mapping.scales.grad.tolist() == [3.0, 7.0, 5.0]
     assert list(mapping.state_dict()) == ["scales"]
 
 
@@ -66,7 +65,7 @@ def test_the_virtual_gradient_scales_the_gate_path_only() -> None:
 def test_a_controlled_gate_scales_its_own_and_its_mappings_gradients_only() -> None:
     torch.manual_seed(0)
     layout = FieldLayout(n_categorical=2, dim=2, n_numeric=1)
-    gate, mapping = nn.Linear(5, 3), FieldMapping(layout, n_tasks=2)
+    gate, mapping = nn.Linear(5, 3), FieldMapping(layout)
     with torch.no_grad():
         mapping.scales.uniform_(0.5, 1.5)
     x = torch.randn(4, 5, dtype=torch.float64)
@@ -78,7 +77,7 @@ def test_a_controlled_gate_scales_its_own_and_its_mappings_gradients_only() -> N
         gate.zero_grad()
         mapping.zero_grad()
         leaf = x.clone().requires_grad_()
-        logits = controlled_gate_logits(gate, mapping, leaf, 1, torch.tensor(coefficient, dtype=torch.float64))
+        logits = controlled_gate_logits(gate, mapping, leaf, torch.tensor(coefficient, dtype=torch.float64))
         ((torch.softmax(logits, -1) * target).sum()).backward()
         assert gate.weight.grad is not None and mapping.scales.grad is not None and leaf.grad is not None
         return logits.detach(), gate.weight.grad.clone(), mapping.scales.grad.clone(), leaf.grad
@@ -86,10 +85,9 @@ def test_a_controlled_gate_scales_its_own_and_its_mappings_gradients_only() -> N
     logits1, gate1, scales1, x1 = grads(1.0)
     logits4, gate4, scales4, x4 = grads(4.0)
     assert torch.equal(logits4, logits1)
-    assert torch.equal(logits1, gate(mapping(x)[:, 1]).detach())  # gate(φ_1(x))
+    assert torch.equal(logits1, gate(mapping(x)).detach())  # gate(φ(x))
     assert torch.allclose(gate4, 4.0 * gate1, rtol=1e-12, atol=0.0)
     assert torch.allclose(scales4, 4.0 * scales1, rtol=1e-12, atol=0.0)
-    assert scales1[0].abs().sum().item() == 0.0 and scales1[1].abs().sum().item() > 0.0  # task 1's row only
     assert torch.allclose(x4, x1, rtol=1e-12, atol=1e-15)  # the shared input's gradient is not scaled
 
 
