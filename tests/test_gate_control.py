@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import torch
+from pydantic import ValidationError
 from torch import nn
 
+from mtlcli.data.batch import SplitTensors
 from mtlcli.explain.correlation import pearson
+from mtlcli.models import SCHEMES, InputSpec, build_model
+from mtlcli.models.base import scheme
 from mtlcli.models.blocks import FieldLayout
 from mtlcli.models.gate_control import (
     FieldMapping,
+    GateControl,
+    GateControlSettings,
     LabelCorrelation,
     controlled_gate_logits,
     gate_coefficients,
@@ -20,6 +28,10 @@ from mtlcli.models.gate_control import (
     pearson_from_moments,
     virtual_gradient,
 )
+from mtlcli.recipe.schema import TrainSection
+from mtlcli.train.loop import NullObserver, fit
+from mtlcli.weighting import WEIGHTINGS, build_weighting
+from tests.helpers import click_buy_split
 
 
 def test_field_mapping_scales_each_field() -> None:
@@ -165,3 +177,159 @@ def test_lambda_responds_to_gate_difference_and_to_correlation_within_its_clip()
     assert lam(1.0, 1.0) == pytest.approx(0.1)  # exp(-5) = 0.0067, clipped
     per_task = gate_coefficients(torch.tensor([0.5, 0.6]), torch.tensor([0.0, 0.0]), kappa=2.0, delta=0.5)
     assert per_task.tolist() == pytest.approx([1.0, math.exp(-0.2)])
+
+
+# --- wired into the expert schemes (model.gate_control) -------------------------------------------
+
+TASKS = ["click", "buy", "view"]
+INPUTS = InputSpec(cardinalities=[50, 8], n_numeric=2, tasks=TASKS, task_types=["binary"] * 3)
+HETERO = {"n_experts": 4, "expert_kinds": ["mlp", "mlp", "fm", "cross"]}
+SCHEME_CASES = [("mmoe", HETERO), ("cgc", {"shared_expert_kinds": ["mlp", "fm", "cross", "mlp"]}), ("ple", {})]
+
+
+def three_tasks(n: int, seed: int) -> SplitTensors:
+    """click and buy as ``click_buy_split`` gives them (buy observed where clicked), and view, a
+    coin flip weakly tied to click."""
+    two = click_buy_split(InputSpec([50, 8], 2, TASKS[:2], ["binary"] * 2), n, seed, every=3, buy_space=True)
+    gen = torch.Generator().manual_seed(seed + 100)
+    view = torch.where(
+        torch.rand(n, generator=gen) < 0.7, two.labels[:, 0], (torch.rand(n, generator=gen) < 0.5).float()
+    )
+    labels = torch.cat([two.labels, view.unsqueeze(1)], 1)
+    mask = torch.cat([two.label_mask, torch.ones(n, 1, dtype=torch.bool)], 1)
+    return SplitTensors(two.categorical, two.numeric, labels, mask)
+
+
+def build(name: str, extra: dict[str, Any], control: Any) -> nn.Module:
+    torch.manual_seed(0)
+    return build_model(name, SCHEMES.get(name).params(**extra, gate_control=control), INPUTS)
+
+
+def test_the_option_takes_true_false_or_settings_and_refuses_the_rest() -> None:
+    params = SCHEMES.get("mmoe").params
+    assert params().gate_control is None and params(gate_control=False).gate_control is None
+    assert params(gate_control=True).gate_control == GateControlSettings()
+    assert params(gate_control={"kappa": 2}).gate_control == GateControlSettings(kappa=2.0)
+    for name in ("cgc", "ple"):
+        assert SCHEMES.get(name).params(gate_control=True).gate_control == GateControlSettings()
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        params(gate_control={"kapa": 2})
+    with pytest.raises(ValidationError, match=r"lambda_min .* is above lambda_max"):
+        params(gate_control={"lambda_min": 5, "lambda_max": 2})
+    with pytest.raises(ValidationError, match="corr_decay"):
+        params(gate_control={"corr_decay": 1.0})
+    with pytest.raises(ValidationError, match="omoe has one gate for every task"):
+        SCHEMES.get("omoe").params(gate_control=True)
+    assert SCHEMES.get("omoe").params(gate_control=False).gate_control is False
+
+
+@pytest.mark.parametrize(("name", "extra"), SCHEME_CASES, ids=[c[0] for c in SCHEME_CASES])
+def test_off_builds_nothing_and_on_draws_the_same_initial_weights(name: str, extra: dict[str, Any]) -> None:
+    off, on = build(name, extra, False), build(name, extra, True)
+    plain = off.state_dict()
+    assert not any("control" in key for key in plain)  # off: the model of before, key for key
+    for key, value in on.state_dict().items():
+        if key in plain:
+            assert torch.equal(value, plain[key]), key  # the same random draws for every other weight
+        else:
+            assert ".control." in f".{key}", key
+    batch = next(three_tasks(64, 1).batches(64))
+    off.eval(), on.eval()
+    with torch.no_grad():  # s starts at 1: the mapping is the flat input, so the outputs agree
+        assert torch.equal(on(batch), off(batch))
+    groups = scheme(on).parameter_groups()
+    owned = {task: [k for k in names if ".mapping." in k] for task, names in groups.items()}
+    for task in TASKS:  # task k's field scales are task k's, as its gate is
+        assert owned[task] == [k for k in owned[task] if f".mapping.{task}." in k] and len(owned[task]) == 1
+
+
+def test_a_training_step_scales_each_gate_by_its_own_lambda_from_its_batch() -> None:
+    settings = GateControlSettings(kappa=3.0)
+    model = build("mmoe", HETERO, settings.model_dump())
+    plain = build("mmoe", HETERO, settings.model_dump())
+    batch = next(three_tasks(96, 2).batches(96))
+    model.train(), plain.train()
+    control = cast(GateControl, model.control)
+    loss = model(batch).sum()
+    # λ by hand from this batch: its mean gates and its labels' correlation (the first batch sets the average)
+    with torch.no_grad():
+        x = model.embedding(batch)
+        gates = torch.stack([torch.softmax(model.gates[t](x), -1).double().mean(0) for t in TASKS])
+        rho, _ = pearson_from_moments(label_moments(batch.labels, batch.label_mask))
+        c = (rho.abs().sum(1) - rho.diagonal().abs()) / 2
+        expected = gate_coefficients(gate_difference(gates), c, kappa=3.0)
+    assert torch.allclose(control.coefficients, expected, rtol=1e-6, atol=0.0)
+    assert int(control.steps) == 1 and (expected != 1.0).all() and len(set(expected.tolist())) == 3
+    loss.backward()
+    with torch.no_grad():  # a model without λ: gate control's plain gradients
+        cast(GateControl, plain.control).eval()
+    plain(batch).sum().backward()
+    for k, task in enumerate(TASKS):
+        scaled, base = model.gates[task].weight.grad, plain.gates[task].weight.grad
+        assert torch.allclose(scaled, float(expected[k]) * base, rtol=1e-4, atol=1e-7), task
+        s_scaled = model.control.mapping[task].scales.grad
+        s_base = plain.control.mapping[task].scales.grad
+        assert torch.allclose(s_scaled, float(expected[k]) * s_base, rtol=1e-4, atol=1e-7), task
+    others = dict(plain.named_parameters())
+    for name, param in model.named_parameters():  # the embedding, experts and towers learn as without λ
+        if not name.startswith(("gates.", "control.")):
+            assert param.grad is not None and torch.allclose(param.grad, others[name].grad, rtol=1e-4, atol=1e-7), name
+    before = {k: v.clone() for k, v in control.state_dict().items()}
+    model.eval()
+    with torch.no_grad():
+        model(batch)
+    model.train()
+    with torch.no_grad():
+        model(batch)
+    for key, value in control.state_dict().items():  # evaluation and gradient-free passes leave λ alone
+        assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize(("name", "extra"), SCHEME_CASES, ids=[c[0] for c in SCHEME_CASES])
+def test_lambda_is_in_each_epoch_record_and_leaves_one(name: str, extra: dict[str, Any]) -> None:
+    model = build(name, extra, True)
+    strategy = build_weighting("equal", WEIGHTINGS.get("equal").params(), TASKS)
+    settings = TrainSection(epochs=2, batch_size=64, early_stopping=None, lr=0.01, seed=3)
+    result = fit(
+        model, strategy, three_tasks(449, 1), three_tasks(100, 2), settings, TASKS, ["binary"] * 3, NullObserver()
+    )
+    for record in result.history:
+        entry = record["gate_control"]
+        assert set(entry) == {"lambda", "difference", "correlation"}
+        lam = [entry["lambda"][t] for t in TASKS]
+        assert all(0.1 <= v <= 10.0 for v in lam) and any(abs(v - 1.0) > 0.01 for v in lam), lam
+        assert len({round(v, 9) for v in lam}) == 3, lam  # three tasks: each gate its own λ
+    assert 0 < entry["correlation"]["click"] < 1
+
+
+def test_gate_control_resumes_mid_epoch_to_the_same_weights(tmp_path: Path) -> None:
+    """The correlation's moving average, λ and its epoch sums are in the checkpoint: a run
+    interrupted mid-epoch and resumed ends with the uninterrupted run's weights and records."""
+    from mtlcli.train.checkpoint import load_checkpoint
+    from mtlcli.train.loop import TrainingInterrupted, make_optimizer
+    from tests.test_resume import CheckpointTo
+
+    settings = TrainSection(epochs=3, batch_size=32, early_stopping=None, lr=0.01)
+    data = three_tasks(300, 4)
+
+    def fresh() -> tuple[nn.Module, Any, torch.optim.Optimizer]:
+        model = build("mmoe", HETERO, True)
+        strategy = build_weighting("equal", WEIGHTINGS.get("equal").params(), TASKS)
+        return model, strategy, make_optimizer(settings, list(model.parameters()), [])
+
+    model, strategy, optimizer = fresh()
+    reference = fit(model, strategy, data, data, settings, TASKS, ["binary"] * 3, NullObserver(), optimizer)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    path, steps = tmp_path / "checkpoint.safetensors", iter(range(10_000))
+    model, strategy, optimizer = fresh()
+    with pytest.raises(TrainingInterrupted):
+        fit(
+            model, strategy, data, data, settings, TASKS, ["binary"] * 3, CheckpointTo(path), optimizer,
+            stop_requested=lambda: next(steps) == 14,
+        )  # fmt: skip
+    model, strategy, optimizer = fresh()
+    state = load_checkpoint(path, model, optimizer, strategy)
+    resumed = fit(model, strategy, data, data, settings, TASKS, ["binary"] * 3, NullObserver(), optimizer, state)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, weights[name]), name
+    assert [r["gate_control"] for r in resumed.history] == [r["gate_control"] for r in reference.history]
