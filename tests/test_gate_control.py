@@ -333,3 +333,30 @@ def test_gate_control_resumes_mid_epoch_to_the_same_weights(tmp_path: Path) -> N
     for name, value in model.state_dict().items():
         assert torch.equal(value, weights[name]), name
     assert [r["gate_control"] for r in resumed.history] == [r["gate_control"] for r in reference.history]
+
+
+def test_explain_shows_the_field_scales_and_lambda_per_epoch() -> None:
+    from mtlcli.explain.gates import lambda_report, read_lambda
+    from mtlcli.explain.report import ExplainOptions, explain_model
+
+    model = build("mmoe", HETERO, True)
+    with torch.no_grad():
+        model.control.mapping["buy"].scales.copy_(torch.tensor([0.5, 2.0, 1.0, -1.5]))
+    options = ExplainOptions(grad_batches=1, grad_batch_size=64)
+    report = explain_model(model, three_tasks(128, 5), TASKS, ["binary"] * 3, options)
+    scales = report["gate_control"]["field_scales"]
+    assert scales["buy"] == {"categorical 0": 0.5, "categorical 1": 2.0, "numeric 0": 1.0, "numeric 1": -1.5}
+    assert scales["click"] == dict.fromkeys(scales["buy"], 1.0)
+    assert "buy's gate reads most categorical 1 2.00, numeric 1 -1.50" in report["readings"]["gate_control"][0]
+    assert (
+        explain_model(build("mmoe", HETERO, False), three_tasks(128, 5), TASKS, ["binary"] * 3, options)["gate_control"]
+        is None
+    )
+    records = [
+        {"epoch": 1, "train_loss": {}},
+        {"epoch": 2, "gate_control": {"lambda": {"click": 2.0, "buy": 0.5}, "difference": {}, "correlation": {}}},
+    ]
+    lam = lambda_report(records, ["click", "buy"])
+    assert lam is not None and lam["epochs"] == [2] and lam["lambda"] == {"click": [2.0], "buy": [0.5]}
+    assert read_lambda(lam) == "gate control λ per epoch: click 2 -> 2, buy 0.5 -> 0.5"
+    assert lambda_report(records[:1], ["click", "buy"]) is None
