@@ -360,3 +360,83 @@ def test_explain_shows_the_field_scales_and_lambda_per_epoch() -> None:
     assert lam is not None and lam["epochs"] == [2] and lam["lambda"] == {"click": [2.0], "buy": [0.5]}
     assert read_lambda(lam) == "gate control λ per epoch: click 2 -> 2, buy 0.5 -> 0.5"
     assert lambda_report(records[:1], ["click", "buy"]) is None
+
+
+@pytest.mark.parametrize(("name", "extra"), SCHEME_CASES, ids=[c[0] for c in SCHEME_CASES])
+def test_a_gate_controlled_scheme_exports_to_onnx(name: str, extra: dict[str, Any], tmp_path: Path) -> None:
+    """Serving runs the forward pass alone: the field mapping counts, λ does not."""
+    pytest.importorskip("onnxruntime")
+    from types import SimpleNamespace
+
+    from mtlcli.export.bundle import export_onnx
+
+    model = build(name, extra, True).eval()
+    with torch.no_grad():  # move off the initial weights (s off 1) so that every part contributes
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    schema = SimpleNamespace(
+        cardinalities=INPUTS.cardinalities, categorical=INPUTS.cardinalities, numeric=[None] * 2, tasks=TASKS,
+        sequences=[],
+    )  # fmt: skip
+    report = export_onnx(model, schema, tmp_path / "model.onnx", check_rows=256)
+    assert report["max_abs_diff"] <= report["tolerance"]
+    batch = next(three_tasks(64, 1).batches(64))
+    with torch.no_grad():
+        served = model(batch)
+        for mapping in model.control.mapping.values():
+            mapping.scales.fill_(1.0)
+        assert not torch.allclose(model(batch), served, rtol=1e-3, atol=1e-4)  # φ is in the served forward
+
+
+@pytest.mark.slow
+def test_census_lambda_leaves_one_differs_between_tasks_and_the_bundle_predicts(
+    census_file: Path, in_repo: Path, tmp_path: Path
+) -> None:
+    """Three census tasks (income, marital, education) with gate control on heterogeneous MMoE,
+    two epochs: λ leaves 1 and differs between the tasks in metrics.jsonl; the exported bundle
+    (ONNX when available) scores the raw test rows as the run's model does."""
+    import gzip
+    import json
+
+    import polars as pl
+
+    from mtlcli.recipe import load_recipe
+    from mtlcli.train.loop import predict_logits
+    from mtlcli.train.run import encoded_data, load_run, train_run
+    from tests.helpers import invoke
+    from tests.numerics import assert_kernel_close
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"extends: {in_repo / 'recipes' / 'census-3task.yaml'}\n"
+        "model: {scheme: mmoe, embedding_dim: 4, n_experts: 8, expert_units: [16], tower_units: [8],\n"
+        "  expert_kinds: [mlp, mlp, mlp, mlp, fm, fm, cross, cross], gate_control: true}\n",
+        encoding="utf-8",
+    )
+    overrides = [f"data.cache_dir={tmp_path / 'cache'}", "train.threads=1", "train.epochs=2"]
+    train_run(load_recipe(recipe, overrides), tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        lam = record["gate_control"]["lambda"]
+        assert set(lam) == {"income", "marital", "education"}
+        assert max(abs(v - 1.0) for v in lam.values()) > 0.1, lam  # the gates do not learn at the plain rate
+        assert max(lam.values()) - min(lam.values()) > 0.05, lam  # nor all at one rate
+    try:
+        import onnxruntime  # noqa: F401
+
+        fmt = "onnx"
+    except ImportError:
+        fmt = "safetensors"
+    exported = invoke("export", tmp_path / "run", "--out", tmp_path / "bundle", "--format", fmt)
+    assert exported.exit_code == 0, exported.output
+    with gzip.open(census_file, "rt", encoding="utf-8") as handle:
+        rows = [line for index, line in enumerate(handle) if index % 5 == 0]  # the recipe's test split
+    (tmp_path / "test.csv").write_text("".join(rows), encoding="utf-8")
+    predicted = invoke("predict", tmp_path / "bundle", "--input", tmp_path / "test.csv", "--output", tmp_path / "p.csv")
+    assert predicted.exit_code == 0, predicted.output
+    loaded = load_run(tmp_path / "run")
+    expected = torch.sigmoid(
+        predict_logits(loaded.model, encoded_data(tmp_path / "run", loaded).load("test"), 65536).double()
+    )
+    got = torch.from_numpy(pl.read_csv(tmp_path / "p.csv").select(["income", "marital", "education"]).to_numpy())
+    assert_kernel_close(got, expected, floor=1.0, what="predict vs the run's test probabilities")
