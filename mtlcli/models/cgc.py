@@ -117,19 +117,17 @@ class ExtractionLayer(nn.Module):
                 task_inputs = gate_inputs
         if cut is not None and role in ("own", "shared"):
             cut.append(shared)
-        task_gates = [self.task_gates[t] for t in self.tasks]
+        controlled = None
         if self.control is not None:
-            logits = self.control.gate_logits(task_gates, gate_inputs, labels)
-        else:
-            logits = [gate(x) for gate, x in zip(task_gates, gate_inputs, strict=True)]
+            controlled = self.control.gate_logits([self.task_gates[t] for t in self.tasks], gate_inputs, labels)
         outputs, gates, own = [], {}, []
-        for t, x, gate_logits in zip(self.tasks, task_inputs, logits, strict=True):
+        for k, (t, x, x_gate) in enumerate(zip(self.tasks, task_inputs, gate_inputs, strict=True)):
             experts = torch.cat([self.task_experts[t](x), shared], dim=1)  # [B, m_k + m_s, H]
             own.append(experts[:, : experts.shape[1] - shared.shape[1]])
             if cut is not None and role == "gates":
                 experts = experts.view_as(experts)  # as task t's mixture reads them
                 cut.append(experts)
-            gate = torch.softmax(gate_logits, dim=-1)
+            gate = torch.softmax(self.task_gates[t](x_gate) if controlled is None else controlled[k], dim=-1)
             gates[t] = gate
             outputs.append((gate.unsqueeze(-1) * experts).sum(1))
         if self.shared_gate is None:

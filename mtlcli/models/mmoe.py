@@ -63,12 +63,11 @@ class MMoE(nn.Module):
         """Softmax gate weights per task for embedded inputs x: [B, T, E], each row sums to 1 (with
         gate control, of the gates on their field mappings; a training forward pass then reads
         the labels of ``batch``, whose embedding x is)."""
-        if self.control is not None:
-            gates = [self.gates[t] for t in self.tasks]
-            labels = (batch.labels, batch.label_mask) if batch is not None else None
-            logits = self.control.gate_logits(gates, [x] * len(self.tasks), labels)
-        else:
-            logits = [self.gates[t](x) for t in self.tasks]
+        if self.control is None:
+            return torch.stack([torch.softmax(self.gates[t](x), dim=-1) for t in self.tasks], dim=1)
+        gates = [self.gates[t] for t in self.tasks]
+        labels = (batch.labels, batch.label_mask) if batch is not None else None
+        logits = self.control.gate_logits(gates, [x] * len(self.tasks), labels)
         return torch.stack([torch.softmax(z, dim=-1) for z in logits], dim=1)
 
     @property
