@@ -13,7 +13,7 @@ DEPHN (Kong, Su, Zhao, Hou, IJCNN 2023, arXiv:2307.12519).
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 import torch
 from pydantic import Field, PositiveInt, ValidationInfo, field_validator
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from mtlcli.data.batch import Batch
 from mtlcli.models.base import Capabilities, Dropout, InputSpec, ModelParams, group_by_prefix, register_scheme
 from mtlcli.models.blocks import ExpertKind, Experts, FeatureEmbedding, FieldLayout, Towers, check_expert_kinds
-from mtlcli.models.gate_control import GateControl, GateControlOption, GateControlSettings
+from mtlcli.models.gate_control import GateControl, GateControlOption, GateControlSettings, check_gate_control
 from mtlcli.models.views import GateRecord, Introspection, SharedRepresentation
 
 
@@ -290,6 +290,12 @@ def build_extraction(params: CGCParams, inputs: InputSpec, levels: int) -> Extra
     )
 
 
-@register_scheme("cgc", CGCParams, "expert sharing: shared and task-specific experts, one gate per task (RecSys 2020)")
+def check(params: CGCParams, recipe: Any) -> list[tuple[str, str]]:
+    return check_gate_control(params.gate_control, list(recipe.tasks))
+
+
+@register_scheme(
+    "cgc", CGCParams, "expert sharing: shared and task-specific experts, one gate per task (RecSys 2020)", check
+)
 def build(params: CGCParams, inputs: InputSpec) -> ExtractionNetwork:
     return build_extraction(params, inputs, levels=1)

@@ -253,6 +253,19 @@ def _switch(value: Any) -> Any:
 GateControlOption = Annotated[GateControlSettings | None, BeforeValidator(_switch)]
 
 
+def check_gate_control(settings: GateControlSettings | None, tasks: list[str]) -> list[tuple[str, str]]:
+    """A scheme's recipe check: gate control compares each task's gate with the others'."""
+    if settings is None or len(tasks) >= 2:
+        return []
+    return [
+        (
+            "gate_control",
+            f"gate control compares each task's gate with the other tasks' gates, and the recipe has one task "
+            f"({', '.join(tasks)}): add a task or set gate_control: false",
+        )
+    ]
+
+
 class GateControl(nn.Module):
     """DEPHN's gate control for the T task gates of one expert layer that read the embedded input.
 

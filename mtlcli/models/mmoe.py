@@ -11,7 +11,7 @@ Gradient Optimization for Multi-task Learning", IJCNN 2023 (arXiv:2307.12519).
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from mtlcli.data.batch import Batch
 from mtlcli.models.base import Capabilities, ExpertPoolParams, InputSpec, group_by_prefix, register_scheme
 from mtlcli.models.blocks import ExpertKind, Towers, embedded_experts
-from mtlcli.models.gate_control import GateControl, GateControlOption, GateControlSettings
+from mtlcli.models.gate_control import GateControl, GateControlOption, GateControlSettings, check_gate_control
 from mtlcli.models.views import GateRecord, Introspection, SharedRepresentation
 
 
@@ -118,6 +118,10 @@ class MMoE(nn.Module):
         return group_by_prefix(self, owned)
 
 
-@register_scheme("mmoe", MMoEParams, "expert sharing: shared experts, one softmax gate per task (KDD 2018)")
+def check(params: MMoEParams, recipe: Any) -> list[tuple[str, str]]:
+    return check_gate_control(params.gate_control, list(recipe.tasks))
+
+
+@register_scheme("mmoe", MMoEParams, "expert sharing: shared experts, one softmax gate per task (KDD 2018)", check)
 def build(params: MMoEParams, inputs: InputSpec) -> MMoE:
     return MMoE(inputs, **params.model_dump(exclude={"gate_control"}), gate_control=params.gate_control)
