@@ -272,7 +272,9 @@ class GateControl(nn.Module):
     ``gate_logits`` runs each task's gate on its field mapping; in a training forward pass (train
     mode, gradients on) it also computes this step's λ from the global batch (``update``) and makes
     each gate's logits carry it (``controlled_gate_logits``); elsewhere (evaluation, serving,
-    export) the gates run plain, since λ only touches gradients.
+    export) the gates run on their field mappings without λ, which only touches gradients. (Under
+    Adam a gradient scaled by a constant gives the same step: λ then acts only through its changes
+    between steps; see docs/methods.md.)
 
     ``compared``: gate difference compares the last ``compared`` columns of every gate, renormalised
     (CGC's and PLE's task gates weigh their own experts first, then the shared ones, which are the
