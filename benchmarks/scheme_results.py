@@ -64,6 +64,7 @@ CENSUS = {
     "omoe": "census-omoe.yaml",
     "mmoe": "census-mmoe.yaml",
     "hetero-mmoe": "census-hetero-mmoe.yaml",
+    "gate-control": "census-gate-control.yaml",  # DEPHN's gate control on hetero-mmoe (its ablation)
     "cgc": "census-cgc.yaml",
     "ple": "census-ple.yaml",
     "sparse-sharing": "census-sparse-sharing.yaml",

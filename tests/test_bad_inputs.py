@@ -261,6 +261,27 @@ CASES = [
         "model.bottom_units: unknown key",
         recipe=patched(setting("model.bottom_units", [8])),
     ),
+    # gate control (DEPHN): model.gate_control of the expert schemes
+    Case(
+        "gate control with one task",
+        "model.gate_control: gate control compares each task's gate with the other tasks' gates",
+        recipe=patched(lambda r: (r["tasks"].pop("buy"), r["model"].update(gate_control=True))),
+    ),
+    Case(
+        "gate control on omoe",
+        "omoe has one gate for every task, and gate control adjusts each task's own gate",
+        recipe=patched(setting("model", {"scheme": "omoe", "gate_control": True})),
+    ),
+    Case(
+        "misspelt gate control key",
+        "model.gate_control.kapa: unknown key",
+        recipe=patched(setting("model.gate_control", {"kapa": 2})),
+    ),
+    Case(
+        "gate control clip out of order",
+        "lambda_min (5.0) is above lambda_max (2.0)",
+        recipe=patched(setting("model.gate_control", {"lambda_min": 5, "lambda_max": 2})),
+    ),
     Case("wrong type", "train.lr: Input should be a valid number", recipe=patched(setting("train.lr", "fast"))),
     Case(
         "out-of-range value",

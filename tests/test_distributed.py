@@ -35,7 +35,17 @@ CASES: list[tuple[str, str, str, dict[str, Any], bool]] = [
     ("mgda-ub", "mmoe", "mgda", {"upper_bound": True, "normalize": "l2"}, False),
     ("rows-equal", "mmoe", "equal", {}, True),
     ("rows-pcgrad", "shared_bottom", "pcgrad", {}, True),
+    # gate control: λ from the global batch's gates and labels (summed over the ranks)
+    ("gate-control", "mmoe", "equal", {}, False),
+    ("gate-control-pcgrad", "mmoe", "pcgrad", {}, False),
+    ("gate-control-cgc", "cgc", "equal", {}, False),
 ]
+# the scheme's own parameters, by case name (defaults otherwise)
+SCHEME_PARAMS: dict[str, dict[str, Any]] = {
+    "gate-control": {"gate_control": True, "n_experts": 4, "expert_kinds": ["mlp", "mlp", "fm", "cross"]},
+    "gate-control-pcgrad": {"gate_control": True},
+    "gate-control-cgc": {"gate_control": {"kappa": 2.0}},
+}
 
 
 def split(n: int, seed: int) -> SplitTensors:
@@ -58,9 +68,9 @@ class Recording:
 
 
 def train(case: tuple[str, str, str, dict[str, Any], bool]) -> dict[str, Tensor]:
-    _, scheme, weighting, params, rows = case
+    name, scheme, weighting, params, rows = case
     torch.manual_seed(0)
-    model = build_model(scheme, SCHEMES.get(scheme).params(), INPUTS)
+    model = build_model(scheme, SCHEMES.get(scheme).params(**SCHEME_PARAMS.get(name, {})), INPUTS)
     if rows:
         use_sparse_rows(model)
     strategy = Recording(build_weighting(weighting, WEIGHTINGS.get(weighting).params(**params), TASKS))

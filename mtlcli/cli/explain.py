@@ -99,6 +99,11 @@ def render(report: dict[str, Any]) -> None:
         )
         for line in readings["masks"]:
             say(f"  {line}", soft_wrap=True, markup=False)
+    if report.get("gate_control"):
+        for table in gate_control_tables(report["gate_control"]):
+            say(table)
+        for line in readings["gate_control"]:
+            say(f"  {line}", soft_wrap=True, markup=False)
     if report.get("representations"):
         for history, matrix in report["representations"]["interest_cosine"].items():
             say(matrix_table(f"cosine between the tasks' interests in {history}", matrix))
@@ -134,6 +139,45 @@ def render(report: dict[str, Any]) -> None:
             say(f"  {line}", soft_wrap=True, markup=False)
     for warning in report["warnings"]:
         say(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+
+
+def gate_control_tables(report: dict[str, Any], top: int = 15) -> list[Table]:
+    """Gate control: the ``top`` input fields by their largest |s| over the tasks, with each task's
+    field scale s (tasks as columns), and λ per epoch and task."""
+    scales = report["field_scales"]
+    tasks = list(scales)
+    fields = list(scales[tasks[0]]) if tasks else []
+    ranked = sorted(fields, key=lambda f: -max(abs(scales[t][f]) for t in tasks))[:top]
+    high = max((abs(v) for row in scales.values() for v in row.values()), default=1.0)
+    shown = (
+        f"the {len(ranked)} of {len(fields)} inputs with the largest |s|"
+        if len(ranked) < len(fields)
+        else "every input"
+    )
+    table = Table(title=f"gate control: field scale s per task's gate ({shown}; --json has all)", title_justify="left")
+    table.add_column("input", no_wrap=True)
+    for task in tasks:
+        table.add_column(task, justify="right")
+    for field in ranked:
+        table.add_row(field, *(heat(scales[t][field], -high, high, diverging=True, digits=2) for t in tasks))
+    tables = [table]
+    coefficients = report.get("lambda")
+    if coefficients:
+        lam = Table(
+            title="gate control: λ per epoch (mean over its steps; 1 = plain gate learning)", title_justify="left"
+        )
+        lam.add_column("epoch", justify="right")
+        for task in coefficients["lambda"]:
+            lam.add_column(f"λ {task}", justify="right")
+        for task in coefficients["difference"]:
+            lam.add_column(f"d {task}", justify="right")
+        for i, epoch in enumerate(coefficients["epochs"]):
+            values = [v[i] for v in coefficients["lambda"].values()] + [
+                v[i] for v in coefficients["difference"].values()
+            ]
+            lam.add_row(str(epoch), *("-" if v is None else f"{v:.3f}" for v in values))
+        tables.append(lam)
+    return tables
 
 
 def importance_tables(report: dict[str, Any], top: int = 10) -> list[Table]:

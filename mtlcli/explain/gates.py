@@ -1,4 +1,5 @@
-"""Gate reports: which experts each task's gate uses, how sharply, and which experts nobody uses.
+"""Gate reports: which experts each task's gate uses, how sharply, and which experts nobody uses;
+with gate control (DEPHN), which input fields steer each gate and the coefficient λ per epoch.
 
 A scheme's ``introspect`` gives its gates as ``GateRecord``s: softmax weights [B, n] and the names of
 the n experts they weigh. Gates of one *gate group* (``gate`` for MMoE, ``level1.gate`` for a PLE
@@ -203,3 +204,46 @@ def read_alpha(layer: str, matrix: dict[str, dict[str, float]]) -> str:
         other = sum(abs(v) for b, v in row.items() if b != task)
         parts.append(f"{task} takes {other / total if total else 0.0:.0%} from the others")
     return f"{layer}: " + "; ".join(parts)
+
+
+def field_scale_report(scales: Tensor, tasks: list[str], fields: list[str]) -> dict[str, dict[str, float]]:
+    """Gate control's field mapping as {task: {field: s}}: how much each input field steers the
+    task's gate (s [T, F]; 1 where training left it, 0 where the gate ignores the field)."""
+    return {task: dict(zip(fields, scales[k].tolist(), strict=True)) for k, task in enumerate(tasks)}
+
+
+def read_field_scales(report: dict[str, dict[str, float]], top: int = 3) -> str:
+    """One line: the fields that steer each task's gate most, and least (by |s|)."""
+    parts = []
+    for task, scales in report.items():
+        ranked = sorted(scales.items(), key=lambda item: -abs(item[1]))
+        most = ", ".join(f"{field} {value:.2f}" for field, value in ranked[:top])
+        least = ranked[-1]
+        parts.append(f"{task}'s gate reads most {most}; least {least[0]} {least[1]:.2f}")
+    return "gate inputs: " + "; ".join(parts)
+
+
+def lambda_report(records: list[dict[str, Any]], tasks: list[str]) -> dict[str, Any] | None:
+    """Gate control's coefficients per epoch from a run's epoch records: {"epochs", "lambda",
+    "difference", "correlation"}, each of the last three {task: [value per epoch]}; None when no
+    record carries them (gate control off)."""
+    controlled = [r for r in records if isinstance(r.get("gate_control"), dict)]
+    if not controlled:
+        return None
+    report: dict[str, Any] = {"epochs": [r.get("epoch") for r in controlled]}
+    for key in ("lambda", "difference", "correlation"):
+        report[key] = {t: [r["gate_control"].get(key, {}).get(t) for r in controlled] for t in tasks}
+    return report
+
+
+def read_lambda(report: dict[str, Any]) -> str:
+    """One line: each task's λ in the first and the last epoch, and whether the tasks' λ differ."""
+    parts = []
+    for task, values in report["lambda"].items():
+        known = [v for v in values if v is not None]
+        if known:
+            parts.append(f"{task} {known[0]:.3g} -> {known[-1]:.3g}")
+    last = [v[-1] for v in report["lambda"].values() if v and v[-1] is not None]
+    same = len(last) > 1 and max(last) - min(last) <= 1e-9 * max(abs(v) for v in last)
+    note = " (the same for every task: with two tasks d and c are shared by both)" if same else ""
+    return "gate control λ per epoch: " + ", ".join(parts) + note

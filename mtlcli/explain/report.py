@@ -19,12 +19,16 @@ from mtlcli.explain.correlation import correlation_report
 from mtlcli.explain.gates import (
     GateRow,
     alpha_report,
+    field_scale_report,
     gate_group_report,
     gate_groups,
     gates_by_value,
+    lambda_report,
     read_alpha,
     read_by_value,
+    read_field_scales,
     read_gate_group,
+    read_lambda,
     union_of_experts,
 )
 from mtlcli.explain.gradients import gradient_report, read_gradients
@@ -156,6 +160,11 @@ def explain_model(
             [f"history {i}" for i in range(histories)],
             [f"numeric {i}" for i in range(data.numeric.shape[1])],
         )
+    scales = scheme(model).capabilities.field_scales  # gate control's field mapping
+    gate_control = None
+    if scales is not None:
+        gate_control = {"field_scales": field_scale_report(scales(), tasks, [*inputs[0], *inputs[1], *inputs[2]])}
+    readings["gate_control"] = [read_field_scales(gate_control["field_scales"])] if gate_control else []
     bottoms = representation_report(model, data, options.batch_size, *inputs)
     readings["representations"] = [read_representations(bottoms)] if bottoms else []
     correlations = correlation_report(data.labels, mask, logits, tasks, types)
@@ -182,6 +191,7 @@ def explain_model(
         "gates_by": by_report,
         "alpha": alpha,
         "masks": masks,
+        "gate_control": gate_control,
         "representations": bottoms,
         **correlations,
         **gradients,
@@ -229,6 +239,10 @@ def explain_run(
     report["warnings"] += damaged + damaged_samples
     history = history_report(epochs + samples, tasks)
     report["readings"]["history"] = history.pop("reading") if history else None
+    coefficients = lambda_report(epochs, tasks)
+    if report["gate_control"] is not None and coefficients is not None:
+        report["gate_control"]["lambda"] = coefficients
+        report["readings"]["gate_control"].append(read_lambda(coefficients))
     return {
         "run_dir": str(run_dir),
         "model_sha256": sha256_file(run_dir / "model.safetensors"),

@@ -55,7 +55,15 @@ class Capabilities:
       which MGDA-UB needs; None when each task has its own bottom (DTRN);
     - ``step(parts)``: the scheme's own training step (``mtlcli.train.step``), made from the
       run's built parts (model, weighting, optimizer, exchange), for schemes that update their
-      parameter groups or tasks in turn; without it the default step trains them together.
+      parameter groups or tasks in turn; without it the default step trains them together;
+    - ``sum_over_ranks(total)``: the scheme takes statistics of the global batch in its training
+      forward pass (gate control's gates and labels); the training's exchange hands it ``total``,
+      which sums a tensor over the ranks (None on one process);
+    - ``epoch_record()``: what the scheme adds to each epoch's record in metrics.jsonl (gate
+      control's λ), called once at each epoch's end;
+    - ``field_scales()``: s [T, F], how much each input field steers each task's gate (gate
+      control's field mapping; fields in the embedding's order: categorical features, histories,
+      numbers), for explain.
     """
 
     masks: Callable[[], dict[str, list[Tensor]]] | None = None
@@ -64,6 +72,9 @@ class Capabilities:
     task_representations: Callable[[Batch], list[TaskRepresentation]] | None = None
     shared_representation: SharedRepresentation | None = None
     step: Callable[[StepParts], Step] | None = None
+    sum_over_ranks: Callable[[Callable[[Tensor], Tensor] | None], None] | None = None
+    epoch_record: Callable[[], dict[str, Any]] | None = None
+    field_scales: Callable[[], Tensor] | None = None
 
 
 class MultiTaskModel(Protocol):

@@ -13,7 +13,7 @@ DEPHN (Kong, Su, Zhao, Hou, IJCNN 2023, arXiv:2307.12519).
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 import torch
 from pydantic import Field, PositiveInt, ValidationInfo, field_validator
@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from mtlcli.data.batch import Batch
 from mtlcli.models.base import Capabilities, Dropout, InputSpec, ModelParams, group_by_prefix, register_scheme
 from mtlcli.models.blocks import ExpertKind, Experts, FeatureEmbedding, FieldLayout, Towers, check_expert_kinds
+from mtlcli.models.gate_control import GateControl, GateControlOption, GateControlSettings, check_gate_control
 from mtlcli.models.views import GateRecord, Introspection, SharedRepresentation
 
 
@@ -34,6 +35,7 @@ class CGCParams(ModelParams):
     shared_expert_kinds: list[ExpertKind] | None = None
     task_expert_kinds: list[ExpertKind] | None = None
     cross_layers: PositiveInt = 2
+    gate_control: GateControlOption = None
 
     @field_validator("shared_expert_kinds")
     @classmethod
@@ -54,6 +56,9 @@ class ExtractionLayer(nn.Module):
     Task k's gate (on task k's input) mixes [task k's experts, shared experts]; with
     ``shared_gate``, a gate on the shared input mixes [every task's experts in task order,
     shared experts] into the shared output (PLE's inner levels). Inputs and outputs [B, d].
+
+    With ``control`` (gate control, on the first level, whose gates read the embedded input) task
+    k's gate reads its field mapping, and gate difference compares the shared experts' columns.
     """
 
     def __init__(
@@ -69,6 +74,7 @@ class ExtractionLayer(nn.Module):
         task_kinds: list[ExpertKind],
         fields: FieldLayout | None,
         cross_layers: int,
+        control: GateControlSettings | None = None,
     ) -> None:
         super().__init__()
         self.tasks = tasks
@@ -79,12 +85,23 @@ class ExtractionLayer(nn.Module):
         self.task_gates = nn.ModuleDict({t: nn.Linear(in_dim, n_task + n_shared) for t in tasks})
         self.shared_gate = nn.Linear(in_dim, len(tasks) * n_task + n_shared) if shared_gate else None
         self.out_dim = units[-1]
+        if control is not None and fields is None:
+            raise ValueError("gate control maps input fields: it needs the embedding layer's layout")
+        self.control = (
+            GateControl(tasks, fields, control, compared=n_shared) if control is not None and fields else None
+        )
 
     def forward(
-        self, task_inputs: list[Tensor], shared_input: Tensor, cut: list[Tensor] | None = None, role: str = ""
+        self,
+        task_inputs: list[Tensor],
+        shared_input: Tensor,
+        cut: list[Tensor] | None = None,
+        role: str = "",
+        labels: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[list[Tensor], Tensor, dict[str, Tensor]]:
         """Returns (task outputs, shared output, gate weights by name). Without a shared gate the
-        shared output is the shared input, unused.
+        shared output is the shared input, unused. ``labels`` (the batch's labels [B, T] and mask
+        [B, T]): what gate control's training forward pass reads.
 
         With ``cut`` (a list) the layer appends its part of the shared representation, by ``role``:
         ``"own"`` (its task experts and gates are task-specific) the task inputs and the shared
@@ -100,14 +117,17 @@ class ExtractionLayer(nn.Module):
                 task_inputs = gate_inputs
         if cut is not None and role in ("own", "shared"):
             cut.append(shared)
+        controlled = None
+        if self.control is not None:
+            controlled = self.control.gate_logits([self.task_gates[t] for t in self.tasks], gate_inputs, labels)
         outputs, gates, own = [], {}, []
-        for t, x, x_gate in zip(self.tasks, task_inputs, gate_inputs, strict=True):
+        for k, (t, x, x_gate) in enumerate(zip(self.tasks, task_inputs, gate_inputs, strict=True)):
             experts = torch.cat([self.task_experts[t](x), shared], dim=1)  # [B, m_k + m_s, H]
             own.append(experts[:, : experts.shape[1] - shared.shape[1]])
             if cut is not None and role == "gates":
                 experts = experts.view_as(experts)  # as task t's mixture reads them
                 cut.append(experts)
-            gate = torch.softmax(self.task_gates[t](x_gate), dim=-1)
+            gate = torch.softmax(self.task_gates[t](x_gate) if controlled is None else controlled[k], dim=-1)
             gates[t] = gate
             outputs.append((gate.unsqueeze(-1) * experts).sum(1))
         if self.shared_gate is None:
@@ -143,6 +163,7 @@ class ExtractionNetwork(nn.Module):
         shared_kinds: list[ExpertKind] | None = None,
         task_kinds: list[ExpertKind] | None = None,
         cross_layers: int = 2,
+        gate_control: GateControlSettings | None = None,
     ) -> None:
         super().__init__()
         self.tasks = list(inputs.tasks)
@@ -164,12 +185,18 @@ class ExtractionNetwork(nn.Module):
                     task_kinds=(task_kinds if first and task_kinds else ["mlp"] * n_task),
                     fields=self.embedding.fields if first else None,
                     cross_layers=cross_layers,
+                    control=gate_control if first else None,
                 )
             )
             in_dim = expert_units[-1]
         self.levels = nn.ModuleList(layers)
         self.towers = Towers(self.tasks, in_dim, tower_units, dropout)
         self.z = SharedRepresentation()
+
+    @property
+    def control(self) -> GateControl | None:
+        """Gate control of the first level's task gates (None without ``gate_control``)."""
+        return cast(ExtractionLayer, self.levels[0]).control
 
     def run(self, batch: Batch) -> tuple[Tensor, list[GateRecord]]:
         """Logits [B, T] and every gate: group ``level<j>.gate``, row a task or ``shared``."""
@@ -178,9 +205,10 @@ class ExtractionNetwork(nn.Module):
         gates: list[GateRecord] = []
         last = len(self.levels) - 1
         cut: list[Tensor] | None = [] if self.z.keeping() else None
+        labels = (batch.labels, batch.label_mask)
         for j, layer in enumerate(self.levels):
             role = ("own" if last == 0 else "shared") if j == last else ("gates" if j == last - 1 else "")
-            task_inputs, shared_input, level_gates = layer(task_inputs, shared_input, cut, role)
+            task_inputs, shared_input, level_gates = layer(task_inputs, shared_input, cut, role, labels)
             gates += [
                 GateRecord(f"level{j + 1}.gate", row, g, self.expert_names(j + 1, row))
                 for row, g in level_gates.items()
@@ -194,7 +222,14 @@ class ExtractionNetwork(nn.Module):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(shared_representation=self.z)
+        if self.control is None:
+            return Capabilities(shared_representation=self.z)
+        return Capabilities(
+            shared_representation=self.z,
+            sum_over_ranks=self.control.sum_over_ranks,
+            epoch_record=self.control.epoch_record,
+            field_scales=self.control.field_scales,
+        )
 
     def expert_names(self, level: int, row: str) -> list[str]:
         """The experts the columns of level ``level``'s (from 1) gate ``row`` (a task or ``shared``)
@@ -224,7 +259,8 @@ class ExtractionNetwork(nn.Module):
         which all tasks use, so task experts of a level with a shared gate are trained by every
         task and are shared here; likewise task gates of a level whose next level has a shared
         gate (their output feeds that level's task experts). With one or two levels every task
-        gate, and with one level (CGC) every task expert, belongs to its task.
+        gate, and with one level (CGC) every task expert, belongs to its task. Gate control's
+        field mapping of task k goes with task k's first-level gate, which reads it.
         """
         last = len(self.levels) - 1
         prefixes: dict[str, list[str]] = {t: [f"towers.nets.{t}."] for t in self.tasks}
@@ -233,7 +269,7 @@ class ExtractionNetwork(nn.Module):
                 if j == last:
                     prefixes[t].append(f"levels.{j}.task_experts.{t}.")
                 if j >= last - 1:
-                    prefixes[t].append(f"levels.{j}.task_gates.{t}.")
+                    prefixes[t] += [f"levels.{j}.task_gates.{t}.", f"levels.{j}.control.mapping.{t}."]
         return group_by_prefix(self, prefixes)
 
 
@@ -250,9 +286,16 @@ def build_extraction(params: CGCParams, inputs: InputSpec, levels: int) -> Extra
         params.shared_expert_kinds,
         params.task_expert_kinds,
         params.cross_layers,
+        params.gate_control,
     )
 
 
-@register_scheme("cgc", CGCParams, "expert sharing: shared and task-specific experts, one gate per task (RecSys 2020)")
+def check(params: CGCParams, recipe: Any) -> list[tuple[str, str]]:
+    return check_gate_control(params.gate_control, list(recipe.tasks))
+
+
+@register_scheme(
+    "cgc", CGCParams, "expert sharing: shared and task-specific experts, one gate per task (RecSys 2020)", check
+)
 def build(params: CGCParams, inputs: InputSpec) -> ExtractionNetwork:
     return build_extraction(params, inputs, levels=1)

@@ -11,6 +11,7 @@ g(x) = softmax(W_g x); every tower h^k reads the same mixture, y_k = h^k(f(x)).
 from __future__ import annotations
 
 import torch
+from pydantic import field_validator
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
@@ -20,7 +21,17 @@ from mtlcli.models.views import GateRecord, Introspection, SharedRepresentation
 
 
 class OMoEParams(ExpertPoolParams):
-    pass
+    gate_control: bool = False
+
+    @field_validator("gate_control")
+    @classmethod
+    def _no_task_gates(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(
+                "omoe has one gate for every task, and gate control adjusts each task's own gate: "
+                "use scheme mmoe (a gate per task) with gate_control, or leave gate_control false"
+            )
+        return value
 
 
 class OMoE(nn.Module):
@@ -74,4 +85,4 @@ class OMoE(nn.Module):
 
 @register_scheme("omoe", OMoEParams, "expert sharing: shared experts, one softmax gate for all tasks (KDD 2018)")
 def build(params: OMoEParams, inputs: InputSpec) -> OMoE:
-    return OMoE(inputs, **params.model_dump())
+    return OMoE(inputs, **params.model_dump(exclude={"gate_control"}))

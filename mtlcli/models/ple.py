@@ -15,13 +15,13 @@ from typing import Annotated
 from pydantic import Field
 
 from mtlcli.models.base import InputSpec, register_scheme
-from mtlcli.models.cgc import CGCParams, ExtractionNetwork, build_extraction
+from mtlcli.models.cgc import CGCParams, ExtractionNetwork, build_extraction, check
 
 
 class PLEParams(CGCParams):
     levels: Annotated[int, Field(ge=1)] = 2
 
 
-@register_scheme("ple", PLEParams, "expert sharing: stacked CGC levels with shared gates (RecSys 2020)")
+@register_scheme("ple", PLEParams, "expert sharing: stacked CGC levels with shared gates (RecSys 2020)", check)
 def build(params: PLEParams, inputs: InputSpec) -> ExtractionNetwork:
     return build_extraction(params, inputs, levels=params.levels)

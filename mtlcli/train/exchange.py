@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from mtlcli import distributed
 from mtlcli.distributed import Ranks
+from mtlcli.models.base import scheme
 from mtlcli.models.blocks import sparse_embeddings
 from mtlcli.weighting.base import WeightingStrategy
 
@@ -37,10 +38,14 @@ class Exchange:
 
     def bind(self, model: nn.Module) -> nn.Module:
         """Prepare ``model`` for this exchange: its row-wise tables take the union of the ranks'
-        rows; returns what the forward pass runs through (the model, or DDP around it)."""
+        rows, a scheme that takes global-batch statistics sums them over the ranks; returns what
+        the forward pass runs through (the model, or DDP around it)."""
         union = self.ranks.union if self.ranks.active else None
         for _, table in sparse_embeddings(model):
             table.share_rows(union)
+        sums = scheme(model).capabilities.sum_over_ranks
+        if sums is not None:
+            sums(self.ranks.sum if self.ranks.active else None)
         return distributed.data_parallel(model, self.ranks) if self.ddp else model
 
     def losses(self, sums: Tensor, counts: Tensor) -> Tensor:

@@ -363,5 +363,8 @@ def end_epoch(
         "lr": parts.optimizer.lr,
         "best_epoch": state.best_epoch,
     }
+    scheme_record = scheme(parts.model).capabilities.epoch_record  # e.g. gate control's λ
+    if scheme_record is not None:
+        record.update(scheme_record())
     state.history.append(record)
     return record, improved
