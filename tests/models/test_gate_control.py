@@ -307,7 +307,7 @@ def test_gate_control_resumes_mid_epoch_to_the_same_weights(tmp_path: Path) -> N
     interrupted mid-epoch and resumed ends with the uninterrupted run's weights and records."""
     from mtlcli.train.checkpoint import load_checkpoint
     from mtlcli.train.loop import TrainingInterrupted, make_optimizer
-    from tests.test_resume import CheckpointTo
+    from tests.train.test_resume import CheckpointTo
 
     settings = TrainSection(epochs=3, batch_size=32, early_stopping=None, lr=0.01)
     data = three_tasks(300, 4)
