@@ -343,6 +343,7 @@ def test_same_seed_same_metrics(recipe: Path, trained: tuple[Path, dict[str, Any
 
 
 def test_train_recipe_from_stdin(recipe: Path, tmp_path: Path) -> None:
+    succeeded(invoke("preprocess", recipe))  # the recipe file's cache, which the same recipe on stdin finds
     result = succeeded(invoke("train", "-", "--out", tmp_path / "run", "--json", "--quiet", input=recipe.read_text()))
     summary = json.loads(result.stdout)
     assert summary["epochs_run"] == EPOCHS
