@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +60,20 @@ tasks: {{y1: {{type: regression, label: y1}}, y2: {{type: regression, label: y2}
 loss: {loss}
 train: {{early_stopping: {{metric: rmse}}}}
 """
+
+
+def census_bundle(run: Path, work: Path, census: Path) -> tuple[Path, Path]:
+    """Export ``run`` into ``work/bundle`` (ONNX where onnxruntime is installed, else safetensors)
+    and write the census recipes' test split (every fifth row) to ``work/test.csv``."""
+    try:
+        import onnxruntime  # noqa: F401
+
+        fmt = "onnx"
+    except ImportError:
+        fmt = "safetensors"
+    result = invoke("export", run, "--out", work / "bundle", "--format", fmt)
+    assert result.exit_code == 0, result.output
+    with gzip.open(census, "rt", encoding="utf-8") as handle:
+        rows = [line for index, line in enumerate(handle) if index % 5 == 0]
+    (work / "test.csv").write_text("".join(rows), encoding="utf-8")
+    return work / "bundle", work / "test.csv"

@@ -17,6 +17,7 @@ from mtlcli.models.views import Introspection, SharedRepresentation, TaskReprese
 from mtlcli.registry import Component, Registry
 
 if TYPE_CHECKING:
+    from mtlcli.models.gate_control import GateControl
     from mtlcli.train.step import Step, StepParts
 
 SCHEMES: Registry[Component] = Registry("sharing scheme")
@@ -75,6 +76,19 @@ class Capabilities:
     sum_over_ranks: Callable[[Callable[[Tensor], Tensor] | None], None] | None = None
     epoch_record: Callable[[], dict[str, Any]] | None = None
     field_scales: Callable[[], Tensor] | None = None
+
+
+def gated_capabilities(z: SharedRepresentation, control: GateControl | None) -> Capabilities:
+    """An expert scheme's capabilities: its shared representation ``z`` and, when the recipe turns
+    DEPHN's gate control on (``control``), what the exchange, the epoch record and explain ask of it."""
+    if control is None:
+        return Capabilities(shared_representation=z)
+    return Capabilities(
+        shared_representation=z,
+        sum_over_ranks=control.sum_over_ranks,
+        epoch_record=control.epoch_record,
+        field_scales=control.field_scales,
+    )
 
 
 class MultiTaskModel(Protocol):

@@ -20,7 +20,15 @@ from pydantic import Field, PositiveInt, ValidationInfo, field_validator
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
-from mtlcli.models.base import Capabilities, Dropout, InputSpec, ModelParams, group_by_prefix, register_scheme
+from mtlcli.models.base import (
+    Capabilities,
+    Dropout,
+    InputSpec,
+    ModelParams,
+    gated_capabilities,
+    group_by_prefix,
+    register_scheme,
+)
 from mtlcli.models.blocks import ExpertKind, Experts, FeatureEmbedding, FieldLayout, Towers, check_expert_kinds
 from mtlcli.models.gate_control import GateControl, GateControlOption, GateControlSettings, check_gate_control
 from mtlcli.models.views import GateRecord, Introspection, SharedRepresentation
@@ -222,14 +230,7 @@ class ExtractionNetwork(nn.Module):
 
     @property
     def capabilities(self) -> Capabilities:
-        if self.control is None:
-            return Capabilities(shared_representation=self.z)
-        return Capabilities(
-            shared_representation=self.z,
-            sum_over_ranks=self.control.sum_over_ranks,
-            epoch_record=self.control.epoch_record,
-            field_scales=self.control.field_scales,
-        )
+        return gated_capabilities(self.z, self.control)
 
     def expert_names(self, level: int, row: str) -> list[str]:
         """The experts the columns of level ``level``'s (from 1) gate ``row`` (a task or ``shared``)

@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
-from mtlcli.models.base import Capabilities, ExpertPoolParams, InputSpec, group_by_prefix, register_scheme
+from mtlcli.models.base import (
+    Capabilities,
+    ExpertPoolParams,
+    InputSpec,
+    gated_capabilities,
+    group_by_prefix,
+    register_scheme,
+)
 from mtlcli.models.blocks import ExpertKind, Towers, embedded_experts
 from mtlcli.models.gate_control import GateControl, GateControlOption, GateControlSettings, check_gate_control
 from mtlcli.models.views import GateRecord, Introspection, SharedRepresentation
@@ -72,14 +79,7 @@ class MMoE(nn.Module):
 
     @property
     def capabilities(self) -> Capabilities:
-        if self.control is None:
-            return Capabilities(shared_representation=self.z)
-        return Capabilities(
-            shared_representation=self.z,
-            sum_over_ranks=self.control.sum_over_ranks,
-            epoch_record=self.control.epoch_record,
-            field_scales=self.control.field_scales,
-        )
+        return gated_capabilities(self.z, self.control)
 
     def introspect(self, batch: Batch) -> Introspection:
         """Gate ``gate``/``<task>``: task k's softmax weights over the experts (numbered), [B, E]."""

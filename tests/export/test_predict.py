@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import shutil
@@ -24,7 +23,7 @@ from mtlcli.train.loop import predict_logits
 from mtlcli.train.metrics import auc
 from mtlcli.train.run import encoded_data, load_run, train_run
 from tests.conftest import CENSUS, REPO
-from tests.helpers import invoke
+from tests.helpers import census_bundle, invoke
 from tests.numerics import assert_kernel_close
 
 # Predictions at other chunkings, through ONNX, and from `mtl eval` run other float32 kernels:
@@ -47,17 +46,7 @@ def census(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "train.threads=1",
     ]
     train_run(load_recipe(REPO / "recipes" / "census-mmoe.yaml", overrides), work / "run")
-    try:
-        import onnxruntime  # noqa: F401
-
-        fmt = "onnx"
-    except ImportError:
-        fmt = "safetensors"
-    result = invoke("export", work / "run", "--out", work / "bundle", "--format", fmt)
-    assert result.exit_code == 0, result.output
-    with gzip.open(CENSUS, "rt", encoding="utf-8") as handle:
-        test_rows = [line for index, line in enumerate(handle) if index % 5 == 0]  # the recipe's test split
-    (work / "test.csv").write_text("".join(test_rows), encoding="utf-8")
+    census_bundle(work / "run", work, CENSUS)
     return {"run": work / "run", "bundle": work / "bundle", "test": work / "test.csv", "work": work}
 
 

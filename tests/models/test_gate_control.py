@@ -31,7 +31,7 @@ from mtlcli.models.gate_control import (
 from mtlcli.recipe.schema import TrainSection
 from mtlcli.train.loop import NullObserver, fit
 from mtlcli.weighting import WEIGHTINGS, build_weighting
-from tests.helpers import click_buy_split
+from tests.helpers import census_bundle, click_buy_split
 
 
 def test_field_mapping_scales_each_field() -> None:
@@ -395,7 +395,6 @@ def test_census_lambda_leaves_one_differs_between_tasks_and_the_bundle_predicts(
     """Three census tasks (income, marital, education) with gate control on heterogeneous MMoE,
     two epochs: λ leaves 1 and differs between the tasks in metrics.jsonl; the exported bundle
     (ONNX when available) scores the raw test rows as the run's model does."""
-    import gzip
     import json
 
     import polars as pl
@@ -421,17 +420,7 @@ def test_census_lambda_leaves_one_differs_between_tasks_and_the_bundle_predicts(
         assert set(lam) == {"income", "marital", "education"}
         assert max(abs(v - 1.0) for v in lam.values()) > 0.1, lam  # the gates do not learn at the plain rate
         assert max(lam.values()) - min(lam.values()) > 0.05, lam  # nor all at one rate
-    try:
-        import onnxruntime  # noqa: F401
-
-        fmt = "onnx"
-    except ImportError:
-        fmt = "safetensors"
-    exported = invoke("export", tmp_path / "run", "--out", tmp_path / "bundle", "--format", fmt)
-    assert exported.exit_code == 0, exported.output
-    with gzip.open(census_file, "rt", encoding="utf-8") as handle:
-        rows = [line for index, line in enumerate(handle) if index % 5 == 0]  # the recipe's test split
-    (tmp_path / "test.csv").write_text("".join(rows), encoding="utf-8")
+    census_bundle(tmp_path / "run", tmp_path, census_file)
     predicted = invoke("predict", tmp_path / "bundle", "--input", tmp_path / "test.csv", "--output", tmp_path / "p.csv")
     assert predicted.exit_code == 0, predicted.output
     loaded = load_run(tmp_path / "run")
