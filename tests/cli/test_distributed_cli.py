@@ -271,11 +271,6 @@ def kill_a_rank(tmp_path: Path, rank: int) -> tuple[int, str]:
     return process.returncode, err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a rank that lost another says so itself before the launcher names the cause: cli/train.py must "
-    "exit with launch.LOST_PEER under launch.under_launcher() and use launch.lost_peer otherwise",
-)
 @pytest.mark.parametrize("rank", [0, 1])
 def test_a_killed_rank_is_named_first_and_once(tmp_path: Path, rank: int) -> None:
     code, err = kill_a_rank(tmp_path, rank)
