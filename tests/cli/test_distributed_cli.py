@@ -178,6 +178,25 @@ def test_under_torchrun_a_shared_error_is_said_once(tmp_path: Path) -> None:
     assert result.stderr.count("train.batch_size (250) does not divide evenly among 4 shards") == 1, result.stderr
 
 
+@pytest.mark.parametrize("launcher", ["--nproc", "torchrun"])
+def test_the_data_warnings_are_said_once(tmp_path: Path, launcher: str) -> None:
+    """Every rank trains on the same prepared data: its warnings (here a label withheld from the
+    inputs) are said by rank 0 alone."""
+    from tests.conftest import REPO
+
+    train = ["train", "recipes/quickstart.yaml", "--out", str(tmp_path / "run"), "--quiet",
+             "--set", "tasks={y1: {type: regression, label: y1}}", "--set", "data.synthetic.rows=2000",
+             "--set", "train.epochs=1", "--set", "train.threads=1", "--set", f"data.cache_dir={tmp_path}/cache"]  # fmt: skip
+    if launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                   "-m", "mtlcli", *train]  # fmt: skip
+    else:
+        command = [sys.executable, "-m", "mtlcli", *train, "--nproc", "2"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("column 'y2' is the label or space of a task not in this recipe") == 1, result.stderr
+
+
 def test_a_port_in_use_and_a_recipe_on_stdin_are_refused(tmp_path: Path) -> None:
     import socket
 
