@@ -82,7 +82,6 @@ def _train(plan: Plan, settings: Settings, ranks: Ranks) -> None:
     from torch.distributed import DistError
 
     from mtlcli.distributed import SameOnEveryRank
-    from mtlcli.errors import MtlError
     from mtlcli.train.loop import TrainingInterrupted
     from mtlcli.train.run import model_inputs, run_plan
 
@@ -114,8 +113,11 @@ def _train(plan: Plan, settings: Settings, ranks: Ranks) -> None:
         if not ranks.active:
             raise
         # a collective failed (gloo raises a plain RuntimeError when a peer's connection closes)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MtlError(f"rank {ranks.rank}: lost another rank of the run ({first[:200]})") from None
+        from mtlcli.train.launch import LOST_PEER, lost_peer, under_launcher
+
+        if under_launcher():
+            raise typer.Exit(LOST_PEER) from None  # the launcher names the rank that went first
+        raise lost_peer(ranks.rank, exc) from None
     finally:
         if reporter is not None:
             reporter.close()
