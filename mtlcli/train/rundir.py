@@ -117,22 +117,29 @@ def claimed(place: RunPlace) -> Iterator[None]:
 
 def settle(place: RunPlace) -> str:
     """After a failed or interrupted run: keep its checkpoint if it wrote one, else remove what it
-    made (never the run it was replacing). Returns what was kept, said to the user."""
-    checkpointed = (place.work / CHECKPOINT).is_file()
+    made (never the run it was replacing). Returns what was kept (``kept``), said to the user."""
+    if not (place.work / CHECKPOINT).is_file():
+        if place.replacing:
+            shutil.rmtree(place.work, ignore_errors=True)
+        elif place.made:
+            shutil.rmtree(place.path, ignore_errors=True)
+        elif place.path.is_dir():
+            for entry in place.path.iterdir():
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    return kept(place)
+
+
+def kept(place: RunPlace) -> str:
+    """What a failed run of ``place`` leaves, as its hint says it: its last checkpoint when it
+    wrote one, and the run it was replacing."""
     before = f"the previous run in {place.path} is unchanged"
-    if checkpointed:
+    if (place.work / CHECKPOINT).is_file():
         again = f"`mtl train ... --out {place.path} --resume` continues it"
         if place.replacing:
             return f"{before}; the new run's last checkpoint is kept beside it in {place.work}: {again}"
         return f"the run's last checkpoint is kept in {place.work}: {again}"
     if place.replacing:
-        shutil.rmtree(place.work, ignore_errors=True)
         return f"{before} (the new run wrote no checkpoint)"
-    if place.made:
-        shutil.rmtree(place.path, ignore_errors=True)
-    else:
-        for entry in place.path.iterdir():
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     return "the run wrote no checkpoint, so nothing of it is kept"
 
 
