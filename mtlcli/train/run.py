@@ -268,7 +268,6 @@ def _resume_state(
     if tracked.is_file():  # drop samples taken after the checkpoint: the resumed run takes them again
         keep = [line for line in tracked.read_text().splitlines() if _before(json.loads(line), state)]
         write_text(tracked, "".join(line + "\n" for line in keep))
-    (run_dir / "summary.json").unlink(missing_ok=True)
     return state
 
 

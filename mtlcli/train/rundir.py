@@ -6,7 +6,9 @@ takes ``R``'s place in one step (``renameat2(RENAME_EXCHANGE)``; where the file 
 call, old aside, new in, old removed) only when it is complete: until then ``R`` holds the old run
 whole. A failed or interrupted run never leaves less than there was: what it keeps (its last
 checkpoint, the old run) is said in the error's hint. ``--resume`` continues the run of ``R``, or
-the replacement waiting beside it when there is one (it is the newer run).
+the replacement waiting beside it when there is one (it is the newer run). A finished run
+(``summary.json``) resumed for more epochs is continued in a copy beside it, which takes its place
+when complete: until then ``R`` is the finished run, whole.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from mtlcli.errors import ArtifactError, MtlError
 
 CHECKPOINT = "checkpoint.safetensors"
+FINISHED = "summary.json"  # written last: its presence marks a finished run
 GRADIENTS = "gradients.jsonl"  # train.track_gradients samples
 EXPLAINED = "explain.json"  # a saved `mtl explain --json`, which `mtl report` reads
 TENSORBOARD_DIR = "tensorboard"  # the TensorBoard tracker's event files
@@ -31,7 +34,7 @@ RUN_FILES = (
     "schema.json",
     "model.safetensors",
     "metrics.jsonl",
-    "summary.json",
+    FINISHED,
     CHECKPOINT,
     GRADIENTS,
     EXPLAINED,
@@ -62,6 +65,13 @@ class RunPlace:
     def replacing(self) -> bool:
         return self.work != self.path
 
+    @property
+    def checkpoint(self) -> Path:
+        """The checkpoint a resumed run continues from: its own, or (a finished run continued in
+        a copy not made yet) the finished run's."""
+        own = self.work / CHECKPOINT
+        return own if own.is_file() or not self.resume else self.path / CHECKPOINT
+
 
 def check_run_dir(run_dir: Path, force: bool) -> None:
     """Refuse a run directory that holds anything, unless ``force`` and it is an mtl run
@@ -87,9 +97,10 @@ def resolve_run_dir(path: Path, force: bool, resume: bool) -> RunPlace:
     """The one check of ``--out`` (with ``--force`` / ``--resume``), before any work."""
     if resume:
         pending = replacement(path)
-        work = pending if (pending / CHECKPOINT).is_file() else path
-        if not (work / CHECKPOINT).is_file():
+        if not (pending / CHECKPOINT).is_file() and not (path / CHECKPOINT).is_file():
             raise ArtifactError(f"{path}: no checkpoint to resume from", "train it without --resume")
+        finished = (path / FINISHED).is_file()  # continued in a copy: the finished run stays whole until then
+        work = pending if (pending / CHECKPOINT).is_file() or finished else path
         return RunPlace(path, work, resume=True, made=False)
     check_run_dir(path, force)
     occupied = path.is_dir() and any(path.iterdir())
@@ -101,8 +112,10 @@ def claimed(place: RunPlace) -> Iterator[None]:
     """Hold ``place`` for one training: locked; on success a replacement takes the old run's
     place; on any failure what is kept is decided (``settle``) and said in the error's hint."""
     with run_lock(place.path):
-        if place.replacing and not place.resume:
+        if place.replacing and not (place.resume and (place.work / CHECKPOINT).is_file()):
             shutil.rmtree(place.work, ignore_errors=True)  # an earlier replacement, never finished
+            if place.resume:  # a finished run continued for more epochs: in a copy beside it
+                shutil.copytree(place.path, place.work, ignore=shutil.ignore_patterns(FINISHED))
         place.work.mkdir(parents=True, exist_ok=True)
         try:
             yield

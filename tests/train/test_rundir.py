@@ -103,6 +103,30 @@ def test_an_interrupted_replacement_waits_beside_the_old_run_and_takes_its_place
     assert (run / "summary.json").is_file()
 
 
+def test_a_finished_run_resumed_for_more_epochs_stays_whole_until_the_resumed_run_is_complete(
+    tmp_path: Path,
+) -> None:
+    """The resumed run goes on in a copy beside the finished one: interrupted, it leaves the
+    finished run whole (summary.json marks it finished for sweep, load and eval) and its own
+    checkpoint beside it; resumed again, it takes the run's place."""
+    from mtlcli.sweep import run_state
+
+    recipe = recipe_from_text(tiny_recipe(tmp_path).read_text(), "tiny.yaml")
+    longer = recipe_from_text(tiny_recipe(tmp_path, epochs=4).read_text(), "tiny.yaml")
+    run = tmp_path / "run"
+    train_run(recipe, run)
+    before = contents(run)
+    steps = iter(range(100))
+    with pytest.raises(TrainingInterrupted) as caught:
+        train_run(longer, run, resume=True, stop_requested=lambda: next(steps) == 4)
+    assert "unchanged" in str(caught.value.hint) and "--resume" in str(caught.value.hint)
+    assert contents(run) == before and run_state(run, recipe) == "done"
+    assert not (replacement(run) / "summary.json").exists()
+    summary = train_run(longer, run, resume=True)
+    assert summary["epochs_run"] == 4 and summary["resumed"] and not replacement(run).exists()
+    assert run_state(run, longer) == "done" and len((run / "metrics.jsonl").read_text().splitlines()) == 4
+
+
 @pytest.mark.parametrize("swap", [True, False], ids=["renameat2", "rename-aside"])
 def test_exchange_puts_the_new_directory_in_place(tmp_path: Path, swap: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     from mtlcli.train import rundir
