@@ -2,9 +2,8 @@
 
 ``--out R`` names the run directory. A new run into an absent or empty ``R`` trains in place. A new
 run that replaces a run already in ``R`` (``--force``) trains beside it, in ``.R.replacing``, and
-takes ``R``'s place in one step (``renameat2(RENAME_EXCHANGE)``; where the file system has no such
-call, old aside, new in, old removed) only when it is complete: until then ``R`` holds the old run
-whole. A failed or interrupted run never leaves less than there was: what it keeps (its last
+takes ``R``'s place in one step (``fileio.replace_directory``) only when it is complete: until then
+``R`` holds the old run whole. A failed or interrupted run never leaves less than there was: what it keeps (its last
 checkpoint, the old run) is said in the error's hint. ``--resume`` continues the run of ``R``, or
 the replacement waiting beside it when there is one (it is the newer run). A finished run
 (``summary.json``) resumed for more epochs is continued in a copy beside it, which takes its place
@@ -13,7 +12,6 @@ when complete: until then ``R`` is the finished run, whole.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import os
 import shutil
@@ -23,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mtlcli.errors import ArtifactError, MtlError
+from mtlcli.fileio import replace_directory
 
 CHECKPOINT = "checkpoint.safetensors"
 FINISHED = "summary.json"  # written last: its presence marks a finished run
@@ -125,7 +124,7 @@ def claimed(place: RunPlace) -> Iterator[None]:
                 exc.hint = f"{exc.hint}; {kept}" if exc.hint else kept
             raise
         if place.replacing:
-            exchange(place.work, place.path)
+            replace_directory(place.work, place.path)
 
 
 def settle(place: RunPlace) -> str:
@@ -154,37 +153,6 @@ def kept(place: RunPlace) -> str:
     if place.replacing:
         return f"{before} (the new run wrote no checkpoint)"
     return "the run wrote no checkpoint, so nothing of it is kept"
-
-
-RENAME_EXCHANGE = 2  # linux/fs.h
-AT_FDCWD = -100
-
-
-def exchange(new: Path, old: Path) -> None:
-    """Put the directory ``new`` at ``old``'s path, then remove the old one. On Linux the two
-    paths swap in one step (no moment without a run at ``old``); elsewhere old aside, new in.
-    Without a directory at ``old`` (removed meanwhile), ``new`` is renamed there."""
-    if not old.exists():
-        os.rename(new, old)
-        return
-    if _swap(new, old):
-        shutil.rmtree(new)  # which now holds the old run
-        return
-    aside = old.parent / f".{old.name}.replaced"
-    shutil.rmtree(aside, ignore_errors=True)
-    os.rename(old, aside)
-    os.rename(new, old)
-    shutil.rmtree(aside)
-
-
-def _swap(a: Path, b: Path) -> bool:
-    """``renameat2(a, b, RENAME_EXCHANGE)``; False where the C library or file system lacks it."""
-    try:
-        call = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    call.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    return bool(call(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0)
 
 
 @contextmanager

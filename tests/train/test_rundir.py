@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from mtlcli.errors import MtlError
 from mtlcli.recipe import recipe_from_text
 from mtlcli.train.loop import TrainingInterrupted
 from mtlcli.train.run import train_run
-from mtlcli.train.rundir import exchange, replacement
+from mtlcli.train.rundir import replacement
 
 runner = CliRunner()
 
@@ -125,25 +124,6 @@ def test_a_finished_run_resumed_for_more_epochs_stays_whole_until_the_resumed_ru
     summary = train_run(longer, run, resume=True)
     assert summary["epochs_run"] == 4 and summary["resumed"] and not replacement(run).exists()
     assert run_state(run, longer) == "done" and len((run / "metrics.jsonl").read_text().splitlines()) == 4
-
-
-@pytest.mark.parametrize("swap", [True, False], ids=["renameat2", "rename-aside"])
-def test_exchange_puts_the_new_directory_in_place(tmp_path: Path, swap: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mtlcli.train import rundir
-
-    if not swap:
-        monkeypatch.setattr(rundir, "_swap", lambda a, b: False)
-    old, new = tmp_path / "run", tmp_path / ".run.replacing"
-    old.mkdir()
-    new.mkdir()
-    (old / "a").write_text("old")
-    (new / "a").write_text("new")
-    exchange(new, old)
-    assert (old / "a").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
-    shutil.rmtree(old)  # the old one gone meanwhile: the new one still takes the path
-    new.mkdir()
-    exchange(new, old)
-    assert old.is_dir() and not new.exists()
 
 
 def test_resuming_a_finished_run_with_an_unwritable_tensorboard_folder_loses_nothing(tmp_path: Path) -> None:
