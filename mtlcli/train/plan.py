@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mtlcli.data.schema import DataSchema
-from mtlcli.data.source import check_shards
+from mtlcli.data.source import check_shards, streams
 from mtlcli.data.store import Prepared, prepare
 from mtlcli.distributed import resolve_device
 from mtlcli.errors import ArtifactError, MtlError
@@ -112,6 +112,8 @@ def resolve_plan(
     prepared = prepared or prepare(recipe)
     saved = read_checkpoint_identity(place.checkpoint) if resume else {}
     shards = stream_shards(settings.shards, world, saved)
+    if settings.shards == "auto" and streams(prepared.file("train"), settings.loading, recipe.data.memory_budget):
+        check_shards(shards, world)  # a resumed stream keeps its count (a number given is checked above)
     identity = run_identity(recipe, prepared.schema, shards)
     resumed_at = None
     if resume:
@@ -122,7 +124,7 @@ def resolve_plan(
 
 
 def check_batch_split(batch_size: int, processes: int, shards: int | str = "auto") -> None:
-    """The global batch and ``train.shards`` (a number) against the process count."""
+    """The global batch and ``train.shards`` (a number, before any work) against the process count."""
     if batch_size % processes:
         raise MtlError(
             f"train.batch_size ({batch_size}) does not divide evenly among the {processes} processes",

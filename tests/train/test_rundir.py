@@ -126,6 +126,28 @@ def test_a_finished_run_resumed_for_more_epochs_stays_whole_until_the_resumed_ru
     assert run_state(run, longer) == "done" and len((run / "metrics.jsonl").read_text().splitlines()) == 4
 
 
+@pytest.mark.parametrize("loading", ["stream", "memory"])
+def test_a_resumed_stream_keeps_its_shards_and_the_plan_checks_them_against_the_processes(
+    tmp_path: Path, loading: str
+) -> None:
+    """train.shards: auto resumes a streamed run with the count it began with (1 here): 2
+    processes cannot share it, and the plan says so before any work; in memory the count orders
+    nothing and any process count may go on."""
+    from mtlcli.errors import DataError
+    from mtlcli.train.plan import resolve_plan
+
+    path = tiny_recipe(tmp_path, loading=loading, shuffle_buffer=128)
+    recipe, run = recipe_from_text(path.read_text(), "tiny.yaml"), tmp_path / "run"
+    steps = iter(range(100))
+    with pytest.raises(TrainingInterrupted):
+        train_run(recipe, run, stop_requested=lambda: next(steps) == 2)
+    if loading == "memory":
+        assert resolve_plan(recipe, run, resume=True, world=2).shards == 1
+        return
+    with pytest.raises(DataError, match=r"train\.shards: 1 shards cannot be shared evenly by 2 processes"):
+        resolve_plan(recipe, run, resume=True, world=2)
+
+
 def test_resuming_a_finished_run_with_an_unwritable_tensorboard_folder_loses_nothing(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     recipe, run = tiny_recipe(tmp_path), tmp_path / "run"
