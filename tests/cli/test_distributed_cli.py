@@ -178,21 +178,26 @@ def test_under_torchrun_a_shared_error_is_said_once(tmp_path: Path) -> None:
     assert result.stderr.count("train.batch_size (250) does not divide evenly among 4 shards") == 1, result.stderr
 
 
+def on_two_processes(launcher: str, args: list[str]) -> subprocess.CompletedProcess[str]:
+    """``mtl <args>`` on 2 processes started by ``mtl train --nproc`` or by torchrun."""
+    from tests.conftest import REPO
+
+    if launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                   "-m", "mtlcli", *args]  # fmt: skip
+    else:
+        command = [sys.executable, "-m", "mtlcli", *args, "--nproc", "2"]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.parametrize("launcher", ["--nproc", "torchrun"])
 def test_the_data_warnings_are_said_once(tmp_path: Path, launcher: str) -> None:
     """Every rank trains on the same prepared data: its warnings (here a label withheld from the
     inputs) are said by rank 0 alone."""
-    from tests.conftest import REPO
-
     train = ["train", "recipes/quickstart.yaml", "--out", str(tmp_path / "run"), "--quiet",
              "--set", "tasks={y1: {type: regression, label: y1}}", "--set", "data.synthetic.rows=2000",
              "--set", "train.epochs=1", "--set", "train.threads=1", "--set", f"data.cache_dir={tmp_path}/cache"]  # fmt: skip
-    if launcher == "torchrun":
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                   "-m", "mtlcli", *train]  # fmt: skip
-    else:
-        command = [sys.executable, "-m", "mtlcli", *train, "--nproc", "2"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = on_two_processes(launcher, train)
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("column 'y2' is the label or space of a task not in this recipe") == 1, result.stderr
 
@@ -312,16 +317,9 @@ def test_a_rank_killed_before_any_checkpoint_leaves_nothing_and_says_so(tmp_path
 def test_resume_without_a_checkpoint_on_two_processes_is_said_once(tmp_path: Path, launcher: str) -> None:
     """The resume checks are the plan's: resolved once (in the parent of --nproc, by rank 0 under
     torchrun) and said once."""
-    from tests.conftest import REPO
-
     train = ["train", "recipes/quickstart.yaml", "--out", str(tmp_path / "run"), "--resume", "--quiet",
              "--set", f"data.cache_dir={tmp_path}/cache"]  # fmt: skip
-    if launcher == "torchrun":
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                   "-m", "mtlcli", *train]  # fmt: skip
-    else:
-        command = [sys.executable, "-m", "mtlcli", *train, "--nproc", "2"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = on_two_processes(launcher, train)
     assert result.returncode != 0 and result.stderr.count("no checkpoint to resume from") == 1, result.stderr
     if launcher == "--nproc":  # (torchrun reports the failed ranks with a traceback of its own)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr

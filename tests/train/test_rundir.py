@@ -15,7 +15,7 @@ from typer.testing import CliRunner, Result
 
 from mtlcli.cli.app import app
 from mtlcli.errors import MtlError
-from mtlcli.recipe import recipe_from_text
+from mtlcli.recipe import Recipe, recipe_from_text
 from mtlcli.train.loop import TrainingInterrupted
 from mtlcli.train.run import train_run
 from mtlcli.train.rundir import replacement
@@ -85,16 +85,22 @@ def test_a_first_run_that_fails_early_leaves_nothing_and_says_so(tmp_path: Path)
     assert empty.is_dir() and not any(empty.iterdir())
 
 
+def interrupted_beside(recipe: Recipe, run: Path, **how: bool) -> None:
+    """``recipe`` trained into ``run`` (``how``: force or resume) and interrupted at its 4th step:
+    the hint says the run in ``run`` is unchanged and how to go on."""
+    steps = iter(range(100))
+    with pytest.raises(TrainingInterrupted) as caught:
+        train_run(recipe, run, stop_requested=lambda: next(steps) == 4, **how)  # type: ignore[arg-type]
+    assert "unchanged" in str(caught.value.hint) and "--resume" in str(caught.value.hint)
+
+
 def test_an_interrupted_replacement_waits_beside_the_old_run_and_takes_its_place_when_resumed(tmp_path: Path) -> None:
     old = recipe_from_text(tiny_recipe(tmp_path).read_text(), "old.yaml")
     new = recipe_from_text(tiny_recipe(tmp_path, lr=0.02).read_text(), "new.yaml")
     run = tmp_path / "run"
     train_run(old, run)
     before = contents(run)
-    steps = iter(range(100))
-    with pytest.raises(TrainingInterrupted) as caught:
-        train_run(new, run, force=True, stop_requested=lambda: next(steps) == 4)
-    assert "unchanged" in str(caught.value.hint) and "--resume" in str(caught.value.hint)
+    interrupted_beside(new, run, force=True)
     assert contents(run) == before and (replacement(run) / "checkpoint.safetensors").is_file()
     summary = train_run(new, run, resume=True)
     assert summary["run_dir"] == str(run) and summary["resumed"]
@@ -115,10 +121,7 @@ def test_a_finished_run_resumed_for_more_epochs_stays_whole_until_the_resumed_ru
     run = tmp_path / "run"
     train_run(recipe, run)
     before = contents(run)
-    steps = iter(range(100))
-    with pytest.raises(TrainingInterrupted) as caught:
-        train_run(longer, run, resume=True, stop_requested=lambda: next(steps) == 4)
-    assert "unchanged" in str(caught.value.hint) and "--resume" in str(caught.value.hint)
+    interrupted_beside(longer, run, resume=True)
     assert contents(run) == before and run_state(run, recipe) == "done"
     assert not (replacement(run) / "summary.json").exists()
     summary = train_run(longer, run, resume=True)
