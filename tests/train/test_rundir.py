@@ -85,23 +85,26 @@ def test_a_first_run_that_fails_early_leaves_nothing_and_says_so(tmp_path: Path)
     assert empty.is_dir() and not any(empty.iterdir())
 
 
-def interrupted_beside(recipe: Recipe, run: Path, **how: bool) -> None:
-    """``recipe`` trained into ``run`` (``how``: force or resume) and interrupted at its 4th step:
-    the hint says the run in ``run`` is unchanged and how to go on."""
+def interrupted_beside(tmp_path: Path, then: dict[str, Any], **how: bool) -> tuple[Recipe, Recipe, Path]:
+    """The tiny recipe trained into a run, then the recipe with ``then`` trained into it (``how``:
+    force or resume) and interrupted at its 4th step: the first run is unchanged and the hint says
+    so and how to go on. Returns (first recipe, second recipe, run)."""
+    first = recipe_from_text(tiny_recipe(tmp_path).read_text(), "tiny.yaml")
+    second = recipe_from_text(tiny_recipe(tmp_path, **then).read_text(), "tiny.yaml")
+    run = tmp_path / "run"
+    train_run(first, run)
+    before = contents(run)
     steps = iter(range(100))
     with pytest.raises(TrainingInterrupted) as caught:
-        train_run(recipe, run, stop_requested=lambda: next(steps) == 4, **how)  # type: ignore[arg-type]
+        train_run(second, run, stop_requested=lambda: next(steps) == 4, **how)  # type: ignore[arg-type]
     assert "unchanged" in str(caught.value.hint) and "--resume" in str(caught.value.hint)
+    assert contents(run) == before
+    return first, second, run
 
 
 def test_an_interrupted_replacement_waits_beside_the_old_run_and_takes_its_place_when_resumed(tmp_path: Path) -> None:
-    old = recipe_from_text(tiny_recipe(tmp_path).read_text(), "old.yaml")
-    new = recipe_from_text(tiny_recipe(tmp_path, lr=0.02).read_text(), "new.yaml")
-    run = tmp_path / "run"
-    train_run(old, run)
-    before = contents(run)
-    interrupted_beside(new, run, force=True)
-    assert contents(run) == before and (replacement(run) / "checkpoint.safetensors").is_file()
+    _, new, run = interrupted_beside(tmp_path, {"lr": 0.02}, force=True)
+    assert (replacement(run) / "checkpoint.safetensors").is_file()
     summary = train_run(new, run, resume=True)
     assert summary["run_dir"] == str(run) and summary["resumed"]
     assert "lr: 0.02" in (run / "recipe.yaml").read_text() and not replacement(run).exists()
@@ -116,14 +119,8 @@ def test_a_finished_run_resumed_for_more_epochs_stays_whole_until_the_resumed_ru
     checkpoint beside it; resumed again, it takes the run's place."""
     from mtlcli.sweep import run_state
 
-    recipe = recipe_from_text(tiny_recipe(tmp_path).read_text(), "tiny.yaml")
-    longer = recipe_from_text(tiny_recipe(tmp_path, epochs=4).read_text(), "tiny.yaml")
-    run = tmp_path / "run"
-    train_run(recipe, run)
-    before = contents(run)
-    interrupted_beside(longer, run, resume=True)
-    assert contents(run) == before and run_state(run, recipe) == "done"
-    assert not (replacement(run) / "summary.json").exists()
+    recipe, longer, run = interrupted_beside(tmp_path, {"epochs": 4}, resume=True)
+    assert run_state(run, recipe) == "done" and not (replacement(run) / "summary.json").exists()
     summary = train_run(longer, run, resume=True)
     assert summary["epochs_run"] == 4 and summary["resumed"] and not replacement(run).exists()
     assert run_state(run, longer) == "done" and len((run / "metrics.jsonl").read_text().splitlines()) == 4
