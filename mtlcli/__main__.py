@@ -9,7 +9,8 @@ import sys
 
 
 def _stopped_while_starting(signum: int, frame: object) -> None:
-    sys.stderr.write("interrupted\n")
+    if os.environ.get("MTL_LAUNCHER") != "1":  # a rank of `mtl train --nproc`: its launcher says why
+        sys.stderr.write("interrupted\n")
     os._exit(130)
 
 

@@ -50,8 +50,15 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM (schedulers, `timeout`, Kubernetes) stops a command as Ctrl-C does
 
 
+def _stopped_by_launcher(signum: int, frame: object) -> None:
+    raise SystemExit(130)  # quietly (the launcher says why); finally blocks and the run's settling still run
+
+
 def main() -> None:
-    signal.signal(signal.SIGTERM, _terminate)
+    from mtlcli.train.launch import under_launcher
+
+    # a rank of `mtl train --nproc` is stopped by its launcher, which says why
+    signal.signal(signal.SIGTERM, _stopped_by_launcher if under_launcher() else _terminate)
     try:
         app()
     except KeyboardInterrupt:  # before a command's own handling began (typer building the commands)

@@ -78,7 +78,7 @@ def command(
             flags = ["--quiet"] * quiet + ["--json"] * as_json + ["--resume"] * resume  # --set: for its hint
             sets = [part for item in overrides or [] for part in ("--set", item)]
             try:
-                code = launch(nproc, ["train", recipe, "--out", str(out), *flags, *sets], port)
+                code = launch(nproc, ["train", recipe, "--out", str(out), *flags, *sets], plan.place, port)
             finally:
                 del os.environ[PLAN_VARIABLE]
         if code:

@@ -115,10 +115,13 @@ class StopFlag:
         self.requested = True
 
     @contextmanager
-    def installed(self) -> Iterator[None]:
+    def installed(self, then_ignored: bool = False) -> Iterator[None]:
+        """The flag set by the signals while training; after it, the handlers before, or with
+        ``then_ignored`` none (a rank of several, stopped by the launcher once one rank has
+        ended: it is on its way out, and a KeyboardInterrupt would print over the launcher's word)."""
         previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
         finally:
             for sig, handler in previous.items():
-                signal.signal(sig, handler)
+                signal.signal(sig, signal.SIG_IGN if then_ignored else handler)

@@ -95,7 +95,7 @@ def _train(plan: Plan, settings: Settings, ranks: Ranks) -> None:
     reporter = None if quiet else ConsoleReporter.for_recipe(plan.recipe)
     stop = StopFlag()
     try:
-        with stop.installed():
+        with stop.installed(then_ignored=ranks.active):
             summary = run_plan(plan, ranks, [reporter] if reporter is not None else [], stop)
     except TrainingInterrupted as exc:
         if reporter is not None:
@@ -114,10 +114,11 @@ def _train(plan: Plan, settings: Settings, ranks: Ranks) -> None:
             raise
         # a collective failed (gloo raises a plain RuntimeError when a peer's connection closes)
         from mtlcli.train.launch import LOST_PEER, lost_peer, under_launcher
+        from mtlcli.train.rundir import kept as run_kept
 
         if under_launcher():
             raise typer.Exit(LOST_PEER) from None  # the launcher names the rank that went first
-        raise lost_peer(ranks.rank, exc) from None
+        raise lost_peer(ranks.rank, exc, run_kept(plan.place)) from None
     finally:
         if reporter is not None:
             reporter.close()

@@ -349,12 +349,19 @@ class _ReadAhead:
 
 
 def check_shards(shards: int, world: int) -> None:
-    """Each of ``world`` processes reads shards / world of a training stream's shards."""
+    """Each of ``world`` processes reads shards / world of a training stream's shards (checked by
+    the training plan, ``train.plan.resolve_plan``)."""
     if shards % world:
         raise DataError(
             f"train.shards: {shards} shards cannot be shared evenly by {world} processes",
             f"make train.shards a multiple of {world}, or auto (one shard per process)",
         )
+
+
+def streams(file: SplitFile, loading: str, memory_budget: int) -> bool:
+    """Whether ``open_source`` streams ``file`` (``train.loading``; ``auto``: when its tensors do
+    not fit ``data.memory_budget``)."""
+    return loading == "stream" or (loading == "auto" and file.rows * file.row_bytes > memory_budget)
 
 
 def open_source(
@@ -366,7 +373,6 @@ def open_source(
     field: str,
     shuffled: bool = True,
     shards: int = 1,
-    world: int = 1,
 ) -> BatchSource:
     """The split in memory or streamed (``train.loading``), within ``data.memory_budget``.
 
@@ -374,10 +380,11 @@ def open_source(
     the budget: two windows are alive (one trains, the next is read), and reading one takes about
     three times its tensors for a moment (the Parquet columns, their conversion, the shuffled
     copy); a ``shuffled`` (training) stream takes ``train.shuffle_buffer`` rows instead when it is
-    set. A window must hold one batch. A training stream of ``shards`` > 1 is read by ``world``
-    processes, each taking shards / world of them: both must divide evenly."""
+    set. A window must hold one batch. A training stream of ``shards`` > 1 is shared by the
+    processes (the plan checks that they divide it evenly); each shard takes an equal part of a
+    batch and at least one row."""
     row_bytes = file.row_bytes
-    if loading == "memory" or (loading == "auto" and file.rows * row_bytes <= memory_budget):
+    if not streams(file, loading, memory_budget):
         return file.load()
     by_buffer = shuffled and shuffle_buffer != "auto"
     window = int(shuffle_buffer) if by_buffer else memory_budget // (WINDOWS_PER_BUDGET * row_bytes)
@@ -393,7 +400,6 @@ def open_source(
         )
     if not shuffled or shards == 1:
         return StreamedSplit(file, window)
-    check_shards(shards, world)
     if batch_size % shards:
         raise DataError(
             f"{field} ({batch_size:,}) does not divide evenly among {shards} shards (train.shards)",

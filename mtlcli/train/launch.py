@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
+from collections.abc import Callable, Mapping
 
 from mtlcli.errors import MtlError
+from mtlcli.train.rundir import RunPlace, settle
 
 INTERRUPTED = 130
 SAID = 2  # a rank said what went wrong itself (an error message), the CLI's exit code for errors
@@ -29,10 +31,10 @@ def under_launcher() -> bool:
     return os.environ.get(LAUNCHED_BY) == "1"
 
 
-def lost_peer(rank: int, exc: BaseException) -> LostPeer:
+def lost_peer(rank: int, exc: BaseException, kept: str) -> LostPeer:
     """What rank ``rank`` says when a collective failed (``exc``, e.g. gloo's "Connection reset by
     peer") under another launcher (torchrun): the transport's first sentence, whole, without the
-    source location it starts with."""
+    source location it starts with; ``kept`` says what the run left (``rundir.kept``)."""
     text = str(exc).strip()
     line = text.splitlines()[0].strip() if text else type(exc).__name__
     if line.startswith("[") and "] " in line:  # gloo: "[.../pair.cc:537] Read error ..."
@@ -41,8 +43,7 @@ def lost_peer(rank: int, exc: BaseException) -> LostPeer:
     sentence = line[: end + 1] if end >= 0 else line
     return LostPeer(
         f"rank {rank} lost another rank of the run: {sentence}",
-        "the launcher's report says which rank stopped first and why; the run's last checkpoint is kept: "
-        "--resume continues it",
+        f"the launcher's report says which rank stopped first and why; {kept}",
     )
 
 
@@ -58,10 +59,12 @@ def check_port(port: int) -> None:
             ) from None
 
 
-def launch(nproc: int, args: list[str], port: int | None = None) -> int:
+def launch(nproc: int, args: list[str], place: RunPlace, port: int | None = None) -> int:
     """Run ``python -m mtlcli <args>`` on ``nproc`` local ranks (gloo; on localhost:``port``, or a
-    free port); the exit code of the job: 0, 130 when interrupted, 2 when the ranks stopped on an
-    error they printed themselves. A rank that died raises ``RankFailed`` naming it."""
+    free port) training into ``place``; the exit code of the job: 0, 130 when interrupted, 2 when
+    the ranks stopped on an error they printed themselves. A rank that died raises ``RankFailed``
+    naming it, and what the run left is settled (``rundir.settle``: rank 0 may have had no time to)
+    and said."""
     import logging
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -81,7 +84,8 @@ def launch(nproc: int, args: list[str], port: int | None = None) -> int:
     try:
         run(options)
     except ChildFailedError as exc:
-        return outcome({rank: (f.exitcode, f.timestamp) for rank, f in exc.failures.items()}, nproc)
+        failures = {rank: (f.exitcode, f.timestamp) for rank, f in exc.failures.items()}
+        return outcome(failures, nproc, lambda: settle(place))
     except (KeyboardInterrupt, SignalException):  # the user's Ctrl-C or kill: the ranks checkpoint and stop
         return INTERRUPTED
     finally:
@@ -92,11 +96,11 @@ def launch(nproc: int, args: list[str], port: int | None = None) -> int:
 CONSEQUENCES = (INTERRUPTED, LOST_PEER, -signal.SIGTERM)  # stopped by the launcher or the user, or lost a rank
 
 
-def outcome(failures: dict[int, tuple[int, float]], nproc: int) -> int:
+def outcome(failures: Mapping[int, tuple[int, float]], nproc: int, kept: Callable[[], str]) -> int:
     """The job's exit code from its failed ranks' (exit code, time): 2 when the ranks stopped on an
     error they said themselves, 130 when they were interrupted; otherwise ``RankFailed`` names the
     cause, the first rank that failed on its own (killed, or crashed), never one that then lost it
-    or was stopped."""
+    or was stopped, with what the run left (``kept()``) as its hint."""
     causes = {rank: failure for rank, failure in failures.items() if failure[0] not in CONSEQUENCES}
     unsaid = {rank: failure for rank, failure in causes.items() if failure[0] != SAID}
     if causes and not unsaid:
@@ -105,10 +109,7 @@ def outcome(failures: dict[int, tuple[int, float]], nproc: int) -> int:
         return INTERRUPTED
     first = unsaid or failures  # every rank lost another, which left without an error: name the first
     rank = min(first, key=lambda r: (first[r][1], r))
-    raise RankFailed(
-        f"rank {rank} of {nproc} {describe(first[rank][0])}; the other ranks were stopped",
-        "the run's last checkpoint is kept: the same command with --resume continues it",
-    )
+    raise RankFailed(f"rank {rank} of {nproc} {describe(first[rank][0])}; the other ranks were stopped", kept())
 
 
 def describe(code: int) -> str:

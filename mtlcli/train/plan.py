@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from mtlcli.data.schema import DataSchema
-from mtlcli.data.source import check_shards
+from mtlcli.data.source import check_shards, streams
 from mtlcli.data.store import Prepared, prepare
 from mtlcli.distributed import resolve_device
 from mtlcli.errors import ArtifactError, MtlError
 from mtlcli.fileio import sha256_json, to_json, write_text
 from mtlcli.recipe import Recipe
 from mtlcli.train.checkpoint import read_checkpoint_identity
-from mtlcli.train.rundir import CHECKPOINT, RunPlace, resolve_run_dir
+from mtlcli.train.rundir import RunPlace, resolve_run_dir
 from mtlcli.train.tracking import check_trackers
 
 PLAN_VARIABLE = "MTL_PLAN"  # the plan file of the ranks `mtl train --nproc` starts
@@ -110,19 +110,21 @@ def resolve_plan(
     check_batch_split(settings.batch_size, world, settings.shards)
     place = resolve_run_dir(out, force, resume)
     prepared = prepared or prepare(recipe)
-    saved = read_checkpoint_identity(place.work / CHECKPOINT) if resume else {}
+    saved = read_checkpoint_identity(place.checkpoint) if resume else {}
     shards = stream_shards(settings.shards, world, saved)
+    if settings.shards == "auto" and streams(prepared.file("train"), settings.loading, recipe.data.memory_budget):
+        check_shards(shards, world)  # a resumed stream keeps its count (a number given is checked above)
     identity = run_identity(recipe, prepared.schema, shards)
     resumed_at = None
     if resume:
-        check_resumable(place.work, saved, identity)
+        check_resumable(place.checkpoint.parent, saved, identity)
         loop = json.loads(saved.get("loop", "{}"))
         resumed_at = (int(loop.get("epoch", 1)), int(loop.get("step", 0)))
     return Plan(recipe, place, prepared, device, world, shards, identity, name, resumed_at)
 
 
 def check_batch_split(batch_size: int, processes: int, shards: int | str = "auto") -> None:
-    """The global batch and ``train.shards`` (a number) against the process count."""
+    """The global batch and ``train.shards`` (a number, before any work) against the process count."""
     if batch_size % processes:
         raise MtlError(
             f"train.batch_size ({batch_size}) does not divide evenly among the {processes} processes",

@@ -129,9 +129,7 @@ def run_plan(
     directory (``plan.place``), its trackers and ``observers``. Returns the summary."""
     recipe, settings, place, schema = plan.recipe, plan.recipe.train, plan.place, plan.prepared.schema
     with alike_on_every_rank(ranks):  # the same shards, batch and file on every rank
-        train_data = split_source(
-            plan.prepared, "train", recipe, settings.batch_size, "train.batch_size", plan.shards, plan.world
-        )
+        train_data = split_source(plan.prepared, "train", recipe, settings.batch_size, "train.batch_size", plan.shards)
     valid_data = split_source(plan.prepared, "valid", recipe, settings.eval_batch_size, "train.eval_batch_size")
     torch.manual_seed(settings.seed)
     tasks, types = schema.task_names, [t.type for t in schema.tasks]
@@ -236,11 +234,11 @@ def training_warnings(history: list[dict[str, Any]], tasks: list[str], types: li
 
 
 def split_source(
-    prepared: Prepared, split: str, recipe: Recipe, batch_size: int, field: str, shards: int = 1, world: int = 1
+    prepared: Prepared, split: str, recipe: Recipe, batch_size: int, field: str, shards: int = 1
 ) -> BatchSource:
     """A split in memory or streamed, as ``train.loading`` and ``data.memory_budget`` say; the
     train split shuffled in windows of ``train.shuffle_buffer`` rows when that is set, and dealt
-    to ``shards`` read by ``world`` processes."""
+    to ``shards`` (which the plan's processes share evenly)."""
     settings = recipe.train
     return open_source(
         prepared.file(split),
@@ -251,7 +249,6 @@ def split_source(
         field,
         shuffled=split == "train",
         shards=shards,
-        world=world,
     )
 
 
@@ -268,7 +265,6 @@ def _resume_state(
     if tracked.is_file():  # drop samples taken after the checkpoint: the resumed run takes them again
         keep = [line for line in tracked.read_text().splitlines() if _before(json.loads(line), state)]
         write_text(tracked, "".join(line + "\n" for line in keep))
-    (run_dir / "summary.json").unlink(missing_ok=True)
     return state
 
 

@@ -2,16 +2,16 @@
 
 ``--out R`` names the run directory. A new run into an absent or empty ``R`` trains in place. A new
 run that replaces a run already in ``R`` (``--force``) trains beside it, in ``.R.replacing``, and
-takes ``R``'s place in one step (``renameat2(RENAME_EXCHANGE)``; where the file system has no such
-call, old aside, new in, old removed) only when it is complete: until then ``R`` holds the old run
-whole. A failed or interrupted run never leaves less than there was: what it keeps (its last
+takes ``R``'s place in one step (``fileio.replace_directory``) only when it is complete: until then
+``R`` holds the old run whole. A failed or interrupted run never leaves less than there was: what it keeps (its last
 checkpoint, the old run) is said in the error's hint. ``--resume`` continues the run of ``R``, or
-the replacement waiting beside it when there is one (it is the newer run).
+the replacement waiting beside it when there is one (it is the newer run). A finished run
+(``summary.json``) resumed for more epochs is continued in a copy beside it, which takes its place
+when complete: until then ``R`` is the finished run, whole.
 """
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import os
 import shutil
@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mtlcli.errors import ArtifactError, MtlError
+from mtlcli.fileio import replace_directory
 
 CHECKPOINT = "checkpoint.safetensors"
+FINISHED = "summary.json"  # written last: its presence marks a finished run
 GRADIENTS = "gradients.jsonl"  # train.track_gradients samples
 EXPLAINED = "explain.json"  # a saved `mtl explain --json`, which `mtl report` reads
 TENSORBOARD_DIR = "tensorboard"  # the TensorBoard tracker's event files
@@ -31,7 +33,7 @@ RUN_FILES = (
     "schema.json",
     "model.safetensors",
     "metrics.jsonl",
-    "summary.json",
+    FINISHED,
     CHECKPOINT,
     GRADIENTS,
     EXPLAINED,
@@ -62,6 +64,13 @@ class RunPlace:
     def replacing(self) -> bool:
         return self.work != self.path
 
+    @property
+    def checkpoint(self) -> Path:
+        """The checkpoint a resumed run continues from: its own, or (a finished run continued in
+        a copy not made yet) the finished run's."""
+        own = self.work / CHECKPOINT
+        return own if own.is_file() or not self.resume else self.path / CHECKPOINT
+
 
 def check_run_dir(run_dir: Path, force: bool) -> None:
     """Refuse a run directory that holds anything, unless ``force`` and it is an mtl run
@@ -87,9 +96,10 @@ def resolve_run_dir(path: Path, force: bool, resume: bool) -> RunPlace:
     """The one check of ``--out`` (with ``--force`` / ``--resume``), before any work."""
     if resume:
         pending = replacement(path)
-        work = pending if (pending / CHECKPOINT).is_file() else path
-        if not (work / CHECKPOINT).is_file():
+        if not (pending / CHECKPOINT).is_file() and not (path / CHECKPOINT).is_file():
             raise ArtifactError(f"{path}: no checkpoint to resume from", "train it without --resume")
+        finished = (path / FINISHED).is_file()  # continued in a copy: the finished run stays whole until then
+        work = pending if (pending / CHECKPOINT).is_file() or finished else path
         return RunPlace(path, work, resume=True, made=False)
     check_run_dir(path, force)
     occupied = path.is_dir() and any(path.iterdir())
@@ -101,8 +111,10 @@ def claimed(place: RunPlace) -> Iterator[None]:
     """Hold ``place`` for one training: locked; on success a replacement takes the old run's
     place; on any failure what is kept is decided (``settle``) and said in the error's hint."""
     with run_lock(place.path):
-        if place.replacing and not place.resume:
+        if place.replacing and not (place.resume and (place.work / CHECKPOINT).is_file()):
             shutil.rmtree(place.work, ignore_errors=True)  # an earlier replacement, never finished
+            if place.resume:  # a finished run continued for more epochs: in a copy beside it
+                shutil.copytree(place.path, place.work, ignore=shutil.ignore_patterns(FINISHED))
         place.work.mkdir(parents=True, exist_ok=True)
         try:
             yield
@@ -112,59 +124,35 @@ def claimed(place: RunPlace) -> Iterator[None]:
                 exc.hint = f"{exc.hint}; {kept}" if exc.hint else kept
             raise
         if place.replacing:
-            exchange(place.work, place.path)
+            replace_directory(place.work, place.path)
 
 
 def settle(place: RunPlace) -> str:
     """After a failed or interrupted run: keep its checkpoint if it wrote one, else remove what it
-    made (never the run it was replacing). Returns what was kept, said to the user."""
-    checkpointed = (place.work / CHECKPOINT).is_file()
+    made (never the run it was replacing). Returns what was kept (``kept``), said to the user."""
+    if not (place.work / CHECKPOINT).is_file():
+        if place.replacing:
+            shutil.rmtree(place.work, ignore_errors=True)
+        elif place.made:
+            shutil.rmtree(place.path, ignore_errors=True)
+        elif place.path.is_dir():
+            for entry in place.path.iterdir():
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    return kept(place)
+
+
+def kept(place: RunPlace) -> str:
+    """What a failed run of ``place`` leaves, as its hint says it: its last checkpoint when it
+    wrote one, and the run it was replacing."""
     before = f"the previous run in {place.path} is unchanged"
-    if checkpointed:
+    if (place.work / CHECKPOINT).is_file():
         again = f"`mtl train ... --out {place.path} --resume` continues it"
         if place.replacing:
             return f"{before}; the new run's last checkpoint is kept beside it in {place.work}: {again}"
         return f"the run's last checkpoint is kept in {place.work}: {again}"
     if place.replacing:
-        shutil.rmtree(place.work, ignore_errors=True)
         return f"{before} (the new run wrote no checkpoint)"
-    if place.made:
-        shutil.rmtree(place.path, ignore_errors=True)
-    else:
-        for entry in place.path.iterdir():
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     return "the run wrote no checkpoint, so nothing of it is kept"
-
-
-RENAME_EXCHANGE = 2  # linux/fs.h
-AT_FDCWD = -100
-
-
-def exchange(new: Path, old: Path) -> None:
-    """Put the directory ``new`` at ``old``'s path, then remove the old one. On Linux the two
-    paths swap in one step (no moment without a run at ``old``); elsewhere old aside, new in.
-    Without a directory at ``old`` (removed meanwhile), ``new`` is renamed there."""
-    if not old.exists():
-        os.rename(new, old)
-        return
-    if _swap(new, old):
-        shutil.rmtree(new)  # which now holds the old run
-        return
-    aside = old.parent / f".{old.name}.replaced"
-    shutil.rmtree(aside, ignore_errors=True)
-    os.rename(old, aside)
-    os.rename(new, old)
-    shutil.rmtree(aside)
-
-
-def _swap(a: Path, b: Path) -> bool:
-    """``renameat2(a, b, RENAME_EXCHANGE)``; False where the C library or file system lacks it."""
-    try:
-        call = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    call.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    return bool(call(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0)
 
 
 @contextmanager

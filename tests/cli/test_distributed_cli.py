@@ -178,21 +178,26 @@ def test_under_torchrun_a_shared_error_is_said_once(tmp_path: Path) -> None:
     assert result.stderr.count("train.batch_size (250) does not divide evenly among 4 shards") == 1, result.stderr
 
 
+def on_two_processes(launcher: str, args: list[str]) -> subprocess.CompletedProcess[str]:
+    """``mtl <args>`` on 2 processes started by ``mtl train --nproc`` or by torchrun."""
+    from tests.conftest import REPO
+
+    if launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                   "-m", "mtlcli", *args]  # fmt: skip
+    else:
+        command = [sys.executable, "-m", "mtlcli", *args, "--nproc", "2"]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.parametrize("launcher", ["--nproc", "torchrun"])
 def test_the_data_warnings_are_said_once(tmp_path: Path, launcher: str) -> None:
     """Every rank trains on the same prepared data: its warnings (here a label withheld from the
     inputs) are said by rank 0 alone."""
-    from tests.conftest import REPO
-
     train = ["train", "recipes/quickstart.yaml", "--out", str(tmp_path / "run"), "--quiet",
              "--set", "tasks={y1: {type: regression, label: y1}}", "--set", "data.synthetic.rows=2000",
              "--set", "train.epochs=1", "--set", "train.threads=1", "--set", f"data.cache_dir={tmp_path}/cache"]  # fmt: skip
-    if launcher == "torchrun":
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                   "-m", "mtlcli", *train]  # fmt: skip
-    else:
-        command = [sys.executable, "-m", "mtlcli", *train, "--nproc", "2"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = on_two_processes(launcher, train)
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("column 'y2' is the label or space of a task not in this recipe") == 1, result.stderr
 
@@ -238,7 +243,8 @@ def test_the_launcher_names_the_cause_not_the_ranks_that_then_lost_it() -> None:
 
     def said(failures: dict[int, tuple[int, float]], nproc: int = 2) -> str:
         with pytest.raises(RankFailed) as caught:
-            outcome(failures, nproc)
+            outcome(failures, nproc, lambda: "what the run left")
+        assert caught.value.hint == "what the run left"
         return caught.value.message
 
     # rank 0 noticed first, rank 1 was the cause
@@ -247,9 +253,9 @@ def test_the_launcher_names_the_cause_not_the_ranks_that_then_lost_it() -> None:
     )
     assert said({0: (INTERRUPTED, 1.0), 1: (-signal.SIGTERM, 1.0), 2: (1, 2.0)}, 3).startswith("rank 2 of 3 exited")
     assert said({0: (1, 3.0), 1: (1, 4.0)}).startswith("rank 0 of 2 exited with code 1;")  # two crashes: the first
-    assert outcome({0: (SAID, 1.0), 1: (SAID, 1.0)}, 2) == SAID  # they said why themselves
-    assert outcome({0: (SAID, 1.0), 1: (LOST_PEER, 1.0)}, 2) == SAID
-    assert outcome({0: (INTERRUPTED, 1.0), 1: (LOST_PEER, 1.0)}, 2) == INTERRUPTED
+    assert outcome({0: (SAID, 1.0), 1: (SAID, 1.0)}, 2, str) == SAID  # they said why themselves
+    assert outcome({0: (SAID, 1.0), 1: (LOST_PEER, 1.0)}, 2, str) == SAID
+    assert outcome({0: (INTERRUPTED, 1.0), 1: (LOST_PEER, 1.0)}, 2, str) == INTERRUPTED
 
 
 def test_a_lost_rank_is_said_in_a_whole_sentence() -> None:
@@ -260,17 +266,19 @@ def test_a_lost_rank_is_said_in_a_whole_sentence() -> None:
         "Connection reset by peer. This is typically caused by a remote worker hanging or bugs in the application "
         "code that cause workers to exit or hang.\nException raised from ..."
     )
-    said = lost_peer(0, RuntimeError(gloo))
+    said = lost_peer(0, RuntimeError(gloo), "nothing kept")
     assert (
         said.message == "rank 0 lost another rank of the run: Read error [127.0.0.1]:34190: Connection reset by peer."
     )
     long = "x" * 300
-    assert lost_peer(1, RuntimeError(long)).message.endswith(long)  # never cut
-    assert lost_peer(1, RuntimeError("")).message.endswith(": RuntimeError")
+    assert said.hint is not None and said.hint.endswith("; nothing kept")
+    assert lost_peer(1, RuntimeError(long), "").message.endswith(long)  # never cut
+    assert lost_peer(1, RuntimeError(""), "").message.endswith(": RuntimeError")
 
 
-def kill_a_rank(tmp_path: Path, rank: int) -> tuple[int, str]:
-    """quickstart on 2 processes, rank ``rank`` killed once an epoch is written: (exit code, stderr)."""
+def kill_a_rank(tmp_path: Path, rank: int, checkpointed: bool = True) -> tuple[int, str]:
+    """quickstart on 2 processes, rank ``rank`` killed once a checkpoint is written (or, not
+    ``checkpointed``, as soon as it runs): (exit code, stderr)."""
     from tests.conftest import REPO
 
     marker, run = uuid.uuid4().hex, tmp_path / "run"
@@ -280,11 +288,9 @@ def kill_a_rank(tmp_path: Path, rank: int) -> tuple[int, str]:
     env = {**os.environ, "MTL_TEST_JOB": marker}
     process = subprocess.Popen(command, cwd=REPO, text=True, stderr=subprocess.PIPE, env=env, start_new_session=True)
     deadline = time.monotonic() + 120
-    while not (run / "metrics.jsonl").is_file():
+    while (pid := rank_pid(marker, rank)) is None or (checkpointed and not (run / "checkpoint.safetensors").is_file()):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.05)
-    pid = rank_pid(marker, rank)
-    assert pid is not None
     os.kill(pid, signal.SIGKILL)
     _, err = process.communicate(timeout=120)
     return process.returncode, err
@@ -296,22 +302,24 @@ def test_a_killed_rank_is_named_first_and_once(tmp_path: Path, rank: int) -> Non
     assert code == 2 and "Traceback" not in err, err
     assert err.startswith(f"error: rank {rank} of 2 was killed by SIGKILL; the other ranks were stopped\n"), err
     assert err.count("error:") == 1, err
+    assert f"hint: the run's last checkpoint is kept in {tmp_path / 'run'}" in err, err
 
 
-@pytest.mark.parametrize("launcher", ["--nproc", "torchrun"])
+def test_a_rank_killed_before_any_checkpoint_leaves_nothing_and_says_so(tmp_path: Path) -> None:
+    """Rank 0, which writes the run, killed before it could clean up: the launcher removes what
+    the run made and does not promise a checkpoint."""
+    code, err = kill_a_rank(tmp_path, 0, checkpointed=False)
+    assert code == 2 and err.startswith("error: rank 0 of 2 was killed by SIGKILL"), err
+    assert "hint: the run wrote no checkpoint, so nothing of it is kept" in err and "is kept in" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_without_a_checkpoint_on_two_processes_is_said_once(tmp_path: Path, launcher: str) -> None:
     """The resume checks are the plan's: resolved once (in the parent of --nproc, by rank 0 under
     torchrun) and said once."""
-    from tests.conftest import REPO
-
     train = ["train", "recipes/quickstart.yaml", "--out", str(tmp_path / "run"), "--resume", "--quiet",
              "--set", f"data.cache_dir={tmp_path}/cache"]  # fmt: skip
-    if launcher == "torchrun":
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                   "-m", "mtlcli", *train]  # fmt: skip
-    else:
-        command = [sys.executable, "-m", "mtlcli", *train, "--nproc", "2"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = on_two_processes(launcher, train)
     assert result.returncode != 0 and result.stderr.count("no checkpoint to resume from") == 1, result.stderr
     if launcher == "--nproc":  # (torchrun reports the failed ranks with a traceback of its own)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,10 @@ from typer.testing import CliRunner, Result
 
 from mtlcli.cli.app import app
 from mtlcli.errors import MtlError
-from mtlcli.recipe import recipe_from_text
+from mtlcli.recipe import Recipe, recipe_from_text
 from mtlcli.train.loop import TrainingInterrupted
 from mtlcli.train.run import train_run
-from mtlcli.train.rundir import exchange, replacement
+from mtlcli.train.rundir import replacement
 
 runner = CliRunner()
 
@@ -86,40 +85,67 @@ def test_a_first_run_that_fails_early_leaves_nothing_and_says_so(tmp_path: Path)
     assert empty.is_dir() and not any(empty.iterdir())
 
 
-def test_an_interrupted_replacement_waits_beside_the_old_run_and_takes_its_place_when_resumed(tmp_path: Path) -> None:
-    old = recipe_from_text(tiny_recipe(tmp_path).read_text(), "old.yaml")
-    new = recipe_from_text(tiny_recipe(tmp_path, lr=0.02).read_text(), "new.yaml")
+def interrupted_beside(tmp_path: Path, then: dict[str, Any], **how: bool) -> tuple[Recipe, Recipe, Path]:
+    """The tiny recipe trained into a run, then the recipe with ``then`` trained into it (``how``:
+    force or resume) and interrupted at its 4th step: the first run is unchanged and the hint says
+    so and how to go on. Returns (first recipe, second recipe, run)."""
+    first = recipe_from_text(tiny_recipe(tmp_path).read_text(), "tiny.yaml")
+    second = recipe_from_text(tiny_recipe(tmp_path, **then).read_text(), "tiny.yaml")
     run = tmp_path / "run"
-    train_run(old, run)
+    train_run(first, run)
     before = contents(run)
     steps = iter(range(100))
     with pytest.raises(TrainingInterrupted) as caught:
-        train_run(new, run, force=True, stop_requested=lambda: next(steps) == 4)
+        train_run(second, run, stop_requested=lambda: next(steps) == 4, **how)  # type: ignore[arg-type]
     assert "unchanged" in str(caught.value.hint) and "--resume" in str(caught.value.hint)
-    assert contents(run) == before and (replacement(run) / "checkpoint.safetensors").is_file()
+    assert contents(run) == before
+    return first, second, run
+
+
+def test_an_interrupted_replacement_waits_beside_the_old_run_and_takes_its_place_when_resumed(tmp_path: Path) -> None:
+    _, new, run = interrupted_beside(tmp_path, {"lr": 0.02}, force=True)
+    assert (replacement(run) / "checkpoint.safetensors").is_file()
     summary = train_run(new, run, resume=True)
     assert summary["run_dir"] == str(run) and summary["resumed"]
     assert "lr: 0.02" in (run / "recipe.yaml").read_text() and not replacement(run).exists()
     assert (run / "summary.json").is_file()
 
 
-@pytest.mark.parametrize("swap", [True, False], ids=["renameat2", "rename-aside"])
-def test_exchange_puts_the_new_directory_in_place(tmp_path: Path, swap: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mtlcli.train import rundir
+def test_a_finished_run_resumed_for_more_epochs_stays_whole_until_the_resumed_run_is_complete(
+    tmp_path: Path,
+) -> None:
+    """The resumed run goes on in a copy beside the finished one: interrupted, it leaves the
+    finished run whole (summary.json marks it finished for sweep, load and eval) and its own
+    checkpoint beside it; resumed again, it takes the run's place."""
+    from mtlcli.sweep import run_state
 
-    if not swap:
-        monkeypatch.setattr(rundir, "_swap", lambda a, b: False)
-    old, new = tmp_path / "run", tmp_path / ".run.replacing"
-    old.mkdir()
-    new.mkdir()
-    (old / "a").write_text("old")
-    (new / "a").write_text("new")
-    exchange(new, old)
-    assert (old / "a").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
-    shutil.rmtree(old)  # the old one gone meanwhile: the new one still takes the path
-    new.mkdir()
-    exchange(new, old)
-    assert old.is_dir() and not new.exists()
+    recipe, longer, run = interrupted_beside(tmp_path, {"epochs": 4}, resume=True)
+    assert run_state(run, recipe) == "done" and not (replacement(run) / "summary.json").exists()
+    summary = train_run(longer, run, resume=True)
+    assert summary["epochs_run"] == 4 and summary["resumed"] and not replacement(run).exists()
+    assert run_state(run, longer) == "done" and len((run / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+@pytest.mark.parametrize("loading", ["stream", "memory"])
+def test_a_resumed_stream_keeps_its_shards_and_the_plan_checks_them_against_the_processes(
+    tmp_path: Path, loading: str
+) -> None:
+    """train.shards: auto resumes a streamed run with the count it began with (1 here): 2
+    processes cannot share it, and the plan says so before any work; in memory the count orders
+    nothing and any process count may go on."""
+    from mtlcli.errors import DataError
+    from mtlcli.train.plan import resolve_plan
+
+    path = tiny_recipe(tmp_path, loading=loading, shuffle_buffer=128)
+    recipe, run = recipe_from_text(path.read_text(), "tiny.yaml"), tmp_path / "run"
+    steps = iter(range(100))
+    with pytest.raises(TrainingInterrupted):
+        train_run(recipe, run, stop_requested=lambda: next(steps) == 2)
+    if loading == "memory":
+        assert resolve_plan(recipe, run, resume=True, world=2).shards == 1
+        return
+    with pytest.raises(DataError, match=r"train\.shards: 1 shards cannot be shared evenly by 2 processes"):
+        resolve_plan(recipe, run, resume=True, world=2)
 
 
 def test_resuming_a_finished_run_with_an_unwritable_tensorboard_folder_loses_nothing(tmp_path: Path) -> None:
