@@ -1,0 +1,134 @@
+"""CSRec as a scheme: it trains census end to end through its own step, its masks and share rule are
+live (not inert), the two update modes differ, a resumed run ends exactly where an uninterrupted one
+does, and gradient strategies that combine tasks' gradients are refused at recipe check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mtlcli.data.batch import SplitTensors
+from mtlcli.errors import RecipeError
+from mtlcli.models import SCHEMES, InputSpec, build_model
+from mtlcli.models.csrec import SHARE_CHANGED, CSRec
+from mtlcli.recipe import load_recipe
+from mtlcli.recipe.schema import TrainSection
+from mtlcli.train.loop import FitResult, NullObserver, TrainingInterrupted, fit, make_optimizer
+from mtlcli.train.run import load_run, train_run
+from mtlcli.weighting import WEIGHTINGS, build_weighting
+from tests.train.test_resume import CheckpointTo
+
+
+def census_run(tmp: Path, census: Path, update: str) -> tuple[dict[str, Any], list[dict[str, Any]], CSRec]:
+    from tests.conftest import REPO
+
+    sets = ["train.epochs=1", "train.early_stopping=null", "train.threads=1", f"data.cache_dir={tmp / 'cache'}",
+            f"data.source={census}", "model.warmup_steps=20", f"model.update={update}"]  # fmt: skip
+    summary = train_run(load_recipe(str(REPO / "recipes" / "census-csrec.yaml"), sets), tmp / update)
+    records = [json.loads(line) for line in (tmp / update / "metrics.jsonl").read_text().splitlines()]
+    model = load_run(tmp / update).model  # as `mtl eval` loads it
+    assert isinstance(model, CSRec)
+    return summary, records, model
+
+
+@pytest.fixture(scope="module")
+def census_runs(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]], CSRec]]:
+    from tests.conftest import CENSUS
+
+    if not CENSUS.is_file():
+        pytest.skip(f"census data not found at {CENSUS}")
+    tmp = tmp_path_factory.mktemp("csrec")
+    return {update: census_run(tmp, CENSUS, update) for update in ("alternate", "joint")}
+
+
+def test_census_trains_with_live_masks_and_share_rule(census_runs: dict[str, Any]) -> None:
+    for update, (summary, records, model) in census_runs.items():
+        assert summary["scheme"] == "csrec"
+        assert summary["valid"]["income"]["auc"] > 0.85 and summary["valid"]["marital"]["auc"] > 0.95, update
+        masks = model.net.masks()
+        income, marital = (torch.cat([m.flatten() for m in masks[t]]) for t in ("income", "marital"))
+        assert float(income.mean()) < 1.0 and float(marital.mean()) < 1.0, "masks differ from all-ones"
+        assert not torch.equal(income, marital), "the tasks' masks differ"
+        assert records[0]["tallies"][SHARE_CHANGED] > 0, f"{update}: the share rule changed no update"
+
+
+def test_alternate_and_joint_differ(census_runs: dict[str, Any]) -> None:
+    alternate, joint = (census_runs[u][1][0] for u in ("alternate", "joint"))
+    assert alternate["train_loss"] != joint["train_loss"]
+    # alternating: each task trains every other step, so its weight averages about one half
+    assert alternate["weights"]["income"] == pytest.approx(0.5, abs=0.02)
+    assert joint["weights"]["income"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("weighting", ["pcgrad", "mgda", "cagrad", "metabalance", "gradnorm"])
+def test_gradient_combining_weightings_are_refused(weighting: str, census_file: Path) -> None:
+    from tests.conftest import REPO
+
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(str(REPO / "recipes" / "census-csrec.yaml"), [f"loss.weighting={weighting}"])
+    text = str(caught.value)
+    assert "model.scheme" in text and "csrec defines its own update" in text and weighting in text
+
+
+def test_loss_weightings_are_accepted(census_file: Path) -> None:
+    from tests.conftest import REPO
+
+    for weighting in ("equal", "uncertainty", "dwa", "rlw"):
+        load_recipe(str(REPO / "recipes" / "census-csrec.yaml"), [f"loss.weighting={weighting}"])
+
+
+@pytest.mark.parametrize("update", ["alternate", "joint"])
+def test_a_resumed_run_ends_with_the_uninterrupted_weights(update: str, tmp_path: Path) -> None:
+    """Interrupted mid-epoch and resumed from the checkpoint: the contributions' averages, the
+    negatives' generator and the epoch's count come back with the model, so every weight and
+    buffer is bitwise the uninterrupted run's."""
+    inputs = InputSpec(cardinalities=[4, 6], n_numeric=2, tasks=["a", "b", "c"], task_types=["binary"] * 3)
+    gen = torch.Generator().manual_seed(0)
+    n = 300
+    cats = torch.stack([torch.randint(0, 4, (n,), generator=gen), torch.randint(0, 6, (n,), generator=gen)], 1)
+    numeric = torch.randn(n, 2, generator=gen)
+    labels = torch.stack([(cats[:, 0] < 2).float(), (numeric[:, 0] > 0).float(), (numeric[:, 0] < 0.3).float()], 1)
+    data = SplitTensors(cats, numeric, labels, torch.ones(n, 3, dtype=torch.bool))
+    settings = TrainSection(epochs=3, batch_size=32, early_stopping=None, lr=0.01)
+
+    def fresh() -> tuple[torch.nn.Module, Any, Any]:
+        torch.manual_seed(0)
+        params = SCHEMES.get("csrec").params(bottom_units=[16, 8], tower_units=[4], update=update)
+        model = build_model("csrec", params, inputs)
+        draw = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # overlapping masks of 60 % density, as a search would leave
+            for masks in model.net.masks().values():
+                for mask in masks:
+                    mask.copy_((torch.rand(mask.shape, generator=draw) < 0.6).float())
+        strategy = build_weighting("uncertainty", WEIGHTINGS.get("uncertainty").params(), inputs.tasks)
+        optimizer = make_optimizer(settings, list(model.parameters()), list(strategy.capabilities.parameters))
+        return model, strategy, optimizer
+
+    def run(model: Any, strategy: Any, optimizer: Any, **kw: Any) -> FitResult:
+        observer = kw.pop("observer", NullObserver())
+        return fit(model, strategy, data, data, settings, inputs.tasks, inputs.task_types, observer, optimizer, **kw)
+
+    model, strategy, optimizer = fresh()
+    run(model, strategy, optimizer)
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    assert int(model.changed) > 0
+
+    from mtlcli.train.checkpoint import load_checkpoint
+
+    path = tmp_path / "checkpoint.safetensors"
+    steps = iter(range(10_000))
+    model, strategy, optimizer = fresh()
+    with pytest.raises(TrainingInterrupted):
+        run(model, strategy, optimizer, observer=CheckpointTo(path), stop_requested=lambda: next(steps) == 14)
+    model, strategy, optimizer = fresh()
+    state = load_checkpoint(path, model, optimizer, strategy)
+    assert (state.epoch, state.step) == (2, 5)
+    run(model, strategy, optimizer, state=state)
+    for name, value in model.state_dict().items():  # same machine, batches and kernels: bitwise
+        assert torch.equal(value, reference[name]), f"{name} differs after resume"
