@@ -56,6 +56,9 @@ class Capabilities:
     - ``step(parts)``: the scheme's own training step (``mtlcli.train.step``), made from the
       run's built parts (model, weighting, optimizer, exchange), for schemes that update their
       parameter groups or tasks in turn; without it the default step trains them together.
+    - ``mask_contest(batch)``: per masked layer, what each task loses on ``batch`` without the
+      weights it shares (``reliance``: {task: Δ}) and the share of the layer's conflicting weights
+      it wins (``wins``: {task: share}) (CSRec), for explain.
     """
 
     masks: Callable[[], dict[str, list[Tensor]]] | None = None
@@ -64,6 +67,7 @@ class Capabilities:
     task_representations: Callable[[Batch], list[TaskRepresentation]] | None = None
     shared_representation: SharedRepresentation | None = None
     step: Callable[[StepParts], Step] | None = None
+    mask_contest: Callable[[Batch], list[dict[str, dict[str, float]]]] | None = None
 
 
 class MultiTaskModel(Protocol):

@@ -19,6 +19,7 @@ share rule changed are buffers, so a checkpoint carries them and a resumed run c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal, cast
 
 import torch
@@ -38,10 +39,14 @@ from mtlcli.models.contrastive_sharing import (
     TEMPERATURE,
     ContributionAverage,
     apply_shares,
+    conflicting,
+    contrastive_masks,
     contrastive_subnet_loss,
     contributions,
+    layer_reliance,
     negative_masks,
     shares,
+    wins,
 )
 from mtlcli.models.sparse_sharing import SparseSharing, SparseSharingParams
 from mtlcli.models.views import Introspection
@@ -86,7 +91,11 @@ class CSRec(nn.Module):
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities(
-            masks=self.net.masks, search=self.search, shared_representation=self.net.z, step=ContrastiveStep
+            masks=self.net.masks,
+            search=self.search,
+            shared_representation=self.net.z,
+            step=ContrastiveStep,
+            mask_contest=self.mask_contest,
         )
 
     def search(self, train: BatchSource, batch_size: int, lr: float, seed: int) -> None:
@@ -102,6 +111,34 @@ class CSRec(nn.Module):
         """π [T, N] over the flattened shared weights, from the contributions' averages."""
         flat = torch.cat([m.flatten(1) for m in self.stacked_masks()], dim=1)
         return shares(self.impact.impact, flat)
+
+    @torch.no_grad()
+    def mask_contest(self, batch: Batch) -> list[dict[str, dict[str, float]]]:
+        """Per layer: Δ_k on ``batch`` (the task's mean loss with that layer's shared weights
+        removed from its subnet, minus with them; losses unweighted) and the share of the layer's
+        conflicting weights each task wins (its share is 1 there)."""
+        x = self.net.embedding(batch)
+        binary = torch.tensor([t == "binary" for t in self.net.types])
+        layer_masks = self.stacked_masks()
+        per_layer_shares = self.task_shares().split([m[0].numel() for m in layer_masks], dim=1)
+        reliance: list[dict[str, float]] = [{} for _ in layer_masks]
+        for k, task in enumerate(self.tasks):
+            tower = self.net.towers[task]
+
+            def loss(masks: Sequence[Tensor], k: int = k, tower: nn.Module = tower) -> Tensor:
+                return task_loss(tower(self.net.masked_hidden(x, masks)).squeeze(1), batch, k, binary, None)
+
+            own = [m[k] for m in layer_masks]
+            without = [contrastive_masks(m)[k] for m in layer_masks]
+            for layer, delta in enumerate(layer_reliance(loss, own, without)):
+                reliance[layer][task] = float(delta)
+        return [
+            {
+                "reliance": reliance[layer],
+                "wins": dict(zip(self.tasks, wins(pi, conflicting(masks).flatten()).tolist(), strict=True)),
+            }
+            for layer, (masks, pi) in enumerate(zip(layer_masks, per_layer_shares, strict=True))
+        ]
 
     def introspect(self, batch: Batch) -> Introspection:
         """No gates or mixing matrices; the masks are given by ``capabilities.masks``."""

@@ -12,33 +12,34 @@ import pytest
 import torch
 
 from mtlcli.data.batch import SplitTensors
+from mtlcli.data.store import Prepared
 from mtlcli.errors import RecipeError
 from mtlcli.models import SCHEMES, InputSpec, build_model
 from mtlcli.models.csrec import SHARE_CHANGED, CSRec
 from mtlcli.recipe import load_recipe
 from mtlcli.recipe.schema import TrainSection
 from mtlcli.train.loop import FitResult, NullObserver, TrainingInterrupted, fit, make_optimizer
-from mtlcli.train.run import load_run, train_run
+from mtlcli.train.run import loaded_run, train_run
 from mtlcli.weighting import WEIGHTINGS, build_weighting
 from tests.train.test_resume import CheckpointTo
 
 
-def census_run(tmp: Path, census: Path, update: str) -> tuple[dict[str, Any], list[dict[str, Any]], CSRec]:
+def census_run(tmp: Path, census: Path, update: str) -> tuple[dict[str, Any], list[dict[str, Any]], CSRec, Prepared]:
     from tests.conftest import REPO
 
     sets = ["train.epochs=1", "train.early_stopping=null", "train.threads=1", f"data.cache_dir={tmp / 'cache'}",
             f"data.source={census}", "model.warmup_steps=20", f"model.update={update}"]  # fmt: skip
     summary = train_run(load_recipe(str(REPO / "recipes" / "census-csrec.yaml"), sets), tmp / update)
     records = [json.loads(line) for line in (tmp / update / "metrics.jsonl").read_text().splitlines()]
-    model = load_run(tmp / update).model  # as `mtl eval` loads it
-    assert isinstance(model, CSRec)
-    return summary, records, model
+    loaded, prepared = loaded_run(tmp / update)  # as `mtl eval` loads it
+    assert isinstance(loaded.model, CSRec)
+    return summary, records, loaded.model, prepared
 
 
 @pytest.fixture(scope="module")
 def census_runs(
     tmp_path_factory: pytest.TempPathFactory,
-) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]], CSRec]]:
+) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]], CSRec, Prepared]]:
     from tests.conftest import CENSUS
 
     if not CENSUS.is_file():
@@ -48,7 +49,7 @@ def census_runs(
 
 
 def test_census_trains_with_live_masks_and_share_rule(census_runs: dict[str, Any]) -> None:
-    for update, (summary, records, model) in census_runs.items():
+    for update, (summary, records, model, _) in census_runs.items():
         assert summary["scheme"] == "csrec"
         assert summary["valid"]["income"]["auc"] > 0.85 and summary["valid"]["marital"]["auc"] > 0.95, update
         masks = model.net.masks()
@@ -132,3 +133,26 @@ def test_a_resumed_run_ends_with_the_uninterrupted_weights(update: str, tmp_path
     run(model, strategy, optimizer, state=state)
     for name, value in model.state_dict().items():  # same machine, batches and kernels: bitwise
         assert torch.equal(value, reference[name]), f"{name} differs after resume"
+
+
+def test_explain_reports_each_layer_with_reliance_and_wins(census_runs: dict[str, Any], tmp_path: Path) -> None:
+    """Per layer: each mask's density (the mask's mean), the pairwise IoU, the share of weights kept
+    by both tasks, Δ_k (finite, the kernel's per-layer figure) and the conflicts each task wins."""
+    from mtlcli.explain.masks import mask_report, read_masks
+
+    model = census_runs["alternate"][2]
+    masks = model.net.masks()
+    batch = next(iter(census_runs["alternate"][3].load("valid").batches(2048)))
+    report = mask_report(model, batch)
+    assert report is not None
+    for index, figures in enumerate(report["per_layer"]):
+        income, marital = masks["income"][index].bool(), masks["marital"][index].bool()
+        assert figures["density"]["income"] == pytest.approx(float(income.float().mean()))
+        both, either = float((income & marital).sum()), float((income | marital).sum())
+        assert figures["overlap"]["income"]["marital"] == pytest.approx(both / either)
+        assert figures["conflicting"] == pytest.approx(both / income.numel())
+        assert all(torch.isfinite(torch.tensor(d)) for d in figures["reliance"].values())
+        assert sum(figures["wins"].values()) >= 1.0 - 1e-6, "every conflicting weight is won by some task"
+    assert any(d != 0 for f in report["per_layer"] for d in f["reliance"].values()), "Δ_k is live"
+    lines = read_masks(report)
+    assert len(lines) == 1 + len(report["per_layer"]) and "conflicts won" in lines[1]
