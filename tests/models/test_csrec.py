@@ -156,3 +156,21 @@ def test_explain_reports_each_layer_with_reliance_and_wins(census_runs: dict[str
     assert any(d != 0 for f in report["per_layer"] for d in f["reliance"].values()), "Δ_k is live"
     lines = read_masks(report)
     assert len(lines) == 1 + len(report["per_layer"]) and "conflicts won" in lines[1]
+
+
+def test_several_processes_are_refused_clearly() -> None:
+    """The share rule needs every task's gradient of the whole batch: csrec trains on one process."""
+    from mtlcli.distributed import Ranks
+    from mtlcli.errors import MtlError
+    from mtlcli.models.csrec import ContrastiveStep
+    from mtlcli.train.loop import build_parts
+
+    inputs = InputSpec(cardinalities=[4], n_numeric=1, tasks=["a", "b"], task_types=["binary"] * 2)
+    model = build_model("csrec", SCHEMES.get("csrec").params(bottom_units=[4], tower_units=[2]), inputs)
+    strategy = build_weighting("equal", WEIGHTINGS.get("equal").params(), inputs.tasks)
+    settings = TrainSection(epochs=1, batch_size=8, early_stopping=None)
+    ContrastiveStep(build_parts(model, strategy, settings, inputs.tasks, inputs.task_types, 1))
+    parts = build_parts(model, strategy, settings, inputs.tasks, inputs.task_types, 1, ranks=Ranks(0, 2))
+    with pytest.raises(MtlError, match="csrec trains on one process") as caught:
+        ContrastiveStep(parts)
+    assert "--nproc" in str(caught.value)
