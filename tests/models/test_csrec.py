@@ -174,3 +174,51 @@ def test_several_processes_are_refused_clearly() -> None:
     with pytest.raises(MtlError, match="csrec trains on one process") as caught:
         ContrastiveStep(parts)
     assert "--nproc" in str(caught.value)
+
+
+def test_the_step_scales_each_tasks_gradient_on_a_conflicting_weight_by_its_share() -> None:
+    """One joint step without the contrastive loss: the masked weights' gradient is
+    Σ_k π_k ⊙ ∂L_k/∂W with π from I_k = |W ⊙ ∂L_k/∂W| (first update: the average is I_k itself),
+    computed here by hand from the tasks' separate gradients."""
+    from mtlcli.models.csrec import ContrastiveStep
+    from mtlcli.train.loop import build_parts
+    from mtlcli.train.step import StepAt
+
+    inputs = InputSpec(cardinalities=[5], n_numeric=2, tasks=["a", "b"], task_types=["binary", "binary"])
+    torch.manual_seed(0)
+    params = SCHEMES.get("csrec").params(bottom_units=[6], tower_units=[3], update="joint", negatives=0)
+    model = build_model("csrec", params, inputs)
+    assert isinstance(model, CSRec)
+    draw = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for masks in model.net.masks().values():
+            masks[0].copy_((torch.rand(masks[0].shape, generator=draw) < 0.7).float())
+    gen = torch.Generator().manual_seed(1)
+    cats, numeric = torch.randint(0, 5, (40, 1), generator=gen), torch.randn(40, 2, generator=gen)
+    labels = torch.stack([(numeric[:, 0] > 0).float(), (numeric[:, 1] > 0.2).float()], 1)
+    batch = next(iter(SplitTensors(cats, numeric, labels, torch.ones(40, 2, dtype=torch.bool)).batches(40)))
+    weight = model.net.linears()[0].weight
+    by_hand = []
+    for k in range(2):
+        model.zero_grad()
+        z = model(batch)[:, k]
+        torch.nn.functional.binary_cross_entropy_with_logits(z, labels[:, k]).backward()
+        assert weight.grad is not None
+        by_hand.append(weight.grad.clone())
+    grads = torch.stack(by_hand)
+    impact = (weight.detach() * grads).abs()
+    masks = torch.stack([model.net.masks()[t][0] for t in ("a", "b")])
+    kept = torch.where(masks > 0, impact, 0.0)
+    top = kept.max(0).values
+    pi = torch.where(masks > 0, torch.where(top > 0, kept / torch.where(top > 0, top, 1.0), 1.0), 0.0)
+    expected = (pi * grads).sum(0)
+    conflict = (masks > 0).all(0)
+    assert bool(((pi < 1) & conflict & (grads != 0)).any()), "precondition: some share below 1"
+
+    strategy = build_weighting("equal", WEIGHTINGS.get("equal").params(), inputs.tasks)
+    settings = TrainSection(epochs=1, batch_size=40, early_stopping=None, lr=0.01)
+    step = ContrastiveStep(build_parts(model, strategy, settings, inputs.tasks, inputs.task_types, 1))
+    done = step(batch, StepAt(1, 1, 1))
+    assert weight.grad is not None
+    torch.testing.assert_close(weight.grad, expected, rtol=1e-5, atol=1e-7)
+    assert done.tallies["share_changed"] == float(((pi < 1) & (grads != 0)).any(0).sum())
