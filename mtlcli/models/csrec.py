@@ -187,7 +187,8 @@ class ContrastiveStep:
         layer_masks = m.stacked_masks()
         hidden = [m.net.masked_hidden(x, [mask[k] for mask in layer_masks]) for k in range(n_tasks)]
         logits = torch.stack([m.net.towers[t](h).squeeze(1) for t, h in zip(p.tasks, hidden, strict=True)], dim=1)
-        losses = p.exchange.losses(*task_loss_sums(logits, batch, p.binary, p.pos_weight))
+        sums, counts = task_loss_sums(logits, batch, p.binary, p.pos_weight)
+        losses = p.exchange.losses(sums, counts)
         check_finite(losses, p.tasks, at)
         trained = [(at.number - 1) % n_tasks] if m.update == "alternate" else list(range(n_tasks))
         chosen = torch.zeros(n_tasks, dtype=torch.bool, device=losses.device)
@@ -205,7 +206,8 @@ class ContrastiveStep:
 
         flat_weight = torch.cat([w.detach().flatten() for w in shared])
         for k, g in zip(trained, grads, strict=True):
-            m.impact.update(k, contributions(flat_weight, g.unsqueeze(0))[0])
+            if bool(counts[k] > 0):  # a task without labelled rows in the batch measured nothing
+                m.impact.update(k, contributions(flat_weight, g.unsqueeze(0))[0])
         pi = m.task_shares()
         scaled = torch.stack([weights[k] * g + c for k, g, c in zip(trained, grads, extra, strict=True)])
         update, count = apply_shares(scaled, pi[trained])

@@ -222,3 +222,25 @@ def test_the_step_scales_each_tasks_gradient_on_a_conflicting_weight_by_its_shar
     assert weight.grad is not None
     torch.testing.assert_close(weight.grad, expected, rtol=1e-5, atol=1e-7)
     assert done.tallies["share_changed"] == float(((pi < 1) & (grads != 0)).any(0).sum())
+
+
+def test_a_task_without_labelled_rows_leaves_its_contributions_alone() -> None:
+    """A batch where task b has no labelled rows (a sample space it is outside of) measures
+    nothing for b: its moving average is not pulled towards 0."""
+    from mtlcli.models.csrec import ContrastiveStep
+    from mtlcli.train.loop import build_parts
+    from mtlcli.train.step import StepAt
+
+    inputs = InputSpec(cardinalities=[5], n_numeric=2, tasks=["a", "b"], task_types=["binary", "binary"])
+    params = SCHEMES.get("csrec").params(bottom_units=[6], tower_units=[3], update="joint")
+    model = build_model("csrec", params, inputs)
+    assert isinstance(model, CSRec)
+    gen = torch.Generator().manual_seed(1)
+    cats, numeric = torch.randint(0, 5, (40, 1), generator=gen), torch.randn(40, 2, generator=gen)
+    labels = torch.stack([(numeric[:, 0] > 0).float(), torch.zeros(40)], 1)
+    mask = torch.stack([torch.ones(40, dtype=torch.bool), torch.zeros(40, dtype=torch.bool)], 1)
+    batch = next(iter(SplitTensors(cats, numeric, labels, mask).batches(40)))
+    strategy = build_weighting("equal", WEIGHTINGS.get("equal").params(), inputs.tasks)
+    settings = TrainSection(epochs=1, batch_size=40, early_stopping=None, lr=0.01)
+    ContrastiveStep(build_parts(model, strategy, settings, inputs.tasks, inputs.task_types, 1))(batch, StepAt(1, 1, 1))
+    assert model.impact.updates.tolist() == [1, 0]
