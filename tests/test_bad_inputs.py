@@ -178,6 +178,17 @@ CASES = [
         "unknown weighting strategy 'equl' (did you mean 'equal'?)",
         recipe=patched(setting("loss", {"weighting": "equl"})),
     ),
+    # --- CSRec: its own update of the shared weights (issue 26) ---
+    Case(
+        "CSRec with a gradient-combining weighting",
+        "model.scheme: csrec defines its own update",
+        recipe=patched(
+            lambda r: r.update(
+                model={"scheme": "csrec", "embedding_dim": 2, "bottom_units": [4], "tower_units": [2]},
+                loss={"weighting": "pcgrad"},
+            )
+        ),
+    ),
     Case(
         "GAUC early stopping without a group",
         "train.early_stopping.metric: gauc needs data.group",

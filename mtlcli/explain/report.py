@@ -151,8 +151,8 @@ def explain_model(
             readings["gates_by"].append(read_by_value(group, by[0], gates[group], values))
     alpha = alpha_report(introspected.alphas, tasks)
     readings["alpha"] = [read_alpha(layer, matrix) for layer, matrix in alpha.items()]
-    masks = mask_report(model)
-    readings["masks"] = [read_masks(masks)] if masks else []
+    masks = mask_report(model, next(iter(data.batches(options.batch_size)), None))
+    readings["masks"] = read_masks(masks) if masks else []
     if inputs is None:  # no schema at hand: name the inputs by position
         histories = data.sequences.shape[1] if data.sequences is not None else 0
         inputs = (

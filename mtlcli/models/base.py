@@ -64,7 +64,10 @@ class Capabilities:
       control's λ), called once at each epoch's end;
     - ``field_scales()``: s [T, F], how much each input field steers each task's gate (gate
       control's field mapping; fields in the embedding's order: categorical features, histories,
-      numbers), for explain.
+      numbers), for explain;
+    - ``mask_contest(batch)``: per masked layer, what each task loses on ``batch`` without the
+      weights it shares (``reliance``: {task: Δ}) and the share of the layer's conflicting weights
+      it wins (``wins``: {task: share}) (CSRec), for explain.
     """
 
     masks: Callable[[], dict[str, list[Tensor]]] | None = None
@@ -76,6 +79,7 @@ class Capabilities:
     sum_over_ranks: Callable[[Callable[[Tensor], Tensor] | None], None] | None = None
     epoch_record: Callable[[], dict[str, Any]] | None = None
     field_scales: Callable[[], Tensor] | None = None
+    mask_contest: Callable[[Batch], list[dict[str, dict[str, float]]]] | None = None
 
 
 def gated_capabilities(z: SharedRepresentation, control: GateControl | None) -> Capabilities:

@@ -1,5 +1,5 @@
-"""CSRec's contrastive sharing: the mathematical core, as plain functions and one module (not a
-registered scheme yet, and not wired into training).
+"""CSRec's contrastive sharing: the mathematical core, as plain functions and one module (the
+scheme ``csrec`` and its training step, in ``mtlcli.models.csrec``, use them).
 
 Bai et al., "A Contrastive Sharing Model for Multi-Task Recommendation", WWW 2022
 (doi:10.1145/3485447.3512043).

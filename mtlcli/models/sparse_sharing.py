@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+from collections.abc import Sequence
 from typing import Annotated, cast
 
 import torch
@@ -79,9 +80,14 @@ class SparseSharing(nn.Module):
 
     def task_hidden(self, x: Tensor, k: int) -> Tensor:
         """Task k's pass through the shared network under its masks: the input of its tower."""
+        return self.masked_hidden(x, [self.mask(k, layer) for layer in range(len(self.bottom))])
+
+    def masked_hidden(self, x: Tensor, masks: Sequence[Tensor]) -> Tensor:
+        """The shared network's pass with each layer's weight under the given mask (one per layer,
+        the weight's shape): [B, in] -> [B, last bottom width]."""
         h = x
-        for layer, linear in enumerate(self.linears()):
-            h = self.dropout(torch.relu(F.linear(h, linear.weight * self.mask(k, layer), linear.bias)))
+        for linear, mask in zip(self.linears(), masks, strict=True):
+            h = self.dropout(torch.relu(F.linear(h, linear.weight * mask, linear.bias)))
         return h
 
     def task_output(self, x: Tensor, k: int) -> Tensor:

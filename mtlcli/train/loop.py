@@ -300,10 +300,12 @@ def train_loop(
         state.begin_epoch(shuffle, len(tasks))
         model.train()
         started = time.perf_counter()
+        tallies: dict[str, float] = {}
         for batch in train.batches(settings.batch_size, True, shuffle, state.step, ranks.rank, ranks.world):
             at = StepAt(epoch, state.step + 1, (epoch - 1) * steps_per_epoch + state.step + 1)
             done = step(batch.to(parts.device), at)
             state.count(done)
+            tallies = done.tallies
             if done.gradients is not None:
                 observer.on_gradients(
                     gradient_record(done.gradients, done.weights, tasks, epoch, at.in_epoch, at.number)
@@ -320,6 +322,8 @@ def train_loop(
                     )
         elapsed = state.epoch_seconds + time.perf_counter() - started
         record, improved = end_epoch(parts, state, stopper, valid, types, elapsed, len(train), steps_per_epoch)
+        if tallies:  # the scheme's step's counts over the epoch
+            record["tallies"] = dict(tallies)
         observer.on_epoch(record, model, improved)
         state.next_epoch(shuffle)
         observer.on_checkpoint(state, model, parts.optimizer, parts.strategy)

@@ -6,7 +6,7 @@ capabilities (``Capabilities.step``); the loop asks for it and never knows its n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -51,11 +51,14 @@ class StepAt:
 @dataclass(frozen=True)
 class StepDone:
     """A step's global losses [T] and weights [T] (detached), and the tasks' gradients on the
-    shared parameters [T, P] when ``train.track_gradients`` sampled this step."""
+    shared parameters [T, P] when ``train.track_gradients`` sampled this step. ``tallies``: what a
+    scheme's own step counts over the epoch so far (name -> count); the epoch's record carries the
+    epoch's last step's."""
 
     losses: Tensor
     weights: Tensor
     gradients: Tensor | None
+    tallies: dict[str, float] = field(default_factory=dict)
 
 
 class Step(Protocol):
