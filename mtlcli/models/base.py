@@ -13,7 +13,7 @@ from mtlcli.data.batch import Batch
 from mtlcli.data.source import BatchSource
 from mtlcli.errors import MtlError
 from mtlcli.models.blocks import ExpertKind, SequenceInput, check_expert_kinds
-from mtlcli.models.views import Introspection, SharedRepresentation, TaskRepresentation
+from mtlcli.models.views import Introspection, SharedRepresentation, TaskRepresentation, TaskTowers
 from mtlcli.registry import Component, Registry
 
 if TYPE_CHECKING:
@@ -55,7 +55,9 @@ class Capabilities:
       which MGDA-UB needs; None when each task has its own bottom (DTRN);
     - ``step(parts)``: the scheme's own training step (``mtlcli.train.step``), made from the
       run's built parts (model, weighting, optimizer, exchange), for schemes that update their
-      parameter groups or tasks in turn; without it the default step trains them together.
+      parameter groups or tasks in turn; without it the default step trains them together;
+    - ``task_towers``: what each task's tower reads (h_k) and the towers (``TaskTowers``), for
+      training objectives that need them (CrossDistil); None where a task has no separate tower.
     """
 
     masks: Callable[[], dict[str, list[Tensor]]] | None = None
@@ -64,6 +66,7 @@ class Capabilities:
     task_representations: Callable[[Batch], list[TaskRepresentation]] | None = None
     shared_representation: SharedRepresentation | None = None
     step: Callable[[StepParts], Step] | None = None
+    task_towers: TaskTowers | None = None
 
 
 class MultiTaskModel(Protocol):

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from mtlcli.data.batch import Batch
 from mtlcli.models.base import Capabilities, ExpertPoolParams, InputSpec, group_by_prefix, register_scheme
 from mtlcli.models.blocks import ExpertKind, Towers, embedded_experts
-from mtlcli.models.views import GateRecord, Introspection, SharedRepresentation
+from mtlcli.models.views import GateRecord, Introspection, SharedRepresentation, TaskTowers
 
 
 class MMoEParams(ExpertPoolParams):
@@ -57,7 +57,13 @@ class MMoE(nn.Module):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(shared_representation=self.z)
+        return Capabilities(shared_representation=self.z, task_towers=TaskTowers(self.task_inputs, self.towers.nets))
+
+    def task_inputs(self, batch: Batch) -> list[Tensor]:
+        """Each task's mixture of the experts, what its tower reads: T x [B, H]."""
+        x = self.embedding(batch)
+        experts = self.experts(x)
+        return [(gate.unsqueeze(-1) * experts).sum(1) for gate in self.gate_weights(x).unbind(1)]
 
     def introspect(self, batch: Batch) -> Introspection:
         """Gate ``gate``/``<task>``: task k's softmax weights over the experts (numbered), [B, E]."""

@@ -493,6 +493,22 @@ class TrainSection(Strict):
     experiment: str | None = None  # the trackers' experiment name (default: the recipe file's name)
 
 
+class ObjectiveSection(Strict):
+    """``objective``: a training objective on top of the scheme's task losses. ``crossdistil``
+    (docs/methods.md): teachers on augmented ranking tasks, calibrated and distilled into the
+    task towers. ``partners`` names each task's partner (default: the most correlated task);
+    ``warmup_steps`` the distillation ramp (default: one epoch); ``lr`` the teachers' learning
+    rate (default: ``train.lr``)."""
+
+    kind: Literal["crossdistil"]
+    partners: dict[str, str] = {}
+    distill_weight: NonNegativeFloat = 0.5
+    warmup_steps: NonNegativeInt | None = None
+    max_pairs: PositiveInt = 4096
+    error_correction: bool = True
+    lr: PositiveFloat | None = None
+
+
 class Recipe(Strict):
     """A whole recipe. Build it with ``mtlcli.recipe.load_recipe``, which also validates the
     component parameters and the checks that span sections."""
@@ -503,6 +519,27 @@ class Recipe(Strict):
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
     train: TrainSection = TrainSection()
+    objective: ObjectiveSection | None = None
+
+    @model_validator(mode="after")
+    def _check_objective(self) -> Recipe:
+        if self.objective is None:
+            return self
+        regression = [name for name, spec in self.tasks.items() if spec.type != "binary"]
+        if regression:
+            raise ValueError(
+                f"objective: crossdistil orders rows by binary labels, and task {regression[0]!r} is a "
+                "regression task; drop the objective section or the regression task"
+            )
+        if len(self.tasks) < 2:
+            raise ValueError("objective: crossdistil needs two binary tasks or more")
+        for task, partner in self.objective.partners.items():
+            for name in (task, partner):
+                if name not in self.tasks:
+                    raise ValueError(f"objective.partners names {name!r}, which is not a task ({list(self.tasks)})")
+            if task == partner:
+                raise ValueError(f"objective.partners gives task {task!r} itself as partner")
+        return self
 
     @property
     def task_names(self) -> list[str]:
@@ -513,7 +550,11 @@ class Recipe(Strict):
         out = self.model_dump(mode="json", exclude={"model", "loss"})
         out["model"] = {"scheme": self.model.scheme, **_dump(self.model.params)}
         out["loss"] = {"weighting": self.loss.weighting, **_dump(self.loss.params)}
-        return {key: out[key] for key in ("data", "features", "tasks", "model", "loss", "train")}
+        keys = ("data", "features", "tasks", "model", "loss", "train")
+        resolved = {key: out[key] for key in keys}
+        if self.objective is not None:  # absent otherwise: older runs' recipe hashes stay the same
+            resolved["objective"] = out["objective"]
+        return resolved
 
 
 def _dump(params: Any) -> dict[str, Any]:
