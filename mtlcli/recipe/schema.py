@@ -521,26 +521,6 @@ class Recipe(Strict):
     train: TrainSection = TrainSection()
     objective: ObjectiveSection | None = None
 
-    @model_validator(mode="after")
-    def _check_objective(self) -> Recipe:
-        if self.objective is None:
-            return self
-        regression = [name for name, spec in self.tasks.items() if spec.type != "binary"]
-        if regression:
-            raise ValueError(
-                f"objective: crossdistil orders rows by binary labels, and task {regression[0]!r} is a "
-                "regression task; drop the objective section or the regression task"
-            )
-        if len(self.tasks) < 2:
-            raise ValueError("objective: crossdistil needs two binary tasks or more")
-        for task, partner in self.objective.partners.items():
-            for name in (task, partner):
-                if name not in self.tasks:
-                    raise ValueError(f"objective.partners names {name!r}, which is not a task ({list(self.tasks)})")
-            if task == partner:
-                raise ValueError(f"objective.partners gives task {task!r} itself as partner")
-        return self
-
     @property
     def task_names(self) -> list[str]:
         return list(self.tasks)

@@ -213,10 +213,10 @@ def test_several_processes_and_gradient_combining_weightings_are_refused() -> No
 @pytest.mark.parametrize(
     ("sets", "words"),
     [
-        (["tasks.marital.type=regression", "tasks.marital.label=age"], "regression task"),
+        (["tasks.marital.type=regression", "tasks.marital.label=age"], "is a regression task"),
         (["objective.distil_weight=0.5"], "distil_weight"),
-        (["objective.partners={income: salary}"], "'salary', which is not a task"),
-        (["objective.partners={income: income}"], "itself as partner"),
+        (["objective.partners={income: salary}"], "'salary' is not a task"),
+        (["objective.partners={income: income}"], "its own partner"),
     ],
 )
 def test_recipe_errors_are_named(sets: list[str], words: str, tmp_path: Path) -> None:
