@@ -15,6 +15,9 @@ Each step trains two parameter groups in turn:
    which reaches the teacher tower only (its input and the calibration are detached). The task
    towers (the students) get no gradient in this update.
 
+A partner whose training labels correlate negatively with the task's enters the order flipped
+(1 − y) unless ``orient_partner`` is false: the order then still agrees with the task's own.
+
 The teachers' parameters are the optimizer group ``objective``; the model group's state is shared
 by both updates (the shared layers move in both). Bundles carry the model only.
 """
@@ -30,6 +33,7 @@ from torch import Tensor, nn
 from mtlcli.data.batch import Batch
 from mtlcli.data.source import BatchSource
 from mtlcli.errors import MtlError
+from mtlcli.explain.correlation import pearson
 from mtlcli.models.base import scheme
 from mtlcli.models.views import TaskTowers
 from mtlcli.objectives.crossdistil import (
@@ -48,7 +52,8 @@ from mtlcli.recipe.schema import ObjectiveSection
 from mtlcli.train.losses import check_finite, task_loss_sums
 from mtlcli.train.step import StepAt, StepDone, StepParts
 
-LEVEL_NAMES = ("11", "10", "01", "00")  # (y_k, y_partner) of each level of k's augmented order
+# (y_k, y_partner) of each level of k's augmented order; y_partner is 1 − the label where flipped
+LEVEL_NAMES = ("11", "10", "01", "00")
 PAIR_NAMES = [f"{LEVEL_NAMES[q]}>{LEVEL_NAMES[r]}" for q, r in level_pairs()]
 
 
@@ -89,10 +94,11 @@ class CrossDistil:
 
     def __init__(
         self, section: ObjectiveSection, towers: TaskTowers, tasks: list[str], partners: dict[str, str],
-        warmup_steps: int, seed: int, device: torch.device,
+        flipped: dict[str, bool], warmup_steps: int, seed: int, device: torch.device,
     ) -> None:  # fmt: skip
         self.section, self.towers, self.tasks, self.partners = section, towers, list(tasks), partners
         self.partner_index = [tasks.index(partners[t]) for t in tasks]
+        self.flipped = [flipped.get(t, False) for t in tasks]
         self.warmup_steps = warmup_steps
         self.teachers = Teachers(towers.towers, tasks).to(device)
         self.generator = torch.Generator().manual_seed(seed)
@@ -125,7 +131,7 @@ class CrossDistil:
         self.generator.set_state(state["generator"].to(torch.uint8))
 
     def end_epoch(self) -> dict[str, Any]:
-        """The epoch's record: each task's partner, mean distillation term (β included) and mean
+        """The epoch's record: each task's partner (and whether its label enters flipped), mean distillation term (β included) and mean
         quadruplet loss, and the teachers' share of correctly ordered pairs per level pair of the
         augmented order (levels named by (y_task, y_partner); over every training batch, before
         each teacher update); the sums start again."""
@@ -134,6 +140,7 @@ class CrossDistil:
         record = {
             "kind": "crossdistil",
             "partners": dict(self.partners),
+            "partner_flipped": dict(zip(self.tasks, self.flipped, strict=True)),
             "distill_loss": {t: float(sums["distill"][k]) / steps for k, t in enumerate(self.tasks)},
             "quadruplet_loss": {t: float(sums["quadruplet"][k]) / steps for k, t in enumerate(self.tasks)},
             "pairwise_accuracy": {
@@ -157,7 +164,8 @@ class CrossDistil:
         total = scores.sum() * 0.0
         for k, task in enumerate(self.tasks):
             j = self.partner_index[k]
-            levels = level_masks(labels[:, k], labels[:, j], mask[:, k] & mask[:, j])
+            partner = 1.0 - labels[:, j] if self.flipped[k] else labels[:, j]
+            levels = level_masks(labels[:, k], partner, mask[:, k] & mask[:, j])
             quad = quadruplet_loss(scores[:, k], levels, self.section.max_pairs, self.generator)
             calibration = calibration_loss(self.teachers.calibrator(task), scores[:, k], labels[:, k], mask[:, k])
             total = total + quad + calibration
@@ -260,7 +268,9 @@ def build_crossdistil(
     device: torch.device,
 ) -> CrossDistil:
     """The objective over ``model`` (on ``device``): the teachers shaped as its towers, each task's
-    partner (the recipe's, else chosen on the training labels), a one-epoch ramp by default."""
+    partner (the recipe's, else chosen on the training labels) and, with ``orient_partner``, the
+    partner's label flipped (1 − y) where the two tasks' training labels correlate negatively; a
+    one-epoch ramp by default."""
     towers = scheme(model).capabilities.task_towers
     if towers is None:
         raise MtlError(
@@ -268,12 +278,17 @@ def build_crossdistil(
             "does not declare",
             "use a scheme with task towers (mmoe, cgc, ple, shared_bottom), or drop the objective section",
         )
-    partners = dict(section.partners)
-    if any(t not in partners for t in tasks):
-        labels, masks = [], []
-        for batch in train.batches(batch_size):
-            labels.append(batch.labels)
-            masks.append(batch.label_mask)
-        partners = choose_partners(torch.cat(labels), torch.cat(masks), tasks, types, partners)
+    rows, masks = [], []
+    for batch in train.batches(batch_size):
+        rows.append(batch.labels)
+        masks.append(batch.label_mask)
+    labels, mask = torch.cat(rows), torch.cat(masks)
+    partners = choose_partners(labels, mask, tasks, types, section.partners)
+    flipped = {}
+    for k, task in enumerate(tasks):
+        j = tasks.index(partners[task])
+        both = mask[:, k] & mask[:, j]
+        rho = pearson(labels[both, k], labels[both, j])
+        flipped[task] = section.orient_partner and rho is not None and rho < 0
     warmup = section.warmup_steps if section.warmup_steps is not None else train.steps(batch_size)
-    return CrossDistil(section, towers, tasks, partners, warmup, seed, device)
+    return CrossDistil(section, towers, tasks, partners, flipped, warmup, seed, device)

@@ -498,7 +498,8 @@ class ObjectiveSection(Strict):
     (docs/methods.md): teachers on augmented ranking tasks, calibrated and distilled into the
     task towers. ``partners`` names each task's partner (default: the most correlated task);
     ``warmup_steps`` the distillation ramp (default: one epoch); ``lr`` the teachers' learning
-    rate (default: ``train.lr``)."""
+    rate (default: ``train.lr``); ``orient_partner``: a partner whose labels correlate negatively
+    with the task's enters the augmented order as 1 − y (false: as is, the ablation)."""
 
     kind: Literal["crossdistil"]
     partners: dict[str, str] = {}
@@ -506,6 +507,7 @@ class ObjectiveSection(Strict):
     warmup_steps: NonNegativeInt | None = None
     max_pairs: PositiveInt = 4096
     error_correction: bool = True
+    orient_partner: bool = True
     lr: PositiveFloat | None = None
 
 

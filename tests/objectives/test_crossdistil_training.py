@@ -57,6 +57,8 @@ def test_census_distillation_is_live_and_teachers_order_the_levels(census_run: t
     for record in history:
         objective = record["objective"]
         assert objective["partners"] == {"income": "marital", "marital": "income"}
+        # high income and never married correlate negatively: each partner's label enters flipped
+        assert objective["partner_flipped"] == {"income": True, "marital": True}
         assert all(value > 0.01 for value in objective["distill_loss"].values())
         for task in ("income", "marital"):
             shares = objective["pairwise_accuracy"][task]
@@ -138,7 +140,7 @@ def toy_objective(model: torch.nn.Module, error_correction: bool = True) -> Cros
     towers = scheme(model).capabilities.task_towers
     assert towers is not None
     section = ObjectiveSection(kind="crossdistil", warmup_steps=0, error_correction=error_correction)
-    return CrossDistil(section, towers, ["a", "b"], {"a": "b", "b": "a"}, 0, 0, torch.device("cpu"))
+    return CrossDistil(section, towers, ["a", "b"], {"a": "b", "b": "a"}, {}, 0, 0, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("scheme", ["mmoe", "cgc", "ple", "shared_bottom"])
