@@ -22,7 +22,7 @@ from mtlcli.recipe.schema import ObjectiveSection, TrainSection
 from mtlcli.train.loop import build_parts
 from mtlcli.train.run import train_run
 from mtlcli.train.step import StepAt
-from mtlcli.weighting import build_weighting
+from mtlcli.weighting import WEIGHTINGS, build_weighting
 from tests.helpers import invoke
 
 RECIPE = "recipes/census-crossdistil.yaml"
@@ -228,15 +228,42 @@ def test_recipe_errors_are_named(sets: list[str], words: str, tmp_path: Path) ->
     assert words in result.output and "Traceback" not in result.output
 
 
-def test_a_scheme_without_task_towers_and_a_gradient_weighting_are_refused_before_training(
+def test_a_scheme_without_task_towers_a_gradient_weighting_and_several_processes_are_refused(
     census_file: Path, tmp_path: Path
 ) -> None:
     common = [*SHORT, "train.epochs=1", f"data.cache_dir={tmp_path / 'cache'}"]
-    for extra, words in (
-        (["model={scheme: cross_stitch}"], "does not declare"),
-        (["loss.weighting=pcgrad"], "loss-based weighting"),
+    for extra, words, options in (
+        (["model={scheme: cross_stitch}"], "does not declare", []),
+        (["loss.weighting=pcgrad"], "loss-based weighting", []),
+        ([], "one process only", ["--nproc", "2"]),
     ):
         args = [part for item in [*common, *extra] for part in ("--set", item)]
-        result = invoke("train", RECIPE, "--out", tmp_path / "run", "--force", "--quiet", *args)
+        result = invoke("train", RECIPE, "--out", tmp_path / "run", "--force", "--quiet", *options, *args)
         assert result.exit_code == 2, result.output
         assert words in result.output and "Traceback" not in result.output
+
+
+LOSS_BASED = [
+    name
+    for name in sorted(WEIGHTINGS.names())
+    if not build_weighting(name, WEIGHTINGS.get(name).params(), ["a", "b"]).capabilities.task_gradients
+]
+
+
+@pytest.mark.parametrize("weighting", LOSS_BASED)
+def test_every_loss_based_weighting_trains_with_crossdistil(weighting: str) -> None:
+    """Three steps of every weighting that does not combine gradients itself: finite losses, and
+    the teachers move."""
+    model, batch = toy()
+    objective = toy_objective(model)
+    strategy = build_weighting(weighting, WEIGHTINGS.get(weighting).params(), ["a", "b"])
+    parts = build_parts(
+        model, strategy, TrainSection(lr=0.01), ["a", "b"], ["binary", "binary"], 3, objective=objective
+    )
+    step = objective.make_step(parts)
+    before = snapshot(objective.parameters())
+    for number in (1, 2, 3):
+        done = step(batch, StepAt(1, number, number))
+        assert bool(torch.isfinite(done.losses).all()) and bool(torch.isfinite(done.weights).all())
+    assert not same(before, snapshot(objective.parameters()))
+    assert objective.end_epoch()["distill_loss"]["a"] > 0
