@@ -35,6 +35,7 @@ from mtlcli.data.source import BatchSource
 from mtlcli.errors import MtlError
 from mtlcli.explain.correlation import pearson
 from mtlcli.models.base import scheme
+from mtlcli.models.blocks import trainable_tensors
 from mtlcli.models.views import TaskTowers
 from mtlcli.objectives.crossdistil import (
     Calibrator,
@@ -51,6 +52,7 @@ from mtlcli.objectives.crossdistil import (
 from mtlcli.recipe.schema import ObjectiveSection
 from mtlcli.train.losses import check_finite, task_loss_sums
 from mtlcli.train.step import StepAt, StepDone, StepParts
+from mtlcli.weighting.gradients import shared_task_gradients
 
 # (y_k, y_partner) of each level of k's augmented order; y_partner is 1 − the label where flipped
 LEVEL_NAMES = ("11", "10", "01", "00")
@@ -203,11 +205,16 @@ class CrossDistil:
 
 
 class CrossDistilStep:
-    """The two updates of a CrossDistil step (the module's docstring)."""
+    """The two updates of a CrossDistil step (the module's docstring); every
+    ``train.track_gradients`` steps the task losses' gradients on the shared parameters are taken
+    first, as the default step takes them."""
 
     def __init__(self, objective: CrossDistil, parts: StepParts) -> None:
         self.objective, self.parts = objective, parts
         self.students = list(objective.towers.towers.parameters())
+        self.track = parts.settings.track_gradients or 0
+        shared = scheme(parts.model).parameter_groups()["shared"] if self.track else {}
+        self.shared = list(trainable_tensors(parts.model, shared).values())
 
     def __call__(self, batch: Batch, at: StepAt) -> StepDone:
         p, o = self.parts, self.objective
@@ -218,6 +225,8 @@ class CrossDistilStep:
         logits = o.student_logits(inputs)
         losses = p.exchange.losses(*task_loss_sums(logits, batch, p.binary, p.pos_weight))
         check_finite(losses, p.tasks, at)
+        tracked = self.track and at.number % self.track == 0 and self.shared
+        grads = shared_task_gradients(losses, self.shared) if tracked else None
         with torch.no_grad():
             probs = torch.sigmoid(o.teachers.calibrated(o.teachers.scores(inputs)))
         mask = batch.label_mask
@@ -236,7 +245,7 @@ class CrossDistilStep:
         p.optimizer.step(at.number)
         o.sums["distill"] += distill.detach().cpu()
         o.sums["steps"] += 1
-        return StepDone(losses.detach(), weights.detach(), None)
+        return StepDone(losses.detach(), weights.detach(), grads)
 
 
 def refuse_objective(world: int, task_gradients: bool) -> None:

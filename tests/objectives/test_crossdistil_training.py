@@ -267,3 +267,15 @@ def test_every_loss_based_weighting_trains_with_crossdistil(weighting: str) -> N
         assert bool(torch.isfinite(done.losses).all()) and bool(torch.isfinite(done.weights).all())
     assert not same(before, snapshot(objective.parameters()))
     assert objective.end_epoch()["distill_loss"]["a"] > 0
+
+
+def test_tracked_steps_report_the_task_gradients_on_the_shared_parameters() -> None:
+    model, batch = toy()
+    objective = toy_objective(model)
+    strategy = build_weighting("equal", None, ["a", "b"])
+    settings = TrainSection(lr=0.01, track_gradients=2)
+    parts = build_parts(model, strategy, settings, ["a", "b"], ["binary", "binary"], 3, objective=objective)
+    step = objective.make_step(parts)
+    assert step(batch, StepAt(1, 1, 1)).gradients is None
+    grads = step(batch, StepAt(1, 2, 2)).gradients
+    assert grads is not None and grads.shape[0] == 2 and bool(grads.abs().sum() > 0)
