@@ -195,9 +195,9 @@ class CrossDistil:
         sums = self.sums
         sums["quadruplet"][k] += float(quad)
         sizes = levels.sum(1).tolist()
-        for i, ((q, r), share) in enumerate(
-            (pair, pairwise_accuracy(scores, levels).get(pair)) for pair in level_pairs()
-        ):
+        shares = pairwise_accuracy(scores, levels)
+        for i, (q, r) in enumerate(level_pairs()):
+            share = shares.get((q, r))
             if share is not None:
                 count = float(sizes[q] * sizes[r])
                 sums["correct"][k, i] += share * count
