@@ -279,3 +279,46 @@ def test_tracked_steps_report_the_task_gradients_on_the_shared_parameters() -> N
     assert step(batch, StepAt(1, 1, 1)).gradients is None
     grads = step(batch, StepAt(1, 2, 2)).gradients
     assert grads is not None and grads.shape[0] == 2 and bool(grads.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("orient", [True, False])
+def test_a_negatively_correlated_partner_enters_flipped_unless_told_not_to(orient: bool) -> None:
+    """b's labels mostly the opposite of a's: with orient_partner each partner's label enters the
+    order as 1 − y, so (a=1, b=0) rows are at the top of a's order; without, as is."""
+    from mtlcli.data.batch import SplitTensors
+    from mtlcli.objectives.training import build_crossdistil
+
+    model, batch = toy()
+    labels = batch.labels.clone()
+    labels[:, 1] = 1.0 - labels[:, 0]
+    labels[:8, 1] = labels[:8, 0]  # not perfectly
+    split = SplitTensors(batch.categorical, batch.numeric, labels, batch.label_mask)
+    section = ObjectiveSection(kind="crossdistil", orient_partner=orient)
+    objective = build_crossdistil(
+        section, model, "mmoe", ["a", "b"], ["binary", "binary"], split, 16, 0, torch.device("cpu")
+    )
+    assert objective.partners == {"a": "b", "b": "a"}
+    assert objective.flipped == [orient, orient]
+    assert objective.warmup_steps == 4  # one epoch of 64 rows in batches of 16
+
+
+def test_the_teacher_update_also_trains_the_shared_layers() -> None:
+    """The quadruplet loss reaches the layers below h_k (the experts), the student towers not."""
+    model, batch = toy()
+    objective = toy_objective(model)
+    strategy = build_weighting("equal", None, ["a", "b"])
+    parts = build_parts(
+        model, strategy, TrainSection(lr=0.01), ["a", "b"], ["binary", "binary"], 3, objective=objective
+    )
+    step = objective.make_step(parts)
+    experts = [p for name, p in model.named_parameters() if name.startswith("experts.")]
+    seen: list[list[torch.Tensor]] = []
+    optimizer_step = parts.optimizer.step
+
+    def spy(number: int) -> None:
+        seen.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in experts])
+        optimizer_step(number)
+
+    parts.optimizer.step = spy  # type: ignore[method-assign]
+    step(batch, StepAt(1, 1, 1))
+    assert any(bool(g.abs().sum() > 0) for g in seen[1])
