@@ -339,6 +339,43 @@ CASES = [
             )
         ),
     ),
+    # --- the training objective (CrossDistil) ---
+    Case(
+        "crossdistil with a regression task",
+        "tasks.age.type: is a regression task, and objective crossdistil orders rows by binary labels",
+        command="check",
+        recipe=patched(
+            lambda r: (
+                r["tasks"].update(age={"type": "regression", "label": "age"}),
+                r["features"].update(numeric=[]),
+                r.update(objective={"kind": "crossdistil"}),
+            )
+        ),
+    ),
+    Case(
+        "crossdistil partner that is not a task",
+        "objective.partners.click: 'biy' is not a task (did you mean 'buy'?)",
+        command="check",
+        recipe=patched(setting("objective", {"kind": "crossdistil", "partners": {"click": "biy"}})),
+    ),
+    Case(
+        "crossdistil misspelt key",
+        "objective.distil_weight: unknown key",
+        command="check",
+        recipe=patched(setting("objective", {"kind": "crossdistil", "distil_weight": 0.5})),
+    ),
+    Case(
+        "crossdistil over a scheme without task towers",
+        "does not declare",
+        recipe=patched(
+            lambda r: (r.update(model={"scheme": "cross_stitch"}), r.update(objective={"kind": "crossdistil"}))
+        ),
+    ),
+    Case(
+        "crossdistil with a gradient-combining weighting",
+        "use a loss-based weighting",
+        recipe=patched(lambda r: (r.update(loss={"weighting": "pcgrad"}), r.update(objective={"kind": "crossdistil"}))),
+    ),
     Case(
         "label column as a feature",
         "is a task's label column; labels are never model inputs",

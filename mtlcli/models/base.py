@@ -13,7 +13,7 @@ from mtlcli.data.batch import Batch
 from mtlcli.data.source import BatchSource
 from mtlcli.errors import MtlError
 from mtlcli.models.blocks import ExpertKind, SequenceInput, check_expert_kinds
-from mtlcli.models.views import Introspection, SharedRepresentation, TaskRepresentation
+from mtlcli.models.views import Introspection, SharedRepresentation, TaskRepresentation, TaskTowers
 from mtlcli.registry import Component, Registry
 
 if TYPE_CHECKING:
@@ -67,7 +67,9 @@ class Capabilities:
       numbers), for explain;
     - ``mask_contest(batch)``: per masked layer, what each task loses on ``batch`` without the
       weights it shares (``reliance``: {task: Δ}) and the share of the layer's conflicting weights
-      it wins (``wins``: {task: share}) (CSRec), for explain.
+      it wins (``wins``: {task: share}) (CSRec), for explain;
+    - ``task_towers``: what each task's tower reads (h_k) and the towers (``TaskTowers``), for
+      training objectives that need them (CrossDistil); None where a task has no separate tower.
     """
 
     masks: Callable[[], dict[str, list[Tensor]]] | None = None
@@ -80,15 +82,20 @@ class Capabilities:
     epoch_record: Callable[[], dict[str, Any]] | None = None
     field_scales: Callable[[], Tensor] | None = None
     mask_contest: Callable[[Batch], list[dict[str, dict[str, float]]]] | None = None
+    task_towers: TaskTowers | None = None
 
 
-def gated_capabilities(z: SharedRepresentation, control: GateControl | None) -> Capabilities:
+def gated_capabilities(
+    z: SharedRepresentation, control: GateControl | None, towers: TaskTowers | None = None
+) -> Capabilities:
     """An expert scheme's capabilities: its shared representation ``z`` and, when the recipe turns
-    DEPHN's gate control on (``control``), what the exchange, the epoch record and explain ask of it."""
+    DEPHN's gate control on (``control``), what the exchange, the epoch record and explain ask of it; ``towers``
+    for training objectives (CrossDistil)."""
     if control is None:
-        return Capabilities(shared_representation=z)
+        return Capabilities(shared_representation=z, task_towers=towers)
     return Capabilities(
         shared_representation=z,
+        task_towers=towers,
         sum_over_ranks=control.sum_over_ranks,
         epoch_record=control.epoch_record,
         field_scales=control.field_scales,

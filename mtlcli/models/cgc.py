@@ -31,7 +31,7 @@ from mtlcli.models.base import (
 )
 from mtlcli.models.blocks import ExpertKind, Experts, FeatureEmbedding, FieldLayout, Towers, check_expert_kinds
 from mtlcli.models.gate_control import GateControl, GateControlOption, GateControlSettings, check_gate_control
-from mtlcli.models.views import GateRecord, Introspection, SharedRepresentation
+from mtlcli.models.views import GateRecord, Introspection, SharedRepresentation, TaskTowers
 
 
 class CGCParams(ModelParams):
@@ -208,6 +208,15 @@ class ExtractionNetwork(nn.Module):
 
     def run(self, batch: Batch) -> tuple[Tensor, list[GateRecord]]:
         """Logits [B, T] and every gate: group ``level<j>.gate``, row a task or ``shared``."""
+        task_inputs, gates = self.extract(batch)
+        return self.towers(task_inputs), gates
+
+    def task_inputs(self, batch: Batch) -> list[Tensor]:
+        """The last level's task outputs, what the towers read: T x [B, H]."""
+        return self.extract(batch)[0]
+
+    def extract(self, batch: Batch) -> tuple[list[Tensor], list[GateRecord]]:
+        """The last level's task outputs T x [B, H] and every gate."""
         x = self.embedding(batch)
         task_inputs, shared_input = [x] * len(self.tasks), x
         gates: list[GateRecord] = []
@@ -223,14 +232,14 @@ class ExtractionNetwork(nn.Module):
             ]
         if cut is not None:
             self.z.keep(*cut)
-        return self.towers(task_inputs), gates
+        return task_inputs, gates
 
     def forward(self, batch: Batch) -> Tensor:
         return self.run(batch)[0]
 
     @property
     def capabilities(self) -> Capabilities:
-        return gated_capabilities(self.z, self.control)
+        return gated_capabilities(self.z, self.control, TaskTowers(self.task_inputs, self.towers.nets))
 
     def expert_names(self, level: int, row: str) -> list[str]:
         """The experts the columns of level ``level``'s (from 1) gate ``row`` (a task or ``shared``)

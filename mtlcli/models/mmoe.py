@@ -28,7 +28,7 @@ from mtlcli.models.base import (
 )
 from mtlcli.models.blocks import ExpertKind, Towers, embedded_experts
 from mtlcli.models.gate_control import GateControl, GateControlOption, GateControlSettings, check_gate_control
-from mtlcli.models.views import GateRecord, Introspection, SharedRepresentation
+from mtlcli.models.views import GateRecord, Introspection, SharedRepresentation, TaskTowers
 
 
 class MMoEParams(ExpertPoolParams):
@@ -79,7 +79,13 @@ class MMoE(nn.Module):
 
     @property
     def capabilities(self) -> Capabilities:
-        return gated_capabilities(self.z, self.control)
+        return gated_capabilities(self.z, self.control, TaskTowers(self.task_inputs, self.towers.nets))
+
+    def task_inputs(self, batch: Batch) -> list[Tensor]:
+        """Each task's mixture of the experts, what its tower reads: T x [B, H]."""
+        x = self.embedding(batch)
+        experts = self.experts(x)
+        return [(gate.unsqueeze(-1) * experts).sum(1) for gate in self.gate_weights(x, batch).unbind(1)]
 
     def introspect(self, batch: Batch) -> Introspection:
         """Gate ``gate``/``<task>``: task k's softmax weights over the experts (numbered), [B, E]."""

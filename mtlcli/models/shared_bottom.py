@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from mtlcli.data.batch import Batch
 from mtlcli.models.base import BottomParams, Capabilities, InputSpec, group_by_prefix, register_scheme
 from mtlcli.models.blocks import FeatureEmbedding, Towers, last_linear, mlp
-from mtlcli.models.views import Introspection, SharedRepresentation
+from mtlcli.models.views import Introspection, SharedRepresentation, TaskTowers
 
 
 class SharedBottomParams(BottomParams):
@@ -34,7 +34,11 @@ class SharedBottom(nn.Module):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(shared_representation=self.z)
+        return Capabilities(shared_representation=self.z, task_towers=TaskTowers(self.task_inputs, self.towers.nets))
+
+    def task_inputs(self, batch: Batch) -> list[Tensor]:
+        """What every tower reads: the bottom's output [B, H], once per task."""
+        return [self.bottom(self.embedding(batch))] * len(self.tasks)
 
     def introspect(self, batch: Batch) -> Introspection:
         """Nothing to show: no gates, no mixing."""

@@ -4,9 +4,12 @@ representation (for MGDA-UB)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
+
+from mtlcli.data.batch import Batch
 
 
 class SharedRepresentation(nn.Module):
@@ -85,3 +88,17 @@ class Introspection:
 
     gates: list[GateRecord] = field(default_factory=list)
     alphas: list[AlphaRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TaskTowers:
+    """What each task's tower reads and the towers themselves, for objectives that add towers of
+    their own beside them (CrossDistil's teachers) or run a task's tower alone (its look-ahead).
+
+    ``inputs(batch)``: h_k, what task k's tower reads, T tensors [B, H_k] in task order (through
+    the scheme's shared layers, with their graph); ``towers[k](h_k)``: task k's logits [B, 1],
+    the scheme's output column k. Together they compute what the scheme's forward pass does.
+    """
+
+    inputs: Callable[[Batch], list[Tensor]]
+    towers: nn.ModuleDict

@@ -1,4 +1,5 @@
-"""CrossDistil's mathematical core, as plain functions and modules (not wired into training yet).
+"""CrossDistil's mathematical core, as plain functions and modules (the objective that trains
+with them: ``mtlcli.objectives.training``).
 
 Yang, Pan, Gao, Jiang, Liu, Chen, "Cross-Task Knowledge Distillation in Multi-Task
 Recommendation", AAAI 2022 (arXiv:2202.09852).

@@ -537,6 +537,28 @@ def _cross_checks(data: dict[str, Any]) -> list[tuple[Loc, str]]:
     csv_only = bool(sources) and not any(str(s).endswith((".parquet", ".pq")) for s in sources)
     if csv_only and raw.get("format", "auto") != "parquet" and raw.get("header") is False and not raw.get("columns"):
         out.append((("data", "columns"), "the CSV has no header (header: false): list its column names in 'columns'"))
+    return out + _objective_checks(section("objective"), tasks)
+
+
+def _objective_checks(objective: dict[str, Any], tasks: dict[str, dict[str, Any]]) -> list[tuple[Loc, str]]:
+    """CrossDistil's rules: every task binary, two tasks or more, partners that are other tasks."""
+    if objective.get("kind") != "crossdistil":
+        return []
+    out: list[tuple[Loc, str]] = [
+        (("tasks", name, "type"), "is a regression task, and objective crossdistil orders rows by binary labels; "
+         "drop the objective section or this task")
+        for name, spec in tasks.items() if spec.get("type", "binary") != "binary"
+    ]  # fmt: skip
+    if len(tasks) < 2:
+        out.append((("objective",), "crossdistil needs two binary tasks or more"))
+    partners = objective.get("partners")
+    for task, partner in partners.items() if isinstance(partners, dict) else []:
+        for name in (task, partner):
+            if name not in tasks:
+                hint = did_you_mean(str(name), list(tasks))
+                out.append((("objective", "partners", str(task)), f"{name!r} is not a task{hint}"))
+        if task == partner:
+            out.append((("objective", "partners", str(task)), "a task cannot be its own partner"))
     return out
 
 

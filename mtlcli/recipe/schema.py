@@ -493,6 +493,24 @@ class TrainSection(Strict):
     experiment: str | None = None  # the trackers' experiment name (default: the recipe file's name)
 
 
+class ObjectiveSection(Strict):
+    """``objective``: a training objective on top of the scheme's task losses. ``crossdistil``
+    (docs/methods.md): teachers on augmented ranking tasks, calibrated and distilled into the
+    task towers. ``partners`` names each task's partner (default: the most correlated task);
+    ``warmup_steps`` the distillation ramp (default: one epoch); ``lr`` the teachers' learning
+    rate (default: ``train.lr``); ``orient_partner``: a partner whose labels correlate negatively
+    with the task's enters the augmented order as 1 − y (false: as is, the ablation)."""
+
+    kind: Literal["crossdistil"]
+    partners: dict[str, str] = {}
+    distill_weight: NonNegativeFloat = 0.5
+    warmup_steps: NonNegativeInt | None = None
+    max_pairs: PositiveInt = 4096
+    error_correction: bool = True
+    orient_partner: bool = True
+    lr: PositiveFloat | None = None
+
+
 class Recipe(Strict):
     """A whole recipe. Build it with ``mtlcli.recipe.load_recipe``, which also validates the
     component parameters and the checks that span sections."""
@@ -503,6 +521,7 @@ class Recipe(Strict):
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
     train: TrainSection = TrainSection()
+    objective: ObjectiveSection | None = None
 
     @property
     def task_names(self) -> list[str]:
@@ -515,7 +534,11 @@ class Recipe(Strict):
             del out["features"]["other_labels"]
         out["model"] = {"scheme": self.model.scheme, **_dump(self.model.params)}
         out["loss"] = {"weighting": self.loss.weighting, **_dump(self.loss.params)}
-        return {key: out[key] for key in ("data", "features", "tasks", "model", "loss", "train")}
+        keys = ("data", "features", "tasks", "model", "loss", "train")
+        resolved = {key: out[key] for key in keys}
+        if self.objective is not None:  # absent otherwise: older runs' recipe hashes stay the same
+            resolved["objective"] = out["objective"]
+        return resolved
 
 
 def _dump(params: Any) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from safetensors import SafetensorError
@@ -25,6 +25,9 @@ from mtlcli.models.blocks import SequenceInput, sparse_embeddings
 from mtlcli.recipe import Recipe, recipe_from_dict
 from mtlcli.train.loop import LoopState
 from mtlcli.weighting.base import WeightingStrategy
+
+if TYPE_CHECKING:
+    from mtlcli.objectives.base import TrainingObjective
 
 
 def input_spec(schema: DataSchema) -> InputSpec:
@@ -182,11 +185,13 @@ def save_checkpoint(
     optimizer: OptimizerState,
     strategy: WeightingStrategy,
     identity: dict[str, str],
+    objective: TrainingObjective | None = None,
 ) -> None:
     """Everything needed to continue training exactly, as one safetensors file, written atomically.
 
     Tensors: the model, the optimizer state, the strategy's parameters and state (when it has
-    ``state_dict``), the best weights so far and the RNG states. Plain values go in the metadata
+    ``state_dict``), the training objective's state (``objective.``), the best weights so far and
+    the RNG states. Plain values go in the metadata
     as JSON. ``identity`` (recipe and data hashes) lets ``--resume`` refuse a changed run.
     """
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in model.state_dict().items()}
@@ -201,6 +206,8 @@ def save_checkpoint(
     if abilities.state is not None:
         for name, value in abilities.state.state_dict().items():
             tensors[f"strategy.{name}"] = torch.as_tensor(value)
+    for name, value in (objective.state_dict() if objective is not None else {}).items():
+        tensors[f"objective.{name}"] = value
     for name, value in (state.best_state or {}).items():
         tensors[f"best.{name}"] = value
     for name in ("shuffle_state", "torch_rng", "loss_sum", "weight_sum"):
@@ -247,8 +254,15 @@ def read_checkpoint_identity(path: Path) -> dict[str, str]:
     return metadata
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: OptimizerState, strategy: WeightingStrategy) -> LoopState:
-    """Restore model, optimizer and strategy in place from a checkpoint; return the loop state."""
+def load_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: OptimizerState,
+    strategy: WeightingStrategy,
+    objective: TrainingObjective | None = None,
+) -> LoopState:
+    """Restore model, optimizer, strategy and training objective in place from a checkpoint;
+    return the loop state."""
     metadata = read_checkpoint_identity(path)
     try:
         tensors = load_file(str(path))
@@ -270,6 +284,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: OptimizerState, str
         state = strategy.capabilities.state
         if state is not None:
             state.load_state_dict(part("strategy."))
+        if objective is not None:
+            objective.load_state_dict(part("objective."))
     except (RuntimeError, KeyError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else repr(exc)
         raise ArtifactError(

@@ -10,7 +10,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,9 @@ from mtlcli.train.observers import NullObserver, Observer
 from mtlcli.train.optimizer import TrainingOptimizer, lr_factor, make_optimizer
 from mtlcli.train.step import DefaultStep, Step, StepAt, StepDone, StepParts
 from mtlcli.weighting.base import WeightingStrategy
+
+if TYPE_CHECKING:
+    from mtlcli.objectives.base import TrainingObjective
 
 __all__ = [  # the loss, the observers and the optimizer's builders are imported from here too
     "EarlyStopper", "FitResult", "LoopState", "NullObserver", "Observer", "TrainingDiverged",
@@ -233,21 +236,25 @@ def build_parts(
     strategy_lr: float | None = None,
     ranks: Ranks | None = None,
     dense: torch.optim.Optimizer | None = None,
+    objective: TrainingObjective | None = None,
 ) -> StepParts:
     """The components a step works with: the run's optimizer (around ``dense``, a torch optimizer
     made by the caller, when given) and the exchange, chosen from ``ranks`` (the run's; by default
-    those this process joined) and the strategy's declared capabilities."""
+    those this process joined) and the strategy's declared capabilities; ``objective`` (the
+    recipe's training objective) gets its own optimizer group and makes the step."""
     if strategy.capabilities.needs_representation:
         enable_representation(model)
     device = model_device(model)
-    optimizer = TrainingOptimizer.build(settings, model, strategy, steps_per_epoch, strategy_lr, dense)
+    optimizer = TrainingOptimizer.build(settings, model, strategy, steps_per_epoch, strategy_lr, dense, objective)
     exchange = Exchange.choose(ranks or distributed.current(), strategy)
     binary = torch.tensor([t == "binary" for t in types], device=device)
-    return StepParts(model, strategy, optimizer, exchange, settings, tasks, binary, pos_weight, device)
+    return StepParts(model, strategy, optimizer, exchange, settings, tasks, binary, pos_weight, device, objective)
 
 
 def make_step(parts: StepParts) -> Step:
-    """The scheme's declared step, else the default one."""
+    """The training objective's step, else the scheme's declared step, else the default one."""
+    if parts.objective is not None:
+        return parts.objective.make_step(parts)
     return (scheme(parts.model).capabilities.step or DefaultStep)(parts)
 
 
@@ -370,5 +377,7 @@ def end_epoch(
     scheme_record = scheme(parts.model).capabilities.epoch_record  # e.g. gate control's λ
     if scheme_record is not None:
         record.update(scheme_record())
+    if parts.objective is not None:
+        record["objective"] = parts.objective.end_epoch()
     state.history.append(record)
     return record, improved

@@ -10,7 +10,7 @@ Checkpoints save both (``mtlcli.train.checkpoint``: the groups by name, the rows
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -19,7 +19,10 @@ from mtlcli.models.blocks import FeatureEmbedding, sparse_embeddings
 from mtlcli.recipe.schema import LrSchedule, TrainSection
 from mtlcli.weighting.base import WeightingStrategy
 
-MODEL_GROUP, STRATEGY_GROUP = "model", "strategy"
+if TYPE_CHECKING:
+    from mtlcli.objectives.base import TrainingObjective
+
+MODEL_GROUP, STRATEGY_GROUP, OBJECTIVE_GROUP = "model", "strategy", "objective"
 
 
 def make_optimizer(
@@ -27,6 +30,8 @@ def make_optimizer(
     model_params: list[nn.Parameter],
     strategy_params: list[nn.Parameter],
     strategy_lr: float | None = None,
+    objective_params: list[nn.Parameter] | None = None,
+    objective_lr: float | None = None,
 ) -> torch.optim.Optimizer:
     """``train.optimizer`` over named parameter groups, each saying how the step treats it:
 
@@ -35,7 +40,10 @@ def make_optimizer(
     - ``strategy`` (when the weighting has parameters: uncertainty's log-variances, GradNorm's
       weights): a constant learning rate of their own (``strategy_lr``, the weighting's ``lr``;
       default ``train.lr``), no weight decay, no clipping. Weight decay would pull a log-variance
-      toward 0 (σ = 1) and GradNorm's weights toward 0, and neither is a model weight to regularise.
+      toward 0 (σ = 1) and GradNorm's weights toward 0, and neither is a model weight to regularise;
+    - ``objective`` (when the training objective has parameters: CrossDistil's teachers and
+      calibrators): at ``objective_lr`` (default ``train.lr``) under the schedule, clipped, no
+      weight decay.
 
     Each group carries ``name``, ``base_lr``, ``scheduled`` and ``clipped``; checkpoints key the
     optimizer state by group name (``mtlcli.train.checkpoint``), so further groups can be added.
@@ -49,6 +57,12 @@ def make_optimizer(
         groups.append(
             {"name": STRATEGY_GROUP, "params": strategy_params, "lr": lr, "base_lr": lr,
              "weight_decay": 0.0, "scheduled": False, "clipped": False}
+        )  # fmt: skip
+    if objective_params:
+        lr = objective_lr if objective_lr is not None else settings.lr
+        groups.append(
+            {"name": OBJECTIVE_GROUP, "params": objective_params, "lr": lr, "base_lr": lr,
+             "weight_decay": 0.0, "scheduled": True, "clipped": True}
         )  # fmt: skip
     if settings.optimizer == "adam":
         return torch.optim.Adam(groups, lr=settings.lr, fused=True)
@@ -100,11 +114,13 @@ class TrainingOptimizer:
         steps_per_epoch: int,
         strategy_lr: float | None = None,
         dense: torch.optim.Optimizer | None = None,
+        objective: TrainingObjective | None = None,
     ) -> TrainingOptimizer:
-        """The run's optimizer over ``model`` and ``strategy``'s own parameters (``dense``: the
-        torch optimizer of a checkpoint already loaded, else a new one)."""
+        """The run's optimizer over ``model``, ``strategy``'s own parameters and the training
+        ``objective``'s (``dense``: the torch optimizer of a checkpoint already loaded, else a new one)."""
         own = list(strategy.capabilities.parameters)
-        dense = dense or make_optimizer(settings, list(model.parameters()), own, strategy_lr)
+        extra, extra_lr = (objective.parameters(), objective.lr) if objective is not None else ([], None)
+        dense = dense or make_optimizer(settings, list(model.parameters()), own, strategy_lr, extra, extra_lr)
         return cls(dense, settings, sparse_embeddings(model), steps_per_epoch)
 
     @property

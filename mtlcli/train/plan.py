@@ -21,10 +21,12 @@ from mtlcli.data.store import Prepared, prepare
 from mtlcli.distributed import resolve_device
 from mtlcli.errors import ArtifactError, MtlError
 from mtlcli.fileio import sha256_json, to_json, write_text
+from mtlcli.objectives.training import refuse_objective
 from mtlcli.recipe import Recipe
 from mtlcli.train.checkpoint import read_checkpoint_identity
 from mtlcli.train.rundir import RunPlace, resolve_run_dir
 from mtlcli.train.tracking import check_trackers
+from mtlcli.weighting import build_weighting
 
 PLAN_VARIABLE = "MTL_PLAN"  # the plan file of the ranks `mtl train --nproc` starts
 
@@ -108,6 +110,9 @@ def resolve_plan(
     check_trackers(settings.loggers, name)
     device = resolve_device(settings.device)
     check_batch_split(settings.batch_size, world, settings.shards)
+    if recipe.objective is not None:
+        strategy = build_weighting(recipe.loss.weighting, recipe.loss.params, recipe.task_names)
+        refuse_objective(world, strategy.capabilities.task_gradients)
     place = resolve_run_dir(out, force, resume)
     prepared = prepared or prepare(recipe)
     saved = read_checkpoint_identity(place.checkpoint) if resume else {}

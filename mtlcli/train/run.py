@@ -27,6 +27,8 @@ from mtlcli.fileio import append_line, to_json, write_json, write_text
 from mtlcli.models import build_model
 from mtlcli.models.base import scheme
 from mtlcli.models.blocks import sparse_embeddings, use_sparse_rows
+from mtlcli.objectives.base import TrainingObjective
+from mtlcli.objectives.training import build_crossdistil
 from mtlcli.recipe import Recipe, recipe_to_yaml
 from mtlcli.train.checkpoint import LoadedModel, input_spec, load_checkpoint, load_model, save_checkpoint, save_model
 from mtlcli.train.loop import LoopState, build_parts, evaluate, make_step, train_loop
@@ -44,8 +46,16 @@ class RunWriter:
     """Observes the loop into the run directory: appends metrics.jsonl, saves the best model and
     the checkpoints, appends gradients.jsonl."""
 
-    def __init__(self, run_dir: Path, recipe: Recipe, schema: DataSchema, identity: dict[str, str]) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        recipe: Recipe,
+        schema: DataSchema,
+        identity: dict[str, str],
+        objective: TrainingObjective | None = None,
+    ) -> None:
         self.run_dir, self.recipe, self.schema, self.identity = run_dir, recipe, schema, identity
+        self.objective = objective  # checkpointed beside the model; never in model.safetensors
 
     def on_start(self, epochs: int, steps_per_epoch: int) -> None:
         return None
@@ -61,7 +71,7 @@ class RunWriter:
     def on_checkpoint(
         self, state: LoopState, model: nn.Module, optimizer: TrainingOptimizer, strategy: WeightingStrategy
     ) -> None:
-        save_checkpoint(self.run_dir / CHECKPOINT, state, model, optimizer, strategy, self.identity)
+        save_checkpoint(self.run_dir / CHECKPOINT, state, model, optimizer, strategy, self.identity, self.objective)
 
     def on_gradients(self, record: dict[str, Any]) -> None:
         append_line(self.run_dir / GRADIENTS, to_json(record))
@@ -151,14 +161,22 @@ def run_plan(
                 search(train_data, settings.batch_size, settings.lr, settings.seed)
             to_device(model, own, device)  # before the optimizer's state is loaded next to them
             own_lr = recipe.loss.params.own_lr()  # the weighting's own parameters' learning rate
-            parts = build_parts(model, strategy, settings, tasks, types, steps, pos_weight, own_lr, ranks)
+            objective = None
+            if recipe.objective is not None:
+                objective = build_crossdistil(
+                    recipe.objective, model, recipe.model.scheme, tasks, types,
+                    train_data, settings.batch_size, settings.seed, device,
+                )  # fmt: skip
+            parts = build_parts(
+                model, strategy, settings, tasks, types, steps, pos_weight, own_lr, ranks, None, objective
+            )
             state = None
             if place.resume:
-                state = _resume_state(place.work, model, parts.optimizer, strategy, ranks.writes)
+                state = _resume_state(place.work, model, parts.optimizer, strategy, ranks.writes, objective)
             if ranks.writes:
                 write_text(place.work / "recipe.yaml", recipe_to_yaml(recipe))
                 schema.save(place.work / "schema.json")
-                writer = RunWriter(place.work, recipe, schema, plan.identity)
+                writer = RunWriter(place.work, recipe, schema, plan.identity, objective)
                 observers = [writer, *trackers, *observers]
             result = train_loop(
                 parts, make_step(parts), train_data, valid_data, types,
@@ -253,11 +271,16 @@ def split_source(
 
 
 def _resume_state(
-    run_dir: Path, model: nn.Module, optimizer: TrainingOptimizer, strategy: WeightingStrategy, writes: bool
+    run_dir: Path,
+    model: nn.Module,
+    optimizer: TrainingOptimizer,
+    strategy: WeightingStrategy,
+    writes: bool,
+    objective: TrainingObjective | None = None,
 ) -> LoopState:
-    """The checkpoint's state loaded into the model, optimizer and strategy; the writing rank
-    trims the run's logs back to it (what comes after is logged again)."""
-    state = load_checkpoint(run_dir / CHECKPOINT, model, optimizer, strategy)
+    """The checkpoint's state loaded into the model, optimizer, strategy and objective; the
+    writing rank trims the run's logs back to it (what comes after is logged again)."""
+    state = load_checkpoint(run_dir / CHECKPOINT, model, optimizer, strategy, objective)
     if not writes:
         return state
     write_text(run_dir / "metrics.jsonl", "".join(to_json(r) + "\n" for r in state.history))

@@ -7,7 +7,7 @@ capabilities (``Capabilities.step``); the loop asks for it and never knows its n
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -22,11 +22,15 @@ from mtlcli.train.optimizer import TrainingOptimizer
 from mtlcli.weighting.base import WeightingStrategy
 from mtlcli.weighting.gradients import shared_task_gradients
 
+if TYPE_CHECKING:
+    from mtlcli.objectives.base import TrainingObjective
+
 
 @dataclass(frozen=True)
 class StepParts:
     """The built components a step works with. ``binary`` [T] marks the binary tasks,
-    ``pos_weight`` [T] (or None) weighs their positive rows."""
+    ``pos_weight`` [T] (or None) weighs their positive rows; ``objective`` the recipe's training
+    objective (CrossDistil), which then makes the step."""
 
     model: nn.Module
     strategy: WeightingStrategy
@@ -37,6 +41,7 @@ class StepParts:
     binary: Tensor
     pos_weight: Tensor | None
     device: torch.device
+    objective: TrainingObjective | None = None
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,7 @@ def test_misspelt_key_is_reported_with_path_line_and_suggestion(
         assert f"did you mean {suggestion!r}" in issue.message
     else:
         assert "did you mean" not in issue.message
-        assert "allowed here: data, features, loss, model, tasks, train" in issue.message
+        assert "allowed here: data, features, loss, model, objective, tasks, train" in issue.message
 
 
 ONE_ISSUE_END = "  early_stopping: {metric: auc, task: click, patience: 1}\n"
