@@ -119,8 +119,8 @@ def test_sigterm_at_any_moment_of_a_report_exits_130_and_leaves_no_page(
     time.sleep(after)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)
-    if process.returncode == 0:
-        pytest.skip(f"the report was done in {after} s")
+    if process.returncode == 0 or "wrote" in err:  # the signal came once the page was written (on a slow
+        pytest.skip(f"the report was done in {after} s")  # machine, while the interpreter exits: -15)
     assert process.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert not [p.name for p in tmp_path.iterdir() if p.name != "run"]
