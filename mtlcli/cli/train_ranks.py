@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
+import sys
 from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
@@ -116,8 +118,13 @@ def _train(plan: Plan, settings: Settings, ranks: Ranks) -> None:
         from mtlcli.train.launch import LOST_PEER, lost_peer, under_launcher
         from mtlcli.train.rundir import kept as run_kept
 
-        if under_launcher():
-            raise typer.Exit(LOST_PEER) from None  # the launcher names the rank that went first
+        if under_launcher():  # the launcher names the rank that went first
+            if reporter is not None:
+                reporter.close()
+            # the process group is broken: tearing it down can abort in C++ ("terminate called ...")
+            # and print over the launcher's line; the run was settled as the error left run_plan
+            sys.stderr.flush()
+            os._exit(LOST_PEER)
         raise lost_peer(ranks.rank, exc, run_kept(plan.place)) from None
     finally:
         if reporter is not None:

@@ -3,11 +3,11 @@
 ``--out R`` names the run directory. A new run into an absent or empty ``R`` trains in place. A new
 run that replaces a run already in ``R`` (``--force``) trains beside it, in ``.R.replacing``, and
 takes ``R``'s place in one step (``fileio.replace_directory``) only when it is complete: until then
-``R`` holds the old run whole. A failed or interrupted run never leaves less than there was: what it keeps (its last
-checkpoint, the old run) is said in the error's hint. ``--resume`` continues the run of ``R``, or
-the replacement waiting beside it when there is one (it is the newer run). A finished run
-(``summary.json``) resumed for more epochs is continued in a copy beside it, which takes its place
-when complete: until then ``R`` is the finished run, whole.
+``R`` holds the old run whole. A failed or interrupted run never leaves less than there was: what
+it keeps (its last checkpoint, the old run) is said in the error's hint. ``--resume`` continues
+the run of ``R``, or the replacement waiting beside it when there is one (it is the newer run). A
+finished run (``summary.json``) resumed for more epochs is continued in a copy beside it, which
+takes its place when complete: until then ``R`` is the finished run, whole.
 """
 
 from __future__ import annotations

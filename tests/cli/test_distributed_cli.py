@@ -314,6 +314,7 @@ def test_a_rank_killed_before_any_checkpoint_leaves_nothing_and_says_so(tmp_path
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("launcher", ["--nproc", "torchrun"])
 def test_resume_without_a_checkpoint_on_two_processes_is_said_once(tmp_path: Path, launcher: str) -> None:
     """The resume checks are the plan's: resolved once (in the parent of --nproc, by rank 0 under
     torchrun) and said once."""
