@@ -52,6 +52,17 @@ def click_buy_split(inputs: InputSpec, n: int, seed: int, every: int, buy_space:
     return SplitTensors(cats, numeric, labels, mask)
 
 
+def three_opposed_tasks(gen: torch.Generator, n: int = 300) -> tuple[InputSpec, SplitTensors]:
+    """``n`` rows drawn from ``gen`` for three binary tasks on two features (4 and 6 ids) and two
+    numbers: a where the first id is below 2, b where the first number is positive and c where it is
+    below 0.3, so b and c mostly disagree; every label observed."""
+    inputs = InputSpec(cardinalities=[4, 6], n_numeric=2, tasks=["a", "b", "c"], task_types=["binary"] * 3)
+    cats = torch.stack([torch.randint(0, 4, (n,), generator=gen), torch.randint(0, 6, (n,), generator=gen)], 1)
+    numeric = torch.randn(n, 2, generator=gen)
+    labels = torch.stack([(cats[:, 0] < 2).float(), (numeric[:, 0] > 0).float(), (numeric[:, 0] < 0.3).float()], 1)
+    return inputs, SplitTensors(cats, numeric, labels, torch.ones(n, 3, dtype=torch.bool))
+
+
 def two_regressions(loss: str) -> str:
     """A recipe text: two regression tasks y1 and y2 on synthetic data, with ``loss`` (YAML flow)."""
     return f"""

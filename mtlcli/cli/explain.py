@@ -72,6 +72,12 @@ def by_table(group: str, feature: str, experts: list[str], values: list[dict[str
     return table
 
 
+def say_readings(*lines: str) -> None:
+    """Each reading on its own indented line, as written (no markup, soft-wrapped)."""
+    for line in lines:
+        err_console.print(f"  {line}", soft_wrap=True, markup=False)
+
+
 def render(report: dict[str, Any]) -> None:
     readings = report["readings"]
     say = err_console.print
@@ -80,41 +86,35 @@ def render(report: dict[str, Any]) -> None:
     )
     for name, group in report["gates"].items():
         say(gate_table(name, group))
-    for line in readings["gates"]:
-        say(f"  {line}", soft_wrap=True, markup=False)
+    say_readings(*readings["gates"])
     if report["gates_by"]:
         for name, values in report["gates_by"]["gates"].items():
             say(by_table(name, report["gates_by"]["feature"], report["gates"][name]["experts"], values))
-        for line in readings["gates_by"]:
-            say(f"  {line}", soft_wrap=True, markup=False)
+        say_readings(*readings["gates_by"])
     for layer, matrix in report["alpha"].items():
         say(matrix_table(f"cross-stitch alpha, {layer} (row k mixes into task k's column)", matrix))
-    for line in readings["alpha"]:
-        say(f"  {line}", soft_wrap=True, markup=False)
+    say_readings(*readings["alpha"])
     if report.get("masks"):
         say(
             matrix_table(
                 "sparse-sharing mask overlap (IoU of the kept weights)", report["masks"]["overlap"], diverging=False
             )
         )
-        for line in readings["masks"]:
-            say(f"  {line}", soft_wrap=True, markup=False)
+        say_readings(*readings["masks"])
     if report.get("gate_control"):
         for table in gate_control_tables(report["gate_control"]):
             say(table)
-        for line in readings["gate_control"]:
-            say(f"  {line}", soft_wrap=True, markup=False)
+        say_readings(*readings["gate_control"])
     if report.get("representations"):
         for history, matrix in report["representations"]["interest_cosine"].items():
             say(matrix_table(f"cosine between the tasks' interests in {history}", matrix))
-        for line in readings["representations"]:
-            say(f"  {line}", soft_wrap=True, markup=False)
+        say_readings(*readings["representations"])
     say(matrix_table("label correlation (Pearson; phi for binary pairs)", report["label_correlation"]))
     if report["conditional_positive_rate"]:
         say(matrix_table("P(column = 1 | row = 1)", report["conditional_positive_rate"], diverging=False))
-    say(f"  {readings['label_correlation']}", soft_wrap=True, markup=False)
+    say_readings(readings["label_correlation"])
     say(matrix_table("prediction correlation", report["prediction_correlation"]))
-    say(f"  {readings['prediction_correlation']}", soft_wrap=True, markup=False)
+    say_readings(readings["prediction_correlation"])
     if report["gradient_cosine"]:
         say(
             matrix_table(
@@ -129,14 +129,13 @@ def render(report: dict[str, Any]) -> None:
         )
         if len(report["gradient_cosine_by_layer"]) > 1:
             say(layer_table(report))
-    say(f"  {readings['gradient_cosine']}", soft_wrap=True, markup=False)
+    say_readings(readings["gradient_cosine"])
     if readings.get("history"):
-        say(f"  {readings['history']}", soft_wrap=True, markup=False)
+        say_readings(readings["history"])
     if report.get("importance"):
         for table in importance_tables(report["importance"]):
             say(table)
-        for line in readings["importance"]:
-            say(f"  {line}", soft_wrap=True, markup=False)
+        say_readings(*readings["importance"])
     for warning in report["warnings"]:
         say(f"[yellow]warning:[/] {warning}", soft_wrap=True)
 

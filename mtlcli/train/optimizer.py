@@ -48,22 +48,13 @@ def make_optimizer(
     Each group carries ``name``, ``base_lr``, ``scheduled`` and ``clipped``; checkpoints key the
     optimizer state by group name (``mtlcli.train.checkpoint``), so further groups can be added.
     """
-    groups: list[dict[str, Any]] = [
-        {"name": MODEL_GROUP, "params": model_params, "lr": settings.lr, "base_lr": settings.lr,
-         "weight_decay": settings.weight_decay, "scheduled": True, "clipped": True},
-    ]  # fmt: skip
+    groups = [param_group(MODEL_GROUP, model_params, settings.lr, settings.weight_decay, scheduled=True, clipped=True)]
     if strategy_params:
         lr = strategy_lr if strategy_lr is not None else settings.lr
-        groups.append(
-            {"name": STRATEGY_GROUP, "params": strategy_params, "lr": lr, "base_lr": lr,
-             "weight_decay": 0.0, "scheduled": False, "clipped": False}
-        )  # fmt: skip
+        groups.append(param_group(STRATEGY_GROUP, strategy_params, lr, 0.0, scheduled=False, clipped=False))
     if objective_params:
         lr = objective_lr if objective_lr is not None else settings.lr
-        groups.append(
-            {"name": OBJECTIVE_GROUP, "params": objective_params, "lr": lr, "base_lr": lr,
-             "weight_decay": 0.0, "scheduled": True, "clipped": True}
-        )  # fmt: skip
+        groups.append(param_group(OBJECTIVE_GROUP, objective_params, lr, 0.0, scheduled=True, clipped=True))
     if settings.optimizer == "adam":
         return torch.optim.Adam(groups, lr=settings.lr, fused=True)
     if settings.optimizer == "adamw":
@@ -71,6 +62,15 @@ def make_optimizer(
     if settings.optimizer == "adagrad":
         return torch.optim.Adagrad(groups, lr=settings.lr, foreach=True)
     return torch.optim.SGD(groups, lr=settings.lr, momentum=0.9, foreach=True)
+
+
+def param_group(
+    name: str, params: list[nn.Parameter], lr: float, weight_decay: float, *, scheduled: bool, clipped: bool
+) -> dict[str, Any]:
+    """One named group of ``make_optimizer`` starting at ``lr``, which is also its ``base_lr``
+    (the rate the schedule scales when the group is ``scheduled``)."""
+    return {"name": name, "params": params, "lr": lr, "base_lr": lr, "weight_decay": weight_decay,
+            "scheduled": scheduled, "clipped": clipped}  # fmt: skip
 
 
 def lr_factor(schedule: LrSchedule, step: int, total_steps: int, steps_per_epoch: int) -> float:

@@ -21,6 +21,7 @@ from mtlcli.recipe.schema import TrainSection
 from mtlcli.train.loop import FitResult, NullObserver, TrainingInterrupted, fit, make_optimizer
 from mtlcli.train.run import loaded_run, train_run
 from mtlcli.weighting import WEIGHTINGS, build_weighting
+from tests.helpers import three_opposed_tasks
 from tests.train.test_resume import CheckpointTo
 
 
@@ -89,13 +90,7 @@ def test_a_resumed_run_ends_with_the_uninterrupted_weights(update: str, tmp_path
     """Interrupted mid-epoch and resumed from the checkpoint: the contributions' averages, the
     negatives' generator and the epoch's count come back with the model, so every weight and
     buffer is bitwise the uninterrupted run's."""
-    inputs = InputSpec(cardinalities=[4, 6], n_numeric=2, tasks=["a", "b", "c"], task_types=["binary"] * 3)
-    gen = torch.Generator().manual_seed(0)
-    n = 300
-    cats = torch.stack([torch.randint(0, 4, (n,), generator=gen), torch.randint(0, 6, (n,), generator=gen)], 1)
-    numeric = torch.randn(n, 2, generator=gen)
-    labels = torch.stack([(cats[:, 0] < 2).float(), (numeric[:, 0] > 0).float(), (numeric[:, 0] < 0.3).float()], 1)
-    data = SplitTensors(cats, numeric, labels, torch.ones(n, 3, dtype=torch.bool))
+    inputs, data = three_opposed_tasks(torch.Generator().manual_seed(0))
     settings = TrainSection(epochs=3, batch_size=32, early_stopping=None, lr=0.01)
 
     def fresh() -> tuple[torch.nn.Module, Any, Any]:

@@ -9,18 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlcli.errors import MtlError
-from mtlcli.objectives.crossdistil import (
-    Calibrator,
-    calibration_loss,
-    choose_partners,
-    distill_weight,
-    distillation_loss,
-    error_correction_loss,
-    level_masks,
-    pairwise_accuracy,
-    quadruplet_loss,
-    quadruplet_terms,
-)
+from mtlcli.objectives import crossdistil as cd
 
 
 def softplus(x: float) -> float:
@@ -31,10 +20,10 @@ def test_augmented_levels_in_both_orders_on_the_common_rows_only() -> None:
     y_a = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 0.0])
     y_b = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0])
     both = torch.tensor([True, True, True, True, True, False])
-    a_plus = level_masks(y_a, y_b, both)
+    a_plus = cd.level_masks(y_a, y_b, both)
     assert a_plus.shape == (4, 6)
     assert [row.nonzero().flatten().tolist() for row in a_plus] == [[0, 4], [1], [2], [3]]
-    b_plus = level_masks(y_b, y_a, both)  # B first: (1,1), (0,1), (1,0), (0,0) in (y_A, y_B)
+    b_plus = cd.level_masks(y_b, y_a, both)  # B first: (1,1), (0,1), (1,0), (0,0) in (y_A, y_B)
     assert [row.nonzero().flatten().tolist() for row in b_plus] == [[0, 4], [2], [1], [3]]
 
 
@@ -48,7 +37,7 @@ def test_quadruplet_loss_is_the_mean_of_the_terms_present_with_an_empty_level() 
             [False, False, False, True, True],  # S4 = {3, 4}
         ]
     )
-    terms = quadruplet_terms(scores, levels)
+    terms = cd.quadruplet_terms(scores, levels)
     assert set(terms) == {(0, 1), (0, 3), (1, 3)}
     expected = {
         (0, 1): softplus(1.0 - 2.0),
@@ -57,12 +46,12 @@ def test_quadruplet_loss_is_the_mean_of_the_terms_present_with_an_empty_level() 
     }
     for pair, value in expected.items():
         assert terms[pair].item() == pytest.approx(value, abs=1e-12)
-    loss = quadruplet_loss(scores, levels)
+    loss = cd.quadruplet_loss(scores, levels)
     assert loss.item() == pytest.approx(sum(expected.values()) / 3, abs=1e-12)
     loss.backward()
     assert scores.grad is not None and scores.grad[2].item() == 0.0
     nothing = torch.zeros(4, 5, dtype=torch.bool)
-    empty = quadruplet_loss(scores, nothing)
+    empty = cd.quadruplet_loss(scores, nothing)
     assert empty.item() == 0.0 and empty.requires_grad
 
 
@@ -73,16 +62,16 @@ def test_pairs_beyond_max_pairs_are_drawn_uniformly_from_the_generator() -> None
     levels[3, 3:] = True  # one level pair of 9 pairs
     generator = torch.Generator().manual_seed(7)
     state = generator.get_state()
-    assert quadruplet_loss(scores, levels, max_pairs=9, generator=generator).item() == pytest.approx(
+    assert cd.quadruplet_loss(scores, levels, max_pairs=9, generator=generator).item() == pytest.approx(
         sum(softplus(float(scores[j] - scores[i])) for i in range(3) for j in range(3, 6)) / 9
     )
     assert torch.equal(generator.get_state(), state)  # all pairs: no draw
-    sampled = quadruplet_loss(scores, levels, max_pairs=4, generator=generator)
+    sampled = cd.quadruplet_loss(scores, levels, max_pairs=4, generator=generator)
     replay = torch.Generator().manual_seed(7)
     i = torch.randint(3, (4,), generator=replay)
     j = torch.randint(3, (4,), generator=replay) + 3
     assert sampled.item() == pytest.approx(float(torch.nn.functional.softplus(scores[j] - scores[i]).mean()))
-    again = quadruplet_loss(scores, levels, max_pairs=4, generator=torch.Generator().manual_seed(7))
+    again = cd.quadruplet_loss(scores, levels, max_pairs=4, generator=torch.Generator().manual_seed(7))
     assert torch.equal(again, sampled)  # same generator state, same pairs: resume stays exact
 
 
@@ -97,11 +86,11 @@ def test_pairwise_accuracy_counts_correctly_ordered_pairs_per_level_pair() -> No
         ]
     )
     # (0,1): 3>1 yes, 3>4 no; (0,3): both; (1,3): 1>0, 1=1 (half), 4>0, 4>1
-    assert pairwise_accuracy(scores, levels) == {(0, 1): 0.5, (0, 3): 1.0, (1, 3): 0.875}
+    assert cd.pairwise_accuracy(scores, levels) == {(0, 1): 0.5, (0, 3): 1.0, (1, 3): 0.875}
 
 
 def test_calibration_keeps_the_order_and_trains_the_calibrator_only() -> None:
-    calibrator = Calibrator()
+    calibrator = cd.Calibrator()
     scores = torch.tensor([0.3, -2.0, 1.5, 0.0, 7.0], requires_grad=True)
     assert torch.equal(calibrator(scores), scores)  # starts as the identity
     with torch.no_grad():
@@ -114,7 +103,7 @@ def test_calibration_keeps_the_order_and_trains_the_calibrator_only() -> None:
         calibrator.shift.fill_(0.5)
     labels = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0])
     rows = torch.tensor([True, True, False, False, False])
-    loss = calibration_loss(calibrator, scores, labels, rows)
+    loss = cd.calibration_loss(calibrator, scores, labels, rows)
     a = math.log(2.0)
     assert loss.item() == pytest.approx((softplus(-(a * 0.3 + 0.5)) + softplus(a * -2.0 + 0.5)) / 2, rel=1e-6)
     loss.backward()
@@ -123,13 +112,13 @@ def test_calibration_keeps_the_order_and_trains_the_calibrator_only() -> None:
 
 
 def test_distillation_term_and_its_linear_ramp() -> None:
-    assert [distill_weight(step, 10) for step in (0, 5, 10, 20)] == [0.0, 0.25, 0.5, 0.5]
-    assert distill_weight(0, 0) == 0.5
-    assert distill_weight(3, 4, weight=2.0) == 1.5
+    assert [cd.distill_weight(step, 10) for step in (0, 5, 10, 20)] == [0.0, 0.25, 0.5, 0.5]
+    assert cd.distill_weight(0, 0) == 0.5
+    assert cd.distill_weight(3, 4, weight=2.0) == 1.5
     student = torch.tensor([0.0, 2.0, 9.0], requires_grad=True)
     teacher = torch.tensor([0.25, 0.9, 0.0], requires_grad=True)
     rows = torch.tensor([True, True, False])
-    loss = distillation_loss(student, teacher, rows, weight=0.4)
+    loss = cd.distillation_loss(student, teacher, rows, weight=0.4)
 
     def bce(z: float, p: float) -> float:
         return p * softplus(-z) + (1 - p) * softplus(z)
@@ -146,19 +135,19 @@ def test_default_partner_is_the_most_correlated_task_in_absolute_value() -> None
     labels = torch.stack([a, b, c], 1)
     mask = torch.ones(6, 3, dtype=torch.bool)
     tasks, types = ["a", "b", "c"], ["binary"] * 3
-    assert choose_partners(labels, mask, tasks, types) == {"a": "c", "b": "a", "c": "a"}
-    assert choose_partners(labels, mask, tasks, types, {"a": "b"})["a"] == "b"
+    assert cd.choose_partners(labels, mask, tasks, types) == {"a": "c", "b": "a", "c": "a"}
+    assert cd.choose_partners(labels, mask, tasks, types, {"a": "b"})["a"] == "b"
     # c observed only where it is constant: a's partner is b, c has no defined correlation
     observed = mask.clone()
     observed[1::2, 2] = False
     with pytest.raises(MtlError, match="task 'c' has no partner"):
-        choose_partners(labels, observed, tasks, types)
+        cd.choose_partners(labels, observed, tasks, types)
     with pytest.raises(MtlError, match="task 'b' is a regression task"):
-        choose_partners(labels, mask, tasks, ["binary", "regression", "binary"])
+        cd.choose_partners(labels, mask, tasks, ["binary", "regression", "binary"])
     with pytest.raises(MtlError, match="'d', which is not a task"):
-        choose_partners(labels, mask, tasks, types, {"a": "d"})
+        cd.choose_partners(labels, mask, tasks, types, {"a": "d"})
     with pytest.raises(MtlError, match="'a' is given itself"):
-        choose_partners(labels, mask, tasks, types, {"a": "a"})
+        cd.choose_partners(labels, mask, tasks, types, {"a": "a"})
 
 
 def lookahead_by_hand(
@@ -185,7 +174,7 @@ def test_error_correction_gradient_matches_finite_differences() -> None:
     student = nn.Linear(3, 1).double()
     lr, beta = 0.8, 0.7
 
-    loss = error_correction_loss(
+    loss = cd.error_correction_loss(
         student, dict(student.named_parameters()), h, torch.sigmoid(x @ teacher_w), y, rows, lr, beta
     )
     v, c = student.weight.detach()[0], student.bias.detach()[0]
@@ -209,13 +198,13 @@ def test_calibration_fits_the_teachers_scale_and_shift() -> None:
     gen = torch.Generator().manual_seed(0)
     scores = torch.randn(4000, generator=gen)
     labels = (torch.rand(4000, generator=gen) < torch.sigmoid(2.0 * scores - 1.0)).float()
-    calibrator = Calibrator()
+    calibrator = cd.Calibrator()
     optimizer = torch.optim.LBFGS(calibrator.parameters(), max_iter=100, line_search_fn="strong_wolfe")
     rows = torch.ones(4000, dtype=torch.bool)
 
     def closure() -> Tensor:
         optimizer.zero_grad()
-        loss = calibration_loss(calibrator, scores, labels, rows)
+        loss = cd.calibration_loss(calibrator, scores, labels, rows)
         loss.backward()
         return loss
 
@@ -236,7 +225,7 @@ def test_error_correction_through_a_nonlinear_tower_matches_finite_differences()
     params = dict(student.named_parameters())
 
     def feedback(w: Tensor) -> Tensor:
-        return error_correction_loss(student, params, h, torch.sigmoid(x @ w), y, rows, lr=1.5, weight=1.0)
+        return cd.error_correction_loss(student, params, h, torch.sigmoid(x @ w), y, rows, lr=1.5, weight=1.0)
 
     (grad,) = torch.autograd.grad(feedback(teacher_w), teacher_w)
     eps = 1e-6

@@ -19,7 +19,7 @@ from mtlcli.models.blocks import use_sparse_rows
 from mtlcli.recipe.schema import EarlyStopping, TrainSection
 from mtlcli.train.loop import FitResult, NullObserver, TrainingDiverged, fit
 from mtlcli.weighting import WEIGHTINGS, build_weighting
-from tests.helpers import mtl
+from tests.helpers import mtl, three_opposed_tasks
 
 SETTINGS = ["train.epochs=4", "train.early_stopping=null", "train.threads=1"]
 
@@ -254,17 +254,12 @@ def resumes_to_the_same_weights(
     from mtlcli.train.loop import TrainingInterrupted, make_optimizer
 
     # three tasks, two of them opposed: PCGrad's random order and every balancing weight matter
-    inputs = InputSpec(cardinalities=[4, 6], n_numeric=2, tasks=["a", "b", "c"], task_types=["binary"] * 3)
     gen = torch.Generator().manual_seed(0)
-    n = 300
-    cats = torch.stack([torch.randint(0, 4, (n,), generator=gen), torch.randint(0, 6, (n,), generator=gen)], 1)
-    numeric = torch.randn(n, 2, generator=gen)
-    labels = torch.stack([(cats[:, 0] < 2).float(), (numeric[:, 0] > 0).float(), (numeric[:, 0] < 0.3).float()], 1)
-    data = SplitTensors(cats, numeric, labels, torch.ones(n, 3, dtype=torch.bool))
+    inputs, data = three_opposed_tasks(gen)
     valid = data
     if noisy_valid:  # labels of coin flips: the valid AUC wanders, so the best epoch is not the last
-        noise = torch.rand(n, 3, generator=gen).lt(0.5).float()
-        valid = SplitTensors(cats, numeric, noise, torch.ones(n, 3, dtype=torch.bool))
+        noise = torch.rand(data.labels.shape, generator=gen).lt(0.5).float()
+        valid = SplitTensors(data.categorical, data.numeric, noise, torch.ones_like(data.label_mask))
 
     def fresh() -> tuple[torch.nn.Module, object, torch.optim.Optimizer]:
         torch.manual_seed(0)
