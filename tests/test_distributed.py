@@ -1,8 +1,9 @@
 """Training on several processes: a run on 2 ranks (each taking its slice of every global batch,
 so that the ranks see different rows) reproduces the 1-process run with the same global batch,
-for every weighting strategy — per-step losses and final weights — and for a table that trains
-row-wise. Taking out any exchange (DDP's summing hook for the plain backward passes, the
-gradient sum, global counts, the per-task gradient sum of a gradient strategy, the union of rows)
+for every weighting strategy — per-step losses and final weights — for a table that trains
+row-wise and for csrec's own step (alternate and joint). Taking out any exchange (DDP's summing hook for the plain backward passes, the
+gradient sum, global counts, the per-task gradient sum of a gradient strategy, the union of rows,
+csrec's global negatives' losses, per-task gradient sum, global row counts or common generator)
 makes the ranks' steps differ from the one-process step; a gradient strategy that did not declare
 ``task_gradients`` would stop in DDP."""
 
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 from mtlcli import distributed
 from mtlcli.data.batch import SplitTensors
 from mtlcli.models import SCHEMES, InputSpec, build_model
+from mtlcli.models.base import scheme as scheme_of
 from mtlcli.models.blocks import use_sparse_rows
 from mtlcli.recipe.schema import TrainSection
 from mtlcli.train.loop import NullObserver, fit
@@ -39,12 +41,19 @@ CASES: list[tuple[str, str, str, dict[str, Any], bool]] = [
     ("gate-control", "mmoe", "equal", {}, False),
     ("gate-control-pcgrad", "mmoe", "pcgrad", {}, False),
     ("gate-control-cgc", "cgc", "equal", {}, False),
+    # csrec's own step: global losses of the subnets and negatives, per-task gradients summed
+    ("csrec-alternate", "csrec", "equal", {}, False),
+    ("csrec-joint", "csrec", "uncertainty", {}, True),
 ]
+# a short mask search (one round of pruning) so that the masks differ and the negatives swap entries
+CSREC: dict[str, Any] = {"bottom_units": [16, 8], "density": 0.5, "prune_rate": 0.5, "warmup_steps": 4}
 # the scheme's own parameters, by case name (defaults otherwise)
 SCHEME_PARAMS: dict[str, dict[str, Any]] = {
     "gate-control": {"gate_control": True, "n_experts": 4, "expert_kinds": ["mlp", "mlp", "fm", "cross"]},
     "gate-control-pcgrad": {"gate_control": True},
     "gate-control-cgc": {"gate_control": {"kappa": 2.0}},
+    "csrec-alternate": CSREC,
+    "csrec-joint": {**CSREC, "update": "joint"},
 }
 
 
@@ -73,6 +82,9 @@ def train(case: tuple[str, str, str, dict[str, Any], bool]) -> dict[str, Tensor]
     model = build_model(scheme, SCHEMES.get(scheme).params(**SCHEME_PARAMS.get(name, {})), INPUTS)
     if rows:
         use_sparse_rows(model)
+    search = scheme_of(model).capabilities.search
+    if search is not None:  # every rank searches the whole training split alike, as a run does
+        search(split(449, 1), 64, 0.1, 3)
     strategy = Recording(build_weighting(weighting, WEIGHTINGS.get(weighting).params(**params), TASKS))
     # 449 rows: each epoch ends on a batch of one row, and rank 1's slice of it is empty.
     # SGD: Adam's steps do not change when a gradient is scaled, and would hide an exchange that

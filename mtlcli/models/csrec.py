@@ -29,7 +29,6 @@ from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
 from mtlcli.data.source import BatchSource
-from mtlcli.errors import MtlError
 from mtlcli.models.base import Capabilities, InputSpec, register_scheme
 from mtlcli.models.contrastive_sharing import (
     CONTRASTIVE_WEIGHT,
@@ -156,28 +155,38 @@ class CSRec(nn.Module):
 
 def task_loss(z: Tensor, batch: Batch, k: int, binary: Tensor, pos_weight: Tensor | None) -> Tensor:
     """Task k's mean loss over its labelled rows from its logits z [B] (as the step's losses)."""
+    total, count = task_loss_sum(z, batch, k, binary, pos_weight)
+    return total / count.clamp_min(1.0)
+
+
+def task_loss_sum(z: Tensor, batch: Batch, k: int, binary: Tensor, pos_weight: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Task k's loss summed over its labelled rows from its logits z [B], and their count (scalars)."""
     y, keep = batch.labels[:, k], batch.label_mask[:, k].to(z.dtype)
     if bool(binary[k]):
         weight = None if pos_weight is None else pos_weight[k]
         per_row = F.binary_cross_entropy_with_logits(z, y, reduction="none", pos_weight=weight)
     else:
         per_row = (z - y) ** 2
-    return (per_row * keep).sum() / keep.sum().clamp_min(1.0)
+    return (per_row * keep).sum(), keep.sum()
 
 
 class ContrastiveStep:
-    """CSRec's training step (see the module's docstring). One process only."""
+    """CSRec's training step (see the module's docstring).
+
+    On several processes every value it decides from is the global batch's, so each rank takes
+    the one-process step: the losses of the tasks' subnets and of their negatives are global means
+    (one exchange of their sums and counts), the trained tasks' gradients on the shared weights
+    and the tasks' row counts are summed over the ranks in one all-reduce before the contributions,
+    the shares and the count of changed updates are computed from them; the rest of the model's
+    gradients are summed by the exchange's backward pass (``collectives``: the forward pass is
+    this step's own, not DDP's). The task in turn comes from the step's number and the negatives
+    from one generator seeded alike, so both are the same on every rank."""
 
     def __init__(self, parts: StepParts) -> None:
-        if parts.exchange.ranks.active:
-            raise MtlError(
-                "model.scheme: csrec trains on one process (its share rule works on every task's gradient "
-                "of the whole batch, which is not exchanged between processes)",
-                "run without --nproc (or with --nproc 1)",
-            )
         self.parts = parts
         self.model = cast(CSRec, parts.model)
         self.generator = torch.Generator()
+        parts.exchange.bind(parts.model)  # row-wise tables take the union of the ranks' rows
 
     def __call__(self, batch: Batch, at: StepAt) -> StepDone:
         p, m = self.parts, self.model
@@ -188,28 +197,36 @@ class ContrastiveStep:
         hidden = [m.net.masked_hidden(x, [mask[k] for mask in layer_masks]) for k in range(n_tasks)]
         logits = torch.stack([m.net.towers[t](h).squeeze(1) for t, h in zip(p.tasks, hidden, strict=True)], dim=1)
         sums, counts = task_loss_sums(logits, batch, p.binary, p.pos_weight)
-        losses = p.exchange.losses(sums, counts)
-        check_finite(losses, p.tasks, at)
         trained = [(at.number - 1) % n_tasks] if m.update == "alternate" else list(range(n_tasks))
+        negative_sums, negative_counts = self._negatives(x, batch, layer_masks, trained, at)
+        every = p.exchange.losses(torch.cat([sums, negative_sums]), torch.cat([counts.to(sums.dtype), negative_counts]))
+        losses, negatives = every[:n_tasks], every[n_tasks:].view(len(trained), len(negative_sums) // len(trained))
+        check_finite(losses, p.tasks, at)
         chosen = torch.zeros(n_tasks, dtype=torch.bool, device=losses.device)
         chosen[trained] = True
-        contrast = self._contrastive(x, batch, losses, layer_masks, trained, at)
+        contrast = self._contrastive(losses, negatives, trained)
 
         shared = [linear.weight for linear in m.net.linears()]
-        grads = [
-            torch.cat([g.flatten() for g in torch.autograd.grad(losses[k], shared, retain_graph=True)]) for k in trained
-        ]
+        grads = [self._flat_grad(losses[k], shared) for k in trained]
         extra = [self._flat_grad(contrast[k], shared) for k in trained]
         if contrast.requires_grad:  # CSRec's own term, weighed by λ alone
             contrast.sum().backward(retain_graph=True)
         weights = p.exchange.backward(p.strategy, torch.where(chosen, losses, losses.detach()), m).detach()
 
+        # the global batch's gradients [T', N] (the task's, the contrastive term's) and row counts [T]
+        local = torch.cat([torch.stack(grads).flatten(), torch.stack(extra).flatten(), counts.to(sums.dtype)])
+        summed = p.exchange.ranks.sum(local)
+        size = len(trained) * grads[0].numel()
+        global_grads = summed[:size].view(len(trained), -1)
+        global_extra = summed[size : 2 * size].view(len(trained), -1)
+        global_counts = summed[2 * size :]
+
         flat_weight = torch.cat([w.detach().flatten() for w in shared])
-        for k, g in zip(trained, grads, strict=True):
-            if bool(counts[k] > 0):  # a task without labelled rows in the batch measured nothing
+        for k, g in zip(trained, global_grads, strict=True):
+            if bool(global_counts[k] > 0):  # a task without labelled rows in the batch measured nothing
                 m.impact.update(k, contributions(flat_weight, g.unsqueeze(0))[0])
         pi = m.task_shares()
-        scaled = torch.stack([weights[k] * g + c for k, g, c in zip(trained, grads, extra, strict=True)])
+        scaled = torch.stack([weights[k] * g + c for k, g, c in zip(trained, global_grads, global_extra, strict=True)])
         update, count = apply_shares(scaled, pi[trained])
         offset = 0
         for w in shared:
@@ -222,36 +239,41 @@ class ContrastiveStep:
         p.optimizer.step(at.number)
         return StepDone(losses.detach(), weights * chosen, None, {SHARE_CHANGED: float(m.changed)})
 
-    def _contrastive(
-        self, x: Tensor, batch: Batch, losses: Tensor, layer_masks: list[Tensor], trained: list[int], at: StepAt
-    ) -> Tensor:
-        """Each trained task's contrastive subnet loss (0 for the others): [T]."""
+    def _negatives(
+        self, x: Tensor, batch: Batch, layer_masks: list[Tensor], trained: list[int], at: StepAt
+    ) -> tuple[Tensor, Tensor]:
+        """Each trained task's negative subnets' loss sums and row counts on this rank's rows, task
+        by task: [T' · negatives] each (empty without a contrastive term)."""
         p, m = self.parts, self.model
-        out = [losses.new_zeros(())] * len(p.tasks)
         if m.negatives == 0 or m.contrastive_weight == 0:
-            return torch.stack(out)
+            empty = x.new_zeros(0)
+            return empty, empty
         if at.number == 1:
             self.generator.manual_seed(p.settings.seed)
         else:
             self.generator.set_state(m.draws.cpu())
+        sums, counts = [], []
         for k in trained:
             drawn = [negative_masks(mask[k], self.generator, m.negatives, m.swap) for mask in layer_masks]
             tower = m.net.towers[p.tasks[k]]
-            negative = torch.stack(
-                [
-                    task_loss(
-                        tower(m.net.masked_hidden(x, [d[n] for d in drawn])).squeeze(1),
-                        batch,
-                        k,
-                        p.binary,
-                        p.pos_weight,
-                    )
-                    for n in range(m.negatives)
-                ]
-            )
-            out[k] = contrastive_subnet_loss(losses[k], negative, m.contrastive_weight, m.temperature)
+            for n in range(m.negatives):
+                z = tower(m.net.masked_hidden(x, [d[n] for d in drawn])).squeeze(1)
+                total, count = task_loss_sum(z, batch, k, p.binary, p.pos_weight)
+                sums.append(total)
+                counts.append(count)
         with torch.no_grad():
             m.draws.copy_(self.generator.get_state())
+        return torch.stack(sums), torch.stack(counts)
+
+    def _contrastive(self, losses: Tensor, negatives: Tensor, trained: list[int]) -> Tensor:
+        """Each trained task's contrastive subnet loss (0 for the others): [T]. losses: the tasks'
+        global losses [T]; negatives: the trained tasks' negatives' global losses [T', negatives]."""
+        m = self.model
+        out = [losses.new_zeros(())] * len(losses)
+        if negatives.shape[1] == 0:
+            return torch.stack(out)
+        for row, k in enumerate(trained):
+            out[k] = contrastive_subnet_loss(losses[k], negatives[row], m.contrastive_weight, m.temperature)
         return torch.stack(out)
 
     @staticmethod

@@ -5,7 +5,8 @@ declared capabilities (see ``mtlcli.distributed`` for the invariant every kind k
 - ``ddp``: the plain backward pass goes through ``DistributedDataParallel`` (its all-reduce
   overlaps the backward pass);
 - ``collectives``: a strategy that takes per-task gradients (``task_gradients``) sums them
-  itself over the ranks, on the bare model, and the rest is summed in one all-reduce.
+  itself over the ranks, on the bare model, and the rest is summed in one all-reduce; so does a
+  scheme's own step (``Capabilities.step``), which runs its forward passes on the bare model.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ class Exchange:
     checked: bool = field(default=False, init=False)  # DDP's every-parameter-used check, done once
 
     @classmethod
-    def choose(cls, ranks: Ranks, strategy: WeightingStrategy) -> Exchange:
-        return cls(ranks, ranks.active and not strategy.capabilities.task_gradients)
+    def choose(cls, ranks: Ranks, strategy: WeightingStrategy, own_step: bool = False) -> Exchange:
+        """``own_step``: the model's scheme trains by its own step (no DDP around its forward passes)."""
+        return cls(ranks, ranks.active and not strategy.capabilities.task_gradients and not own_step)
 
     @property
     def kind(self) -> str:

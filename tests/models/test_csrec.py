@@ -153,10 +153,11 @@ def test_explain_reports_each_layer_with_reliance_and_wins(census_runs: dict[str
     assert len(lines) == 1 + len(report["per_layer"]) and "conflicts won" in lines[1]
 
 
-def test_several_processes_are_refused_clearly() -> None:
-    """The share rule needs every task's gradient of the whole batch: csrec trains on one process."""
+def test_several_processes_exchange_by_collectives_not_ddp() -> None:
+    """csrec's step runs its forward passes on the bare model and sums the model's gradients
+    through the exchange (DDP would leave them unsummed); the equivalence of 2 ranks with one
+    process is in tests/test_distributed.py."""
     from mtlcli.distributed import Ranks
-    from mtlcli.errors import MtlError
     from mtlcli.models.csrec import ContrastiveStep
     from mtlcli.train.loop import build_parts
 
@@ -164,11 +165,10 @@ def test_several_processes_are_refused_clearly() -> None:
     model = build_model("csrec", SCHEMES.get("csrec").params(bottom_units=[4], tower_units=[2]), inputs)
     strategy = build_weighting("equal", WEIGHTINGS.get("equal").params(), inputs.tasks)
     settings = TrainSection(epochs=1, batch_size=8, early_stopping=None)
-    ContrastiveStep(build_parts(model, strategy, settings, inputs.tasks, inputs.task_types, 1))
+    assert build_parts(model, strategy, settings, inputs.tasks, inputs.task_types, 1).exchange.kind == "none"
     parts = build_parts(model, strategy, settings, inputs.tasks, inputs.task_types, 1, ranks=Ranks(0, 2))
-    with pytest.raises(MtlError, match="csrec trains on one process") as caught:
-        ContrastiveStep(parts)
-    assert "--nproc" in str(caught.value)
+    assert parts.exchange.kind == "collectives"
+    ContrastiveStep(parts)  # built without a refusal
 
 
 def test_the_step_scales_each_tasks_gradient_on_a_conflicting_weight_by_its_share() -> None:
