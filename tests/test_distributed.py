@@ -20,9 +20,11 @@ from torch import Tensor, nn
 from mtlcli import distributed
 from mtlcli.data.batch import SplitTensors
 from mtlcli.models import SCHEMES, InputSpec, build_model
+from mtlcli.models.base import scheme
 from mtlcli.models.blocks import use_sparse_rows
-from mtlcli.recipe.schema import TrainSection
-from mtlcli.train.loop import NullObserver, fit
+from mtlcli.objectives.training import CrossDistil
+from mtlcli.recipe.schema import ObjectiveSection, TrainSection
+from mtlcli.train.loop import FitResult, LoopState, NullObserver, build_parts, fit, make_step, train_loop
 from mtlcli.weighting import WEIGHTINGS, build_weighting
 from mtlcli.weighting.base import StrategyCapabilities, WeightingStrategy
 from tests.helpers import click_buy_split
@@ -39,12 +41,23 @@ CASES: list[tuple[str, str, str, dict[str, Any], bool]] = [
     ("gate-control", "mmoe", "equal", {}, False),
     ("gate-control-pcgrad", "mmoe", "pcgrad", {}, False),
     ("gate-control-cgc", "cgc", "equal", {}, False),
+    # CrossDistil: pairs over the gathered global batch, global means, the teachers' gradients summed
+    ("crossdistil", "mmoe", "equal", {}, False),
+    ("crossdistil-no-correction", "mmoe", "uncertainty", {}, False),
 ]
 # the scheme's own parameters, by case name (defaults otherwise)
 SCHEME_PARAMS: dict[str, dict[str, Any]] = {
     "gate-control": {"gate_control": True, "n_experts": 4, "expert_kinds": ["mlp", "mlp", "fm", "cross"]},
     "gate-control-pcgrad": {"gate_control": True},
     "gate-control-cgc": {"gate_control": {"kappa": 2.0}},
+}
+# the training objective, by case name (none otherwise); 64-row batches have more than
+# max_pairs pairs per level pair, so the pairs are drawn
+OBJECTIVES: dict[str, ObjectiveSection] = {
+    "crossdistil": ObjectiveSection(kind="crossdistil", warmup_steps=3, max_pairs=64),
+    "crossdistil-no-correction": ObjectiveSection(
+        kind="crossdistil", warmup_steps=3, max_pairs=64, error_correction=False
+    ),
 }
 
 
@@ -78,11 +91,32 @@ def train(case: tuple[str, str, str, dict[str, Any], bool]) -> dict[str, Tensor]
     # SGD: Adam's steps do not change when a gradient is scaled, and would hide an exchange that
     # gets a gradient's size wrong (e.g. GradNorm's norms from one rank's rows)
     settings = TrainSection(epochs=2, batch_size=64, early_stopping=None, lr=0.1, seed=3, optimizer="sgd")
-    result = fit(model, strategy, split(449, 1), split(100, 2), settings, TASKS, ["binary"] * 2, NullObserver())
+    if name in OBJECTIVES:
+        result, teachers = with_objective(model, strategy, OBJECTIVES[name], settings)
+    else:
+        result, teachers = (
+            fit(model, strategy, split(449, 1), split(100, 2), settings, TASKS, ["binary"] * 2, NullObserver()),
+            {},
+        )
     out = {f"param.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    out.update({f"param.teachers.{k}": v.detach().clone() for k, v in teachers.items()})
     out["losses"] = torch.stack(strategy.steps)
     out["valid_auc"] = torch.tensor([result.history[-1]["valid"][t]["auc"] for t in TASKS])
     return out
+
+
+def with_objective(
+    model: nn.Module, strategy: WeightingStrategy, section: ObjectiveSection, settings: TrainSection
+) -> tuple[FitResult, dict[str, Tensor]]:
+    """``fit`` with CrossDistil over ``model``; returns the result and the teachers' state."""
+    towers = scheme(model).capabilities.task_towers
+    assert towers is not None
+    objective = CrossDistil(section, towers, TASKS, {"click": "buy", "buy": "click"}, {}, 3, 5, torch.device("cpu"))
+    train_data = split(449, 1)
+    steps = train_data.steps(settings.batch_size)
+    parts = build_parts(model, strategy, settings, TASKS, ["binary"] * 2, steps, objective=objective)
+    result = train_loop(parts, make_step(parts), train_data, split(100, 2), ["binary"] * 2, NullObserver(), LoopState())
+    return result, objective.teachers.state_dict()
 
 
 def rank_main(rank: int, world: int, store: str, out: str) -> None:
