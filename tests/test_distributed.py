@@ -24,6 +24,7 @@ from mtlcli.models.base import scheme
 from mtlcli.models.blocks import use_sparse_rows
 from mtlcli.objectives.training import CrossDistil
 from mtlcli.recipe.schema import ObjectiveSection, TrainSection
+from mtlcli.train.exchange import Exchange
 from mtlcli.train.loop import FitResult, LoopState, NullObserver, build_parts, fit, make_step, train_loop
 from mtlcli.weighting import WEIGHTINGS, build_weighting
 from mtlcli.weighting.base import StrategyCapabilities, WeightingStrategy
@@ -155,6 +156,35 @@ def test_alone_every_exchange_is_the_identity() -> None:
     x = torch.arange(6.0).view(3, 2)
     assert not ranks.active and ranks.sum(x) is x and ranks.gather(x) is x and ranks.any(True)
     assert torch.equal(distributed.global_losses(x[0], torch.tensor([2.0, 0.0]), ranks), torch.tensor([0.0, 1.0]))
+    assert Exchange(ranks, ddp=False).batch_rows(x) is x
+
+
+def rows_main(rank: int, world: int, store: str, out: str) -> None:
+    distributed.join("gloo", f"file://{store}", rank, world)
+    try:
+        exchange = Exchange(distributed.current(), ddp=False)
+        own = torch.arange(3.0 * rank, 3.0 * rank + 3 - 2 * rank).requires_grad_()  # 3 rows, then 1
+        rows = exchange.batch_rows(own)
+        (rows * torch.arange(1.0, 5.0)).sum().backward()  # every rank: the whole batch's loss
+        flags = exchange.batch_rows(own.detach() > 1.5)
+        assert own.grad is not None
+        save_file(
+            {"rows": rows.detach(), "grad": own.grad, "flags": flags.to(torch.uint8)}, f"{out}/{rank}.safetensors"
+        )
+    finally:
+        distributed.leave()
+
+
+def test_a_rank_gets_the_global_batch_in_rank_order_its_own_rows_alone_keeping_their_graph() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(rows_main, args=(2, f"{tmp}/store", tmp), nprocs=2, join=True)
+        first, second = (load_file(f"{tmp}/{rank}.safetensors") for rank in range(2))
+    for got in (first, second):
+        assert torch.equal(got["rows"], torch.tensor([0.0, 1.0, 2.0, 3.0]))
+        assert torch.equal(got["flags"], torch.tensor([0, 0, 1, 1], dtype=torch.uint8))
+    assert torch.equal(first["grad"], torch.tensor([1.0, 2.0, 3.0])) and torch.equal(
+        second["grad"], torch.tensor([4.0])
+    )
 
 
 def unused_main(rank: int, world: int, store: str, out: str) -> None:
