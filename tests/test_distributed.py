@@ -23,8 +23,10 @@ from mtlcli.data.batch import SplitTensors
 from mtlcli.models import SCHEMES, InputSpec, build_model
 from mtlcli.models.base import scheme as scheme_of
 from mtlcli.models.blocks import use_sparse_rows
-from mtlcli.recipe.schema import TrainSection
-from mtlcli.train.loop import NullObserver, fit
+from mtlcli.objectives.training import CrossDistil
+from mtlcli.recipe.schema import ObjectiveSection, TrainSection
+from mtlcli.train.exchange import Exchange
+from mtlcli.train.loop import FitResult, LoopState, NullObserver, build_parts, fit, make_step, train_loop
 from mtlcli.weighting import WEIGHTINGS, build_weighting
 from mtlcli.weighting.base import StrategyCapabilities, WeightingStrategy
 from tests.helpers import click_buy_split
@@ -44,6 +46,9 @@ CASES: list[tuple[str, str, str, dict[str, Any], bool]] = [
     # csrec's own step: global losses of the subnets and negatives, per-task gradients summed
     ("csrec-alternate", "csrec", "equal", {}, False),
     ("csrec-joint", "csrec", "uncertainty", {}, True),
+    # CrossDistil: pairs over the gathered global batch, global means, the teachers' gradients summed
+    ("crossdistil", "mmoe", "equal", {}, False),
+    ("crossdistil-no-correction", "mmoe", "uncertainty", {}, False),
 ]
 # a short mask search (one round of pruning) so that the masks differ and the negatives swap entries
 CSREC: dict[str, Any] = {"bottom_units": [16, 8], "density": 0.5, "prune_rate": 0.5, "warmup_steps": 4}
@@ -54,6 +59,14 @@ SCHEME_PARAMS: dict[str, dict[str, Any]] = {
     "gate-control-cgc": {"gate_control": {"kappa": 2.0}},
     "csrec-alternate": CSREC,
     "csrec-joint": {**CSREC, "update": "joint"},
+}
+# the training objective, by case name (none otherwise); 64-row batches have more than
+# max_pairs pairs per level pair, so the pairs are drawn
+OBJECTIVES: dict[str, ObjectiveSection] = {
+    "crossdistil": ObjectiveSection(kind="crossdistil", warmup_steps=3, max_pairs=64),
+    "crossdistil-no-correction": ObjectiveSection(
+        kind="crossdistil", warmup_steps=3, max_pairs=64, error_correction=False
+    ),
 }
 
 
@@ -90,11 +103,32 @@ def train(case: tuple[str, str, str, dict[str, Any], bool]) -> dict[str, Tensor]
     # SGD: Adam's steps do not change when a gradient is scaled, and would hide an exchange that
     # gets a gradient's size wrong (e.g. GradNorm's norms from one rank's rows)
     settings = TrainSection(epochs=2, batch_size=64, early_stopping=None, lr=0.1, seed=3, optimizer="sgd")
-    result = fit(model, strategy, split(449, 1), split(100, 2), settings, TASKS, ["binary"] * 2, NullObserver())
+    if name in OBJECTIVES:
+        result, teachers = with_objective(model, strategy, OBJECTIVES[name], settings)
+    else:
+        result, teachers = (
+            fit(model, strategy, split(449, 1), split(100, 2), settings, TASKS, ["binary"] * 2, NullObserver()),
+            {},
+        )
     out = {f"param.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    out.update({f"param.teachers.{k}": v.detach().clone() for k, v in teachers.items()})
     out["losses"] = torch.stack(strategy.steps)
     out["valid_auc"] = torch.tensor([result.history[-1]["valid"][t]["auc"] for t in TASKS])
     return out
+
+
+def with_objective(
+    model: nn.Module, strategy: WeightingStrategy, section: ObjectiveSection, settings: TrainSection
+) -> tuple[FitResult, dict[str, Tensor]]:
+    """``fit`` with CrossDistil over ``model``; returns the result and the teachers' state."""
+    towers = scheme_of(model).capabilities.task_towers
+    assert towers is not None
+    objective = CrossDistil(section, towers, TASKS, {"click": "buy", "buy": "click"}, {}, 3, 5, torch.device("cpu"))
+    train_data = split(449, 1)
+    steps = train_data.steps(settings.batch_size)
+    parts = build_parts(model, strategy, settings, TASKS, ["binary"] * 2, steps, objective=objective)
+    result = train_loop(parts, make_step(parts), train_data, split(100, 2), ["binary"] * 2, NullObserver(), LoopState())
+    return result, objective.teachers.state_dict()
 
 
 def rank_main(rank: int, world: int, store: str, out: str) -> None:
@@ -133,6 +167,35 @@ def test_alone_every_exchange_is_the_identity() -> None:
     x = torch.arange(6.0).view(3, 2)
     assert not ranks.active and ranks.sum(x) is x and ranks.gather(x) is x and ranks.any(True)
     assert torch.equal(distributed.global_losses(x[0], torch.tensor([2.0, 0.0]), ranks), torch.tensor([0.0, 1.0]))
+    assert Exchange(ranks, ddp=False).batch_rows(x) is x
+
+
+def rows_main(rank: int, world: int, store: str, out: str) -> None:
+    distributed.join("gloo", f"file://{store}", rank, world)
+    try:
+        exchange = Exchange(distributed.current(), ddp=False)
+        own = torch.arange(3.0 * rank, 3.0 * rank + 3 - 2 * rank).requires_grad_()  # 3 rows, then 1
+        rows = exchange.batch_rows(own)
+        (rows * torch.arange(1.0, 5.0)).sum().backward()  # every rank: the whole batch's loss
+        flags = exchange.batch_rows(own.detach() > 1.5)
+        assert own.grad is not None
+        save_file(
+            {"rows": rows.detach(), "grad": own.grad, "flags": flags.to(torch.uint8)}, f"{out}/{rank}.safetensors"
+        )
+    finally:
+        distributed.leave()
+
+
+def test_a_rank_gets_the_global_batch_in_rank_order_its_own_rows_alone_keeping_their_graph() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(rows_main, args=(2, f"{tmp}/store", tmp), nprocs=2, join=True)
+        first, second = (load_file(f"{tmp}/{rank}.safetensors") for rank in range(2))
+    for got in (first, second):
+        assert torch.equal(got["rows"], torch.tensor([0.0, 1.0, 2.0, 3.0]))
+        assert torch.equal(got["flags"], torch.tensor([0, 0, 1, 1], dtype=torch.uint8))
+    assert torch.equal(first["grad"], torch.tensor([1.0, 2.0, 3.0])) and torch.equal(
+        second["grad"], torch.tensor([4.0])
+    )
 
 
 def unused_main(rank: int, world: int, store: str, out: str) -> None:

@@ -18,6 +18,12 @@ Each step trains two parameter groups in turn:
 A partner whose training labels correlate negatively with the task's enters the order flipped
 (1 − y) unless ``orient_partner`` is false: the order then still agrees with the task's own.
 
+On several processes the step keeps the invariant of ``mtlcli.distributed``: the pairwise terms
+are computed on the global batch's rows gathered through the exchange (``Exchange.batch_rows``:
+the same value and pairs on every rank, the gradient reaching the rank's own rows), the per-row
+means use the global counts, and after each backward pass the model's and the teachers'
+gradients are summed over the ranks.
+
 The teachers' parameters are the optimizer group ``objective``; the model group's state is shared
 by both updates (the shared layers move in both). Bundles carry the model only.
 """
@@ -28,6 +34,7 @@ import copy
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
@@ -39,10 +46,8 @@ from mtlcli.models.blocks import trainable_tensors
 from mtlcli.models.views import TaskTowers
 from mtlcli.objectives.crossdistil import (
     Calibrator,
-    calibration_loss,
     choose_partners,
     distill_weight,
-    distillation_loss,
     error_correction_loss,
     level_masks,
     level_pairs,
@@ -50,6 +55,7 @@ from mtlcli.objectives.crossdistil import (
     quadruplet_loss,
 )
 from mtlcli.recipe.schema import ObjectiveSection
+from mtlcli.train.exchange import Exchange
 from mtlcli.train.losses import check_finite, task_loss_sums
 from mtlcli.train.step import StepAt, StepDone, StepParts
 from mtlcli.weighting.gradients import shared_task_gradients
@@ -158,35 +164,51 @@ class CrossDistil:
         """The task towers' logits [B, T] from their inputs."""
         return torch.cat([self.towers.towers[t](inputs[k]) for k, t in enumerate(self.tasks)], dim=1)
 
-    def teacher_loss(self, inputs: list[Tensor], batch: Batch, beta: float, student_lr: float) -> Tensor:
+    def teacher_loss(
+        self, inputs: list[Tensor], batch: Batch, beta: float, student_lr: float, exchange: Exchange
+    ) -> Tensor:
         """The teachers' update loss over every task (quadruplet + calibration + error correction),
-        counting the epoch's quadruplet losses and pairwise accuracies. inputs: T x [B, H_k]."""
-        labels, mask = batch.labels, batch.label_mask
-        scores = self.teachers.scores(inputs)
-        total = scores.sum() * 0.0
-        for k, task in enumerate(self.tasks):
+        counting the epoch's quadruplet losses and pairwise accuracies. inputs: T x [B_rank, H_k].
+        The quadruplet and error-correction terms pair rows across the global batch: they are
+        computed on the ranks' rows gathered (``Exchange.batch_rows``), the same value and pairs
+        on every rank, each rank's gradient reaching its own rows; the calibration is a mean over
+        the global rows (``Exchange.losses``)."""
+        own_labels, own_mask = batch.labels, batch.label_mask
+        own_scores = self.teachers.scores(inputs)
+        scores, labels = exchange.batch_rows(own_scores), exchange.batch_rows(own_labels)
+        mask = exchange.batch_rows(own_mask)
+        sums = [
+            bce_sum(self.teachers.calibrator(t)(own_scores[:, k].detach()), own_labels[:, k], own_mask[:, k])
+            for k, t in enumerate(self.tasks)
+        ]
+        total = exchange.losses(torch.stack(sums), own_mask.sum(0).to(own_scores.dtype)).sum()
+        for k in range(len(self.tasks)):
             j = self.partner_index[k]
             partner = 1.0 - labels[:, j] if self.flipped[k] else labels[:, j]
             levels = level_masks(labels[:, k], partner, mask[:, k] & mask[:, j])
             quad = quadruplet_loss(scores[:, k], levels, self.section.max_pairs, self.generator)
-            calibration = calibration_loss(self.teachers.calibrator(task), scores[:, k], labels[:, k], mask[:, k])
-            total = total + quad + calibration
+            total = total + quad
             if self.section.error_correction and beta > 0:
-                total = total + self.feedback(k, inputs[k].detach(), labels[:, k], mask[:, k], beta, student_lr)
+                total = total + self.feedback(
+                    k, inputs[k].detach(), labels[:, k], mask[:, k], beta, student_lr, exchange
+                )
             self.count_order(k, scores[:, k].detach(), levels, quad.detach())
         return total
 
-    def feedback(self, k: int, inputs: Tensor, labels: Tensor, rows: Tensor, beta: float, lr: float) -> Tensor:
+    def feedback(
+        self, k: int, inputs: Tensor, labels: Tensor, rows: Tensor, beta: float, lr: float, exchange: Exchange
+    ) -> Tensor:
         """Task k's error-correction term: its tower's loss after a look-ahead step on the
-        distillation loss, differentiable in the teacher tower only (the tower in eval mode)."""
+        distillation loss, differentiable in the teacher tower only (the tower in eval mode), over
+        the global batch (inputs [B_rank, H]: this rank's; labels, rows [B]: the global batch's)."""
         task = self.tasks[k]
         student, calibrator = self.towers.towers[task], self.teachers.calibrator(task)
-        score = self.teachers.towers[task](inputs).reshape(-1)
+        score = exchange.batch_rows(self.teachers.towers[task](inputs).reshape(-1))
         probs = torch.sigmoid(calibrator.scale().detach() * score + calibrator.shift.detach())
         was_training = student.training
         student.eval()
         params = dict(student.named_parameters())
-        loss = error_correction_loss(student, params, inputs, probs, labels, rows, lr, beta)
+        loss = error_correction_loss(student, params, exchange.batch_rows(inputs), probs, labels, rows, lr, beta)
         student.train(was_training)
         return loss
 
@@ -215,6 +237,8 @@ class CrossDistilStep:
         self.track = parts.settings.track_gradients or 0
         shared = scheme(parts.model).parameter_groups()["shared"] if self.track else {}
         self.shared = list(trainable_tensors(parts.model, shared).values())
+        # the backward passes run on the bare model: its gradients are summed after each
+        self.exchange = Exchange(parts.exchange.ranks, ddp=False)
 
     def __call__(self, batch: Batch, at: StepAt) -> StepDone:
         p, o = self.parts, self.objective
@@ -223,40 +247,41 @@ class CrossDistilStep:
         p.optimizer.zero_grad()
         inputs = o.towers.inputs(batch)
         logits = o.student_logits(inputs)
-        losses = p.exchange.losses(*task_loss_sums(logits, batch, p.binary, p.pos_weight))
+        losses = self.exchange.losses(*task_loss_sums(logits, batch, p.binary, p.pos_weight))
         check_finite(losses, p.tasks, at)
         tracked = self.track and at.number % self.track == 0 and self.shared
-        grads = shared_task_gradients(losses, self.shared) if tracked else None
+        grads = self.exchange.ranks.sum(shared_task_gradients(losses, self.shared)) if tracked else None
         with torch.no_grad():
             probs = torch.sigmoid(o.teachers.calibrated(o.teachers.scores(inputs)))
         mask = batch.label_mask
-        distill = torch.stack(
-            [distillation_loss(logits[:, k], probs[:, k], mask[:, k], beta) for k in range(len(o.tasks))]
-        )
+        sums = [bce_sum(logits[:, k], probs[:, k], mask[:, k]) for k in range(len(o.tasks))]
+        distill = beta * self.exchange.losses(torch.stack(sums), mask.sum(0).to(logits.dtype))
         if beta > 0:
             distill.sum().backward(retain_graph=True)
-        weights = p.exchange.backward(p.strategy, losses, p.model)
+        weights = self.exchange.backward(p.strategy, losses, p.model)
         p.optimizer.step(at.number)
         # (2) teachers (and the shared layers below them): students frozen
         p.optimizer.zero_grad()
-        o.teacher_loss(o.towers.inputs(batch), batch, beta, p.optimizer.lr).backward()
+        o.teacher_loss(o.towers.inputs(batch), batch, beta, p.optimizer.lr, self.exchange).backward()
         for param in self.students:
             param.grad = None
+        self.exchange.sum_gradients(p.model, o.parameters())
         p.optimizer.step(at.number)
         o.sums["distill"] += distill.detach().cpu()
         o.sums["steps"] += 1
         return StepDone(losses.detach(), weights.detach(), grads)
 
 
-def refuse_objective(world: int, task_gradients: bool) -> None:
-    """What CrossDistil cannot train with: several processes (its pairs and teacher scores are per
-    process), a weighting that combines per-task gradients (the student update adds the
-    distillation's gradients beside the weighting's)."""
-    if world > 1:
-        raise MtlError(
-            "objective: crossdistil trains in one process only (its ranking pairs are drawn per process)",
-            "train without --nproc, or drop the objective section",
-        )
+def bce_sum(logits: Tensor, targets: Tensor, rows: Tensor) -> Tensor:
+    """The sum of the binary cross-entropy with logits over ``rows`` (targets may be soft): a
+    rank's part of a mean over the global batch's rows. logits, targets: [B]; rows: bool [B]."""
+    losses = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return torch.where(rows, losses, torch.zeros_like(losses)).sum()
+
+
+def refuse_objective(task_gradients: bool) -> None:
+    """What CrossDistil cannot train with: a weighting that combines per-task gradients (the
+    student update adds the distillation's gradients beside the weighting's)."""
     if task_gradients:
         raise MtlError(
             "objective: crossdistil adds its distillation gradients beside the weighting's, and this "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 from mtlcli import distributed
@@ -67,3 +68,28 @@ class Exchange:
         own = list(strategy.capabilities.parameters)
         distributed.sum_gradients(model, own, self.ranks, summed_by_ddp=self.ddp)
         return weights
+
+    def batch_rows(self, x: Tensor) -> Tensor:
+        """The global batch's rows of ``x`` [B_rank, ...] -> [B, ...], in rank order (the one
+        process's order): this rank's slice is ``x`` itself (its graph kept), the other ranks'
+        are values without a graph, so a loss of the whole batch computed on every rank sends
+        each rank's gradient to its own rows only, and the ranks' gradients add up to the
+        one-process gradient. Booleans travel as bytes. ``x`` itself when alone."""
+        if not self.ranks.active:
+            return x
+        flag = x.dtype == torch.bool
+        values = self.ranks.gather(x.detach().to(torch.uint8) if flag else x.detach())
+        values = values.bool() if flag else values
+        sizes = self.ranks.gather(torch.tensor([x.shape[0]], device=x.device))
+        start = int(sizes[: self.ranks.rank].sum())
+        return torch.cat([values[:start], x, values[start + x.shape[0] :]])
+
+    def sum_gradients(self, model: nn.Module, others: list[nn.Parameter]) -> None:
+        """Sum the gradients of ``model`` and of ``others`` (parameters outside it, e.g. a training
+        objective's) over the ranks, for a step that ran its backward pass on the bare model."""
+        if not self.ranks.active:
+            return
+        distributed.sum_gradients(model, [], self.ranks)
+        for param in others:
+            if param.grad is not None:
+                param.grad.copy_(self.ranks.sum(param.grad))

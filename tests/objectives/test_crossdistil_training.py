@@ -204,12 +204,10 @@ def test_each_update_moves_its_own_group_and_the_feedback_reaches_the_teachers()
 # --- refusals ------------------------------------------------------------------------------------
 
 
-def test_several_processes_and_gradient_combining_weightings_are_refused() -> None:
-    with pytest.raises(MtlError, match="one process"):
-        refuse_objective(2, False)
+def test_gradient_combining_weightings_are_refused() -> None:
     with pytest.raises(MtlError, match="loss-based weighting"):
-        refuse_objective(1, True)
-    refuse_objective(1, False)
+        refuse_objective(True)
+    refuse_objective(False)
 
 
 @pytest.mark.parametrize(
@@ -228,14 +226,11 @@ def test_recipe_errors_are_named(sets: list[str], words: str, tmp_path: Path) ->
     assert words in result.output and "Traceback" not in result.output
 
 
-def test_a_scheme_without_task_towers_a_gradient_weighting_and_several_processes_are_refused(
-    census_file: Path, tmp_path: Path
-) -> None:
+def test_a_scheme_without_task_towers_and_a_gradient_weighting_are_refused(census_file: Path, tmp_path: Path) -> None:
     common = [*SHORT, "train.epochs=1", f"data.cache_dir={tmp_path / 'cache'}"]
     for extra, words, options in (
         (["model={scheme: cross_stitch}"], "does not declare", []),
         (["loss.weighting=pcgrad"], "loss-based weighting", []),
-        ([], "one process only", ["--nproc", "2"]),
     ):
         args = [part for item in [*common, *extra] for part in ("--set", item)]
         result = invoke("train", RECIPE, "--out", tmp_path / "run", "--force", "--quiet", *options, *args)
