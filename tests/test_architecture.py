@@ -132,3 +132,28 @@ def test_no_comparison_with_a_component_name_outside_its_file(registry: str) -> 
                 if named and file != component_file(constant.value, registry):  # type: ignore[attr-defined]
                     offending.append(f"mtlcli/{file}:{node.lineno}: compares with {constant.value!r}")
     assert not offending, "ask the component's capabilities instead:\n" + "\n".join(offending)
+
+
+IMPORT_EACH_FIRST = """
+import importlib, pkgutil, sys
+import mtlcli
+names = sorted(m.name for m in pkgutil.walk_packages(mtlcli.__path__, "mtlcli."))
+for name in names:
+    for key in [k for k in sys.modules if k == "mtlcli" or k.startswith("mtlcli.")]:
+        del sys.modules[key]
+    try:
+        importlib.import_module(name)
+    except ImportError as exc:
+        print(f"{name}: {exc}")
+"""
+
+
+def test_every_module_can_be_imported_first() -> None:
+    """A user's plugin or script may import any module first (``mtlcli.weighting``, say): no
+    import cycle may depend on which module comes first. Each is imported in a fresh mtlcli."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", IMPORT_EACH_FIRST], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "", done.stdout

@@ -20,7 +20,7 @@ share rule changed are buffers, so a checkpoint carries them and a resumed run c
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal, cast
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,9 @@ from mtlcli.models.contrastive_sharing import (
 from mtlcli.models.sparse_sharing import SparseSharing, SparseSharingParams
 from mtlcli.models.views import Introspection
 from mtlcli.train.losses import check_finite, task_loss_sums
-from mtlcli.train.step import StepAt, StepDone, StepParts
+
+if TYPE_CHECKING:
+    from mtlcli.train.step import StepAt, StepDone, StepParts
 from mtlcli.weighting.base import build_weighting
 
 SHARE_CHANGED = "share_changed"  # the epoch record's count of weight updates the share rule scaled down
@@ -237,6 +239,8 @@ class ContrastiveStep:
                 m.changed.zero_()
             m.changed += count
         p.optimizer.step(at.number)
+        from mtlcli.train.step import StepDone  # at run time: train.step imports the models and weightings
+
         return StepDone(losses.detach(), weights * chosen, None, {SHARE_CHANGED: float(m.changed)})
 
     def _negatives(

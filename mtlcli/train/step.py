@@ -18,12 +18,12 @@ from mtlcli.models.blocks import trainable_tensors
 from mtlcli.recipe.schema import TrainSection
 from mtlcli.train.exchange import Exchange
 from mtlcli.train.losses import check_finite, task_loss_sums
-from mtlcli.train.optimizer import TrainingOptimizer
 from mtlcli.weighting.base import WeightingStrategy
 from mtlcli.weighting.gradients import shared_task_gradients
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the optimizer's module imports the models, whose schemes import this one
     from mtlcli.objectives.base import TrainingObjective
+    from mtlcli.train.optimizer import TrainingOptimizer
 
 
 @dataclass(frozen=True)
