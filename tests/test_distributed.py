@@ -49,6 +49,7 @@ CASES: list[tuple[str, str, str, dict[str, Any], bool]] = [
     # CrossDistil: pairs over the gathered global batch, global means, the teachers' gradients summed
     ("crossdistil", "mmoe", "equal", {}, False),
     ("crossdistil-no-correction", "mmoe", "uncertainty", {}, False),
+    ("crossdistil-rows", "mmoe", "equal", {}, True),  # row-wise tables: the ranks' rows taken together
 ]
 # a short mask search (one round of pruning) so that the masks differ and the negatives swap entries
 CSREC: dict[str, Any] = {"bottom_units": [16, 8], "density": 0.5, "prune_rate": 0.5, "warmup_steps": 4}
@@ -67,6 +68,7 @@ OBJECTIVES: dict[str, ObjectiveSection] = {
     "crossdistil-no-correction": ObjectiveSection(
         kind="crossdistil", warmup_steps=3, max_pairs=64, error_correction=False
     ),
+    "crossdistil-rows": ObjectiveSection(kind="crossdistil", warmup_steps=3, max_pairs=64),
 }
 
 

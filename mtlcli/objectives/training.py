@@ -237,8 +237,10 @@ class CrossDistilStep:
         self.track = parts.settings.track_gradients or 0
         shared = scheme(parts.model).parameter_groups()["shared"] if self.track else {}
         self.shared = list(trainable_tensors(parts.model, shared).values())
-        # the backward passes run on the bare model: its gradients are summed after each
-        self.exchange = Exchange(parts.exchange.ranks, ddp=False)
+        # the backward passes run on the bare model (the exchange is never DDP for an objective's
+        # step): its gradients are summed after each; row-wise tables take the ranks' rows
+        self.exchange = parts.exchange
+        parts.exchange.bind(parts.model)
 
     def __call__(self, batch: Batch, at: StepAt) -> StepDone:
         p, o = self.parts, self.objective

@@ -31,7 +31,8 @@ class Exchange:
 
     @classmethod
     def choose(cls, ranks: Ranks, strategy: WeightingStrategy, own_step: bool = False) -> Exchange:
-        """``own_step``: the model's scheme trains by its own step (no DDP around its forward passes)."""
+        """``own_step``: the scheme or the training objective trains by its own step (no DDP around
+        its forward passes)."""
         return cls(ranks, ranks.active and not strategy.capabilities.task_gradients and not own_step)
 
     @property

@@ -246,7 +246,7 @@ def build_parts(
         enable_representation(model)
     device = model_device(model)
     optimizer = TrainingOptimizer.build(settings, model, strategy, steps_per_epoch, strategy_lr, dense, objective)
-    own_step = scheme(model).capabilities.step is not None
+    own_step = objective is not None or scheme(model).capabilities.step is not None
     exchange = Exchange.choose(ranks or distributed.current(), strategy, own_step)
     binary = torch.tensor([t == "binary" for t in types], device=device)
     return StepParts(model, strategy, optimizer, exchange, settings, tasks, binary, pos_weight, device, objective)
