@@ -41,7 +41,7 @@ from mtlcli.data.batch import Batch
 from mtlcli.data.source import BatchSource
 from mtlcli.errors import MtlError
 from mtlcli.explain.correlation import pearson
-from mtlcli.models.base import scheme
+from mtlcli.models.base import repeated_pass, scheme
 from mtlcli.models.blocks import trainable_tensors
 from mtlcli.models.views import TaskTowers
 from mtlcli.objectives.crossdistil import (
@@ -284,7 +284,9 @@ class CrossDistilStep:
         p.optimizer.step(at.number)
         # (2) teachers (and the shared layers below them): students frozen
         p.optimizer.zero_grad()
-        o.teacher_loss(o.towers.inputs(batch), batch, beta, p.optimizer.lr, self.exchange).backward()
+        with repeated_pass(p.model):  # the same step: the scheme's step statistics stay as the first pass left them
+            inputs = o.towers.inputs(batch)
+        o.teacher_loss(inputs, batch, beta, p.optimizer.lr, self.exchange).backward()
         for param in self.students:
             param.grad = None
         self.exchange.sum_gradients(p.model, o.parameters())
