@@ -58,6 +58,7 @@ from mtlcli.recipe.schema import ObjectiveSection
 from mtlcli.train.exchange import Exchange
 from mtlcli.train.losses import check_finite, task_loss_sums
 from mtlcli.train.step import StepAt, StepDone, StepParts
+from mtlcli.weighting.base import WeightingStrategy, weightings_by_gradients
 from mtlcli.weighting.gradients import shared_task_gradients
 
 # (y_k, y_partner) of each level of k's augmented order; y_partner is 1 − the label where flipped
@@ -303,14 +304,16 @@ def bce_sum(logits: Tensor, targets: Tensor, rows: Tensor) -> Tensor:
     return torch.where(rows, losses, torch.zeros_like(losses)).sum()
 
 
-def refuse_objective(task_gradients: bool) -> None:
-    """What CrossDistil cannot train with: a weighting that combines per-task gradients (the
-    student update adds the distillation's gradients beside the weighting's)."""
-    if task_gradients:
+def refuse_objective(weighting: str, strategy: WeightingStrategy, tasks: list[str]) -> None:
+    """What CrossDistil cannot train with: a weighting that declares it combines per-task gradients
+    (``task_gradients``; the student update adds the distillation's gradients beside the
+    weighting's, which it would not see). The message lists the registry's weightings of each kind."""
+    if strategy.capabilities.task_gradients:
+        combining, weighing = weightings_by_gradients(tasks)
         raise MtlError(
-            "objective: crossdistil adds its distillation gradients beside the weighting's, and this "
-            "weighting combines the tasks' gradients itself (pcgrad, mgda, cagrad, gradnorm, metabalance)",
-            "use a loss-based weighting (equal, static, uncertainty, dwa, rlw, ...) with crossdistil",
+            f"objective: crossdistil adds its distillation gradients beside the weighting's, and loss.weighting "
+            f"{weighting!r} combines the tasks' gradients itself (the weightings that do: {', '.join(combining)})",
+            f"use a loss-based weighting with crossdistil: {', '.join(weighing)}",
         )
 
 

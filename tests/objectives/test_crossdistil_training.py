@@ -23,7 +23,7 @@ from mtlcli.train.loop import build_parts
 from mtlcli.train.run import train_run
 from mtlcli.train.step import StepAt
 from mtlcli.weighting import WEIGHTINGS, build_weighting
-from tests.helpers import invoke
+from tests.helpers import gradient_weighting, invoke
 
 RECIPE = "recipes/census-crossdistil.yaml"
 SHORT = ["train.epochs=2", "train.early_stopping=null", "train.threads=1"]
@@ -207,10 +207,18 @@ def test_each_update_moves_its_own_group_and_the_feedback_reaches_the_teachers()
 # --- refusals ------------------------------------------------------------------------------------
 
 
-def test_gradient_combining_weightings_are_refused() -> None:
-    with pytest.raises(MtlError, match="loss-based weighting"):
-        refuse_objective(True)
-    refuse_objective(False)
+def test_gradient_combining_weightings_are_refused_by_their_declaration() -> None:
+    """A weighting is refused for what it declares (``task_gradients``), and the message lists
+    the registry's weightings of each kind: a new one named nowhere else is refused and listed."""
+    tasks = ["a", "b"]
+    with gradient_weighting("toy_combining"):
+        for name in ("toy_combining", "pcgrad"):
+            with pytest.raises(MtlError) as caught:
+                refuse_objective(name, build_weighting(name, WEIGHTINGS.get(name).params(), tasks), tasks)
+            refused, hint = str(caught.value).split("hint:")
+            assert f"'{name}' combines" in refused and "toy_combining" in refused and "mgda" in refused
+            assert "loss-based weighting" in hint and "uncertainty" in hint and "toy_combining" not in hint
+    refuse_objective("equal", build_weighting("equal", None, tasks), tasks)
 
 
 @pytest.mark.parametrize(
