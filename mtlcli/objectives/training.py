@@ -106,7 +106,7 @@ def without_biases(tower: nn.Module) -> nn.Module:
     """``tower`` with the biases of its Linear layers removed."""
     for part in tower.modules():
         if isinstance(part, nn.Linear):
-            part.bias = None
+            part.register_parameter("bias", None)
     return tower
 
 
