@@ -53,6 +53,8 @@ CASES: list[tuple[str, str, str, dict[str, Any], bool]] = [
     # under Adam a parameter whose true gradient is 0 moves by its rounding noise, scaled to full
     # steps: a teacher's score bias (the ranking loss sees only differences) made the ranks drift
     ("crossdistil-adam", "mmoe", "equal", {}, False),
+    # over gate control: λ from the student pass's global batch, reused by the teacher pass
+    ("crossdistil-gate-control", "mmoe", "equal", {}, False),
 ]
 # a short mask search (one round of pruning) so that the masks differ and the negatives swap entries
 CSREC: dict[str, Any] = {"bottom_units": [16, 8], "density": 0.5, "prune_rate": 0.5, "warmup_steps": 4}
@@ -61,6 +63,7 @@ SCHEME_PARAMS: dict[str, dict[str, Any]] = {
     "gate-control": {"gate_control": True, "n_experts": 4, "expert_kinds": ["mlp", "mlp", "fm", "cross"]},
     "gate-control-pcgrad": {"gate_control": True},
     "gate-control-cgc": {"gate_control": {"kappa": 2.0}},
+    "crossdistil-gate-control": {"gate_control": True},
     "csrec-alternate": CSREC,
     "csrec-joint": {**CSREC, "update": "joint"},
 }
@@ -72,6 +75,7 @@ OBJECTIVES: dict[str, ObjectiveSection] = {
         kind="crossdistil", warmup_steps=3, max_pairs=64, error_correction=False
     ),
     "crossdistil-rows": ObjectiveSection(kind="crossdistil", warmup_steps=3, max_pairs=64),
+    "crossdistil-gate-control": ObjectiveSection(kind="crossdistil", warmup_steps=3, max_pairs=64),
     "crossdistil-adam": ObjectiveSection(kind="crossdistil", warmup_steps=3, max_pairs=64, error_correction=False),
 }
 # the optimizer and its learning rate, by case name (SGD at 0.1 otherwise)
