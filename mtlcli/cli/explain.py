@@ -323,8 +323,9 @@ def command(
     as_json: JsonOption = False,
 ) -> None:
     """Why the model behaves as it does: gate weights per task and expert (dead experts, collapsed
-    gates), cross-stitch alphas, label and prediction correlation between the tasks, the cosine of
-    their gradients on the shared parameters, and the training history. See docs/explain.md."""
+    gates), cross-stitch alphas, masks, gate control's λ, a training objective's teachers against
+    the students, label and prediction correlation between the tasks, the cosine of their
+    gradients on the shared parameters, and the training history. See docs/explain.md."""
     from mtlcli.explain import ExplainOptions, explain_run
 
     if split not in ("train", "valid", "test"):
