@@ -373,6 +373,21 @@ def seed_method_sections(report: dict[str, Any]) -> list[str]:
         rows = [[escape(t), number(masks["density"][t], 3)] for t in tasks]
         out.append("<h3>masks: share of the shared weights each task keeps</h3>" + table(["task", "density"], rows))
         out.append("<h3>masks: overlap (IoU of the kept weights)</h3>" + matrix(masks["overlap"], diverging=False))
+        layers = masks.get("per_layer") or []
+        if any("reliance" in figures for figures in layers):  # a scheme that settles the weights it shares
+            header = ["layer", "conflicting", *(f"Δ {escape(t)}" for t in tasks), *(f"wins {escape(t)}" for t in tasks)]
+            rows = [
+                [number(i), number(f["conflicting"], 3)]
+                + [number(f.get("reliance", {}).get(t)) for t in tasks]
+                + [number(f.get("wins", {}).get(t), 3) for t in tasks]
+                for i, f in enumerate(layers)
+            ]
+            out.append(
+                "<h3>masks: the weights the tasks share, per layer</h3>"
+                '<p class="note">conflicting: the share of the layer\'s weights two tasks or more keep; Δ: what the '
+                "task loses without the weights it shares; wins: the share of the conflicting weights where the "
+                "task's share is 1.</p>" + table(header, rows)
+            )
     tallies = report.get("tallies")
     if tallies:
         header = ["epoch", *(escape(n.replace("_", " ")) for n in tallies["counts"])]

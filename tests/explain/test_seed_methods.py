@@ -195,6 +195,7 @@ def test_report_and_plots_show_the_seed_methods(
     html = page.read_text(encoding="utf-8")
     headings = ["gate control", "teachers and students", "teachers' share of correctly ordered pairs per level pair"]
     headings += ["counted by the scheme's training step, per epoch", "masks: overlap (IoU of the kept weights)"]
+    headings += ["masks: the weights the tasks share, per layer"]
     for heading in headings:  # the page's own sections (the readings say some of it too)
         assert f"{heading}</h3>" in html, heading
     changed = reports["csrec"]["tallies"]["counts"]["share_changed"][-1]
