@@ -105,6 +105,13 @@ def render(report: dict[str, Any]) -> None:
         for table in gate_control_tables(report["gate_control"]):
             say(table)
         say_readings(*readings["gate_control"])
+    if report.get("tallies"):
+        say(tallies_table(report["tallies"]))
+        say_readings(readings["tallies"])
+    if report.get("objective"):
+        for table in objective_tables(report["objective"]):
+            say(table)
+        say_readings(*readings["objective"])
     if report.get("representations"):
         for history, matrix in report["representations"]["interest_cosine"].items():
             say(matrix_table(f"cosine between the tasks' interests in {history}", matrix))
@@ -170,12 +177,67 @@ def gate_control_tables(report: dict[str, Any], top: int = 15) -> list[Table]:
             lam.add_column(f"λ {task}", justify="right")
         for task in coefficients["difference"]:
             lam.add_column(f"d {task}", justify="right")
+        targets = coefficients.get("target") or {}
+        for task in targets:
+            lam.add_column(f"d* {task}", justify="right")
         for i, epoch in enumerate(coefficients["epochs"]):
-            values = [v[i] for v in coefficients["lambda"].values()] + [
-                v[i] for v in coefficients["difference"].values()
+            values = [
+                v[i] for key in ("lambda", "difference", "target") for v in (coefficients.get(key) or {}).values()
             ]
             lam.add_row(str(epoch), *("-" if v is None else f"{v:.3f}" for v in values))
         tables.append(lam)
+    return tables
+
+
+def tallies_table(report: dict[str, Any]) -> Table:
+    """What the scheme's own step counted in each epoch (CSRec: the updates its share rule changed)."""
+    table = Table(title="counted by the scheme's training step, per epoch", title_justify="left")
+    table.add_column("epoch", justify="right")
+    for name in report["counts"]:
+        table.add_column(name.replace("_", " "), justify="right")
+    for i, epoch in enumerate(report["epochs"]):
+        table.add_row(str(epoch), *("-" if v[i] is None else f"{v[i]:,.0f}" for v in report["counts"].values()))
+    return table
+
+
+def objective_tables(report: dict[str, Any]) -> list[Table]:
+    """The training objective: its terms per epoch and task; with its checkpoint, the teachers
+    against the students and the teachers' share of correctly ordered pairs per level pair."""
+    tables = []
+    history = report.get("history")
+    kind = (history or {}).get("kind") or "objective"
+    if history and history["terms"]:
+        terms = Table(title=f"{kind}: mean terms per epoch (training batches)", title_justify="left")
+        terms.add_column("epoch", justify="right")
+        columns = [(name, task) for name, by_task in history["terms"].items() for task in by_task]
+        for name, task in columns:
+            terms.add_column(f"{name.removesuffix('_loss')} {task}", justify="right")
+        for i, epoch in enumerate(history["epochs"]):
+            values = [history["terms"][name][task][i] for name, task in columns]
+            terms.add_row(str(epoch), *("-" if v is None else f"{v:.4f}" for v in values))
+        tables.append(terms)
+    learned = report.get("learned")
+    if learned:
+        versus = Table(title=f"{kind}: epoch {report['epoch']}'s teachers and students", title_justify="left")
+        for column in ("task", "partner", "AUC student", "AUC teacher", "pcoc student", "pcoc teacher"):
+            versus.add_column(column, justify="left" if column in ("task", "partner") else "right")
+        for task, value in learned["auc"].items():
+            pcoc = learned.get("pcoc", {}).get(task, {})
+            cells = [value["student"], value["teacher"], pcoc.get("student"), pcoc.get("teacher")]
+            versus.add_row(task, learned["partners"][task], *("-" if v is None else f"{v:.4f}" for v in cells))
+        tables.append(versus)
+        shares = learned["pairwise_accuracy"]
+        pairs = list(dict.fromkeys(pair for values in shares.values() for pair in values))
+        order = Table(
+            title="teachers' share of correctly ordered pairs per level pair (levels (y task, y partner); 0.5 chance)",
+            title_justify="left",
+        )
+        order.add_column("task", no_wrap=True)
+        for pair in pairs:
+            order.add_column(pair, justify="right")
+        for task, values in shares.items():
+            order.add_row(task, *(heat(values.get(pair), 0.5, 1.0) for pair in pairs))
+        tables.append(order)
     return tables
 
 
@@ -261,8 +323,9 @@ def command(
     as_json: JsonOption = False,
 ) -> None:
     """Why the model behaves as it does: gate weights per task and expert (dead experts, collapsed
-    gates), cross-stitch alphas, label and prediction correlation between the tasks, the cosine of
-    their gradients on the shared parameters, and the training history. See docs/explain.md."""
+    gates), cross-stitch alphas, masks, gate control's λ, a training objective's teachers against
+    the students, label and prediction correlation between the tasks, the cosine of their
+    gradients on the shared parameters, and the training history. See docs/explain.md."""
     from mtlcli.explain import ExplainOptions, explain_run
 
     if split not in ("train", "valid", "test"):

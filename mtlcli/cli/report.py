@@ -27,7 +27,8 @@ def command(
     ] = 20000,
 ) -> None:
     """One self-contained HTML page (no network, no script): training curves and loss weights, metrics on
-    valid and test, the gain over --baseline, gate heatmaps, label and gradient correlation, and the recipe.
+    valid and test, the gain over --baseline, gate heatmaps, what masks, gate control and a training
+    objective learned, label and gradient correlation, and the recipe.
     Several runs are compared side by side. A run's saved explain.json (`mtl explain RUN --json >
     RUN/explain.json`) is used when present; otherwise the reports are computed on valid."""
     from mtlcli.explain.page import report_page

@@ -225,13 +225,14 @@ def read_field_scales(report: dict[str, dict[str, float]], top: int = 3) -> str:
 
 def lambda_report(records: list[dict[str, Any]], tasks: list[str]) -> dict[str, Any] | None:
     """Gate control's coefficients per epoch from a run's epoch records: {"epochs", "lambda",
-    "difference", "correlation"}, each of the last three {task: [value per epoch]}; None when no
-    record carries them (gate control off)."""
+    "difference", "correlation", "target"}, each but the first {task: [value per epoch]} (target:
+    d* = δ(1 − c); None in records written before it was logged); None when no record carries
+    them (gate control off)."""
     controlled = [r for r in records if isinstance(r.get("gate_control"), dict)]
     if not controlled:
         return None
     report: dict[str, Any] = {"epochs": [r.get("epoch") for r in controlled]}
-    for key in ("lambda", "difference", "correlation"):
+    for key in ("lambda", "difference", "correlation", "target"):
         report[key] = {t: [r["gate_control"].get(key, {}).get(t) for r in controlled] for t in tasks}
     return report
 
@@ -246,4 +247,11 @@ def read_lambda(report: dict[str, Any]) -> str:
     last = [v[-1] for v in report["lambda"].values() if v and v[-1] is not None]
     same = len(last) > 1 and max(last) - min(last) <= 1e-9 * max(abs(v) for v in last)
     note = " (the same for every task: with two tasks d and c are shared by both)" if same else ""
-    return "gate control λ per epoch: " + ", ".join(parts) + note
+    versus = []
+    for task in report["lambda"]:
+        d, target = report["difference"][task][-1], report.get("target", {}).get(task, [None])[-1]
+        if d is not None and target is not None:
+            pace = "slower" if d > target else "faster"
+            versus.append(f"{task} d {d:.3f} vs d* {target:.3f} ({pace})")
+    against = f"; last epoch's gate difference against its target: {', '.join(versus)}" if versus else ""
+    return "gate control λ per epoch: " + ", ".join(parts) + note + against

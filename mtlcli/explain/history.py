@@ -56,3 +56,26 @@ def read_history(report: dict[str, Any], pairs: list[str]) -> str:
                 early, late = sum(values[:third]) / third, sum(values[-third:]) / third
                 parts.append(f"{pair} gradient cosine {early:+.2f} early -> {late:+.2f} late")
     return "history: " + ("; ".join(parts) if parts else "nothing recorded")
+
+
+def tallies_report(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What a scheme's own step counted, per epoch (the records' ``tallies``; CSRec's
+    ``share_changed``: the shared-weight entries whose update the share rule scaled, summed over
+    the epoch's steps): {"epochs", "counts": {name: [count per epoch]}}; None without any."""
+    counted = [r for r in records if isinstance(r.get("tallies"), dict) and r["tallies"] and "epoch" in r]
+    if not counted:
+        return None
+    names = list(dict.fromkeys(name for r in counted for name in r["tallies"]))
+    return {
+        "epochs": [r["epoch"] for r in counted],
+        "counts": {n: [r["tallies"].get(n) for r in counted] for n in names},
+    }
+
+
+def read_tallies(report: dict[str, Any]) -> str:
+    """One line: each count per epoch."""
+    parts = [
+        f"{name.replace('_', ' ')} " + ", ".join("-" if v is None else f"{v:,.0f}" for v in values)
+        for name, values in report["counts"].items()
+    ]
+    return f"the scheme's step counted per epoch ({', '.join(map(str, report['epochs']))}): " + "; ".join(parts)

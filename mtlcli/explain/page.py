@@ -335,6 +335,7 @@ def explain_section(run: dict[str, Any]) -> str:
         out.append(heatmap(rows, group["experts"], [group["weights"][r] for r in rows], diverging=False))
     for layer, values in (report.get("alpha") or {}).items():
         out.append(f"<h3>cross-stitch α, {escape(layer)}</h3>" + matrix(values))
+    out += seed_method_sections(report)
     if report.get("label_correlation"):
         out.append("<h3>label correlation</h3>" + matrix(report["label_correlation"]))
     if report.get("gradient_cosine"):
@@ -356,6 +357,104 @@ def explain_section(run: dict[str, Any]) -> str:
         out.append("<ul>" + "".join(f"<li>{escape(str(line))}</li>" for line in readings) + "</ul>")
     out.append(f"<h3>recipe (resolved)</h3><pre>{escape(run['recipe'])}</pre>")
     return "".join(out)
+
+
+def _series(epochs: list[int], values: list[float | None]) -> list[tuple[float, float | None]]:
+    return [(float(e), v) for e, v in zip(epochs, values, strict=True)]
+
+
+def seed_method_sections(report: dict[str, Any]) -> list[str]:
+    """What the masks, the scheme's step counts, gate control and the training objective learned,
+    for the runs that have them (each part only when the report has it)."""
+    out = []
+    masks = report.get("masks")
+    if masks:
+        tasks = list(masks["density"])
+        rows = [[escape(t), number(masks["density"][t], 3)] for t in tasks]
+        out.append("<h3>masks: share of the shared weights each task keeps</h3>" + table(["task", "density"], rows))
+        out.append("<h3>masks: overlap (IoU of the kept weights)</h3>" + matrix(masks["overlap"], diverging=False))
+        layers = masks.get("per_layer") or []
+        if any("reliance" in figures for figures in layers):  # a scheme that settles the weights it shares
+            header = ["layer", "conflicting", *(f"Δ {escape(t)}" for t in tasks), *(f"wins {escape(t)}" for t in tasks)]
+            rows = [
+                [number(i), number(f["conflicting"], 3)]
+                + [number(f.get("reliance", {}).get(t)) for t in tasks]
+                + [number(f.get("wins", {}).get(t), 3) for t in tasks]
+                for i, f in enumerate(layers)
+            ]
+            out.append(
+                "<h3>masks: the weights the tasks share, per layer</h3>"
+                '<p class="note">conflicting: the share of the layer\'s weights two tasks or more keep; Δ: what the '
+                "task loses without the weights it shares; wins: the share of the conflicting weights where the "
+                "task's share is 1.</p>" + table(header, rows)
+            )
+    tallies = report.get("tallies")
+    if tallies:
+        header = ["epoch", *(escape(n.replace("_", " ")) for n in tallies["counts"])]
+        rows = [
+            [number(e), *(number(v[i], 0) for v in tallies["counts"].values())] for i, e in enumerate(tallies["epochs"])
+        ]
+        out.append("<h3>counted by the scheme's training step, per epoch</h3>" + table(header, rows))
+        chart = {n.replace("_", " "): _series(tallies["epochs"], v) for n, v in tallies["counts"].items()}
+        out.append(f'<div class="charts">{line_chart("counts per epoch", chart, "epoch")}</div>')
+    control = (report.get("gate_control") or {}).get("lambda")
+    if control:
+        epochs = control["epochs"]
+        lam = {t: _series(epochs, v) for t, v in control["lambda"].items()}
+        gaps = {f"d {t}": _series(epochs, v) for t, v in control["difference"].items()}
+        gaps.update({f"d* {t}": _series(epochs, v) for t, v in (control.get("target") or {}).items()})
+        out.append(
+            "<h3>gate control</h3>"
+            "<p class=\"note\">λ_k scales gate k's gradient (mean over the epoch's steps; 1 = plain learning); "
+            "d_k is how far its routing is from the other gates' (the epoch's last step), d*_k = δ(1 − c_k) the "
+            "difference its task's label correlation c_k warrants: d above d* slows the gate (λ &lt; 1).</p>"
+            f'<div class="charts">{line_chart("λ per epoch", lam, "epoch")}'
+            f"{line_chart('gate difference d and target d*', gaps, 'epoch')}</div>"
+        )
+        keys = [k for k in ("lambda", "difference", "target", "correlation") if control.get(k)]
+        labels = {"lambda": "λ", "difference": "d", "target": "d*", "correlation": "c"}
+        header = ["epoch", *(f"{labels[k]} {escape(t)}" for k in keys for t in control[k])]
+        rows = [
+            [number(e), *(number(control[k][t][i], 3) for k in keys for t in control[k])] for i, e in enumerate(epochs)
+        ]
+        out.append(table(header, rows))
+    objective = report.get("objective")
+    if objective:
+        out += objective_sections(objective)
+    return out
+
+
+def objective_sections(objective: dict[str, Any]) -> list[str]:
+    """The training objective's terms per epoch and, with its checkpoint, its teachers."""
+    out = []
+    history = objective.get("history")
+    kind = escape((history or {}).get("kind") or "objective")
+    if history and history["terms"]:
+        charts = [
+            line_chart(f"{name.replace('_', ' ')}", {t: _series(history["epochs"], v) for t, v in by_task.items()},
+                       "epoch")
+            for name, by_task in history["terms"].items()
+        ]  # fmt: skip
+        out.append(f"<h3>{kind}: mean terms per epoch</h3>" + '<div class="charts">' + "".join(charts) + "</div>")
+    learned = objective.get("learned")
+    if learned:
+        rows = []
+        for task, value in learned["auc"].items():
+            pcoc = learned.get("pcoc", {}).get(task, {})
+            rows.append([escape(task), escape(learned["partners"][task]), number(value["student"]),
+                         number(value["teacher"]), number(pcoc.get("student"), 3), number(pcoc.get("teacher"), 3)])  # fmt: skip
+        out.append(
+            f"<h3>{kind}: epoch {number(objective.get('epoch'))}'s teachers and students</h3>"
+            + table(["task", "partner", "AUC student", "AUC teacher", "pcoc student", "pcoc teacher"], rows)
+        )
+        shares = learned["pairwise_accuracy"]
+        pairs = list(dict.fromkeys(p for values in shares.values() for p in values))
+        out.append(
+            "<h3>teachers' share of correctly ordered pairs per level pair</h3>"
+            '<p class="note">Levels are named by (y task, y partner) in the augmented order; 0.5 is chance.</p>'
+            + heatmap(list(shares), pairs, [[shares[t].get(p) for p in pairs] for t in shares], diverging=False)
+        )
+    return out
 
 
 def render_page(runs: list[dict[str, Any]], baseline: dict[str, Any] | None = None) -> str:

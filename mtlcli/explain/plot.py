@@ -125,8 +125,79 @@ def importance_plot(path: Path, task: str, metric: str, entries: dict[str, Any],
     return path
 
 
+def _lines(ax: Any, epochs: list[int], series: dict[str, list[float | None]], title: str, **style: Any) -> None:
+    for label, values in series.items():
+        ax.plot(epochs, [float("nan") if v is None else v for v in values], marker="o", label=label, **style)
+    ax.set_xlabel("epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def gate_control_plot(path: Path, report: dict[str, Any]) -> Path:
+    """Gate control per epoch: λ per task (log scale), and each task's gate difference d beside
+    its target d* (dashed)."""
+    plt = require_matplotlib()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3), dpi=80)
+    epochs = report["epochs"]
+    _lines(axes[0], epochs, {f"λ {t}": v for t, v in report["lambda"].items()}, "gate control: λ per epoch")
+    axes[0].set_yscale("log")
+    axes[0].axhline(1.0, color="grey", linewidth=0.5)
+    _lines(axes[1], epochs, {f"d {t}": v for t, v in report["difference"].items()}, "gate difference d, target d*")
+    axes[1].set_prop_cycle(None)
+    targets = report.get("target") or {}
+    _lines(axes[1], epochs, {f"d* {t}": v for t, v in targets.items()}, "gate difference d, target d*", linestyle="--")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
+def tallies_plot(path: Path, report: dict[str, Any]) -> Path:
+    """What the scheme's training step counted per epoch."""
+    plt = require_matplotlib()
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=80)
+    named = {n.replace("_", " "): v for n, v in report["counts"].items()}
+    _lines(ax, report["epochs"], named, "counted by the scheme's training step")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
+def objective_plot(path: Path, report: dict[str, Any]) -> Path:
+    """The objective's terms per epoch (one panel each) and, with its teachers, their share of
+    correctly ordered pairs per level pair (bars per task; 0.5 is chance)."""
+    plt = require_matplotlib()
+    history = report.get("history") or {"terms": {}, "epochs": []}
+    learned = report.get("learned")
+    panels = len(history["terms"]) + (1 if learned else 0)
+    fig, axes = plt.subplots(1, max(1, panels), figsize=(4 * max(1, panels), 3), dpi=80, squeeze=False)
+    for ax, (name, by_task) in zip(axes[0], history["terms"].items(), strict=False):
+        _lines(ax, history["epochs"], by_task, name.replace("_", " "))
+    if learned:
+        ax = axes[0][-1]
+        shares = learned["pairwise_accuracy"]
+        pairs = list(dict.fromkeys(p for values in shares.values() for p in values))
+        width = 0.8 / max(1, len(shares))
+        for k, (task, values) in enumerate(shares.items()):
+            heights = [values.get(p, float("nan")) for p in pairs]
+            ax.bar([i + k * width for i in range(len(pairs))], heights, width, label=task)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(pairs))], pairs, fontsize=7)
+        ax.axhline(0.5, color="grey", linewidth=0.5)
+        ax.set_ylim(0.0, 1.0)
+        ax.set_title(f"teachers' ordered pairs (epoch {report.get('epoch')})", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
 def write_plots(report: dict[str, Any], directory: Path) -> list[Path]:
-    """One PNG per gate group, alpha layer and task matrix, and the training history; returns the paths."""
+    """One PNG per gate group, alpha layer and task matrix, the training history, and where the run
+    has them gate control's λ (gate_control.png), the scheme step's counts (tallies.png) and the
+    training objective's terms and teachers (<kind>.png, e.g. crossdistil.png); returns the paths."""
     require_matplotlib()
     directory.mkdir(parents=True, exist_ok=True)
     written = []
@@ -156,6 +227,15 @@ def write_plots(report: dict[str, Any], directory: Path) -> list[Path]:
         )
     if report.get("history"):
         written.append(history_plot(directory / "history.png", report["history"]))
+    control = (report.get("gate_control") or {}).get("lambda")
+    if control:
+        written.append(gate_control_plot(directory / "gate_control.png", control))
+    if report.get("tallies"):
+        written.append(tallies_plot(directory / "tallies.png", report["tallies"]))
+    objective = report.get("objective")
+    if objective and (objective.get("learned") or (objective.get("history") or {}).get("terms")):
+        kind = (objective.get("history") or {}).get("kind") or "objective"
+        written.append(objective_plot(directory / f"{_safe(kind)}.png", objective))
     if report.get("importance"):
         importance = report["importance"]
         for task, entries in importance["importance"].items():

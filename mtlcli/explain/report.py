@@ -16,6 +16,7 @@ from mtlcli.data.batch import SplitTensors
 from mtlcli.data.schema import FIRST_ID, MISSING_ID, OOV_ID, DataSchema
 from mtlcli.errors import MtlError
 from mtlcli.explain.correlation import correlation_report
+from mtlcli.explain.distillation import objective_report, read_objective
 from mtlcli.explain.gates import (
     GateRow,
     alpha_report,
@@ -32,7 +33,7 @@ from mtlcli.explain.gates import (
     union_of_experts,
 )
 from mtlcli.explain.gradients import gradient_report, read_gradients
-from mtlcli.explain.history import history_report
+from mtlcli.explain.history import history_report, read_tallies, tallies_report
 from mtlcli.explain.importance import importance_report, read_importance
 from mtlcli.explain.masks import mask_report, read_masks
 from mtlcli.explain.representations import read_representations, representation_report
@@ -239,6 +240,11 @@ def explain_run(
     report["warnings"] += damaged + damaged_samples
     history = history_report(epochs + samples, tasks)
     report["readings"]["history"] = history.pop("reading") if history else None
+    report["tallies"] = tallies_report(epochs)
+    report["readings"]["tallies"] = read_tallies(report["tallies"]) if report["tallies"] else None
+    report["objective"], warnings = objective_report(run_dir, loaded, data, epochs, options.batch_size)
+    report["warnings"] += warnings
+    report["readings"]["objective"] = read_objective(report["objective"]) if report["objective"] else []
     coefficients = lambda_report(epochs, tasks)
     if report["gate_control"] is not None and coefficients is not None:
         report["gate_control"]["lambda"] = coefficients

@@ -380,9 +380,9 @@ class GateControl(nn.Module):
         return coefficients
 
     def epoch_record(self) -> dict[str, Any]:
-        """``{"gate_control": {"lambda", "difference", "correlation"}}``, each {task: value}: λ's mean
-        over the steps since the last call (the last λ when there were none), the last step's d and
-        the correlation c; starts the next count."""
+        """``{"gate_control": {"lambda", "difference", "correlation", "target"}}``, each {task: value}:
+        λ's mean over the steps since the last call (the last λ when there were none), the last
+        step's d, the correlation c and the target difference d* = δ(1 − c); starts the next count."""
         steps = int(self.steps)
         mean = self.lambda_sum / steps if steps else self.coefficients
         correlation = self.correlation.task_correlation()
@@ -397,6 +397,7 @@ class GateControl(nn.Module):
                 "lambda": by_task(mean),
                 "difference": by_task(self.difference),
                 "correlation": by_task(correlation),
+                "target": by_task(self.settings.delta * (1.0 - correlation)),
             }
         }
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
+    from mtlcli.data.batch import SplitTensors
     from mtlcli.train.step import Step, StepParts
 
 
@@ -17,7 +18,8 @@ class TrainingObjective(Protocol):
     ``train.lr``); ``make_step(parts)``: the step that trains the model and them; ``state_dict`` /
     ``load_state_dict``: everything a checkpoint needs to resume exactly (parameters, generators,
     the epoch's running sums); ``end_epoch()``: the epoch's record (for metrics.jsonl), after
-    which the running sums start again."""
+    which the running sums start again; ``explain(data, batch_size)``: what its own parameters
+    learned, measured on a split (for ``mtl explain`` and ``mtl report``)."""
 
     @property
     def lr(self) -> float | None: ...
@@ -31,3 +33,5 @@ class TrainingObjective(Protocol):
     def load_state_dict(self, state: dict[str, Tensor]) -> None: ...
 
     def end_epoch(self) -> dict[str, Any]: ...
+
+    def explain(self, data: SplitTensors, batch_size: int) -> dict[str, Any]: ...

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtlcli.data.batch import Batch
+from mtlcli.data.batch import Batch, SplitTensors
 from mtlcli.data.source import BatchSource
 from mtlcli.errors import MtlError
 from mtlcli.explain.correlation import pearson
@@ -127,6 +127,7 @@ class CrossDistil:
         n, pairs = len(tasks), len(PAIR_NAMES)
         self.sums: dict[str, Tensor] = {
             "steps": torch.zeros(()), "distill": torch.zeros(n), "quadruplet": torch.zeros(n),
+            "calibration": torch.zeros(n),
             "correct": torch.zeros(n, pairs, dtype=torch.float64), "pairs": torch.zeros(n, pairs, dtype=torch.float64),
         }  # fmt: skip
 
@@ -155,14 +156,14 @@ class CrossDistil:
                 "written by an earlier version, whose teacher towers had biases; train again"
             )
         self.teachers.load_state_dict(teachers)
-        for key in self.sums:
-            self.sums[key] = state[f"sums.{key}"].to(self.sums[key].dtype)
+        for key in self.sums:  # a checkpoint from before a sum was kept starts it at 0
+            self.sums[key] = state.get(f"sums.{key}", self.sums[key]).to(self.sums[key].dtype)
         self.generator.set_state(state["generator"].to(torch.uint8))
 
     def end_epoch(self) -> dict[str, Any]:
-        """The epoch's record: each task's partner (and whether its label enters flipped), mean distillation term (β included) and mean
-        quadruplet loss, and the teachers' share of correctly ordered pairs per level pair of the
-        augmented order (levels named by (y_task, y_partner); over every training batch, before
+        """The epoch's record: each task's partner (and whether its label enters flipped), mean
+        distillation term (β included), mean quadruplet loss and mean calibration loss, and the
+        teachers' share of correctly ordered pairs per level pair of the augmented order (levels named by (y_task, y_partner); over every training batch, before
         each teacher update); the sums start again."""
         sums, steps = self.sums, max(1.0, float(self.sums["steps"]))
         accuracy = sums["correct"] / sums["pairs"].clamp_min(1.0)
@@ -172,6 +173,7 @@ class CrossDistil:
             "partner_flipped": dict(zip(self.tasks, self.flipped, strict=True)),
             "distill_loss": {t: float(sums["distill"][k]) / steps for k, t in enumerate(self.tasks)},
             "quadruplet_loss": {t: float(sums["quadruplet"][k]) / steps for k, t in enumerate(self.tasks)},
+            "calibration_loss": {t: float(sums["calibration"][k]) / steps for k, t in enumerate(self.tasks)},
             "pairwise_accuracy": {
                 t: {name: float(accuracy[k, i]) for i, name in enumerate(PAIR_NAMES) if sums["pairs"][k, i] > 0}
                 for k, t in enumerate(self.tasks)
@@ -180,6 +182,33 @@ class CrossDistil:
         for key, value in sums.items():
             sums[key] = torch.zeros_like(value)
         return record
+
+    @torch.no_grad()
+    def explain(self, data: SplitTensors, batch_size: int) -> dict[str, Any]:
+        """What the teachers learned, on ``data`` (model and teachers as they are; put the model in
+        eval mode first): each task's partner, student and teacher AUC, and the teachers' share of
+        correctly ordered pairs per level pair (``mtlcli.explain.distillation``)."""
+        from mtlcli.explain.distillation import teacher_student_report
+
+        was_training = self.teachers.training
+        self.teachers.eval()
+        students, teachers = [], []
+        for batch in data.batches(batch_size):
+            inputs = self.towers.inputs(batch)
+            students.append(self.student_logits(inputs))
+            teachers.append(self.teachers.scores(inputs))
+        self.teachers.train(was_training)
+        labels, mask = data.labels, data.label_mask
+        levels = []
+        for k, j in enumerate(self.partner_index):
+            partner = 1.0 - labels[:, j] if self.flipped[k] else labels[:, j]
+            levels.append(level_masks(labels[:, k], partner, mask[:, k] & mask[:, j]))
+        scores = torch.cat(teachers)
+        calibrated = self.teachers.calibrated(scores)
+        report = teacher_student_report(
+            self.tasks, torch.cat(students), scores, labels, mask, levels, PAIR_NAMES, calibrated
+        )
+        return {"partners": dict(self.partners), **report}
 
     def student_logits(self, inputs: list[Tensor]) -> Tensor:
         """The task towers' logits [B, T] from their inputs."""
@@ -202,7 +231,9 @@ class CrossDistil:
             bce_sum(self.teachers.calibrator(t)(own_scores[:, k].detach()), own_labels[:, k], own_mask[:, k])
             for k, t in enumerate(self.tasks)
         ]
-        total = exchange.losses(torch.stack(sums), own_mask.sum(0).to(own_scores.dtype)).sum()
+        calibration = exchange.losses(torch.stack(sums), own_mask.sum(0).to(own_scores.dtype))
+        self.sums["calibration"] += calibration.detach().cpu()
+        total = calibration.sum()
         for k in range(len(self.tasks)):
             j = self.partner_index[k]
             partner = 1.0 - labels[:, j] if self.flipped[k] else labels[:, j]
@@ -353,3 +384,16 @@ def build_crossdistil(
         flipped[task] = section.orient_partner and rho is not None and rho < 0
     warmup = section.warmup_steps if section.warmup_steps is not None else train.steps(batch_size)
     return CrossDistil(section, towers, tasks, partners, flipped, warmup, seed, device)
+
+
+def restore_crossdistil(
+    section: ObjectiveSection, model: nn.Module, tasks: list[str], record: dict[str, Any], device: torch.device
+) -> CrossDistil:
+    """The objective of a trained run over ``model``, for explain: each task's partner and its
+    orientation from the run's epoch ``record`` (what training chose); load the teachers from the
+    run's checkpoint with ``load_state_dict``."""
+    towers = scheme(model).capabilities.task_towers
+    if towers is None:
+        raise MtlError("objective: crossdistil's run has a scheme without declared task towers")
+    partners, flipped = dict(record["partners"]), dict(record.get("partner_flipped", {}))
+    return CrossDistil(section, towers, tasks, partners, flipped, 0, 0, device)

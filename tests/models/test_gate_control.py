@@ -295,7 +295,7 @@ def test_lambda_is_in_each_epoch_record_and_leaves_one(name: str, extra: dict[st
     )
     for record in result.history:
         entry = record["gate_control"]
-        assert set(entry) == {"lambda", "difference", "correlation"}
+        assert set(entry) == {"lambda", "difference", "correlation", "target"}
         lam = [entry["lambda"][t] for t in TASKS]
         assert all(0.1 <= v <= 10.0 for v in lam) and any(abs(v - 1.0) > 0.01 for v in lam), lam
         assert len({round(v, 9) for v in lam}) == 3, lam  # three tasks: each gate its own λ
