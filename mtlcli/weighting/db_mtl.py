@@ -1,6 +1,7 @@
 """DB-MTL: dual balancing of the loss scales and the gradient magnitudes.
 
-Lin, Ye, Zhang, Kwok, "Dual-Balancing Multi-Task Learning", 2023 (arXiv:2308.12029), Algorithm 1.
+Lin, Jiang, Ye, Zhang, Chen, Chen, Liu, Kwok, "Dual-Balancing for Multi-Task Learning", 2023
+(arXiv:2308.12029), Algorithm 1.
 Loss-scale balancing: every task trains on log L_k, so that a loss's scale does not set its
 gradient's. Gradient-magnitude balancing: on the shared parameters each task keeps a moving
 average of the gradients of its log-loss,

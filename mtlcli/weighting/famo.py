@@ -1,6 +1,6 @@
 """FAMO: fast adaptive multitask optimisation.
 
-Liu, Liu, Jin, Stone, Liu, "FAMO: Fast Adaptive Multitask Optimization", NeurIPS 2023,
+Liu, Feng, Stone, Liu, "FAMO: Fast Adaptive Multitask Optimization", NeurIPS 2023,
 Algorithm 1. Task logits ξ ∈ R^K (0 at the start) give z = softmax(ξ); the model follows
 
     Σ_k w_k L_k,   w_k = c · z_k / L_k,   c = (Σ_i z_i / L_i)⁻¹
