@@ -65,7 +65,7 @@ def main() -> None:
         rows.append("| " + " | ".join(cells) + " |")
         log(rows[-1])
     rows.append("")
-    bar = f"test AUC ≥ {BAR['income']} income and ≥ {BAR['marital']} marital"
+    bar = f"test AUC ≥ {BAR['income']:.3f} income and ≥ {BAR['marital']:.3f} marital"
     rows.append(f"Below the bar ({bar}): " + "; ".join(below) if below else f"Every seed passes the bar ({bar}).")
     print("\n".join(rows))
 
