@@ -28,6 +28,14 @@ signal, it stays at chance); the hypernetworks' hidden width ``hyper_units``; th
 MLP's hidden width |raw_t| / ``se_reduction``. Without histories DTRN is its TRM alone. The
 ablations of the paper are parameters: ``conditional_norm: false`` (plain layer norms, no
 hypernetworks) and ``refine: false`` (r_t = raw_t).
+
+How it is computed (the same function, checked against a pair-by-pair loop in the tests): all
+(task, type) pairs at once. Each type's histories are cut to the longest of that type in the
+batch and laid end to end; the self-attention, which no task changes, runs once per type
+(``scaled_dot_product_attention``); the hypernetworks give every pair's γ, β in one pass; from
+the first norm on, each position carries all tasks ([B, P, T, d]). DIN's first layer is linear in
+[k, c, k − c, k ⊙ c], so for a history with candidate c it is one [d, 36] matrix and offset, and
+PReLU(x) = (1 − a)·ReLU(x) + a·x puts only the ReLU through the 36 hidden units.
 """
 
 from __future__ import annotations
@@ -174,15 +182,15 @@ class TaskInterest(nn.Module):
             v, slope = last.weight.view(-1), act.weight.view(())
             matrices = (w_k + w_d).t() + candidates.unsqueeze(-1) * w_p.t()  # [B, S, d, 36]
             offsets = F.linear(candidates, w_q - w_d, first.bias)  # [B, S, 36]
-            linear = torch.cat([matrices @ v.unsqueeze(-1), (offsets @ v).view(batch, -1, 1, 1)], dim=2)
+            matrices_v, offsets_v = matrices @ v.unsqueeze(-1), offsets @ v  # [B, S, d, 1], [B, S]
         interests, start = [], 0
         for s, n in enumerate(layout.lengths):
             keys = h[:, start : start + n]  # [B, n, T, d]
             if self.target is not None:
                 flat = keys.reshape(batch, n * tasks, dim)
-                hidden = torch.baddbmm(offsets[:, s : s + 1], flat, matrices[:, s])  # [B, n·T, 36]
-                direct = torch.baddbmm(linear[:, s, dim:].squeeze(-1).unsqueeze(1), flat, linear[:, s, :dim])
-                weights = (1 - slope) * (hidden.relu() @ v) + slope * direct.squeeze(-1) + last.bias
+                hidden = torch.baddbmm(offsets[:, s : s + 1], flat, matrices[:, s]).relu_()  # [B, n·T, 36]
+                direct = (flat @ matrices_v[:, s]).squeeze(-1) + offsets_v[:, s : s + 1]  # [B, n·T]
+                weights = (1 - slope) * (hidden @ v) + slope * direct + last.bias
                 weights = weights.view(batch, n, tasks) * layout.present[:, start : start + n].unsqueeze(-1)
             else:
                 scores = (keys * candidates[:, s].view(batch, 1, 1, dim)).sum(-1) / math.sqrt(dim)  # [B, n, T]
