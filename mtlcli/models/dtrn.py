@@ -43,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -177,7 +177,8 @@ class TaskInterest(nn.Module):
             # its first layer is M_c k + m_c with M_c = W_k + W_d + W_p diag(c) and m_c = (W_q − W_d) c + b,
             # one [d, 36] matrix per history (its candidate is fixed), and PReLU(x) = (1 − a) ReLU(x) + a x,
             # whose linear part through v is (v M_c) k + v m_c: only ReLU needs the 36 hidden units
-            first, act, last = self.target.score
+            score = self.target.score
+            first, act, last = cast(nn.Linear, score[0]), cast(nn.PReLU, score[1]), cast(nn.Linear, score[2])
             w_k, w_q, w_d, w_p = first.weight.split(dim, dim=1)
             v, slope = last.weight.view(-1), act.weight.view(())
             matrices = (w_k + w_d).t() + candidates.unsqueeze(-1) * w_p.t()  # [B, S, d, 36]

@@ -272,6 +272,7 @@ def test_softmax_interest_weights_sum_to_one() -> None:
     layout = m.interest.layout(mask)
     ones = torch.ones(len(b), int(layout.types.numel()), 2, 4)  # [B, P, T, d]
     pooled = m.interest.pool(ones, layout, fields[:, [0, 0]])  # weights that sum to 1 give the ones back
-    has = (b.sequence_lengths > 0).view(len(b), 1, 2, 1).expand_as(pooled)  # type: ignore[union-attr]
+    assert b.sequence_lengths is not None
+    has = (b.sequence_lengths > 0).view(len(b), 1, 2, 1).expand_as(pooled)
     assert torch.allclose(pooled[has], torch.ones_like(pooled[has]), atol=1e-6)
     assert torch.equal(pooled[~has], torch.zeros_like(pooled[~has]))
