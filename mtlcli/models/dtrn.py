@@ -28,13 +28,22 @@ signal, it stays at chance); the hypernetworks' hidden width ``hyper_units``; th
 MLP's hidden width |raw_t| / ``se_reduction``. Without histories DTRN is its TRM alone. The
 ablations of the paper are parameters: ``conditional_norm: false`` (plain layer norms, no
 hypernetworks) and ``refine: false`` (r_t = raw_t).
+
+How it is computed (the same function, checked against a pair-by-pair loop in the tests): all
+(task, type) pairs at once. Each type's histories are cut to the longest of that type in the
+batch and laid end to end; the self-attention, which no task changes, runs once per type
+(``scaled_dot_product_attention``); the hypernetworks give every pair's γ, β in one pass; from
+the first norm on, each position carries all tasks ([B, P, T, d]). DIN's first layer is linear in
+[k, c, k − c, k ⊙ c], so for a history with candidate c it is one [d, 36] matrix and offset, and
+PReLU(x) = (1 − a)·ReLU(x) + a·x puts only the ReLU through the 36 hidden units.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
-from typing import Literal
+from typing import Literal, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -60,9 +69,27 @@ class DTRNParams(ModelParams):
     interest: Literal["din", "softmax"] = "din"
 
 
+class Layout(NamedTuple):
+    """Where each history's items sit once the histories of a batch are laid end to end, each
+    type cut to its longest history in the batch (``lengths``, P = their sum positions)."""
+
+    lengths: list[int]  # per type
+    types: Tensor  # [P]: each position's behaviour type
+    segments: Tensor  # [S, P] float: one where a position belongs to a type
+    present: Tensor  # [B, P] float: one for a real item
+    keys: Tensor  # [B, P] bool: the keys a query may attend to (an empty history: its first position)
+    any_item: Tensor  # [B, S]: histories with an item
+
+
 class TaskInterest(nn.Module):
     """TIM: histories [B, S, L, d] (mask [B, S, L]) and each history's candidate [B, S, d] ->
-    interests [B, T, S, d], one per (task, behaviour type)."""
+    interests [B, T, S, d], one per (task, behaviour type).
+
+    Computed for every (task, type) pair at once: the histories of each type are cut to the
+    longest of its type in the batch and laid end to end ([B, P, d], P = the sum of those
+    lengths); the self-attention, which no task changes, runs once per type; from the first
+    conditional norm on, every position carries the γ_{t,b}, β_{t,b} of its type for all tasks
+    ([B, T, P, d]), and DIN's unit and the pooling of each type are one product each."""
 
     def __init__(
         self, tasks: int, types: int, dim: int, hyper_units: int, conditional: bool, pooling: str = "din"
@@ -82,7 +109,8 @@ class TaskInterest(nn.Module):
         self.last_interest: Tensor | None = None  # [B, T, S, d] of the last forward pass, for reports
 
     def condition(self) -> tuple[Tensor, Tensor]:
-        """γ_{t,b} and β_{t,b}: [T, S, NORMS, d]; ones and zeros without conditional norms."""
+        """γ_{t,b} and β_{t,b}: [T, S, NORMS, d] for all pairs in one pass of each hypernetwork;
+        ones and zeros without conditional norms."""
         if not self.conditional:
             ones = self.gamma.new_ones((self.tasks, self.types, NORMS, self.dim))
             return ones, torch.zeros_like(ones)
@@ -98,45 +126,85 @@ class TaskInterest(nn.Module):
         # as a plain layer norm instead of scaling its input down to almost nothing
         return 1.0 + self.hyper_gamma(pairs).view(shape), self.hyper_beta(pairs).view(shape)
 
-    def _norm(self, x: Tensor, k: int, gamma: Tensor, beta: Tensor) -> Tensor:
-        """CLN(X) = γ_{t,b} · γ · (X − μ)/σ + β_{t,b} + β for layer norm k; x [B, T, S, L, d]."""
-        normalized = F.layer_norm(x, (self.dim,))
-        g = gamma[:, :, k].unsqueeze(0).unsqueeze(-2)
-        b = beta[:, :, k].unsqueeze(0).unsqueeze(-2)
-        return g * self.gamma[k] * normalized + b + self.beta[k]
-
-    def _present(self, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """(keys that may be attended to [B, 1, S, 1, L], histories with an item [B, S, 1]): a
-        history with no item attends to its (padded) first position; its interest is zeroed."""
-        any_item = mask.sum(-1, keepdim=True) > 0
-        present = mask.unsqueeze(1).unsqueeze(-2)
-        return torch.where(any_item.unsqueeze(1).unsqueeze(-1), present, torch.ones_like(present)), any_item
-
-    def encode(self, histories: Tensor, mask: Tensor) -> Tensor:
-        """The shared transformer layer with each (task, type)'s norms: [B, S, L, d] -> [B, T, S, L, d]."""
-        gamma, beta = self.condition()
-        x = histories.unsqueeze(1)  # [B, 1, S, L, d]: the same items for every task
-        present, _ = self._present(mask)
-        q, k, v = self.query(x), self.key(x), self.value(x)
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.dim)  # [B, 1, S, L, L]
-        attended = scores.masked_fill(present == 0, float("-inf")).softmax(-1) @ v
-        h = self._norm(x + attended, 0, gamma, beta)  # [B, T, S, L, d]
-        return self._norm(h + self.ffn(h), 1, gamma, beta)
-
-    def pool(self, h: Tensor, mask: Tensor, candidates: Tensor) -> Tensor:
-        """Target attention of each history's candidate [B, S, d] over its outputs h -> [B, T, S, d]."""
-        present, any_item = self._present(mask)
-        query = candidates.unsqueeze(1).expand(-1, self.tasks, -1, -1)  # [B, T, S, d]
-        if self.target is not None:
-            interest = self.target(h, mask.unsqueeze(1).expand(-1, self.tasks, -1, -1), query)
+    def layout(self, mask: Tensor) -> Layout:
+        """The positions of the batch's items (see ``Layout``) from the mask [B, S, L]. While
+        tracing (ONNX export) every type keeps the full length L, so the graph fits any batch."""
+        count = mask.sum(-1)  # [B, S]
+        longest = mask.shape[-1]
+        if torch.jit.is_tracing():
+            lengths = [longest] * self.types
         else:
-            weights = (h @ query.unsqueeze(-1)).squeeze(-1) / math.sqrt(self.dim)  # [B, T, S, L]
-            weights = weights.masked_fill(present.squeeze(-2) == 0, float("-inf")).softmax(-1)
-            interest = (weights.unsqueeze(-1) * h).sum(-2)
-        return interest * any_item.unsqueeze(1)  # an empty history has no interest
+            lengths = [max(1, n) for n in count.amax(0).long().tolist()]
+        device = mask.device
+        types = torch.repeat_interleave(torch.arange(self.types, device=device), torch.tensor(lengths, device=device))
+        segments = F.one_hot(types, self.types).t().to(mask.dtype)  # [S, P]
+        present = torch.cat([mask[:, s, :n] for s, n in enumerate(lengths)], dim=1)
+        any_item = count > 0
+        first = torch.zeros(len(types), dtype=torch.bool, device=device)
+        first[torch.tensor([0, *itertools.accumulate(lengths[:-1])], device=device)] = True
+        keys = (present > 0) | (first & ~any_item.index_select(1, types))
+        return Layout(lengths, types, segments, present, keys, any_item)
+
+    def encode(self, histories: Tensor, layout: Layout) -> Tensor:
+        """The shared transformer layer with each (task, type)'s conditional norms
+        CLN(X) = γ_{t,b} · γ · (X − μ)/σ + β_{t,b} + β: [B, S, L, d] -> [B, P, T, d]."""
+        lengths, dim = layout.lengths, self.dim
+        x = torch.cat([histories[:, s, :n] for s, n in enumerate(lengths)], dim=1)  # [B, P, d]
+        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
+        bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+        qkv = F.linear(x, weight, bias).unsqueeze(1)  # [B, 1, P, 3d]: one head
+        attended, start = [], 0
+        for n in lengths:  # self-attention within each type, over its real items
+            q, k, v = qkv[:, :, start : start + n].split(dim, dim=-1)
+            keys = layout.keys[:, start : start + n]
+            full = not torch.jit.is_tracing() and bool(keys.all())
+            allowed = None if full else keys.view(-1, 1, 1, n)
+            attended.append(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed))
+            start += n
+        normalized = F.layer_norm(x + torch.cat(attended, dim=2).squeeze(1), (dim,))  # the same for every task
+        gamma, beta = self.condition()
+        scale = (gamma * self.gamma).index_select(1, layout.types).transpose(0, 1)  # [P, T, NORMS, d]
+        shift = (beta + self.beta).index_select(1, layout.types).transpose(0, 1)
+        h = torch.addcmul(shift[:, :, 0], scale[:, :, 0], normalized.unsqueeze(2))  # [B, P, T, d]
+        return torch.addcmul(shift[:, :, 1], scale[:, :, 1], F.layer_norm(h + self.ffn(h), (dim,)))
+
+    def pool(self, h: Tensor, layout: Layout, candidates: Tensor) -> Tensor:
+        """Target attention of each history's candidate [B, S, d] over the layer's outputs
+        h [B, P, T, d] -> interests [B, T, S, d]."""
+        batch, tasks, dim = h.shape[0], self.tasks, self.dim
+        if self.target is not None:
+            # DIN's unit, weight_l = v · PReLU(W [k, c, k − c, k ⊙ c] + b) + b₂ for key k, candidate c:
+            # its first layer is M_c k + m_c with M_c = W_k + W_d + W_p diag(c) and m_c = (W_q − W_d) c + b,
+            # one [d, 36] matrix per history (its candidate is fixed), and PReLU(x) = (1 − a) ReLU(x) + a x,
+            # whose linear part through v is (v M_c) k + v m_c: only ReLU needs the 36 hidden units
+            score = self.target.score
+            first, act, last = cast(nn.Linear, score[0]), cast(nn.PReLU, score[1]), cast(nn.Linear, score[2])
+            w_k, w_q, w_d, w_p = first.weight.split(dim, dim=1)
+            v, slope = last.weight.view(-1), act.weight.view(())
+            matrices = (w_k + w_d).t() + candidates.unsqueeze(-1) * w_p.t()  # [B, S, d, 36]
+            offsets = F.linear(candidates, w_q - w_d, first.bias)  # [B, S, 36]
+            matrices_v, offsets_v = matrices @ v.unsqueeze(-1), offsets @ v  # [B, S, d, 1], [B, S]
+        interests, start = [], 0
+        for s, n in enumerate(layout.lengths):
+            keys = h[:, start : start + n]  # [B, n, T, d]
+            if self.target is not None:
+                flat = keys.reshape(batch, n * tasks, dim)
+                hidden = torch.baddbmm(offsets[:, s : s + 1], flat, matrices[:, s]).relu_()  # [B, n·T, 36]
+                direct = (flat @ matrices_v[:, s]).squeeze(-1) + offsets_v[:, s : s + 1]  # [B, n·T]
+                weights = (1 - slope) * (hidden @ v) + slope * direct + last.bias
+                weights = weights.view(batch, n, tasks) * layout.present[:, start : start + n].unsqueeze(-1)
+            else:
+                scores = (keys * candidates[:, s].view(batch, 1, 1, dim)).sum(-1) / math.sqrt(dim)  # [B, n, T]
+                allowed = layout.keys[:, start : start + n].unsqueeze(-1)
+                weights = scores.masked_fill(~allowed, float("-inf")).softmax(1)
+            interests.append((weights.unsqueeze(-1) * keys).sum(1))  # [B, T, d]
+            start += n
+        interest = torch.stack(interests, dim=2)  # [B, T, S, d]
+        return interest * layout.any_item.unsqueeze(1).unsqueeze(-1)  # an empty history has no interest
 
     def forward(self, histories: Tensor, mask: Tensor, candidates: Tensor) -> Tensor:
-        interest = self.pool(self.encode(histories, mask), mask, candidates)
+        layout = self.layout(mask)
+        interest = self.pool(self.encode(histories, layout), layout, candidates)
         self.last_interest = interest.detach()
         return interest
 

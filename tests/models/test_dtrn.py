@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
 
 from mtlcli.data.batch import Batch
 from mtlcli.models import SCHEMES, InputSpec, build_model
 from mtlcli.models.blocks import SequenceInput
 from mtlcli.models.dtrn import DTRN, TaskInterest
+from mtlcli.numerics import kernel_scale, kernel_tolerance
 
 INPUTS = InputSpec(
     cardinalities=[7, 5],
@@ -47,18 +49,83 @@ def batch(n: int = 6, seed: int = 0) -> Batch:
     )
 
 
-def test_conditional_layer_norm_is_the_papers_formula() -> None:
-    tim = model().interest
+def reference_interest(tim: TaskInterest, keys: Tensor, mask: Tensor, candidates: Tensor) -> Tensor:
+    """TIM as the paper defines it, one (task, type) pair at a time over the padded histories:
+    self-attention over the real items, CLN(X) = γ_{t,b} · γ · (X − μ)/σ + β_{t,b} + β after the
+    attention and after the feed-forward network, then the candidate's target attention -> [B, T, S, d]."""
+    batch, types, _, dim = keys.shape
+    out = torch.zeros(batch, tim.tasks, types, dim)
+    for t in range(tim.tasks):
+        for s in range(types):
+            if tim.conditional:
+                pair = torch.cat([tim.task_embedding.weight[t], tim.type_embedding.weight[s]])
+                g, b = 1 + tim.hyper_gamma(pair).view(2, dim), tim.hyper_beta(pair).view(2, dim)
+            else:
+                g, b = torch.ones(2, dim), torch.zeros(2, dim)
+
+            def cln(z: Tensor, j: int, g: Tensor = g, b: Tensor = b) -> Tensor:
+                mu, var = z.mean(-1, keepdim=True), z.var(-1, unbiased=False, keepdim=True)
+                return g[j] * tim.gamma[j] * (z - mu) / (var + 1e-5).sqrt() + b[j] + tim.beta[j]
+
+            x, real = keys[:, s], mask[:, s] > 0  # [B, L, d], [B, L]
+            empty = ~real.any(-1)
+            allowed = real.clone()
+            allowed[empty, 0] = True  # an empty history attends to its first (padded) position
+            scores = tim.query(x) @ tim.key(x).transpose(1, 2) / dim**0.5
+            attended = scores.masked_fill(~allowed.unsqueeze(1), float("-inf")).softmax(-1) @ tim.value(x)
+            h1 = cln(x + attended, 0)
+            h = cln(h1 + tim.ffn(h1), 1)
+            c = candidates[:, s].unsqueeze(1).expand_as(h)
+            if tim.target is not None:  # DIN's unit on [k, c, k − c, k ⊙ c], no softmax
+                weights = tim.target.score(torch.cat([h, c, h - c, h * c], -1)).squeeze(-1) * real
+            else:
+                weights = ((h * c).sum(-1) / dim**0.5).masked_fill(~allowed, float("-inf")).softmax(-1)
+            out[:, t, s] = (weights.unsqueeze(-1) * h).sum(1) * ~empty.unsqueeze(-1)
+    return out
+
+
+def tim_inputs(seed: int, full_type: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Histories [7, 3, 6, 4] with every length from empty to full; type 1 is empty in every
+    row, and with ``full_type`` type 2 is full in every row (no padding to mask)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 7, (7, 3), generator=g)
+    lengths[0, 0], lengths[1, 0], lengths[:, 1] = 0, 6, 0
+    if full_type:
+        lengths[:, 2] = 6
+    mask = (torch.arange(6).view(1, 1, -1) < lengths.unsqueeze(-1)).float()
+    keys = torch.randn(7, 3, 6, 4, generator=g)
+    return keys, mask, torch.randn(7, 3, 4, generator=g)
+
+
+@pytest.mark.parametrize("variant", [{}, {"conditional_norm": False}, {"interest": "softmax"}], ids=str)
+@pytest.mark.parametrize("full_type", [False, True])
+def test_all_pairs_at_once_match_the_pair_by_pair_definition(variant: dict[str, object], full_type: bool) -> None:
+    """The batched TIM (every (task, type) pair in one pass, each type cut to its longest history)
+    gives the reference loop's interests and gradients, within float32 rounding."""
+    torch.manual_seed(0)
+    inputs = dataclasses.replace(INPUTS, sequences=[SequenceInput(7, "mean", shares=0)] * 3)
+    built = build_model("dtrn", SCHEMES.get("dtrn").params(embedding_dim=4, **variant), inputs)
+    tim = built.interest  # type: ignore[union-attr]
     assert isinstance(tim, TaskInterest)
-    gamma_c, beta_c = tim.condition()
-    x = torch.randn(3, 2, 2, 5, 4)  # [B, T, S, L, d]
-    got = tim._norm(x, 1, gamma_c, beta_c)
-    mu, sigma = x.mean(-1, keepdim=True), (x.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
-    for t in range(2):
-        for b in range(2):
-            expected = gamma_c[t, b, 1] * tim.gamma[1] * (x[:, t, b] - mu[:, t, b]) / sigma[:, t, b]
-            expected = expected + beta_c[t, b, 1] + tim.beta[1]
-            assert torch.allclose(got[:, t, b], expected, atol=1e-5), (t, b)
+    with torch.no_grad():
+        for p in tim.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    keys, mask, candidates = tim_inputs(1, full_type)
+    keys.requires_grad_(True)
+    candidates.requires_grad_(True)
+    probe = torch.randn(7, 2, 3, 4)  # a loss that weighs every output differently
+    results = []
+    for run in (tim, lambda k, m, c: reference_interest(tim, k, m, c)):
+        tim.zero_grad()
+        keys.grad = candidates.grad = None
+        out = run(keys, mask, candidates)
+        (out * probe).sum().backward()
+        grads = [keys.grad, candidates.grad] + [p.grad for p in tim.parameters()]
+        results.append([out.detach()] + [g.clone() for g in grads])  # type: ignore[union-attr]
+    for got, expected in zip(*results, strict=True):
+        tolerance = kernel_tolerance(kernel_scale(expected, floor=1.0))
+        assert (got - expected).abs().max() <= tolerance
+    assert results[1][0][:, :, 1].abs().max() == 0  # the empty type gives no interest
 
 
 def test_the_hypernetworks_give_each_task_and_behaviour_type_its_own_norm() -> None:
@@ -181,15 +248,9 @@ def test_the_interest_is_dins_target_attention_of_each_historys_candidate() -> N
     b.sequences[:, 1] %= 5
     fields, keys, mask = m.embedding.lookup(b)
     assert keys is not None and mask is not None
-    h = m.interest.encode(keys, mask)  # [B, T, S, L, d]
     got = m.interest(keys, mask, fields[:, [0, 1]])
-    score = m.interest.target.score
-    for s in range(2):
-        c = fields[:, s].view(-1, 1, 1, 4).expand_as(h[:, :, s])
-        weights = score(torch.cat([h[:, :, s], c, h[:, :, s] - c, h[:, :, s] * c], -1)).squeeze(-1)
-        expected = (weights * mask[:, None, s]).unsqueeze(-1).mul(h[:, :, s]).sum(-2)
-        expected = expected * (b.sequence_lengths[:, s] > 0).view(-1, 1, 1)  # type: ignore[index]
-        assert torch.allclose(got[:, :, s], expected, atol=1e-5), s
+    expected = reference_interest(m.interest, keys, mask, fields[:, [0, 1]])
+    assert (got - expected).abs().max() <= kernel_tolerance(kernel_scale(expected, floor=1.0))
     other = b.categorical.clone()
     other[:, 1] = (other[:, 1] + 1) % 5
     moved = dataclasses.replace(b, categorical=other)
@@ -208,9 +269,10 @@ def test_softmax_interest_weights_sum_to_one() -> None:
     assert m.interest is not None and m.interest.target is None
     fields, keys, mask = m.embedding.lookup(b)
     assert keys is not None and mask is not None
-    h = m.interest.encode(keys, mask)
-    ones = torch.ones_like(h)  # pooling constant outputs with weights that sum to 1 gives them back
-    pooled = m.interest.pool(ones, mask, fields[:, [0, 0]])
-    has = (b.sequence_lengths > 0).view(len(b), 1, 2, 1).expand_as(pooled)  # type: ignore[union-attr]
+    layout = m.interest.layout(mask)
+    ones = torch.ones(len(b), int(layout.types.numel()), 2, 4)  # [B, P, T, d]
+    pooled = m.interest.pool(ones, layout, fields[:, [0, 0]])  # weights that sum to 1 give the ones back
+    assert b.sequence_lengths is not None
+    has = (b.sequence_lengths > 0).view(len(b), 1, 2, 1).expand_as(pooled)
     assert torch.allclose(pooled[has], torch.ones_like(pooled[has]), atol=1e-6)
     assert torch.equal(pooled[~has], torch.zeros_like(pooled[~has]))
