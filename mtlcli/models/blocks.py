@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
@@ -54,11 +56,167 @@ class SequenceInput:
 ATTENTION_UNITS = 36  # the hidden width of DIN's activation unit (Zhou et al., KDD 2018, Figure 2)
 
 
+@dataclass(frozen=True)
+class Packed:
+    """One behaviour history of a batch without its padding: the ids present, row by row.
+
+    ids [N] (embedding rows), rows [N] (each id's batch row, ascending), bounds [B + 1] (row b's
+    ids are ids[bounds[b]:bounds[b + 1]]), lengths [B], and where each id sits in the padded
+    [B, L] layout (positions [N], for reports).
+    """
+
+    ids: Tensor
+    rows: Tensor
+    bounds: Tensor
+    lengths: Tensor
+    positions: Tensor
+    padded_len: int
+
+
+def exporting() -> bool:
+    """Whether the model is being traced for export (ONNX): the padded layout traces to plain
+    operators, the packed one to sparse products that ONNX lacks."""
+    return bool(torch.onnx.is_in_onnx_export() or torch.jit.is_tracing())
+
+
+def pack_histories(ids: Tensor, lengths: Tensor) -> list[Packed]:
+    """Each history of padded ids [B, S, L] with lengths [B, S] as its present ids only, so that
+    what follows costs by the items present rather than by L."""
+    batch_size, histories, longest = ids.shape
+    packed = []
+    for i in range(histories):
+        length = lengths[:, i]
+        present = torch.arange(longest, device=ids.device) < length.unsqueeze(1)  # [B, L]
+        positions = present.view(-1).nonzero().squeeze(1)
+        bounds = torch.zeros(batch_size + 1, dtype=torch.long, device=ids.device)
+        torch.cumsum(length, 0, out=bounds[1:])
+        packed.append(
+            Packed(
+                ids[:, i].reshape(-1).index_select(0, positions),
+                torch.div(positions, longest, rounding_mode="floor"),
+                bounds,
+                length,
+                positions,
+                longest,
+            )
+        )
+    return packed
+
+
+def segment_sum(values: Tensor, bounds: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Row sums of packed ``values`` [N, k] (times ``weights`` [N]) -> [B, k], as one sparse-dense
+    product (rows of ones, or of the weights, over each row's slice)."""
+    n = values.shape[0]
+    columns = torch.arange(n, device=values.device)
+    weights = weights if weights is not None else values.new_ones(n)
+    with warnings.catch_warnings():  # CSR is marked beta; the product is what we need
+        warnings.simplefilter("ignore")
+        matrix = torch.sparse_csr_tensor(
+            bounds, columns, weights, size=(bounds.shape[0] - 1, n), check_invariants=False
+        )
+        return matrix @ values
+
+
+class _SegmentSum(torch.autograd.Function):
+    """``segment_sum`` with gradient: the rows' gradient back to each of their items."""
+
+    @staticmethod
+    def forward(ctx: Any, values: Tensor, bounds: Tensor, rows: Tensor) -> Tensor:
+        ctx.save_for_backward(rows)
+        return segment_sum(values, bounds)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (rows,) = ctx.saved_tensors
+        return grad.index_select(0, rows), None, None
+
+
+_threshold_backward = torch.ops.aten.threshold_backward
+
+
+class _PackedDin(torch.autograd.Function):
+    """DIN's activation unit and weighted sum over packed keys, forward and backward by hand.
+
+    The unit's first layer on [k, q, k - q, k * q] is linear: W·[...] = A·k + C·(k * q) + B·q with
+    A = W_k + W_{k-q}, B = W_q - W_{k-q}, C = W_{k*q}. Per item: h = [k * q_r, k]·[C, A]^T + c_r
+    with c = q·B^T + b1 once per row; weight s = w2·PReLU_a(h) + b2; pooled_r = sum_r s·k.
+    Inputs: keys [N, d], queries [B, d], ``weights`` [36, 2d] = [C, A], ``query_part`` [36, d] = B,
+    b1 [36], a [1], w2 [36], b2 [1]. Outputs pooled [B, d] and the weights s [N]. No tensor of
+    four times the key width, nothing over padding; the backward pass reads h once for the
+    PReLU's gradient (a kernel of its own is slow on CPU) and folds the rank-one parts into the
+    products.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        keys: Tensor,
+        queries: Tensor,
+        weights: Tensor,
+        query_part: Tensor,
+        b1: Tensor,
+        slope: Tensor,
+        w2: Tensor,
+        b2: Tensor,
+        rows: Tensor,
+        bounds: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        dim = keys.shape[1]
+        per_row = torch.addmm(b1, queries, query_part.t())  # [B, 36]
+        q = queries.index_select(0, rows)  # [N, d]
+        x = torch.empty(keys.shape[0], 2 * dim, dtype=keys.dtype, device=keys.device)
+        torch.mul(keys, q, out=x[:, :dim])
+        x[:, dim:] = keys
+        h = torch.addmm(per_row.index_select(0, rows), x, weights.t())  # [N, 36]
+        s = torch.addmv(b2.expand(h.shape[0]), F.prelu(h, slope), w2)  # [N]
+        pooled = segment_sum(keys, bounds, s)
+        ctx.save_for_backward(keys, queries, q, x, h, s, weights, query_part, slope, w2, rows, bounds)
+        return pooled, s
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, grad_s: Tensor | None) -> tuple[Tensor | None, ...]:
+        keys, queries, q, x, h, s, weights, query_part, slope, w2, rows, bounds = ctx.saved_tensors
+        dim = keys.shape[1]
+        g = grad.index_select(0, rows)  # [N, d]
+        gs = (g * keys).sum(1)  # dL/ds [N]
+        if grad_s is not None:
+            gs = gs + grad_s
+        a = slope.view(())
+        # s = w2·PReLU(h) + b2: d/dw2 = PReLU(h) = relu(h) + a·min(h, 0); d/da = w2·min(h, 0)
+        relu_gs = torch.relu(h).t() @ gs
+        min_gs = h.t() @ gs - relu_gs
+        grad_w2 = relu_gs + a * min_gs
+        grad_slope = (w2 @ min_gs).view(1)
+        # dL/dh = (gs ⊗ w2) · PReLU'(h) = (T + a·gs ⊗ 1) · w2 with T = (1 - a)·gs where h > 0
+        t = _threshold_backward((gs * (1 - a)).unsqueeze(1).expand_as(h), h, 0.0)
+        scaled = w2.unsqueeze(1) * weights  # [36, 2d]
+        xs = x.t() @ gs  # [2d]
+        grad_weights = w2.unsqueeze(1) * (t.t() @ x + a * xs.unsqueeze(0))
+        gx = t @ scaled + (a * gs).unsqueeze(1) * scaled.sum(0)  # [N, 2d]
+        grad_c = (segment_sum(t, bounds) + (a * segment_sum(gs.unsqueeze(1), bounds))) * w2  # [B, 36]
+        product = gx[:, :dim]
+        grad_keys = g * s.unsqueeze(1) + product * q + gx[:, dim:]
+        grad_queries = segment_sum(product * keys, bounds) + grad_c @ query_part
+        return (
+            grad_keys,
+            grad_queries,
+            grad_weights,
+            grad_c.t() @ queries,
+            grad_c.sum(0),
+            grad_slope,
+            grad_w2,
+            gs.sum().view(1),
+            None,
+            None,
+        )
+
+
 class AttentionPooling(nn.Module):
     """DIN's activation unit: the weight of history item k for candidate q is
     MLP([k, q, k - q, k * q]) (PReLU), and the pooled history is sum_k weight_k * k over the real
     items, without a softmax (Zhou et al., KDD 2018: keeping the intensity of the user's interest).
-    Input keys [..., L, d], mask [..., L], query [..., d]; output [..., d]."""
+    Input keys [..., L, d], mask [..., L], query [..., d]; output [..., d]. ``packed`` is the same
+    on a history without its padding (what training runs)."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -70,6 +228,26 @@ class AttentionPooling(nn.Module):
         weights = self.score(torch.cat([keys, q, keys - q, keys * q], dim=-1)).squeeze(-1) * mask
         self.last_weights = weights.detach()
         return (weights.unsqueeze(-1) * keys).sum(-2)
+
+    def packed(self, keys: Tensor, history: Packed, query: Tensor) -> Tensor:
+        """Keys [N, d] of a packed history, the candidates [B, d] -> pooled [B, d]."""
+        first, act, second = cast(tuple[nn.Linear, nn.PReLU, nn.Linear], tuple(self.score))
+        w_k, w_q, w_diff, w_prod = first.weight.split(keys.shape[1], dim=1)
+        pooled, weights = _PackedDin.apply(
+            keys,
+            query,
+            torch.cat([w_prod, w_k + w_diff], dim=1),
+            w_q - w_diff,
+            first.bias,
+            act.weight,
+            second.weight.view(-1),
+            second.bias,
+            history.rows,
+            history.bounds,
+        )
+        report = weights.new_zeros(query.shape[0] * history.padded_len)
+        self.last_weights = report.index_copy_(0, history.positions, weights.detach()).view(query.shape[0], -1)
+        return cast(Tensor, pooled)
 
 
 @dataclass(frozen=True)
@@ -161,32 +339,40 @@ class FeatureEmbedding(nn.Module):
     def forward(self, batch: Batch) -> Tensor:
         if self.n_categorical == 0 and not self.sequences:
             return batch.numeric
+        if self.sequences and not exporting():
+            return torch.cat([*self._packed(batch), batch.numeric], dim=1)
         fields, keys, mask = self.lookup(batch)
         parts = [fields.flatten(1)]
         if keys is not None and mask is not None:
             parts += [self._pool(i, keys[:, i], mask[:, i], fields) for i in range(len(self.sequences))]
         return torch.cat([*parts, batch.numeric], dim=1)
 
-    def lookup(self, batch: Batch) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """The embeddings before pooling: the features' [B, F_cat, d], and with histories their
-        ids' [B, S, L, d] and the mask of real ids [B, S, L] (float, 1 = real)."""
+    def _table_ids(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """The rows to read and, per batch row, the indices into them [B, F_cat (+ S·L)]: the
+        table and the ids, or in a row-wise training step the batch's distinct rows (a leaf that
+        collects their gradient, see the class docstring) and each id's place among them."""
         ids = (batch.categorical + self.offsets).flatten(1)
         if self.sequences:
             if batch.sequences is None or batch.sequence_lengths is None:
                 raise ValueError("this model reads behaviour histories and the batch has none")
             history = batch.sequences + self.seq_offsets.view(1, -1, 1)
             ids = torch.cat([ids, history.flatten(1)], dim=1)
-        if self.sparse and torch.is_grad_enabled():
-            if self.union is not None:  # every rank holds the rows of every rank's batch: the same rows everywhere
-                unique = self.union(torch.unique(ids))
-                inverse = torch.searchsorted(unique, ids.reshape(-1))
-            else:
-                unique, inverse = torch.unique(ids, return_inverse=True)
-            rows = self.table.weight.index_select(0, unique).requires_grad_()
-            self.rows, self.row_ids = rows, unique
-            looked = rows.index_select(0, inverse.reshape(-1)).view(*ids.shape, rows.shape[1])
+        if not (self.sparse and torch.is_grad_enabled()):
+            return self.table.weight, ids
+        if self.union is not None:  # every rank holds the rows of every rank's batch: the same rows everywhere
+            unique = self.union(torch.unique(ids))
+            inverse = torch.searchsorted(unique, ids.reshape(-1))
         else:
-            looked = _Lookup.apply(self.table.weight, ids)
+            unique, inverse = torch.unique(ids, return_inverse=True)
+        rows = self.table.weight.index_select(0, unique).requires_grad_()
+        self.rows, self.row_ids = rows, unique
+        return rows, inverse.view(ids.shape)
+
+    def lookup(self, batch: Batch) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The embeddings before pooling: the features' [B, F_cat, d], and with histories their
+        ids' [B, S, L, d] and the mask of real ids [B, S, L] (float, 1 = real)."""
+        weight, ids = self._table_ids(batch)
+        looked = _Lookup.apply(weight, ids)
         fields = looked[:, : self.n_categorical]
         if not self.sequences:
             return fields, None, None
@@ -196,6 +382,31 @@ class FeatureEmbedding(nn.Module):
         positions = torch.arange(longest, device=keys.device)
         mask = (positions.view(1, 1, -1) < batch.sequence_lengths.unsqueeze(-1)).to(keys.dtype)
         return fields, keys, mask
+
+    def _packed(self, batch: Batch) -> list[Tensor]:
+        """The features' embeddings [B, F_cat·d] and each history pooled [B, d], the histories
+        read without their padding (see ``pack_histories``): one gather of the features' and
+        the present items' rows, whose gradient is one scatter into the table."""
+        weight, ids = self._table_ids(batch)
+        assert batch.sequence_lengths is not None
+        batch_size, n_fields = ids.shape[0], self.n_categorical
+        histories = pack_histories(ids[:, n_fields:].view(batch_size, len(self.sequences), -1), batch.sequence_lengths)
+        looked = _Lookup.apply(weight, torch.cat([ids[:, :n_fields].reshape(-1), *(h.ids for h in histories)]))
+        # one split (its gradient is one concatenation; slices would each build a zero gradient of the whole)
+        fields, *keys_of = looked.split([batch_size * n_fields, *(h.ids.shape[0] for h in histories)])
+        fields = fields.view(batch_size, n_fields, self.dim)
+        parts = [fields.flatten(1)]
+        for i, (history, keys) in enumerate(zip(histories, keys_of, strict=True)):
+            seq = self.sequences[i]
+            if seq.pooling == "attention":
+                assert seq.target is not None
+                parts.append(
+                    cast(AttentionPooling, self.attention[str(i)]).packed(keys, history, fields[:, seq.target])
+                )
+                continue
+            total = cast(Tensor, _SegmentSum.apply(keys, history.bounds, history.rows))
+            parts.append(total if seq.pooling == "sum" else total / history.lengths.clamp_min(1).unsqueeze(1))
+        return parts
 
     def _pool(self, i: int, keys: Tensor, mask: Tensor, fields: Tensor) -> Tensor:
         """History ``i``'s embeddings [B, L, d] with their mask [B, L] -> one vector [B, d]."""
