@@ -53,6 +53,8 @@ class SequenceInput:
     target: int | None = None
 
 
+# a history is pooled from counts per id [B, V] when B·V is at most this many times the items present
+COUNTS_PER_ITEM = 2
 ATTENTION_UNITS = 36  # the hidden width of DIN's activation unit (Zhou et al., KDD 2018, Figure 2)
 
 
@@ -79,28 +81,26 @@ def exporting() -> bool:
     return bool(torch.onnx.is_in_onnx_export() or torch.jit.is_tracing())
 
 
-def pack_histories(ids: Tensor, lengths: Tensor) -> list[Packed]:
-    """Each history of padded ids [B, S, L] with lengths [B, S] as its present ids only, so that
-    what follows costs by the items present rather than by L."""
-    batch_size, histories, longest = ids.shape
-    packed = []
-    for i in range(histories):
-        length = lengths[:, i]
-        present = torch.arange(longest, device=ids.device) < length.unsqueeze(1)  # [B, L]
-        positions = present.view(-1).nonzero().squeeze(1)
-        bounds = torch.zeros(batch_size + 1, dtype=torch.long, device=ids.device)
-        torch.cumsum(length, 0, out=bounds[1:])
-        packed.append(
-            Packed(
-                ids[:, i].reshape(-1).index_select(0, positions),
-                torch.div(positions, longest, rounding_mode="floor"),
-                bounds,
-                length,
-                positions,
-                longest,
-            )
-        )
-    return packed
+def pack_history(ids: Tensor, lengths: Tensor) -> Packed:
+    """A history of padded ids [B, L] with lengths [B] as its present ids only, so that what
+    follows costs by the items present rather than by L."""
+    batch_size, longest = ids.shape
+    present = torch.arange(longest, device=ids.device) < lengths.unsqueeze(1)  # [B, L]
+    positions = present.view(-1).nonzero().squeeze(1)
+    bounds = torch.zeros(batch_size + 1, dtype=torch.long, device=ids.device)
+    torch.cumsum(lengths, 0, out=bounds[1:])
+    rows = torch.arange(batch_size, device=ids.device).repeat_interleave(lengths, output_size=positions.shape[0])
+    return Packed(ids.reshape(-1).index_select(0, positions), rows, bounds, lengths, positions, longest)
+
+
+def history_counts(ids: Tensor, lengths: Tensor, vocabulary: int) -> Tensor:
+    """How often each id [0, vocabulary) occurs in each row's history: padded ids [B, L] with
+    lengths [B] -> float32 [B, vocabulary]."""
+    batch_size, longest = ids.shape
+    present = torch.arange(longest, device=ids.device) < lengths.unsqueeze(1)
+    cells = (torch.arange(batch_size, device=ids.device).unsqueeze(1) * vocabulary + ids).view(-1)
+    counts = torch.bincount(cells, weights=present.view(-1).float(), minlength=batch_size * vocabulary)
+    return counts.view(batch_size, vocabulary)
 
 
 def segment_sum(values: Tensor, bounds: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -229,6 +229,13 @@ class AttentionPooling(nn.Module):
         self.last_weights = weights.detach()
         return (weights.unsqueeze(-1) * keys).sum(-2)
 
+    def pair_weights(self, keys: Tensor, queries: Tensor) -> Tensor:
+        """The weight of every (candidate, item) pair of two small vocabularies: candidates'
+        embeddings [Vq, d], items' [V, d] -> [Vq, V]."""
+        k = keys.unsqueeze(0).expand(queries.shape[0], -1, -1)
+        q = queries.unsqueeze(1).expand_as(k)
+        return cast(Tensor, self.score(torch.cat([k, q, k - q, k * q], dim=-1)).squeeze(-1))
+
     def packed(self, keys: Tensor, history: Packed, query: Tensor) -> Tensor:
         """Keys [N, d] of a packed history, the candidates [B, d] -> pooled [B, d]."""
         first, act, second = cast(tuple[nn.Linear, nn.PReLU, nn.Linear], tuple(self.score))
@@ -301,6 +308,14 @@ class FeatureEmbedding(nn.Module):
                 seq_starts.append(next_own)
                 next_own += seq.cardinality
         self.register_buffer("seq_offsets", torch.tensor(seq_starts, dtype=torch.long), persistent=False)
+        # each history's vocabulary as rows [start, start + size) of the table, and its target's
+        self.vocabularies = [
+            (start, cardinalities[seq.shares] if seq.shares is not None else seq.cardinality)
+            for start, seq in zip(seq_starts, sequences, strict=True)
+        ]
+        self.targets = [
+            (starts[seq.target], cardinalities[seq.target]) if seq.target is not None else (0, 0) for seq in sequences
+        ]
         self.sequences = list(sequences)
         self.attention = nn.ModuleDict(
             {str(i): AttentionPooling(dim) for i, seq in enumerate(sequences) if seq.pooling == "attention"}
@@ -385,28 +400,70 @@ class FeatureEmbedding(nn.Module):
 
     def _packed(self, batch: Batch) -> list[Tensor]:
         """The features' embeddings [B, F_cat·d] and each history pooled [B, d], the histories
-        read without their padding (see ``pack_histories``): one gather of the features' and
-        the present items' rows, whose gradient is one scatter into the table."""
+        read without their padding, in one gather (whose gradient is one scatter into the
+        table) of the features' rows and for each history either
+
+        - its present items (``pack_history``), pooled by a sparse row sum or DIN's unit on
+          each item (``AttentionPooling.packed``), or
+        - where the vocabulary is small against the items present, the vocabulary's rows: the
+          history becomes counts per id [B, V] (``history_counts``), pooled as counts @ rows,
+          and DIN's weights are computed once per (candidate, item) pair of the vocabularies.
+        """
         weight, ids = self._table_ids(batch)
-        assert batch.sequence_lengths is not None
+        assert batch.sequences is not None and batch.sequence_lengths is not None
         batch_size, n_fields = ids.shape[0], self.n_categorical
-        histories = pack_histories(ids[:, n_fields:].view(batch_size, len(self.sequences), -1), batch.sequence_lengths)
-        looked = _Lookup.apply(weight, torch.cat([ids[:, :n_fields].reshape(-1), *(h.ids for h in histories)]))
+        table_ids = ids[:, n_fields:].view(batch_size, len(self.sequences), -1)
+        present = batch.sequence_lengths.sum(0).tolist()
+        plans: list[Packed | Tensor] = []  # per history its packed items or its counts
+        reads = [ids[:, :n_fields].reshape(-1)]
+        for i, seq in enumerate(self.sequences):
+            start, size = self.vocabularies[i]
+            if self._by_counts(i, batch_size, present[i], weight is self.table.weight):
+                plans.append(history_counts(batch.sequences[:, i], batch.sequence_lengths[:, i], size))
+                reads.append(torch.arange(start, start + size, device=ids.device))
+                if seq.pooling == "attention":
+                    target, target_size = self.targets[i]
+                    reads.append(torch.arange(target, target + target_size, device=ids.device))
+            else:
+                history = pack_history(table_ids[:, i], batch.sequence_lengths[:, i])
+                plans.append(history)
+                reads.append(history.ids)
+        looked = _Lookup.apply(weight, torch.cat(reads))
         # one split (its gradient is one concatenation; slices would each build a zero gradient of the whole)
-        fields, *keys_of = looked.split([batch_size * n_fields, *(h.ids.shape[0] for h in histories)])
+        fields, *rest = looked.split([r.shape[0] for r in reads])
         fields = fields.view(batch_size, n_fields, self.dim)
-        parts = [fields.flatten(1)]
-        for i, (history, keys) in enumerate(zip(histories, keys_of, strict=True)):
-            seq = self.sequences[i]
-            if seq.pooling == "attention":
+        parts, pieces = [fields.flatten(1)], iter(rest)
+        for i, (seq, plan) in enumerate(zip(self.sequences, plans, strict=True)):
+            rows = next(pieces)
+            unit = cast(AttentionPooling, self.attention[str(i)]) if seq.pooling == "attention" else None
+            if isinstance(plan, Packed):
+                if unit is not None:
+                    assert seq.target is not None
+                    parts.append(unit.packed(rows, plan, fields[:, seq.target]))
+                    continue
+                total = cast(Tensor, _SegmentSum.apply(rows, plan.bounds, plan.rows))
+                lengths = plan.lengths
+            elif unit is not None:
                 assert seq.target is not None
-                parts.append(
-                    cast(AttentionPooling, self.attention[str(i)]).packed(keys, history, fields[:, seq.target])
-                )
+                weights = unit.pair_weights(rows, next(pieces)).index_select(0, batch.categorical[:, seq.target])
+                local = batch.sequences[:, i]
+                mask = torch.arange(local.shape[1], device=local.device) < batch.sequence_lengths[:, i].unsqueeze(1)
+                unit.last_weights = (weights.detach().gather(1, local) * mask).detach()
+                parts.append((plan * weights) @ rows)
                 continue
-            total = cast(Tensor, _SegmentSum.apply(keys, history.bounds, history.rows))
-            parts.append(total if seq.pooling == "sum" else total / history.lengths.clamp_min(1).unsqueeze(1))
+            else:
+                total, lengths = plan @ rows, batch.sequence_lengths[:, i]
+            parts.append(total if seq.pooling == "sum" else total / lengths.clamp_min(1).unsqueeze(1))
         return parts
+
+    def _by_counts(self, i: int, batch_size: int, present: int, whole_table: bool) -> bool:
+        """Whether history ``i`` is cheaper as counts per id than item by item: its vocabulary
+        (for DIN, also every pair with its target's) is small against the ``present`` items.
+        Not while a row-wise table reads the batch's rows only (``whole_table`` False)."""
+        _, size = self.vocabularies[i]
+        if not whole_table or batch_size * size > COUNTS_PER_ITEM * present:
+            return False
+        return self.sequences[i].pooling != "attention" or self.targets[i][1] * size <= present
 
     def _pool(self, i: int, keys: Tensor, mask: Tensor, fields: Tensor) -> Tensor:
         """History ``i``'s embeddings [B, L, d] with their mask [B, L] -> one vector [B, d]."""

@@ -223,10 +223,14 @@ def test_attention_pooling_is_dins_activation_unit() -> None:
 
 
 @pytest.mark.numerics
-@pytest.mark.parametrize("row_wise", [False, True])
-def test_packed_histories_match_the_padded_layout(row_wise: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Training reads histories without their padding (hand-written DIN backward, segment sums);
-    export reads the padded layout: the same outputs and gradients, empty histories pooling to 0."""
+@pytest.mark.parametrize(("row_wise", "counts"), [(False, False), (False, True), (True, False)])
+def test_packed_histories_match_the_padded_layout(
+    row_wise: bool, counts: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training reads histories without their padding (item by item: hand-written DIN backward,
+    segment sums; or as counts per id where the vocabulary is small); export reads the padded
+    layout: the same outputs and gradients, empty histories pooling to 0."""
+    monkeypatch.setattr(blocks, "COUNTS_PER_ITEM", 1000 if counts else 0)
     sequences = [
         SequenceInput(7, "attention", shares=0, target=0),
         SequenceInput(5, "mean"),
