@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
@@ -142,9 +141,9 @@ class _PackedDin(torch.autograd.Function):
     with c = q·B^T + b1 once per row; weight s = w2·PReLU_a(h) + b2; pooled_r = sum_r s·k.
     Inputs: keys [N, d], queries [B, d], ``weights`` [36, 2d] = [C, A], ``query_part`` [36, d] = B,
     b1 [36], a [1], w2 [36], b2 [1]. Outputs pooled [B, d] and the weights s [N]. No tensor of
-    four times the key width, nothing over padding; the backward pass reads h once for the
-    PReLU's gradient (a kernel of its own is slow on CPU) and folds the rank-one parts into the
-    products.
+    four times the key width, nothing over padding; few passes over the [N, 36] hidden layer:
+    the backward pass reads h once for the PReLU's gradient (PReLU's own backward kernel is
+    slow on CPU) and folds the rank-one parts into the products.
     """
 
     @staticmethod
@@ -168,35 +167,43 @@ class _PackedDin(torch.autograd.Function):
         torch.mul(keys, q, out=x[:, :dim])
         x[:, dim:] = keys
         h = torch.addmm(per_row.index_select(0, rows), x, weights.t())  # [N, 36]
-        s = torch.addmv(b2.expand(h.shape[0]), F.prelu(h, slope), w2)  # [N]
+        # PReLU(h) = h + (a - 1)·min(h, 0), so s = w2·h + (a - 1)·u + b2 with u = w2·min(h, 0),
+        # and w2·h is a product of the narrow x: one pass over h for min(h, 0), kept for backward
+        negative = h.clamp(max=0.0)
+        u = negative @ w2  # [N]
+        linear = torch.addmv((per_row @ w2).index_select(0, rows), x, weights.t() @ w2)  # w2·h [N]
+        s = (linear + b2).add_(u * (slope - 1))
         pooled = segment_sum(keys, bounds, s)
-        ctx.save_for_backward(keys, queries, q, x, h, s, weights, query_part, slope, w2, rows, bounds)
+        ctx.save_for_backward(
+            keys, queries, q, x, h, negative, u, s, per_row, weights, query_part, slope, w2, rows, bounds
+        )
         return pooled, s
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor, grad_s: Tensor | None) -> tuple[Tensor | None, ...]:
-        keys, queries, q, x, h, s, weights, query_part, slope, w2, rows, bounds = ctx.saved_tensors
+        keys, queries, q, x, h, negative, u, s, per_row, weights, query_part, slope, w2, rows, bounds = (
+            ctx.saved_tensors
+        )
         dim = keys.shape[1]
         g = grad.index_select(0, rows)  # [N, d]
         gs = (g * keys).sum(1)  # dL/ds [N]
         if grad_s is not None:
             gs = gs + grad_s
         a = slope.view(())
-        # s = w2·PReLU(h) + b2: d/dw2 = PReLU(h) = relu(h) + a·min(h, 0); d/da = w2·min(h, 0)
-        relu_gs = torch.relu(h).t() @ gs
-        min_gs = h.t() @ gs - relu_gs
-        grad_w2 = relu_gs + a * min_gs
-        grad_slope = (w2 @ min_gs).view(1)
+        row_gs = segment_sum(gs.unsqueeze(1), bounds)  # [B, 1]
+        xs = x.t() @ gs  # [2d]
+        # d s / d w2 = PReLU(h) = h + (a - 1)·min(h, 0), with h^T gs = [C, A]·(x^T gs) + c^T (row sums of gs)
+        grad_w2 = torch.addmv(weights @ xs + per_row.t() @ row_gs.squeeze(1), negative.t(), gs, alpha=a - 1)
+        grad_slope = (u @ gs).view(1)
         # dL/dh = (gs ⊗ w2) · PReLU'(h) = (T + a·gs ⊗ 1) · w2 with T = (1 - a)·gs where h > 0
         t = _threshold_backward((gs * (1 - a)).unsqueeze(1).expand_as(h), h, 0.0)
         scaled = w2.unsqueeze(1) * weights  # [36, 2d]
-        xs = x.t() @ gs  # [2d]
-        grad_weights = w2.unsqueeze(1) * (t.t() @ x + a * xs.unsqueeze(0))
-        gx = t @ scaled + (a * gs).unsqueeze(1) * scaled.sum(0)  # [N, 2d]
-        grad_c = (segment_sum(t, bounds) + (a * segment_sum(gs.unsqueeze(1), bounds))) * w2  # [B, 36]
+        grad_weights = w2.unsqueeze(1) * torch.addmm(a * xs.unsqueeze(0), t.t(), x)
+        gx = torch.addmm(torch.outer(a * gs, scaled.sum(0)), t, scaled)  # [N, 2d]
+        grad_c = torch.addmm(segment_sum(t, bounds), row_gs, a * torch.ones_like(w2).unsqueeze(0)) * w2  # [B, 36]
         product = gx[:, :dim]
-        grad_keys = g * s.unsqueeze(1) + product * q + gx[:, dim:]
-        grad_queries = segment_sum(product * keys, bounds) + grad_c @ query_part
+        grad_keys = torch.addcmul(gx[:, dim:], product, q).addcmul_(g, s.unsqueeze(1))
+        grad_queries = torch.addmm(segment_sum(product * keys, bounds), grad_c, query_part)
         return (
             grad_keys,
             grad_queries,
