@@ -53,7 +53,9 @@ class SequenceInput:
 
 
 # a history is pooled from counts per id [B, V] when B·V is at most this many times the items present
-COUNTS_PER_ITEM = 2
+# (about where both ways cost the same on one CPU thread: a dense product per count, a gather and a
+# scatter per item)
+COUNTS_PER_ITEM = 8
 ATTENTION_UNITS = 36  # the hidden width of DIN's activation unit (Zhou et al., KDD 2018, Figure 2)
 
 
@@ -416,25 +418,29 @@ class FeatureEmbedding(nn.Module):
           history becomes counts per id [B, V] (``history_counts``), pooled as counts @ rows,
           and DIN's weights are computed once per (candidate, item) pair of the vocabularies.
         """
-        weight, ids = self._table_ids(batch)
         assert batch.sequences is not None and batch.sequence_lengths is not None
-        batch_size, n_fields = ids.shape[0], self.n_categorical
-        table_ids = ids[:, n_fields:].view(batch_size, len(self.sequences), -1)
+        batch_size, n_fields = batch.categorical.shape[0], self.n_categorical
+        if self.sparse and torch.is_grad_enabled():  # the batch's rows: indices into them
+            weight, ids = self._table_ids(batch)
+            table_ids = ids[:, n_fields:].view(batch_size, len(self.sequences), -1)
+            reads = [ids[:, :n_fields].reshape(-1)]
+        else:  # the table: no need to copy the padded ids into one tensor with the features'
+            weight, table_ids = self.table.weight, batch.sequences
+            reads = [(batch.categorical + self.offsets).view(-1)]
         present = batch.sequence_lengths.sum(0).tolist()
         plans: list[Packed | Tensor] = []  # per history its packed items or its counts
-        reads = [ids[:, :n_fields].reshape(-1)]
         for i, seq in enumerate(self.sequences):
             start, size = self.vocabularies[i]
             if self._by_counts(i, batch_size, present[i], weight is self.table.weight):
                 plans.append(history_counts(batch.sequences[:, i], batch.sequence_lengths[:, i], size))
-                reads.append(torch.arange(start, start + size, device=ids.device))
+                reads.append(torch.arange(start, start + size, device=table_ids.device))
                 if seq.pooling == "attention":
                     target, target_size = self.targets[i]
-                    reads.append(torch.arange(target, target + target_size, device=ids.device))
+                    reads.append(torch.arange(target, target + target_size, device=table_ids.device))
             else:
                 history = pack_history(table_ids[:, i], batch.sequence_lengths[:, i])
                 plans.append(history)
-                reads.append(history.ids)
+                reads.append(history.ids if weight is not self.table.weight else history.ids + start)
         looked = _Lookup.apply(weight, torch.cat(reads))
         # one split (its gradient is one concatenation; slices would each build a zero gradient of the whole)
         fields, *rest = looked.split([r.shape[0] for r in reads])
