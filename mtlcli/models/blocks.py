@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -51,14 +52,180 @@ class SequenceInput:
     target: int | None = None
 
 
+# a history is pooled from counts per id [B, V] when B·V is at most this many times the items present
+# (about where both ways cost the same on one CPU thread: a dense product per count, a gather and a
+# scatter per item)
+COUNTS_PER_ITEM = 8
 ATTENTION_UNITS = 36  # the hidden width of DIN's activation unit (Zhou et al., KDD 2018, Figure 2)
+
+
+@dataclass(frozen=True)
+class Packed:
+    """One behaviour history of a batch without its padding: the ids present, row by row.
+
+    ids [N] (embedding rows), rows [N] (each id's batch row, ascending), bounds [B + 1] (row b's
+    ids are ids[bounds[b]:bounds[b + 1]]), lengths [B], and where each id sits in the padded
+    [B, L] layout (positions [N], for reports).
+    """
+
+    ids: Tensor
+    rows: Tensor
+    bounds: Tensor
+    lengths: Tensor
+    positions: Tensor
+    padded_len: int
+
+
+def exporting() -> bool:
+    """Whether the model is being traced for export (ONNX): the padded layout traces to plain
+    operators, the packed one to sparse products that ONNX lacks."""
+    return bool(torch.onnx.is_in_onnx_export() or torch.jit.is_tracing())
+
+
+def pack_history(ids: Tensor, lengths: Tensor) -> Packed:
+    """A history of padded ids [B, L] with lengths [B] as its present ids only, so that what
+    follows costs by the items present rather than by L."""
+    batch_size, longest = ids.shape
+    present = torch.arange(longest, device=ids.device) < lengths.unsqueeze(1)  # [B, L]
+    positions = present.view(-1).nonzero().squeeze(1)
+    bounds = torch.zeros(batch_size + 1, dtype=torch.long, device=ids.device)
+    torch.cumsum(lengths, 0, out=bounds[1:])
+    rows = torch.arange(batch_size, device=ids.device).repeat_interleave(lengths, output_size=positions.shape[0])
+    return Packed(ids.reshape(-1).index_select(0, positions), rows, bounds, lengths, positions, longest)
+
+
+def history_counts(ids: Tensor, lengths: Tensor, vocabulary: int) -> Tensor:
+    """How often each id [0, vocabulary) occurs in each row's history: padded ids [B, L] with
+    lengths [B] -> float32 [B, vocabulary]."""
+    batch_size, longest = ids.shape
+    present = torch.arange(longest, device=ids.device) < lengths.unsqueeze(1)
+    cells = (torch.arange(batch_size, device=ids.device).unsqueeze(1) * vocabulary + ids).view(-1)
+    counts = torch.bincount(cells, weights=present.view(-1).float(), minlength=batch_size * vocabulary)
+    return counts.view(batch_size, vocabulary)
+
+
+def segment_sum(values: Tensor, bounds: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Row sums of packed ``values`` [N, k] (times ``weights`` [N]) -> [B, k], as one sparse-dense
+    product (rows of ones, or of the weights, over each row's slice)."""
+    n = values.shape[0]
+    columns = torch.arange(n, device=values.device)
+    weights = weights if weights is not None else values.new_ones(n)
+    with warnings.catch_warnings():  # CSR is marked beta; the product is what we need
+        warnings.simplefilter("ignore")
+        matrix = torch.sparse_csr_tensor(
+            bounds, columns, weights, size=(bounds.shape[0] - 1, n), check_invariants=False
+        )
+        return matrix @ values
+
+
+class _SegmentSum(torch.autograd.Function):
+    """``segment_sum`` with gradient: the rows' gradient back to each of their items."""
+
+    @staticmethod
+    def forward(ctx: Any, values: Tensor, bounds: Tensor, rows: Tensor) -> Tensor:
+        ctx.save_for_backward(rows)
+        return segment_sum(values, bounds)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (rows,) = ctx.saved_tensors
+        return grad.index_select(0, rows), None, None
+
+
+_threshold_backward = torch.ops.aten.threshold_backward
+
+
+class _PackedDin(torch.autograd.Function):
+    """DIN's activation unit and weighted sum over packed keys, forward and backward by hand.
+
+    The unit's first layer on [k, q, k - q, k * q] is linear: W·[...] = A·k + C·(k * q) + B·q with
+    A = W_k + W_{k-q}, B = W_q - W_{k-q}, C = W_{k*q}. Per item: h = [k * q_r, k]·[C, A]^T + c_r
+    with c = q·B^T + b1 once per row; weight s = w2·PReLU_a(h) + b2; pooled_r = sum_r s·k.
+    Inputs: keys [N, d], queries [B, d], ``weights`` [36, 2d] = [C, A], ``query_part`` [36, d] = B,
+    b1 [36], a [1], w2 [36], b2 [1]. Outputs pooled [B, d] and the weights s [N]. No tensor of
+    four times the key width, nothing over padding; few passes over the [N, 36] hidden layer:
+    the backward pass reads h once for the PReLU's gradient (PReLU's own backward kernel is
+    slow on CPU) and folds the rank-one parts into the products.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        keys: Tensor,
+        queries: Tensor,
+        weights: Tensor,
+        query_part: Tensor,
+        b1: Tensor,
+        slope: Tensor,
+        w2: Tensor,
+        b2: Tensor,
+        rows: Tensor,
+        bounds: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        dim = keys.shape[1]
+        per_row = torch.addmm(b1, queries, query_part.t())  # [B, 36]
+        q = queries.index_select(0, rows)  # [N, d]
+        x = torch.empty(keys.shape[0], 2 * dim, dtype=keys.dtype, device=keys.device)
+        torch.mul(keys, q, out=x[:, :dim])
+        x[:, dim:] = keys
+        h = torch.addmm(per_row.index_select(0, rows), x, weights.t())  # [N, 36]
+        # PReLU(h) = h + (a - 1)·min(h, 0), so s = w2·h + (a - 1)·u + b2 with u = w2·min(h, 0),
+        # and w2·h is a product of the narrow x: one pass over h for min(h, 0), kept for backward
+        negative = h.clamp(max=0.0)
+        u = negative @ w2  # [N]
+        linear = torch.addmv((per_row @ w2).index_select(0, rows), x, weights.t() @ w2)  # w2·h [N]
+        s = (linear + b2).add_(u * (slope - 1))
+        pooled = segment_sum(keys, bounds, s)
+        ctx.save_for_backward(
+            keys, queries, q, x, h, negative, u, s, per_row, weights, query_part, slope, w2, rows, bounds
+        )
+        return pooled, s
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, grad_s: Tensor | None) -> tuple[Tensor | None, ...]:
+        keys, queries, q, x, h, negative, u, s, per_row, weights, query_part, slope, w2, rows, bounds = (
+            ctx.saved_tensors
+        )
+        dim = keys.shape[1]
+        g = grad.index_select(0, rows)  # [N, d]
+        gs = (g * keys).sum(1)  # dL/ds [N]
+        if grad_s is not None:
+            gs = gs + grad_s
+        a = slope.view(())
+        row_gs = segment_sum(gs.unsqueeze(1), bounds)  # [B, 1]
+        xs = x.t() @ gs  # [2d]
+        # d s / d w2 = PReLU(h) = h + (a - 1)·min(h, 0), with h^T gs = [C, A]·(x^T gs) + c^T (row sums of gs)
+        grad_w2 = torch.addmv(weights @ xs + per_row.t() @ row_gs.squeeze(1), negative.t(), gs, alpha=a - 1)
+        grad_slope = (u @ gs).view(1)
+        # dL/dh = (gs ⊗ w2) · PReLU'(h) = (T + a·gs ⊗ 1) · w2 with T = (1 - a)·gs where h > 0
+        t = _threshold_backward((gs * (1 - a)).unsqueeze(1).expand_as(h), h, 0.0)
+        scaled = w2.unsqueeze(1) * weights  # [36, 2d]
+        grad_weights = w2.unsqueeze(1) * torch.addmm(a * xs.unsqueeze(0), t.t(), x)
+        gx = torch.addmm(torch.outer(a * gs, scaled.sum(0)), t, scaled)  # [N, 2d]
+        grad_c = torch.addmm(segment_sum(t, bounds), row_gs, a * torch.ones_like(w2).unsqueeze(0)) * w2  # [B, 36]
+        product = gx[:, :dim]
+        grad_keys = torch.addcmul(gx[:, dim:], product, q).addcmul_(g, s.unsqueeze(1))
+        grad_queries = torch.addmm(segment_sum(product * keys, bounds), grad_c, query_part)
+        return (
+            grad_keys,
+            grad_queries,
+            grad_weights,
+            grad_c.t() @ queries,
+            grad_c.sum(0),
+            grad_slope,
+            grad_w2,
+            gs.sum().view(1),
+            None,
+            None,
+        )
 
 
 class AttentionPooling(nn.Module):
     """DIN's activation unit: the weight of history item k for candidate q is
     MLP([k, q, k - q, k * q]) (PReLU), and the pooled history is sum_k weight_k * k over the real
     items, without a softmax (Zhou et al., KDD 2018: keeping the intensity of the user's interest).
-    Input keys [..., L, d], mask [..., L], query [..., d]; output [..., d]."""
+    Input keys [..., L, d], mask [..., L], query [..., d]; output [..., d]. ``packed`` is the same
+    on a history without its padding (what training runs)."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -70,6 +237,33 @@ class AttentionPooling(nn.Module):
         weights = self.score(torch.cat([keys, q, keys - q, keys * q], dim=-1)).squeeze(-1) * mask
         self.last_weights = weights.detach()
         return (weights.unsqueeze(-1) * keys).sum(-2)
+
+    def pair_weights(self, keys: Tensor, queries: Tensor) -> Tensor:
+        """The weight of every (candidate, item) pair of two small vocabularies: candidates'
+        embeddings [Vq, d], items' [V, d] -> [Vq, V]."""
+        k = keys.unsqueeze(0).expand(queries.shape[0], -1, -1)
+        q = queries.unsqueeze(1).expand_as(k)
+        return cast(Tensor, self.score(torch.cat([k, q, k - q, k * q], dim=-1)).squeeze(-1))
+
+    def packed(self, keys: Tensor, history: Packed, query: Tensor) -> Tensor:
+        """Keys [N, d] of a packed history, the candidates [B, d] -> pooled [B, d]."""
+        first, act, second = cast(tuple[nn.Linear, nn.PReLU, nn.Linear], tuple(self.score))
+        w_k, w_q, w_diff, w_prod = first.weight.split(keys.shape[1], dim=1)
+        pooled, weights = _PackedDin.apply(
+            keys,
+            query,
+            torch.cat([w_prod, w_k + w_diff], dim=1),
+            w_q - w_diff,
+            first.bias,
+            act.weight,
+            second.weight.view(-1),
+            second.bias,
+            history.rows,
+            history.bounds,
+        )
+        report = weights.new_zeros(query.shape[0] * history.padded_len)
+        self.last_weights = report.index_copy_(0, history.positions, weights.detach()).view(query.shape[0], -1)
+        return cast(Tensor, pooled)
 
 
 @dataclass(frozen=True)
@@ -123,6 +317,14 @@ class FeatureEmbedding(nn.Module):
                 seq_starts.append(next_own)
                 next_own += seq.cardinality
         self.register_buffer("seq_offsets", torch.tensor(seq_starts, dtype=torch.long), persistent=False)
+        # each history's vocabulary as rows [start, start + size) of the table, and its target's
+        self.vocabularies = [
+            (start, cardinalities[seq.shares] if seq.shares is not None else seq.cardinality)
+            for start, seq in zip(seq_starts, sequences, strict=True)
+        ]
+        self.targets = [
+            (starts[seq.target], cardinalities[seq.target]) if seq.target is not None else (0, 0) for seq in sequences
+        ]
         self.sequences = list(sequences)
         self.attention = nn.ModuleDict(
             {str(i): AttentionPooling(dim) for i, seq in enumerate(sequences) if seq.pooling == "attention"}
@@ -161,32 +363,40 @@ class FeatureEmbedding(nn.Module):
     def forward(self, batch: Batch) -> Tensor:
         if self.n_categorical == 0 and not self.sequences:
             return batch.numeric
+        if self.sequences and not exporting():
+            return torch.cat([*self._packed(batch), batch.numeric], dim=1)
         fields, keys, mask = self.lookup(batch)
         parts = [fields.flatten(1)]
         if keys is not None and mask is not None:
             parts += [self._pool(i, keys[:, i], mask[:, i], fields) for i in range(len(self.sequences))]
         return torch.cat([*parts, batch.numeric], dim=1)
 
-    def lookup(self, batch: Batch) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """The embeddings before pooling: the features' [B, F_cat, d], and with histories their
-        ids' [B, S, L, d] and the mask of real ids [B, S, L] (float, 1 = real)."""
+    def _table_ids(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """The rows to read and, per batch row, the indices into them [B, F_cat (+ S·L)]: the
+        table and the ids, or in a row-wise training step the batch's distinct rows (a leaf that
+        collects their gradient, see the class docstring) and each id's place among them."""
         ids = (batch.categorical + self.offsets).flatten(1)
         if self.sequences:
             if batch.sequences is None or batch.sequence_lengths is None:
                 raise ValueError("this model reads behaviour histories and the batch has none")
             history = batch.sequences + self.seq_offsets.view(1, -1, 1)
             ids = torch.cat([ids, history.flatten(1)], dim=1)
-        if self.sparse and torch.is_grad_enabled():
-            if self.union is not None:  # every rank holds the rows of every rank's batch: the same rows everywhere
-                unique = self.union(torch.unique(ids))
-                inverse = torch.searchsorted(unique, ids.reshape(-1))
-            else:
-                unique, inverse = torch.unique(ids, return_inverse=True)
-            rows = self.table.weight.index_select(0, unique).requires_grad_()
-            self.rows, self.row_ids = rows, unique
-            looked = rows.index_select(0, inverse.reshape(-1)).view(*ids.shape, rows.shape[1])
+        if not (self.sparse and torch.is_grad_enabled()):
+            return self.table.weight, ids
+        if self.union is not None:  # every rank holds the rows of every rank's batch: the same rows everywhere
+            unique = self.union(torch.unique(ids))
+            inverse = torch.searchsorted(unique, ids.reshape(-1))
         else:
-            looked = _Lookup.apply(self.table.weight, ids)
+            unique, inverse = torch.unique(ids, return_inverse=True)
+        rows = self.table.weight.index_select(0, unique).requires_grad_()
+        self.rows, self.row_ids = rows, unique
+        return rows, inverse.view(ids.shape)
+
+    def lookup(self, batch: Batch) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The embeddings before pooling: the features' [B, F_cat, d], and with histories their
+        ids' [B, S, L, d] and the mask of real ids [B, S, L] (float, 1 = real)."""
+        weight, ids = self._table_ids(batch)
+        looked = _Lookup.apply(weight, ids)
         fields = looked[:, : self.n_categorical]
         if not self.sequences:
             return fields, None, None
@@ -196,6 +406,77 @@ class FeatureEmbedding(nn.Module):
         positions = torch.arange(longest, device=keys.device)
         mask = (positions.view(1, 1, -1) < batch.sequence_lengths.unsqueeze(-1)).to(keys.dtype)
         return fields, keys, mask
+
+    def _packed(self, batch: Batch) -> list[Tensor]:
+        """The features' embeddings [B, F_cat·d] and each history pooled [B, d], the histories
+        read without their padding, in one gather (whose gradient is one scatter into the
+        table) of the features' rows and for each history either
+
+        - its present items (``pack_history``), pooled by a sparse row sum or DIN's unit on
+          each item (``AttentionPooling.packed``), or
+        - where the vocabulary is small against the items present, the vocabulary's rows: the
+          history becomes counts per id [B, V] (``history_counts``), pooled as counts @ rows,
+          and DIN's weights are computed once per (candidate, item) pair of the vocabularies.
+        """
+        assert batch.sequences is not None and batch.sequence_lengths is not None
+        batch_size, n_fields = batch.categorical.shape[0], self.n_categorical
+        if self.sparse and torch.is_grad_enabled():  # the batch's rows: indices into them
+            weight, ids = self._table_ids(batch)
+            table_ids = ids[:, n_fields:].view(batch_size, len(self.sequences), -1)
+            reads = [ids[:, :n_fields].reshape(-1)]
+        else:  # the table: no need to copy the padded ids into one tensor with the features'
+            weight, table_ids = self.table.weight, batch.sequences
+            reads = [(batch.categorical + self.offsets).view(-1)]
+        present = batch.sequence_lengths.sum(0).tolist()
+        plans: list[Packed | Tensor] = []  # per history its packed items or its counts
+        for i, seq in enumerate(self.sequences):
+            start, size = self.vocabularies[i]
+            if self._by_counts(i, batch_size, present[i], weight is self.table.weight):
+                plans.append(history_counts(batch.sequences[:, i], batch.sequence_lengths[:, i], size))
+                reads.append(torch.arange(start, start + size, device=table_ids.device))
+                if seq.pooling == "attention":
+                    target, target_size = self.targets[i]
+                    reads.append(torch.arange(target, target + target_size, device=table_ids.device))
+            else:
+                history = pack_history(table_ids[:, i], batch.sequence_lengths[:, i])
+                plans.append(history)
+                reads.append(history.ids if weight is not self.table.weight else history.ids + start)
+        looked = _Lookup.apply(weight, torch.cat(reads))
+        # one split (its gradient is one concatenation; slices would each build a zero gradient of the whole)
+        fields, *rest = looked.split([r.shape[0] for r in reads])
+        fields = fields.view(batch_size, n_fields, self.dim)
+        parts, pieces = [fields.flatten(1)], iter(rest)
+        for i, (seq, plan) in enumerate(zip(self.sequences, plans, strict=True)):
+            rows = next(pieces)
+            unit = cast(AttentionPooling, self.attention[str(i)]) if seq.pooling == "attention" else None
+            if isinstance(plan, Packed):
+                if unit is not None:
+                    assert seq.target is not None
+                    parts.append(unit.packed(rows, plan, fields[:, seq.target]))
+                    continue
+                total = cast(Tensor, _SegmentSum.apply(rows, plan.bounds, plan.rows))
+                lengths = plan.lengths
+            elif unit is not None:
+                assert seq.target is not None
+                weights = unit.pair_weights(rows, next(pieces)).index_select(0, batch.categorical[:, seq.target])
+                local = batch.sequences[:, i]
+                mask = torch.arange(local.shape[1], device=local.device) < batch.sequence_lengths[:, i].unsqueeze(1)
+                unit.last_weights = (weights.detach().gather(1, local) * mask).detach()
+                parts.append((plan * weights) @ rows)
+                continue
+            else:
+                total, lengths = plan @ rows, batch.sequence_lengths[:, i]
+            parts.append(total if seq.pooling == "sum" else total / lengths.clamp_min(1).unsqueeze(1))
+        return parts
+
+    def _by_counts(self, i: int, batch_size: int, present: int, whole_table: bool) -> bool:
+        """Whether history ``i`` is cheaper as counts per id than item by item: its vocabulary
+        (for DIN, also every pair with its target's) is small against the ``present`` items.
+        Not while a row-wise table reads the batch's rows only (``whole_table`` False)."""
+        _, size = self.vocabularies[i]
+        if not whole_table or batch_size * size > COUNTS_PER_ITEM * present:
+            return False
+        return self.sequences[i].pooling != "attention" or self.targets[i][1] * size <= present
 
     def _pool(self, i: int, keys: Tensor, mask: Tensor, fields: Tensor) -> Tensor:
         """History ``i``'s embeddings [B, L, d] with their mask [B, L] -> one vector [B, d]."""

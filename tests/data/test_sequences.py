@@ -3,6 +3,7 @@ pooling (mean, sum, DIN attention) in every scheme, and the errors around them."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -17,12 +18,13 @@ from mtlcli.data.batch import Batch
 from mtlcli.data.schema import FIRST_ID, OOV_ID
 from mtlcli.data.store import Prepared, prepare
 from mtlcli.errors import DataError
-from mtlcli.models import SCHEMES, InputSpec, build_model
+from mtlcli.models import SCHEMES, InputSpec, blocks, build_model
 from mtlcli.models.blocks import FeatureEmbedding, SequenceInput, sparse_embeddings, use_sparse_rows
 from mtlcli.recipe import recipe_from_text
 from mtlcli.recipe.schema import TrainSection
 from mtlcli.train.loop import NullObserver, fit, task_losses
 from mtlcli.weighting import WEIGHTINGS, build_weighting
+from tests.numerics import assert_kernel_close
 
 ITEMS = ["a", "b", "c", "a", "b", "d", "a", "c"]
 HISTORIES: list[list[str] | None] = [["a", "b"], [], None, ["c", "a", "b", "z"], ["b"], ["a"], ["b", "b"], ["d", "c"]]
@@ -218,6 +220,62 @@ def test_attention_pooling_is_dins_activation_unit() -> None:
     expected = (weights.unsqueeze(1) * keys).sum(0)  # no softmax, as DIN
     out = embedding(batch([[2, 3, 5]], [3], [4]))
     assert torch.allclose(out[0, 4:8], expected, atol=1e-6)
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize(("row_wise", "counts"), [(False, False), (False, True), (True, False)])
+def test_packed_histories_match_the_padded_layout(
+    row_wise: bool, counts: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training reads histories without their padding (item by item: hand-written DIN backward,
+    segment sums; or as counts per id where the vocabulary is small); export reads the padded
+    layout: the same outputs and gradients, empty histories pooling to 0."""
+    monkeypatch.setattr(blocks, "COUNTS_PER_ITEM", 1000 if counts else 0)
+    sequences = [
+        SequenceInput(7, "attention", shares=0, target=0),
+        SequenceInput(5, "mean"),
+        SequenceInput(7, "sum", shares=0),
+        SequenceInput(9, "attention", shares=1, target=1),
+    ]
+    rows, longest = 23, 6
+    generator = torch.Generator().manual_seed(1)
+    sizes = torch.tensor([7, 5, 7, 9]).view(1, -1, 1)
+    lengths = torch.randint(0, longest + 1, (rows, 4), generator=generator)
+    lengths[0], lengths[1] = 0, longest  # all empty, all full
+    b = Batch(
+        torch.stack(
+            [torch.randint(0, 7, (rows,), generator=generator), torch.randint(0, 9, (rows,), generator=generator)], 1
+        ),
+        torch.randn(rows, 1, generator=generator),
+        torch.zeros(rows, 1),
+        torch.ones(rows, 1, dtype=torch.bool),
+        sequences=(torch.rand(rows, 4, longest, generator=generator) * sizes).long(),
+        sequence_lengths=lengths,
+    )
+    results = []
+    for padded in (False, True):
+        torch.manual_seed(0)
+        embedding = FeatureEmbedding([7, 9], 1, 4, sequences)
+        if row_wise:
+            embedding.use_sparse_rows()
+        monkeypatch.setattr(blocks, "exporting", lambda padded=padded: padded)
+        out = embedding(b)
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        grads = {name: p.grad for name, p in embedding.named_parameters() if p.grad is not None}
+        if row_wise:
+            assert embedding.rows is not None
+            grads["rows"] = embedding.rows.grad
+        results.append((out.detach(), grads))
+    (out, grads), (expected, expected_grads) = results
+    assert torch.equal(out[0, 8:24], torch.zeros(16))  # row 0: every history empty
+    assert_kernel_close(out, expected, what="pooled")
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in expected_grads.items():
+        assert_kernel_close(grads[name], grad, floor=1.0, what=name)
+    monkeypatch.setattr(blocks, "exporting", lambda: False)  # a batch whose histories are all empty: no items at all
+    assert b.sequences is not None
+    empty = dataclasses.replace(b, sequences=b.sequences[:, :, :0], sequence_lengths=torch.zeros_like(lengths))
+    assert not embedding(empty)[:, 8:24].any()
 
 
 def test_own_vocabularies_get_their_own_rows_after_the_features() -> None:
