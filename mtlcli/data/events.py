@@ -31,7 +31,7 @@ from mtlcli.data.schema import FIRST_ID, OOV_ID
 from mtlcli.errors import DataError
 from mtlcli.recipe.schema import EventsOptions, Recipe
 
-_USER, _TIME, _ITEM, _EVENT_TIME = "__user", "__time", "__item", "__event_time"
+_USER, _ITEM, _EVENT_TIME, _TYPE = "__user", "__item", "__event_time", "__type"
 ROW_USER, ROW_TIME = "__events_user:", "__events_time:"  # + the history's name: a row's user code and time
 
 
@@ -176,8 +176,8 @@ def train_counts(scanned: Scanned, index: EventIndex, max_len: int, chunk: int) 
     return counted.filter(pl.col("count") > 0).group_by("id").agg(pl.col("count").sum())
 
 
-def _index(name: str, log: pl.LazyFrame, user: pl.Expr, time: pl.Expr, collect: Collect) -> EventIndex:
-    ordered = collect(log.sort([_USER, _EVENT_TIME, _ITEM]))
+def _index(name: str, ordered: pl.DataFrame, user: pl.Expr, time: pl.Expr) -> EventIndex:
+    """The index of a log sorted by (user, time, item)."""
     users = ordered.get_column(_USER).unique(maintain_order=True)  # in sorted order: user u is users[u]
     code = ordered.select(pl.col(_USER).rle_id()).to_series().to_numpy().astype(np.int64)
     event_times = ordered.get_column(_EVENT_TIME).to_numpy()
@@ -191,14 +191,33 @@ def _index(name: str, log: pl.LazyFrame, user: pl.Expr, time: pl.Expr, collect: 
     )  # fmt: skip
 
 
+def _sorted_log(events: EventsOptions, field: str, collect: Collect) -> pl.DataFrame:
+    """An event log read once (its times checked), sorted by (user, time, item): user, item
+    (stripped text), time (float64) and, with ``type``, the type as text."""
+    log, _ = _scan_events(events, field)
+    log_schema = dict(log.collect_schema().items())
+    enforce(log, _time_checks(events.time, log_schema[events.time], f"{field} (event files)"), collect)
+    columns = [
+        pl.col(events.user).cast(pl.String).alias(_USER),
+        pl.col(events.item).cast(pl.String).str.strip_chars().alias(_ITEM),
+        _times(events.time, log_schema[events.time]).alias(_EVENT_TIME),
+    ]
+    if events.type is not None:
+        columns.append(pl.col(events.type).cast(pl.String).alias(_TYPE))
+    return collect(log.select(columns).sort([_USER, _EVENT_TIME, _ITEM]))
+
+
 def event_indexes(scanned: Scanned, recipe: Recipe) -> tuple[Scanned, dict[str, EventIndex]]:
     """An ``EventIndex`` for every history derived from events (see the module docstring), the
     rows' and the log's times checked, with a warning for each kept event type that never
-    occurs (``declared_types``)."""
+    occurs (``declared_types``). Histories of the same log (one per behaviour type, say) read
+    and sort it once."""
     frame = scanned.frame
     warnings = list(scanned.warnings)
     indexes = {}
     schema = dict(frame.collect_schema().items())
+    logs: dict[tuple[object, ...], pl.DataFrame] = {}
+    checked: set[str] = set()
     for name, options in recipe.features.sequences.items():
         events = options.events
         if events is None:
@@ -209,21 +228,19 @@ def event_indexes(scanned: Scanned, recipe: Recipe) -> tuple[Scanned, dict[str, 
         require_columns(list(schema), [row_time], f"{field}.row_time")
         if name in schema:
             raise DataError(f"{field}: the data already has a column {name!r}", "name the sequence otherwise")
-        enforce(frame, _time_checks(row_time, schema[row_time], "the data"), scanned.collect)
-        log, _ = _scan_events(events, field)
-        log_schema = dict(log.collect_schema().items())
-        enforce(log, _time_checks(events.time, log_schema[events.time], f"{field} (event files)"), scanned.collect)
+        if row_time not in checked:
+            enforce(frame, _time_checks(row_time, schema[row_time], "the data"), scanned.collect)
+            checked.add(row_time)
+        source = (tuple(events.source), events.user, events.item, events.time, events.type)
+        if source not in logs:
+            logs[source] = _sorted_log(events, field, scanned.collect)
+        log = logs[source]
         if events.types:
             assert events.type is not None
-            seen = scanned.collect(log.select(pl.col(events.type).cast(pl.String).drop_nulls().unique()))
-            warnings += declared_types(f"{field}.types", events.type, events.types, seen.to_series().to_list())
-            log = log.filter(pl.col(events.type).cast(pl.String).is_in(events.types))
-        item = pl.col(events.item).cast(pl.String).str.strip_chars()
-        log = log.select(
-            pl.col(events.user).cast(pl.String).alias(_USER),
-            item.alias(_ITEM),
-            _times(events.time, log_schema[events.time]).alias(_EVENT_TIME),
-        ).filter(pl.col(_USER).is_not_null() & pl.col(_ITEM).is_not_null() & (pl.col(_ITEM) != ""))
+            seen = log.get_column(_TYPE).drop_nulls().unique().to_list()
+            warnings += declared_types(f"{field}.types", events.type, events.types, seen)
+            log = log.filter(pl.col(_TYPE).is_in(events.types))
+        log = log.filter(pl.col(_USER).is_not_null() & pl.col(_ITEM).is_not_null() & (pl.col(_ITEM) != ""))
         user = pl.col(row_user).cast(pl.String)
-        indexes[name] = _index(name, log, user, _times(row_time, schema[row_time]), scanned.collect)
+        indexes[name] = _index(name, log, user, _times(row_time, schema[row_time]))
     return Scanned(frame, scanned.files, scanned.recipe, tuple(warnings)), indexes
