@@ -297,15 +297,13 @@ def _encode_chunks(
 
     scanned.each_batch(query, history_rows([f for f, _, _ in histories]), write)
     say("writing the splits")
-    joins = []
-    for split, done in parts.items():
+    for split, done in parts.items():  # one split at a time: one reader and one writer at the peak
         if not done:
             empty[0].write_parquet(paths[split])
         elif len(done) == 1:
             done.pop().rename(paths[split])
         else:
-            joins.append(pl.scan_parquet(done).sink_parquet(paths[split], row_group_size=ROW_GROUP, lazy=True))
-    pl.collect_all(joins, engine="streaming")
+            pl.scan_parquet(done).sink_parquet(paths[split], row_group_size=ROW_GROUP, engine="streaming")
     for part in (part for done in parts.values() for part in done):
         part.unlink()
 
