@@ -8,22 +8,30 @@ from the repository root (network to PyPI needed once; minutes):
 
     python benchmarks/movielens.py --work /tmp/movielens
     python benchmarks/movielens.py --work /tmp/movielens --seeds 0 --models mmoe mmoe+attention
+    python benchmarks/movielens.py --work /tmp/movielens --preprocess-only --repeats 3
 
 Each rating is an impression (user, item, time) with two tasks: ``like`` = rating >= 4 and
 ``love`` = rating = 5. Three behaviour types from the same log: ``low`` (rating <= 2), ``mid`` (3),
 ``high`` (>= 4); each impression's histories are the user's ratings of each type strictly before
 its time (``features.sequences.*.events``: no leakage of the rating itself or of ratings at the
 same second). Split by time per user: the last 10% of the user's ratings (at least one) are test,
-the 10% before valid (equal timestamps ordered by item id).
+the 10% before valid (equal timestamps ordered by item id). Test AUC and GAUC (per user) per task.
+
+``--preprocess-only`` times preprocessing instead, without and with the three histories, each
+run a fresh process (interleaved, ``--repeats`` times): the median wall time of the whole
+command, of ``preprocess`` alone, and the median peak RSS.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
+import os
 import statistics
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -108,6 +116,8 @@ def recipe(work: Path, model: str, seed: int, max_len: int, epochs: int) -> dict
         scheme = {"scheme": "single_task", "embedding_dim": 16, "bottom_units": [64], "tower_units": [32]}
     elif model == "mmoe+attention":
         sequences = histories
+    elif model == "mmoe+mean":
+        sequences = {name: {**history, "pooling": "mean"} for name, history in histories.items()}
     elif model.startswith("dtrn"):
         sequences = histories
         scheme = {"scheme": "dtrn", "embedding_dim": 16, "tower_units": [32]}
@@ -117,7 +127,7 @@ def recipe(work: Path, model: str, seed: int, max_len: int, epochs: int) -> dict
             scheme["refine"] = False
     return {
         "data": {"source": str(work / "ratings.parquet"), "split": {"by": "column", "column": "split"},
-                 "cache_dir": str(work / "cache")},
+                 "cache_dir": str(work / "cache"), "group": "user"},
         "features": {"categorical": ["user", "item"], "exclude": ["time", "split"], "sequences": sequences},
         "tasks": {"like": {"label": "like"}, "love": {"label": "love"}},
         "model": scheme,
@@ -126,7 +136,46 @@ def recipe(work: Path, model: str, seed: int, max_len: int, epochs: int) -> dict
     }  # fmt: skip
 
 
-MODELS = ["single_task", "mmoe", "mmoe+attention", "dtrn", "dtrn-no-cln", "dtrn-no-trm"]
+MODELS = ["single_task", "mmoe", "mmoe+mean", "mmoe+attention", "dtrn", "dtrn-no-cln", "dtrn-no-trm"]
+
+TIMED = """
+import json, resource, sys, time
+from pathlib import Path
+from mtlcli.recipe import load_recipe
+from mtlcli.data.store import prepare
+recipe = load_recipe(Path(sys.argv[1]))
+start = time.perf_counter()
+prepare(recipe, force=True)
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10}))
+"""
+
+
+def preprocess_figures(work: Path, max_len: int, repeats: int) -> None:
+    """Preprocessing without and with the histories, interleaved, each a fresh process (one thread)."""
+    found: dict[str, dict[str, list[float]]] = {}
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for _ in range(repeats):
+        for model in ("mmoe", "mmoe+attention"):
+            path = work / f"preprocess-{model}.yaml"
+            path.write_text(yaml.safe_dump(recipe(work, model, 0, max_len, 1)))
+            start = time.perf_counter()
+            done = subprocess.run(
+                [sys.executable, "-c", TIMED, str(path)], capture_output=True, text=True, check=True, env=environment
+            )
+            report = json.loads(done.stdout.strip().splitlines()[-1])
+            figures = found.setdefault(model, {"command": [], "preprocess": [], "rss": []})
+            figures["command"].append(time.perf_counter() - start)
+            figures["preprocess"].append(report["seconds"])
+            figures["rss"].append(report["rss"])
+    median = {model: {k: statistics.median(v) for k, v in figures.items()} for model, figures in found.items()}
+    plain, histories = median["mmoe"], median["mmoe+attention"]
+    print("| histories | command s | preprocess s | peak RSS MB |")
+    print("|---|---|---|---|")
+    for label, m in (("none", plain), (f"3 from events, max_len {max_len}", histories)):
+        print(f"| {label} | {m['command']:.2f} | {m['preprocess']:.2f} | {m['rss']:.0f} |")
+    ratios = {k: histories[k] / plain[k] for k in plain}
+    print(f"| ratio | {ratios['command']:.2f}x | {ratios['preprocess']:.2f}x | {ratios['rss']:.2f}x |")
 
 
 def main() -> None:
@@ -136,14 +185,20 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     parser.add_argument("--max-len", type=int, default=50)
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--preprocess-only", action="store_true", help="time preprocessing (see above)")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if not (args.work / "ratings.parquet").is_file():
         build(args.work)
-    print("| model | test AUC like | test AUC love | train samples/s |")
-    print("|---|---|---|---|")
+    if args.preprocess_only:
+        preprocess_figures(args.work, args.max_len, args.repeats)
+        return
+    print("| model | test AUC like | test AUC love | test GAUC like | test GAUC love | train samples/s |")
+    print("|---|---|---|---|---|---|")
     for model in args.models:
         aucs: dict[str, list[float]] = {"like": [], "love": []}
+        gaucs: dict[str, list[float]] = {"like": [], "love": []}
         speeds = []
         for seed in args.seeds:
             spec = recipe(args.work, model, seed, args.max_len, args.epochs)
@@ -152,15 +207,15 @@ def main() -> None:
             tested = evaluate_run(run, "test")
             for task in aucs:
                 aucs[task].append(tested["tasks"][task]["auc"])
+                gaucs[task].append(tested["tasks"][task]["gauc"])
             speeds.append(summary["train_samples_per_second"])
 
         def cell(values: list[float]) -> str:
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             return f"{statistics.mean(values):.4f} ± {spread:.4f}"
 
-        print(
-            f"| {model} | {cell(aucs['like'])} | {cell(aucs['love'])} | {statistics.median(speeds):,.0f} |", flush=True
-        )
+        cells = [cell(aucs["like"]), cell(aucs["love"]), cell(gaucs["like"]), cell(gaucs["love"])]
+        print(f"| {model} | {' | '.join(cells)} | {statistics.median(speeds):,.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ import hashlib
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from mtlcli.data.checks import RowCheck, number_checks, number_exprs
+from mtlcli.data.events import ROW_TIME, ROW_USER, EventIndex, encoded_windows
 from mtlcli.data.scan import require_columns
 from mtlcli.data.schema import (
     FIRST_ID,
@@ -108,6 +110,20 @@ def sequence_expr(feature: SequenceFeature, items: pl.Expr, vocab: list[str]) ->
         (pl.element().cast(enum, strict=False).to_physical().cast(pl.Int32) + FIRST_ID).fill_null(OOV_ID)
     )
     return ids.list.tail(feature.max_len).list.reverse().alias(SEQUENCE_PREFIX + feature.name)
+
+
+def with_event_histories(
+    batch: pl.DataFrame, histories: list[tuple[SequenceFeature, EventIndex, np.ndarray]]
+) -> pl.DataFrame:
+    """A chunk of rows holding each event history's ``ROW_USER``/``ROW_TIME`` columns (see
+    ``EventIndex``) -> the same rows with the history's encoded ids instead (as ``sequence_expr``:
+    the last ``max_len``, most recent first), each feature with its events' ids in its vocabulary
+    (``newest_first``)."""
+    for feature, index, reversed_ids in histories:
+        start, end = index.rows(batch, feature.max_len)
+        batch = batch.with_columns(encoded_windows(reversed_ids, start, end, SEQUENCE_PREFIX + feature.name))
+        batch = batch.drop(ROW_USER + feature.name, ROW_TIME + feature.name)
+    return batch
 
 
 def input_columns(schema: DataSchema) -> list[str]:

@@ -4,27 +4,35 @@ For each row (an impression: a user and a time) the history is the same user's e
 before the row's time, oldest first: an event at the row's own time counts as later, so the
 impression's own event (a click logged with the impression's timestamp) never leaks into its
 history. Events with equal times are ordered by item id, so the history does not depend on the
-order of the log's lines. The result is a list column named after the sequence, joined to the
-rows by position; the sequence is then encoded like any list column (last ``max_len`` ids, most
-recent first).
+order of the log's lines. Item ids are stripped of surrounding spaces and empty ones dropped, as
+in a list column. The history is encoded like a list column (last ``max_len`` ids, most recent
+first); at serving it comes as a list column named after the sequence.
 
-The join pairs every row with its user's events and keeps the earlier ones: polars runs it on the
-streaming engine, and its cost grows with rows × events per user (cap a heavy user's events
-upstream when that product is large).
+The log is read once and sorted by (user, time, item) into an ``EventIndex``: its memory grows
+with the number of events (about 16 bytes each, plus each distinct user's text), never with the
+rows. Each row's history is then a window of that sorted log, found by one binary search per row
+(a user's events are contiguous and in time order), so rows are encoded chunk by chunk as they
+stream and a row's history depends on nothing but its own user and time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
+from numpy.lib.stride_tricks import sliding_window_view
 
 from mtlcli.data.checks import ROW_COLUMN, RowCheck, declared_types, enforce, number_exprs
-from mtlcli.data.scan import Scanned, format_of, require_columns, resolve_files, unreadable
+from mtlcli.data.scan import SPLIT_COLUMN, Scanned, format_of, require_columns, resolve_files, unreadable
+from mtlcli.data.schema import FIRST_ID, OOV_ID
 from mtlcli.errors import DataError
 from mtlcli.recipe.schema import EventsOptions, Recipe
 
-_USER, _TIME, _ITEM, _EVENT_TIME = "__user", "__time", "__item", "__event_time"
+_USER, _ITEM, _EVENT_TIME, _TYPE = "__user", "__item", "__event_time", "__type"
+ROW_USER, ROW_TIME = "__events_user:", "__events_time:"  # + the history's name: a row's user code and time
 
 
 def _times(column: str, dtype: pl.DataType) -> pl.Expr:
@@ -83,49 +91,156 @@ def _scan_events(options: EventsOptions, field: str) -> tuple[pl.LazyFrame, list
     return pl.concat(parts, how="vertical_relaxed").with_row_index(ROW_COLUMN), files
 
 
-def attach_histories(scanned: Scanned, recipe: Recipe) -> Scanned:
-    """The rows with one list column per sequence derived from events (see the module docstring),
-    with a warning for each kept event type that never occurs (``declared_types``)."""
+@dataclass(frozen=True)
+class EventIndex:
+    """One history's event log sorted by (user, time, item), as arrays.
+
+    ``users`` holds the distinct users (text) in order; user ``u``'s events are positions
+    ``first[u]`` to ``first[u + 1]`` of ``items`` (text ids). ``keys`` [E] (int64, ascending) is
+    ``u * (len(times) + 1) + r`` for an event of user ``u`` whose time is ``times[r]`` (``times``:
+    the distinct event times, ascending), so that one ``searchsorted`` finds, for every row at
+    once, where its user's events at or after its time begin. ``user`` and ``time`` are the
+    expressions that give a row its user's index (null: no event) and its time (float64), named
+    ``ROW_USER``/``ROW_TIME`` + the history's name."""
+
+    name: str
+    users: pl.Series
+    first: np.ndarray
+    keys: np.ndarray
+    times: np.ndarray
+    items: pl.Series
+    user: pl.Expr
+    time: pl.Expr
+
+    def windows(self, user: np.ndarray, time: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """(start, end) [N] int64: the positions of each row's last ``max_len`` events strictly
+        before its time (``user``: the row's user index, -1 for a user without events)."""
+        known = user >= 0
+        u = np.where(known, user, 0).astype(np.int64)
+        before = np.searchsorted(self.times, time, side="left")  # distinct event times < the row's time
+        end = np.searchsorted(self.keys, u * (len(self.times) + 1) + before, side="left").astype(np.int64)
+        lowest = self.first[u]
+        end = np.where(known, end, 0)
+        start = np.where(known, np.maximum(lowest, end - max_len), 0)
+        return start, end
+
+    def rows(self, batch: pl.DataFrame, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """``windows`` of a batch holding this history's ``ROW_USER`` and ``ROW_TIME`` columns."""
+        user = batch.get_column(ROW_USER + self.name).cast(pl.Int64).fill_null(-1).to_numpy()
+        return self.windows(user, batch.get_column(ROW_TIME + self.name).to_numpy(), max_len)
+
+    def ids(self, vocab: list[str]) -> np.ndarray:
+        """The events' items as int32 ids in ``vocab`` (FIRST_ID onwards; OOV_ID outside it)."""
+        position = self.items.cast(pl.Enum(vocab), strict=False).to_physical().cast(pl.Int32)
+        return (position + FIRST_ID).fill_null(OOV_ID).to_numpy().astype(np.int32)
+
+    def counts(self, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+        """[E] int64: how many of the windows (start, end) hold each event."""
+        size = len(self.keys) + 1
+        steps = np.bincount(start, minlength=size) - np.bincount(end, minlength=size)
+        return np.cumsum(steps)[:-1]
+
+
+def newest_first(ids: np.ndarray) -> np.ndarray:
+    """The events' ids in reverse order, then one 0: what ``encoded_windows`` reads."""
+    return np.concatenate([ids[::-1], np.zeros(1, ids.dtype)])
+
+
+def encoded_windows(reversed_ids: np.ndarray, start: np.ndarray, end: np.ndarray, name: str) -> pl.Series:
+    """A list column of int32 ids: for each row ``ids[end - 1]`` down to ``ids[start]`` (most
+    recent first), from ``newest_first(ids)``, where each row's window is a contiguous run: one
+    gather of [N, longest] (a sliding view over the ids, no copy), then each row cut to its length."""
+    lengths = end - start
+    width = max(int(lengths.max(initial=0)), 1)
+    events = len(reversed_ids) - 1
+    padded = np.concatenate([reversed_ids, np.zeros(width - 1, reversed_ids.dtype)])
+    block = sliding_window_view(padded, width)[events - end]
+    lists = pl.Series(name, block).arr.to_list()
+    return pl.DataFrame({name: lists, "n": lengths}).select(pl.col(name).list.head(pl.col("n"))).to_series()
+
+
+Collect = Callable[[pl.LazyFrame], pl.DataFrame]
+
+
+def train_counts(scanned: Scanned, index: EventIndex, max_len: int, chunk: int) -> pl.DataFrame:
+    """(id, count): how many times each item occurs in the train rows' histories (for a history's
+    own vocabulary), the rows streamed ``chunk`` at a time; memory grows with the events only."""
+    held = np.zeros(len(index.keys), np.int64)
+
+    def add(batch: pl.DataFrame) -> None:
+        held[:] += index.counts(*index.rows(batch, max_len))
+
+    train = scanned.frame.filter(pl.col(SPLIT_COLUMN) == 0).select(index.user, index.time)
+    scanned.each_batch(train, chunk, add)
+    counted = pl.DataFrame({"id": index.items, "count": held})
+    return counted.filter(pl.col("count") > 0).group_by("id").agg(pl.col("count").sum())
+
+
+def _index(name: str, ordered: pl.DataFrame, user: pl.Expr, time: pl.Expr) -> EventIndex:
+    """The index of a log sorted by (user, time, item)."""
+    users = ordered.get_column(_USER).unique(maintain_order=True)  # in sorted order: user u is users[u]
+    code = ordered.select(pl.col(_USER).rle_id()).to_series().to_numpy().astype(np.int64)
+    event_times = ordered.get_column(_EVENT_TIME).to_numpy()
+    times = np.unique(event_times)
+    keys = code * (len(times) + 1) + np.searchsorted(times, event_times)
+    first = np.searchsorted(keys, np.arange(len(users) + 1, dtype=np.int64) * (len(times) + 1))
+    index_of = user.cast(pl.Enum(users), strict=False).to_physical()
+    return EventIndex(
+        name, users, first, keys, times, ordered.get_column(_ITEM),
+        index_of.alias(ROW_USER + name), time.alias(ROW_TIME + name),
+    )  # fmt: skip
+
+
+def _sorted_log(events: EventsOptions, field: str, collect: Collect) -> pl.DataFrame:
+    """An event log read once (its times checked), sorted by (user, time, item): user, item
+    (stripped text), time (float64) and, with ``type``, the type as text."""
+    log, _ = _scan_events(events, field)
+    log_schema = dict(log.collect_schema().items())
+    enforce(log, _time_checks(events.time, log_schema[events.time], f"{field} (event files)"), collect)
+    columns = [
+        pl.col(events.user).cast(pl.String).alias(_USER),
+        pl.col(events.item).cast(pl.String).str.strip_chars().alias(_ITEM),
+        _times(events.time, log_schema[events.time]).alias(_EVENT_TIME),
+    ]
+    if events.type is not None:
+        columns.append(pl.col(events.type).cast(pl.String).alias(_TYPE))
+    return collect(log.select(columns).sort([_USER, _EVENT_TIME, _ITEM]))
+
+
+def event_indexes(scanned: Scanned, recipe: Recipe) -> tuple[Scanned, dict[str, EventIndex]]:
+    """An ``EventIndex`` for every history derived from events (see the module docstring), the
+    rows' and the log's times checked, with a warning for each kept event type that never
+    occurs (``declared_types``). Histories of the same log (one per behaviour type, say) read
+    and sort it once."""
     frame = scanned.frame
     warnings = list(scanned.warnings)
+    indexes = {}
+    schema = dict(frame.collect_schema().items())
+    logs: dict[tuple[object, ...], pl.DataFrame] = {}
+    checked: set[str] = set()
     for name, options in recipe.features.sequences.items():
         events = options.events
         if events is None:
             continue
         field = f"features.sequences.{name}.events"
         row_user, row_time = events.row_user or events.user, events.row_time or events.time
-        schema = dict(frame.collect_schema().items())
         require_columns(list(schema), [row_user], f"{field}.row_user")
         require_columns(list(schema), [row_time], f"{field}.row_time")
         if name in schema:
             raise DataError(f"{field}: the data already has a column {name!r}", "name the sequence otherwise")
-        enforce(frame, _time_checks(row_time, schema[row_time], "the data"), scanned.collect)
-        log, _ = _scan_events(events, field)
-        log_schema = dict(log.collect_schema().items())
-        enforce(log, _time_checks(events.time, log_schema[events.time], f"{field} (event files)"), scanned.collect)
+        if row_time not in checked:
+            enforce(frame, _time_checks(row_time, schema[row_time], "the data"), scanned.collect)
+            checked.add(row_time)
+        source = (tuple(events.source), events.user, events.item, events.time, events.type)
+        if source not in logs:
+            logs[source] = _sorted_log(events, field, scanned.collect)
+        log = logs[source]
         if events.types:
             assert events.type is not None
-            seen = scanned.collect(log.select(pl.col(events.type).cast(pl.String).drop_nulls().unique()))
-            warnings += declared_types(f"{field}.types", events.type, events.types, seen.to_series().to_list())
-            log = log.filter(pl.col(events.type).cast(pl.String).is_in(events.types))
-        log = log.select(
-            pl.col(events.user).cast(pl.String).alias(_USER),
-            pl.col(events.item).cast(pl.String).alias(_ITEM),
-            _times(events.time, log_schema[events.time]).alias(_EVENT_TIME),
-        ).drop_nulls([_USER, _ITEM])
-        rows = frame.select(
-            pl.col(ROW_COLUMN),
-            pl.col(row_user).cast(pl.String).alias(_USER),
-            _times(row_time, schema[row_time]).alias(_TIME),
-        )
-        histories = (
-            rows.join(log, on=_USER, how="inner")
-            .filter(pl.col(_EVENT_TIME) < pl.col(_TIME))  # strictly before: no leakage
-            .sort([ROW_COLUMN, _EVENT_TIME, _ITEM])
-            .group_by(ROW_COLUMN, maintain_order=True)
-            .agg(pl.col(_ITEM).tail(options.max_len).alias(name))
-        )
-        frame = frame.join(histories, on=ROW_COLUMN, how="left", maintain_order="left").with_columns(
-            pl.col(name).fill_null(pl.lit([], dtype=pl.List(pl.String)))
-        )
-    return Scanned(frame, scanned.files, scanned.recipe, tuple(warnings))
+            seen = log.get_column(_TYPE).drop_nulls().unique().to_list()
+            warnings += declared_types(f"{field}.types", events.type, events.types, seen)
+            log = log.filter(pl.col(_TYPE).is_in(events.types))
+        log = log.filter(pl.col(_USER).is_not_null() & pl.col(_ITEM).is_not_null() & (pl.col(_ITEM) != ""))
+        user = pl.col(row_user).cast(pl.String)
+        indexes[name] = _index(name, log, user, _times(row_time, schema[row_time]))
+    return Scanned(frame, scanned.files, scanned.recipe, tuple(warnings)), indexes

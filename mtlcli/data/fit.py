@@ -229,9 +229,11 @@ def fit_sequence(
     schema: dict[str, pl.DataType],
     categorical: list[CategoricalFeature],
     collect: Collect,
+    counted: Callable[[], pl.DataFrame] | None = None,
 ) -> SequenceFeature:
     """A history feature (its columns checked by ``history_checks``): the features it refers to
-    checked, and its own vocabulary (when it shares none) fitted on the train rows."""
+    checked, and its own vocabulary (when it shares none) fitted on the train rows: from its list
+    column, or from ``counted`` ((id, count) over the train rows) for a history derived from events."""
     field = f"features.sequences.{spec.name}"
     names = [f.name for f in categorical]
     for key, value in (("vocabulary", spec.vocabulary), ("target", spec.target)):
@@ -248,14 +250,10 @@ def fit_sequence(
         )
     if shared is not None:
         return spec
-    counts = (
-        frame.filter(TRAIN)
-        .select(sequence_items(spec, schema, recipe_field).alias("id"))
-        .explode("id")
-        .drop_nulls()
-        .group_by("id")
-        .len(name="count")
-        .filter(pl.col("count") >= spec.min_count)
-        .sort(["count", "id"], descending=[True, False])
-    )
-    return dataclasses.replace(spec, vocab=collect(counts).get_column("id").to_list())
+    if counted is None:
+        ids = frame.filter(TRAIN).select(sequence_items(spec, schema, recipe_field).alias("id")).explode("id")
+        counts = collect(ids.drop_nulls().group_by("id").len(name="count"))
+    else:
+        counts = counted()
+    kept = counts.filter(pl.col("count") >= spec.min_count).sort(["count", "id"], descending=[True, False])
+    return dataclasses.replace(spec, vocab=kept.get_column("id").to_list())

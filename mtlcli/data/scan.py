@@ -266,6 +266,14 @@ class Scanned:
         """Write a query's rows to a Parquet file as they stream (never all in memory)."""
         self._run(lambda: query.sink_parquet(path, row_group_size=row_group, engine="streaming"))
 
+    def each_batch(self, query: pl.LazyFrame, rows: int, work: Callable[[pl.DataFrame], None]) -> None:
+        """Run a query on the streaming engine and hand its rows to ``work`` in order, ``rows`` at
+        a time (the last batch may be shorter): for stages that compute in Python per chunk. The
+        engine waits for ``work``, so a slow chunk holds the stream back rather than the rows
+        piling up (``collect_batches`` held more)."""
+
+        self._run(lambda: query.sink_batches(work, chunk_size=rows, maintain_order=True, engine="streaming"))
+
     def _run(self, work: Callable[[], _T]) -> _T:
         try:
             return work()

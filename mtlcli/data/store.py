@@ -14,20 +14,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from mtlcli.data.batch import SplitTensors
 from mtlcli.data.checks import declared_types, enforce, number_checks
 from mtlcli.data.encode import (
     GROUP_COLUMN,
+    SEQUENCE_PREFIX,
     categorical_expr,
     group_expr,
     history_checks,
     history_exprs,
     numeric_expr,
     type_lists,
+    with_event_histories,
 )
-from mtlcli.data.events import attach_histories, event_files
+from mtlcli.data.events import ROW_USER, EventIndex, event_files, event_indexes, newest_first, train_counts
 from mtlcli.data.fit import choose_features, fit_categorical, fit_numeric, fit_sequence, recipe_field, sequence_spec
 from mtlcli.data.labels import LABEL_PREFIX, MASK_PREFIX, label_exprs
 from mtlcli.data.load import SplitFile
@@ -47,6 +50,8 @@ from mtlcli.fileio import atomic_dir, sha256_file_remembered, sha256_json
 from mtlcli.recipe.schema import Recipe
 
 ROW_GROUP = 65_536  # rows per Parquet row group of an encoded split: the unit a stream reads
+HISTORY_BYTES = 64 << 20  # ids held at a time per chunk of rows with histories from events (history_rows)
+HISTORY_ROWS: int | None = None  # rows per chunk instead (tests set it: the result must not depend on it)
 FILE_HASHES = "file-hashes.json"  # in data.cache_dir: each source file's sha256 with its identity
 FORMAT = 2  # of the encoded data (2: streamed preprocessing, hashed random split)
 
@@ -171,7 +176,7 @@ def preprocess(recipe: Recipe, out_dir: Path, progress: Progress | None = None) 
     say = progress or (lambda _: None)
     key, source = data_key(recipe)
     say("reading the source")
-    scanned = attach_histories(_in_memory(scan_source(recipe), recipe.data.memory_budget), recipe)
+    scanned, indexes = event_indexes(_in_memory(scan_source(recipe), recipe.data.memory_budget), recipe)
     frame, collect = scanned.frame, scanned.collect
     split_rows(scanned)
     say("checking every row")
@@ -185,15 +190,20 @@ def preprocess(recipe: Recipe, out_dir: Path, progress: Progress | None = None) 
         require_columns(list(raw), [group], "data.group")
     seq_specs = [sequence_spec(name, options) for name, options in recipe.features.sequences.items()]
     for spec in seq_specs:
-        checks += history_checks(spec, raw, recipe_field)
+        if spec.name not in indexes:  # a history from events has no list column to check
+            checks += history_checks(spec, raw, recipe_field)
     enforce(frame, checks, collect)
     type_warnings = [*scanned.warnings, *_type_warnings(frame, seq_specs, raw, collect)]
     say("fitting vocabularies and statistics on train")
     cat_specs = fit_categorical(frame, categorical, collect)
     num_specs, empty = fit_numeric(frame, raw, numeric, collect)
-    seq_specs = [fit_sequence(frame, spec, raw, cat_specs, collect) for spec in seq_specs]
+    seq_specs = [
+        fit_sequence(frame, spec, raw, cat_specs, collect, _counter(scanned, indexes, spec)) for spec in seq_specs
+    ]
     exprs = [_categorical(scanned, f) for f in cat_specs] + [numeric_expr(f, raw[f.name]) for f in num_specs]
-    exprs += history_exprs(seq_specs, cat_specs, raw, recipe_field)
+    listed = iter(history_exprs([f for f in seq_specs if f.name not in indexes], cat_specs, raw, recipe_field))
+    for f in seq_specs:  # in the features' order; a history from events as its rows' user and time
+        exprs += [indexes[f.name].user, indexes[f.name].time] if f.name in indexes else [next(listed)]
     exprs += labels
     if group is not None:
         exprs.append(group_expr(collect(frame.select(pl.col(group).cast(pl.String).unique())).to_series(), group))
@@ -202,20 +212,25 @@ def preprocess(recipe: Recipe, out_dir: Path, progress: Progress | None = None) 
         # one pass encodes every row (the source is read once), a second splits the small encoded
         # file: encoding into three files at once held three writers' buffers (1.0 GB instead of
         # 0.8 GB at the peak on the 20M-row click log)
-        whole = tmp / "encoded.parquet"
         say("encoding every row")
-        scanned.sink(frame.select([*exprs, pl.col(SPLIT_COLUMN)]), whole, ROW_GROUP)
-        say("writing the splits")
-        encoded = pl.scan_parquet(whole)
+        query = frame.select([*exprs, pl.col(SPLIT_COLUMN)])
         paths = {split: tmp / f"{split}.parquet" for split in SPLITS}
-        sinks = [
-            encoded.filter(pl.col(SPLIT_COLUMN) == i)
-            .drop(SPLIT_COLUMN)
-            .sink_parquet(paths[split], row_group_size=ROW_GROUP, lazy=True)
-            for i, split in enumerate(SPLITS)
-        ]
-        pl.collect_all(sinks, engine="streaming")
-        whole.unlink()
+        if indexes:
+            histories = _event_histories(seq_specs, cat_specs, indexes)
+            _encode_chunks(scanned, query, histories, paths, say)
+        else:
+            whole = tmp / "encoded.parquet"
+            scanned.sink(query, whole, ROW_GROUP)
+            say("writing the splits")
+            encoded = pl.scan_parquet(whole)
+            sinks = [
+                encoded.filter(pl.col(SPLIT_COLUMN) == i)
+                .drop(SPLIT_COLUMN)
+                .sink_parquet(paths[split], row_group_size=ROW_GROUP, lazy=True)
+                for i, split in enumerate(SPLITS)
+            ]
+            pl.collect_all(sinks, engine="streaming")
+            whole.unlink()
         splits = {split: split_info(path, cat_specs, tasks) for split, path in paths.items()}
         warnings = withheld + type_warnings + data_warnings(splits, tasks, empty)
         schema = DataSchema(
@@ -223,6 +238,76 @@ def preprocess(recipe: Recipe, out_dir: Path, progress: Progress | None = None) 
         )
         schema.save(tmp / "schema.json")
     return schema
+
+
+EventHistories = list[tuple[SequenceFeature, EventIndex, np.ndarray]]
+
+
+def _counter(
+    scanned: Scanned, indexes: dict[str, EventIndex], spec: SequenceFeature
+) -> Callable[[], pl.DataFrame] | None:
+    """For a history from events, how to count its ids in the train rows' histories."""
+    if spec.name not in indexes:
+        return None
+    return lambda: train_counts(scanned, indexes[spec.name], spec.max_len, history_rows([spec]))
+
+
+def _event_histories(
+    specs: list[SequenceFeature], categorical: list[CategoricalFeature], indexes: dict[str, EventIndex]
+) -> EventHistories:
+    """Each history from events with its index and its events' ids in the vocabulary it uses
+    (``newest_first``)."""
+    vocab_of = {f.name: f.vocab for f in categorical}
+    return [
+        (f, indexes[f.name], newest_first(indexes[f.name].ids(vocab_of[f.vocabulary] if f.vocabulary else f.vocab)))
+        for f in specs
+        if f.name in indexes
+    ]
+
+
+def history_rows(specs: list[SequenceFeature]) -> int:
+    """Rows encoded at a time with histories from events: ``HISTORY_ROWS`` when set, else as
+    many as ``HISTORY_BYTES`` of ids hold at every history's ``max_len``, at most two row
+    groups (a chunk costs a few times its ids at the peak: on the 2M-row click log with a
+    history of 50, chunks of 335,000 rows peaked at 1.01 GB, of 84,000 at 0.88 GB)."""
+    return HISTORY_ROWS or max(1, min(2 * ROW_GROUP, HISTORY_BYTES // (4 * sum(f.max_len for f in specs))))
+
+
+def _encode_chunks(
+    scanned: Scanned, query: pl.LazyFrame, histories: EventHistories, paths: dict[str, Path], say: Progress
+) -> None:
+    """Encode the rows ``history_rows`` at a time, each chunk's histories from events added in
+    Python (``with_event_histories``), each chunk's rows of a split written to a part of it; a
+    split in one part is that part, a split in several is joined from them in one more pass (the
+    rows stay in data order)."""
+    names = query.collect_schema().names()
+    for f, _, _ in histories:  # each history's user and time columns become its ids, in their place
+        at = names.index(ROW_USER + f.name)
+        names[at : at + 2] = [SEQUENCE_PREFIX + f.name]
+    parts: dict[str, list[Path]] = {split: [] for split in SPLITS}
+    empty: list[pl.DataFrame] = []
+
+    def write(batch: pl.DataFrame) -> None:
+        encoded = with_event_histories(batch, histories).select(names)
+        for i, (split, done) in enumerate(parts.items()):
+            rows = encoded.filter(pl.col(SPLIT_COLUMN) == i).drop(SPLIT_COLUMN)
+            if rows.height:
+                done.append(paths[split].with_name(f"{split}-{len(done):06d}.parquet"))
+                rows.write_parquet(done[-1], row_group_size=ROW_GROUP)
+            elif not empty:
+                empty.append(rows)
+
+    scanned.each_batch(query, history_rows([f for f, _, _ in histories]), write)
+    say("writing the splits")
+    for split, done in parts.items():  # one split at a time: one reader and one writer at the peak
+        if not done:
+            empty[0].write_parquet(paths[split])
+        elif len(done) == 1:
+            done.pop().rename(paths[split])
+        else:
+            pl.scan_parquet(done).sink_parquet(paths[split], row_group_size=ROW_GROUP, engine="streaming")
+    for part in (part for done in parts.values() for part in done):
+        part.unlink()
 
 
 def _type_warnings(

@@ -12,8 +12,10 @@ import pytest
 import torch
 import yaml
 
-from mtlcli.data.events import attach_histories
+from mtlcli.data import store
+from mtlcli.data.events import event_indexes
 from mtlcli.data.scan import scan_source
+from mtlcli.data.schema import FIRST_ID, OOV_ID
 from mtlcli.data.store import prepare
 from mtlcli.errors import DataError
 from mtlcli.recipe import recipe_from_text
@@ -32,14 +34,16 @@ def recipe_for(tmp_path: Path, events: dict[str, Any], max_len: int = 5, **seque
     return recipe_from_text(yaml.safe_dump(recipe, sort_keys=False), "test-recipe")
 
 
-def make_log(tmp_path: Path, seed: int, leak_signal: bool = False) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """20 users; events at integer times 0..60 with many ties; impressions at the same times.
+def make_log(
+    tmp_path: Path, seed: int, leak_signal: bool = False, users: int = 20
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """``users`` users; events at integer times 0..60 with many ties; impressions at the same times.
     With ``leak_signal`` a positive impression has its own event (same time, its item) and a
     later one: a history that leaked them would predict the label perfectly."""
     rng = random.Random(seed)
     events = []
     rows = []
-    for u in range(20):
+    for u in range(users):
         for _ in range(30):
             events.append({"user": f"u{u}", "item": f"i{rng.randrange(400)}", "time": rng.randrange(60),
                            "kind": rng.choice(["click", "buy"])})  # fmt: skip
@@ -69,6 +73,16 @@ def brute_force(events: pl.DataFrame, rows: pl.DataFrame, kinds: set[str] | None
     return out
 
 
+def derived(recipe: Any) -> list[list[str]]:
+    """Each row's history as the event index finds it (text ids, oldest first)."""
+    scanned, indexes = event_indexes(scan_source(recipe), recipe)
+    index = indexes["history"]
+    rows = scanned.frame.select(index.user, index.time).collect()
+    start, end = index.rows(rows, recipe.features.sequences["history"].max_len)
+    items = index.items.to_list()
+    return [items[a:b] for a, b in zip(start.tolist(), end.tolist(), strict=True)]
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("kinds", [None, {"buy"}])
 def test_histories_are_the_users_earlier_events_in_time_order(
@@ -76,11 +90,40 @@ def test_histories_are_the_users_earlier_events_in_time_order(
 ) -> None:
     events, rows = make_log(tmp_path, seed)
     options = {"type": "kind", "types": sorted(kinds)} if kinds else {}
-    recipe = recipe_for(tmp_path, options, max_len=7)
-    derived = attach_histories(scan_source(recipe), recipe).frame.collect()
-    assert derived.height == rows.height
-    assert derived.get_column("user").to_list() == rows.get_column("user").to_list(), "rows keep their order"
-    assert derived.get_column("history").to_list() == brute_force(events, rows, kinds, 7)
+    assert derived(recipe_for(tmp_path, options, max_len=7)) == brute_force(events, rows, kinds, 7)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_encoded_histories_do_not_depend_on_the_chunk_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared: bool
+) -> None:
+    """Rows are encoded a chunk at a time (one row, seven, all at once): the encoded splits are
+    the brute-force histories (most recent first, in the fitted vocabulary), and so is a history's
+    own vocabulary, counted over the train rows' histories chunk by chunk."""
+    events, rows = make_log(tmp_path, 6, users=3)
+    expected = brute_force(events, rows, {"click"}, 4)
+    sequence = {} if shared else {"vocabulary": None}
+    recipe = recipe_for(tmp_path, {"type": "kind", "types": ["click"]}, max_len=4, **sequence)
+    results = []
+    for size in (1, 7, None):
+        monkeypatch.setattr(store, "HISTORY_ROWS", size)
+        prepared = prepare(recipe, out=tmp_path / f"chunks-{size}")
+        feature = prepared.schema.sequences[0]
+        vocab = prepared.schema.categorical[0].vocab if shared else feature.vocab
+        position = {item: FIRST_ID + i for i, item in enumerate(vocab)}
+        for index, split in enumerate(("test", "valid")):
+            encoded = pl.read_parquet(prepared.directory / f"{split}.parquet").get_column("seq:history").to_list()
+            want = [[position.get(item, OOV_ID) for item in reversed(h)] for h in expected[index::4]]
+            assert encoded == want, (size, split)
+        train = pl.read_parquet(prepared.directory / "train.parquet")
+        results.append((vocab, train.to_dicts()))
+    assert results[0] == results[1] == results[2]
+    if not shared:
+        counts: dict[str, int] = {}
+        for history in (h for i, h in enumerate(expected) if i % 4 > 1):
+            for item in history:
+                counts[item] = counts.get(item, 0) + 1
+        assert results[0][0] == sorted(counts, key=lambda item: (-counts[item], item))
 
 
 def test_no_leakage_of_the_impressions_own_event_or_later_ones(tmp_path: Path) -> None:
@@ -88,10 +131,10 @@ def test_no_leakage_of_the_impressions_own_event_or_later_ones(tmp_path: Path) -
     either leaked into the history, "the candidate is in the history" would give AUC about 1."""
     _, rows = make_log(tmp_path, 5, leak_signal=True)
     recipe = recipe_for(tmp_path, {}, max_len=1000)
-    derived = attach_histories(scan_source(recipe), recipe).frame.collect()
-    inside = torch.tensor([r["item"] in r["history"] for r in derived.to_dicts()], dtype=torch.float32)
+    histories = derived(recipe)
+    inside = torch.tensor([r["item"] in h for r, h in zip(rows.to_dicts(), histories, strict=True)])
     labels = torch.tensor(rows.get_column("label").to_list(), dtype=torch.float32)
-    assert 0.35 < auc(inside, labels) < 0.65
+    assert 0.35 < auc(inside.float(), labels) < 0.65
     # the same log with the impression's time included (<=) is the leak this guards against
     leaked = [
         r["item"] in [e for e, t in zip(*_events_of(tmp_path, r["user"]), strict=True) if t <= r["time"]]

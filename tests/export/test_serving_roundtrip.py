@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from mtlcli.cli.app import app
 from mtlcli.data.checks import ROW_COLUMN
-from mtlcli.data.events import attach_histories
+from mtlcli.data.events import event_indexes
 from mtlcli.data.scan import SPLIT_COLUMN, scan_source
 from mtlcli.data.schema import DataSchema
 from mtlcli.recipe import load_recipe, recipe_from_text
@@ -132,8 +132,15 @@ def recipe_text(histories: dict[str, Any]) -> str:
 def served_rows(recipe: Any) -> pl.DataFrame:
     """The raw test rows as a user serves them: the source's columns, with each history derived
     from an event log as the list column named after it (the serving contract)."""
-    scanned = attach_histories(scan_source(recipe), recipe)
-    return scanned.frame.filter(pl.col(SPLIT_COLUMN) == 2).drop(SPLIT_COLUMN, ROW_COLUMN).collect()
+    scanned, indexes = event_indexes(scan_source(recipe), recipe)
+    temporary = [expr for index in indexes.values() for expr in (index.user, index.time)]
+    rows = scanned.frame.filter(pl.col(SPLIT_COLUMN) == 2).with_columns(temporary).collect()
+    for name, index in indexes.items():
+        start, end = index.rows(rows, recipe.features.sequences[name].max_len)
+        items = index.items.to_list()
+        histories = [items[a:b] for a, b in zip(start.tolist(), end.tolist(), strict=True)]
+        rows = rows.with_columns(pl.Series(name, histories, dtype=pl.List(pl.String)))
+    return rows.drop(SPLIT_COLUMN, ROW_COLUMN, *(e.meta.output_name() for e in temporary))
 
 
 def write_inputs(frame: pl.DataFrame, schema: DataSchema, directory: Path) -> dict[str, Path]:
