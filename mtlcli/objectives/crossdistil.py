@@ -55,6 +55,7 @@ MAX_PAIRS = 4096  # pairs per level pair before sampling [spec]
 DISTILL_WEIGHT = 0.5  # β after the ramp [spec]
 CALIBRATION_STEP = 1.0  # the most a Newton step moves the calibrator's a or b [spec]
 MIN_SCALE = 1e-3  # the calibrator's smallest scale a [spec]
+CALIBRATION_DAMPING = 0.25  # the share of the Newton step taken each training step [spec]
 LEVELS = 4
 
 LevelPair = tuple[int, int]
@@ -172,18 +173,22 @@ def calibration_moments(calibrator: Calibrator, scores: Tensor, labels: Tensor, 
         return torch.stack([(e * r).sum(), e.sum(), (w * r * r).sum(), (w * r).sum(), w.sum()])
 
 
-def newton_update(calibrator: Calibrator, moments: Tensor, max_change: float = CALIBRATION_STEP) -> None:
+def newton_update(
+    calibrator: Calibrator, moments: Tensor, max_change: float = CALIBRATION_STEP, damping: float = 1.0
+) -> None:
     """One Newton step on the calibration loss in (a, b) from ``calibration_moments``:
-    (a, b) − H⁻¹ g, shortened so that neither moves by more than ``max_change`` (a separable batch
-    has a vanishing Hessian, and one batch should not throw the fit far), with a kept at
+    (a, b) − damping · H⁻¹ g, shortened so that neither moves by more than ``max_change`` (a
+    separable batch has a vanishing Hessian, and one batch should not throw the fit far). A
+    damping below 1 averages the fit over the last few batches (one batch of a rare label holds
+    few positives, and its own fit is noisy). a is kept at
     ``MIN_SCALE`` or above (a > 0 keeps the order). Writes â = softplus⁻¹(a) and b in place; no
     change when the Hessian is singular (no rows, or every probability 0 or 1)."""
     g_a, g_b, h_aa, h_ab, h_bb = moments.tolist()
     det = h_aa * h_bb - h_ab * h_ab
     if not det > 1e-12 * max(1.0, h_aa * h_bb) or not math.isfinite(det):
         return
-    step_a = (h_bb * g_a - h_ab * g_b) / det
-    step_b = (h_aa * g_b - h_ab * g_a) / det
+    step_a = damping * (h_bb * g_a - h_ab * g_b) / det
+    step_b = damping * (h_aa * g_b - h_ab * g_a) / det
     longest = max(abs(step_a), abs(step_b))
     if longest > max_change:
         step_a, step_b = step_a * max_change / longest, step_b * max_change / longest

@@ -46,6 +46,7 @@ from mtlcli.models.base import repeated_pass, scheme
 from mtlcli.models.blocks import trainable_tensors
 from mtlcli.models.views import TaskTowers
 from mtlcli.objectives.crossdistil import (
+    CALIBRATION_DAMPING,
     Calibrator,
     calibration_moments,
     choose_partners,
@@ -260,7 +261,7 @@ class CrossDistil:
         for k, t in enumerate(self.tasks):
             calibrator = self.teachers.calibrator(t)
             moments = calibration_moments(calibrator, scores[:, k], labels[:, k], mask[:, k])
-            newton_update(calibrator, exchange.ranks.sum(moments))
+            newton_update(calibrator, exchange.ranks.sum(moments), damping=CALIBRATION_DAMPING)
 
     def feedback(
         self, k: int, inputs: Tensor, labels: Tensor, rows: Tensor, beta: float, lr: float, exchange: Exchange

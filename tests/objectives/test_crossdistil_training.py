@@ -205,7 +205,7 @@ def test_each_update_moves_its_own_group_and_the_feedback_reaches_the_teachers()
 
 
 def test_the_calibrated_teacher_predicts_the_positive_rate_after_a_few_steps() -> None:
-    """A rare label (10% positive, base-rate logit −2.2): after ten CrossDistil steps on one batch
+    """A rare label (10% positive, base-rate logit −2.2): after thirty CrossDistil steps on one batch
     the calibrated teacher's mean probability is the label's positive rate, not the identity
     calibration's 0.5 that a shift trained at the model's learning rate barely leaves."""
     model, batch = toy()
@@ -218,7 +218,7 @@ def test_the_calibrated_teacher_predicts_the_positive_rate_after_a_few_steps() -
         model, strategy, TrainSection(lr=0.001), ["a", "b"], ["binary", "binary"], 10, objective=objective
     )
     step = objective.make_step(parts)
-    for number in range(1, 11):
+    for number in range(1, 31):
         step(batch, StepAt(1, number, number))
     with torch.no_grad():
         inputs = objective.towers.inputs(batch)
