@@ -23,7 +23,9 @@ The exact forms are not available to the project; these are its own [spec] choic
   given generator. The same generator state gives the same pairs, so a resumed run is exact;
 - ``Calibrator``: p_T = σ(a·r + b), a = softplus(â) > 0 so calibration keeps the teacher's order.
   It is fitted by binary cross-entropy against y_A, on its own two parameters, with r detached
-  (``calibration_loss``);
+  (``calibration_loss``), by one Newton step on (a, b) per training step (``calibration_moments``,
+  ``newton_update``) rather than by the optimizer: at the model's learning rate the shift moved
+  a few thousandths a step and stayed far from the base rate's logit;
 - ``distillation_loss`` and ``distill_weight``: the student adds β · BCE(ŷ_A, stop_grad(p_T)) on A's
   rows, with β ramped linearly from 0 to ``distill_weight`` over ``warmup_steps`` steps;
 - ``choose_partners``: by default each task's partner is the other task whose labels correlate
@@ -51,6 +53,9 @@ from mtlcli.train.metrics import auc
 
 MAX_PAIRS = 4096  # pairs per level pair before sampling [spec]
 DISTILL_WEIGHT = 0.5  # β after the ramp [spec]
+CALIBRATION_STEP = 1.0  # the most a Newton step moves the calibrator's a or b [spec]
+MIN_SCALE = 1e-3  # the calibrator's smallest scale a [spec]
+CALIBRATION_DAMPING = 0.25  # the share of the Newton step taken each training step [spec]
 LEVELS = 4
 
 LevelPair = tuple[int, int]
@@ -133,8 +138,9 @@ def pairwise_accuracy(scores: Tensor, levels: Tensor) -> dict[LevelPair, float]:
 
 class Calibrator(nn.Module):
     """p_T = σ(a·r + b) with a = softplus(â) > 0 and b free: a teacher's ranking score r [B] to
-    a logit [B] (``forward``). Starts as the identity map (a = 1, b = 0). Since a > 0 the calibrated
-    probabilities order the rows exactly as the scores do."""
+    a logit [B] (``forward``). Starts as the identity map (a = 1, b = 0) and is fitted by Newton
+    steps (``newton_update``). Since a > 0 the calibrated probabilities order the rows exactly as
+    the scores do."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -153,6 +159,43 @@ def calibration_loss(calibrator: Calibrator, scores: Tensor, labels: Tensor, row
     scores are detached. scores, labels: [B]; rows: bool [B]. Scalar, 0 without rows."""
     logits = calibrator(scores.detach())
     return _bce(logits, labels, rows)
+
+
+def calibration_moments(calibrator: Calibrator, scores: Tensor, labels: Tensor, rows: Tensor) -> Tensor:
+    """The sums over ``rows`` of the calibration loss's gradient and Hessian with respect to
+    (a, b), at the calibrator's current values: [g_a, g_b, h_aa, h_ab, h_bb] (float64, no graph).
+    Sums, not means, so the ranks' parts add up to the global batch's (a Newton step is the same
+    for sums and means). scores, labels: [B]; rows: bool [B]."""
+    with torch.no_grad():
+        r, y = scores.detach()[rows].double(), labels[rows].double()
+        p = torch.sigmoid(calibrator.scale().double() * r + calibrator.shift.double())
+        e, w = p - y, p * (1.0 - p)
+        return torch.stack([(e * r).sum(), e.sum(), (w * r * r).sum(), (w * r).sum(), w.sum()])
+
+
+def newton_update(
+    calibrator: Calibrator, moments: Tensor, max_change: float = CALIBRATION_STEP, damping: float = 1.0
+) -> None:
+    """One Newton step on the calibration loss in (a, b) from ``calibration_moments``:
+    (a, b) − damping · H⁻¹ g, shortened so that neither moves by more than ``max_change`` (a
+    separable batch has a vanishing Hessian, and one batch should not throw the fit far). A
+    damping below 1 averages the fit over the last few batches (one batch of a rare label holds
+    few positives, and its own fit is noisy). a is kept at
+    ``MIN_SCALE`` or above (a > 0 keeps the order). Writes â = softplus⁻¹(a) and b in place; no
+    change when the Hessian is singular (no rows, or every probability 0 or 1)."""
+    g_a, g_b, h_aa, h_ab, h_bb = moments.tolist()
+    det = h_aa * h_bb - h_ab * h_ab
+    if not det > 1e-12 * max(1.0, h_aa * h_bb) or not math.isfinite(det):
+        return
+    step_a = damping * (h_bb * g_a - h_ab * g_b) / det
+    step_b = damping * (h_aa * g_b - h_ab * g_a) / det
+    longest = max(abs(step_a), abs(step_b))
+    if longest > max_change:
+        step_a, step_b = step_a * max_change / longest, step_b * max_change / longest
+    with torch.no_grad():
+        scale = max(MIN_SCALE, float(calibrator.scale()) - step_a)
+        calibrator.raw_scale.fill_(scale + math.log(-math.expm1(-scale)))  # softplus⁻¹
+        calibrator.shift.sub_(step_b)
 
 
 def distill_weight(step: int, warmup_steps: int, weight: float = DISTILL_WEIGHT) -> float:

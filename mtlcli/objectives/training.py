@@ -10,7 +10,8 @@ Each step trains two parameter groups in turn:
    a graph);
 2. the teacher update, on a new forward pass through the updated shared layers: each teacher's
    quadruplet loss on its augmented order (k, partner of k), which also trains the shared layers
-   below h_k; the calibrators' losses (scores detached); with ``error_correction`` the student's
+   below h_k; each calibrator fitted by one Newton step on its loss (scores detached, no
+   optimizer step); with ``error_correction`` the student's
    feedback L_k(θ_S') after a one-step look-ahead of task k's tower on the distillation loss,
    which reaches the teacher tower only (its input and the calibration are detached). The task
    towers (the students) get no gradient in this update.
@@ -45,12 +46,15 @@ from mtlcli.models.base import repeated_pass, scheme
 from mtlcli.models.blocks import trainable_tensors
 from mtlcli.models.views import TaskTowers
 from mtlcli.objectives.crossdistil import (
+    CALIBRATION_DAMPING,
     Calibrator,
+    calibration_moments,
     choose_partners,
     distill_weight,
     error_correction_loss,
     level_masks,
     level_pairs,
+    newton_update,
     pairwise_accuracy,
     quadruplet_loss,
 )
@@ -217,23 +221,26 @@ class CrossDistil:
     def teacher_loss(
         self, inputs: list[Tensor], batch: Batch, beta: float, student_lr: float, exchange: Exchange
     ) -> Tensor:
-        """The teachers' update loss over every task (quadruplet + calibration + error correction),
-        counting the epoch's quadruplet losses and pairwise accuracies. inputs: T x [B_rank, H_k].
+        """The teachers' update loss over every task (quadruplet + error correction), counting the
+        epoch's quadruplet and calibration losses and pairwise accuracies; the calibrators are
+        fitted here, by a Newton step each (``fit_calibrators``). inputs: T x [B_rank, H_k].
         The quadruplet and error-correction terms pair rows across the global batch: they are
         computed on the ranks' rows gathered (``Exchange.batch_rows``), the same value and pairs
-        on every rank, each rank's gradient reaching its own rows; the calibration is a mean over
-        the global rows (``Exchange.losses``)."""
+        on every rank, each rank's gradient reaching its own rows; the calibration is fitted and
+        counted over the global rows (ranks' sums added up)."""
         own_labels, own_mask = batch.labels, batch.label_mask
         own_scores = self.teachers.scores(inputs)
         scores, labels = exchange.batch_rows(own_scores), exchange.batch_rows(own_labels)
         mask = exchange.batch_rows(own_mask)
-        sums = [
-            bce_sum(self.teachers.calibrator(t)(own_scores[:, k].detach()), own_labels[:, k], own_mask[:, k])
-            for k, t in enumerate(self.tasks)
-        ]
-        calibration = exchange.losses(torch.stack(sums), own_mask.sum(0).to(own_scores.dtype))
-        self.sums["calibration"] += calibration.detach().cpu()
-        total = calibration.sum()
+        with torch.no_grad():
+            sums = [
+                bce_sum(self.teachers.calibrator(t)(own_scores[:, k]), own_labels[:, k], own_mask[:, k])
+                for k, t in enumerate(self.tasks)
+            ]
+            calibration = exchange.losses(torch.stack(sums), own_mask.sum(0).to(own_scores.dtype))
+        self.sums["calibration"] += calibration.cpu()
+        self.fit_calibrators(own_scores, own_labels, own_mask, exchange)
+        total = own_scores.sum() * 0.0
         for k in range(len(self.tasks)):
             j = self.partner_index[k]
             partner = 1.0 - labels[:, j] if self.flipped[k] else labels[:, j]
@@ -246,6 +253,15 @@ class CrossDistil:
                 )
             self.count_order(k, scores[:, k].detach(), levels, quad.detach())
         return total
+
+    def fit_calibrators(self, scores: Tensor, labels: Tensor, mask: Tensor, exchange: Exchange) -> None:
+        """One Newton step of each calibrator on the global batch's calibration loss (the ranks'
+        sums of its gradient and Hessian added up), in place of an optimizer step: the calibrators
+        get no gradient. scores, labels: [B_rank, T]; mask: bool [B_rank, T]."""
+        for k, t in enumerate(self.tasks):
+            calibrator = self.teachers.calibrator(t)
+            moments = calibration_moments(calibrator, scores[:, k], labels[:, k], mask[:, k])
+            newton_update(calibrator, exchange.ranks.sum(moments), damping=CALIBRATION_DAMPING)
 
     def feedback(
         self, k: int, inputs: Tensor, labels: Tensor, rows: Tensor, beta: float, lr: float, exchange: Exchange

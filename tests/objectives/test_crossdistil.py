@@ -237,3 +237,27 @@ def test_error_correction_through_a_nonlinear_tower_matches_finite_differences()
     )
     assert float(numeric.abs().max()) > 1e-4
     assert torch.allclose(grad, numeric, rtol=1e-5, atol=1e-9)
+
+
+def test_newton_steps_fit_the_calibrator_so_its_mean_is_the_positive_rate() -> None:
+    """A logistic fit with a free shift predicts, at its optimum, exactly the positive rate on
+    average. Hand-made teacher scores of a rare label (about 5% positive, base-rate logit near −3):
+    Newton steps from the identity reach scale 2 and shift −4 and the mean prediction matches the
+    rate; the first step moves no parameter by more than ``CALIBRATION_STEP``."""
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(4000, generator=gen)
+    labels = (torch.rand(4000, generator=gen) < torch.sigmoid(2.0 * scores - 4.0)).float()
+    rows = torch.ones(4000, dtype=torch.bool)
+    calibrator = cd.Calibrator()
+    cd.newton_update(calibrator, cd.calibration_moments(calibrator, scores, labels, rows))
+    assert abs(calibrator.scale().item() - 1.0) <= cd.CALIBRATION_STEP + 1e-6
+    assert abs(calibrator.shift.item()) <= cd.CALIBRATION_STEP + 1e-6
+    for _ in range(7):  # Newton's quadratic convergence: eight steps in all, four of them shortened
+        cd.newton_update(calibrator, cd.calibration_moments(calibrator, scores, labels, rows))
+    mean = torch.sigmoid(calibrator(scores)).mean().item()
+    assert mean == pytest.approx(labels.mean().item(), rel=1e-4)
+    assert calibrator.scale().item() == pytest.approx(2.0, abs=0.2)
+    assert calibrator.shift.item() == pytest.approx(-4.0, abs=0.3)
+    # the order is kept even where the scores say the opposite of the labels: a stays positive
+    cd.newton_update(calibrator, cd.calibration_moments(calibrator, -scores, labels, rows), max_change=100.0)
+    assert calibrator.scale().item() >= cd.MIN_SCALE * (1 - 1e-6)

@@ -204,6 +204,30 @@ def test_each_update_moves_its_own_group_and_the_feedback_reaches_the_teachers()
     assert not same(t3, one_step(False)[-1][1])
 
 
+def test_the_calibrated_teacher_predicts_the_positive_rate_after_a_few_steps() -> None:
+    """A rare label (10% positive, base-rate logit −2.2): after thirty CrossDistil steps on one batch
+    the calibrated teacher's mean probability is the label's positive rate, not the identity
+    calibration's 0.5 that a shift trained at the model's learning rate barely leaves."""
+    model, batch = toy()
+    generator = torch.Generator().manual_seed(2)
+    rare = (torch.rand(batch.labels.shape[0], generator=generator) < 0.1).float()
+    batch = Batch(batch.categorical, batch.numeric, torch.stack([rare, batch.labels[:, 1]], 1), batch.label_mask)
+    objective = toy_objective(model)
+    strategy = build_weighting("equal", None, ["a", "b"])
+    parts = build_parts(
+        model, strategy, TrainSection(lr=0.001), ["a", "b"], ["binary", "binary"], 10, objective=objective
+    )
+    step = objective.make_step(parts)
+    for number in range(1, 31):
+        step(batch, StepAt(1, number, number))
+    with torch.no_grad():
+        inputs = objective.towers.inputs(batch)
+        probs = torch.sigmoid(objective.teachers.calibrated(objective.teachers.scores(inputs)))
+    rates = batch.labels.mean(0)
+    assert float(rates[0]) < 0.2
+    torch.testing.assert_close(probs.mean(0), rates, rtol=0.0, atol=0.02)
+
+
 # --- refusals ------------------------------------------------------------------------------------
 
 
