@@ -68,6 +68,8 @@ CENSUS = {
     "cgc": "census-cgc.yaml",
     "ple": "census-ple.yaml",
     "sparse-sharing": "census-sparse-sharing.yaml",
+    "aitm": "census-aitm.yaml",
+    "pepnet": "census-pepnet.yaml",
 }
 BASELINE = "single-task"
 CENSUS_TASKS = ("income", "marital")

@@ -32,7 +32,9 @@ from mtlcli.weighting.base import StrategyCapabilities, WeightingStrategy
 from tests.helpers import click_buy_split
 
 TASKS = ["click", "buy"]
-INPUTS = InputSpec(cardinalities=[50, 8], n_numeric=2, tasks=TASKS, task_types=["binary", "binary"])
+INPUTS = InputSpec(
+    cardinalities=[50, 8], n_numeric=2, tasks=TASKS, task_types=["binary", "binary"], categorical_names=["user", "item"]
+)
 # (name, scheme, weighting, its params, row-wise table)
 CASES: list[tuple[str, str, str, dict[str, Any], bool]] = [
     *[(w, "mmoe", w, {}, False) for w in WEIGHTINGS.names()],
@@ -50,6 +52,12 @@ CASES: list[tuple[str, str, str, dict[str, Any], bool]] = [
     ("crossdistil", "mmoe", "equal", {}, False),
     ("crossdistil-no-correction", "mmoe", "uncertainty", {}, False),
     ("crossdistil-rows", "mmoe", "equal", {}, True),  # row-wise tables: the ranks' rows taken together
+    # AITM's calibrator: a loss term of the scheme's, exchanged with the task losses
+    ("aitm", "aitm", "equal", {}, False),
+    ("aitm-rows-pcgrad", "aitm", "pcgrad", {}, True),
+    # PEPNet: gates on the prior (user) and domain (item) embeddings, stop-gradients
+    ("pepnet", "pepnet", "equal", {}, False),
+    ("pepnet-mgda-ub", "pepnet", "mgda", {"upper_bound": True, "normalize": "l2"}, False),
 ]
 # a short mask search (one round of pruning) so that the masks differ and the negatives swap entries
 CSREC: dict[str, Any] = {"bottom_units": [16, 8], "density": 0.5, "prune_rate": 0.5, "warmup_steps": 4}
@@ -60,6 +68,8 @@ SCHEME_PARAMS: dict[str, dict[str, Any]] = {
     "gate-control-cgc": {"gate_control": {"kappa": 2.0}},
     "csrec-alternate": CSREC,
     "csrec-joint": {**CSREC, "update": "joint"},
+    "pepnet": {"prior": ["user"], "domain": ["item"]},
+    "pepnet-mgda-ub": {"prior": ["user"]},
 }
 # the training objective, by case name (none otherwise); 64-row batches have more than
 # max_pairs pairs per level pair, so the pairs are drawn

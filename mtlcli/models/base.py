@@ -13,7 +13,13 @@ from mtlcli.data.batch import Batch
 from mtlcli.data.source import BatchSource
 from mtlcli.errors import MtlError
 from mtlcli.models.blocks import ExpertKind, SequenceInput, check_expert_kinds
-from mtlcli.models.views import Introspection, SharedRepresentation, TaskRepresentation, TaskTowers
+from mtlcli.models.views import (
+    Introspection,
+    ScaleRecord,
+    SharedRepresentation,
+    TaskRepresentation,
+    TaskTowers,
+)
 from mtlcli.registry import Component, Registry
 
 if TYPE_CHECKING:
@@ -32,6 +38,8 @@ class InputSpec:
     tasks: list[str]
     task_types: list[str]
     sequences: list[SequenceInput] = field(default_factory=list)  # behaviour histories, pooled
+    categorical_names: list[str] = field(default_factory=list)  # the features' names, in column order
+    task_spaces: list[str | None] = field(default_factory=list)  # the task whose positives bound each task's rows
 
 
 class ModelParams(BaseModel):
@@ -69,7 +77,13 @@ class Capabilities:
       weights it shares (``reliance``: {task: Δ}) and the share of the layer's conflicting weights
       it wins (``wins``: {task: share}) (CSRec), for explain;
     - ``task_towers``: what each task's tower reads (h_k) and the towers (``TaskTowers``), for
-      training objectives that need them (CrossDistil); None where a task has no separate tower.
+      training objectives that need them (CrossDistil); None where a task has no separate tower;
+    - ``loss_terms(logits, batch)``: the scheme's own loss terms beside the tasks' losses (AITM's
+      calibrator), as each task's sum over this rank's rows [T] and the rows counted [T]; the step
+      adds each term's global mean to its task's loss before the weighting balances them (the
+      reported task losses stay the plain ones);
+    - ``gate_scales(batch)``: the scheme's multiplicative gates (``ScaleRecord``: PEPNet's
+      personalised scales of embeddings and hidden units, HoME's feature gates), for explain.
     """
 
     masks: Callable[[], dict[str, list[Tensor]]] | None = None
@@ -83,6 +97,8 @@ class Capabilities:
     field_scales: Callable[[], Tensor] | None = None
     mask_contest: Callable[[Batch], list[dict[str, dict[str, float]]]] | None = None
     task_towers: TaskTowers | None = None
+    loss_terms: Callable[[Tensor, Batch], tuple[Tensor, Tensor]] | None = None
+    gate_scales: Callable[[Batch], list[ScaleRecord]] | None = None
 
 
 def gated_capabilities(
