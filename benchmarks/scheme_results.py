@@ -70,6 +70,8 @@ CENSUS = {
     "sparse-sharing": "census-sparse-sharing.yaml",
     "aitm": "census-aitm.yaml",
     "pepnet": "census-pepnet.yaml",
+    "adatt": "census-adatt.yaml",
+    "stem": "census-stem.yaml",
 }
 BASELINE = "single-task"
 CENSUS_TASKS = ("income", "marital")

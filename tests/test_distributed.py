@@ -58,6 +58,12 @@ CASES: list[tuple[str, str, str, dict[str, Any], bool]] = [
     # PEPNet: gates on the prior (user) and domain (item) embeddings, stop-gradients
     ("pepnet", "pepnet", "equal", {}, False),
     ("pepnet-mgda-ub", "pepnet", "mgda", {"upper_bound": True, "normalize": "l2"}, False),
+    # AdaTT: task-to-task fusion, its shared representation on the last level
+    ("adatt", "adatt", "uncertainty", {}, True),
+    ("adatt-mgda-ub", "adatt", "mgda", {"upper_bound": True, "normalize": "l2"}, False),
+    # STEM: one row-wise table per task and a shared one, each task's gradient to its own
+    ("stem", "stem", "equal", {}, False),
+    ("stem-rows-pcgrad", "stem", "pcgrad", {}, True),
 ]
 # a short mask search (one round of pruning) so that the masks differ and the negatives swap entries
 CSREC: dict[str, Any] = {"bottom_units": [16, 8], "density": 0.5, "prune_rate": 0.5, "warmup_steps": 4}
