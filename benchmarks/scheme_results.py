@@ -72,6 +72,7 @@ CENSUS = {
     "pepnet": "census-pepnet.yaml",
     "adatt": "census-adatt.yaml",
     "stem": "census-stem.yaml",
+    "home": "census-home.yaml",
 }
 BASELINE = "single-task"
 CENSUS_TASKS = ("income", "marital")

@@ -310,6 +310,12 @@ CASES = [
         ),
         command="check",
     ),
+    Case(
+        "home category with an unknown task",
+        "model.categories.views: unknown task 'bye' (did you mean 'buy'?)",
+        recipe=patched(setting("model", {"scheme": "home", "categories": {"views": ["click", "bye"]}})),
+        command="check",
+    ),
     Case("wrong type", "train.lr: Input should be a valid number", recipe=patched(setting("train.lr", "fast"))),
     Case(
         "out-of-range value",

@@ -64,6 +64,9 @@ CASES: list[tuple[str, str, str, dict[str, Any], bool]] = [
     # STEM: one row-wise table per task and a shared one, each task's gradient to its own
     ("stem", "stem", "equal", {}, False),
     ("stem-rows-pcgrad", "stem", "pcgrad", {}, True),
+    # HoME: per-row expert normalisation (no batch statistics to exchange), feature and self gates
+    ("home", "home", "equal", {}, False),
+    ("home-cagrad", "home", "cagrad", {}, True),
 ]
 # a short mask search (one round of pruning) so that the masks differ and the negatives swap entries
 CSREC: dict[str, Any] = {"bottom_units": [16, 8], "density": 0.5, "prune_rate": 0.5, "warmup_steps": 4}
