@@ -6,11 +6,12 @@ import math
 
 import torch
 
+from mtlcli import distributed
 from mtlcli.models import InputSpec
 from mtlcli.models.aitm import AITM
 from mtlcli.recipe.schema import TrainSection
-from mtlcli.train.loop import build_parts
-from mtlcli.train.step import DefaultStep
+from mtlcli.train.exchange import Exchange
+from mtlcli.train.step import DefaultStep, StepParts
 from mtlcli.weighting import WEIGHTINGS, build_weighting
 from tests.models.test_models import make_batch
 from tests.numerics import assert_kernel_close
@@ -62,7 +63,10 @@ def test_the_step_balances_each_task_loss_with_its_calibrator_term() -> None:
     m, batch = model(alpha=0.7), make_batch(32)
     strategy = build_weighting("equal", WEIGHTINGS.get("equal").params(), TASKS)
     settings = TrainSection(epochs=1, batch_size=32, early_stopping=None)
-    parts = build_parts(m, strategy, settings, TASKS, ["binary", "binary", "regression"], 1)
+    binary = torch.tensor([True, True, False])
+    exchange = Exchange(distributed.current(), ddp=False)
+    # no optimizer: the losses come before the update (and torch.optim's first import is slow)
+    parts = StepParts(m, strategy, None, exchange, settings, TASKS, binary, None, torch.device("cpu"))  # type: ignore[arg-type]
     losses, balanced = DefaultStep(parts).global_losses(batch)
     sums, counts = m.calibrator(m(batch), batch)
     assert float(sums[1].detach()) > 0
