@@ -101,7 +101,11 @@ def click_scores(run: Path, entire: bool) -> dict[str, float]:
 
 def train(recipe: Path, sets: list[str], run: Path) -> dict[str, Any]:
     summary = train_run(load_recipe(str(recipe), sets), run, force=True)
-    return {"samples_per_second": summary["train_samples_per_second"], "parameters": summary["parameters"]}
+    return {
+        "samples_per_second": summary["train_samples_per_second"],
+        "parameters": summary["parameters"],
+        "epochs": f"{summary['best_epoch']}/{summary['epochs_run']}",
+    }
 
 
 def main() -> None:
@@ -111,13 +115,17 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--epochs", type=int, default=3, help="click log epochs")
     parser.add_argument("--models", nargs="+")
+    parser.add_argument(
+        "--set", nargs="+", default=[], help="more overrides for every run, e.g. train.early_stopping={patience: 10}"
+    )
+    parser.add_argument("--suffix", default="", help="appended to each model's name (runs with --set)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     results: dict[str, dict[str, Any]] = {}
     out = args.work / f"{args.suite}.json"
     if out.is_file():
         results = json.loads(out.read_text())
-    common = ["train.threads=1", f"data.cache_dir={args.work}/cache-{args.suite}"]
+    common = ["train.threads=1", f"data.cache_dir={args.work}/cache-{args.suite}", *args.set]
     if args.suite == "click":
         if args.data is None:
             parser.error("click needs --data")
@@ -143,17 +151,19 @@ def main() -> None:
             )
     else:
         for name in args.models or list(SEQ):
-            run = args.work / "runs" / f"seq-{name}"
+            run = args.work / "runs" / f"seq-{name}{args.suffix}"
             result = train(SEQUENCES, [*common, f"model={SEQ[name]}"], run)
             tested = evaluate_run(run, "test")["tasks"]
-            results[name] = {**result, "click": tested["click"]["auc"], "buy": tested["buy"]["auc"]}
-            print(name, results[name], file=sys.stderr, flush=True)
+            key = name + args.suffix
+            results[key] = {**result, "click": tested["click"]["auc"], "buy": tested["buy"]["auc"]}
+            print(key, results[key], file=sys.stderr, flush=True)
             out.write_text(json.dumps(results, indent=1))
-        print("| model | click AUC | buy AUC | train samples/s | parameters |")
-        print("|---|---|---|---|---|")
+        print("| model | click AUC | buy AUC | train samples/s | parameters | epochs (best/run) |")
+        print("|---|---|---|---|---|---|")
         for name, r in results.items():
             print(
-                f"| `{name}` | {r['click']:.4f} | {r['buy']:.4f} | {r['samples_per_second']:,.0f} | {r['parameters']:,} |"
+                f"| `{name}` | {r['click']:.4f} | {r['buy']:.4f} | {r['samples_per_second']:,.0f} | {r['parameters']:,} "
+                f"| {r.get('epochs', '?')} |"
             )
 
 
