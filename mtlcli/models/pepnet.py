@@ -187,12 +187,13 @@ def check(params: PEPNetParams, recipe: Any) -> list[tuple[str, str]]:
     listed = recipe.features.categorical
     if not isinstance(listed, dict):
         return []
-    out = []
-    for key in ("prior", "domain"):
-        for name in getattr(params, key) or []:
-            if name not in listed:
-                out.append((key, f"{name!r} is not a categorical feature{did_you_mean(name, list(listed))}"))
-    return out
+    named = {"prior": params.prior, "domain": params.domain or []}
+    return [
+        (key, f"{name!r} is not a categorical feature{did_you_mean(name, list(listed))}")
+        for key, names in named.items()
+        for name in names
+        if name not in listed
+    ]
 
 
 @register_scheme(
