@@ -243,7 +243,9 @@ def test_dropout_draws_continue_after_a_resume(tmp_path: Path) -> None:
 SMALL: dict[str, dict[str, object]] = {"mmoe": {"n_experts": 3, "expert_units": [8], "tower_units": [4]}}
 
 
-@pytest.mark.parametrize("scheme", ["aitm", "pepnet", "adatt", "stem", "home"])
+# AITM: the scheme's own loss term goes through the step; STEM: an embedding table per task. The
+# other new schemes keep nothing a checkpoint could miss beyond their parameters.
+@pytest.mark.parametrize("scheme", ["aitm", "stem"])
 def test_a_scheme_resumes_mid_epoch_to_the_same_weights(scheme: str, tmp_path: Path) -> None:
     settings = TrainSection(epochs=2, batch_size=32, early_stopping=None, lr=0.01)
     resumes_to_the_same_weights("equal", settings, tmp_path, scheme=scheme)
