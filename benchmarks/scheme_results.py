@@ -68,6 +68,11 @@ CENSUS = {
     "cgc": "census-cgc.yaml",
     "ple": "census-ple.yaml",
     "sparse-sharing": "census-sparse-sharing.yaml",
+    "aitm": "census-aitm.yaml",
+    "pepnet": "census-pepnet.yaml",
+    "adatt": "census-adatt.yaml",
+    "stem": "census-stem.yaml",
+    "home": "census-home.yaml",
 }
 BASELINE = "single-task"
 CENSUS_TASKS = ("income", "marital")

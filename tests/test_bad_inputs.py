@@ -293,6 +293,29 @@ CASES = [
         "lambda_min (5.0) is above lambda_max (2.0)",
         recipe=patched(setting("model.gate_control", {"lambda_min": 5, "lambda_max": 2})),
     ),
+    # the newer schemes' own parameters: checked against the data's features when they are auto
+    Case(
+        "pepnet prior field missing",
+        "model.prior: 'usr' is not a categorical feature of this run's data (did you mean 'user'?)",
+        recipe=patched(setting("model", {"scheme": "pepnet", "prior": ["usr"]})),
+    ),
+    Case(
+        "pepnet prior not among listed features",
+        "model.prior: 'page' is not a categorical feature",
+        recipe=patched(
+            lambda r: (
+                setting("features.categorical", ["user", "item"])(r),
+                r.update(model={"scheme": "pepnet", "prior": ["page"]}),
+            )
+        ),
+        command="check",
+    ),
+    Case(
+        "home category with an unknown task",
+        "model.categories.views: unknown task 'bye' (did you mean 'buy'?)",
+        recipe=patched(setting("model", {"scheme": "home", "categories": {"views": ["click", "bye"]}})),
+        command="check",
+    ),
     Case("wrong type", "train.lr: Input should be a valid number", recipe=patched(setting("train.lr", "fast"))),
     Case(
         "out-of-range value",

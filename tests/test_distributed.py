@@ -32,7 +32,9 @@ from mtlcli.weighting.base import StrategyCapabilities, WeightingStrategy
 from tests.helpers import click_buy_split
 
 TASKS = ["click", "buy"]
-INPUTS = InputSpec(cardinalities=[50, 8], n_numeric=2, tasks=TASKS, task_types=["binary", "binary"])
+INPUTS = InputSpec(
+    cardinalities=[50, 8], n_numeric=2, tasks=TASKS, task_types=["binary", "binary"], categorical_names=["user", "item"]
+)
 # (name, scheme, weighting, its params, row-wise table)
 CASES: list[tuple[str, str, str, dict[str, Any], bool]] = [
     *[(w, "mmoe", w, {}, False) for w in WEIGHTINGS.names()],
@@ -55,6 +57,21 @@ CASES: list[tuple[str, str, str, dict[str, Any], bool]] = [
     ("crossdistil-adam", "mmoe", "equal", {}, False),
     # over gate control: λ from the student pass's global batch, reused by the teacher pass
     ("crossdistil-gate-control", "mmoe", "equal", {}, False),
+    # AITM's calibrator: a loss term of the scheme's, exchanged with the task losses
+    ("aitm", "aitm", "equal", {}, False),
+    ("aitm-rows-pcgrad", "aitm", "pcgrad", {}, True),
+    # PEPNet: gates on the prior (user) and domain (item) embeddings, stop-gradients
+    ("pepnet", "pepnet", "equal", {}, False),
+    ("pepnet-mgda-ub", "pepnet", "mgda", {"upper_bound": True, "normalize": "l2"}, False),
+    # AdaTT: task-to-task fusion, its shared representation on the last level
+    ("adatt", "adatt", "uncertainty", {}, True),
+    ("adatt-mgda-ub", "adatt", "mgda", {"upper_bound": True, "normalize": "l2"}, False),
+    # STEM: one row-wise table per task and a shared one, each task's gradient to its own
+    ("stem", "stem", "equal", {}, False),
+    ("stem-rows-pcgrad", "stem", "pcgrad", {}, True),
+    # HoME: per-row expert normalisation (no batch statistics to exchange), feature and self gates
+    ("home", "home", "equal", {}, False),
+    ("home-cagrad", "home", "cagrad", {}, True),
 ]
 # a short mask search (one round of pruning) so that the masks differ and the negatives swap entries
 CSREC: dict[str, Any] = {"bottom_units": [16, 8], "density": 0.5, "prune_rate": 0.5, "warmup_steps": 4}
@@ -66,6 +83,8 @@ SCHEME_PARAMS: dict[str, dict[str, Any]] = {
     "crossdistil-gate-control": {"gate_control": True},
     "csrec-alternate": CSREC,
     "csrec-joint": {**CSREC, "update": "joint"},
+    "pepnet": {"prior": ["user"], "domain": ["item"]},
+    "pepnet-mgda-ub": {"prior": ["user"]},
 }
 # the training objective, by case name (none otherwise); 64-row batches have more than
 # max_pairs pairs per level pair, so the pairs are drawn

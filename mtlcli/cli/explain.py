@@ -54,6 +54,22 @@ def gate_table(name: str, report: dict[str, Any]) -> Table:
     return table
 
 
+def scale_table(name: str, report: dict[str, Any], top: int = 15) -> Table:
+    """A gate group's mean scale per unit (rows: units, the ``top`` furthest from 1 over the gates;
+    columns: the gates)."""
+    rows = report["rows"]
+    units = report["units"]
+    ranked = sorted(range(len(units)), key=lambda i: -max(abs(v["mean"][i] - 1.0) for v in rows.values()))[:top]
+    shown = f"the {len(ranked)} of {len(units)} units furthest from 1" if len(ranked) < len(units) else "every unit"
+    table = Table(title=f"{name}: mean gate scale per unit ({shown}; --json has all)", title_justify="left")
+    table.add_column("unit", no_wrap=True)
+    for row in rows:
+        table.add_column(row, justify="right")
+    for i in ranked:
+        table.add_row(units[i], *(heat(v["mean"][i], 0.0, report["bound"], digits=2) for v in rows.values()))
+    return table
+
+
 def by_table(group: str, feature: str, experts: list[str], values: list[dict[str, Any]]) -> Table:
     table = Table(title=f"{group} by {feature}: mean weight per value", title_justify="left")
     table.add_column(feature, no_wrap=True)
@@ -112,6 +128,10 @@ def render(report: dict[str, Any]) -> None:
         for table in objective_tables(report["objective"]):
             say(table)
         say_readings(*readings["objective"])
+    if report.get("gate_scales"):
+        for name, group in report["gate_scales"].items():
+            say(scale_table(name, group))
+        say_readings(*readings["gate_scales"])
     if report.get("representations"):
         for history, matrix in report["representations"]["interest_cosine"].items():
             say(matrix_table(f"cosine between the tasks' interests in {history}", matrix))

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtlcli.models.views import AlphaRecord, GateRecord
+from mtlcli.models.views import AlphaRecord, GateRecord, ScaleRecord
 
 
 @dataclass(frozen=True)
@@ -255,3 +255,37 @@ def read_lambda(report: dict[str, Any]) -> str:
             versus.append(f"{task} d {d:.3f} vs d* {target:.3f} ({pace})")
     against = f"; last epoch's gate difference against its target: {', '.join(versus)}" if versus else ""
     return "gate control λ per epoch: " + ", ".join(parts) + note + against
+
+
+def scale_report(records: list[ScaleRecord], fields: list[str]) -> dict[str, dict[str, Any]]:
+    """Multiplicative gates (``ScaleRecord``, concatenated over the rows) as {group: {"bound",
+    "units", "rows": {row: {"mean": [per unit], "spread": [per unit]}}}}: each unit's mean scale
+    over the rows and its standard deviation across rows (how much the gate personalises it);
+    units are named by the record, or by ``fields`` when they are the input fields."""
+    report: dict[str, dict[str, Any]] = {}
+    for record in records:
+        units = record.units if record.units is not None else fields
+        group = report.setdefault(record.group, {"bound": record.bound, "units": units, "rows": {}})
+        scales = record.scales.double()
+        spread = scales.std(0, unbiased=False) if len(scales) else torch.zeros(scales.shape[1:])
+        group["rows"][record.row] = {
+            "mean": [float(v) for v in (scales.mean(0) if len(scales) else torch.ones(scales.shape[1:]))],
+            "spread": [float(v) for v in spread],
+        }
+    return report
+
+
+def read_scales(group: str, report: dict[str, Any], top: int = 3) -> str:
+    """One line per group: per row, the mean scale over its units, the units it raises and lowers
+    most, and how much it varies across rows (the mean spread)."""
+    parts = []
+    units = report["units"]
+    for row, values in report["rows"].items():
+        mean = values["mean"]
+        ranked = sorted(range(len(mean)), key=lambda i: -mean[i])
+        high = ", ".join(f"{units[i]} {mean[i]:.2f}" for i in ranked[:top])
+        low = ", ".join(f"{units[i]} {mean[i]:.2f}" for i in ranked[::-1][:top])
+        average = sum(mean) / len(mean) if mean else 1.0
+        spread = sum(values["spread"]) / len(mean) if mean else 0.0
+        parts.append(f"{row} scales by {average:.2f} on average (± {spread:.2f} across rows); most {high}; least {low}")
+    return f"{group} gate scales (of 0..{report['bound']:g}): " + "; ".join(parts)

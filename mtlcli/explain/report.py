@@ -30,6 +30,8 @@ from mtlcli.explain.gates import (
     read_field_scales,
     read_gate_group,
     read_lambda,
+    read_scales,
+    scale_report,
     union_of_experts,
 )
 from mtlcli.explain.gradients import gradient_report, read_gradients
@@ -39,7 +41,7 @@ from mtlcli.explain.masks import mask_report, read_masks
 from mtlcli.explain.representations import read_representations, representation_report
 from mtlcli.fileio import sha256_file
 from mtlcli.models.base import scheme
-from mtlcli.models.views import AlphaRecord, GateRecord, Introspection
+from mtlcli.models.views import AlphaRecord, GateRecord, Introspection, ScaleRecord
 
 if TYPE_CHECKING:
     from mtlcli.data.store import Prepared
@@ -115,6 +117,23 @@ def collect(model: nn.Module, data: SplitTensors, batch_size: int) -> tuple[Tens
     return out, Introspection(joined, alphas or [])
 
 
+@torch.no_grad()
+def collect_scales(model: nn.Module, data: SplitTensors, batch_size: int) -> list[ScaleRecord]:
+    """The scheme's multiplicative gates (``Capabilities.gate_scales``) concatenated over the
+    batches ([N, n] each); none when the scheme declares none."""
+    scales = scheme(model).capabilities.gate_scales
+    if scales is None:
+        return []
+    was_training = model.training
+    model.eval()
+    parts: dict[tuple[str, str], list[ScaleRecord]] = {}
+    for batch in data.batches(batch_size):
+        for record in scales(batch):
+            parts.setdefault((record.group, record.row), []).append(record)
+    model.train(was_training)
+    return [replace(p[0], scales=torch.cat([r.scales for r in p])) for p in parts.values()]
+
+
 def explain_model(
     model: nn.Module,
     data: SplitTensors,
@@ -166,6 +185,8 @@ def explain_model(
     if scales is not None:
         gate_control = {"field_scales": field_scale_report(scales(), tasks, [*inputs[0], *inputs[1], *inputs[2]])}
     readings["gate_control"] = [read_field_scales(gate_control["field_scales"])] if gate_control else []
+    gate_scales = scale_report(collect_scales(model, data, options.batch_size), [*inputs[0], *inputs[1], *inputs[2]])
+    readings["gate_scales"] = [read_scales(group, report) for group, report in gate_scales.items()]
     bottoms = representation_report(model, data, options.batch_size, *inputs)
     readings["representations"] = [read_representations(bottoms)] if bottoms else []
     correlations = correlation_report(data.labels, mask, logits, tasks, types)
@@ -193,6 +214,7 @@ def explain_model(
         "alpha": alpha,
         "masks": masks,
         "gate_control": gate_control,
+        "gate_scales": gate_scales or None,
         "representations": bottoms,
         **correlations,
         **gradients,

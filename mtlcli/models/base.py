@@ -14,7 +14,13 @@ from mtlcli.data.batch import Batch
 from mtlcli.data.source import BatchSource
 from mtlcli.errors import MtlError
 from mtlcli.models.blocks import ExpertKind, SequenceInput, check_expert_kinds
-from mtlcli.models.views import Introspection, SharedRepresentation, TaskRepresentation, TaskTowers
+from mtlcli.models.views import (
+    Introspection,
+    ScaleRecord,
+    SharedRepresentation,
+    TaskRepresentation,
+    TaskTowers,
+)
 from mtlcli.registry import Component, Registry
 
 if TYPE_CHECKING:
@@ -33,6 +39,8 @@ class InputSpec:
     tasks: list[str]
     task_types: list[str]
     sequences: list[SequenceInput] = field(default_factory=list)  # behaviour histories, pooled
+    categorical_names: list[str] = field(default_factory=list)  # the features' names, in column order
+    task_spaces: list[str | None] = field(default_factory=list)  # the task whose positives bound each task's rows
 
 
 class ModelParams(BaseModel):
@@ -75,6 +83,12 @@ class Capabilities:
       (gate control's λ and label correlation); inside this context a further training forward
       pass over the step's batch (CrossDistil's teacher pass) reuses them and updates nothing.
       Ask for it through ``repeated_pass(model)``.
+    - ``loss_terms(logits, batch)``: the scheme's own loss terms beside the tasks' losses (AITM's
+      calibrator), as each task's sum over this rank's rows [T] and the rows counted [T]; the step
+      adds each term's global mean to its task's loss before the weighting balances them (the
+      reported task losses stay the plain ones);
+    - ``gate_scales(batch)``: the scheme's multiplicative gates (``ScaleRecord``: PEPNet's
+      personalised scales of embeddings and hidden units, HoME's feature gates), for explain.
     """
 
     masks: Callable[[], dict[str, list[Tensor]]] | None = None
@@ -89,6 +103,8 @@ class Capabilities:
     mask_contest: Callable[[Batch], list[dict[str, dict[str, float]]]] | None = None
     task_towers: TaskTowers | None = None
     repeat_pass: Callable[[], AbstractContextManager[None]] | None = None
+    loss_terms: Callable[[Tensor, Batch], tuple[Tensor, Tensor]] | None = None
+    gate_scales: Callable[[Batch], list[ScaleRecord]] | None = None
 
 
 def gated_capabilities(

@@ -62,6 +62,21 @@ class GateRecord:
 
 
 @dataclass(frozen=True)
+class ScaleRecord:
+    """A multiplicative gate as a scheme shows it (``Capabilities.gate_scales``): gate ``row`` (a
+    task, or ``shared``) of the group ``group`` scales ``n`` units by ``scales`` [B, n], each in
+    [0, ``bound``] (1 leaves a unit as it is); ``units`` names them (hidden units numbered from
+    0), or is None when they are the input fields in the embedding's order (categorical features,
+    histories, numbers), which explain names from the run's schema."""
+
+    group: str
+    row: str
+    scales: Tensor
+    units: list[str] | None
+    bound: float
+
+
+@dataclass(frozen=True)
 class AlphaRecord:
     """A cross-stitch mixing matrix [T, T] after hidden layer ``layer`` (``layer<l>``, from 1): row
     k says how task k's column mixes the columns of every task."""

@@ -384,7 +384,7 @@ def build_crossdistil(
         raise MtlError(
             f"objective: crossdistil needs what each task's tower reads, which the scheme {scheme_name!r} "
             "does not declare",
-            "use a scheme with task towers (mmoe, cgc, ple, shared_bottom), or drop the objective section",
+            "use a scheme with task towers (mmoe, cgc, ple, shared_bottom, adatt, stem), or drop the objective section",
         )
     rows, masks = [], []
     for batch in train.batches(batch_size):

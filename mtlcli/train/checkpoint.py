@@ -42,7 +42,13 @@ def input_spec(schema: DataSchema) -> InputSpec:
         for f in schema.sequences
     ]
     return InputSpec(
-        schema.cardinalities, len(schema.numeric), schema.task_names, [t.type for t in schema.tasks], sequences
+        schema.cardinalities,
+        len(schema.numeric),
+        schema.task_names,
+        [t.type for t in schema.tasks],
+        sequences,
+        categorical_names=[f.name for f in schema.categorical],
+        task_spaces=[t.space_task for t in schema.tasks],
     )
 
 

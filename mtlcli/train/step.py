@@ -83,17 +83,33 @@ class DefaultStep:
         track = parts.settings.track_gradients
         self.track = track or 0
         self.shared = scheme(parts.model).parameter_groups()["shared"] if track else {}
+        self.terms = scheme(parts.model).capabilities.loss_terms
 
     def __call__(self, batch: Batch, at: StepAt) -> StepDone:
         p = self.parts
         p.optimizer.zero_grad()
-        # the global batch's mean losses, with this rank's part as gradient (alone: the batch's)
-        losses = p.exchange.losses(*task_loss_sums(self.forward(batch), batch, p.binary, p.pos_weight))
-        check_finite(losses, p.tasks, at)
+        losses, balanced = self.global_losses(batch)
+        check_finite(balanced, p.tasks, at)
         grads = None
         if self.track and at.number % self.track == 0:
             shared = list(trainable_tensors(p.model, self.shared).values())
-            grads = p.exchange.ranks.sum(shared_task_gradients(losses, shared)) if shared else None
-        weights = p.exchange.backward(p.strategy, losses, p.model)
+            grads = p.exchange.ranks.sum(shared_task_gradients(balanced, shared)) if shared else None
+        weights = p.exchange.backward(p.strategy, balanced, p.model)
         p.optimizer.step(at.number)
         return StepDone(losses.detach(), weights.detach(), grads)
+
+    def global_losses(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """The global batch's mean task losses [T], with this rank's part as gradient (alone: the
+        batch's), and what the weighting balances [T]: the same, plus each of the scheme's own loss
+        terms (``Capabilities.loss_terms``) on its task; both from one exchange of the sums."""
+        p = self.parts
+        logits = self.forward(batch)
+        sums, counts = task_loss_sums(logits, batch, p.binary, p.pos_weight)
+        terms = self.terms(logits, batch) if self.terms is not None else None
+        if terms is None:
+            losses = p.exchange.losses(sums, counts)
+            return losses, losses
+        tasks = len(p.tasks)
+        both = p.exchange.losses(torch.cat([sums, terms[0]]), torch.cat([counts, terms[1]]))
+        losses = both[:tasks]
+        return losses, losses + both[tasks:]

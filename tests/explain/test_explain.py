@@ -207,6 +207,7 @@ def test_every_scheme_is_explained(scheme: str) -> None:
     introspected = model.introspect(make_batch(8))
     assert bool(report["gates"]) == bool(introspected.gates)
     assert bool(report["alpha"]) == bool(introspected.alphas)
+    assert bool(report["gate_scales"]) == (scheme_of(model).capabilities.gate_scales is not None)
     for name, group in report["gates"].items():
         for row, weights in group["weights"].items():
             assert sum(w for w in weights if w is not None) == pytest.approx(1.0, abs=1e-5), (name, row)

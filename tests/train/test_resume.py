@@ -239,6 +239,18 @@ def test_dropout_draws_continue_after_a_resume(tmp_path: Path) -> None:
     resumes_to_the_same_weights("equal", settings, tmp_path, dropout=0.3)
 
 
+# small settings per scheme (others: their defaults)
+SMALL: dict[str, dict[str, object]] = {"mmoe": {"n_experts": 3, "expert_units": [8], "tower_units": [4]}}
+
+
+# AITM: the scheme's own loss term goes through the step; STEM: an embedding table per task. The
+# other new schemes keep nothing a checkpoint could miss beyond their parameters.
+@pytest.mark.parametrize("scheme", ["aitm", "stem"])
+def test_a_scheme_resumes_mid_epoch_to_the_same_weights(scheme: str, tmp_path: Path) -> None:
+    settings = TrainSection(epochs=2, batch_size=32, early_stopping=None, lr=0.01)
+    resumes_to_the_same_weights("equal", settings, tmp_path, scheme=scheme)
+
+
 def resumes_to_the_same_weights(
     weighting: str,
     settings: TrainSection,
@@ -247,6 +259,7 @@ def resumes_to_the_same_weights(
     stop_at: int = 14,
     noisy_valid: bool = False,
     sparse: bool = False,
+    scheme: str = "mmoe",
 ) -> FitResult:
     """Train once uninterrupted, once interrupted after ``stop_at`` steps and resumed from the
     checkpoint; the final weights must be identical. Returns the uninterrupted run's result."""
@@ -263,8 +276,8 @@ def resumes_to_the_same_weights(
 
     def fresh() -> tuple[torch.nn.Module, object, torch.optim.Optimizer]:
         torch.manual_seed(0)
-        params = SCHEMES.get("mmoe").params(n_experts=3, expert_units=[8], tower_units=[4], dropout=dropout)
-        model = build_model("mmoe", params, inputs)
+        params = SCHEMES.get(scheme).params(**SMALL.get(scheme, {}), dropout=dropout)
+        model = build_model(scheme, params, inputs)
         if sparse:  # the embedding table trains row-wise: its optimizer state is in the checkpoint too
             use_sparse_rows(model)
         strategy = build_weighting(weighting, WEIGHTINGS.get(weighting).params(), inputs.tasks)
