@@ -66,13 +66,18 @@ PAIR_NAMES = [f"{LEVEL_NAMES[q]}>{LEVEL_NAMES[r]}" for q, r in level_pairs()]
 
 
 class Teachers(nn.Module):
-    """One teacher tower per task, shaped as the task's own tower (freshly initialised), and one
-    calibrator per task."""
+    """One teacher tower per task, shaped as the task's own tower (freshly initialised) but without
+    biases, and one calibrator per task.
+
+    The quadruplet loss reads only differences of scores. A bias on the score, or on a hidden unit
+    active on every row of the batch, moves every score alike and cancels exactly: its gradient is
+    rounding noise alone, which Adam scales into full steps (and one process and several drift
+    apart). The calibrator's shift b gives the teacher's probabilities their offset."""
 
     def __init__(self, students: nn.ModuleDict, tasks: list[str]) -> None:
         super().__init__()
         self.tasks = list(tasks)
-        self.towers = nn.ModuleDict({t: fresh_copy(students[t]) for t in tasks})
+        self.towers = nn.ModuleDict({t: without_biases(fresh_copy(students[t])) for t in tasks})
         self.calibrators = nn.ModuleDict({t: Calibrator() for t in tasks})
 
     def calibrator(self, task: str) -> Calibrator:
@@ -94,6 +99,14 @@ def fresh_copy(module: nn.Module) -> nn.Module:
         if isinstance(part, nn.Linear):
             part.reset_parameters()
     return twin
+
+
+def without_biases(tower: nn.Module) -> nn.Module:
+    """``tower`` with the biases of its Linear layers removed."""
+    for part in tower.modules():
+        if isinstance(part, nn.Linear):
+            part.bias = None
+    return tower
 
 
 class CrossDistil:
@@ -133,7 +146,14 @@ class CrossDistil:
         return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.teachers.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("teachers.")})
+        teachers = {k[9:]: v for k, v in state.items() if k.startswith("teachers.")}
+        unknown = sorted(set(teachers) - set(self.teachers.state_dict()))
+        if unknown:
+            raise ValueError(
+                f"the checkpoint has teacher parameters this version's teachers lack ({unknown[0]}): it was "
+                "written by an earlier version, whose teacher towers had biases; train again"
+            )
+        self.teachers.load_state_dict(teachers)
         for key in self.sums:
             self.sums[key] = state[f"sums.{key}"].to(self.sums[key].dtype)
         self.generator.set_state(state["generator"].to(torch.uint8))

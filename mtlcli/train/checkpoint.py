@@ -275,6 +275,8 @@ def load_checkpoint(
 
     try:
         model.load_state_dict(part("model."), strict=True)
+        if objective is not None:  # before the optimizer, whose groups it sizes
+            objective.load_state_dict(part("objective."))
         restore_optimizer(optimizer, tensors, metadata, path)
         for name, embedding in sparse_embeddings(model):
             embedding.load_row_state(part(f"rows.{name}."))
@@ -284,8 +286,6 @@ def load_checkpoint(
         state = strategy.capabilities.state
         if state is not None:
             state.load_state_dict(part("strategy."))
-        if objective is not None:
-            objective.load_state_dict(part("objective."))
     except (RuntimeError, KeyError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else repr(exc)
         raise ArtifactError(
