@@ -239,11 +239,16 @@ def data_set(name: str, work: Path, click_rows: int) -> DataSet:
 # --- table ------------------------------------------------------------------------------------
 
 
+def seed_of(result: dict[str, Any]) -> int:
+    """The ``train.seed`` a cached result was trained with."""
+    return int(next(o for o in result["overrides"] if o.startswith("train.seed=")).split("=", 1)[1])
+
+
 def aucs(runs: Sequence[dict[str, Any]], task: str) -> list[float]:
     return [r["test"][task]["auc"] for r in runs]
 
 
-NOISE_FLOOR = 0.0001  # the tables' resolution: a smaller difference is no difference
+NOISE_FLOOR = 0.0002  # differences this small come and go between reruns of one recipe
 
 
 def verdict(delta: float, spread: float) -> str:
@@ -268,7 +273,10 @@ def table(data: DataSet, results: dict[str, list[dict[str, Any]]], seeds: Sequen
             pending.append(f"`{row.name}`")
             continue
         base = results.get(row.baseline)
-        cells = [f"`{row.name}`", row.what]
+        cells = [
+            f"`{row.name}`" + ("" if len(runs) == len(seeds) else f" ({len(runs)} of {len(seeds)} seeds)"),
+            row.what,
+        ]
         for task in data.tasks:
             cells += [fmt(aucs(runs, task)), f"{min(aucs(runs, task)):.4f}"]
         for task in data.tasks:
@@ -284,7 +292,8 @@ def table(data: DataSet, results: dict[str, list[dict[str, Any]]], seeds: Sequen
         cells.append(f"{runs[0]['parameters']:,}")
         cells.append(", ".join(f"{r['best_epoch']}/{r['epochs_run']}" for r in runs))
         lines.append("| " + " | ".join(cells) + " |")
-        for seed, r in zip(seeds, runs, strict=True):
+        for r in runs:
+            seed = seed_of(r)
             for task, bar in data.bars.items():
                 if r["test"][task]["auc"] < bar:
                     below.append(f"`{row.name}` seed {seed} {task} {r['test'][task]['auc']:.4f}")
@@ -353,6 +362,13 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", help="only these rows (default: all)")
     parser.add_argument("--click-rows", type=int, default=400_000)
     parser.add_argument("--tables-only", action="store_true", help="print (and write) the cached results only")
+    parser.add_argument(
+        "--also",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="with --tables-only: more work directories to read results from",
+    )
     parser.add_argument("--docs", type=Path, default=DOCS)
     parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args()
@@ -363,6 +379,7 @@ def main() -> None:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     cache = ResultCache(work / "results.json")
+    caches = [cache, *(ResultCache(w.resolve() / "results.json") for w in args.also)]
     data = data_set(args.data, work, args.click_rows)
     wanted = [r for r in data.rows if args.rows is None or r.name in args.rows]
     key = {r.name: (f"census-{r.name}" if data.name == "census" else f"{data.name}-{r.name}") for r in data.rows}
@@ -380,10 +397,11 @@ def main() -> None:
             for seed in args.seeds:
                 overrides = [*row.overrides, f"train.seed={seed}"]
                 recipe = load_recipe(file_of(row), [*overrides, "train.threads=1", f"data.cache_dir={work / 'cache'}"])
-                hit = cache.get(f"{key[row.name]}-seed{seed}", fingerprint(recipe))
+                hits = (c.get(f"{key[row.name]}-seed{seed}", fingerprint(recipe)) for c in caches)
+                hit = next((h for h in hits if h is not None), None)
                 if hit is not None:
                     found.append(hit)
-            if len(found) == len(args.seeds):
+            if found:  # a row with fewer seeds is shown as such
                 results[row.name] = found
     else:
         for group in ("other", "crossdistil"):  # CrossDistil's rows last
