@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -88,3 +90,27 @@ def census_bundle(run: Path, work: Path, census: Path) -> tuple[Path, Path]:
         rows = [line for index, line in enumerate(handle) if index % 5 == 0]
     (work / "test.csv").write_text("".join(rows), encoding="utf-8")
     return work / "bundle", work / "test.csv"
+
+
+@contextmanager
+def gradient_weighting(name: str) -> Iterator[None]:
+    """A weighting ``name`` registered for the block, which declares that it combines the tasks'
+    gradients itself (``task_gradients``) and is named nowhere else: what refusals must catch from
+    the declaration alone."""
+    from torch import Tensor, nn
+
+    from mtlcli.weighting import WEIGHTINGS
+    from mtlcli.weighting.base import StrategyCapabilities, WeightingParams, register_weighting
+
+    class Combining:
+        capabilities = StrategyCapabilities(task_gradients=True)
+
+        def backward(self, losses: Tensor, model: nn.Module) -> Tensor:
+            losses.sum().backward()
+            return torch.ones_like(losses)
+
+    register_weighting(name, WeightingParams, "combines the tasks' gradients (a test's)")(lambda p, t: Combining())
+    try:
+        yield
+    finally:
+        WEIGHTINGS.remove(name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Protocol, TypeVar, cast
 
@@ -69,7 +70,11 @@ class Capabilities:
       weights it shares (``reliance``: {task: Δ}) and the share of the layer's conflicting weights
       it wins (``wins``: {task: share}) (CSRec), for explain;
     - ``task_towers``: what each task's tower reads (h_k) and the towers (``TaskTowers``), for
-      training objectives that need them (CrossDistil); None where a task has no separate tower.
+      training objectives that need them (CrossDistil); None where a task has no separate tower;
+    - ``repeat_pass()``: the scheme updates statistics of the step in its training forward pass
+      (gate control's λ and label correlation); inside this context a further training forward
+      pass over the step's batch (CrossDistil's teacher pass) reuses them and updates nothing.
+      Ask for it through ``repeated_pass(model)``.
     """
 
     masks: Callable[[], dict[str, list[Tensor]]] | None = None
@@ -83,6 +88,7 @@ class Capabilities:
     field_scales: Callable[[], Tensor] | None = None
     mask_contest: Callable[[Batch], list[dict[str, dict[str, float]]]] | None = None
     task_towers: TaskTowers | None = None
+    repeat_pass: Callable[[], AbstractContextManager[None]] | None = None
 
 
 def gated_capabilities(
@@ -99,6 +105,7 @@ def gated_capabilities(
         sum_over_ranks=control.sum_over_ranks,
         epoch_record=control.epoch_record,
         field_scales=control.field_scales,
+        repeat_pass=control.repeat_pass,
     )
 
 
@@ -143,6 +150,14 @@ class MultiTaskModel(Protocol):
 def scheme(model: nn.Module) -> MultiTaskModel:
     """``model`` as the scheme protocol: every module ``build_model`` returns follows it."""
     return cast(MultiTaskModel, model)
+
+
+def repeated_pass(model: nn.Module) -> AbstractContextManager[None]:
+    """The context for a further training forward pass over the step's batch, after the step's
+    first one: the scheme's step statistics are read, not updated (``Capabilities.repeat_pass``);
+    nothing for a scheme without any."""
+    repeat = scheme(model).capabilities.repeat_pass
+    return repeat() if repeat is not None else nullcontext()
 
 
 def enable_representation(model: nn.Module) -> None:

@@ -53,7 +53,7 @@ from mtlcli.train.losses import check_finite, task_loss_sums
 
 if TYPE_CHECKING:
     from mtlcli.train.step import StepAt, StepDone, StepParts
-from mtlcli.weighting.base import build_weighting
+from mtlcli.weighting.base import build_weighting, weightings_by_gradients
 
 SHARE_CHANGED = "share_changed"  # the epoch record's count of weight updates the share rule scaled down
 
@@ -297,13 +297,14 @@ def check(params: CSRecParams, recipe: Any) -> list[tuple[str, str]]:
     tasks = list(recipe.tasks)
     strategy = build_weighting(recipe.loss.weighting, recipe.loss.params, tasks)
     if strategy.capabilities.task_gradients:
+        combining, weighing = weightings_by_gradients(tasks)
         return [
             (
                 "scheme",
                 f"csrec defines its own update (each task's gradient scaled by its share of the weights it "
                 f"shares, tasks in turn), so it cannot be combined with the gradient strategy "
-                f"loss.weighting: {recipe.loss.weighting}; choose a loss weighting (equal, static, uncertainty, "
-                f"dwa, rlw, ...)",
+                f"loss.weighting: {recipe.loss.weighting} (the weightings that combine the tasks' gradients "
+                f"themselves: {', '.join(combining)}); choose a loss weighting: {', '.join(weighing)}",
             )
         ]
     return []

@@ -36,7 +36,8 @@ which are sums that ``GateControl`` adds up over the ranks (``sum_over_ranks``) 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Annotated, Any, cast
 
 import torch
@@ -308,22 +309,42 @@ class GateControl(nn.Module):
         self.register_buffer("lambda_sum", torch.zeros(n, dtype=torch.float64))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.total: Callable[[Tensor], Tensor] | None = None  # see sum_over_ranks
+        self.repeating = False  # see repeat_pass
 
     def sum_over_ranks(self, total: Callable[[Tensor], Tensor] | None) -> None:
         """On several processes (set by the training's exchange): ``total`` sums a tensor over the
         ranks, so that λ comes from the global batch's gates and labels on every rank."""
         self.total = total
 
+    @contextmanager
+    def repeat_pass(self) -> Iterator[None]:
+        """Within it, a training forward pass repeats the step's first one (CrossDistil's teacher
+        pass over the same batch): the gates carry the step's λ (``coefficients``), and neither λ,
+        the correlation's average nor the epoch's sums are updated. Without it the second pass
+        would take a second step's statistics from the same batch."""
+        self.repeating = True
+        try:
+            yield
+        finally:
+            self.repeating = False
+
     def gate_logits(
         self, gates: Sequence[nn.Module], inputs: Sequence[Tensor], labels: tuple[Tensor, Tensor] | None
     ) -> list[Tensor]:
         """Task k's gate logits gate_k(φ_k(x_k)), T x [B, E]; in a training forward pass they carry
-        λ_k, computed here from this batch's gates and ``labels``: (labels [B, T], mask bool [B, T]).
+        λ_k, computed here from this batch's gates and ``labels``: (labels [B, T], mask bool [B, T])
+        (inside ``repeat_pass``: the step's λ, computed by its first pass).
 
         gates: T modules [B, D] -> [B, E]; inputs: T tensors x_k [B, D] (the embedded input as
         task k's gate reads it)."""
         if not (self.training and torch.is_grad_enabled()):
             return [gate(self.mapping[t](x)) for t, gate, x in zip(self.tasks, gates, inputs, strict=True)]
+        if self.repeating:
+            step = self.coefficients.to(inputs[0].dtype, copy=True)  # the next step's update leaves it
+            return [
+                controlled_gate_logits(gate, cast(FieldMapping, self.mapping[t]), x, step[k])
+                for k, (t, gate, x) in enumerate(zip(self.tasks, gates, inputs, strict=True))
+            ]
         if labels is None:
             raise ValueError("gate control's training forward pass reads the batch's labels: pass them")
         pending = inputs[0].new_ones(len(self.tasks))  # λ, set below, before any backward pass reads it

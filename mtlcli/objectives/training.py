@@ -41,7 +41,7 @@ from mtlcli.data.batch import Batch
 from mtlcli.data.source import BatchSource
 from mtlcli.errors import MtlError
 from mtlcli.explain.correlation import pearson
-from mtlcli.models.base import scheme
+from mtlcli.models.base import repeated_pass, scheme
 from mtlcli.models.blocks import trainable_tensors
 from mtlcli.models.views import TaskTowers
 from mtlcli.objectives.crossdistil import (
@@ -58,6 +58,7 @@ from mtlcli.recipe.schema import ObjectiveSection
 from mtlcli.train.exchange import Exchange
 from mtlcli.train.losses import check_finite, task_loss_sums
 from mtlcli.train.step import StepAt, StepDone, StepParts
+from mtlcli.weighting.base import WeightingStrategy, weightings_by_gradients
 from mtlcli.weighting.gradients import shared_task_gradients
 
 # (y_k, y_partner) of each level of k's augmented order; y_partner is 1 − the label where flipped
@@ -105,7 +106,7 @@ def without_biases(tower: nn.Module) -> nn.Module:
     """``tower`` with the biases of its Linear layers removed."""
     for part in tower.modules():
         if isinstance(part, nn.Linear):
-            part.bias = None
+            part.register_parameter("bias", None)
     return tower
 
 
@@ -284,7 +285,9 @@ class CrossDistilStep:
         p.optimizer.step(at.number)
         # (2) teachers (and the shared layers below them): students frozen
         p.optimizer.zero_grad()
-        o.teacher_loss(o.towers.inputs(batch), batch, beta, p.optimizer.lr, self.exchange).backward()
+        with repeated_pass(p.model):  # the same step: the scheme's step statistics stay as the first pass left them
+            inputs = o.towers.inputs(batch)
+        o.teacher_loss(inputs, batch, beta, p.optimizer.lr, self.exchange).backward()
         for param in self.students:
             param.grad = None
         self.exchange.sum_gradients(p.model, o.parameters())
@@ -301,14 +304,16 @@ def bce_sum(logits: Tensor, targets: Tensor, rows: Tensor) -> Tensor:
     return torch.where(rows, losses, torch.zeros_like(losses)).sum()
 
 
-def refuse_objective(task_gradients: bool) -> None:
-    """What CrossDistil cannot train with: a weighting that combines per-task gradients (the
-    student update adds the distillation's gradients beside the weighting's)."""
-    if task_gradients:
+def refuse_objective(weighting: str, strategy: WeightingStrategy, tasks: list[str]) -> None:
+    """What CrossDistil cannot train with: a weighting that declares it combines per-task gradients
+    (``task_gradients``; the student update adds the distillation's gradients beside the
+    weighting's, which it would not see). The message lists the registry's weightings of each kind."""
+    if strategy.capabilities.task_gradients:
+        combining, weighing = weightings_by_gradients(tasks)
         raise MtlError(
-            "objective: crossdistil adds its distillation gradients beside the weighting's, and this "
-            "weighting combines the tasks' gradients itself (pcgrad, mgda, cagrad, gradnorm, metabalance)",
-            "use a loss-based weighting (equal, static, uncertainty, dwa, rlw, ...) with crossdistil",
+            f"objective: crossdistil adds its distillation gradients beside the weighting's, and loss.weighting "
+            f"{weighting!r} combines the tasks' gradients itself (the weightings that do: {', '.join(combining)})",
+            f"use a loss-based weighting with crossdistil: {', '.join(weighing)}",
         )
 
 

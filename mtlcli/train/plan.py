@@ -112,7 +112,7 @@ def resolve_plan(
     check_batch_split(settings.batch_size, world, settings.shards)
     if recipe.objective is not None:
         strategy = build_weighting(recipe.loss.weighting, recipe.loss.params, recipe.task_names)
-        refuse_objective(strategy.capabilities.task_gradients)
+        refuse_objective(recipe.loss.weighting, strategy, recipe.task_names)
     place = resolve_run_dir(out, force, resume)
     prepared = prepared or prepare(recipe)
     saved = read_checkpoint_identity(place.checkpoint) if resume else {}

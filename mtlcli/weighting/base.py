@@ -103,6 +103,19 @@ def build_weighting(name: str, params: Any, tasks: list[str]) -> WeightingStrate
     return WEIGHTINGS.get(name).build(params, tasks)  # type: ignore[no-any-return]
 
 
+def weightings_by_gradients(tasks: list[str]) -> tuple[list[str], list[str]]:
+    """The registered weightings split by what they declare (``task_gradients``, each built with
+    its default parameters over ``tasks``): (those that combine the tasks' gradients themselves,
+    those that weigh the losses). For refusals that name both sides without naming any weighting
+    in their own code."""
+    combining: list[str] = []
+    weighing: list[str] = []
+    for name in WEIGHTINGS.names():
+        strategy = build_weighting(name, WEIGHTINGS.get(name).params(), tasks)
+        (combining if strategy.capabilities.task_gradients else weighing).append(name)
+    return combining, weighing
+
+
 class FixedWeights:
     """Backward on a fixed weighted sum: sum_k w_k * L_k. The base of the loss-only strategies."""
 

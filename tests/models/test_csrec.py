@@ -21,7 +21,8 @@ from mtlcli.recipe.schema import TrainSection
 from mtlcli.train.loop import FitResult, NullObserver, TrainingInterrupted, fit, make_optimizer
 from mtlcli.train.run import loaded_run, train_run
 from mtlcli.weighting import WEIGHTINGS, build_weighting
-from tests.helpers import three_opposed_tasks
+from mtlcli.weighting.base import weightings_by_gradients
+from tests.helpers import gradient_weighting, three_opposed_tasks
 from tests.train.test_resume import CheckpointTo
 
 
@@ -68,14 +69,19 @@ def test_alternate_and_joint_differ(census_runs: dict[str, Any]) -> None:
     assert joint["weights"]["income"] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("weighting", ["pcgrad", "mgda", "cagrad", "metabalance", "gradnorm"])
+@pytest.mark.parametrize("weighting", ["toy_combining", *weightings_by_gradients(["a", "b"])[0]])
 def test_gradient_combining_weightings_are_refused(weighting: str, census_file: Path) -> None:
+    """Every weighting that declares ``task_gradients`` is refused, a new one named nowhere else
+    too, and the message lists the registry's weightings of each kind."""
     from tests.conftest import REPO
 
-    with pytest.raises(RecipeError) as caught:
+    with gradient_weighting("toy_combining"), pytest.raises(RecipeError) as caught:
         load_recipe(str(REPO / "recipes" / "census-csrec.yaml"), [f"loss.weighting={weighting}"])
     text = str(caught.value)
     assert "model.scheme" in text and "csrec defines its own update" in text and weighting in text
+    refused, choose = text.split("choose a loss weighting")
+    assert "toy_combining" in refused and "pcgrad" in refused and "toy_combining" not in choose
+    assert "uncertainty" in choose and "pcgrad" not in choose
 
 
 def test_loss_weightings_are_accepted(census_file: Path) -> None:

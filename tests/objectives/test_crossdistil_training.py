@@ -6,7 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -23,7 +23,7 @@ from mtlcli.train.loop import build_parts
 from mtlcli.train.run import train_run
 from mtlcli.train.step import StepAt
 from mtlcli.weighting import WEIGHTINGS, build_weighting
-from tests.helpers import invoke
+from tests.helpers import gradient_weighting, invoke
 
 RECIPE = "recipes/census-crossdistil.yaml"
 SHORT = ["train.epochs=2", "train.early_stopping=null", "train.threads=1"]
@@ -207,10 +207,18 @@ def test_each_update_moves_its_own_group_and_the_feedback_reaches_the_teachers()
 # --- refusals ------------------------------------------------------------------------------------
 
 
-def test_gradient_combining_weightings_are_refused() -> None:
-    with pytest.raises(MtlError, match="loss-based weighting"):
-        refuse_objective(True)
-    refuse_objective(False)
+def test_gradient_combining_weightings_are_refused_by_their_declaration() -> None:
+    """A weighting is refused for what it declares (``task_gradients``), and the message lists
+    the registry's weightings of each kind: a new one named nowhere else is refused and listed."""
+    tasks = ["a", "b"]
+    with gradient_weighting("toy_combining"):
+        for name in ("toy_combining", "pcgrad"):
+            with pytest.raises(MtlError) as caught:
+                refuse_objective(name, build_weighting(name, WEIGHTINGS.get(name).params(), tasks), tasks)
+            refused, hint = str(caught.value).split("hint:")
+            assert f"'{name}' combines" in refused and "toy_combining" in refused and "mgda" in refused
+            assert "loss-based weighting" in hint and "uncertainty" in hint and "toy_combining" not in hint
+    refuse_objective("equal", build_weighting("equal", None, tasks), tasks)
 
 
 @pytest.mark.parametrize(
@@ -343,3 +351,81 @@ def test_teacher_towers_have_no_biases_and_a_checkpoint_with_them_is_refused(tmp
     save_checkpoint(tmp_path / "c", LoopState(), old.model, old.optimizer, old.strategy, {}, old.objective)
     with pytest.raises(MtlError, match="teacher towers had biases; train again"):
         load_checkpoint(tmp_path / "c", parts.model, parts.optimizer, parts.strategy, parts.objective)
+
+
+def test_over_gate_control_the_teacher_pass_reuses_the_steps_lambda() -> None:
+    """CrossDistil's teacher pass runs the gates a second time on the step's batch: it carries
+    the λ of the step's first pass and updates no statistic, so after each step λ is what one
+    plain training forward pass of the model before the step computes, and one update per step
+    is counted."""
+    import copy
+
+    from mtlcli.models.gate_control import GateControl
+
+    torch.manual_seed(0)
+    inputs = InputSpec([5, 4], 2, ["a", "b"], ["binary", "binary"])
+    model = build_model("mmoe", SCHEMES.get("mmoe").params(gate_control=True), inputs)
+    _, batch = toy()
+    objective = toy_objective(model, error_correction=False)
+    parts = build_parts(
+        model, build_weighting("equal", None, ["a", "b"]), TrainSection(lr=0.05, optimizer="sgd"), ["a", "b"],
+        ["binary"] * 2, 10, objective=objective,
+    )  # fmt: skip
+    step = objective.make_step(parts)
+    control = model.control
+    assert isinstance(control, GateControl)
+    for number in range(1, 4):
+        twin = copy.deepcopy(model)
+        twin(batch)  # one training forward pass: the step's λ
+        expected = cast(GateControl, twin.control).coefficients
+        step(batch, StepAt(1, number, number))
+        torch.testing.assert_close(control.coefficients, expected, rtol=1e-12, atol=0.0)
+        assert int(control.steps) == number
+
+
+def test_over_gate_control_a_run_interrupted_mid_epoch_resumes_exactly(tmp_path: Path) -> None:
+    """CrossDistil over a gate-controlled MMoE, stopped inside its second epoch and resumed from
+    the checkpoint (teachers, pair sampler, λ and the correlation's average with the model): the
+    same weights, teachers and epoch records as the uninterrupted run."""
+    from mtlcli.data.batch import SplitTensors
+    from mtlcli.models.base import scheme
+    from mtlcli.train.checkpoint import load_checkpoint, save_checkpoint
+    from mtlcli.train.loop import LoopState, NullObserver, TrainingInterrupted, make_step, train_loop
+    from tests.helpers import click_buy_split
+    from tests.train.test_resume import CheckpointTo
+
+    inputs = InputSpec([50, 8], 2, ["a", "b"], ["binary", "binary"])
+    data: SplitTensors = click_buy_split(inputs, 150, 1, every=3, buy_space=True)
+    settings = TrainSection(epochs=2, batch_size=32, early_stopping=None, lr=0.01)
+    path = tmp_path / "checkpoint.safetensors"
+
+    def fresh() -> Any:
+        torch.manual_seed(0)
+        model = build_model("mmoe", SCHEMES.get("mmoe").params(gate_control=True), inputs)
+        towers = scheme(model).capabilities.task_towers
+        assert towers is not None
+        section = ObjectiveSection(kind="crossdistil", warmup_steps=3, max_pairs=32)
+        objective = CrossDistil(section, towers, ["a", "b"], {"a": "b", "b": "a"}, {}, 3, 5, torch.device("cpu"))
+        strategy = build_weighting("equal", None, ["a", "b"])
+        return build_parts(model, strategy, settings, ["a", "b"], ["binary"] * 2, 5, objective=objective)
+
+    class WithObjective(CheckpointTo):
+        def on_checkpoint(self, state: object, model: torch.nn.Module, optimizer: object, strategy: object) -> None:
+            save_checkpoint(self.path, state, model, optimizer, strategy, {}, stopped.objective)  # type: ignore[arg-type]
+
+    def run(parts: Any, observer: Any, state: LoopState, stop: Any = lambda: False) -> Any:
+        return train_loop(parts, make_step(parts), data, data, ["binary"] * 2, observer, state, stop)
+
+    reference = fresh()
+    whole = run(reference, NullObserver(), LoopState())
+    stopped, steps = fresh(), iter(range(100))
+    with pytest.raises(TrainingInterrupted):
+        run(stopped, WithObjective(path), LoopState(), lambda: next(steps) == 7)  # epoch 2 has begun
+    resumed = fresh()
+    state = load_checkpoint(path, resumed.model, resumed.optimizer, resumed.strategy, resumed.objective)
+    again = run(resumed, NullObserver(), state)
+    for ours, theirs in ((resumed.model, reference.model), (resumed.objective.teachers, reference.objective.teachers)):
+        expected = theirs.state_dict()
+        assert all(torch.equal(value, expected[name]) for name, value in ours.state_dict().items())
+    keys = ("train_loss", "objective", "gate_control")
+    assert [{k: r[k] for k in keys} for r in again.history] == [{k: r[k] for k in keys} for r in whole.history]
