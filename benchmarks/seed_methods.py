@@ -291,14 +291,23 @@ def table(data: DataSet, results: dict[str, list[dict[str, Any]]], seeds: Sequen
         ]
         for task in data.tasks:
             cells += [fmt(aucs(runs, task)), f"{min(aucs(runs, task)):.4f}"]
+        # against the baseline on the seeds both have (all of them once the table is complete)
+        common = sorted({seed_of(r) for r in runs} & {seed_of(r) for r in base or []})
+        mine = [r for r in runs if seed_of(r) in common]
+        theirs = [r for r in base or [] if seed_of(r) in common]
+        on = (
+            ""
+            if len(common) == len(seeds)
+            else f" (on seed{'s' if len(common) > 1 else ''} {', '.join(map(str, common))})"
+        )
         for task in data.tasks:
             if not row.baseline:
                 cells.append("(baseline)")
-            elif base is None:
+            elif not common:
                 cells.append("pending")
             else:
-                delta = statistics.fmean(aucs(runs, task)) - statistics.fmean(aucs(base, task))
-                cells.append(f"{delta:+.4f}")
+                delta = statistics.fmean(aucs(mine, task)) - statistics.fmean(aucs(theirs, task))
+                cells.append(f"{delta:+.4f}" + ("*" if on else ""))
         cells.append(f"{speed[row.name]:,.0f}")
         cells.append(f"{speed[row.name] / speed[row.baseline]:.2f}" if base else ("1.00" if not row.baseline else ""))
         cells.append(f"{runs[0]['parameters']:,}")
@@ -309,13 +318,17 @@ def table(data: DataSet, results: dict[str, list[dict[str, Any]]], seeds: Sequen
             for task, bar in data.bars.items():
                 if r["test"][task]["auc"] < bar:
                     below.append(f"`{row.name}` seed {seed} {task} {r['test'][task]['auc']:.4f}")
-        if row.baseline and base is not None:
+        if row.baseline and common:
             parts = []
             for task in data.tasks:
-                delta = statistics.fmean(aucs(runs, task)) - statistics.fmean(aucs(base, task))
-                spread = max(mean_std(aucs(runs, task))[1], mean_std(aucs(base, task))[1])
+                delta = statistics.fmean(aucs(mine, task)) - statistics.fmean(aucs(theirs, task))
+                if len(common) < 2:
+                    parts.append(f"{task} {delta:+.4f}")
+                    continue
+                spread = max(mean_std(aucs(mine, task))[1], mean_std(aucs(theirs, task))[1])
                 parts.append(f"{task} {delta:+.4f} ({verdict(delta, spread)})")
-            notes.append(f"`{row.name}` against `{row.baseline}`: " + ", ".join(parts) + ".")
+            verdicts = "" if len(common) > 1 else " (one seed: no verdict yet)"
+            notes.append(f"`{row.name}` against `{row.baseline}`{on}: " + ", ".join(parts) + verdicts + ".")
     lines.append("")
     if data.bars:
         bars = ", ".join(f"≥ {bar} {task}" for task, bar in data.bars.items())
@@ -328,7 +341,8 @@ def table(data: DataSet, results: dict[str, list[dict[str, Any]]], seeds: Sequen
     if notes:
         lines += [
             "Against the baseline (difference of mean test AUCs; *within the seeds' spread* when it is no larger "
-            f"than the larger of the two sample stds, or than {NOISE_FLOOR}):",
+            f"than the larger of the two sample stds, or than {NOISE_FLOOR}; a Δ marked * is taken on the seeds "
+            "both rows have so far):",
             "",
             *(f"- {n}" for n in notes),
             "",
@@ -430,7 +444,8 @@ def main() -> None:
             results.update({name: r for name, r in runs.items() if len(r) == len(args.seeds)})
     seeds_text = ", ".join(map(str, args.seeds))
     body = [
-        f"{data.title}; seeds {seeds_text} (`train.seed`), one thread each; run on {dt.date.today().isoformat()} "
+        f"{data.title[0].upper()}{data.title[1:]}; seeds {seeds_text} (`train.seed`), one thread each; run on "
+        f"{dt.date.today().isoformat()} "
         f"on {machine()}. Test AUC mean ± sample std over the seeds and the worst seed; Δ is the row's mean "
         "test AUC minus its baseline's; samples/s is the median over the seeds of the run's "
         "`train_samples_per_second` (the rows of one baseline ran side by side, seed after seed; treat "
