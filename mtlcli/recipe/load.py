@@ -285,7 +285,6 @@ def _record_other_labels(data: dict[str, Any], named: set[str]) -> None:
         features["other_labels"] = [*given, *sorted(gone - set(given))]
 
 
-REPLACED_WHOLE = ("model", "loss")
 MAX_EXTENDS = 32  # recipes in one extends chain
 TASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")  # module keys, output columns, --score terms
 
@@ -295,7 +294,8 @@ def _resolve_extends(
 ) -> dict[str, Any]:
     """``extends: other.yaml`` (relative to this recipe's directory): start from that recipe and
     overlay this one. Mappings merge key by key; lists and scalars replace; the ``model`` and
-    ``loss`` sections replace the parent's whole (a scheme's parameters never mix with another's).
+    ``loss`` sections merge too, but when this recipe names another scheme or weighting strategy,
+    the parent's keys that the new component does not take are dropped first (``_inherited``).
     Adds to ``named`` the label and space columns of every parent's tasks."""
     parent_ref = data.pop("extends", None)
     if parent_ref is None:
@@ -317,10 +317,43 @@ def _resolve_extends(
     parent, _ = parse_yaml(parent_text, parent_source)
     named |= _task_columns(parent)
     parent = _resolve_extends(parent, parent_source, parent_path.parent, [*chain, str(parent_path)], named)
-    for section in REPLACED_WHOLE:
+    for section, (key, _) in COMPONENTS.items():
         if section in data:
-            parent.pop(section, None)
+            if isinstance(data[section], str):  # ``model: cgc`` is ``model: {scheme: cgc}``
+                data[section] = {key: data[section]}
+            parent[section] = _inherited(section, parent.get(section), data[section])
     return _merge(parent, data)
+
+
+def _inherited(section: str, parent: Any, child: Any) -> Any:
+    """What a ``model`` / ``loss`` section of a recipe keeps of its parent's before the child's keys
+    are laid on top: all of it when the child names the parent's component or none (a child that
+    adds ``gate_control`` keeps the parent's experts); when it names another one, the parent's keys
+    that the new component takes too (``embedding_dim``), as ``--set model.scheme=...`` keeps them;
+    nothing when the new name is unknown (validation names it) or the parent has no such section."""
+    key = COMPONENTS[section][0]
+    if not isinstance(parent, dict | str):
+        return None
+    parent_name, parent_keys = component_parts(section, parent)
+    if not isinstance(child, dict):
+        return None  # a section that is not a mapping: validation says so
+    name = child.get(key, parent_name)
+    if name == parent_name:
+        return {key: parent_name, **parent_keys}
+    taken = _params_taken(section, name)
+    return {k: v for k, v in parent_keys.items() if k in taken}
+
+
+def _params_taken(section: str, name: Any) -> set[str]:
+    """The parameter keys a scheme (``model``) or weighting strategy (``loss``) takes; none for an
+    unknown name."""
+    from mtlcli.models import SCHEMES
+    from mtlcli.weighting import WEIGHTINGS
+
+    registry: Registry[Any] = {"model": SCHEMES, "loss": WEIGHTINGS}[section]
+    if not isinstance(name, str) or name not in registry:
+        return set()
+    return set(registry.get(name).params.model_fields)
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

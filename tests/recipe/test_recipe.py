@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from mtlcli.errors import RecipeError, RecipeIssue
-from mtlcli.recipe import load_recipe, recipe_from_text, recipe_to_yaml
+from mtlcli.recipe import Recipe, load_recipe, recipe_from_text, recipe_to_yaml
 from mtlcli.recipe.load import apply_overrides
 from mtlcli.recipe.schema import ModuloSplit
 
@@ -412,6 +412,61 @@ def test_a_chain_of_extends_is_bounded(tmp_path: Path) -> None:
     (issue,) = caught.value.issues
     assert issue.path == "extends" and "more than 32 deep" in issue.message
     assert load_recipe(tmp_path / "r990.yaml").task_names == ["click", "buy"]  # ten levels are fine
+
+
+def test_extends_keeps_the_parents_model_keys_that_remain_valid(tmp_path: Path) -> None:
+    """A child naming the parent's scheme (or none) adds to the parent's model section; one naming
+    another scheme keeps the keys that scheme takes too (embedding_dim, tower_units) and drops the
+    parent's own (n_experts); the loss section follows the same rule."""
+    write(
+        tmp_path,
+        replaced("  n_experts: 4\n", "  n_experts: 4\n  embedding_dim: 6\n  tower_units: [5]\n"),
+        "parent.yaml",
+    )
+
+    def child(model: str, loss: str = "") -> Recipe:
+        return load_recipe(write(tmp_path, f"extends: parent.yaml\nmodel: {model}\n{loss}", "child.yaml"))
+
+    for same in ("{scheme: mmoe, gate_control: true}", "{gate_control: true}"):
+        model = child(same).to_dict()["model"]
+        assert (model["n_experts"], model["expert_units"], model["embedding_dim"]) == (4, [8], 6), same
+        assert model["gate_control"] is not None
+    model = child("{scheme: shared_bottom, bottom_units: [7]}").to_dict()["model"]
+    assert model == {**model, "scheme": "shared_bottom", "embedding_dim": 6, "tower_units": [5], "bottom_units": [7]}
+    assert "n_experts" not in model
+    assert child("shared_bottom").to_dict()["model"]["embedding_dim"] == 6  # a bare name is {scheme: name}
+    loss = child("{gate_control: true}", "loss: {weighting: uncertainty}\n").to_dict()["loss"]
+    assert loss["weighting"] == "uncertainty" and "weights" not in loss
+
+
+METHOD_RECIPES = {  # method recipe: (its baseline recipe, the model keys and sections only the method has)
+    "census-gate-control.yaml": ("census-hetero-mmoe.yaml", {"model.gate_control"}),
+    "census-csrec.yaml": (
+        "census-sparse-sharing.yaml",
+        {"model.scheme", "model.update", "model.negatives", "model.swap", "model.contrastive_weight"}
+        | {"model.temperature", "model.impact_decay"},
+    ),
+    "census-crossdistil.yaml": ("census-mmoe.yaml", {"objective"}),
+}
+
+
+@pytest.mark.parametrize("method", METHOD_RECIPES)
+def test_a_method_recipe_is_its_baseline_plus_the_method(method: str) -> None:
+    """Each method's census recipe resolves to its baseline's recipe with only the method's keys
+    changed: the data, features, tasks, training and the network the method acts on are the
+    baseline's (a gate-control recipe that silently lost the heterogeneous experts compared gate
+    control on another network)."""
+    base_name, method_keys = METHOD_RECIPES[method]
+    root = RECIPES[0].parent
+
+    def flat(recipe: Recipe) -> dict[str, object]:
+        spec = recipe.to_dict()
+        model = spec.pop("model")
+        return {**spec, **{f"model.{k}": v for k, v in model.items()}}
+
+    got, base = flat(load_recipe(root / method)), flat(load_recipe(root / base_name))
+    differ = {k for k in got.keys() | base.keys() if got.get(k) != base.get(k)}
+    assert differ == method_keys
 
 
 @pytest.mark.parametrize("where", ["file", "set"])
