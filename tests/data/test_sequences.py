@@ -234,6 +234,26 @@ def test_softmax_weights_by_hand() -> None:
     assert torch.allclose(blocks.softmax_present(scores[:1], counts), torch.tensor([[0.25, 0.5, 0.0]]), atol=1e-6)
 
 
+def test_softmax_weights_reach_the_model_and_older_runs_read_as_din(tmp_path: Path) -> None:
+    """``weights`` goes recipe -> schema -> the model's inputs; left at ``din`` it is not in the
+    recipe's dict (earlier recipes keep their cache keys) and a schema written before it reads as
+    ``din`` (earlier runs load unchanged)."""
+    from mtlcli.data.schema import DataSchema
+    from mtlcli.train.checkpoint import input_spec
+
+    source = parquet(tmp_path)
+    plain = recipe_for(tmp_path, source, {"hist": {"vocabulary": "item", "pooling": "attention"}})
+    assert "weights" not in plain.to_dict()["features"]["sequences"]["hist"]
+    options = {"vocabulary": "item", "pooling": "attention", "weights": "softmax"}
+    recipe = recipe_for(tmp_path, source, {"hist": options})
+    assert recipe.to_dict()["features"]["sequences"]["hist"]["weights"] == "softmax"
+    schema = prepare(recipe).schema
+    assert [s.weights for s in input_spec(schema).sequences] == ["softmax"]
+    older = schema.to_dict()
+    del older["sequences"][0]["weights"]
+    assert [s.weights for s in input_spec(DataSchema.from_dict(older)).sequences] == ["din"]
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_softmax_attention_is_a_weighted_mean_of_the_present_items(
     padded: bool, monkeypatch: pytest.MonkeyPatch
