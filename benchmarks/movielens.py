@@ -116,6 +116,8 @@ def recipe(work: Path, model: str, seed: int, max_len: int, epochs: int) -> dict
         scheme = {"scheme": "single_task", "embedding_dim": 16, "bottom_units": [64], "tower_units": [32]}
     elif model == "mmoe+attention":
         sequences = histories
+    elif model == "mmoe+attention-softmax":
+        sequences = {name: {**history, "weights": "softmax"} for name, history in histories.items()}
     elif model == "mmoe+mean":
         sequences = {name: {**history, "pooling": "mean"} for name, history in histories.items()}
     elif model.startswith("dtrn"):
@@ -136,7 +138,16 @@ def recipe(work: Path, model: str, seed: int, max_len: int, epochs: int) -> dict
     }  # fmt: skip
 
 
-MODELS = ["single_task", "mmoe", "mmoe+mean", "mmoe+attention", "dtrn", "dtrn-no-cln", "dtrn-no-trm"]
+MODELS = [
+    "single_task",
+    "mmoe",
+    "mmoe+mean",
+    "mmoe+attention",
+    "mmoe+attention-softmax",
+    "dtrn",
+    "dtrn-no-cln",
+    "dtrn-no-trm",
+]
 
 TIMED = """
 import json, resource, sys, time

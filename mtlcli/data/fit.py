@@ -215,6 +215,7 @@ def sequence_spec(name: str, options: SequenceOptions) -> SequenceFeature:
         list(options.types),
         options.time_column,
         options.row_time,
+        options.weights,
     )
 
 

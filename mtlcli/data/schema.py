@@ -61,6 +61,7 @@ class SequenceFeature:
     types: list[str] = field(default_factory=list)
     time_column: str | None = None
     row_time: str | None = None
+    weights: str = "din"  # attention: DIN's scores as they are, or "softmax" (absent in older schemas)
 
     @property
     def cardinality(self) -> int:

@@ -44,12 +44,15 @@ class _Lookup(torch.autograd.Function):
 class SequenceInput:
     """A behaviour history as the embedding sees it: its ids index the rows of categorical feature
     ``shares`` (its index) or, when None, ``cardinality`` rows of its own; ``pooling`` is
-    ``mean``, ``sum`` or ``attention`` against categorical feature ``target`` (its index)."""
+    ``mean``, ``sum`` or ``attention`` against categorical feature ``target`` (its index), whose
+    ``weights`` are DIN's unit's scores as they are (``din``) or normalised by a softmax over the
+    row's items (``softmax``)."""
 
     cardinality: int
     pooling: str
     shares: int | None = None
     target: int | None = None
+    weights: str = "din"
 
 
 # a history is pooled from counts per id [B, V] when B·V is at most this many times the items present
@@ -104,6 +107,19 @@ def history_counts(ids: Tensor, lengths: Tensor, vocabulary: int) -> Tensor:
     return counts.view(batch_size, vocabulary)
 
 
+def softmax_present(scores: Tensor, counts: Tensor) -> Tensor:
+    """The weight of each item of a row when DIN's scores are softmax-normalised over the items
+    present: scores [..., V] and how often each occurs [..., V] (a 0/1 mask for a padded
+    history) -> exp(s_v) / sum_u counts_u·exp(s_u) where counts_v > 0, 0 elsewhere (a row with no
+    items: all 0). Shifted by the row's largest present score, so the present sum is >= 1 and
+    its clamp only meets empty rows; plain operators (exports to ONNX)."""
+    present = counts > 0
+    shifted = scores.masked_fill(~present, torch.finfo(scores.dtype).min)
+    top = shifted.amax(-1, keepdim=True).detach()  # a softmax does not depend on the shift
+    e = torch.exp(shifted - top) * present.to(scores.dtype)
+    return e / (e * counts).sum(-1, keepdim=True).clamp_min(1.0)
+
+
 def segment_sum(values: Tensor, bounds: Tensor, weights: Tensor | None = None) -> Tensor:
     """Row sums of packed ``values`` [N, k] (times ``weights`` [N]) -> [B, k], as one sparse-dense
     product (rows of ones, or of the weights, over each row's slice)."""
@@ -142,7 +158,9 @@ class _PackedDin(torch.autograd.Function):
     A = W_k + W_{k-q}, B = W_q - W_{k-q}, C = W_{k*q}. Per item: h = [k * q_r, k]·[C, A]^T + c_r
     with c = q·B^T + b1 once per row; weight s = w2·PReLU_a(h) + b2; pooled_r = sum_r s·k.
     Inputs: keys [N, d], queries [B, d], ``weights`` [36, 2d] = [C, A], ``query_part`` [36, d] = B,
-    b1 [36], a [1], w2 [36], b2 [1]. Outputs pooled [B, d] and the weights s [N]. No tensor of
+    b1 [36], a [1], w2 [36], b2 [1]. Outputs pooled [B, d] and the weights applied [N]: s, or with
+    ``normalise`` p = exp(s) / sum_r exp(s) (softmax over the row's items, pooled_r = sum_r p·k;
+    its backward gs = p·(gp - sum_r p·gp) before the unit's). No tensor of
     four times the key width, nothing over padding; few passes over the [N, 36] hidden layer:
     the backward pass reads h once for the PReLU's gradient (PReLU's own backward kernel is
     slow on CPU) and folds the rank-one parts into the products.
@@ -161,6 +179,7 @@ class _PackedDin(torch.autograd.Function):
         b2: Tensor,
         rows: Tensor,
         bounds: Tensor,
+        normalise: bool = False,
     ) -> tuple[Tensor, Tensor]:
         dim = keys.shape[1]
         per_row = torch.addmm(b1, queries, query_part.t())  # [B, 36]
@@ -175,6 +194,11 @@ class _PackedDin(torch.autograd.Function):
         u = negative @ w2  # [N]
         linear = torch.addmv((per_row @ w2).index_select(0, rows), x, weights.t() @ w2)  # w2·h [N]
         s = (linear + b2).add_(u * (slope - 1))
+        if normalise:  # shifted by each row's largest score
+            top = s.new_zeros(queries.shape[0]).scatter_reduce_(0, rows, s, "amax", include_self=False)
+            e = torch.exp(s - top.index_select(0, rows))
+            s = e / segment_sum(e.unsqueeze(1), bounds).squeeze(1).index_select(0, rows)
+        ctx.normalise = normalise
         pooled = segment_sum(keys, bounds, s)
         ctx.save_for_backward(
             keys, queries, q, x, h, negative, u, s, per_row, weights, query_part, slope, w2, rows, bounds
@@ -188,9 +212,12 @@ class _PackedDin(torch.autograd.Function):
         )
         dim = keys.shape[1]
         g = grad.index_select(0, rows)  # [N, d]
-        gs = (g * keys).sum(1)  # dL/ds [N]
+        gs = (g * keys).sum(1)  # dL/ds [N] (dL/dp when normalised)
         if grad_s is not None:
             gs = gs + grad_s
+        if ctx.normalise:  # through the softmax: p·(gp - sum_r p·gp); s holds p
+            spread = segment_sum((s * gs).unsqueeze(1), bounds).squeeze(1).index_select(0, rows)
+            gs = s * (gs - spread)
         a = slope.view(())
         row_gs = segment_sum(gs.unsqueeze(1), bounds)  # [B, 1]
         xs = x.t() @ gs  # [2d]
@@ -217,6 +244,7 @@ class _PackedDin(torch.autograd.Function):
             gs.sum().view(1),
             None,
             None,
+            None,
         )
 
 
@@ -224,17 +252,22 @@ class AttentionPooling(nn.Module):
     """DIN's activation unit: the weight of history item k for candidate q is
     MLP([k, q, k - q, k * q]) (PReLU), and the pooled history is sum_k weight_k * k over the real
     items, without a softmax (Zhou et al., KDD 2018: keeping the intensity of the user's interest).
+    With ``normalise`` the scores are softmax-normalised over the row's real items instead
+    (``softmax_present``: the weights sum to 1, an empty history pools to 0), so that the pooled
+    vector does not grow with the history's length. Same parameters either way.
     Input keys [..., L, d], mask [..., L], query [..., d]; output [..., d]. ``packed`` is the same
     on a history without its padding (what training runs)."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, normalise: bool = False) -> None:
         super().__init__()
         self.score = nn.Sequential(nn.Linear(4 * dim, ATTENTION_UNITS), nn.PReLU(), nn.Linear(ATTENTION_UNITS, 1))
+        self.normalise = normalise
         self.last_weights: Tensor | None = None  # [B, L] of the last forward pass, for reports
 
     def forward(self, keys: Tensor, mask: Tensor, query: Tensor) -> Tensor:
         q = query.unsqueeze(-2).expand_as(keys)
-        weights = self.score(torch.cat([keys, q, keys - q, keys * q], dim=-1)).squeeze(-1) * mask
+        weights = self.score(torch.cat([keys, q, keys - q, keys * q], dim=-1)).squeeze(-1)
+        weights = softmax_present(weights, mask) if self.normalise else weights * mask
         self.last_weights = weights.detach()
         return (weights.unsqueeze(-1) * keys).sum(-2)
 
@@ -260,6 +293,7 @@ class AttentionPooling(nn.Module):
             second.bias,
             history.rows,
             history.bounds,
+            self.normalise,
         )
         report = weights.new_zeros(query.shape[0] * history.padded_len)
         self.last_weights = report.index_copy_(0, history.positions, weights.detach()).view(query.shape[0], -1)
@@ -327,7 +361,11 @@ class FeatureEmbedding(nn.Module):
         ]
         self.sequences = list(sequences)
         self.attention = nn.ModuleDict(
-            {str(i): AttentionPooling(dim) for i, seq in enumerate(sequences) if seq.pooling == "attention"}
+            {
+                str(i): AttentionPooling(dim, normalise=seq.weights == "softmax")
+                for i, seq in enumerate(sequences)
+                if seq.pooling == "attention"
+            }
         )
         self.n_categorical = len(cardinalities)
         self.dim = dim
@@ -459,6 +497,8 @@ class FeatureEmbedding(nn.Module):
             elif unit is not None:
                 assert seq.target is not None
                 weights = unit.pair_weights(rows, next(pieces)).index_select(0, batch.categorical[:, seq.target])
+                if unit.normalise:  # per occurrence of each id, over the row's items
+                    weights = softmax_present(weights, plan)
                 local = batch.sequences[:, i]
                 mask = torch.arange(local.shape[1], device=local.device) < batch.sequence_lengths[:, i].unsqueeze(1)
                 unit.last_weights = (weights.detach().gather(1, local) * mask).detach()

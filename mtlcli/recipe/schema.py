@@ -251,6 +251,8 @@ class SequenceOptions(Strict):
     train rows (values seen at least ``min_count`` times). ``pooling`` turns the ids' embeddings
     into one vector: ``mean``, ``sum``, or ``attention`` against the embedding of the
     categorical feature ``target`` (default: ``vocabulary``), as DIN (Zhou et al., KDD 2018).
+    ``weights`` (attention only): ``din``, the unit's scores as they are (the paper's weighted sum,
+    which grows with the history's length), or ``softmax``, normalised over the row's items.
 
     A list column may come with parallel lists of the same length: ``type_column`` (each id's
     behaviour type; ``types`` keeps only those types) and ``time_column`` (each id's timestamp,
@@ -262,6 +264,7 @@ class SequenceOptions(Strict):
     max_len: PositiveInt = 50
     pooling: Literal["mean", "sum", "attention"] = "mean"
     target: str | None = None
+    weights: Literal["din", "softmax"] = "din"
     separator: str = "|"
     min_count: PositiveInt = 1
     type_column: str | None = None
@@ -275,6 +278,8 @@ class SequenceOptions(Strict):
             raise ValueError("attention pooling compares the history with a categorical feature: set 'target'")
         if self.pooling != "attention" and self.target is not None:
             raise ValueError("'target' is for attention pooling only")
+        if self.pooling != "attention" and "weights" in self.model_fields_set:
+            raise ValueError("'weights' is for attention pooling only")
         if not self.separator:
             raise ValueError("separator must not be empty")
         if self.events is not None and self.column is not None:
@@ -532,6 +537,9 @@ class Recipe(Strict):
         out = self.model_dump(mode="json", exclude={"model", "loss"})
         if not out["features"]["other_labels"]:  # left out while empty: earlier runs' recipes read the same
             del out["features"]["other_labels"]
+        for history in out["features"]["sequences"].values():  # likewise DIN's default weights
+            if history.get("weights") == "din":
+                del history["weights"]
         out["model"] = {"scheme": self.model.scheme, **_dump(self.model.params)}
         out["loss"] = {"weighting": self.loss.weighting, **_dump(self.loss.params)}
         keys = ("data", "features", "tasks", "model", "loss", "train")

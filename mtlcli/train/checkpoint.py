@@ -38,6 +38,7 @@ def input_spec(schema: DataSchema) -> InputSpec:
             f.pooling,
             index[f.vocabulary] if f.vocabulary is not None else None,
             index[f.target] if f.target is not None else None,
+            f.weights,
         )
         for f in schema.sequences
     ]

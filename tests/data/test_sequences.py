@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -222,20 +223,78 @@ def test_attention_pooling_is_dins_activation_unit() -> None:
     assert torch.allclose(out[0, 4:8], expected, atol=1e-6)
 
 
+def test_softmax_weights_by_hand() -> None:
+    """Softmax over the present items only: padding and empty rows get 0; with counts per id each
+    occurrence gets its share."""
+    scores = torch.tensor([[0.0, math.log(2.0), 5.0], [1.0, 1.0, 1.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    expected = torch.tensor([[1 / 3, 2 / 3, 0.0], [0.0, 0.0, 0.0]])
+    assert torch.allclose(blocks.softmax_present(scores, mask), expected, atol=1e-6)
+    counts = torch.tensor([[2.0, 1.0, 0.0]])  # id 0 twice: 1/4 each, id 1 once: 2/4
+    assert torch.allclose(blocks.softmax_present(scores[:1], counts), torch.tensor([[0.25, 0.5, 0.0]]), atol=1e-6)
+
+
+def test_softmax_weights_reach_the_model_and_older_runs_read_as_din(tmp_path: Path) -> None:
+    """``weights`` goes recipe -> schema -> the model's inputs; left at ``din`` it is not in the
+    recipe's dict (earlier recipes keep their cache keys) and a schema written before it reads as
+    ``din`` (earlier runs load unchanged)."""
+    from mtlcli.data.schema import DataSchema
+    from mtlcli.train.checkpoint import input_spec
+
+    source = parquet(tmp_path)
+    plain = recipe_for(tmp_path, source, {"hist": {"vocabulary": "item", "pooling": "attention"}})
+    assert "weights" not in plain.to_dict()["features"]["sequences"]["hist"]
+    options = {"vocabulary": "item", "pooling": "attention", "weights": "softmax"}
+    recipe = recipe_for(tmp_path, source, {"hist": options})
+    assert recipe.to_dict()["features"]["sequences"]["hist"]["weights"] == "softmax"
+    schema = prepare(recipe).schema
+    assert [s.weights for s in input_spec(schema).sequences] == ["softmax"]
+    older = schema.to_dict()
+    del older["sequences"][0]["weights"]
+    assert [s.weights for s in input_spec(DataSchema.from_dict(older)).sequences] == ["din"]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_softmax_attention_is_a_weighted_mean_of_the_present_items(
+    padded: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``weights: softmax``: DIN's unit scores, normalised over the real items (summing to 1,
+    padding 0), so that repeating the history leaves the pooled vector as it was (DIN's sum
+    doubles); the same in training's packed layout and export's padded one."""
+    monkeypatch.setattr(blocks, "exporting", lambda: padded)
+    monkeypatch.setattr(blocks, "COUNTS_PER_ITEM", 0)  # item by item
+    embedding = embedding_with([SequenceInput(6, "attention", shares=0, target=0, weights="softmax")])
+    table = embedding.table.weight.detach()
+    unit = embedding.attention["0"]
+    keys, query = table[[2, 3, 5]], table[4]
+    features = torch.cat([keys, query.expand(3, -1), keys - query, keys * query], dim=1)
+    weights = torch.softmax(unit.score(features).squeeze(-1), 0)  # type: ignore[operator]
+    out = embedding(batch([[2, 3, 5, 0, 0, 0], [2, 3, 5, 2, 3, 5], [0, 0, 0, 0, 0, 0]], [3, 6, 0], [4, 4, 4]))
+    assert torch.allclose(out[0, 4:8], (weights.unsqueeze(1) * keys).sum(0), atol=1e-6)
+    assert torch.allclose(out[1, 4:8], out[0, 4:8], atol=1e-6)
+    assert not out[2, 4:8].any()
+    reported = unit.last_weights
+    assert reported is not None
+    assert torch.allclose(reported.sum(1), torch.tensor([1.0, 1.0, 0.0]), atol=1e-6)
+    assert not reported[0, 3:].any()
+
+
 @pytest.mark.numerics
+@pytest.mark.parametrize("weights", ["din", "softmax"])
 @pytest.mark.parametrize(("row_wise", "counts"), [(False, False), (False, True), (True, False)])
 def test_packed_histories_match_the_padded_layout(
-    row_wise: bool, counts: bool, monkeypatch: pytest.MonkeyPatch
+    row_wise: bool, counts: bool, weights: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Training reads histories without their padding (item by item: hand-written DIN backward,
     segment sums; or as counts per id where the vocabulary is small); export reads the padded
-    layout: the same outputs and gradients, empty histories pooling to 0."""
+    layout: the same outputs and gradients, empty histories pooling to 0, with DIN's weights as
+    they are or softmax-normalised."""
     monkeypatch.setattr(blocks, "COUNTS_PER_ITEM", 1000 if counts else 0)
     sequences = [
-        SequenceInput(7, "attention", shares=0, target=0),
+        SequenceInput(7, "attention", shares=0, target=0, weights=weights),
         SequenceInput(5, "mean"),
         SequenceInput(7, "sum", shares=0),
-        SequenceInput(9, "attention", shares=1, target=1),
+        SequenceInput(9, "attention", shares=1, target=1, weights=weights),
     ]
     rows, longest = 23, 6
     generator = torch.Generator().manual_seed(1)
@@ -468,6 +527,8 @@ def test_a_timestamp_that_is_null_or_not_finite_names_column_and_row(
         ({"pooling": "attention"}, "attention pooling compares the history with a categorical feature"),
         ({"max_len": 0}, "greater than 0"),
         ({"target": "item"}, "'target' is for attention pooling only"),
+        ({"weights": "softmax"}, "'weights' is for attention pooling only"),
+        ({"pooling": "attention", "weights": "sum"}, "weights: 'sum' is not one of: din, softmax"),
         ({"pooling": "max"}, "mean"),
         ({"types": ["click"]}, "'types' keeps the ids of some behaviour types: set 'type_column' too"),
         (

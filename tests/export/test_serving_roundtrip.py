@@ -91,6 +91,7 @@ SHAPES: dict[str, dict[str, Any]] = {
             "row_time": "t",
             "vocabulary": "item",
             "pooling": "attention",
+            "weights": "softmax",  # export and serving of the normalised weights too
         },
         "bought": {
             "column": "hist",
