@@ -116,6 +116,7 @@ class Variant:
         self.batches: Any = iter(())
         self.done = 0
         self.lengths = self.train.sequence_lengths
+        self.width = max((f.max_len for f in schema.sequences), default=0)  # the padded layout's L
 
     def run(self, steps: int) -> tuple[float, float, int]:
         """``steps`` training steps (a new shuffled epoch when one ends): CPU and wall seconds, rows."""
@@ -197,10 +198,7 @@ def pooling(args: argparse.Namespace) -> None:
             base_cpu, base_wall = speeds["none"]
             for name, (cpu, wall) in speeds.items():
                 lengths, variant = variants[name].lengths, variants[name]
-                assert variant.train.sequences is not None or lengths is None
-                fill = (
-                    "" if lengths is None else f"{float(lengths.float().mean()) / variant.train.sequences.shape[2]:.0%}"
-                )
+                fill = "" if lengths is None else f"{float(lengths.float().mean()) / variant.width:.0%}"
                 print(
                     f"| {data} | {length} | {name} | {fill} | {cpu:,.0f} | {cpu / base_cpu:.2f} "
                     f"| {wall:,.0f} | {wall / base_wall:.2f} |",

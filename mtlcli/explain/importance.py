@@ -80,7 +80,9 @@ def input_groups(inputs: list[Input], specs: list[str]) -> dict[str, list[Input]
 
 
 def shuffled(data: SplitTensors, members: list[Input], order: Tensor) -> SplitTensors:
-    """``data`` with the columns of ``members`` taken from the rows ``order`` (the rest unchanged)."""
+    """``data`` with the columns of ``members`` taken from the rows ``order`` (the rest unchanged;
+    histories padded)."""
+    data = data.padded()
     categorical, numeric = data.categorical, data.numeric
     sequences, lengths = data.sequences, data.sequence_lengths
     for member in members:

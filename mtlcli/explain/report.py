@@ -174,7 +174,7 @@ def explain_model(
     masks = mask_report(model, next(iter(data.batches(options.batch_size)), None))
     readings["masks"] = read_masks(masks) if masks else []
     if inputs is None:  # no schema at hand: name the inputs by position
-        histories = data.sequences.shape[1] if data.sequences is not None else 0
+        histories = data.sequence_lengths.shape[1] if data.sequence_lengths is not None else 0
         inputs = (
             [f"categorical {i}" for i in range(data.categorical.shape[1])],
             [f"history {i}" for i in range(histories)],

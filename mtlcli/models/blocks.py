@@ -40,6 +40,34 @@ class _Lookup(torch.autograd.Function):
         return weight_grad, None
 
 
+class _LookupBags(torch.autograd.Function):
+    """``_Lookup`` of ``ids`` and, in the same pass, the row sums of bags of ids: bag k holds
+    ``bag_ids[bounds[k]:bounds[k + 1]]`` -> (rows [*ids.shape, d], sums [K, d]).
+
+    The sums are one ``embedding_bag`` (the rows are never gathered into an [N, d] tensor); the
+    backward pass is one zero-filled gradient of the table for both, each id's row gradient (its
+    bag's) added by ``index_add_``, as ``_Lookup``'s.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, ids: Tensor, bag_ids: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor]:
+        flat = ids.reshape(-1)
+        ctx.save_for_backward(flat, bag_ids, bounds)
+        ctx.rows = weight.shape[0]
+        looked = weight.index_select(0, flat).view(*ids.shape, weight.shape[1])
+        sums = nn.functional.embedding_bag(bag_ids, weight, bounds, mode="sum", include_last_offset=True)
+        return looked, sums
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, bag_grad: Tensor) -> tuple[Tensor, None, None, None]:
+        flat, bag_ids, bounds = ctx.saved_tensors
+        dim = grad.shape[-1]
+        weight_grad = grad.new_zeros(ctx.rows, dim).index_add_(0, flat, grad.reshape(-1, dim))
+        bags = torch.arange(bounds.shape[0] - 1, device=bounds.device)
+        of_item = bags.repeat_interleave(bounds.diff(), output_size=bag_ids.shape[0])
+        return weight_grad.index_add_(0, bag_ids, bag_grad.index_select(0, of_item)), None, None, None
+
+
 @dataclass(frozen=True)
 class SequenceInput:
     """A behaviour history as the embedding sees it: its ids index the rows of categorical feature
@@ -95,6 +123,25 @@ def pack_history(ids: Tensor, lengths: Tensor) -> Packed:
     torch.cumsum(lengths, 0, out=bounds[1:])
     rows = torch.arange(batch_size, device=ids.device).repeat_interleave(lengths, output_size=positions.shape[0])
     return Packed(ids.reshape(-1).index_select(0, positions), rows, bounds, lengths, positions, longest)
+
+
+def packed_layout(ids: Tensor, lengths: Tensor, longest: int | None = None) -> Packed:
+    """Ids [N] already packed (a history of ``Batch.history_ids``) with lengths [B] as ``Packed``:
+    the padded layout's width is ``longest`` or the longest history (at least 1)."""
+    width = longest if longest is not None else max(1, int(lengths.max())) if lengths.numel() else 1
+    bounds = torch.zeros(lengths.shape[0] + 1, dtype=torch.long, device=ids.device)
+    torch.cumsum(lengths, 0, out=bounds[1:])
+    rows = torch.arange(lengths.shape[0], device=ids.device).repeat_interleave(lengths, output_size=ids.shape[0])
+    positions = rows * width + torch.arange(ids.shape[0], device=ids.device) - bounds.index_select(0, rows)
+    return Packed(ids, rows, bounds, lengths, positions, width)
+
+
+def packed_counts(ids: Tensor, lengths: Tensor, vocabulary: int) -> Tensor:
+    """``history_counts`` of packed ids [N] with lengths [B] -> float32 [B, vocabulary]."""
+    batch_size = lengths.shape[0]
+    starts = torch.arange(batch_size, device=ids.device) * vocabulary
+    cells = starts.repeat_interleave(lengths, output_size=ids.shape[0]) + ids
+    return torch.bincount(cells, minlength=batch_size * vocabulary).view(batch_size, vocabulary).float()
 
 
 def history_counts(ids: Tensor, lengths: Tensor, vocabulary: int) -> Tensor:
@@ -403,6 +450,7 @@ class FeatureEmbedding(nn.Module):
             return batch.numeric
         if self.sequences and not exporting():
             return torch.cat([*self._packed(batch), batch.numeric], dim=1)
+        batch = batch.padded()
         fields, keys, mask = self.lookup(batch)
         parts = [fields.flatten(1)]
         if keys is not None and mask is not None:
@@ -433,6 +481,7 @@ class FeatureEmbedding(nn.Module):
     def lookup(self, batch: Batch) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """The embeddings before pooling: the features' [B, F_cat, d], and with histories their
         ids' [B, S, L, d] and the mask of real ids [B, S, L] (float, 1 = real)."""
+        batch = batch.padded()
         weight, ids = self._table_ids(batch)
         looked = _Lookup.apply(weight, ids)
         fields = looked[:, : self.n_categorical]
@@ -447,66 +496,101 @@ class FeatureEmbedding(nn.Module):
 
     def _packed(self, batch: Batch) -> list[Tensor]:
         """The features' embeddings [B, F_cat·d] and each history pooled [B, d], the histories
-        read without their padding, in one gather (whose gradient is one scatter into the
-        table) of the features' rows and for each history either
+        read without their padding (``Batch.history_ids``, or packed here from a padded batch),
+        in one gather (whose gradient is one scatter into the table) of the features' rows and
+        for each history either
 
-        - its present items (``pack_history``), pooled by a sparse row sum or DIN's unit on
-          each item (``AttentionPooling.packed``), or
+        - its present items: averaged or summed as bags (``_LookupBags``: one ``embedding_bag``
+          for all such histories), or read item by item for DIN's unit
+          (``AttentionPooling.packed``), or
         - where the vocabulary is small against the items present, the vocabulary's rows: the
-          history becomes counts per id [B, V] (``history_counts``), pooled as counts @ rows,
+          history becomes counts per id [B, V] (``packed_counts``), pooled as counts @ rows,
           and DIN's weights are computed once per (candidate, item) pair of the vocabularies.
+
+        A row-wise table (``use_sparse_rows``) reads the batch's distinct rows instead of the
+        table, and every history item by item or as bags.
         """
-        assert batch.sequences is not None and batch.sequence_lengths is not None
+        lengths = batch.sequence_lengths
+        assert lengths is not None
         batch_size, n_fields = batch.categorical.shape[0], self.n_categorical
-        if self.sparse and torch.is_grad_enabled():  # the batch's rows: indices into them
-            weight, ids = self._table_ids(batch)
-            table_ids = ids[:, n_fields:].view(batch_size, len(self.sequences), -1)
-            reads = [ids[:, :n_fields].reshape(-1)]
-        else:  # the table: no need to copy the padded ids into one tensor with the features'
-            weight, table_ids = self.table.weight, batch.sequences
-            reads = [(batch.categorical + self.offsets).view(-1)]
-        present = batch.sequence_lengths.sum(0).tolist()
-        plans: list[Packed | Tensor] = []  # per history its packed items or its counts
+        present = lengths.sum(0).tolist()
+        if batch.history_ids is not None:
+            local = list(batch.history_ids.split(present))
+            widths: list[int | None] = [None] * len(present)
+        else:
+            assert batch.sequences is not None
+            local = [pack_history(batch.sequences[:, i], lengths[:, i]).ids for i in range(len(present))]
+            widths = [batch.sequences.shape[2]] * len(present)
+        row_wise = self.sparse and torch.is_grad_enabled()
+        counted = [self._by_counts(i, batch_size, present[i], not row_wise) for i in range(len(present))]
+        feature_ids = (batch.categorical + self.offsets).view(-1)
+        table_ids = [
+            local[i].long() + self.vocabularies[i][0] if not counted[i] else local[i] for i in range(len(present))
+        ]
+        weight = self.table.weight
+        if row_wise:  # the batch's distinct rows (a leaf that collects their gradient) and indices into them
+            read = [feature_ids, *table_ids]
+            every = torch.cat(read)
+            if self.union is not None:
+                unique = self.union(torch.unique(every))
+                inverse = torch.searchsorted(unique, every)
+            else:
+                unique, inverse = torch.unique(every, return_inverse=True)
+            weight = self.table.weight.index_select(0, unique).requires_grad_()
+            self.rows, self.row_ids = weight, unique
+            feature_ids, *table_ids = inverse.split([r.shape[0] for r in read])
+        reads, bags = [feature_ids], []
+        plans: list[Packed | Tensor | None] = []  # per history its packed items, its counts or None (a bag)
         for i, seq in enumerate(self.sequences):
             start, size = self.vocabularies[i]
-            if self._by_counts(i, batch_size, present[i], weight is self.table.weight):
-                plans.append(history_counts(batch.sequences[:, i], batch.sequence_lengths[:, i], size))
-                reads.append(torch.arange(start, start + size, device=table_ids.device))
+            if counted[i]:
+                plans.append(packed_counts(local[i].long(), lengths[:, i], size))
+                reads.append(torch.arange(start, start + size, device=feature_ids.device))
                 if seq.pooling == "attention":
                     target, target_size = self.targets[i]
-                    reads.append(torch.arange(target, target + target_size, device=table_ids.device))
+                    reads.append(torch.arange(target, target + target_size, device=feature_ids.device))
+            elif seq.pooling == "attention":
+                plans.append(packed_layout(table_ids[i], lengths[:, i], widths[i]))
+                reads.append(table_ids[i])
             else:
-                history = pack_history(table_ids[:, i], batch.sequence_lengths[:, i])
-                plans.append(history)
-                reads.append(history.ids if weight is not self.table.weight else history.ids + start)
-        looked = _Lookup.apply(weight, torch.cat(reads))
+                plans.append(None)
+                bags.append(i)
+        ids = torch.cat(reads)
+        if bags:
+            bounds = torch.zeros(len(bags) * batch_size + 1, dtype=torch.long, device=ids.device)
+            torch.cumsum(lengths[:, bags].t().reshape(-1), 0, out=bounds[1:])
+            bag_ids = torch.cat([table_ids[i] for i in bags])
+            looked, sums = _LookupBags.apply(weight, ids, bag_ids, bounds)
+            bagged = dict(zip(bags, sums.view(len(bags), batch_size, self.dim).unbind(0), strict=True))
+        else:
+            looked, bagged = _Lookup.apply(weight, ids), {}
         # one split (its gradient is one concatenation; slices would each build a zero gradient of the whole)
         fields, *rest = looked.split([r.shape[0] for r in reads])
         fields = fields.view(batch_size, n_fields, self.dim)
         parts, pieces = [fields.flatten(1)], iter(rest)
         for i, (seq, plan) in enumerate(zip(self.sequences, plans, strict=True)):
-            rows = next(pieces)
             unit = cast(AttentionPooling, self.attention[str(i)]) if seq.pooling == "attention" else None
-            if isinstance(plan, Packed):
-                if unit is not None:
-                    assert seq.target is not None
-                    parts.append(unit.packed(rows, plan, fields[:, seq.target]))
-                    continue
-                total = cast(Tensor, _SegmentSum.apply(rows, plan.bounds, plan.rows))
-                lengths = plan.lengths
+            if plan is None:
+                total = bagged[i]
+            elif isinstance(plan, Packed):
+                assert unit is not None and seq.target is not None
+                parts.append(unit.packed(next(pieces), plan, fields[:, seq.target]))
+                continue
             elif unit is not None:
                 assert seq.target is not None
+                rows = next(pieces)
                 weights = unit.pair_weights(rows, next(pieces)).index_select(0, batch.categorical[:, seq.target])
                 if unit.normalise:  # per occurrence of each id, over the row's items
                     weights = softmax_present(weights, plan)
-                local = batch.sequences[:, i]
-                mask = torch.arange(local.shape[1], device=local.device) < batch.sequence_lengths[:, i].unsqueeze(1)
-                unit.last_weights = (weights.detach().gather(1, local) * mask).detach()
+                layout = packed_layout(local[i].long(), lengths[:, i], widths[i])
+                report = weights.new_zeros(batch_size * layout.padded_len)
+                read = weights.detach()[layout.rows, layout.ids]
+                unit.last_weights = report.index_copy_(0, layout.positions, read).view(batch_size, -1)
                 parts.append((plan * weights) @ rows)
                 continue
             else:
-                total, lengths = plan @ rows, batch.sequence_lengths[:, i]
-            parts.append(total if seq.pooling == "sum" else total / lengths.clamp_min(1).unsqueeze(1))
+                total = plan @ next(pieces)
+            parts.append(total if seq.pooling == "sum" else total / lengths[:, i].clamp_min(1).unsqueeze(1))
         return parts
 
     def _by_counts(self, i: int, batch_size: int, present: int, whole_table: bool) -> bool:

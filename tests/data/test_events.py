@@ -154,7 +154,7 @@ def test_derived_histories_train_and_key_the_cache(tmp_path: Path) -> None:
     prepared = prepare(recipe)
     assert prepared.schema.sequences[0].column == "history"
     tensors = prepared.load("train")
-    assert tensors.sequences is not None and int(tensors.sequence_lengths.max()) == 5  # type: ignore[union-attr]
+    assert tensors.history_ids is not None and int(tensors.sequence_lengths.max()) == 5  # type: ignore[union-attr]
     again = prepare(recipe)
     assert again.reused
     events = pl.read_parquet(tmp_path / "events.parquet")

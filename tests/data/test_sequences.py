@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from mtlcli.data.batch import Batch
+from mtlcli.data.batch import Batch, SplitTensors
 from mtlcli.data.schema import FIRST_ID, OOV_ID
 from mtlcli.data.store import Prepared, prepare
 from mtlcli.errors import DataError
@@ -79,9 +79,11 @@ def test_text_histories_have_their_own_vocabulary_fitted_on_train(tmp_path: Path
     assert encoded(prepared, "train", "tags") == [[], [y], [y], [x]]
     assert encoded(prepared, "valid", "tags") == [[], [OOV_ID]]  # rows 1 ('': none) and 5 ('q': unseen)
     tensors = prepared.load("train")
-    assert tensors.sequences is not None and tensors.sequence_lengths is not None
+    assert tensors.history_ids is not None and tensors.sequence_lengths is not None
     assert tensors.sequence_lengths[:, 0].tolist() == [0, 1, 1, 1]
-    assert tensors.sequences[:, 0].tolist() == [[0, 0], [y, 0], [y, 0], [x, 0]]
+    assert tensors.history_ids.tolist() == [y, y, x]  # held packed: the ids present only
+    padded = tensors.padded().sequences
+    assert padded is not None and padded[:, 0].tolist() == [[0], [y], [y], [x]]
 
 
 # one mixed history per row with parallel behaviour types and timestamps, and the row's own time
@@ -164,10 +166,12 @@ def test_serving_keeps_the_same_ids_from_parallel_lists(tmp_path: Path, form: st
     raw = pl.read_parquet(source) if form == "parquet" else pl.read_csv(source)
     test = raw[SPLIT_ROWS["test"]]
     inputs = encode_inputs(test, prepared.schema)
-    stored = prepared.load("test")
+    stored = prepared.load("test").padded()
     assert stored.sequences is not None and stored.sequence_lengths is not None
+    width = stored.sequences.shape[2]
     assert torch.equal(inputs["sequence_lengths"], stored.sequence_lengths)
-    assert torch.equal(inputs["sequences"], stored.sequences[..., : inputs["sequences"].shape[2]])
+    assert torch.equal(inputs["sequences"][..., :width], stored.sequences)
+    assert not inputs["sequences"][..., width:].any()
     shifted = (
         test.with_columns(pl.col("kinds").reverse()) if form == "parquet" else test.with_columns(kinds=pl.lit("v"))
     )
@@ -311,30 +315,74 @@ def test_packed_histories_match_the_padded_layout(
         sequences=(torch.rand(rows, 4, longest, generator=generator) * sizes).long(),
         sequence_lengths=lengths,
     )
+    packed = SplitTensors(b.categorical, b.numeric, b.labels, b.label_mask, **history_parts(b)).packed().all()
+    assert packed.history_ids is not None and packed.history_ids.dtype == torch.int32
     results = []
-    for padded in (False, True):
+    # a padded batch packed by the model, a batch packed by the data layer, export's padded layout
+    for batch, padded in ((b, False), (packed, False), (b, True)):
         torch.manual_seed(0)
         embedding = FeatureEmbedding([7, 9], 1, 4, sequences)
         if row_wise:
             embedding.use_sparse_rows()
         monkeypatch.setattr(blocks, "exporting", lambda padded=padded: padded)
-        out = embedding(b)
+        out = embedding(batch)
         (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
         grads = {name: p.grad for name, p in embedding.named_parameters() if p.grad is not None}
         if row_wise:
             assert embedding.rows is not None
             grads["rows"] = embedding.rows.grad
         results.append((out.detach(), grads))
-    (out, grads), (expected, expected_grads) = results
-    assert torch.equal(out[0, 8:24], torch.zeros(16))  # row 0: every history empty
-    assert_kernel_close(out, expected, what="pooled")
-    assert grads.keys() == expected_grads.keys()
-    for name, grad in expected_grads.items():
-        assert_kernel_close(grads[name], grad, floor=1.0, what=name)
+    *trained, (expected, expected_grads) = results
+    for out, grads in trained:
+        assert torch.equal(out[0, 8:24], torch.zeros(16))  # row 0: every history empty
+        assert_kernel_close(out, expected, what="pooled")
+        assert grads.keys() == expected_grads.keys()
+        for name, grad in expected_grads.items():
+            assert_kernel_close(grads[name], grad, floor=1.0, what=name)
     monkeypatch.setattr(blocks, "exporting", lambda: False)  # a batch whose histories are all empty: no items at all
     assert b.sequences is not None
     empty = dataclasses.replace(b, sequences=b.sequences[:, :, :0], sequence_lengths=torch.zeros_like(lengths))
     assert not embedding(empty)[:, 8:24].any()
+
+
+def history_parts(b: Batch) -> dict[str, Any]:
+    return {"sequences": b.sequences, "sequence_lengths": b.sequence_lengths}
+
+
+def real_ids(sequences: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """Padded ids [N, S, L] cut or widened to ``width``, 0 after each length."""
+    real = torch.arange(sequences.shape[2]) < lengths.unsqueeze(-1)
+    kept = (sequences * real)[..., :width]
+    return torch.nn.functional.pad(kept, (0, width - kept.shape[2]))
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_packed_splits_give_the_padded_batches(world: int) -> None:
+    """A split holding its histories packed gives, shuffled or not, on each rank and for a
+    selection of rows, the batches the padded split gives (ids gathered per batch)."""
+    padded = random_split(37, 3)
+    packed = padded.packed()
+    assert packed.sequences is None and packed.history_ids is not None and packed.history_starts is not None
+    assert padded.sequence_lengths is not None
+    assert packed.history_ids.numel() == int(padded.sequence_lengths.sum())  # the ids present only
+    for shuffle in (False, True):
+        for rank in range(world):
+            pairs = zip(
+                padded.batches(8, shuffle, torch.Generator().manual_seed(5), rank=rank, world=world),
+                packed.batches(8, shuffle, torch.Generator().manual_seed(5), rank=rank, world=world),
+                strict=True,
+            )
+            for want, got in pairs:
+                assert want.sequences is not None and got.sequences is None and got.history_ids is not None
+                unpacked = got.padded().sequences
+                assert unpacked is not None and want.sequence_lengths is not None
+                assert torch.equal(got.sequence_lengths, want.sequence_lengths)
+                assert torch.equal(unpacked, real_ids(want.sequences, want.sequence_lengths, unpacked.shape[2]))
+    rows = torch.tensor([30, 2, 2, 17, 0])
+    chosen = packed.select(rows).padded()
+    assert chosen.sequences is not None and padded.sequences is not None and padded.sequence_lengths is not None
+    want = real_ids(padded.sequences[rows], padded.sequence_lengths[rows], chosen.sequences.shape[2])
+    assert torch.equal(chosen.sequences, want)
 
 
 def test_own_vocabularies_get_their_own_rows_after_the_features() -> None:
