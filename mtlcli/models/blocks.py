@@ -140,7 +140,7 @@ def packed_counts(ids: Tensor, lengths: Tensor, vocabulary: int) -> Tensor:
     """``history_counts`` of packed ids [N] with lengths [B] -> float32 [B, vocabulary]."""
     batch_size = lengths.shape[0]
     starts = torch.arange(batch_size, device=ids.device) * vocabulary
-    cells = starts.repeat_interleave(lengths, output_size=ids.shape[0]) + ids
+    cells = starts.repeat_interleave(lengths, output_size=ids.shape[0]).add_(ids)
     return torch.bincount(cells, minlength=batch_size * vocabulary).view(batch_size, vocabulary).float()
 
 
@@ -524,13 +524,16 @@ class FeatureEmbedding(nn.Module):
         row_wise = self.sparse and torch.is_grad_enabled()
         counted = [self._by_counts(i, batch_size, present[i], not row_wise) for i in range(len(present))]
         feature_ids = (batch.categorical + self.offsets).view(-1)
-        table_ids = [
-            local[i].long() + self.vocabularies[i][0] if not counted[i] else local[i] for i in range(len(present))
-        ]
+        # the histories read item by item (DIN) or as bags, bags first, their ids shifted to their
+        # vocabularies' rows in one tensor: one pass over the items, no concatenation
+        bags = [i for i, seq in enumerate(self.sequences) if not counted[i] and seq.pooling != "attention"]
+        items = [i for i, seq in enumerate(self.sequences) if not counted[i] and seq.pooling == "attention"]
+        in_table = torch.empty(sum(present[i] for i in bags + items), dtype=torch.long, device=feature_ids.device)
+        for i, piece in zip(bags + items, in_table.split([present[i] for i in bags + items]), strict=True):
+            torch.add(local[i], self.vocabularies[i][0], out=piece)
         weight = self.table.weight
         if row_wise:  # the batch's distinct rows (a leaf that collects their gradient) and indices into them
-            read = [feature_ids, *table_ids]
-            every = torch.cat(read)
+            every = torch.cat([feature_ids, in_table])
             if self.union is not None:
                 unique = self.union(torch.unique(every))
                 inverse = torch.searchsorted(unique, every)
@@ -538,13 +541,14 @@ class FeatureEmbedding(nn.Module):
                 unique, inverse = torch.unique(every, return_inverse=True)
             weight = self.table.weight.index_select(0, unique).requires_grad_()
             self.rows, self.row_ids = weight, unique
-            feature_ids, *table_ids = inverse.split([r.shape[0] for r in read])
-        reads, bags = [feature_ids], []
+            feature_ids, in_table = inverse.split([feature_ids.shape[0], in_table.shape[0]])
+        table_ids = dict(zip(bags + items, in_table.split([present[i] for i in bags + items]), strict=True))
+        reads = [feature_ids]
         plans: list[Packed | Tensor | None] = []  # per history its packed items, its counts or None (a bag)
         for i, seq in enumerate(self.sequences):
             start, size = self.vocabularies[i]
             if counted[i]:
-                plans.append(packed_counts(local[i].long(), lengths[:, i], size))
+                plans.append(packed_counts(local[i], lengths[:, i], size))
                 reads.append(torch.arange(start, start + size, device=feature_ids.device))
                 if seq.pooling == "attention":
                     target, target_size = self.targets[i]
@@ -554,16 +558,24 @@ class FeatureEmbedding(nn.Module):
                 reads.append(table_ids[i])
             else:
                 plans.append(None)
-                bags.append(i)
         ids = torch.cat(reads)
+        bagged: dict[int, Tensor] = {}
         if bags:
-            bounds = torch.zeros(len(bags) * batch_size + 1, dtype=torch.long, device=ids.device)
-            torch.cumsum(lengths[:, bags].t().reshape(-1), 0, out=bounds[1:])
-            bag_ids = torch.cat([table_ids[i] for i in bags])
+            counts = lengths[:, bags].t()  # [bags, B]
+            bounds = torch.zeros(counts.numel() + 1, dtype=torch.long, device=ids.device)
+            torch.cumsum(counts.reshape(-1), 0, out=bounds[1:])
+            bag_ids = in_table[: sum(present[i] for i in bags)]
             looked, sums = _LookupBags.apply(weight, ids, bag_ids, bounds)
-            bagged = dict(zip(bags, sums.view(len(bags), batch_size, self.dim).unbind(0), strict=True))
+            sums = sums.view(len(bags), batch_size, self.dim)
+            summed = [k for k, i in enumerate(bags) if self.sequences[i].pooling == "sum"]
+            if len(summed) < len(bags):  # the means: one division for all
+                divisor = counts.clamp_min(1)
+                if summed:
+                    divisor[summed] = 1
+                sums = sums / divisor.unsqueeze(-1)
+            bagged = dict(zip(bags, sums.unbind(0), strict=True))
         else:
-            looked, bagged = _Lookup.apply(weight, ids), {}
+            looked = _Lookup.apply(weight, ids)
         # one split (its gradient is one concatenation; slices would each build a zero gradient of the whole)
         fields, *rest = looked.split([r.shape[0] for r in reads])
         fields = fields.view(batch_size, n_fields, self.dim)
@@ -571,8 +583,9 @@ class FeatureEmbedding(nn.Module):
         for i, (seq, plan) in enumerate(zip(self.sequences, plans, strict=True)):
             unit = cast(AttentionPooling, self.attention[str(i)]) if seq.pooling == "attention" else None
             if plan is None:
-                total = bagged[i]
-            elif isinstance(plan, Packed):
+                parts.append(bagged[i])
+                continue
+            if isinstance(plan, Packed):
                 assert unit is not None and seq.target is not None
                 parts.append(unit.packed(next(pieces), plan, fields[:, seq.target]))
                 continue
