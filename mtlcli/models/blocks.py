@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -40,13 +41,37 @@ class _Lookup(torch.autograd.Function):
         return weight_grad, None
 
 
+SORTED_ROWS = 1 << 16  # a table of at most this many rows gets the gradient of its bags id by id (bag_gradient)
+
+
+def bag_gradient(ids: Tensor, of_id: Tensor, grads: Tensor, rows: int) -> Tensor:
+    """The gradient [rows, d] of a table whose rows ``ids`` [N] were read into bags, bag
+    ``of_id`` [N] of each, bags' gradient ``grads`` [K, d]: sum over i of grads[of_id[i]] into
+    row ids[i].
+
+    On CPU with at most ``SORTED_ROWS`` rows the ids are put in order (NumPy's stable sort of
+    16-bit keys, a radix sort) and each row's gradient is one bag of the bags' gradients
+    (``embedding_bag``): half the time of ``index_add_``, whose cost per id is that of a scatter
+    of d single floats; the order of the additions within a row is the ids' order either way.
+    """
+    if ids.device.type != "cpu" or rows > SORTED_ROWS:
+        return grads.new_zeros(rows, grads.shape[1]).index_add_(0, ids, grads.index_select(0, of_id))
+    keys = ids.numpy()
+    order = torch.from_numpy(np.argsort(keys.astype(np.uint16), kind="stable"))
+    bounds = torch.zeros(rows + 1, dtype=torch.long)
+    torch.cumsum(torch.from_numpy(np.bincount(keys, minlength=rows)), 0, out=bounds[1:])
+    return nn.functional.embedding_bag(
+        of_id.index_select(0, order), grads, bounds, mode="sum", include_last_offset=True
+    )
+
+
 class _LookupBags(torch.autograd.Function):
     """``_Lookup`` of ``ids`` and, in the same pass, the row sums of bags of ids: bag k holds
     ``bag_ids[bounds[k]:bounds[k + 1]]`` -> (rows [*ids.shape, d], sums [K, d]).
 
     The sums are one ``embedding_bag`` (the rows are never gathered into an [N, d] tensor); the
-    backward pass is one zero-filled gradient of the table for both, each id's row gradient (its
-    bag's) added by ``index_add_``, as ``_Lookup``'s.
+    backward pass is the bags' gradient into the table (``bag_gradient``) and the looked-up
+    rows' added to it by ``index_add_``, as ``_Lookup``'s.
     """
 
     @staticmethod
@@ -61,11 +86,10 @@ class _LookupBags(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor, bag_grad: Tensor) -> tuple[Tensor, None, None, None]:
         flat, bag_ids, bounds = ctx.saved_tensors
-        dim = grad.shape[-1]
-        weight_grad = grad.new_zeros(ctx.rows, dim).index_add_(0, flat, grad.reshape(-1, dim))
         bags = torch.arange(bounds.shape[0] - 1, device=bounds.device)
         of_item = bags.repeat_interleave(bounds.diff(), output_size=bag_ids.shape[0])
-        return weight_grad.index_add_(0, bag_ids, bag_grad.index_select(0, of_item)), None, None, None
+        weight_grad = bag_gradient(bag_ids, of_item, bag_grad.contiguous(), ctx.rows)
+        return weight_grad.index_add_(0, flat, grad.reshape(-1, grad.shape[-1])), None, None, None
 
 
 @dataclass(frozen=True)
@@ -136,22 +160,21 @@ def packed_layout(ids: Tensor, lengths: Tensor, longest: int | None = None) -> P
     return Packed(ids, rows, bounds, lengths, positions, width)
 
 
-def packed_counts(ids: Tensor, lengths: Tensor, vocabulary: int) -> Tensor:
-    """``history_counts`` of packed ids [N] with lengths [B] -> float32 [B, vocabulary]."""
+def packed_counts(ids: list[Tensor], lengths: Tensor, vocabularies: list[int]) -> list[Tensor]:
+    """How often each id [0, V_k) occurs in each row of histories k: their packed ids [N_k] with
+    lengths [B, K] -> float32 [B, V_k] each, all counted by one scatter of ones into one
+    zero-filled tensor (cell base_k + b·V_k + id)."""
     batch_size = lengths.shape[0]
-    starts = torch.arange(batch_size, device=ids.device) * vocabulary
-    cells = starts.repeat_interleave(lengths, output_size=ids.shape[0]).add_(ids)
-    return torch.bincount(cells, minlength=batch_size * vocabulary).view(batch_size, vocabulary).float()
-
-
-def history_counts(ids: Tensor, lengths: Tensor, vocabulary: int) -> Tensor:
-    """How often each id [0, vocabulary) occurs in each row's history: padded ids [B, L] with
-    lengths [B] -> float32 [B, vocabulary]."""
-    batch_size, longest = ids.shape
-    present = torch.arange(longest, device=ids.device) < lengths.unsqueeze(1)
-    cells = (torch.arange(batch_size, device=ids.device).unsqueeze(1) * vocabulary + ids).view(-1)
-    counts = torch.bincount(cells, weights=present.view(-1).float(), minlength=batch_size * vocabulary)
-    return counts.view(batch_size, vocabulary)
+    cells_of = [batch_size * v for v in vocabularies]
+    first = torch.tensor(list(itertools.accumulate(cells_of, initial=0))[:-1], device=lengths.device)
+    widths = torch.tensor(vocabularies, device=lengths.device)
+    bases = (torch.arange(batch_size, device=lengths.device) * widths.unsqueeze(1) + first.unsqueeze(1)).view(-1)
+    cells = bases.repeat_interleave(lengths.t().reshape(-1), output_size=sum(i.shape[0] for i in ids))
+    for piece, local in zip(cells.split([i.shape[0] for i in ids]), ids, strict=True):
+        piece.add_(local)
+    counts = torch.zeros(sum(cells_of), device=lengths.device)
+    counts.scatter_add_(0, cells, counts.new_ones(1).expand(cells.shape[0]))
+    return [part.view(batch_size, v) for part, v in zip(counts.split(cells_of), vocabularies, strict=True)]
 
 
 def softmax_present(scores: Tensor, counts: Tensor) -> Tensor:
@@ -179,20 +202,6 @@ def segment_sum(values: Tensor, bounds: Tensor, weights: Tensor | None = None) -
             bounds, columns, weights, size=(bounds.shape[0] - 1, n), check_invariants=False
         )
         return matrix @ values
-
-
-class _SegmentSum(torch.autograd.Function):
-    """``segment_sum`` with gradient: the rows' gradient back to each of their items."""
-
-    @staticmethod
-    def forward(ctx: Any, values: Tensor, bounds: Tensor, rows: Tensor) -> Tensor:
-        ctx.save_for_backward(rows)
-        return segment_sum(values, bounds)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        (rows,) = ctx.saved_tensors
-        return grad.index_select(0, rows), None, None
 
 
 _threshold_backward = torch.ops.aten.threshold_backward
@@ -504,7 +513,8 @@ class FeatureEmbedding(nn.Module):
           for all such histories), or read item by item for DIN's unit
           (``AttentionPooling.packed``), or
         - where the vocabulary is small against the items present, the vocabulary's rows: the
-          history becomes counts per id [B, V] (``packed_counts``), pooled as counts @ rows,
+          history becomes counts per id [B, V] (``packed_counts``, all such histories at once),
+          pooled as counts @ rows,
           and DIN's weights are computed once per (candidate, item) pair of the vocabularies.
 
         A row-wise table (``use_sparse_rows``) reads the batch's distinct rows instead of the
@@ -545,10 +555,13 @@ class FeatureEmbedding(nn.Module):
         table_ids = dict(zip(bags + items, in_table.split([present[i] for i in bags + items]), strict=True))
         reads = [feature_ids]
         plans: list[Packed | Tensor | None] = []  # per history its packed items, its counts or None (a bag)
+        by_counts = [i for i in range(len(present)) if counted[i]]
+        sizes = [self.vocabularies[i][1] for i in by_counts]
+        counts = iter(packed_counts([local[i] for i in by_counts], lengths[:, by_counts], sizes) if by_counts else [])
         for i, seq in enumerate(self.sequences):
             start, size = self.vocabularies[i]
             if counted[i]:
-                plans.append(packed_counts(local[i], lengths[:, i], size))
+                plans.append(next(counts))
                 reads.append(torch.arange(start, start + size, device=feature_ids.device))
                 if seq.pooling == "attention":
                     target, target_size = self.targets[i]
