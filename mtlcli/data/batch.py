@@ -184,11 +184,11 @@ def gather_histories(ids: Tensor, starts: Tensor, lengths: Tensor) -> Tensor:
         shift = first - (torch.cumsum(count, 0) - count)
         index = torch.repeat_interleave(shift, count, output_size=total) + torch.arange(total, device=ids.device)
         return ids.index_select(0, index)
-    first, count = starts.t().reshape(-1).numpy(), lengths.t().reshape(-1).numpy()
-    ends = np.cumsum(count)
-    index = np.repeat(first - (ends - count), count)
-    index += np.arange(index.shape[0], dtype=index.dtype)
-    return torch.from_numpy(ids.numpy().take(index))
+    begin, size = starts.t().reshape(-1).numpy(), lengths.t().reshape(-1).numpy()
+    ends = np.cumsum(size)
+    at = np.repeat(begin - (ends - size), size)
+    at += np.arange(at.shape[0], dtype=np.int64)
+    return torch.from_numpy(ids.numpy().take(at))
 
 
 def unpack(ids: Tensor, lengths: Tensor, longest: int | None = None) -> Tensor:

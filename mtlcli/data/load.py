@@ -149,7 +149,7 @@ def packed_arrays(frame: pl.DataFrame, schema: DataSchema) -> tuple[np.ndarray, 
         columns.append(frame.get_column(name))
     lengths = np.stack([c.list.len().fill_null(0).to_numpy().astype(np.int64) for c in columns], axis=1)
     lengths = np.require(lengths.reshape(frame.height, len(columns)), np.int64, ["C", "W"])
-    wide = max(f.cardinality for f in [*schema.categorical, *schema.sequences])
+    wide = max([f.cardinality for f in schema.categorical] + [f.cardinality for f in schema.sequences])
     dtype = np.int32 if wide <= np.iinfo(np.int32).max else np.int64
     ids = np.concatenate([c.explode().drop_nulls().to_numpy().astype(dtype) for c in columns])
     flat = lengths.T.reshape(-1)

@@ -557,11 +557,13 @@ class FeatureEmbedding(nn.Module):
         plans: list[Packed | Tensor | None] = []  # per history its packed items, its counts or None (a bag)
         by_counts = [i for i in range(len(present)) if counted[i]]
         sizes = [self.vocabularies[i][1] for i in by_counts]
-        counts = iter(packed_counts([local[i] for i in by_counts], lengths[:, by_counts], sizes) if by_counts else [])
+        counted_rows = iter(
+            packed_counts([local[i] for i in by_counts], lengths[:, by_counts], sizes) if by_counts else []
+        )
         for i, seq in enumerate(self.sequences):
             start, size = self.vocabularies[i]
             if counted[i]:
-                plans.append(next(counts))
+                plans.append(next(counted_rows))
                 reads.append(torch.arange(start, start + size, device=feature_ids.device))
                 if seq.pooling == "attention":
                     target, target_size = self.targets[i]
