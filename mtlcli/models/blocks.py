@@ -610,10 +610,11 @@ class FeatureEmbedding(nn.Module):
                 weights = unit.pair_weights(rows, next(pieces)).index_select(0, batch.categorical[:, seq.target])
                 if unit.normalise:  # per occurrence of each id, over the row's items
                     weights = softmax_present(weights, plan)
-                layout = packed_layout(local[i].long(), lengths[:, i], widths[i])
-                report = weights.new_zeros(batch_size * layout.padded_len)
-                read = weights.detach()[layout.rows, layout.ids]
-                unit.last_weights = report.index_copy_(0, layout.positions, read).view(batch_size, -1)
+                # the report: each item's weight in the padded layout (a gather per padded place)
+                width = widths[i] or max([1, *lengths[:, i].tolist()])
+                real = torch.arange(width, device=lengths.device) < lengths[:, i].unsqueeze(1)
+                padded = torch.zeros_like(real, dtype=torch.long).masked_scatter_(real, local[i].long())
+                unit.last_weights = weights.detach().gather(1, padded) * real
                 parts.append((plan * weights) @ rows)
                 continue
             else:

@@ -317,7 +317,7 @@ def test_packed_histories_match_the_padded_layout(
     )
     packed = SplitTensors(b.categorical, b.numeric, b.labels, b.label_mask, **history_parts(b)).packed().all()
     assert packed.history_ids is not None and packed.history_ids.dtype == torch.int32
-    results = []
+    results, reports = [], []
     # a padded batch packed by the model, a batch packed by the data layer, export's padded layout
     for batch, padded in ((b, False), (packed, False), (b, True)):
         torch.manual_seed(0)
@@ -332,7 +332,12 @@ def test_packed_histories_match_the_padded_layout(
             assert embedding.rows is not None
             grads["rows"] = embedding.rows.grad
         results.append((out.detach(), grads))
+        reports.append([embedding.attention[k].last_weights for k in ("0", "3")])  # type: ignore[union-attr]
     *trained, (expected, expected_grads) = results
+    for report in reports[:2]:  # each item's weight where the padded layout has it (0 after the length)
+        for got, want in zip(report, reports[2], strict=True):
+            assert got is not None and want is not None and not want[:, got.shape[1] :].any()
+            assert_kernel_close(got, want[:, : got.shape[1]], what="reported weights")
     for out, grads in trained:
         assert torch.equal(out[0, 8:24], torch.zeros(16))  # row 0: every history empty
         assert_kernel_close(out, expected, what="pooled")
