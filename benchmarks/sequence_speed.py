@@ -18,6 +18,13 @@ that other load on the machine counts less) and by wall time, and its ratio to n
     python benchmarks/sequence_speed.py --pooling
     python benchmarks/sequence_speed.py --pooling --movielens /tmp/movielens  # also MovieLens-100k
 
+``--breakdown`` says instead where a sample's time goes, for no histories and averaged ones (µs
+of CPU per sample, medians of interleaved rounds): batching alone (an epoch of shuffled
+batches), the embedding's forward and backward alone (the pooled histories' cost) and the whole
+training step:
+
+    python benchmarks/sequence_speed.py --breakdown --lengths 50 200 --movielens /tmp/movielens
+
 On the generated data the histories are the recipe's (topics by attention, items averaged in
 ``attention``; all four averaged in ``mean``); on MovieLens-100k (as benchmarks/movielens.py
 builds it) the three rating histories, embedding 16.
@@ -26,6 +33,7 @@ builds it) the three rating histories, embedding 16.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -41,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `mtlcli` when ru
 
 from mtlcli.data.store import prepare
 from mtlcli.models import build_model
-from mtlcli.models.blocks import use_sparse_rows
+from mtlcli.models.blocks import FeatureEmbedding, use_sparse_rows
 from mtlcli.recipe import Recipe, load_recipe, recipe_from_text
 from mtlcli.train.checkpoint import input_spec
 from mtlcli.train.loop import build_parts, make_step
@@ -63,8 +71,9 @@ def main() -> None:
     parser.add_argument("--pooling", action="store_true", help="history pooling against no histories, side by side")
     parser.add_argument("--movielens", type=Path, help="with --pooling: also MovieLens-100k, built in this folder")
     parser.add_argument("--rounds", type=int, default=9, help="with --pooling: rounds of steps per variant")
+    parser.add_argument("--breakdown", action="store_true", help="where a sample's time goes, without and with mean")
     args = parser.parse_args()
-    if args.pooling:
+    if args.pooling or args.breakdown:
         pooling(args)
         return
     print("| model | history length | train samples/s | valid AUC click / buy |")
@@ -147,6 +156,30 @@ def side_by_side(variants: dict[str, Variant], rounds: int, steps: int = 8) -> d
     return {name: (statistics.median(cpu[name]), statistics.median(wall[name])) for name in variants}
 
 
+def breakdown(variants: dict[str, Variant], rounds: int, steps: int = 8) -> dict[str, dict[str, float]]:
+    """µs of CPU per sample of each variant (medians over interleaved rounds): an epoch of
+    batches, the embedding's forward and backward on ``steps`` batches, ``steps`` training steps."""
+    parts = ("batching", "embedding", "step")
+    times: dict[str, dict[str, list[float]]] = {name: {part: [] for part in parts} for name in variants}
+    for variant in variants.values():
+        variant.run(3)
+    for _ in range(rounds):
+        for name, variant in variants.items():
+            cpu = time.process_time()
+            rows = sum(len(batch) for batch in variant.train.batches(variant.batch_size, True, variant.shuffle))
+            times[name]["batching"].append((time.process_time() - cpu) / rows)
+            embedding = next(m for m in variant.model.modules() if isinstance(m, FeatureEmbedding))
+            batches = list(itertools.islice(variant.train.batches(variant.batch_size, True, variant.shuffle), steps))
+            cpu = time.process_time()
+            for batch in batches:
+                embedding(batch).sum().backward()
+            times[name]["embedding"].append((time.process_time() - cpu) / sum(len(b) for b in batches))
+            variant.model.zero_grad(set_to_none=True)
+            seconds, _, rows = variant.run(steps)
+            times[name]["step"].append(seconds / rows)
+    return {name: {part: 1e6 * statistics.median(t) for part, t in times[name].items()} for name in variants}
+
+
 def generated(length: int, pooling: str, rows: int, cache: Path) -> Recipe:
     """The sequences recipe at history ``length`` (purchases a third of it), histories as shipped
     (``attention``), all averaged (``mean``) or none."""
@@ -181,19 +214,33 @@ def movielens(work: Path, length: int, pooling: str) -> Recipe:
 def pooling(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/movielens.py
-    print(
-        "| data | history length | pooling | items present / padded | samples/s (CPU) | ratio | samples/s (wall) | ratio |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    if args.breakdown:
+        print("| data | history length | pooling | batching µs | embedding µs | step µs (CPU, per sample) |")
+        print("|---|---|---|---|---|---|")
+    else:
+        print(
+            "| data | history length | pooling | items present / padded | samples/s (CPU) | ratio "
+            "| samples/s (wall) | ratio |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+    poolings = ["none", "mean"] if args.breakdown else POOLINGS
     with tempfile.TemporaryDirectory() as tmp:
         cases = [("generated", length) for length in args.lengths]
         if args.movielens is not None:
             cases += [("MovieLens-100k", length) for length in args.lengths]
         for data, length in cases:
             if data == "generated":
-                variants = {p: Variant(generated(length, p, args.rows, Path(tmp) / "cache")) for p in POOLINGS}
+                variants = {p: Variant(generated(length, p, args.rows, Path(tmp) / "cache")) for p in poolings}
             else:
-                variants = {p: Variant(movielens(args.movielens, length, p)) for p in POOLINGS}
+                variants = {p: Variant(movielens(args.movielens, length, p)) for p in poolings}
+            if args.breakdown:
+                for name, part in breakdown(variants, args.rounds).items():
+                    print(
+                        f"| {data} | {length} | {name} | {part['batching']:.2f} | {part['embedding']:.2f} "
+                        f"| {part['step']:.2f} |",
+                        flush=True,
+                    )
+                continue
             speeds = side_by_side(variants, args.rounds)
             base_cpu, base_wall = speeds["none"]
             for name, (cpu, wall) in speeds.items():
