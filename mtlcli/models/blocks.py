@@ -204,9 +204,6 @@ def segment_sum(values: Tensor, bounds: Tensor, weights: Tensor | None = None) -
         return matrix @ values
 
 
-_threshold_backward = torch.ops.aten.threshold_backward
-
-
 class _PackedDin(torch.autograd.Function):
     """DIN's activation unit and weighted sum over packed keys, forward and backward by hand.
 
@@ -216,10 +213,16 @@ class _PackedDin(torch.autograd.Function):
     Inputs: keys [N, d], queries [B, d], ``weights`` [36, 2d] = [C, A], ``query_part`` [36, d] = B,
     b1 [36], a [1], w2 [36], b2 [1]. Outputs pooled [B, d] and the weights applied [N]: s, or with
     ``normalise`` p = exp(s) / sum_r exp(s) (softmax over the row's items, pooled_r = sum_r p·k;
-    its backward gs = p·(gp - sum_r p·gp) before the unit's). No tensor of
-    four times the key width, nothing over padding; few passes over the [N, 36] hidden layer:
-    the backward pass reads h once for the PReLU's gradient (PReLU's own backward kernel is
-    slow on CPU) and folds the rank-one parts into the products.
+    its backward gs = p·(gp - sum_r p·gp) before the unit's).
+
+    The [N, 36] hidden layer is the cost: it is written once (the product, then its ReLU in
+    place) and its 0/1 pattern once, and otherwise only read by products. PReLU_a(h) =
+    a·h + (1 - a)·R with R = ReLU(h), so s = a·(w2·h) + (1 - a)·(w2·R) + b2, where w2·h is a
+    product of the narrow x. Backward, with gs = dL/ds and E = [h > 0]: dL/dh = gs ⊗ w2 ⊙
+    (a + (1 - a)·E), whose rank-one part folds into products of x and whose other part is
+    diag(gs)·E·diag(w2): each product with it reads E once and scales a narrow factor by gs
+    (E^T·(gs·x), gs·(E·W'), the row sums of E weighted by gs), so the backward pass writes no
+    [N, 36] tensor.
     """
 
     @staticmethod
@@ -237,19 +240,15 @@ class _PackedDin(torch.autograd.Function):
         bounds: Tensor,
         normalise: bool = False,
     ) -> tuple[Tensor, Tensor]:
-        dim = keys.shape[1]
+        a = slope.view(())
         per_row = torch.addmm(b1, queries, query_part.t())  # [B, 36]
         q = queries.index_select(0, rows)  # [N, d]
-        x = torch.empty(keys.shape[0], 2 * dim, dtype=keys.dtype, device=keys.device)
-        torch.mul(keys, q, out=x[:, :dim])
-        x[:, dim:] = keys
-        h = torch.addmm(per_row.index_select(0, rows), x, weights.t())  # [N, 36]
-        # PReLU(h) = h + (a - 1)·min(h, 0), so s = w2·h + (a - 1)·u + b2 with u = w2·min(h, 0),
-        # and w2·h is a product of the narrow x: one pass over h for min(h, 0), kept for backward
-        negative = h.clamp(max=0.0)
-        u = negative @ w2  # [N]
+        x = torch.cat([keys * q, keys], dim=1)  # [N, 2d]
+        relu = torch.mm(x, weights.t()).add_(per_row.index_select(0, rows)).relu_()  # R [N, 36]
+        above = torch.sign(relu)  # E: 1 where h > 0, else 0
         linear = torch.addmv((per_row @ w2).index_select(0, rows), x, weights.t() @ w2)  # w2·h [N]
-        s = (linear + b2).add_(u * (slope - 1))
+        rectified = relu @ w2  # w2·R [N]
+        s = (linear * a).add_(rectified * (1 - a)).add_(b2)
         if normalise:  # shifted by each row's largest score
             top = s.new_zeros(queries.shape[0]).scatter_reduce_(0, rows, s, "amax", include_self=False)
             e = torch.exp(s - top.index_select(0, rows))
@@ -257,16 +256,47 @@ class _PackedDin(torch.autograd.Function):
         ctx.normalise = normalise
         pooled = segment_sum(keys, bounds, s)
         ctx.save_for_backward(
-            keys, queries, q, x, h, negative, u, s, per_row, weights, query_part, slope, w2, rows, bounds
+            keys,
+            queries,
+            q,
+            x,
+            relu,
+            above,
+            linear,
+            rectified,
+            s,
+            per_row,
+            weights,
+            query_part,
+            slope,
+            w2,
+            rows,
+            bounds,
         )
         return pooled, s
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor, grad_s: Tensor | None) -> tuple[Tensor | None, ...]:
-        keys, queries, q, x, h, negative, u, s, per_row, weights, query_part, slope, w2, rows, bounds = (
-            ctx.saved_tensors
-        )
+        (
+            keys,
+            queries,
+            q,
+            x,
+            relu,
+            above,
+            linear,
+            rectified,
+            s,
+            per_row,
+            weights,
+            query_part,
+            slope,
+            w2,
+            rows,
+            bounds,
+        ) = ctx.saved_tensors
         dim = keys.shape[1]
+        a = slope.view(())
         g = grad.index_select(0, rows)  # [N, d]
         gs = (g * keys).sum(1)  # dL/ds [N] (dL/dp when normalised)
         if grad_s is not None:
@@ -274,18 +304,18 @@ class _PackedDin(torch.autograd.Function):
         if ctx.normalise:  # through the softmax: p·(gp - sum_r p·gp); s holds p
             spread = segment_sum((s * gs).unsqueeze(1), bounds).squeeze(1).index_select(0, rows)
             gs = s * (gs - spread)
-        a = slope.view(())
-        row_gs = segment_sum(gs.unsqueeze(1), bounds)  # [B, 1]
-        xs = x.t() @ gs  # [2d]
-        # d s / d w2 = PReLU(h) = h + (a - 1)·min(h, 0), with h^T gs = [C, A]·(x^T gs) + c^T (row sums of gs)
-        grad_w2 = torch.addmv(weights @ xs + per_row.t() @ row_gs.squeeze(1), negative.t(), gs, alpha=a - 1)
-        grad_slope = (u @ gs).view(1)
-        # dL/dh = (gs ⊗ w2) · PReLU'(h) = (T + a·gs ⊗ 1) · w2 with T = (1 - a)·gs where h > 0
-        t = _threshold_backward((gs * (1 - a)).unsqueeze(1).expand_as(h), h, 0.0)
-        scaled = w2.unsqueeze(1) * weights  # [36, 2d]
-        grad_weights = w2.unsqueeze(1) * torch.addmm(a * xs.unsqueeze(0), t.t(), x)
-        gx = torch.addmm(torch.outer(a * gs, scaled.sum(0)), t, scaled)  # [N, 2d]
-        grad_c = torch.addmm(segment_sum(t, bounds), row_gs, a * torch.ones_like(w2).unsqueeze(0)) * w2  # [B, 36]
+        row_gs = segment_sum(gs.unsqueeze(1), bounds).squeeze(1)  # [B]
+        xs = x.t() @ gs  # x^T gs [2d]
+        # dL/dW = dL/dh^T x = a·w2 ⊗ x^T gs + (1 - a)·diag(w2)·E^T·(gs·x)
+        masked = above.t() @ (x * gs.unsqueeze(1))  # [36, 2d]
+        grad_weights = (masked * (1 - a)).add_(xs.unsqueeze(0) * a).mul_(w2.unsqueeze(1))
+        # dL/dx = dL/dh·W = gs·(E·((1 - a)·diag(w2)·W) + a·w2^T W)
+        gx = torch.addmm(a * (w2 @ weights), above, (1 - a) * w2.unsqueeze(1) * weights).mul_(gs.unsqueeze(1))
+        # dL/dc [B, 36]: the row sums of dL/dh
+        grad_c = segment_sum(above, bounds, gs).mul_(1 - a).add_(row_gs.unsqueeze(1) * a).mul_(w2)
+        # dL/dw2 = PReLU(h)^T gs = a·h^T gs + (1 - a)·R^T gs, h^T gs = W·x^T gs + c^T (row sums of gs)
+        grad_w2 = (weights @ xs + per_row.t() @ row_gs).mul_(a).add_((relu.t() @ gs).mul_(1 - a))
+        grad_slope = (gs @ (linear - rectified)).view(1)  # w2·min(h, 0) = w2·h - w2·R
         product = gx[:, :dim]
         grad_keys = torch.addcmul(gx[:, dim:], product, q).addcmul_(g, s.unsqueeze(1))
         grad_queries = torch.addmm(segment_sum(product * keys, bounds), grad_c, query_part)
