@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import warnings
@@ -334,6 +335,22 @@ class _PackedDin(torch.autograd.Function):
         )
 
 
+def packed_report(weights: Tensor, history: Packed, batch_size: int) -> Tensor:
+    """DIN's weights of a packed history's items [N] where they sit in the padded layout [B, L]."""
+    report = weights.new_zeros(batch_size * history.padded_len)
+    return report.index_copy_(0, history.positions, weights).view(batch_size, -1)
+
+
+def counted_report(weights: Tensor, ids: Tensor, lengths: Tensor, width: int | None) -> Tensor:
+    """DIN's weights per (row, id) [B, V] of a counted history whose packed ids are ``ids`` [N]
+    (lengths [B]) as each item's weight in the padded layout [B, L] (a gather per padded place;
+    L is ``width`` or the longest history)."""
+    width = width or max([1, *lengths.tolist()])
+    real = torch.arange(width, device=lengths.device) < lengths.unsqueeze(1)
+    padded = torch.zeros_like(real, dtype=torch.long).masked_scatter_(real, ids.long())
+    return weights.gather(1, padded) * real
+
+
 class AttentionPooling(nn.Module):
     """DIN's activation unit: the weight of history item k for candidate q is
     MLP([k, q, k - q, k * q]) (PReLU), and the pooled history is sum_k weight_k * k over the real
@@ -348,13 +365,25 @@ class AttentionPooling(nn.Module):
         super().__init__()
         self.score = nn.Sequential(nn.Linear(4 * dim, ATTENTION_UNITS), nn.PReLU(), nn.Linear(ATTENTION_UNITS, 1))
         self.normalise = normalise
-        self.last_weights: Tensor | None = None  # [B, L] of the last forward pass, for reports
+        self._report: Tensor | Callable[[], Tensor] | None = None  # last_weights, or how to build them
+
+    @property
+    def last_weights(self) -> Tensor | None:
+        """The weights [B, L] of the last forward pass (0 on padding), for reports: training's
+        passes keep what builds them and build them only when read."""
+        if callable(self._report):
+            self._report = self._report()
+        return self._report
+
+    def report_later(self, build: Callable[[], Tensor]) -> None:
+        """Keep how to build ``last_weights`` (training's passes: built only when read)."""
+        self._report = build
 
     def forward(self, keys: Tensor, mask: Tensor, query: Tensor) -> Tensor:
         q = query.unsqueeze(-2).expand_as(keys)
         weights = self.score(torch.cat([keys, q, keys - q, keys * q], dim=-1)).squeeze(-1)
         weights = softmax_present(weights, mask) if self.normalise else weights * mask
-        self.last_weights = weights.detach()
+        self._report = weights.detach()
         return (weights.unsqueeze(-1) * keys).sum(-2)
 
     def pair_weights(self, keys: Tensor, queries: Tensor) -> Tensor:
@@ -381,8 +410,7 @@ class AttentionPooling(nn.Module):
             history.bounds,
             self.normalise,
         )
-        report = weights.new_zeros(query.shape[0] * history.padded_len)
-        self.last_weights = report.index_copy_(0, history.positions, weights.detach()).view(query.shape[0], -1)
+        self.report_later(functools.partial(packed_report, weights.detach(), history, query.shape[0]))
         return cast(Tensor, pooled)
 
 
@@ -640,11 +668,9 @@ class FeatureEmbedding(nn.Module):
                 weights = unit.pair_weights(rows, next(pieces)).index_select(0, batch.categorical[:, seq.target])
                 if unit.normalise:  # per occurrence of each id, over the row's items
                     weights = softmax_present(weights, plan)
-                # the report: each item's weight in the padded layout (a gather per padded place)
-                width = widths[i] or max([1, *lengths[:, i].tolist()])
-                real = torch.arange(width, device=lengths.device) < lengths[:, i].unsqueeze(1)
-                padded = torch.zeros_like(real, dtype=torch.long).masked_scatter_(real, local[i].long())
-                unit.last_weights = weights.detach().gather(1, padded) * real
+                unit.report_later(
+                    functools.partial(counted_report, weights.detach(), local[i], lengths[:, i], widths[i])
+                )
                 parts.append((plan * weights) @ rows)
                 continue
             else:
