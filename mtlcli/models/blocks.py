@@ -208,22 +208,22 @@ def segment_sum(values: Tensor, bounds: Tensor, weights: Tensor | None = None) -
 class _PackedDin(torch.autograd.Function):
     """DIN's activation unit and weighted sum over packed keys, forward and backward by hand.
 
-    The unit's first layer on [k, q, k - q, k * q] is linear: W·[...] = A·k + C·(k * q) + B·q with
-    A = W_k + W_{k-q}, B = W_q - W_{k-q}, C = W_{k*q}. Per item: h = [k * q_r, k]·[C, A]^T + c_r
-    with c = q·B^T + b1 once per row; weight s = w2·PReLU_a(h) + b2; pooled_r = sum_r s·k.
-    Inputs: keys [N, d], queries [B, d], ``weights`` [36, 2d] = [C, A], ``query_part`` [36, d] = B,
-    b1 [36], a [1], w2 [36], b2 [1]. Outputs pooled [B, d] and the weights applied [N]: s, or with
-    ``normalise`` p = exp(s) / sum_r exp(s) (softmax over the row's items, pooled_r = sum_r p·k;
-    its backward gs = p·(gp - sum_r p·gp) before the unit's).
+    The unit's first layer on [k, q, k - q, k * q] is linear in x = [k * q_r, k, q_r, 1]:
+    h = W·x with W = [C, A, B, b1] (A = W_k + W_{k-q}, B = W_q - W_{k-q}, C = W_{k*q}), so one
+    product [N, 3d + 1]·[3d + 1, 36] gives the hidden layer, the row's part included (no [N, 36]
+    gather or sum). Weight s = w2·PReLU_a(h) + b2; pooled_r = sum_r s·k. Inputs: keys [N, d],
+    queries [B, d], ``weights`` [36, 3d + 1] = W, a [1], w2 [36], b2 [1]. Outputs pooled [B, d]
+    and the weights applied [N]: s, or with ``normalise`` p = exp(s) / sum_r exp(s) (softmax over
+    the row's items, pooled_r = sum_r p·k; its backward gs = p·(gp - sum_r p·gp) before the unit's).
 
-    The [N, 36] hidden layer is the cost: it is written once (the product, then its ReLU in
-    place) and its 0/1 pattern once, and otherwise only read by products. PReLU_a(h) =
-    a·h + (1 - a)·R with R = ReLU(h), so s = a·(w2·h) + (1 - a)·(w2·R) + b2, where w2·h is a
-    product of the narrow x. Backward, with gs = dL/ds and E = [h > 0]: dL/dh = gs ⊗ w2 ⊙
-    (a + (1 - a)·E), whose rank-one part folds into products of x and whose other part is
-    diag(gs)·E·diag(w2): each product with it reads E once and scales a narrow factor by gs
-    (E^T·(gs·x), gs·(E·W'), the row sums of E weighted by gs), so the backward pass writes no
-    [N, 36] tensor.
+    The [N, 36] hidden layer is the cost: it is written once (the product, then its ReLU R in
+    place), read by two vector products (w2·h, w2·R; PReLU_a(h) = a·h + (1 - a)·R) and kept for
+    the backward pass, which reads it once to write F = gs·[h > 0] (gs = dL/ds) and then only
+    reads F, in two products: dL/dh = w2 ⊙ (a·gs + (1 - a)·F) row by row, so
+    dL/dW = diag(w2)·(a·1 ⊗ x^T gs + (1 - a)·F^T x) and dL/dx = (1 - a)·F·diag(w2)·W +
+    a·gs ⊗ w2^T W. The narrow rest follows without another pass: h^T gs = W·(x^T gs) and
+    R^T gs = the row-wise dot of W with F^T x (h = W·x where R > 0), giving dL/dw2 and
+    dL/da = w2·(h^T gs - R^T gs) (PReLU's slope multiplies min(h, 0) = h - R).
     """
 
     @staticmethod
@@ -232,8 +232,6 @@ class _PackedDin(torch.autograd.Function):
         keys: Tensor,
         queries: Tensor,
         weights: Tensor,
-        query_part: Tensor,
-        b1: Tensor,
         slope: Tensor,
         w2: Tensor,
         b2: Tensor,
@@ -241,61 +239,30 @@ class _PackedDin(torch.autograd.Function):
         bounds: Tensor,
         normalise: bool = False,
     ) -> tuple[Tensor, Tensor]:
+        n, dim = keys.shape
         a = slope.view(())
-        per_row = torch.addmm(b1, queries, query_part.t())  # [B, 36]
-        q = queries.index_select(0, rows)  # [N, d]
-        x = torch.cat([keys * q, keys], dim=1)  # [N, 2d]
-        relu = torch.mm(x, weights.t()).add_(per_row.index_select(0, rows)).relu_()  # R [N, 36]
-        above = torch.sign(relu)  # E: 1 where h > 0, else 0
-        linear = torch.addmv((per_row @ w2).index_select(0, rows), x, weights.t() @ w2)  # w2·h [N]
-        rectified = relu @ w2  # w2·R [N]
-        s = (linear * a).add_(rectified * (1 - a)).add_(b2)
+        x = keys.new_empty(n, 3 * dim + 1)
+        x[:, 2 * dim :] = torch.cat([queries, queries.new_ones(queries.shape[0], 1)], 1).index_select(0, rows)
+        q = x[:, 2 * dim : 3 * dim]
+        torch.mul(keys, q, out=x[:, :dim])
+        x[:, dim : 2 * dim] = keys
+        relu = torch.mm(x, weights.t())  # h [N, 36]
+        linear = relu @ w2  # w2·h [N]
+        rectified = relu.relu_() @ w2  # w2·R [N]
+        above = relu.sign_()  # E = [h > 0], in R's place (the backward pass needs no more of h)
+        s = torch.lerp(rectified, linear, a).add_(b2)  # a·w2·h + (1 - a)·w2·R + b2
         if normalise:  # shifted by each row's largest score
             top = s.new_zeros(queries.shape[0]).scatter_reduce_(0, rows, s, "amax", include_self=False)
             e = torch.exp(s - top.index_select(0, rows))
             s = e / segment_sum(e.unsqueeze(1), bounds).squeeze(1).index_select(0, rows)
         ctx.normalise = normalise
         pooled = segment_sum(keys, bounds, s)
-        ctx.save_for_backward(
-            keys,
-            queries,
-            q,
-            x,
-            relu,
-            above,
-            linear,
-            rectified,
-            s,
-            per_row,
-            weights,
-            query_part,
-            slope,
-            w2,
-            rows,
-            bounds,
-        )
+        ctx.save_for_backward(keys, x, above, s, weights, slope, w2, rows, bounds)
         return pooled, s
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor, grad_s: Tensor | None) -> tuple[Tensor | None, ...]:
-        (
-            keys,
-            queries,
-            q,
-            x,
-            relu,
-            above,
-            linear,
-            rectified,
-            s,
-            per_row,
-            weights,
-            query_part,
-            slope,
-            w2,
-            rows,
-            bounds,
-        ) = ctx.saved_tensors
+        keys, x, above, s, weights, slope, w2, rows, bounds = ctx.saved_tensors
         dim = keys.shape[1]
         a = slope.view(())
         g = grad.index_select(0, rows)  # [N, d]
@@ -305,34 +272,20 @@ class _PackedDin(torch.autograd.Function):
         if ctx.normalise:  # through the softmax: p·(gp - sum_r p·gp); s holds p
             spread = segment_sum((s * gs).unsqueeze(1), bounds).squeeze(1).index_select(0, rows)
             gs = s * (gs - spread)
-        row_gs = segment_sum(gs.unsqueeze(1), bounds).squeeze(1)  # [B]
-        xs = x.t() @ gs  # x^T gs [2d]
-        # dL/dW = dL/dh^T x = a·w2 ⊗ x^T gs + (1 - a)·diag(w2)·E^T·(gs·x)
-        masked = above.t() @ (x * gs.unsqueeze(1))  # [36, 2d]
-        grad_weights = (masked * (1 - a)).add_(xs.unsqueeze(0) * a).mul_(w2.unsqueeze(1))
-        # dL/dx = dL/dh·W = gs·(E·((1 - a)·diag(w2)·W) + a·w2^T W)
-        gx = torch.addmm(a * (w2 @ weights), above, (1 - a) * w2.unsqueeze(1) * weights).mul_(gs.unsqueeze(1))
-        # dL/dc [B, 36]: the row sums of dL/dh
-        grad_c = segment_sum(above, bounds, gs).mul_(1 - a).add_(row_gs.unsqueeze(1) * a).mul_(w2)
-        # dL/dw2 = PReLU(h)^T gs = a·h^T gs + (1 - a)·R^T gs, h^T gs = W·x^T gs + c^T (row sums of gs)
-        grad_w2 = (weights @ xs + per_row.t() @ row_gs).mul_(a).add_((relu.t() @ gs).mul_(1 - a))
-        grad_slope = (gs @ (linear - rectified)).view(1)  # w2·min(h, 0) = w2·h - w2·R
+        f = above * gs.unsqueeze(1)  # F = gs·E [N, 36]
+        xs = x.t() @ gs  # x^T gs [3d + 1]
+        masked = f.t() @ x  # F^T x [36, 3d + 1]
+        grad_weights = torch.add(masked * (1 - a), xs.unsqueeze(0) * a).mul_(w2.unsqueeze(1))
+        narrow = weights[:, : 3 * dim]
+        gx = torch.mm(f, (1 - a) * w2.unsqueeze(1) * narrow).addr_(gs, a * (w2 @ narrow))  # dL/d[k*q, k, q]
+        h_gs = weights @ xs  # h^T gs [36]
+        r_gs = (weights * masked).sum(1)  # R^T gs [36]
+        grad_w2 = (h_gs * a).add_(r_gs * (1 - a))
+        grad_slope = (w2 @ (h_gs - r_gs)).view(1)
         product = gx[:, :dim]
-        grad_keys = torch.addcmul(gx[:, dim:], product, q).addcmul_(g, s.unsqueeze(1))
-        grad_queries = torch.addmm(segment_sum(product * keys, bounds), grad_c, query_part)
-        return (
-            grad_keys,
-            grad_queries,
-            grad_weights,
-            grad_c.t() @ queries,
-            grad_c.sum(0),
-            grad_slope,
-            grad_w2,
-            gs.sum().view(1),
-            None,
-            None,
-            None,
-        )
+        grad_keys = torch.addcmul(gx[:, dim : 2 * dim], product, x[:, 2 * dim : 3 * dim]).addcmul_(g, s.unsqueeze(1))
+        grad_queries = segment_sum(torch.addcmul(gx[:, 2 * dim :], product, keys), bounds)
+        return (grad_keys, grad_queries, grad_weights, grad_slope, grad_w2, gs.sum().view(1), None, None, None)
 
 
 def packed_report(weights: Tensor, history: Packed, batch_size: int) -> Tensor:
@@ -400,9 +353,7 @@ class AttentionPooling(nn.Module):
         pooled, weights = _PackedDin.apply(
             keys,
             query,
-            torch.cat([w_prod, w_k + w_diff], dim=1),
-            w_q - w_diff,
-            first.bias,
+            torch.cat([w_prod, w_k + w_diff, w_q - w_diff, first.bias.unsqueeze(1)], dim=1),
             act.weight,
             second.weight.view(-1),
             second.bias,
