@@ -1,7 +1,7 @@
 """DIN's unit in training, before and after its rework (issue 27), side by side in one process:
 MMoE without histories, with attention histories through the unit as it was at commit ac94c61
-(``baseline``, kept here for this comparison only) and through ``mtlcli.models.blocks._PackedDin``
-(``attention``), each its own model, step and data, in interleaved rounds on one thread (see
+(``baseline``, kept here for this comparison only), as commit 66d7b8b had it (``previous``) and
+through ``mtlcli.models.blocks._PackedDin`` (``attention``), each its own model, step and data, in interleaved rounds on one thread (see
 benchmarks/sequence_speed.py, whose variants and data this reuses). Also the unit alone, forward
 and backward, at MovieLens' sizes. Run by hand from the repository root (minutes):
 
@@ -130,7 +130,7 @@ class BaselineDin(torch.autograd.Function):
 
 
 class PreviousDin(torch.autograd.Function):
-    """DIN's unit as commit 2640c49 had it (for comparison only; see mtlcli.models.blocks._PackedDin).
+    """DIN's unit as commit 66d7b8b had it (for comparison only; see mtlcli.models.blocks._PackedDin).
 
     The unit's first layer on [k, q, k - q, k * q] is linear: W·[...] = A·k + C·(k * q) + B·q with
     A = W_k + W_{k-q}, B = W_q - W_{k-q}, C = W_{k*q}. Per item: h = [k * q_r, k]·[C, A]^T + c_r

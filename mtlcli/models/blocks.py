@@ -217,13 +217,12 @@ class _PackedDin(torch.autograd.Function):
     the row's items, pooled_r = sum_r p·k; its backward gs = p·(gp - sum_r p·gp) before the unit's).
 
     The [N, 36] hidden layer is the cost: it is written once (the product, then its ReLU R in
-    place), read by two vector products (w2·h, w2·R; PReLU_a(h) = a·h + (1 - a)·R) and kept for
-    the backward pass, which reads it once to write F = gs·[h > 0] (gs = dL/ds) and then only
-    reads F, in two products: dL/dh = w2 ⊙ (a·gs + (1 - a)·F) row by row, so
-    dL/dW = diag(w2)·(a·1 ⊗ x^T gs + (1 - a)·F^T x) and dL/dx = (1 - a)·F·diag(w2)·W +
-    a·gs ⊗ w2^T W. The narrow rest follows without another pass: h^T gs = W·(x^T gs) and
-    R^T gs = the row-wise dot of W with F^T x (h = W·x where R > 0), giving dL/dw2 and
-    dL/da = w2·(h^T gs - R^T gs) (PReLU's slope multiplies min(h, 0) = h - R).
+    place), read by two vector products (w2·h, w2·R: PReLU_a(h) = R + a·min(h, 0) with
+    w2·min(h, 0) = w2·h - w2·R, kept [N] for dL/da) and kept as its 0/1 pattern E in R's place.
+    The backward pass writes F = gs·PReLU'(h) = gs·(a + (1 - a)·E) (gs = dL/ds) in one pass and
+    reads it in two products: dL/dh = F·diag(w2), so dL/dW = diag(w2)·F^T x and
+    dL/dx = F·diag(w2)·W; dL/dw2 = PReLU(h)^T gs = (h ⊙ PReLU'(h))^T gs is the row-wise dot of W
+    with F^T x (h = W·x), so nothing else reads the layer.
     """
 
     @staticmethod
@@ -250,19 +249,20 @@ class _PackedDin(torch.autograd.Function):
         linear = relu @ w2  # w2·h [N]
         rectified = relu.relu_() @ w2  # w2·R [N]
         above = relu.sign_()  # E = [h > 0], in R's place (the backward pass needs no more of h)
-        s = torch.lerp(rectified, linear, a).add_(b2)  # a·w2·h + (1 - a)·w2·R + b2
+        below = linear.sub_(rectified)  # w2·min(h, 0), PReLU's slope's factor
+        s = (below * a).add_(rectified).add_(b2)  # w2·PReLU(h) + b2
         if normalise:  # shifted by each row's largest score
             top = s.new_zeros(queries.shape[0]).scatter_reduce_(0, rows, s, "amax", include_self=False)
             e = torch.exp(s - top.index_select(0, rows))
             s = e / segment_sum(e.unsqueeze(1), bounds).squeeze(1).index_select(0, rows)
         ctx.normalise = normalise
         pooled = segment_sum(keys, bounds, s)
-        ctx.save_for_backward(keys, x, above, s, weights, slope, w2, rows, bounds)
+        ctx.save_for_backward(keys, x, above, below, s, weights, slope, w2, rows, bounds)
         return pooled, s
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor, grad_s: Tensor | None) -> tuple[Tensor | None, ...]:
-        keys, x, above, s, weights, slope, w2, rows, bounds = ctx.saved_tensors
+        keys, x, above, below, s, weights, slope, w2, rows, bounds = ctx.saved_tensors
         dim = keys.shape[1]
         a = slope.view(())
         g = grad.index_select(0, rows)  # [N, d]
@@ -272,16 +272,13 @@ class _PackedDin(torch.autograd.Function):
         if ctx.normalise:  # through the softmax: p·(gp - sum_r p·gp); s holds p
             spread = segment_sum((s * gs).unsqueeze(1), bounds).squeeze(1).index_select(0, rows)
             gs = s * (gs - spread)
-        f = above * gs.unsqueeze(1)  # F = gs·E [N, 36]
-        xs = x.t() @ gs  # x^T gs [3d + 1]
+        # F = gs·PReLU'(h) = gs·(a + (1 - a)·E) [N, 36], one pass; dL/dh = F·diag(w2)
+        f = torch.addcmul((gs * a).unsqueeze(1), above, (gs * (1 - a)).unsqueeze(1))
         masked = f.t() @ x  # F^T x [36, 3d + 1]
-        grad_weights = torch.add(masked * (1 - a), xs.unsqueeze(0) * a).mul_(w2.unsqueeze(1))
-        narrow = weights[:, : 3 * dim]
-        gx = torch.mm(f, (1 - a) * w2.unsqueeze(1) * narrow).addr_(gs, a * (w2 @ narrow))  # dL/d[k*q, k, q]
-        h_gs = weights @ xs  # h^T gs [36]
-        r_gs = (weights * masked).sum(1)  # R^T gs [36]
-        grad_w2 = (h_gs * a).add_(r_gs * (1 - a))
-        grad_slope = (w2 @ (h_gs - r_gs)).view(1)
+        grad_weights = masked * w2.unsqueeze(1)
+        gx = f @ (w2.unsqueeze(1) * weights[:, : 3 * dim])  # dL/d[k*q, k, q]
+        grad_w2 = (weights * masked).sum(1)  # PReLU(h)^T gs = (h·PReLU'(h))^T gs, h = W·x
+        grad_slope = (gs @ below).view(1)
         product = gx[:, :dim]
         grad_keys = torch.addcmul(gx[:, dim : 2 * dim], product, x[:, 2 * dim : 3 * dim]).addcmul_(g, s.unsqueeze(1))
         grad_queries = segment_sum(torch.addcmul(gx[:, 2 * dim :], product, keys), bounds)
