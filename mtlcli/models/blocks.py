@@ -238,13 +238,11 @@ class _PackedDin(torch.autograd.Function):
         bounds: Tensor,
         normalise: bool = False,
     ) -> tuple[Tensor, Tensor]:
-        n, dim = keys.shape
+        dim = keys.shape[1]
         a = slope.view(())
-        x = keys.new_empty(n, 3 * dim + 1)
-        x[:, 2 * dim :] = torch.cat([queries, queries.new_ones(queries.shape[0], 1)], 1).index_select(0, rows)
-        q = x[:, 2 * dim : 3 * dim]
-        torch.mul(keys, q, out=x[:, :dim])
-        x[:, dim : 2 * dim] = keys
+        per_row = torch.cat([queries, queries.new_ones(queries.shape[0], 1)], 1).index_select(0, rows)
+        x = torch.cat([keys, keys, per_row], 1)  # one write, then k * q in place
+        x[:, :dim].mul_(x[:, 2 * dim : 3 * dim])
         relu = torch.mm(x, weights.t())  # h [N, 36]
         linear = relu @ w2  # w2·h [N]
         rectified = relu.relu_() @ w2  # w2·R [N]
