@@ -220,8 +220,10 @@ class _PackedDin(torch.autograd.Function):
     place), read by two vector products (w2·h, w2·R: PReLU_a(h) = R + a·min(h, 0) with
     w2·min(h, 0) = w2·h - w2·R, kept [N] for dL/da) and kept as its 0/1 pattern E in R's place.
     The backward pass writes F = gs·PReLU'(h) = gs·(a + (1 - a)·E) (gs = dL/ds) in one pass and
-    reads it in two products: dL/dh = F·diag(w2), so dL/dW = diag(w2)·F^T x and
-    dL/dx = F·diag(w2)·W; dL/dw2 = PReLU(h)^T gs = (h ⊙ PReLU'(h))^T gs is the row-wise dot of W
+    reads it in two narrow products and its row sums G [B, 36]: dL/dh = F·diag(w2), so
+    dL/dW = diag(w2)·F^T x, whose row columns [q, 1] are G^T·[q, 1] (the items' [k * q, k] by
+    product), and dL/d[k * q, k] = F·diag(w2)·[C, A] per item, dL/dq's part through B
+    G·diag(w2)·B per row; dL/dw2 = PReLU(h)^T gs = (h ⊙ PReLU'(h))^T gs is the row-wise dot of W
     with F^T x (h = W·x), so nothing else reads the layer.
     """
 
@@ -255,12 +257,12 @@ class _PackedDin(torch.autograd.Function):
             s = e / segment_sum(e.unsqueeze(1), bounds).squeeze(1).index_select(0, rows)
         ctx.normalise = normalise
         pooled = segment_sum(keys, bounds, s)
-        ctx.save_for_backward(keys, x, above, below, s, weights, slope, w2, rows, bounds)
+        ctx.save_for_backward(keys, queries, x, above, below, s, weights, slope, w2, rows, bounds)
         return pooled, s
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor, grad_s: Tensor | None) -> tuple[Tensor | None, ...]:
-        keys, x, above, below, s, weights, slope, w2, rows, bounds = ctx.saved_tensors
+        keys, queries, x, above, below, s, weights, slope, w2, rows, bounds = ctx.saved_tensors
         dim = keys.shape[1]
         a = slope.view(())
         g = grad.index_select(0, rows)  # [N, d]
@@ -272,14 +274,18 @@ class _PackedDin(torch.autograd.Function):
             gs = s * (gs - spread)
         # F = gs·PReLU'(h) = gs·(a + (1 - a)·E) [N, 36], one pass; dL/dh = F·diag(w2)
         f = torch.addcmul((gs * a).unsqueeze(1), above, (gs * (1 - a)).unsqueeze(1))
-        masked = f.t() @ x  # F^T x [36, 3d + 1]
+        # F^T x: the items' columns [k * q, k] by one product, the row's [q, 1] from F's row sums G
+        per_row = segment_sum(f, bounds)  # G [B, 36]
+        table = torch.cat([queries, queries.new_ones(queries.shape[0], 1)], 1)
+        masked = torch.cat([f.t() @ x[:, : 2 * dim], per_row.t() @ table], 1)  # [36, 3d + 1]
         grad_weights = masked * w2.unsqueeze(1)
-        gx = f @ (w2.unsqueeze(1) * weights[:, : 3 * dim])  # dL/d[k*q, k, q]
         grad_w2 = (weights * masked).sum(1)  # PReLU(h)^T gs = (h·PReLU'(h))^T gs, h = W·x
         grad_slope = (gs @ below).view(1)
+        scaled = w2.unsqueeze(1) * weights[:, : 3 * dim]
+        gx = f @ scaled[:, : 2 * dim]  # dL/d[k * q, k] [N, 2d]
         product = gx[:, :dim]
-        grad_keys = torch.addcmul(gx[:, dim : 2 * dim], product, x[:, 2 * dim : 3 * dim]).addcmul_(g, s.unsqueeze(1))
-        grad_queries = segment_sum(torch.addcmul(gx[:, 2 * dim :], product, keys), bounds)
+        grad_keys = torch.addcmul(gx[:, dim:], product, x[:, 2 * dim : 3 * dim]).addcmul_(g, s.unsqueeze(1))
+        grad_queries = torch.addmm(segment_sum(product * keys, bounds), per_row, scaled[:, 2 * dim :])
         return (grad_keys, grad_queries, grad_weights, grad_slope, grad_w2, gs.sum().view(1), None, None, None)
 
 
