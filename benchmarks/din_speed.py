@@ -326,13 +326,14 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=20000)
     parser.add_argument("--movielens", type=Path, help="also MovieLens-100k, built in this folder")
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--skip-generated", action="store_true", help="MovieLens-100k only")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"unit alone, N ≈ 10k items, d 16: {unit_alone(16, 20)} ms; d 8: {unit_alone(8, 20)} ms", flush=True)
     print("| data | history length | variant | samples/s (CPU) | ratio | samples/s (wall) | ratio |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        cases = [("generated", length) for length in args.lengths]
+        cases = [] if args.skip_generated else [("generated", length) for length in args.lengths]
         if args.movielens is not None:
             cases += [("MovieLens-100k", length) for length in args.lengths]
         for data, length in cases:

@@ -239,134 +239,54 @@ class _PackedDin(torch.autograd.Function):
         rows: Tensor,
         bounds: Tensor,
         normalise: bool = False,
-        compiled: bool = False,
     ) -> tuple[Tensor, Tensor]:
-        ctx.normalise, ctx.compiled = normalise, compiled
-        run = _din_kernel("forward", _din_forward) if compiled else _din_forward
-        pooled, s, x, above, below = run(keys, queries, weights, slope, w2, b2, rows, bounds, normalise, compiled)
+        dim = keys.shape[1]
+        a = slope.view(())
+        per_row = torch.cat([queries, queries.new_ones(queries.shape[0], 1)], 1).index_select(0, rows)
+        x = torch.cat([keys, keys, per_row], 1)  # one write, then k * q in place
+        x[:, :dim].mul_(x[:, 2 * dim : 3 * dim])
+        relu = torch.mm(x, weights.t())  # h [N, 36]
+        linear = relu @ w2  # w2·h [N]
+        rectified = relu.relu_() @ w2  # w2·R [N]
+        above = relu.sign_()  # E = [h > 0], in R's place (the backward pass needs no more of h)
+        below = linear.sub_(rectified)  # w2·min(h, 0), PReLU's slope's factor
+        s = (below * a).add_(rectified).add_(b2)  # w2·PReLU(h) + b2
+        if normalise:  # shifted by each row's largest score
+            top = s.new_zeros(queries.shape[0]).scatter_reduce_(0, rows, s, "amax", include_self=False)
+            e = torch.exp(s - top.index_select(0, rows))
+            s = e / segment_sum(e.unsqueeze(1), bounds).squeeze(1).index_select(0, rows)
+        ctx.normalise = normalise
+        pooled = segment_sum(keys, bounds, s)
         ctx.save_for_backward(keys, queries, x, above, below, s, weights, slope, w2, rows, bounds)
         return pooled, s
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor, grad_s: Tensor | None) -> tuple[Tensor | None, ...]:
-        run = _din_kernel("backward", _din_backward) if ctx.compiled else _din_backward
-        grads = run(grad, grad_s, *ctx.saved_tensors, ctx.normalise, ctx.compiled)
-        return (*grads, None, None, None, None)
-
-
-def _row_sums(values: Tensor, rows: Tensor, bounds: Tensor, batch_size: int, compiled: bool) -> Tensor:
-    """Row sums of packed ``values`` [N, k] -> [B, k]: one sparse product eagerly, a scatter
-    (which inductor fuses with what writes ``values``) when compiled."""
-    if not compiled:
-        return segment_sum(values, bounds)
-    return values.new_zeros(batch_size, values.shape[1]).index_add_(0, rows, values)
-
-
-def _din_forward(
-    keys: Tensor,
-    queries: Tensor,
-    weights: Tensor,
-    slope: Tensor,
-    w2: Tensor,
-    b2: Tensor,
-    rows: Tensor,
-    bounds: Tensor,
-    normalise: bool,
-    compiled: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``_PackedDin``'s forward pass: pooled [B, d], s [N], and x, E, w2·min(h, 0) for backward."""
-    dim, batch_size = keys.shape[1], queries.shape[0]
-    a = slope.view(())
-    per_row = torch.cat([queries, queries.new_ones(batch_size, 1)], 1).index_select(0, rows)
-    x = torch.cat([keys, keys, per_row], 1)  # one write, then k * q in place
-    x[:, :dim].mul_(x[:, 2 * dim : 3 * dim])
-    relu = torch.mm(x, weights.t())  # h [N, 36]
-    linear = relu @ w2  # w2·h [N]
-    rectified = relu.relu_() @ w2  # w2·R [N]
-    above = relu.sign_()  # E = [h > 0], in R's place (the backward pass needs no more of h)
-    below = linear.sub_(rectified)  # w2·min(h, 0), PReLU's slope's factor
-    s = (below * a).add_(rectified).add_(b2)  # w2·PReLU(h) + b2
-    if normalise:  # shifted by each row's largest score
-        top = s.new_zeros(batch_size).scatter_reduce_(0, rows, s, "amax", include_self=False)
-        e = torch.exp(s - top.index_select(0, rows))
-        s = e / _row_sums(e.unsqueeze(1), rows, bounds, batch_size, compiled).squeeze(1).index_select(0, rows)
-    pooled = (
-        _row_sums(keys * s.unsqueeze(1), rows, bounds, batch_size, True) if compiled else segment_sum(keys, bounds, s)
-    )
-    return pooled, s, x, above, below
-
-
-def _din_backward(
-    grad: Tensor,
-    grad_s: Tensor | None,
-    keys: Tensor,
-    queries: Tensor,
-    x: Tensor,
-    above: Tensor,
-    below: Tensor,
-    s: Tensor,
-    weights: Tensor,
-    slope: Tensor,
-    w2: Tensor,
-    rows: Tensor,
-    bounds: Tensor,
-    normalise: bool,
-    compiled: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``_PackedDin``'s backward pass: the gradients of keys, queries, W, a, w2 and b2."""
-    dim, batch_size = keys.shape[1], queries.shape[0]
-    a = slope.view(())
-    g = grad.index_select(0, rows)  # [N, d]
-    gs = (g * keys).sum(1)  # dL/ds [N] (dL/dp when normalised)
-    if grad_s is not None:
-        gs = gs + grad_s
-    if normalise:  # through the softmax: p·(gp - sum_r p·gp); s holds p
-        spread = _row_sums((s * gs).unsqueeze(1), rows, bounds, batch_size, compiled).squeeze(1).index_select(0, rows)
-        gs = s * (gs - spread)
-    # F = gs·PReLU'(h) = gs·(a + (1 - a)·E) [N, 36], one pass; dL/dh = F·diag(w2)
-    f = torch.addcmul((gs * a).unsqueeze(1), above, (gs * (1 - a)).unsqueeze(1))
-    # F^T x: the items' columns [k * q, k] by one product, the row's [q, 1] from F's row sums G
-    per_row = _row_sums(f, rows, bounds, batch_size, compiled)  # G [B, 36]
-    table = torch.cat([queries, queries.new_ones(batch_size, 1)], 1)
-    masked = torch.cat([f.t() @ x[:, : 2 * dim], per_row.t() @ table], 1)  # [36, 3d + 1]
-    grad_weights = masked * w2.unsqueeze(1)
-    grad_w2 = (weights * masked).sum(1)  # PReLU(h)^T gs = (h·PReLU'(h))^T gs, h = W·x
-    grad_slope = (gs @ below).view(1)
-    scaled = w2.unsqueeze(1) * weights[:, : 3 * dim]
-    gx = f @ scaled[:, : 2 * dim]  # dL/d[k * q, k] [N, 2d]
-    product = gx[:, :dim]
-    grad_keys = torch.addcmul(gx[:, dim:], product, x[:, 2 * dim : 3 * dim]).addcmul_(g, s.unsqueeze(1))
-    from_items = _row_sums(product * keys, rows, bounds, batch_size, compiled)
-    grad_queries = torch.addmm(from_items, per_row, scaled[:, 2 * dim :])
-    return grad_keys, grad_queries, grad_weights, grad_slope, grad_w2, gs.sum().view(1)
-
-
-_COMPILED: dict[str, Callable[..., Any]] = {}
-
-
-def _din_kernel(name: str, eager: Callable[..., Any]) -> Callable[..., Any]:
-    """``eager`` compiled by ``torch.compile`` (inductor; dynamic shapes, so one compilation
-    serves every batch's item count), built on first use. Where compilation fails (no C++
-    compiler, a platform inductor does not support) it warns once and runs ``eager`` instead."""
-    if name not in _COMPILED:
-        compiled = torch.compile(eager, dynamic=True)
-
-        def guarded(*args: Any) -> Any:
-            try:
-                return compiled(*args)
-            except Exception as error:  # any failure to compile falls back, once
-                first = (str(error).strip().splitlines() or [""])[0][:200]
-                warnings.warn(
-                    f"train.compile_attention: torch.compile could not build DIN's unit ({type(error).__name__}: {first}); "
-                    "it runs uncompiled (same results, eager speed)",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                _COMPILED[name] = eager
-                return eager(*args)
-
-        _COMPILED[name] = guarded
-    return _COMPILED[name]
+        keys, queries, x, above, below, s, weights, slope, w2, rows, bounds = ctx.saved_tensors
+        dim = keys.shape[1]
+        a = slope.view(())
+        g = grad.index_select(0, rows)  # [N, d]
+        gs = (g * keys).sum(1)  # dL/ds [N] (dL/dp when normalised)
+        if grad_s is not None:
+            gs = gs + grad_s
+        if ctx.normalise:  # through the softmax: p·(gp - sum_r p·gp); s holds p
+            spread = segment_sum((s * gs).unsqueeze(1), bounds).squeeze(1).index_select(0, rows)
+            gs = s * (gs - spread)
+        # F = gs·PReLU'(h) = gs·(a + (1 - a)·E) [N, 36], one pass; dL/dh = F·diag(w2)
+        f = torch.addcmul((gs * a).unsqueeze(1), above, (gs * (1 - a)).unsqueeze(1))
+        # F^T x: the items' columns [k * q, k] by one product, the row's [q, 1] from F's row sums G
+        per_row = segment_sum(f, bounds)  # G [B, 36]
+        table = torch.cat([queries, queries.new_ones(queries.shape[0], 1)], 1)
+        masked = torch.cat([f.t() @ x[:, : 2 * dim], per_row.t() @ table], 1)  # [36, 3d + 1]
+        grad_weights = masked * w2.unsqueeze(1)
+        grad_w2 = (weights * masked).sum(1)  # PReLU(h)^T gs = (h·PReLU'(h))^T gs, h = W·x
+        grad_slope = (gs @ below).view(1)
+        scaled = w2.unsqueeze(1) * weights[:, : 3 * dim]
+        gx = f @ scaled[:, : 2 * dim]  # dL/d[k * q, k] [N, 2d]
+        product = gx[:, :dim]
+        grad_keys = torch.addcmul(gx[:, dim:], product, x[:, 2 * dim : 3 * dim]).addcmul_(g, s.unsqueeze(1))
+        grad_queries = torch.addmm(segment_sum(product * keys, bounds), per_row, scaled[:, 2 * dim :])
+        return (grad_keys, grad_queries, grad_weights, grad_slope, grad_w2, gs.sum().view(1), None, None, None)
 
 
 def packed_report(weights: Tensor, history: Packed, batch_size: int) -> Tensor:
@@ -399,7 +319,6 @@ class AttentionPooling(nn.Module):
         super().__init__()
         self.score = nn.Sequential(nn.Linear(4 * dim, ATTENTION_UNITS), nn.PReLU(), nn.Linear(ATTENTION_UNITS, 1))
         self.normalise = normalise
-        self.compiled = False  # the packed unit through torch.compile (``compile_attention``)
         self._report: Tensor | Callable[[], Tensor] | None = None  # last_weights, or how to build them
 
     @property
@@ -442,7 +361,6 @@ class AttentionPooling(nn.Module):
             history.rows,
             history.bounds,
             self.normalise,
-            self.compiled,
         )
         self.report_later(functools.partial(packed_report, weights.detach(), history, query.shape[0]))
         return cast(Tensor, pooled)
@@ -762,16 +680,6 @@ class FeatureEmbedding(nn.Module):
             self.row_mv[:, 0].copy_(state["m"])
             self.row_mv[:, 1].copy_(state["v"])
             self.row_steps.copy_(state["steps"])
-
-
-def compile_attention(model: nn.Module) -> list[str]:
-    """Run every DIN unit of ``model`` on packed histories through ``torch.compile`` (opt-in,
-    ``train.compile_attention``): the same function, its elementwise passes fused by inductor.
-    Returns the units' names."""
-    units = [name for name, module in model.named_modules() if isinstance(module, AttentionPooling)]
-    for name in units:
-        cast(AttentionPooling, model.get_submodule(name)).compiled = True
-    return units
 
 
 def sparse_embeddings(model: nn.Module) -> list[tuple[str, FeatureEmbedding]]:

@@ -481,9 +481,6 @@ class TrainSection(Strict):
     checkpoint_every: PositiveInt | None = None
     track_gradients: PositiveInt | None = None
     sparse_embeddings: Literal["auto"] | bool = "auto"
-    # DIN's unit on packed histories through torch.compile (inductor's C++ backend fuses its
-    # elementwise passes; compiles once per run, about 30 s on one core); falls back with a warning
-    compile_attention: bool = False
     # memory: the whole encoded split as tensors; stream: read in windows of shuffle_buffer rows
     # from its Parquet file, the next window on a background thread; auto: memory when the split
     # fits data.memory_budget

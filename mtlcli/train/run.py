@@ -26,7 +26,7 @@ from mtlcli.errors import ArtifactError, DataError
 from mtlcli.fileio import append_line, to_json, write_json, write_text
 from mtlcli.models import build_model
 from mtlcli.models.base import scheme
-from mtlcli.models.blocks import compile_attention, sparse_embeddings, use_sparse_rows
+from mtlcli.models.blocks import sparse_embeddings, use_sparse_rows
 from mtlcli.objectives.base import TrainingObjective
 from mtlcli.objectives.training import build_crossdistil
 from mtlcli.recipe import Recipe, recipe_to_yaml
@@ -146,8 +146,6 @@ def run_plan(
     model = build_model(recipe.model.scheme, recipe.model.params, input_spec(schema))
     if settings.sparse_embeddings is not False:
         use_sparse_rows(model, SPARSE_MIN_ROWS if settings.sparse_embeddings == "auto" else 0)
-    if settings.compile_attention:
-        compile_attention(model)
     torch.set_num_threads(choose_threads(settings.threads, model))
     strategy = build_weighting(recipe.loss.weighting, recipe.loss.params, tasks)
     own = list(strategy.capabilities.parameters)

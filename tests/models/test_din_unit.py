@@ -3,13 +3,9 @@ the padded layout's plain modules, with a negative PReLU slope and empty rows.""
 
 from __future__ import annotations
 
-import warnings
-from typing import cast
-
 import pytest
 import torch
 
-from mtlcli.models import blocks
 from mtlcli.models.blocks import AttentionPooling, packed_layout
 from tests.numerics import assert_kernel_close
 
@@ -46,36 +42,3 @@ def test_packed_unit_matches_the_padded_modules(normalise: bool, slope: float) -
     names = [name for name, _ in unit.named_parameters()] + ["keys", "queries"]
     for name, grad, want in zip(names, grads, expected_grads, strict=True):
         assert_kernel_close(grad, want, floor=1.0, what=name)
-
-
-def test_compiled_unit_falls_back_with_a_warning_when_compilation_fails(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``train.compile_attention`` where torch.compile cannot build the unit: one warning saying
-    so, the same outputs and gradients as the uncompiled unit (no compiler is run here)."""
-
-    def broken(fn: object, **_: object) -> object:
-        def call(*args: object) -> object:
-            raise RuntimeError("no C++ compiler found\ndetails")
-
-        return call
-
-    monkeypatch.setattr(blocks, "_COMPILED", {})
-    monkeypatch.setattr(torch, "compile", broken)
-    torch.manual_seed(0)
-    lengths = torch.tensor([2, 0, 3])
-    history = packed_layout(torch.zeros(5, dtype=torch.long), lengths)
-    model = torch.nn.ModuleDict({"din": AttentionPooling(4)})
-    assert blocks.compile_attention(model) == ["din"]
-    unit = cast(AttentionPooling, model["din"])
-    keys, queries = torch.randn(5, 4, requires_grad=True), torch.randn(3, 4)
-    results = []
-    for compiled in (True, False):
-        unit.compiled, keys.grad = compiled, None
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            out = unit.packed(keys, history, queries)
-            out.sum().backward()
-        results.append((out.detach(), keys.grad, [str(w.message) for w in caught]))
-    (out, grad, messages), (expected, expected_grad, none) = results
-    assert len(messages) == 2 and all("compile_attention" in m and "no C++ compiler found" in m for m in messages)
-    assert not none
-    assert torch.equal(out, expected) and torch.equal(grad, expected_grad)
