@@ -285,4 +285,4 @@ def event_indexes(scanned: Scanned, recipe: Recipe) -> tuple[Scanned, dict[str, 
             own = kept.filter(usable).to_numpy()
             counts = np.concatenate([np.zeros(1, np.int64), np.cumsum(own, dtype=np.int64)])
             indexes[name] = EventIndex(name, searched[search], counts, log.get_column(_ITEM).filter(usable & kept))
-    return Scanned(frame, scanned.files, scanned.recipe, tuple(warnings)), indexes
+    return Scanned(frame, scanned.files, scanned.recipe, tuple(warnings), scanned.in_memory), indexes

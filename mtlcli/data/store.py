@@ -167,7 +167,7 @@ def _in_memory(scanned: Scanned, budget: int) -> Scanned:
     not each read the files again; else the source as it is, each query streaming the files."""
     if source_bytes(scanned) > budget:
         return scanned
-    return Scanned(scanned.collect(scanned.frame).lazy(), scanned.files, scanned.recipe)
+    return Scanned(scanned.collect(scanned.frame).lazy(), scanned.files, scanned.recipe, in_memory=True)
 
 
 def preprocess(recipe: Recipe, out_dir: Path, progress: Progress | None = None) -> DataSchema:

@@ -127,16 +127,20 @@ def test_histories_of_one_log_share_its_search(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("streamed", [False, True])
 def test_encoded_histories_do_not_depend_on_the_chunk_size(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared: bool, streamed: bool
 ) -> None:
-    """Rows are encoded a chunk at a time (one row, seven, all at once): the encoded splits are
+    """Rows are encoded a chunk at a time (one row, seven, all at once), from the source held in
+    memory or streamed from its file (``data.memory_budget`` of one byte): the encoded splits are
     the brute-force histories (most recent first, in the fitted vocabulary), and so is a history's
     own vocabulary, counted over the train rows' histories chunk by chunk."""
     events, rows = make_log(tmp_path, 6, users=3)
     expected = brute_force(events, rows, {"click"}, 4)
     sequence = {} if shared else {"vocabulary": None}
     recipe = recipe_for(tmp_path, {"type": "kind", "types": ["click"]}, max_len=4, **sequence)
+    if streamed:
+        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"memory_budget": 1})})
     results = []
     for size in (1, 7, None):
         monkeypatch.setattr(store, "HISTORY_ROWS", size)
