@@ -8,11 +8,13 @@ order of the log's lines. Item ids are stripped of surrounding spaces and empty 
 in a list column. The history is encoded like a list column (last ``max_len`` ids, most recent
 first); at serving it comes as a list column named after the sequence.
 
-The log is read once and sorted by (user, time, item) into an ``EventIndex``: its memory grows
+The log is read once and sorted by (user, time, item) into an ``EventLog``: its memory grows
 with the number of events (about 16 bytes each, plus each distinct user's text), never with the
 rows. Each row's history is then a window of that sorted log, found by one binary search per row
-(a user's events are contiguous and in time order), so rows are encoded chunk by chunk as they
-stream and a row's history depends on nothing but its own user and time.
+(a user's events are contiguous and in time order), so rows are encoded chunk by chunk and a
+row's history depends on nothing but its own user and time. The histories of one log (one per
+behaviour type, say) share its search: each ``EventIndex`` maps the log's window to its own
+events by prefix counts of the events it keeps.
 """
 
 from __future__ import annotations
