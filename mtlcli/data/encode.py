@@ -115,15 +115,18 @@ def sequence_expr(feature: SequenceFeature, items: pl.Expr, vocab: list[str]) ->
 def with_event_histories(
     batch: pl.DataFrame, histories: list[tuple[SequenceFeature, EventIndex, np.ndarray]]
 ) -> pl.DataFrame:
-    """A chunk of rows holding each event history's ``ROW_USER``/``ROW_TIME`` columns (see
-    ``EventIndex``) -> the same rows with the history's encoded ids instead (as ``sequence_expr``:
+    """A chunk of rows holding each event log's ``ROW_USER``/``ROW_TIME`` columns (see
+    ``EventLog``) -> the same rows with each history's encoded ids instead (as ``sequence_expr``:
     the last ``max_len``, most recent first), each feature with its events' ids in its vocabulary
-    (``newest_first``)."""
+    (``newest_first``); histories of one log share its search."""
+    ends: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for feature, index, reversed_ids in histories:
-        start, end = index.rows(batch, feature.max_len)
+        log = index.log
+        if log.name not in ends:
+            ends[log.name] = log.rows(batch)
+        start, end = index.windows(*ends[log.name], feature.max_len)
         batch = batch.with_columns(encoded_windows(reversed_ids, start, end, SEQUENCE_PREFIX + feature.name))
-        batch = batch.drop(ROW_USER + feature.name, ROW_TIME + feature.name)
-    return batch
+    return batch.drop(*(prefix + name for name in ends for prefix in (ROW_USER, ROW_TIME)))
 
 
 def input_columns(schema: DataSchema) -> list[str]:

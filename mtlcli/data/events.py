@@ -8,11 +8,13 @@ order of the log's lines. Item ids are stripped of surrounding spaces and empty 
 in a list column. The history is encoded like a list column (last ``max_len`` ids, most recent
 first); at serving it comes as a list column named after the sequence.
 
-The log is read once and sorted by (user, time, item) into an ``EventIndex``: its memory grows
+The log is read once and sorted by (user, time, item) into an ``EventLog``: its memory grows
 with the number of events (about 16 bytes each, plus each distinct user's text), never with the
 rows. Each row's history is then a window of that sorted log, found by one binary search per row
-(a user's events are contiguous and in time order), so rows are encoded chunk by chunk as they
-stream and a row's history depends on nothing but its own user and time.
+(a user's events are contiguous and in time order), so rows are encoded chunk by chunk and a
+row's history depends on nothing but its own user and time. The histories of one log (one per
+behaviour type, say) share its search: each ``EventIndex`` maps the log's window to its own
+events by prefix counts of the events it keeps.
 """
 
 from __future__ import annotations
@@ -92,42 +94,74 @@ def _scan_events(options: EventsOptions, field: str) -> tuple[pl.LazyFrame, list
 
 
 @dataclass(frozen=True)
-class EventIndex:
-    """One history's event log sorted by (user, time, item), as arrays.
+class EventLog:
+    """An event log sorted by (user, time, item), as arrays, shared by every history that reads it
+    with the same row columns: one binary search per row finds where the row's user's events at
+    or after its time begin, for all of those histories at once.
 
     ``users`` holds the distinct users (text) in order; user ``u``'s events are positions
-    ``first[u]`` to ``first[u + 1]`` of ``items`` (text ids). ``keys`` [E] (int64, ascending) is
-    ``u * (len(times) + 1) + r`` for an event of user ``u`` whose time is ``times[r]`` (``times``:
-    the distinct event times, ascending), so that one ``searchsorted`` finds, for every row at
-    once, where its user's events at or after its time begin. ``user`` and ``time`` are the
-    expressions that give a row its user's index (null: no event) and its time (float64), named
-    ``ROW_USER``/``ROW_TIME`` + the history's name."""
+    ``first[u]`` to ``first[u + 1]``. ``keys`` [E] (int64, ascending) is ``u * (len(times) + 1) + r``
+    for an event of user ``u`` whose time is ``times[r]`` (``times``: the distinct event times,
+    ascending). ``user`` and ``time`` are the expressions that give a row its user's index (null:
+    no event) and its time (float64), named ``ROW_USER``/``ROW_TIME`` + ``name``."""
 
     name: str
     users: pl.Series
     first: np.ndarray
     keys: np.ndarray
     times: np.ndarray
-    items: pl.Series
     user: pl.Expr
     time: pl.Expr
 
-    def windows(self, user: np.ndarray, time: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-        """(start, end) [N] int64: the positions of each row's last ``max_len`` events strictly
-        before its time (``user``: the row's user index, -1 for a user without events)."""
+    def ends(self, user: np.ndarray, time: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(user, end) [N] int64: each row's user index (-1: a user without events) and the
+        position where its user's events at or after its time begin (0 without events)."""
         known = user >= 0
         u = np.where(known, user, 0).astype(np.int64)
         before = np.searchsorted(self.times, time, side="left")  # distinct event times < the row's time
         end = np.searchsorted(self.keys, u * (len(self.times) + 1) + before, side="left").astype(np.int64)
-        lowest = self.first[u]
-        end = np.where(known, end, 0)
+        return np.where(known, user, -1).astype(np.int64), np.where(known, end, 0)
+
+    def rows(self, batch: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """``ends`` of a batch holding this log's ``ROW_USER`` and ``ROW_TIME`` columns."""
+        user = batch.get_column(ROW_USER + self.name).cast(pl.Int64).fill_null(-1).to_numpy()
+        return self.ends(user, batch.get_column(ROW_TIME + self.name).to_numpy())
+
+
+@dataclass(frozen=True)
+class EventIndex:
+    """One history's events: those of ``log`` it keeps (all, or its types), in the log's order.
+
+    ``kept`` [E + 1] (int64, or None when every event is kept) counts the kept events among the
+    log's first ``p``, so that a window of the log maps to the window of this history's events
+    (``items``, text ids) by two lookups, and histories of one log share its search."""
+
+    name: str
+    log: EventLog
+    kept: np.ndarray | None
+    items: pl.Series
+
+    @property
+    def user(self) -> pl.Expr:
+        return self.log.user
+
+    @property
+    def time(self) -> pl.Expr:
+        return self.log.time
+
+    def windows(self, user: np.ndarray, end: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """(start, end) [N] int64: the positions in ``items`` of each row's last ``max_len``
+        events strictly before its time, from the log's ``ends`` (``user`` -1: none)."""
+        known = user >= 0
+        lowest = self.log.first[np.where(known, user, 0)]
+        if self.kept is not None:
+            lowest, end = self.kept[lowest], self.kept[end]
         start = np.where(known, np.maximum(lowest, end - max_len), 0)
-        return start, end
+        return start, np.where(known, end, 0)
 
     def rows(self, batch: pl.DataFrame, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-        """``windows`` of a batch holding this history's ``ROW_USER`` and ``ROW_TIME`` columns."""
-        user = batch.get_column(ROW_USER + self.name).cast(pl.Int64).fill_null(-1).to_numpy()
-        return self.windows(user, batch.get_column(ROW_TIME + self.name).to_numpy(), max_len)
+        """``windows`` of a batch holding the log's ``ROW_USER`` and ``ROW_TIME`` columns."""
+        return self.windows(*self.log.rows(batch), max_len)
 
     def ids(self, vocab: list[str]) -> np.ndarray:
         """The events' items as int32 ids in ``vocab`` (FIRST_ID onwards; OOV_ID outside it)."""
@@ -135,8 +169,8 @@ class EventIndex:
         return (position + FIRST_ID).fill_null(OOV_ID).to_numpy().astype(np.int32)
 
     def counts(self, start: np.ndarray, end: np.ndarray) -> np.ndarray:
-        """[E] int64: how many of the windows (start, end) hold each event."""
-        size = len(self.keys) + 1
+        """[E] int64: how many of the windows (start, end) hold each of the history's events."""
+        size = len(self.items) + 1
         steps = np.bincount(start, minlength=size) - np.bincount(end, minlength=size)
         return np.cumsum(steps)[:-1]
 
@@ -165,7 +199,7 @@ Collect = Callable[[pl.LazyFrame], pl.DataFrame]
 def train_counts(scanned: Scanned, index: EventIndex, max_len: int, chunk: int) -> pl.DataFrame:
     """(id, count): how many times each item occurs in the train rows' histories (for a history's
     own vocabulary), the rows streamed ``chunk`` at a time; memory grows with the events only."""
-    held = np.zeros(len(index.keys), np.int64)
+    held = np.zeros(len(index.items), np.int64)
 
     def add(batch: pl.DataFrame) -> None:
         held[:] += index.counts(*index.rows(batch, max_len))
@@ -176,8 +210,8 @@ def train_counts(scanned: Scanned, index: EventIndex, max_len: int, chunk: int) 
     return counted.filter(pl.col("count") > 0).group_by("id").agg(pl.col("count").sum())
 
 
-def _index(name: str, ordered: pl.DataFrame, user: pl.Expr, time: pl.Expr) -> EventIndex:
-    """The index of a log sorted by (user, time, item)."""
+def _event_log(name: str, ordered: pl.DataFrame, user: pl.Expr, time: pl.Expr) -> EventLog:
+    """The search arrays of a log sorted by (user, time, item), its row columns named after ``name``."""
     users = ordered.get_column(_USER).unique(maintain_order=True)  # in sorted order: user u is users[u]
     code = ordered.select(pl.col(_USER).rle_id()).to_series().to_numpy().astype(np.int64)
     event_times = ordered.get_column(_EVENT_TIME).to_numpy()
@@ -185,38 +219,38 @@ def _index(name: str, ordered: pl.DataFrame, user: pl.Expr, time: pl.Expr) -> Ev
     keys = code * (len(times) + 1) + np.searchsorted(times, event_times)
     first = np.searchsorted(keys, np.arange(len(users) + 1, dtype=np.int64) * (len(times) + 1))
     index_of = user.cast(pl.Enum(users), strict=False).to_physical()
-    return EventIndex(
-        name, users, first, keys, times, ordered.get_column(_ITEM),
-        index_of.alias(ROW_USER + name), time.alias(ROW_TIME + name),
-    )  # fmt: skip
+    return EventLog(name, users, first, keys, times, index_of.alias(ROW_USER + name), time.alias(ROW_TIME + name))
 
 
 def _sorted_log(events: EventsOptions, field: str, collect: Collect) -> pl.DataFrame:
-    """An event log read once (its times checked), sorted by (user, time, item): user, item
-    (stripped text), time (float64) and, with ``type``, the type as text."""
+    """An event log read once into memory (its times checked there), sorted by (user, time,
+    item): user, item (stripped text), time (float64) and, with ``type``, the type as text."""
     log, _ = _scan_events(events, field)
     log_schema = dict(log.collect_schema().items())
-    enforce(log, _time_checks(events.time, log_schema[events.time], f"{field} (event files)"), collect)
     columns = [
+        pl.col(ROW_COLUMN),
         pl.col(events.user).cast(pl.String).alias(_USER),
         pl.col(events.item).cast(pl.String).str.strip_chars().alias(_ITEM),
         _times(events.time, log_schema[events.time]).alias(_EVENT_TIME),
     ]
     if events.type is not None:
         columns.append(pl.col(events.type).cast(pl.String).alias(_TYPE))
-    return collect(log.select(columns).sort([_USER, _EVENT_TIME, _ITEM]))
+    read = collect(log.select(*columns, pl.col(events.time)))
+    enforce(read.lazy(), _time_checks(events.time, log_schema[events.time], f"{field} (event files)"))
+    return read.drop(ROW_COLUMN, events.time).sort([_USER, _EVENT_TIME, _ITEM])
 
 
 def event_indexes(scanned: Scanned, recipe: Recipe) -> tuple[Scanned, dict[str, EventIndex]]:
     """An ``EventIndex`` for every history derived from events (see the module docstring), the
     rows' and the log's times checked, with a warning for each kept event type that never
     occurs (``declared_types``). Histories of the same log (one per behaviour type, say) read
-    and sort it once."""
+    and sort it once, and with the same row columns share one ``EventLog`` (one search per row)."""
     frame = scanned.frame
     warnings = list(scanned.warnings)
     indexes = {}
     schema = dict(frame.collect_schema().items())
     logs: dict[tuple[object, ...], pl.DataFrame] = {}
+    searched: dict[tuple[object, ...], EventLog] = {}
     checked: set[str] = set()
     for name, options in recipe.features.sequences.items():
         events = options.events
@@ -235,12 +269,22 @@ def event_indexes(scanned: Scanned, recipe: Recipe) -> tuple[Scanned, dict[str, 
         if source not in logs:
             logs[source] = _sorted_log(events, field, scanned.collect)
         log = logs[source]
+        kept = None
         if events.types:
             assert events.type is not None
             seen = log.get_column(_TYPE).drop_nulls().unique().to_list()
             warnings += declared_types(f"{field}.types", events.type, events.types, seen)
-            log = log.filter(pl.col(_TYPE).is_in(events.types))
-        log = log.filter(pl.col(_USER).is_not_null() & pl.col(_ITEM).is_not_null() & (pl.col(_ITEM) != ""))
-        user = pl.col(row_user).cast(pl.String)
-        indexes[name] = _index(name, log, user, _times(row_time, schema[row_time]))
-    return Scanned(frame, scanned.files, scanned.recipe, tuple(warnings)), indexes
+            kept = log.get_column(_TYPE).is_in(events.types).fill_null(False)
+        usable = log.get_column(_USER).is_not_null() & log.get_column(_ITEM).is_not_null()
+        usable &= log.get_column(_ITEM) != ""
+        search = (source, row_user, row_time)
+        if search not in searched:  # events that no history can hold are not searched
+            user = pl.col(row_user).cast(pl.String)
+            searched[search] = _event_log(name, log.filter(usable), user, _times(row_time, schema[row_time]))
+        if kept is None:
+            indexes[name] = EventIndex(name, searched[search], None, log.get_column(_ITEM).filter(usable))
+        else:
+            own = kept.filter(usable).to_numpy()
+            counts = np.concatenate([np.zeros(1, np.int64), np.cumsum(own, dtype=np.int64)])
+            indexes[name] = EventIndex(name, searched[search], counts, log.get_column(_ITEM).filter(usable & kept))
+    return Scanned(frame, scanned.files, scanned.recipe, tuple(warnings), scanned.in_memory), indexes

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import fnmatch
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,6 +249,7 @@ class Scanned:
     files: list[Path]
     recipe: Recipe
     warnings: tuple[str, ...] = ()  # found while reading: the data works but may not mean what was meant
+    in_memory: bool = False  # the rows are held in memory (``frame`` is a DataFrame's), not read from files
 
     @property
     def columns(self) -> list[str]:
@@ -267,12 +269,28 @@ class Scanned:
         self._run(lambda: query.sink_parquet(path, row_group_size=row_group, engine="streaming"))
 
     def each_batch(self, query: pl.LazyFrame, rows: int, work: Callable[[pl.DataFrame], None]) -> None:
-        """Run a query on the streaming engine and hand its rows to ``work`` in order, ``rows`` at
-        a time (the last batch may be shorter): for stages that compute in Python per chunk. The
-        engine waits for ``work``, so a slow chunk holds the stream back rather than the rows
-        piling up (``collect_batches`` held more)."""
-
-        self._run(lambda: query.sink_batches(work, chunk_size=rows, maintain_order=True, engine="streaming"))
+        """Run a query and hand its rows to ``work`` in order, ``rows`` at a time (the last batch
+        may be shorter): for stages that compute in Python per chunk. Rows held in memory are
+        queried a slice at a time (the query's rows are never all held beside the source's).
+        Rows read from files are first written by the engine's own
+        sink to a temporary Parquet file in ``data.cache_dir`` (row groups of ``rows``), which is
+        then read back a row group at a time: fed to Python directly (``sink_batches``,
+        ``collect_batches``), the engine read ahead of a slower consumer and held most of the
+        rows decoded (0.81 GB for 8M rows of the click log against 0.31 GB for 2M), where a sink
+        holds a bounded buffer."""
+        if self.in_memory:
+            total = int(self.collect(query.select(pl.len())).item())
+            for offset in range(0, max(total, 1), rows):
+                work(self.collect(query.slice(offset, rows)))
+            return
+        spill = Path(self.recipe.data.cache_dir).expanduser()
+        spill.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=spill, prefix=".batches-") as folder:
+            path = Path(folder) / "rows.parquet"
+            self.sink(query, path, rows)
+            total = int(pl.scan_parquet(path).select(pl.len()).collect().item())
+            for offset in range(0, max(total, 1), rows):
+                work(pl.scan_parquet(path).slice(offset, rows).collect())
 
     def _run(self, work: Callable[[], _T]) -> _T:
         try:

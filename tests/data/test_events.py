@@ -93,17 +93,54 @@ def test_histories_are_the_users_earlier_events_in_time_order(
     assert derived(recipe_for(tmp_path, options, max_len=7)) == brute_force(events, rows, kinds, 7)
 
 
+def test_histories_of_one_log_share_its_search(tmp_path: Path) -> None:
+    """Two histories of the same log (clicks, buys) search it once, each its own events only; a
+    third reading the rows' time from another column searches apart."""
+    events, rows = make_log(tmp_path, 7)
+    rows.with_columns((pl.col("time") + 3).alias("later")).write_parquet(tmp_path / "rows.parquet")
+    log = {"source": [str(tmp_path / "events.parquet")], "type": "kind"}
+    sequences = {
+        "clicks": {"events": {**log, "types": ["click"]}, "vocabulary": "item", "max_len": 6},
+        "buys": {"events": {**log, "types": ["buy"]}, "vocabulary": "item", "max_len": 3},
+        "all": {"events": {**log, "row_time": "later"}, "vocabulary": "item", "max_len": 4},
+    }
+    spec = recipe_for(tmp_path, {}).to_dict()
+    spec["features"]["sequences"] = sequences
+    spec["features"]["exclude"] = ["time", "later"]
+    recipe = recipe_from_text(yaml.safe_dump(spec, sort_keys=False), "test-recipe")
+    scanned, indexes = event_indexes(scan_source(recipe), recipe)
+    assert indexes["clicks"].log is indexes["buys"].log is not indexes["all"].log
+    frame = scanned.frame.select(
+        *{e.meta.output_name(): e for i in indexes.values() for e in (i.user, i.time)}.values()
+    )
+    batch = frame.collect()
+    later = rows.with_columns(pl.col("time") + 3)
+    for name, kinds, max_len, impressions in (
+        ("clicks", {"click"}, 6, rows),
+        ("buys", {"buy"}, 3, rows),
+        ("all", None, 4, later),
+    ):
+        start, end = indexes[name].rows(batch, max_len)
+        items = indexes[name].items.to_list()
+        found = [items[a:b] for a, b in zip(start.tolist(), end.tolist(), strict=True)]
+        assert found == brute_force(events, impressions, kinds, max_len), name
+
+
 @pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("streamed", [False, True])
 def test_encoded_histories_do_not_depend_on_the_chunk_size(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared: bool, streamed: bool
 ) -> None:
-    """Rows are encoded a chunk at a time (one row, seven, all at once): the encoded splits are
+    """Rows are encoded a chunk at a time (one row, seven, all at once), from the source held in
+    memory or streamed from its file (``data.memory_budget`` of one byte): the encoded splits are
     the brute-force histories (most recent first, in the fitted vocabulary), and so is a history's
     own vocabulary, counted over the train rows' histories chunk by chunk."""
     events, rows = make_log(tmp_path, 6, users=3)
     expected = brute_force(events, rows, {"click"}, 4)
     sequence = {} if shared else {"vocabulary": None}
     recipe = recipe_for(tmp_path, {"type": "kind", "types": ["click"]}, max_len=4, **sequence)
+    if streamed:
+        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"memory_budget": 1})})
     results = []
     for size in (1, 7, None):
         monkeypatch.setattr(store, "HISTORY_ROWS", size)
