@@ -292,7 +292,7 @@ class _PackedDin(torch.autograd.Function):
 def packed_report(weights: Tensor, history: Packed, batch_size: int) -> Tensor:
     """DIN's weights of a packed history's items [N] where they sit in the padded layout [B, L]."""
     report = weights.new_zeros(batch_size * history.padded_len)
-    return report.index_copy_(0, history.positions, weights).view(batch_size, -1)
+    return report.index_copy_(0, history.positions, weights).view(batch_size, history.padded_len)  # B may be 0
 
 
 def counted_report(weights: Tensor, ids: Tensor, lengths: Tensor, width: int | None) -> Tensor:

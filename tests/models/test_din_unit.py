@@ -42,3 +42,16 @@ def test_packed_unit_matches_the_padded_modules(normalise: bool, slope: float) -
     names = [name for name, _ in unit.named_parameters()] + ["keys", "queries"]
     for name, grad, want in zip(names, grads, expected_grads, strict=True):
         assert_kernel_close(grad, want, floor=1.0, what=name)
+
+
+@pytest.mark.parametrize("normalise", [False, True])
+def test_a_batch_without_rows_pools_and_reports_nothing(normalise: bool) -> None:
+    """A rank's share of a last batch smaller than the processes can hold no rows."""
+    lengths = torch.zeros(0, dtype=torch.long)
+    history = packed_layout(torch.zeros(0, dtype=torch.long), lengths)
+    unit = AttentionPooling(4, normalise)
+    keys, queries = torch.randn(0, 4, requires_grad=True), torch.randn(0, 4, requires_grad=True)
+    out = unit.packed(keys, history, queries)
+    out.sum().backward()
+    assert out.shape == (0, 4)
+    assert unit.last_weights is not None and unit.last_weights.shape[0] == 0
