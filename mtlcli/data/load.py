@@ -43,10 +43,14 @@ class SplitFile:
 
     @property
     def row_bytes(self) -> int:
-        """Bytes one row takes as tensors (int64 ids, float32 numbers and labels, bool masks)."""
+        """Bytes one row takes as tensors (int64 ids, float32 numbers and labels, bool masks), its
+        histories counted at their bound as a window holds them (``max_len`` int64 ids and a
+        length each): a row of long histories can weigh far more than its other columns, and
+        the choice between holding a split and streaming it must see that."""
         tasks = len(self.schema.tasks)
         groups = 8 if self.schema.group is not None else 0
-        return 8 * len(self.schema.categorical) + 4 * len(self.schema.numeric) + 5 * tasks + groups
+        histories = sum(8 * (s.max_len + 1) for s in self.schema.sequences)
+        return 8 * len(self.schema.categorical) + 4 * len(self.schema.numeric) + 5 * tasks + groups + histories
 
     def load(self) -> SplitTensors:
         """The whole split as contiguous tensors (see Batch for the layout)."""

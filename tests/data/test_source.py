@@ -282,3 +282,19 @@ def test_shards_that_the_batch_or_the_rows_cannot_fill_are_refused(prepared: Pre
     assert isinstance(made, StreamedSplit) and made.shards == 4
     assert open_source(file, "memory", 1 << 30, 200, 30, "b", shards=3).shards == 1
     assert open_source(file, "stream", 1 << 30, 200, 30, "b", shuffled=False, shards=3).shards == 1
+
+
+def test_a_row_weighs_its_histories_at_their_bound(prepared: Prepared) -> None:
+    """Histories decide whether a split fits the budget: a row with one of max_len 200 weighs
+    200 int64 ids and a length more, so auto streams it where the row without would be held."""
+    import dataclasses
+
+    from mtlcli.data.schema import SequenceFeature
+
+    file = prepared.file("train")
+    history = SequenceFeature(name="clicks", column="clicks", max_len=200, pooling="mean")
+    longer = SplitFile(file.path, dataclasses.replace(file.schema, sequences=[history]))
+    assert longer.row_bytes == file.row_bytes + 8 * 201
+    budget = file.rows * file.row_bytes
+    assert not isinstance(open_source(file, "auto", budget, "auto", 32, "b"), StreamedSplit)
+    assert isinstance(open_source(longer, "auto", budget, "auto", 2, "b"), StreamedSplit)
