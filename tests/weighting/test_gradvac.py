@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import pytest
 import torch
 from torch import Tensor, nn
 
 from mtlcli.weighting.gradvac import gradvac_coefficients, gradvac_group_coefficients
+from tests.weighting import test_weighting_strategies as strategies
 from tests.weighting.test_weighting_strategies import Linear, build, step
 
 
@@ -107,3 +110,9 @@ def test_one_group_is_the_whole_vector_rule() -> None:
         one = gradvac_group_coefficients((g @ g.T)[None], grouped, 0.3, gen_b)
         assert torch.allclose(one[0], whole, rtol=1e-9, atol=1e-12)
         assert torch.allclose(grouped[0], targets, rtol=1e-9, atol=1e-12)
+
+
+def test_per_parameter_targets_survive_a_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The strategies' round trip (6 steps, checkpoint, 6 more, bitwise), with one target block per tensor."""
+    monkeypatch.setitem(strategies.STATEFUL, "gradvac", {"granularity": "parameter"})
+    strategies.test_checkpoint_round_trip_continues_identically("gradvac", tmp_path)
