@@ -41,6 +41,7 @@ CASES: list[tuple[str, str, str, dict[str, Any], bool]] = [
     ("mgda-ub", "mmoe", "mgda", {"upper_bound": True, "normalize": "l2"}, False),
     ("rows-equal", "mmoe", "equal", {}, True),
     ("rows-pcgrad", "shared_bottom", "pcgrad", {}, True),
+    ("gradvac-parameter", "mmoe", "gradvac", {"granularity": "parameter"}, True),  # one rule per tensor
     # gate control: λ from the global batch's gates and labels (summed over the ranks)
     ("gate-control", "mmoe", "equal", {}, False),
     ("gate-control-pcgrad", "mmoe", "pcgrad", {}, False),

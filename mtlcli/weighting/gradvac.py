@@ -15,21 +15,30 @@ seeded with ``seed``. With φ̂ = 0 the rule is PCGrad's projection, so GradVac 
 "not conflicting" to "as aligned as usual".
 
 Every g_i' is a combination Σ_j C_ij g_j of the raw gradients, so the procedure runs on the K × K
-Gram matrix, and the logged weights are c_j = Σ_i C_ij. The paper also keeps one target per
-parameter group (layer); here the shared parameters are one group (docs/methods.md).
+Gram matrix, and the logged weights are c_j = Σ_i C_ij. The paper applies the rule per parameter
+group at a chosen granularity, each group with its own targets: ``granularity: whole`` (the
+default) makes the shared parameters one group; ``parameter`` makes each shared parameter tensor a
+group, with its own φ̂ per (task pair, tensor) and its own C; the order is drawn once per i and
+step for all the groups (docs/methods.md).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from mtlcli import distributed
 from mtlcli.weighting.base import StrategyCapabilities, WeightingParams, register_weighting
-from mtlcli.weighting.gradients import backward_with_shared
+from mtlcli.weighting.gradients import (
+    assign_shared_gradient,
+    backward_with_shared,
+    shared_task_gradients,
+    split_parameters,
+)
 
 EPS = 1e-12
 
@@ -37,6 +46,7 @@ EPS = 1e-12
 class GradVacParams(WeightingParams):
     beta: Annotated[float, Field(gt=0.0, le=1.0)] = 0.01
     seed: int = 0
+    granularity: Literal["whole", "parameter"] = "whole"
 
 
 def gradvac_coefficients(gram: Tensor, targets: Tensor, beta: float, generator: torch.Generator) -> Tensor:
@@ -62,10 +72,37 @@ def gradvac_coefficients(gram: Tensor, targets: Tensor, beta: float, generator: 
     return coef
 
 
+def gradvac_group_coefficients(grams: Tensor, targets: Tensor, beta: float, generator: torch.Generator) -> Tensor:
+    """C [S, T, T] with g_{s,i}' = Σ_j C_sij g_{s,j} for each of S parameter groups, from their Gram
+    matrices [S, T, T]; updates ``targets`` [S, T, T] (φ̂ per group) in place. One order per i for
+    all the groups; each step of it runs on every group at once."""
+    n_groups, n, _ = grams.shape
+    coef = torch.eye(n, dtype=grams.dtype).repeat(n_groups, 1, 1)
+    for i in range(n):
+        for j in torch.randperm(n, generator=generator).tolist():
+            if j == i:
+                continue
+            row = coef[:, i]  # [S, T]
+            norm_i = torch.einsum("st,stu,su->s", row, grams, row).clamp_min(0).sqrt()
+            norm_j = grams[:, j, j].clamp_min(0).sqrt()
+            cos = torch.einsum("st,st->s", row, grams[:, :, j]) / (norm_i * norm_j).clamp_min(EPS)
+            target = targets[:, i, j]
+            sin, sin_target = (1 - cos**2).clamp_min(0).sqrt(), (1 - target**2).clamp_min(0).sqrt()
+            step = norm_i * (target * sin - cos * sin_target) / (norm_j * sin_target).clamp_min(EPS)
+            present = grams[:, j, j] > 0  # a group task j does not reach is left as it is
+            coef[:, i, j] += torch.where(present & (cos < target), step, torch.zeros_like(step))
+            targets[:, i, j] = torch.where(present, (1 - beta) * target + beta * cos, target)
+    return coef
+
+
 class GradVac:
-    def __init__(self, n_tasks: int, beta: float, seed: int) -> None:
+    def __init__(self, n_tasks: int, beta: float, seed: int, granularity: str = "whole") -> None:
         self.beta = beta
+        self.granularity = granularity
+        # whole: [T, T]; parameter: [S, T, T], one block per shared tensor, made at the first step
         self.targets = torch.zeros(n_tasks, n_tasks, dtype=torch.float64)
+        if granularity == "parameter":
+            self.targets = torch.zeros(0, n_tasks, n_tasks, dtype=torch.float64)
         self.generator = torch.Generator().manual_seed(seed)
 
     def combine(self, grads: Tensor, losses: Tensor) -> Tensor:
@@ -77,7 +114,33 @@ class GradVac:
         return StrategyCapabilities(state=self, task_gradients=True)  # the targets and the order's generator
 
     def backward(self, losses: Tensor, model: nn.Module) -> Tensor:
-        return backward_with_shared(losses, model, self.combine)
+        if self.granularity == "whole":
+            return backward_with_shared(losses, model, self.combine)
+        return self.backward_per_parameter(losses, model)
+
+    def backward_per_parameter(self, losses: Tensor, model: nn.Module) -> Tensor:
+        """The rule on each shared tensor apart; returns the coefficients averaged over the
+        tensors, weighted by their sizes (no single c gives the update here)."""
+        shared, own = split_parameters(model)
+        if not shared:
+            losses.sum().backward()
+            return torch.ones_like(losses.detach())
+        ranks = distributed.backward_ranks()
+        grads = ranks.sum(shared_task_gradients(losses, shared))  # the global [T, P] on every rank
+        sizes = [p.numel() for p in shared]
+        pieces = grads.split(sizes, dim=1)
+        grams = torch.stack([piece @ piece.T for piece in pieces]).double().cpu()
+        if self.targets.shape[0] != len(shared):
+            self.targets = torch.zeros_like(grams)
+        coefficients = gradvac_group_coefficients(grams, self.targets, self.beta, self.generator).sum(1)
+        coefficients = coefficients.to(device=grads.device, dtype=grads.dtype)  # [S, T]
+        update = torch.cat([c @ piece for c, piece in zip(coefficients, pieces, strict=True)])
+        # each rank leaves 1/world of the combined gradient: the loop's sum over the ranks makes it whole
+        assign_shared_gradient(update / ranks.world, shared)
+        if own:
+            torch.autograd.backward(losses.sum(), inputs=own)
+        weights = torch.tensor(sizes, dtype=grads.dtype, device=grads.device) @ coefficients / sum(sizes)
+        return weights.detach()
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"targets": self.targets, "generator": self.generator.get_state()}
@@ -89,4 +152,4 @@ class GradVac:
 
 @register_weighting("gradvac", GradVacParams, "task gradients steered to each pair's usual similarity (ICLR 2021)")
 def build(params: GradVacParams, tasks: list[str]) -> GradVac:
-    return GradVac(len(tasks), params.beta, params.seed)
+    return GradVac(len(tasks), params.beta, params.seed, params.granularity)
