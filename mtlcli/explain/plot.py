@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mtlcli.errors import MtlError
+from mtlcli.fileio import atomic_path
 
 
 class PlotUnavailable(MtlError):
@@ -25,6 +26,17 @@ def require_matplotlib() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _saved(plt: Any, fig: Any, path: Path) -> Path:
+    """Lay the figure out, write it to ``path`` atomically as PNG and free it."""
+    try:
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+    return path
 
 
 def _safe(name: str) -> str:
@@ -66,10 +78,7 @@ def heatmap(
                 ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color=colour)
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, shrink=0.8)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path
+    return _saved(plt, fig, path)
 
 
 def matrix_plot(path: Path, title: str, matrix: dict[str, dict[str, float | None]]) -> Path:
@@ -102,10 +111,7 @@ def history_plot(path: Path, history: dict[str, Any]) -> Path:
         ax.set_xlabel("step")
         ax.set_title("gradient cosine on shared parameters", fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path
+    return _saved(plt, fig, path)
 
 
 def importance_plot(path: Path, task: str, metric: str, entries: dict[str, Any], top: int = 15) -> Path:
@@ -119,10 +125,7 @@ def importance_plot(path: Path, task: str, metric: str, entries: dict[str, Any],
     ax.axvline(0.0, color="grey", linewidth=0.5)
     ax.set_title(f"{task}: {loss_of(metric)} when an input is shuffled", fontsize=9)
     ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path
+    return _saved(plt, fig, path)
 
 
 def _lines(ax: Any, epochs: list[int], series: dict[str, list[float | None]], title: str, **style: Any) -> None:
@@ -147,10 +150,7 @@ def gate_control_plot(path: Path, report: dict[str, Any]) -> Path:
     axes[1].set_prop_cycle(None)
     targets = report.get("target") or {}
     _lines(axes[1], epochs, {f"d* {t}": v for t, v in targets.items()}, "gate difference d, target d*", linestyle="--")
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path
+    return _saved(plt, fig, path)
 
 
 def tallies_plot(path: Path, report: dict[str, Any]) -> Path:
@@ -159,10 +159,7 @@ def tallies_plot(path: Path, report: dict[str, Any]) -> Path:
     fig, ax = plt.subplots(figsize=(5, 3), dpi=80)
     named = {n.replace("_", " "): v for n, v in report["counts"].items()}
     _lines(ax, report["epochs"], named, "counted by the scheme's training step")
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path
+    return _saved(plt, fig, path)
 
 
 def objective_plot(path: Path, report: dict[str, Any]) -> Path:
@@ -188,10 +185,7 @@ def objective_plot(path: Path, report: dict[str, Any]) -> Path:
         ax.set_ylim(0.0, 1.0)
         ax.set_title(f"teachers' ordered pairs (epoch {report.get('epoch')})", fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path
+    return _saved(plt, fig, path)
 
 
 def write_plots(report: dict[str, Any], directory: Path) -> list[Path]:
