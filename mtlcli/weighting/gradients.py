@@ -61,18 +61,34 @@ def backward_with_shared(losses: Tensor, model: nn.Module, combine: Callable[[Te
     """One step's gradients: shared parameters get Σ_k c_k g_k with c = ``combine(grads [T, P], losses [T])``,
     task-specific parameters the gradient of Σ_k L_k. Returns c [T] (the coefficient of each task's gradient).
     """
+
+    def by_coefficients(grads: Tensor, task_losses: Tensor, shared: list[Tensor]) -> tuple[Tensor, Tensor]:
+        coefficients = on_host(combine, grads, task_losses)
+        return coefficients @ grads, coefficients
+
+    return backward_with_shared_update(losses, model, by_coefficients)
+
+
+def backward_with_shared_update(
+    losses: Tensor,
+    model: nn.Module,
+    update: Callable[[Tensor, Tensor, list[Tensor]], tuple[Tensor, Tensor]],
+) -> Tensor:
+    """``backward_with_shared`` for a rule that is no single combination of the task gradients
+    (GradVac per parameter tensor): ``update(grads [T, P], losses [T], shared)`` returns the shared
+    parameters' gradient [P] and the task weights [T] to report."""
     shared, own = split_parameters(model)
     if not shared:
         losses.sum().backward()
         return torch.ones_like(losses.detach())
     ranks = distributed.backward_ranks()
     grads = ranks.sum(shared_task_gradients(losses, shared))  # the global [T, P] on every rank
-    coefficients = on_host(combine, grads, losses.detach())
+    combined, weights = update(grads, losses.detach(), shared)
     # each rank leaves 1/world of the combined gradient: the loop's sum over the ranks makes it whole
-    assign_shared_gradient(coefficients @ grads / ranks.world, shared)
+    assign_shared_gradient(combined / ranks.world, shared)
     if own:
         torch.autograd.backward(losses.sum(), inputs=own)
-    return coefficients.detach()
+    return weights.detach()
 
 
 def on_host(combine: Callable[[Tensor, Tensor], Tensor], grads: Tensor, losses: Tensor) -> Tensor:

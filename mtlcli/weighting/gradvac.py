@@ -31,14 +31,8 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from mtlcli import distributed
 from mtlcli.weighting.base import StrategyCapabilities, WeightingParams, register_weighting
-from mtlcli.weighting.gradients import (
-    assign_shared_gradient,
-    backward_with_shared,
-    shared_task_gradients,
-    split_parameters,
-)
+from mtlcli.weighting.gradients import backward_with_shared, backward_with_shared_update
 
 EPS = 1e-12
 
@@ -121,12 +115,9 @@ class GradVac:
     def backward_per_parameter(self, losses: Tensor, model: nn.Module) -> Tensor:
         """The rule on each shared tensor apart; returns the coefficients averaged over the
         tensors, weighted by their sizes (no single c gives the update here)."""
-        shared, own = split_parameters(model)
-        if not shared:
-            losses.sum().backward()
-            return torch.ones_like(losses.detach())
-        ranks = distributed.backward_ranks()
-        grads = ranks.sum(shared_task_gradients(losses, shared))  # the global [T, P] on every rank
+        return backward_with_shared_update(losses, model, self.update_per_parameter)
+
+    def update_per_parameter(self, grads: Tensor, losses: Tensor, shared: list[Tensor]) -> tuple[Tensor, Tensor]:
         sizes = [p.numel() for p in shared]
         pieces = grads.split(sizes, dim=1)
         grams = torch.stack([piece @ piece.T for piece in pieces]).double().cpu()
@@ -135,12 +126,8 @@ class GradVac:
         coefficients = gradvac_group_coefficients(grams, self.targets, self.beta, self.generator).sum(1)
         coefficients = coefficients.to(device=grads.device, dtype=grads.dtype)  # [S, T]
         update = torch.cat([c @ piece for c, piece in zip(coefficients, pieces, strict=True)])
-        # each rank leaves 1/world of the combined gradient: the loop's sum over the ranks makes it whole
-        assign_shared_gradient(update / ranks.world, shared)
-        if own:
-            torch.autograd.backward(losses.sum(), inputs=own)
         weights = torch.tensor(sizes, dtype=grads.dtype, device=grads.device) @ coefficients / sum(sizes)
-        return weights.detach()
+        return update, weights
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"targets": self.targets, "generator": self.generator.get_state()}
