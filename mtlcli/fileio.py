@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import errno
@@ -9,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -29,9 +31,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
     ``target``, also when the writer was safetensors.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _claim(target, lambda path: os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)))
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
@@ -47,8 +47,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
             raise OSError(errno.ENOSPC, "No space left on device", str(target)) from None
         raise OSError(None, first, str(target)) from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        _release(tmp)
 
 
 def write_text(target: Path, text: str) -> None:
@@ -94,14 +93,54 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temporary directory beside ``target``; on success it replaces ``target`` in one
     step (``replace_directory``), so a reader finds the old directory or the new one, never none."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = _claim(target, lambda path: os.mkdir(path, 0o700))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
         replace_directory(tmp, target)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        _release(tmp)
+
+
+# Temporary files and folders being written. A signal can stop the writer at any bytecode, also
+# between creating its temporary and entering the ``try`` that removes it, or inside that
+# ``finally`` before the removal; whatever is still listed when the process exits is removed
+# then (``mtl``'s interrupted exit runs the exit functions too), so no interruption leaves one.
+_PENDING: set[Path] = set()
+
+
+def _claim(target: Path, create: Any) -> Path:
+    """A new temporary name beside ``target``, listed in ``_PENDING`` before ``create`` makes it
+    (exclusively: an existing name raises FileExistsError and another is drawn)."""
+    while True:
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp"
+        _PENDING.add(tmp)
+        try:
+            create(tmp)
+            return tmp
+        except FileExistsError:
+            _PENDING.discard(tmp)  # someone else's: not ours to remove
+
+
+def _release(tmp: Path) -> None:
+    _remove(tmp)
+    _PENDING.discard(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+@atexit.register
+def _remove_pending() -> None:
+    for path in list(_PENDING):
+        with contextlib.suppress(OSError):
+            _remove(path)
+        _PENDING.discard(path)
 
 
 _AT_FDCWD = -100  # renameat2's "relative to the working directory"

@@ -104,3 +104,73 @@ def test_a_failure_while_building_leaves_the_old_directory(tmp_path: Path) -> No
         raise RuntimeError("the export failed")
     assert (target / "manifest.json").read_text() == "old"
     assert listing(tmp_path) == ["bundle"]
+
+
+def _interrupted_after(real):  # type: ignore[no-untyped-def]
+    """``real`` that does its work, then is stopped as a signal would stop it right after."""
+
+    def call(*args, **kwargs):  # type: ignore[no-untyped-def]
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    return call
+
+
+@pytest.mark.parametrize("kind", ["file", "directory"])
+def test_a_temporary_made_just_before_an_interrupt_is_removed_at_exit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """A signal can land between making the temporary and entering the ``try`` that removes it
+    (CI once saw `mtl report` stopped by SIGTERM leave `.page.html.*.tmp`): the exit functions,
+    which an interrupted `mtl` runs, remove it."""
+    if kind == "file":
+        monkeypatch.setattr(fileio.os, "close", _interrupted_after(os.close))
+        writing = fileio.atomic_path(tmp_path / "page.html")
+    else:
+        monkeypatch.setattr(fileio.os, "mkdir", _interrupted_after(os.mkdir))
+        writing = fileio.atomic_dir(tmp_path / "bundle")
+    with pytest.raises(KeyboardInterrupt), writing:
+        pass
+    monkeypatch.undo()
+    assert len(list(tmp_path.iterdir())) == 1, "the temporary exists until the process exits"
+    fileio._remove_pending()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupt_inside_the_cleanup_still_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def stopped(path: Path) -> None:
+        raise KeyboardInterrupt  # the signal lands in the finally, before the removal
+
+    monkeypatch.setattr(fileio, "_remove", stopped)
+    with pytest.raises(KeyboardInterrupt), fileio.atomic_path(tmp_path / "page.html") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("the writer failed")
+    monkeypatch.undo()
+    fileio._remove_pending()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_exit_functions_remove_what_an_interrupted_process_left(tmp_path: Path) -> None:
+    """The same through a real interpreter: the temporary is gone once the process has exited."""
+    import subprocess
+
+    code = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from mtlcli import fileio\n"
+        "real = os.close\n"
+        "def close(fd):\n"
+        "    real(fd)\n"
+        "    raise KeyboardInterrupt\n"
+        "fileio.os.close = close\n"
+        "try:\n"
+        "    with fileio.atomic_path(Path(sys.argv[1]) / 'page.html'):\n"
+        "        pass\n"
+        "except KeyboardInterrupt:\n"
+        "    fileio.os.close = real\n"
+        "    assert len(os.listdir(sys.argv[1])) == 1\n"
+        "    sys.exit(130)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 130, done.stderr
+    assert list(tmp_path.iterdir()) == []
