@@ -34,7 +34,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
     tmp = _claim(target, lambda path: os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)))
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())  # made 0600; give the usual permissions
         os.replace(tmp, target)
     except OSError as exc:
         if exc.filename is not None and exc.filename != str(tmp):
@@ -107,6 +107,8 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 # ``finally`` before the removal; whatever is still listed when the process exits is removed
 # then (``mtl``'s interrupted exit runs the exit functions too), so no interruption leaves one.
 _PENDING: set[Path] = set()
+# a forked child did not make its parent's temporaries: it must not remove them when it exits
+os.register_at_fork(after_in_child=_PENDING.clear)
 
 
 def _claim(target: Path, create: Any) -> Path:

@@ -174,3 +174,28 @@ def test_exit_functions_remove_what_an_interrupted_process_left(tmp_path: Path) 
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 130, done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX's")
+def test_a_forked_child_leaves_its_parents_temporary_alone(tmp_path: Path) -> None:
+    """A child forked while the parent writes (a data-loading worker, say) may run the exit
+    functions as it exits; the parent's temporary is not the child's to remove."""
+    import subprocess
+
+    code = (
+        "import atexit, os, sys\n"
+        "from pathlib import Path\n"
+        "from mtlcli import fileio\n"
+        "with fileio.atomic_path(Path(sys.argv[1]) / 'page.html') as tmp:\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        atexit._run_exitfuncs()  # what the child's interpreter runs as it exits\n"
+        "        os._exit(0)\n"
+        "    os.waitpid(pid, 0)\n"
+        "    assert tmp.exists(), 'the child removed the parent temporary'\n"
+        "    tmp.write_text('done')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert listing(tmp_path) == ["page.html"]
+    assert (tmp_path / "page.html").read_text() == "done"
