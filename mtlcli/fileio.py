@@ -102,6 +102,18 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         _release(tmp)
 
 
+@contextmanager
+def scratch_dir(parent: Path, name: str) -> Iterator[Path]:
+    """A private working directory ``.NAME.<random>.tmp`` in ``parent``, removed with everything
+    in it when the block ends, also when it ends by an interrupt (see ``_PENDING``)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = _claim(parent / name, lambda path: os.mkdir(path, 0o700))
+    try:
+        yield tmp
+    finally:
+        _release(tmp)
+
+
 # Temporary files and folders being written. A signal can stop the writer at any bytecode, also
 # between creating its temporary and entering the ``try`` that removes it, or inside that
 # ``finally`` before the removal; whatever is still listed when the process exits is removed

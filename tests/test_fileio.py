@@ -116,7 +116,7 @@ def _interrupted_after(real):  # type: ignore[no-untyped-def]
     return call
 
 
-@pytest.mark.parametrize("kind", ["file", "directory"])
+@pytest.mark.parametrize("kind", ["file", "directory", "scratch"])
 def test_a_temporary_made_just_before_an_interrupt_is_removed_at_exit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
@@ -128,7 +128,9 @@ def test_a_temporary_made_just_before_an_interrupt_is_removed_at_exit(
         writing = fileio.atomic_path(tmp_path / "page.html")
     else:
         monkeypatch.setattr(fileio.os, "mkdir", _interrupted_after(os.mkdir))
-        writing = fileio.atomic_dir(tmp_path / "bundle")
+        writing = (
+            fileio.atomic_dir(tmp_path / "bundle") if kind == "directory" else fileio.scratch_dir(tmp_path, "rows")
+        )
     with pytest.raises(KeyboardInterrupt), writing:
         pass
     monkeypatch.undo()
@@ -199,3 +201,13 @@ def test_a_forked_child_leaves_its_parents_temporary_alone(tmp_path: Path) -> No
     assert done.returncode == 0, done.stderr
     assert listing(tmp_path) == ["page.html"]
     assert (tmp_path / "page.html").read_text() == "done"
+
+
+def test_a_scratch_directory_goes_with_what_was_written_in_it(tmp_path: Path) -> None:
+    with fileio.scratch_dir(tmp_path / "cache", "batches") as folder:
+        assert folder.parent == tmp_path / "cache" and folder.name.startswith(".batches.")
+        (folder / "rows.parquet").write_text("rows")
+        (folder / "deeper").mkdir()
+        (folder / "deeper" / "more").write_text("more")
+    assert list((tmp_path / "cache").iterdir()) == []
+    assert folder not in fileio._PENDING

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import codecs
 import fnmatch
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from mtlcli.data.checks import ROW_COLUMN
 from mtlcli.data.schema import SPLIT_NAMES
 from mtlcli.data.synthetic import generate
 from mtlcli.errors import DataError
+from mtlcli.fileio import scratch_dir
 from mtlcli.recipe.schema import ColumnSplit, FilesSplit, ModuloSplit, RandomSplit, Recipe
 from mtlcli.registry import did_you_mean
 
@@ -283,10 +283,8 @@ class Scanned:
             for offset in range(0, max(total, 1), rows):
                 work(self.collect(query.slice(offset, rows)))
             return
-        spill = Path(self.recipe.data.cache_dir).expanduser()
-        spill.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=spill, prefix=".batches-") as folder:
-            path = Path(folder) / "rows.parquet"
+        with scratch_dir(Path(self.recipe.data.cache_dir).expanduser(), "batches") as folder:
+            path = folder / "rows.parquet"
             self.sink(query, path, rows)
             total = int(pl.scan_parquet(path).select(pl.len()).collect().item())
             for offset in range(0, max(total, 1), rows):
