@@ -97,6 +97,7 @@ def tim_inputs(seed: int, full_type: bool) -> tuple[Tensor, Tensor, Tensor]:
     return keys, mask, torch.randn(7, 3, 4, generator=g)
 
 
+@pytest.mark.numerics  # the batched pass against the loop: other kernels, other rounding
 @pytest.mark.parametrize("variant", [{}, {"conditional_norm": False}, {"interest": "softmax"}], ids=str)
 @pytest.mark.parametrize("full_type", [False, True])
 def test_all_pairs_at_once_match_the_pair_by_pair_definition(variant: dict[str, object], full_type: bool) -> None:
@@ -122,9 +123,14 @@ def test_all_pairs_at_once_match_the_pair_by_pair_definition(variant: dict[str, 
         (out * probe).sum().backward()
         grads = [keys.grad, candidates.grad] + [p.grad for p in tim.parameters()]
         results.append([out.detach()] + [g.clone() for g in grads])  # type: ignore[union-attr]
-    for got, expected in zip(*results, strict=True):
-        tolerance = kernel_tolerance(kernel_scale(expected, floor=1.0))
-        assert (got - expected).abs().max() <= tolerance
+    names = ["interests", "keys", "candidates"] + [name for name, _ in tim.named_parameters()]
+    scales = {name: kernel_scale(expected, floor=1.0) for name, expected in zip(names, results[1], strict=True)}
+    # A bias on the keys adds q·b to every score of a row: the softmax ignores it, so its exact
+    # gradient is 0 and both results are the rounding of a sum that cancels, of terms the size of
+    # the key weights' gradient; that sets its scale.
+    scales["key.bias"] = scales["key.weight"]
+    for name, got, expected in zip(names, *results, strict=True):
+        assert (got - expected).abs().max() <= kernel_tolerance(scales[name]), name
     assert results[1][0][:, :, 1].abs().max() == 0  # the empty type gives no interest
 
 
