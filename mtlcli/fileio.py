@@ -13,7 +13,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -92,14 +92,10 @@ def append_line(target: Path, line: str) -> None:
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temporary directory beside ``target``; on success it replaces ``target`` in one
     step (``replace_directory``), so a reader finds the old directory or the new one, never none."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _claim(target, lambda path: os.mkdir(path, 0o700))
-    try:
+    with scratch_dir(target.parent, target.name) as tmp:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
         replace_directory(tmp, target)
-    finally:
-        _release(tmp)
 
 
 @contextmanager
@@ -123,7 +119,7 @@ _PENDING: set[Path] = set()
 os.register_at_fork(after_in_child=_PENDING.clear)
 
 
-def _claim(target: Path, create: Any) -> Path:
+def _claim(target: Path, create: Callable[[Path], object]) -> Path:
     """A new temporary name beside ``target``, listed in ``_PENDING`` before ``create`` makes it
     (exclusively: an existing name raises FileExistsError and another is drawn)."""
     while True:
@@ -153,8 +149,7 @@ def _remove(path: Path) -> None:
 def _remove_pending() -> None:
     for path in list(_PENDING):
         with contextlib.suppress(OSError):
-            _remove(path)
-        _PENDING.discard(path)
+            _release(path)
 
 
 _AT_FDCWD = -100  # renameat2's "relative to the working directory"

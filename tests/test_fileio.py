@@ -4,6 +4,7 @@ reader always finds the old one or the new one, and a failure never leaves less 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -23,6 +24,11 @@ def directory(path: Path, content: str) -> Path:
 
 def listing(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir())
+
+
+def in_a_new_interpreter(code: str, folder: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh Python with ``folder`` as its argument (its exit functions run)."""
+    return subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "fallback"])
@@ -154,8 +160,6 @@ def test_an_interrupt_inside_the_cleanup_still_leaves_nothing(tmp_path: Path, mo
 
 def test_exit_functions_remove_what_an_interrupted_process_left(tmp_path: Path) -> None:
     """The same through a real interpreter: the temporary is gone once the process has exited."""
-    import subprocess
-
     code = (
         "import os, sys\n"
         "from pathlib import Path\n"
@@ -173,7 +177,7 @@ def test_exit_functions_remove_what_an_interrupted_process_left(tmp_path: Path) 
         "    assert len(os.listdir(sys.argv[1])) == 1\n"
         "    sys.exit(130)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    done = in_a_new_interpreter(code, tmp_path)
     assert done.returncode == 130, done.stderr
     assert list(tmp_path.iterdir()) == []
 
@@ -182,8 +186,6 @@ def test_exit_functions_remove_what_an_interrupted_process_left(tmp_path: Path) 
 def test_a_forked_child_leaves_its_parents_temporary_alone(tmp_path: Path) -> None:
     """A child forked while the parent writes (a data-loading worker, say) may run the exit
     functions as it exits; the parent's temporary is not the child's to remove."""
-    import subprocess
-
     code = (
         "import atexit, os, sys\n"
         "from pathlib import Path\n"
@@ -197,7 +199,7 @@ def test_a_forked_child_leaves_its_parents_temporary_alone(tmp_path: Path) -> No
         "    assert tmp.exists(), 'the child removed the parent temporary'\n"
         "    tmp.write_text('done')\n"
     )
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    done = in_a_new_interpreter(code, tmp_path)
     assert done.returncode == 0, done.stderr
     assert listing(tmp_path) == ["page.html"]
     assert (tmp_path / "page.html").read_text() == "done"

@@ -155,8 +155,7 @@ def test_encoded_histories_do_not_depend_on_the_chunk_size(
         train = pl.read_parquet(prepared.directory / "train.parquet")
         results.append((vocab, train.to_dicts()))
     assert results[0] == results[1] == results[2]
-    cache = tmp_path / "cache"
-    assert not any(p.name.endswith(".tmp") for p in cache.iterdir()) if cache.exists() else True, "a spill was left"
+    assert not list((tmp_path / "cache").glob("*.tmp")), "a spill was left in the cache"
     if not shared:
         counts: dict[str, int] = {}
         for history in (h for i, h in enumerate(expected) if i % 4 > 1):
