@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 
 from mtlcli.data.checks import RowCheck, number_checks, number_exprs
-from mtlcli.data.events import ROW_TIME, ROW_USER, EventIndex, encoded_windows
+from mtlcli.data.events import ROW_TIME, ROW_USER, EventIndex
 from mtlcli.data.scan import require_columns
 from mtlcli.data.schema import (
     FIRST_ID,
@@ -28,6 +28,9 @@ from mtlcli.errors import DataError
 
 GROUP_COLUMN = "__group"
 SEQUENCE_PREFIX = "seq:"
+# a history from events is stored as a window of its events (``history_path``: the history's ids,
+# newest first, then a 0): where the row's newest event sits there and how many events it holds
+WINDOW_AT, WINDOW_LENGTH = "seq_at:", "seq_len:"
 
 
 def _bucket(value: str, buckets: int) -> int:
@@ -116,17 +119,24 @@ def with_event_histories(
     batch: pl.DataFrame, histories: list[tuple[SequenceFeature, EventIndex, np.ndarray]]
 ) -> pl.DataFrame:
     """A chunk of rows holding each event log's ``ROW_USER``/``ROW_TIME`` columns (see
-    ``EventLog``) -> the same rows with each history's encoded ids instead (as ``sequence_expr``:
-    the last ``max_len``, most recent first), each feature with its events' ids in its vocabulary
-    (``newest_first``); histories of one log share its search."""
+    ``EventLog``) -> the same rows with each history's window of its events instead: the columns
+    ``WINDOW_AT`` (int64, where in the history's ids newest first, ``newest_first``, the row's most
+    recent event sits) and ``WINDOW_LENGTH`` (int32, how many of them, at most ``max_len``). Two
+    numbers a row whatever the history's length: the ids are stored once per event, not once per
+    row that holds them (the loader gathers them, ``window_ids``). Histories of one log share its
+    search."""
     ends: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    columns = []
     for feature, index, reversed_ids in histories:
         log = index.log
         if log.name not in ends:
             ends[log.name] = log.rows(batch)
         start, end = index.windows(*ends[log.name], feature.max_len)
-        batch = batch.with_columns(encoded_windows(reversed_ids, start, end, SEQUENCE_PREFIX + feature.name))
-    return batch.drop(*(prefix + name for name in ends for prefix in (ROW_USER, ROW_TIME)))
+        columns += [
+            pl.Series(WINDOW_AT + feature.name, len(reversed_ids) - 1 - end, pl.Int64),
+            pl.Series(WINDOW_LENGTH + feature.name, end - start, pl.Int32),
+        ]
+    return batch.with_columns(columns).drop(*(prefix + name for name in ends for prefix in (ROW_USER, ROW_TIME)))
 
 
 def input_columns(schema: DataSchema) -> list[str]:

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from numpy.lib.stride_tricks import sliding_window_view
 
 from mtlcli.data.checks import ROW_COLUMN, RowCheck, declared_types, enforce, number_exprs
 from mtlcli.data.scan import SPLIT_COLUMN, Scanned, format_of, require_columns, resolve_files, unreadable
@@ -176,21 +175,9 @@ class EventIndex:
 
 
 def newest_first(ids: np.ndarray) -> np.ndarray:
-    """The events' ids in reverse order, then one 0: what ``encoded_windows`` reads."""
+    """The events' ids in reverse order, then one 0: a history's ids as an encoded split stores
+    them (see ``encode.with_event_histories``), each row's window newest first in one run."""
     return np.concatenate([ids[::-1], np.zeros(1, ids.dtype)])
-
-
-def encoded_windows(reversed_ids: np.ndarray, start: np.ndarray, end: np.ndarray, name: str) -> pl.Series:
-    """A list column of int32 ids: for each row ``ids[end - 1]`` down to ``ids[start]`` (most
-    recent first), from ``newest_first(ids)``, where each row's window is a contiguous run: one
-    gather of [N, longest] (a sliding view over the ids, no copy), then each row cut to its length."""
-    lengths = end - start
-    width = max(int(lengths.max(initial=0)), 1)
-    events = len(reversed_ids) - 1
-    padded = np.concatenate([reversed_ids, np.zeros(width - 1, reversed_ids.dtype)])
-    block = sliding_window_view(padded, width)[events - end]
-    lists = pl.Series(name, block).arr.to_list()
-    return pl.DataFrame({name: lists, "n": lengths}).select(pl.col(name).list.head(pl.col("n"))).to_series()
 
 
 Collect = Callable[[pl.LazyFrame], pl.DataFrame]
@@ -249,7 +236,7 @@ def event_indexes(scanned: Scanned, recipe: Recipe) -> tuple[Scanned, dict[str, 
     warnings = list(scanned.warnings)
     indexes = {}
     schema = dict(frame.collect_schema().items())
-    logs: dict[tuple[object, ...], pl.DataFrame] = {}
+    logs: dict[tuple[object, ...], tuple[pl.DataFrame, pl.Series, list[str]]] = {}
     searched: dict[tuple[object, ...], EventLog] = {}
     checked: set[str] = set()
     for name, options in recipe.features.sequences.items():
@@ -267,16 +254,18 @@ def event_indexes(scanned: Scanned, recipe: Recipe) -> tuple[Scanned, dict[str, 
             checked.add(row_time)
         source = (tuple(events.source), events.user, events.item, events.time, events.type)
         if source not in logs:
-            logs[source] = _sorted_log(events, field, scanned.collect)
-        log = logs[source]
+            log = _sorted_log(events, field, scanned.collect)
+            # the events any history can hold, and the types present: once per log
+            usable = log.get_column(_USER).is_not_null() & log.get_column(_ITEM).is_not_null()
+            usable &= log.get_column(_ITEM) != ""
+            seen = log.get_column(_TYPE).drop_nulls().unique().to_list() if events.type is not None else []
+            logs[source] = (log, usable, seen)
+        log, usable, seen = logs[source]
         kept = None
         if events.types:
             assert events.type is not None
-            seen = log.get_column(_TYPE).drop_nulls().unique().to_list()
             warnings += declared_types(f"{field}.types", events.type, events.types, seen)
             kept = log.get_column(_TYPE).is_in(events.types).fill_null(False)
-        usable = log.get_column(_USER).is_not_null() & log.get_column(_ITEM).is_not_null()
-        usable &= log.get_column(_ITEM) != ""
         search = (source, row_user, row_time)
         if search not in searched:  # events that no history can hold are not searched
             user = pl.col(row_user).cast(pl.String)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,9 @@ import polars as pl
 import torch
 
 from mtlcli.data.batch import SplitTensors
-from mtlcli.data.encode import GROUP_COLUMN, SEQUENCE_PREFIX
+from mtlcli.data.encode import GROUP_COLUMN, SEQUENCE_PREFIX, WINDOW_AT, WINDOW_LENGTH
 from mtlcli.data.labels import LABEL_PREFIX, MASK_PREFIX
-from mtlcli.data.schema import DataSchema
+from mtlcli.data.schema import DataSchema, SequenceFeature
 from mtlcli.errors import ArtifactError
 
 
@@ -54,12 +55,72 @@ class SplitFile:
 
     def load(self) -> SplitTensors:
         """The whole split as contiguous tensors (see Batch for the layout)."""
-        return tensors_from_frame(self._read(self._scan()), self.schema)
+        return tensors_from_frame(self._read(self._scan()), self.schema, self.events)
 
     def window(self, offset: int, rows: int) -> dict[str, np.ndarray]:
         """Rows [offset, offset + rows) as numpy arrays (see ``arrays_from_frame``); only the row
         groups holding them are read."""
-        return arrays_from_frame(self._read(self._scan().slice(offset, rows)), self.schema)
+        return arrays_from_frame(self._read(self._scan().slice(offset, rows)), self.schema, events=self.events)
+
+    def events(self, index: int) -> np.ndarray:
+        """History ``index``'s ids, newest first, that this split's windows point into (read
+        from disk as they are used, never all in memory: a log of 10^8 events is 400 MB)."""
+        path = history_path(self.path.parent, index)
+        try:
+            events = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"{path}: unreadable ({exc})", "re-run `mtl preprocess`") from None
+        if events.ndim != 1 or events.dtype.kind != "i":
+            raise ArtifactError(
+                f"{path}: not a history's ids ({events.dtype}, {events.ndim} dimensions)", "re-run `mtl preprocess`"
+            )
+        return events
+
+    def histories(self, name: str) -> list[list[int]]:
+        """History ``name`` of every row as lists of ids, most recent first (to inspect a split)."""
+        index = [f.name for f in self.schema.sequences].index(name)
+        frame = self._read(self._scan())
+        lengths, ids = history_ids(frame, index, self.schema.sequences[index], self.events)
+        return [chunk.tolist() for chunk in np.split(ids, np.cumsum(lengths)[:-1])] if len(lengths) else []
+
+
+def history_path(directory: Path, index: int) -> Path:
+    """Where an encoded split's directory keeps the ids of its history ``index`` from events."""
+    return directory / f"history-{index}.npy"
+
+
+def window_ids(events: np.ndarray, at: np.ndarray, lengths: np.ndarray, where: str) -> np.ndarray:
+    """Each row's window of ``events``, row after row: ``events[at[r]:at[r] + lengths[r]]``
+    (one gather over the ids present)."""
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, events.dtype)
+    if int(at.min()) < 0 or int(lengths.min()) < 0 or int((at + lengths).max()) > len(events):
+        raise ArtifactError(f"{where}: a row's window lies outside its history's ids", "re-run `mtl preprocess`")
+    starts = np.cumsum(lengths) - lengths
+    return np.asarray(events[np.arange(total, dtype=np.int64) + np.repeat(at - starts, lengths)])
+
+
+Events = Callable[[int], np.ndarray]  # a history's index -> its ids from events (SplitFile.events)
+
+
+def history_ids(
+    frame: pl.DataFrame, index: int, feature: SequenceFeature, events: Events | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """History ``index`` of every row of an encoded frame: int64 lengths [N] and the ids [M],
+    row after row, each row's most recent first; from its list column, or from its window of
+    the history's events (``with_event_histories``)."""
+    name = SEQUENCE_PREFIX + feature.name
+    if name in frame.columns:
+        column = frame.get_column(name)
+        lengths = column.list.len().fill_null(0).to_numpy().astype(np.int64)
+        return lengths, column.explode().drop_nulls().to_numpy()
+    at, length = WINDOW_AT + feature.name, WINDOW_LENGTH + feature.name
+    if at not in frame.columns or length not in frame.columns or events is None:
+        raise ArtifactError(f"encoded data has no {name!r} column", "re-run `mtl preprocess`")
+    lengths = frame.get_column(length).to_numpy().astype(np.int64)
+    ids = window_ids(events(index), frame.get_column(at).to_numpy().astype(np.int64), lengths, name)
+    return lengths, ids
 
 
 def load_split(directory: Path, split: str, schema: DataSchema) -> SplitTensors:
@@ -83,7 +144,9 @@ def _mask_array(frame: pl.DataFrame, schema: DataSchema, rows: int) -> np.ndarra
     return mask
 
 
-def arrays_from_frame(frame: pl.DataFrame, schema: DataSchema, packed: bool = False) -> dict[str, np.ndarray]:
+def arrays_from_frame(
+    frame: pl.DataFrame, schema: DataSchema, packed: bool = False, events: Events | None = None
+) -> dict[str, np.ndarray]:
     """The fields of ``Batch`` (categorical int64 [N, F_cat], numeric float32 [N, F_num], labels
     float32 [N, T], label_mask bool [N, T], with data.group the groups int64 [N], histories padded
     or, with ``packed``, as ``packed_arrays``) as C-contiguous numpy arrays. NumPy only,
@@ -115,25 +178,24 @@ def arrays_from_frame(frame: pl.DataFrame, schema: DataSchema, packed: bool = Fa
             raise ArtifactError(f"encoded data has no {GROUP_COLUMN!r} column", "re-run `mtl preprocess`")
         arrays["groups"] = np.require(frame.get_column(GROUP_COLUMN).to_numpy(), np.int64, ["C", "W"])
     if schema.sequences and packed:
-        arrays["history_ids"], arrays["history_starts"], arrays["sequence_lengths"] = packed_arrays(frame, schema)
+        arrays["history_ids"], arrays["history_starts"], arrays["sequence_lengths"] = packed_arrays(
+            frame, schema, events
+        )
     elif schema.sequences:
-        arrays["sequences"], arrays["sequence_lengths"] = sequence_arrays(frame, schema, n)
+        arrays["sequences"], arrays["sequence_lengths"] = sequence_arrays(frame, schema, n, events)
     return arrays
 
 
-def sequence_arrays(frame: pl.DataFrame, schema: DataSchema, rows: int) -> tuple[np.ndarray, np.ndarray]:
+def sequence_arrays(
+    frame: pl.DataFrame, schema: DataSchema, rows: int, events: Events | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """int64 [N, S, L] ids of each history (padded with 0 after its length; L the longest
     max_len) and int64 [N, S] lengths."""
     longest = max(f.max_len for f in schema.sequences)
     ids = np.zeros((rows, len(schema.sequences), longest), dtype=np.int64)
     lengths = np.zeros((rows, len(schema.sequences)), dtype=np.int64)
     for s, feature in enumerate(schema.sequences):
-        name = SEQUENCE_PREFIX + feature.name
-        if name not in frame.columns:
-            raise ArtifactError(f"encoded data has no {name!r} column", "re-run `mtl preprocess`")
-        column = frame.get_column(name)
-        count = column.list.len().fill_null(0).to_numpy().astype(np.int64)
-        flat = column.explode().drop_nulls().to_numpy().astype(np.int64)
+        count, flat = history_ids(frame, s, feature, events)
         block = np.zeros((rows, longest), dtype=np.int64)
         block[np.arange(longest)[None, :] < count[:, None]] = flat  # row-major, as explode
         ids[:, s, :] = block
@@ -141,27 +203,24 @@ def sequence_arrays(frame: pl.DataFrame, schema: DataSchema, rows: int) -> tuple
     return ids, lengths
 
 
-def packed_arrays(frame: pl.DataFrame, schema: DataSchema) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def packed_arrays(
+    frame: pl.DataFrame, schema: DataSchema, events: Events | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The histories packed (see ``SplitTensors``): ids [M] of every row's history 0, then of
     history 1, ... (int32 where every vocabulary fits it, else int64), int64 [N, S] starts and
     int64 [N, S] lengths."""
-    columns = []
-    for feature in schema.sequences:
-        name = SEQUENCE_PREFIX + feature.name
-        if name not in frame.columns:
-            raise ArtifactError(f"encoded data has no {name!r} column", "re-run `mtl preprocess`")
-        columns.append(frame.get_column(name))
-    lengths = np.stack([c.list.len().fill_null(0).to_numpy().astype(np.int64) for c in columns], axis=1)
-    lengths = np.require(lengths.reshape(frame.height, len(columns)), np.int64, ["C", "W"])
+    read = [history_ids(frame, s, feature, events) for s, feature in enumerate(schema.sequences)]
+    lengths = np.stack([count for count, _ in read], axis=1)
+    lengths = np.require(lengths.reshape(frame.height, len(read)), np.int64, ["C", "W"])
     wide = max([f.cardinality for f in schema.categorical] + [f.cardinality for f in schema.sequences])
     dtype = np.int32 if wide <= np.iinfo(np.int32).max else np.int64
-    ids = np.concatenate([c.explode().drop_nulls().to_numpy().astype(dtype) for c in columns])
+    ids = np.concatenate([flat.astype(dtype, copy=False) for _, flat in read])
     flat = lengths.T.reshape(-1)
-    starts = (np.cumsum(flat) - flat).reshape(len(columns), frame.height).T
+    starts = (np.cumsum(flat) - flat).reshape(len(read), frame.height).T
     return ids, np.require(starts, np.int64, ["C", "W"]), lengths
 
 
-def tensors_from_frame(frame: pl.DataFrame, schema: DataSchema) -> SplitTensors:
+def tensors_from_frame(frame: pl.DataFrame, schema: DataSchema, events: Events | None = None) -> SplitTensors:
     """The split as tensors, its histories packed (no padding held in memory)."""
-    arrays = arrays_from_frame(frame, schema, packed=True)
+    arrays = arrays_from_frame(frame, schema, packed=True, events=events)
     return SplitTensors(**{name: torch.from_numpy(a) for name, a in arrays.items()})

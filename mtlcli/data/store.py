@@ -21,7 +21,6 @@ from mtlcli.data.batch import SplitTensors
 from mtlcli.data.checks import declared_types, enforce, number_checks
 from mtlcli.data.encode import (
     GROUP_COLUMN,
-    SEQUENCE_PREFIX,
     categorical_expr,
     group_expr,
     history_checks,
@@ -33,7 +32,7 @@ from mtlcli.data.encode import (
 from mtlcli.data.events import EventIndex, event_files, event_indexes, newest_first, train_counts
 from mtlcli.data.fit import choose_features, fit_categorical, fit_numeric, fit_sequence, recipe_field, sequence_spec
 from mtlcli.data.labels import LABEL_PREFIX, MASK_PREFIX, label_exprs
-from mtlcli.data.load import SplitFile
+from mtlcli.data.load import SplitFile, history_path
 from mtlcli.data.scan import (
     SPLIT_COLUMN,
     SPLITS,
@@ -60,7 +59,8 @@ Progress = Callable[[str], None]
 
 @dataclass(frozen=True)
 class Prepared:
-    """Encoded data on disk: ``directory`` holds schema.json and {train,valid,test}.parquet."""
+    """Encoded data on disk: ``directory`` holds schema.json, {train,valid,test}.parquet and, for
+    each history from events, its ids (``history_path``) that the splits' windows point into."""
 
     directory: Path
     schema: DataSchema
@@ -203,11 +203,10 @@ def preprocess(recipe: Recipe, out_dir: Path, progress: Progress | None = None) 
     exprs = [_categorical(scanned, f) for f in cat_specs] + [numeric_expr(f, raw[f.name]) for f in num_specs]
     listed = iter(history_exprs([f for f in seq_specs if f.name not in indexes], cat_specs, raw, recipe_field))
     searched = set()  # each event log's rows' user and time, once for the histories that share it
-    for f in seq_specs:  # in the features' order; a history from events holds its place until encoded
+    for f in seq_specs:  # a history from events is encoded chunk by chunk (with_event_histories)
         if f.name not in indexes:
             exprs.append(next(listed))
             continue
-        exprs.append(pl.lit(None, pl.List(pl.Int32)).alias(SEQUENCE_PREFIX + f.name))
         if indexes[f.name].log.name not in searched:
             searched.add(indexes[f.name].log.name)
             exprs += [indexes[f.name].user, indexes[f.name].time]
@@ -225,6 +224,9 @@ def preprocess(recipe: Recipe, out_dir: Path, progress: Progress | None = None) 
         if indexes:
             histories = _event_histories(seq_specs, cat_specs, indexes)
             _encode_chunks(scanned, query, histories, paths, say)
+            for feature, _, reversed_ids in histories:  # the ids the splits' windows point into
+                with history_path(tmp, seq_specs.index(feature)).open("wb") as out:
+                    np.save(out, reversed_ids, allow_pickle=False)
         else:
             whole = tmp / "encoded.parquet"
             scanned.sink(query, whole, ROW_GROUP)
@@ -291,10 +293,9 @@ def _encode_chunks(
     empty: list[pl.DataFrame] = []
 
     def write(batch: pl.DataFrame) -> None:
-        # split first, histories after: filtering the encoded lists (tens of ids a row) per split
-        # copied them once more, a fifth of preprocessing's time on MovieLens
+        batch = with_event_histories(batch, histories)  # two numbers a row per history: cheap to split after
         for i, (split, done) in enumerate(parts.items()):
-            rows = with_event_histories(batch.filter(pl.col(SPLIT_COLUMN) == i).drop(SPLIT_COLUMN), histories)
+            rows = batch.filter(pl.col(SPLIT_COLUMN) == i).drop(SPLIT_COLUMN)
             if rows.height:
                 done.append(paths[split].with_name(f"{split}-{len(done):06d}.parquet"))
                 rows.write_parquet(done[-1], row_group_size=ROW_GROUP)

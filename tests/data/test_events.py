@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -17,7 +18,7 @@ from mtlcli.data.events import event_indexes
 from mtlcli.data.scan import scan_source
 from mtlcli.data.schema import FIRST_ID, OOV_ID
 from mtlcli.data.store import prepare
-from mtlcli.errors import DataError
+from mtlcli.errors import ArtifactError, DataError
 from mtlcli.recipe import recipe_from_text
 from mtlcli.train.metrics import auc
 
@@ -149,7 +150,7 @@ def test_encoded_histories_do_not_depend_on_the_chunk_size(
         vocab = prepared.schema.categorical[0].vocab if shared else feature.vocab
         position = {item: FIRST_ID + i for i, item in enumerate(vocab)}
         for index, split in enumerate(("test", "valid")):
-            encoded = pl.read_parquet(prepared.directory / f"{split}.parquet").get_column("seq:history").to_list()
+            encoded = prepared.file(split).histories("history")
             want = [[position.get(item, OOV_ID) for item in reversed(h)] for h in expected[index::4]]
             assert encoded == want, (size, split)
         train = pl.read_parquet(prepared.directory / "train.parquet")
@@ -237,3 +238,50 @@ def test_a_kept_event_type_that_never_occurs_is_named(tmp_path: Path) -> None:
         DataError, match=r"none of the types 'clik' occurs in column 'kind'.*types seen: 'buy', 'click'"
     ):
         prepare(recipe_for(tmp_path, {"type": "kind", "types": ["clik"]}))
+
+
+def test_a_split_stores_each_rows_window_and_reads_back_the_same_histories(tmp_path: Path) -> None:
+    """An encoded split holds two numbers a row per history from events (where its window of the
+    history's ids starts and how long it is), not the ids: the split's size does not grow with
+    ``max_len``. Read whole (packed) or a window of rows at a time (padded), the histories are
+    the brute force's."""
+    events, rows = make_log(tmp_path, 3)
+    recipe = recipe_for(tmp_path, {}, max_len=7)
+    prepared = prepare(recipe)
+    columns = pl.read_parquet_schema(prepared.directory / "train.parquet")
+    assert columns["seq_at:history"] == pl.Int64 and columns["seq_len:history"] == pl.Int32
+    assert "seq:history" not in columns
+    vocab = prepared.schema.categorical[0].vocab
+    position = {item: FIRST_ID + i for i, item in enumerate(vocab)}
+    expected = brute_force(events, rows, None, 7)
+    want = [[position.get(item, OOV_ID) for item in reversed(h)] for h in expected[0::4]]  # the test rows
+    split = prepared.file("test")
+    whole = split.load()
+    assert whole.history_ids is not None and whole.history_starts is not None
+    lengths = whole.sequence_lengths[:, 0].tolist()
+    packed = [
+        whole.history_ids[s : s + n].tolist() for s, n in zip(whole.history_starts[:, 0].tolist(), lengths, strict=True)
+    ]
+    assert packed == want
+    for offset in (0, 3):
+        padded = split.window(offset, 5)
+        got = [
+            row[:n].tolist() for row, n in zip(padded["sequences"][:, 0], padded["sequence_lengths"][:, 0], strict=True)
+        ]
+        assert got == want[offset : offset + 5]
+
+
+@pytest.mark.parametrize("damage", ["missing", "not an array", "too short"])
+def test_a_damaged_history_file_is_named_with_what_to_do(tmp_path: Path, damage: str) -> None:
+    make_log(tmp_path, 4)
+    prepared = prepare(recipe_for(tmp_path, {}, max_len=7))
+    path = prepared.directory / "history-0.npy"
+    if damage == "missing":
+        path.unlink()
+    elif damage == "not an array":
+        path.write_bytes(b"\x93NUMPY garbage")
+    else:
+        np.save(path, np.zeros(3, np.int32))
+    with pytest.raises(ArtifactError) as caught:
+        prepared.load("train")
+    assert "history" in caught.value.message and caught.value.hint == "re-run `mtl preprocess`"

@@ -51,7 +51,7 @@ def parquet(tmp_path: Path, rows: int = 1) -> Path:
 
 
 def encoded(prepared: Prepared, split: str, name: str) -> list[list[int]]:
-    return pl.read_parquet(prepared.directory / f"{split}.parquet").get_column(f"seq:{name}").to_list()
+    return prepared.file(split).histories(name)
 
 
 def test_histories_are_encoded_most_recent_first_in_the_shared_vocabulary(tmp_path: Path) -> None:
