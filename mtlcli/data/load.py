@@ -17,6 +17,7 @@ from mtlcli.data.encode import GROUP_COLUMN, SEQUENCE_PREFIX, WINDOW_AT, WINDOW_
 from mtlcli.data.labels import LABEL_PREFIX, MASK_PREFIX
 from mtlcli.data.schema import DataSchema, SequenceFeature
 from mtlcli.errors import ArtifactError
+from mtlcli.kernels import gather_runs
 
 
 @dataclass(frozen=True)
@@ -91,14 +92,13 @@ def history_path(directory: Path, index: int) -> Path:
 
 def window_ids(events: np.ndarray, at: np.ndarray, lengths: np.ndarray, where: str) -> np.ndarray:
     """Each row's window of ``events``, row after row: ``events[at[r]:at[r] + lengths[r]]``
-    (one gather over the ids present)."""
+    (one copy per row, ``kernels.gather_runs``)."""
     total = int(lengths.sum())
     if total == 0:
         return np.zeros(0, events.dtype)
     if int(at.min()) < 0 or int(lengths.min()) < 0 or int((at + lengths).max()) > len(events):
         raise ArtifactError(f"{where}: a row's window lies outside its history's ids", "re-run `mtl preprocess`")
-    starts = np.cumsum(lengths) - lengths
-    return np.asarray(events[np.arange(total, dtype=np.int64) + np.repeat(at - starts, lengths)])
+    return gather_runs(events, at, lengths)
 
 
 Events = Callable[[int], np.ndarray]  # a history's index -> its ids from events (SplitFile.events)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlcli.data.batch import Batch
+from mtlcli.kernels import bag_sums_backward
 
 if TYPE_CHECKING:
     from mtlcli.models.base import InputSpec
@@ -71,8 +72,9 @@ class _LookupBags(torch.autograd.Function):
     ``bag_ids[bounds[k]:bounds[k + 1]]`` -> (rows [*ids.shape, d], sums [K, d]).
 
     The sums are one ``embedding_bag`` (the rows are never gathered into an [N, d] tensor); the
-    backward pass is the bags' gradient into the table (``bag_gradient``) and the looked-up
-    rows' added to it by ``index_add_``, as ``_Lookup``'s.
+    backward pass is the bags' gradient into the table (``kernels.bag_sums_backward``, one pass
+    over the items, or without the compiled kernel ``bag_gradient``: the same sums in the same
+    order) and the looked-up rows' added to it by ``index_add_``, as ``_Lookup``'s.
     """
 
     @staticmethod
@@ -87,9 +89,11 @@ class _LookupBags(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor, bag_grad: Tensor) -> tuple[Tensor, None, None, None]:
         flat, bag_ids, bounds = ctx.saved_tensors
-        bags = torch.arange(bounds.shape[0] - 1, device=bounds.device)
-        of_item = bags.repeat_interleave(bounds.diff(), output_size=bag_ids.shape[0])
-        weight_grad = bag_gradient(bag_ids, of_item, bag_grad.contiguous(), ctx.rows)
+        weight_grad = bag_sums_backward(bag_ids, bounds, bag_grad, ctx.rows)
+        if weight_grad is None:  # no compiled kernel here
+            bags = torch.arange(bounds.shape[0] - 1, device=bounds.device)
+            of_item = bags.repeat_interleave(bounds.diff(), output_size=bag_ids.shape[0])
+            weight_grad = bag_gradient(bag_ids, of_item, bag_grad.contiguous(), ctx.rows)
         return weight_grad.index_add_(0, flat, grad.reshape(-1, grad.shape[-1])), None, None, None
 
 
