@@ -92,13 +92,13 @@ def history_path(directory: Path, index: int) -> Path:
 
 def window_ids(events: np.ndarray, at: np.ndarray, lengths: np.ndarray, where: str) -> np.ndarray:
     """Each row's window of ``events``, row after row: ``events[at[r]:at[r] + lengths[r]]``
-    (one copy per row, ``kernels.gather_runs``)."""
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, events.dtype)
-    if int(at.min()) < 0 or int(lengths.min()) < 0 or int((at + lengths).max()) > len(events):
-        raise ArtifactError(f"{where}: a row's window lies outside its history's ids", "re-run `mtl preprocess`")
-    return gather_runs(events, at, lengths)
+    (one copy per row, ``kernels.gather_runs``, which refuses a window outside the ids)."""
+    try:
+        return gather_runs(events, at, lengths)
+    except IndexError:
+        raise ArtifactError(
+            f"{where}: a row's window lies outside its history's ids", "re-run `mtl preprocess`"
+        ) from None
 
 
 Events = Callable[[int], np.ndarray]  # a history's index -> its ids from events (SplitFile.events)
